@@ -1,0 +1,191 @@
+// The compute boundary of loraserve.
+//
+// A Backend owns device memory and runs the tensor operations of a decoder-only
+// transformer step. It knows tensors, never models or adapters: callers pass raw
+// device pointers, sizes and layouts (written beside every argument), so the
+// same interface serves the CPU reference and the CUDA implementation.
+//
+// Conventions
+//  - Activations are float32 and row-major; "[tokens, hidden]" means `tokens`
+//    rows of `hidden` contiguous floats.
+//  - Weights are `WeightView`s in the backend's storage dtype, laid out as in a
+//    Hugging Face checkpoint: [out_features, in_features], row-major, so a
+//    linear layer is y = x · Wᵀ.
+//  - Every pointer handed to an operation was allocated by the same backend
+//    (device memory). Integer metadata (positions, block tables, ...) is in
+//    device memory too; `CopyToDevice` puts it there.
+//  - Operations return a Status instead of aborting: a bad argument or a
+//    device error fails the step, never the process.
+//
+// Threading: a Backend is used by one thread at a time (the engine loop).
+// Allocation and copies may be called from that thread only as well.
+//
+// Example:
+//   ASSIGN_OR_RETURN(auto backend, CreateCpuBackend({.num_threads = 2}));
+//   ASSIGN_OR_RETURN(DeviceBuffer x, backend->Allocate(rows * cols * 4));
+#ifndef LORASERVE_KERNELS_BACKEND_H_
+#define LORASERVE_KERNELS_BACKEND_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace loraserve::kernels {
+
+enum class DType { kF32, kF16, kBF16 };
+
+size_t DTypeSize(DType dtype);
+const char* DTypeName(DType dtype);
+
+class Backend;
+
+// Owns one allocation of device memory; frees it through its backend when
+// destroyed. Move-only. The backend must outlive every buffer it handed out.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(Backend* backend, void* data, size_t bytes)
+      : backend_(backend), data_(data), bytes_(bytes) {}
+  DeviceBuffer(DeviceBuffer&& other) noexcept { *this = std::move(other); }
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { Reset(); }
+
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+  void Reset();
+
+ private:
+  Backend* backend_ = nullptr;
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// A weight matrix in device memory: [rows = out_features, cols = in_features].
+struct WeightView {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+// Describes the sequences of one step for attention over the paged KV cache.
+// Tokens of one sequence are contiguous in the batch.
+struct AttentionBatch {
+  int32_t num_seqs = 0;
+  int32_t num_tokens = 0;
+  const int32_t* query_start = nullptr;    // [num_seqs + 1] first token of each sequence
+  const int32_t* context_lens = nullptr;   // [num_seqs] tokens in the KV cache after this step
+  const int32_t* block_tables = nullptr;   // [num_seqs, max_blocks_per_seq] block ids
+  int32_t max_blocks_per_seq = 0;
+  const int32_t* slot_mapping = nullptr;   // [num_tokens] block * block_size + offset
+  const int32_t* positions = nullptr;      // [num_tokens] absolute position of each token
+};
+
+// Shapes of one layer's paged KV cache: [num_blocks, block_size, kv_heads, head_dim].
+struct KvLayout {
+  int32_t num_blocks = 0;
+  int32_t block_size = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+};
+
+// Rotary embedding parameters; inv_freq already includes any scaling
+// (e.g. llama3), so the kernel only rotates.
+struct RopeParams {
+  const float* inv_freq = nullptr;  // [head_dim / 2] device memory
+  int32_t head_dim = 0;
+  float attention_scaling = 1.0f;   // multiplies cos and sin (1 for default and llama3)
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string name() const = 0;
+
+  // --- memory -------------------------------------------------------------
+  virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
+  virtual absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
+  // Converts `count` elements of `src_dtype` on the host into the backend's
+  // storage dtype for weights of that source (see WeightDType) at `dst`.
+  virtual absl::Status UploadWeight(void* dst, const void* src, DType src_dtype,
+                                    int64_t count) = 0;
+  // The dtype in which this backend stores a weight that arrives as `source`.
+  virtual DType WeightDType(DType source) const = 0;
+  // Waits for all queued work (a no-op on the CPU).
+  virtual absl::Status Synchronize() = 0;
+  // Returns memory from Allocate; called by DeviceBuffer only.
+  virtual void Free(void* data, size_t bytes) = 0;
+
+  // --- dense --------------------------------------------------------------
+  // y = x · Wᵀ (+ y when accumulate).
+  virtual absl::Status Linear(const float* x,      // [m, w.cols]
+                              const WeightView& w,  // [n = w.rows, w.cols]
+                              int64_t m,
+                              float* y,             // [m, n]
+                              bool accumulate) = 0;
+  // y[i, :] = table[ids[i], :] (converted to f32).
+  virtual absl::Status Embedding(const int32_t* ids,       // [n]
+                                 int64_t n,
+                                 const WeightView& table,  // [vocab, hidden]
+                                 float* y) = 0;            // [n, hidden]
+  // y = x / rms(x) * weight, per row.
+  virtual absl::Status RmsNorm(const float* x,       // [n, dim]
+                               const float* weight,  // [dim]
+                               int64_t n, int64_t dim, float eps,
+                               float* y) = 0;        // [n, dim]; may alias x
+  // x += y
+  virtual absl::Status Add(float* x, const float* y, int64_t count) = 0;
+  // x[i, :] += bias for every row (q/k/v biases of Qwen2).
+  virtual absl::Status AddBias(float* x,              // [n, dim]
+                               const float* bias,     // [dim]
+                               int64_t n, int64_t dim) = 0;
+  // out = silu(gate) * up, where gate_up holds [gate | up] per row.
+  virtual absl::Status SiluMul(const float* gate_up,  // [n, 2 * dim]
+                               int64_t n, int64_t dim,
+                               float* out) = 0;       // [n, dim]
+
+  // --- attention ----------------------------------------------------------
+  // Rotates q and k in place (Hugging Face's rotate-half layout).
+  virtual absl::Status Rope(float* q,  // [tokens, num_heads, head_dim]
+                            float* k,  // [tokens, num_kv_heads, head_dim]
+                            const int32_t* positions,  // [tokens]
+                            int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
+                            const RopeParams& rope) = 0;
+  // Writes each token's k and v into its slot of the paged cache.
+  virtual absl::Status WriteKv(const float* k,  // [tokens, kv_heads, head_dim]
+                               const float* v,  // [tokens, kv_heads, head_dim]
+                               const AttentionBatch& batch, const KvLayout& layout,
+                               float* k_cache,  // [num_blocks, block_size, kv_heads, head_dim]
+                               float* v_cache) = 0;
+  // Causal attention of each token over its sequence's cached keys and values
+  // (positions 0 .. its own), with grouped-query heads.
+  virtual absl::Status PagedAttention(const float* q,  // [tokens, num_heads, head_dim]
+                                      const AttentionBatch& batch, const KvLayout& layout,
+                                      int32_t num_heads,
+                                      const float* k_cache, const float* v_cache,
+                                      float* out) = 0;  // [tokens, num_heads * head_dim]
+};
+
+struct CpuBackendOptions {
+  // Threads for GEMM (OpenBLAS) and for the backend's own loops; 0 = all cores.
+  int num_threads = 0;
+};
+
+// The CPU backend: always available.
+absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOptions& options);
+
+}  // namespace loraserve::kernels
+
+#endif  // LORASERVE_KERNELS_BACKEND_H_

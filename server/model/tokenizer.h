@@ -1,0 +1,88 @@
+// Hugging Face `tokenizer.json` tokenizers, identical in ids and text to the
+// `tokenizers` library for the two families Llama-style models use:
+//  - SentencePiece-style BPE with byte fallback (normalizer Prepend/Replace
+//    "▁" or a Metaspace pre-tokenizer; Llama-2, Mistral, the shared test model);
+//  - byte-level BPE with a regex pre-tokenizer (Llama-3, Qwen2, GPT-2).
+// Added/special tokens are matched in the text before the model runs;
+// BOS/EOS are added as tokenizer_config.json and the post-processor say.
+//
+// Thread-safety: immutable after Load; Encode/Decode may run on any thread.
+//
+// Example:
+//   ASSIGN_OR_RETURN(auto tok, Tokenizer::Load("/models/llama"));
+//   ASSIGN_OR_RETURN(std::vector<int32_t> ids, tok->Encode("Hello", true));
+//   std::string text = tok->Decode(ids, /*skip_special_tokens=*/true);
+#ifndef LORASERVE_SERVER_MODEL_TOKENIZER_H_
+#define LORASERVE_SERVER_MODEL_TOKENIZER_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+
+namespace loraserve::model {
+
+class Tokenizer {
+ public:
+  // Reads `model_dir/tokenizer.json` and, when present,
+  // `model_dir/tokenizer_config.json`.
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& model_dir);
+  // From file contents; `tokenizer_config_json` may be empty. `source` names
+  // the origin in error messages.
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(
+      absl::string_view tokenizer_json, absl::string_view tokenizer_config_json,
+      absl::string_view source);
+  virtual ~Tokenizer() = default;
+
+  // Text must be valid UTF-8 (InvalidArgument otherwise).
+  // `add_special_tokens` adds BOS/EOS as the tokenizer's config says
+  // (like `tokenizer(text)` in transformers).
+  virtual absl::StatusOr<std::vector<int32_t>> Encode(absl::string_view text,
+                                                      bool add_special_tokens) const = 0;
+  // Like `tokenizer.decode(ids, skip_special_tokens=...)`. Ids outside the
+  // vocabulary decode to nothing. Incomplete UTF-8 sequences become U+FFFD, as
+  // in `tokenizers`.
+  virtual std::string Decode(absl::Span<const int32_t> ids, bool skip_special_tokens) const = 0;
+
+  virtual int64_t vocab_size() const = 0;  // including added tokens
+  virtual std::optional<int32_t> bos_token_id() const = 0;
+  virtual std::optional<int32_t> eos_token_id() const = 0;
+  // The token's string in the vocabulary (e.g. "▁the", "<0x0A>"), "" if none.
+  virtual std::string IdToPiece(int32_t id) const = 0;
+  // tokenizer_config.json's "chat_template" (empty when absent).
+  virtual const std::string& chat_template() const = 0;
+};
+
+// Streams text for generated tokens without ever emitting half a character.
+// The text of the whole continuation equals
+//   Decode(prompt + generated) minus Decode(prompt)
+// (vLLM's convention), and the concatenation of all deltas equals it.
+//
+// Not thread-safe; one per request. The tokenizer must outlive it.
+class IncrementalDecoder {
+ public:
+  IncrementalDecoder(const Tokenizer& tokenizer, std::vector<int32_t> prompt_ids,
+                     bool skip_special_tokens);
+  // Adds one generated token; returns the text that became final with it
+  // (possibly empty while a multi-byte character is incomplete).
+  std::string Append(int32_t id);
+  // All text generated so far (the sum of the deltas returned).
+  const std::string& text() const { return emitted_; }
+
+ private:
+  const Tokenizer& tokenizer_;
+  std::vector<int32_t> ids_;
+  bool skip_special_tokens_;
+  size_t prefix_offset_ = 0;  // start of the window re-decoded each step
+  size_t read_offset_ = 0;    // ids before this are already emitted
+  std::string emitted_;
+};
+
+}  // namespace loraserve::model
+
+#endif  // LORASERVE_SERVER_MODEL_TOKENIZER_H_
