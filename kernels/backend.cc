@@ -1,5 +1,7 @@
 #include "kernels/backend.h"
 
+#include <cmath>
+#include <cstring>
 #include <utility>
 
 namespace loraserve::kernels {
@@ -25,6 +27,54 @@ const char* DTypeName(DType dtype) {
       return "BF16";
   }
   return "?";
+}
+
+namespace {
+
+float BF16ToFloat(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+float F16ToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1Fu;
+  const uint32_t mantissa = h & 0x3FFu;
+  uint32_t bits;
+  if (exponent == 0x1F) {  // infinity or NaN
+    bits = sign | 0x7F800000u | (mantissa << 13);
+  } else if (exponent != 0) {  // normal
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else {  // zero or subnormal: mantissa * 2^-24, exact in float
+    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+    std::memcpy(&bits, &magnitude, sizeof(bits));
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+}  // namespace
+
+void ConvertToFloat32(const void* src, DType src_dtype, int64_t count, float* dst) {
+  switch (src_dtype) {
+    case DType::kF32:
+      std::memcpy(dst, src, static_cast<size_t>(count) * sizeof(float));
+      return;
+    case DType::kBF16: {
+      const auto* in = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < count; ++i) dst[i] = BF16ToFloat(in[i]);
+      return;
+    }
+    case DType::kF16: {
+      const auto* in = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < count; ++i) dst[i] = F16ToFloat(in[i]);
+      return;
+    }
+  }
 }
 
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {

@@ -41,6 +41,10 @@ enum class DType { kF32, kF16, kBF16 };
 size_t DTypeSize(DType dtype);
 const char* DTypeName(DType dtype);
 
+// Host-side conversion of `count` elements to float32 (exact for F16 and BF16,
+// subnormals, infinities and NaN included).
+void ConvertToFloat32(const void* src, DType src_dtype, int64_t count, float* dst);
+
 class Backend;
 
 // Owns one allocation of device memory; frees it through its backend when

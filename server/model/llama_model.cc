@@ -1,1 +1,415 @@
-// placeholder: being written
+#include "server/model/llama_model.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "base/status_macros.h"
+#include "server/model/safetensors.h"
+
+namespace loraserve::model {
+
+using kernels::AttentionBatch;
+using kernels::DeviceBuffer;
+using kernels::DType;
+using kernels::WeightView;
+
+struct LlamaModel::Layer {
+  const float* input_norm = nullptr;          // [hidden]
+  const float* post_attention_norm = nullptr;  // [hidden]
+  WeightView q, k, v, o;                      // [out, in]
+  const float* q_bias = nullptr;              // [heads * head_dim] or null
+  const float* k_bias = nullptr;              // [kv_heads * head_dim] or null
+  const float* v_bias = nullptr;
+  WeightView gate_up;                         // [2 * intermediate, hidden]: gate rows, then up
+  WeightView down;                            // [hidden, intermediate]
+};
+
+// Activations of one step, grown to the largest batch seen.
+struct LlamaModel::Scratch {
+  int64_t token_capacity = 0;
+  int64_t row_capacity = 0;
+  DeviceBuffer x, h, q, k, v, attn, gate_up, act;  // per token
+  DeviceBuffer rows, logits;                       // per logit row
+  DeviceBuffer ints;                               // step metadata
+};
+
+// Where weights come from: a checkpoint on disk or a seeded generator.
+class LlamaModel::WeightSource {
+ public:
+  struct Tensor {
+    const void* data = nullptr;
+    DType dtype = DType::kF32;
+  };
+  virtual ~WeightSource() = default;
+  // The tensor `name`, which must have exactly `shape`.
+  virtual absl::StatusOr<Tensor> Get(const std::string& name,
+                                     const std::vector<int64_t>& shape) = 0;
+  // Fails when the source holds tensors nobody asked for.
+  virtual absl::Status CheckAllConsumed() const = 0;
+};
+
+namespace {
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+class CheckpointSource : public LlamaModel::WeightSource {
+ public:
+  explicit CheckpointSource(std::unique_ptr<Checkpoint> checkpoint)
+      : checkpoint_(std::move(checkpoint)) {}
+
+  absl::StatusOr<Tensor> Get(const std::string& name,
+                             const std::vector<int64_t>& shape) override {
+    const TensorInfo* info = checkpoint_->Find(name);
+    if (info == nullptr) {
+      return absl::NotFoundError(absl::StrCat("checkpoint is missing tensor ", name,
+                                              " (expected shape ", ShapeString(shape), ")"));
+    }
+    if (info->shape != shape) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", name, " in ", info->file,
+                                                     " has shape ", ShapeString(info->shape),
+                                                     ", expected ", ShapeString(shape)));
+    }
+    consumed_.insert(name);
+    return Tensor{info->data, info->dtype};
+  }
+
+  absl::Status CheckAllConsumed() const override {
+    for (const std::string& name : checkpoint_->Names()) {
+      // Old conversions store the rotary table; it is recomputed from config.
+      if (consumed_.count(name) || absl::EndsWith(name, ".rotary_emb.inv_freq")) continue;
+      return absl::InvalidArgumentError(absl::StrCat(
+          "unexpected tensor ", name, " in ", checkpoint_->Find(name)->file,
+          ": not part of a Llama-family model with this config.json"));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  std::unique_ptr<Checkpoint> checkpoint_;
+  std::set<std::string> consumed_;
+};
+
+// Uniform weights with std 0.02 (HF's initializer_range); norms are ones.
+class DummySource : public LlamaModel::WeightSource {
+ public:
+  explicit DummySource(uint64_t seed) : rng_(seed) {}
+
+  absl::StatusOr<Tensor> Get(const std::string& name,
+                             const std::vector<int64_t>& shape) override {
+    int64_t count = 1;
+    for (int64_t d : shape) count *= d;
+    values_.resize(count);
+    if (absl::StrContains(name, "norm")) {
+      std::fill(values_.begin(), values_.end(), 1.0f);
+    } else {
+      const float bound = 0.02f * std::sqrt(3.0f);
+      // A cheap linear generator: billions of values must be made quickly.
+      uint64_t state = rng_();
+      for (float& v : values_) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        const float u = static_cast<float>(state >> 40) * 0x1.0p-24f;  // [0, 1)
+        v = (2.0f * u - 1.0f) * bound;
+      }
+    }
+    return Tensor{values_.data(), DType::kF32};
+  }
+  absl::Status CheckAllConsumed() const override { return absl::OkStatus(); }
+
+ private:
+  std::mt19937_64 rng_;
+  std::vector<float> values_;
+};
+
+// Hugging Face's rotary inverse frequencies, in float32 as transformers computes them.
+std::vector<float> RopeInverseFrequencies(const ModelConfig& config) {
+  const int64_t dim = config.head_dim;
+  std::vector<float> inv_freq(dim / 2);
+  for (int64_t i = 0; i < dim / 2; ++i) {
+    const float exponent = static_cast<float>(2 * i) / static_cast<float>(dim);
+    inv_freq[i] = 1.0f / std::pow(static_cast<float>(config.rope_theta), exponent);
+  }
+  if (config.rope_scaling.type == RopeScalingType::kLlama3) {
+    const RopeScaling& s = config.rope_scaling;
+    const float factor = static_cast<float>(s.factor);
+    const float old_context = static_cast<float>(s.original_max_position_embeddings);
+    const float low_freq_wavelen = old_context / static_cast<float>(s.low_freq_factor);
+    const float high_freq_wavelen = old_context / static_cast<float>(s.high_freq_factor);
+    for (float& f : inv_freq) {
+      const float wavelen = 2.0f * static_cast<float>(M_PI) / f;
+      if (wavelen > low_freq_wavelen) {
+        f = f / factor;
+      } else if (wavelen >= high_freq_wavelen) {  // medium frequencies: interpolate
+        const float smooth = (old_context / wavelen - static_cast<float>(s.low_freq_factor)) /
+                             static_cast<float>(s.high_freq_factor - s.low_freq_factor);
+        f = (1.0f - smooth) * f / factor + smooth * f;
+      }
+    }
+  }
+  return inv_freq;
+}
+
+}  // namespace
+
+LlamaModel::LlamaModel(kernels::Backend* backend, ModelConfig config)
+    : backend_(backend), config_(std::move(config)), scratch_(std::make_unique<Scratch>()) {}
+
+LlamaModel::~LlamaModel() = default;
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(kernels::Backend* backend,
+                                                             const std::string& model_dir,
+                                                             const LoadOptions& options) {
+  ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
+  ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint, Checkpoint::Open(model_dir));
+  auto model = std::unique_ptr<LlamaModel>(new LlamaModel(backend, std::move(config)));
+  CheckpointSource source(std::move(checkpoint));
+  RETURN_IF_ERROR(model->LoadWeights(source, options));
+  return model;
+}
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::CreateDummy(kernels::Backend* backend,
+                                                                    const ModelConfig& config,
+                                                                    uint64_t seed,
+                                                                    const LoadOptions& options) {
+  auto model = std::unique_ptr<LlamaModel>(new LlamaModel(backend, config));
+  DummySource source(seed);
+  RETURN_IF_ERROR(model->LoadWeights(source, options));
+  return model;
+}
+
+KvShape LlamaModel::kv_shape() const {
+  return {config_.num_hidden_layers, config_.num_key_value_heads, config_.head_dim};
+}
+
+absl::Status LlamaModel::LoadWeights(WeightSource& source, const LoadOptions& options) {
+  const ModelConfig& c = config_;
+  const int64_t hidden = c.hidden_size;
+  const int64_t q_dim = c.num_attention_heads * c.head_dim;
+  const int64_t kv_dim = c.num_key_value_heads * c.head_dim;
+  const int64_t total_bytes = ParameterCount(c) * 4;  // for progress only
+  int64_t done_bytes = 0;
+
+  // Uploads `count` elements of `tensor` at `dst` and accounts progress.
+  auto upload = [&](void* dst, const WeightSource::Tensor& tensor, int64_t count) {
+    RETURN_IF_ERROR(backend_->UploadWeight(dst, tensor.data, tensor.dtype, count));
+    done_bytes += count * 4;
+    if (options.progress) options.progress(done_bytes, total_bytes);
+    return absl::OkStatus();
+  };
+  auto allocate = [&](size_t bytes) -> absl::StatusOr<void*> {
+    ASSIGN_OR_RETURN(DeviceBuffer buffer, backend_->Allocate(bytes));
+    void* data = buffer.data();
+    weight_bytes_ += static_cast<int64_t>(bytes);
+    buffers_.push_back(std::move(buffer));
+    return data;
+  };
+  // A matrix made of `parts` stacked by rows ([sum rows, cols]).
+  auto matrix = [&](const std::vector<std::string>& parts, int64_t part_rows,
+                    int64_t cols) -> absl::StatusOr<WeightView> {
+    const int64_t rows = part_rows * static_cast<int64_t>(parts.size());
+    std::vector<WeightSource::Tensor> tensors;
+    for (const std::string& name : parts) {
+      ASSIGN_OR_RETURN(WeightSource::Tensor t, source.Get(name, {part_rows, cols}));
+      tensors.push_back(t);
+    }
+    const DType stored = backend_->WeightDType(tensors[0].dtype);
+    const size_t part_bytes = static_cast<size_t>(part_rows * cols) * kernels::DTypeSize(stored);
+    ASSIGN_OR_RETURN(void* data, allocate(part_bytes * parts.size()));
+    for (size_t i = 0; i < parts.size(); ++i) {
+      if (backend_->WeightDType(tensors[i].dtype) != stored) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor ", parts[i], " has dtype ", kernels::DTypeName(tensors[i].dtype),
+            " unlike ", parts[0], " (", kernels::DTypeName(tensors[0].dtype), ")"));
+      }
+      RETURN_IF_ERROR(upload(static_cast<char*>(data) + i * part_bytes, tensors[i],
+                             part_rows * cols));
+    }
+    return WeightView{data, stored, rows, cols};
+  };
+  // A float32 vector (norm weights, biases).
+  auto vector = [&](const std::string& name, int64_t size) -> absl::StatusOr<const float*> {
+    ASSIGN_OR_RETURN(WeightSource::Tensor t, source.Get(name, {size}));
+    std::vector<float> host(size);
+    kernels::ConvertToFloat32(t.data, t.dtype, size, host.data());
+    ASSIGN_OR_RETURN(void* data, allocate(size * sizeof(float)));
+    RETURN_IF_ERROR(backend_->CopyToDevice(data, host.data(), size * sizeof(float)));
+    return static_cast<const float*>(data);
+  };
+
+  ASSIGN_OR_RETURN(embed_tokens_, matrix({"model.embed_tokens.weight"}, c.vocab_size, hidden));
+  layers_.resize(c.num_hidden_layers);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    Layer& layer = layers_[l];
+    ASSIGN_OR_RETURN(layer.input_norm, vector(p + "input_layernorm.weight", hidden));
+    ASSIGN_OR_RETURN(layer.post_attention_norm,
+                     vector(p + "post_attention_layernorm.weight", hidden));
+    ASSIGN_OR_RETURN(layer.q, matrix({p + "self_attn.q_proj.weight"}, q_dim, hidden));
+    ASSIGN_OR_RETURN(layer.k, matrix({p + "self_attn.k_proj.weight"}, kv_dim, hidden));
+    ASSIGN_OR_RETURN(layer.v, matrix({p + "self_attn.v_proj.weight"}, kv_dim, hidden));
+    ASSIGN_OR_RETURN(layer.o, matrix({p + "self_attn.o_proj.weight"}, hidden, q_dim));
+    if (c.attention_bias) {
+      ASSIGN_OR_RETURN(layer.q_bias, vector(p + "self_attn.q_proj.bias", q_dim));
+      ASSIGN_OR_RETURN(layer.k_bias, vector(p + "self_attn.k_proj.bias", kv_dim));
+      ASSIGN_OR_RETURN(layer.v_bias, vector(p + "self_attn.v_proj.bias", kv_dim));
+    }
+    // Gate and up share one GEMM: their rows are stacked at load.
+    ASSIGN_OR_RETURN(layer.gate_up, matrix({p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"},
+                                           c.intermediate_size, hidden));
+    ASSIGN_OR_RETURN(layer.down, matrix({p + "mlp.down_proj.weight"}, hidden,
+                                        c.intermediate_size));
+  }
+  ASSIGN_OR_RETURN(final_norm_, vector("model.norm.weight", hidden));
+  if (c.tie_word_embeddings) {
+    lm_head_ = embed_tokens_;
+  } else {
+    ASSIGN_OR_RETURN(lm_head_, matrix({"lm_head.weight"}, c.vocab_size, hidden));
+  }
+  RETURN_IF_ERROR(source.CheckAllConsumed());
+
+  const std::vector<float> inv_freq = RopeInverseFrequencies(c);
+  ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(inv_freq.size() * sizeof(float)));
+  return backend_->CopyToDevice(inv_freq_.data(), inv_freq.data(),
+                                inv_freq.size() * sizeof(float));
+}
+
+absl::Status LlamaModel::EnsureScratch(int64_t num_tokens, int64_t num_logit_rows) {
+  Scratch& s = *scratch_;
+  const ModelConfig& c = config_;
+  auto grow = [&](DeviceBuffer& buffer, int64_t floats) -> absl::Status {
+    ASSIGN_OR_RETURN(buffer, backend_->Allocate(static_cast<size_t>(floats) * sizeof(float)));
+    return absl::OkStatus();
+  };
+  if (num_tokens > s.token_capacity) {
+    const int64_t n = std::max(num_tokens, 2 * s.token_capacity);
+    const int64_t q_dim = c.num_attention_heads * c.head_dim;
+    const int64_t kv_dim = c.num_key_value_heads * c.head_dim;
+    RETURN_IF_ERROR(grow(s.x, n * c.hidden_size));
+    RETURN_IF_ERROR(grow(s.h, n * c.hidden_size));
+    RETURN_IF_ERROR(grow(s.q, n * q_dim));
+    RETURN_IF_ERROR(grow(s.k, n * kv_dim));
+    RETURN_IF_ERROR(grow(s.v, n * kv_dim));
+    RETURN_IF_ERROR(grow(s.attn, n * q_dim));
+    RETURN_IF_ERROR(grow(s.gate_up, n * 2 * c.intermediate_size));
+    RETURN_IF_ERROR(grow(s.act, n * c.intermediate_size));
+    s.token_capacity = n;
+  }
+  if (num_logit_rows > s.row_capacity) {
+    const int64_t n = std::max(num_logit_rows, 2 * s.row_capacity);
+    RETURN_IF_ERROR(grow(s.rows, n * c.hidden_size));
+    RETURN_IF_ERROR(grow(s.logits, n * c.vocab_size));
+    s.row_capacity = n;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::Forward(const ForwardInput& in, const KvCacheView& kv,
+                                 std::vector<float>* logits) {
+  const ModelConfig& c = config_;
+  const int64_t num_tokens = static_cast<int64_t>(in.tokens.size());
+  const int64_t num_seqs = static_cast<int64_t>(in.context_lens.size());
+  const int64_t num_rows = static_cast<int64_t>(in.logit_rows.size());
+  if (num_tokens == 0 || num_seqs == 0 || in.positions.size() != in.tokens.size() ||
+      in.slot_mapping.size() != in.tokens.size() ||
+      in.query_start.size() != in.context_lens.size() + 1 ||
+      in.block_tables.size() != static_cast<size_t>(num_seqs * in.max_blocks_per_seq) ||
+      kv.k.size() != layers_.size() || kv.v.size() != layers_.size()) {
+    return absl::InvalidArgumentError("forward batch: inconsistent sizes");
+  }
+  RETURN_IF_ERROR(EnsureScratch(num_tokens, num_rows));
+  Scratch& s = *scratch_;
+
+  // All integer metadata goes to the device in one copy.
+  std::vector<int32_t> ints;
+  auto append = [&ints](const std::vector<int32_t>& v) {
+    const size_t offset = ints.size();
+    ints.insert(ints.end(), v.begin(), v.end());
+    return offset;
+  };
+  const size_t tokens_at = append(in.tokens);
+  const size_t positions_at = append(in.positions);
+  const size_t query_start_at = append(in.query_start);
+  const size_t context_lens_at = append(in.context_lens);
+  const size_t block_tables_at = append(in.block_tables);
+  const size_t slots_at = append(in.slot_mapping);
+  const size_t rows_at = append(in.logit_rows);
+  if (s.ints.bytes() < ints.size() * sizeof(int32_t)) {
+    ASSIGN_OR_RETURN(s.ints, backend_->Allocate(2 * ints.size() * sizeof(int32_t)));
+  }
+  RETURN_IF_ERROR(backend_->CopyToDevice(s.ints.data(), ints.data(), ints.size() * 4));
+  const int32_t* dev = s.ints.as<int32_t>();
+
+  AttentionBatch batch;
+  batch.num_seqs = static_cast<int32_t>(num_seqs);
+  batch.num_tokens = static_cast<int32_t>(num_tokens);
+  batch.query_start = dev + query_start_at;
+  batch.context_lens = dev + context_lens_at;
+  batch.block_tables = dev + block_tables_at;
+  batch.max_blocks_per_seq = in.max_blocks_per_seq;
+  batch.slot_mapping = dev + slots_at;
+  batch.positions = dev + positions_at;
+
+  RETURN_IF_ERROR(backend_->Embedding(dev + tokens_at, num_tokens, embed_tokens_, s.x.as<float>()));
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    RETURN_IF_ERROR(RunLayer(layers_[l], num_tokens, batch, kv.layout, kv.k[l], kv.v[l]));
+  }
+  if (num_rows == 0) {
+    logits->clear();
+    return absl::OkStatus();
+  }
+  // Only the rows whose logits are wanted go through the final norm and lm_head.
+  const WeightView hidden_states{s.x.data(), DType::kF32, num_tokens, c.hidden_size};
+  RETURN_IF_ERROR(backend_->Embedding(dev + rows_at, num_rows, hidden_states, s.rows.as<float>()));
+  RETURN_IF_ERROR(backend_->RmsNorm(s.rows.as<float>(), final_norm_, num_rows, c.hidden_size,
+                                    static_cast<float>(c.rms_norm_eps), s.rows.as<float>()));
+  RETURN_IF_ERROR(backend_->Linear(s.rows.as<float>(), lm_head_, num_rows, s.logits.as<float>(),
+                                   /*accumulate=*/false));
+  logits->resize(static_cast<size_t>(num_rows * c.vocab_size));
+  return backend_->CopyToHost(logits->data(), s.logits.data(), logits->size() * sizeof(float));
+}
+
+absl::Status LlamaModel::RunLayer(const Layer& layer, int64_t num_tokens,
+                                  const AttentionBatch& batch, const kernels::KvLayout& layout,
+                                  float* k_cache, float* v_cache) {
+  const ModelConfig& c = config_;
+  Scratch& s = *scratch_;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const int32_t heads = static_cast<int32_t>(c.num_attention_heads);
+  const int32_t kv_heads = static_cast<int32_t>(c.num_key_value_heads);
+  float* x = s.x.as<float>();
+  float* h = s.h.as<float>();
+
+  // Attention block; the residual add is the GEMM's accumulation into x.
+  RETURN_IF_ERROR(backend_->RmsNorm(x, layer.input_norm, num_tokens, c.hidden_size, eps, h));
+  RETURN_IF_ERROR(backend_->Linear(h, layer.q, num_tokens, s.q.as<float>(), false));
+  RETURN_IF_ERROR(backend_->Linear(h, layer.k, num_tokens, s.k.as<float>(), false));
+  RETURN_IF_ERROR(backend_->Linear(h, layer.v, num_tokens, s.v.as<float>(), false));
+  if (layer.q_bias != nullptr) {
+    RETURN_IF_ERROR(backend_->AddBias(s.q.as<float>(), layer.q_bias, num_tokens, layer.q.rows));
+    RETURN_IF_ERROR(backend_->AddBias(s.k.as<float>(), layer.k_bias, num_tokens, layer.k.rows));
+    RETURN_IF_ERROR(backend_->AddBias(s.v.as<float>(), layer.v_bias, num_tokens, layer.v.rows));
+  }
+  const kernels::RopeParams rope{inv_freq_.as<float>(), static_cast<int32_t>(c.head_dim), 1.0f};
+  RETURN_IF_ERROR(backend_->Rope(s.q.as<float>(), s.k.as<float>(), batch.positions, num_tokens,
+                                 heads, kv_heads, rope));
+  RETURN_IF_ERROR(
+      backend_->WriteKv(s.k.as<float>(), s.v.as<float>(), batch, layout, k_cache, v_cache));
+  RETURN_IF_ERROR(backend_->PagedAttention(s.q.as<float>(), batch, layout, heads, k_cache, v_cache,
+                                           s.attn.as<float>()));
+  RETURN_IF_ERROR(backend_->Linear(s.attn.as<float>(), layer.o, num_tokens, x, true));
+
+  // MLP block.
+  RETURN_IF_ERROR(
+      backend_->RmsNorm(x, layer.post_attention_norm, num_tokens, c.hidden_size, eps, h));
+  RETURN_IF_ERROR(backend_->Linear(h, layer.gate_up, num_tokens, s.gate_up.as<float>(), false));
+  RETURN_IF_ERROR(backend_->SiluMul(s.gate_up.as<float>(), num_tokens, c.intermediate_size,
+                                    s.act.as<float>()));
+  return backend_->Linear(s.act.as<float>(), layer.down, num_tokens, x, true);
+}
+
+}  // namespace loraserve::model

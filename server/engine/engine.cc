@@ -1,0 +1,224 @@
+#include "server/engine/engine.h"
+
+#include <algorithm>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "server/engine/stop_strings.h"
+
+namespace loraserve::engine {
+
+const char* FinishReasonName(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kNone:
+      return "none";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kLength:
+      return "length";
+  }
+  return "?";
+}
+
+struct Engine::Sequence {
+  Sequence(RequestId id, GenerationRequest request, TokenCallback callback,
+           const model::Tokenizer* tokenizer)
+      : id(id),
+        request(std::move(request)),
+        callback(std::move(callback)),
+        tokens(this->request.prompt_ids),
+        stop_filter(this->request.stop) {
+    if (tokenizer != nullptr) {
+      decoder.emplace(*tokenizer, this->request.prompt_ids, this->request.skip_special_tokens);
+    }
+  }
+
+  int32_t generated() const {
+    return static_cast<int32_t>(tokens.size() - request.prompt_ids.size());
+  }
+
+  RequestId id;
+  GenerationRequest request;
+  TokenCallback callback;
+  std::vector<int32_t> tokens;  // prompt, then generated tokens
+  int64_t num_cached = 0;       // tokens whose K and V are in the cache
+  std::vector<int32_t> blocks;  // block table
+  std::optional<model::IncrementalDecoder> decoder;
+  StopStringFilter stop_filter;
+  bool finished = false;
+};
+
+Engine::Engine(model::LlamaModel* model, const model::Tokenizer* tokenizer, KvCache* cache,
+               EngineOptions options)
+    : model_(model), tokenizer_(tokenizer), cache_(cache), options_(options) {}
+
+Engine::~Engine() {
+  for (auto& seq : running_) cache_->Release(seq->blocks);
+}
+
+bool Engine::HasWork() const { return !waiting_.empty() || !running_.empty(); }
+
+absl::Status Engine::Validate(const GenerationRequest& request) const {
+  const int64_t context = model_->config().max_position_embeddings;
+  const int64_t prompt = static_cast<int64_t>(request.prompt_ids.size());
+  if (prompt == 0) return absl::InvalidArgumentError("prompt: must hold at least one token");
+  const int64_t vocab = model_->config().vocab_size;
+  for (int32_t id : request.prompt_ids) {
+    if (id < 0 || id >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt: token id ", id, " is outside the vocabulary [0, ", vocab, ")"));
+    }
+  }
+  if (request.max_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens: must be >= 1, got ", request.max_tokens));
+  }
+  if (prompt + request.max_tokens > context) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_tokens: prompt (", prompt, " tokens) + max_tokens (", request.max_tokens,
+        ") exceeds the model's context of ", context, " tokens"));
+  }
+  if (prompt > options_.max_batch_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt: ", prompt,
+                                                   " tokens exceed --max-batch-tokens (",
+                                                   options_.max_batch_tokens, ")"));
+  }
+  if (cache_->BlocksFor(prompt + request.max_tokens) > cache_->num_blocks()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_tokens: prompt + max_tokens needs ", cache_->BlocksFor(prompt + request.max_tokens),
+        " KV blocks but the cache holds only ", cache_->num_blocks()));
+  }
+  if (request.top_logprobs < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("logprobs: must be >= 0, got ", request.top_logprobs));
+  }
+  for (int32_t id : request.stop_token_ids) {
+    if (id < 0 || id >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "stop_token_ids: ", id, " is outside the vocabulary [0, ", vocab, ")"));
+    }
+  }
+  return ValidateSamplingParams(request.sampling);
+}
+
+absl::StatusOr<RequestId> Engine::Add(GenerationRequest request, TokenCallback callback) {
+  RETURN_IF_ERROR(Validate(request));
+  const RequestId id = next_id_++;
+  waiting_.push_back(
+      std::make_unique<Sequence>(id, std::move(request), std::move(callback), tokenizer_));
+  return id;
+}
+
+absl::Status Engine::Step() {
+  // Running sequences decode one token each; when the pool runs dry the
+  // newest running sequence is preempted and will be recomputed later.
+  for (size_t i = 0; i < running_.size();) {
+    if (cache_->Reserve(running_[i]->blocks,
+                        static_cast<int64_t>(running_[i]->tokens.size())).ok()) {
+      ++i;
+      continue;
+    }
+    std::unique_ptr<Sequence> victim = std::move(running_.back());
+    running_.pop_back();
+    cache_->Release(victim->blocks);
+    victim->num_cached = 0;
+    waiting_.insert(waiting_.begin(), std::move(victim));
+  }
+  std::vector<Sequence*> batch;
+  int64_t batch_tokens = 0;
+  for (auto& seq : running_) {
+    batch.push_back(seq.get());
+    batch_tokens += static_cast<int64_t>(seq->tokens.size()) - seq->num_cached;
+  }
+  // Waiting sequences join, oldest first, while tokens and blocks allow.
+  while (!waiting_.empty() &&
+         static_cast<int32_t>(running_.size()) < options_.max_running_requests) {
+    Sequence& seq = *waiting_.front();
+    const int64_t new_tokens = static_cast<int64_t>(seq.tokens.size());
+    if (batch_tokens + new_tokens > options_.max_batch_tokens) break;
+    if (!cache_->Reserve(seq.blocks, new_tokens).ok()) break;
+    batch.push_back(&seq);
+    batch_tokens += new_tokens;
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.erase(waiting_.begin());
+  }
+  if (batch.empty()) {
+    if (running_.empty() && !waiting_.empty()) {
+      return absl::ResourceExhaustedError("KV cache: no room for the oldest waiting request");
+    }
+    return absl::OkStatus();
+  }
+
+  model::ForwardInput in;
+  int32_t max_blocks = 0;
+  for (Sequence* seq : batch) max_blocks = std::max<int32_t>(max_blocks, seq->blocks.size());
+  in.max_blocks_per_seq = max_blocks;
+  in.query_start.push_back(0);
+  const int32_t block_size = cache_->block_size();
+  for (Sequence* seq : batch) {
+    for (int64_t pos = seq->num_cached; pos < static_cast<int64_t>(seq->tokens.size()); ++pos) {
+      in.tokens.push_back(seq->tokens[pos]);
+      in.positions.push_back(static_cast<int32_t>(pos));
+      in.slot_mapping.push_back(seq->blocks[pos / block_size] * block_size + pos % block_size);
+    }
+    in.logit_rows.push_back(static_cast<int32_t>(in.tokens.size()) - 1);
+    in.query_start.push_back(static_cast<int32_t>(in.tokens.size()));
+    in.context_lens.push_back(static_cast<int32_t>(seq->tokens.size()));
+    std::vector<int32_t> table = seq->blocks;
+    table.resize(max_blocks, 0);
+    in.block_tables.insert(in.block_tables.end(), table.begin(), table.end());
+  }
+  std::vector<float> logits;
+  RETURN_IF_ERROR(model_->Forward(in, cache_->View(), &logits));
+
+  const int64_t vocab = model_->config().vocab_size;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Sequence& seq = *batch[i];
+    seq.num_cached = static_cast<int64_t>(seq.tokens.size());
+    const absl::Span<const float> row(logits.data() + i * vocab, vocab);
+    Emit(seq, SampleToken(row, seq.request.sampling, seq.generated(), seq.request.top_logprobs));
+  }
+  // Finished sequences give their blocks back at once.
+  for (auto it = running_.begin(); it != running_.end();) {
+    if ((*it)->finished) {
+      cache_->Release((*it)->blocks);
+      it = running_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Engine::Emit(Sequence& seq, const SampledToken& sampled) {
+  TokenEvent event;
+  event.token_id = sampled.id;
+  event.logprob = sampled.logprob;
+  event.top_logprobs = sampled.top_logprobs;
+  seq.tokens.push_back(sampled.id);
+
+  const std::vector<int64_t>& eos = model_->config().eos_token_ids;
+  const bool is_eos = !seq.request.ignore_eos &&
+                      std::find(eos.begin(), eos.end(), sampled.id) != eos.end();
+  const auto& stop_ids = seq.request.stop_token_ids;
+  if (is_eos || std::find(stop_ids.begin(), stop_ids.end(), sampled.id) != stop_ids.end()) {
+    // The stop token ends the request; its text is not part of the output.
+    event.text = seq.stop_filter.Flush();
+    event.finish = FinishReason::kStop;
+  } else {
+    StopStringFilter::Result filtered =
+        seq.stop_filter.Feed(seq.decoder ? seq.decoder->Append(sampled.id) : std::string());
+    event.text = std::move(filtered.text);
+    if (filtered.stopped) {
+      event.finish = FinishReason::kStop;
+    } else if (seq.generated() >= seq.request.max_tokens) {
+      event.text += seq.stop_filter.Flush();
+      event.finish = FinishReason::kLength;
+    }
+  }
+  seq.finished = event.finish != FinishReason::kNone;
+  seq.callback(event);
+}
+
+}  // namespace loraserve::engine

@@ -1,0 +1,71 @@
+#include "server/engine/kv_cache.h"
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+
+namespace loraserve::engine {
+
+absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(kernels::Backend* backend,
+                                                         const model::KvShape& shape,
+                                                         int32_t block_size,
+                                                         int64_t budget_bytes) {
+  if (block_size <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("KV block size must be > 0, got ", block_size));
+  }
+  // K and V, every layer.
+  const int64_t block_bytes = int64_t{2} * shape.num_layers * block_size * shape.num_kv_heads *
+                              shape.head_dim * static_cast<int64_t>(sizeof(float));
+  const int64_t num_blocks = budget_bytes / block_bytes;
+  if (num_blocks < 1) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "KV cache budget of ", budget_bytes, " bytes holds no block of ", block_size,
+        " tokens (", block_bytes, " bytes each); raise --kv-cache-bytes"));
+  }
+  auto cache = std::unique_ptr<KvCache>(new KvCache());
+  cache->block_size_ = block_size;
+  cache->layout_ = {static_cast<int32_t>(num_blocks), block_size,
+                    static_cast<int32_t>(shape.num_kv_heads), static_cast<int32_t>(shape.head_dim)};
+  const size_t pool_bytes = static_cast<size_t>(block_bytes / (2 * shape.num_layers)) * num_blocks;
+  for (int64_t l = 0; l < shape.num_layers; ++l) {
+    ASSIGN_OR_RETURN(kernels::DeviceBuffer k, backend->Allocate(pool_bytes));
+    ASSIGN_OR_RETURN(kernels::DeviceBuffer v, backend->Allocate(pool_bytes));
+    cache->k_pools_.push_back(std::move(k));
+    cache->v_pools_.push_back(std::move(v));
+  }
+  cache->bytes_ = block_bytes * num_blocks;
+  cache->free_.reserve(num_blocks);
+  // Lowest ids on top of the stack: allocation order is easy to follow in tests.
+  for (int64_t b = num_blocks - 1; b >= 0; --b) cache->free_.push_back(static_cast<int32_t>(b));
+  return cache;
+}
+
+absl::Status KvCache::Reserve(std::vector<int32_t>& blocks, int64_t tokens) {
+  const int32_t needed = BlocksFor(tokens) - static_cast<int32_t>(blocks.size());
+  if (needed <= 0) return absl::OkStatus();
+  if (needed > free_blocks()) {
+    return absl::ResourceExhaustedError(absl::StrCat("KV cache: ", needed, " blocks needed, ",
+                                                     free_blocks(), " free of ", num_blocks()));
+  }
+  for (int32_t i = 0; i < needed; ++i) {
+    blocks.push_back(free_.back());
+    free_.pop_back();
+  }
+  return absl::OkStatus();
+}
+
+void KvCache::Release(std::vector<int32_t>& blocks) {
+  free_.insert(free_.end(), blocks.rbegin(), blocks.rend());
+  blocks.clear();
+}
+
+model::KvCacheView KvCache::View() {
+  model::KvCacheView view;
+  view.layout = layout_;
+  for (size_t l = 0; l < k_pools_.size(); ++l) {
+    view.k.push_back(k_pools_[l].as<float>());
+    view.v.push_back(v_pools_[l].as<float>());
+  }
+  return view;
+}
+
+}  // namespace loraserve::engine

@@ -1,0 +1,180 @@
+// loraserve: flags -> config -> wiring. Subcommands:
+//   loraserve generate --model DIR --prompt TEXT [--max-tokens N] [--temperature T] [--seed S]
+#include <cstdio>
+#include <iostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "base/status_macros.h"
+#include "kernels/backend.h"
+#include "server/engine/engine.h"
+#include "server/engine/kv_cache.h"
+#include "server/model/llama_model.h"
+#include "server/model/tokenizer.h"
+
+ABSL_FLAG(std::string, model, "", "Hugging Face model directory, or a preset name with --load-format dummy");
+ABSL_FLAG(std::string, load_format, "auto",
+          "auto: read the checkpoint; dummy: seeded random weights (--model names a preset or a "
+          "directory whose config.json gives the shapes)");
+ABSL_FLAG(std::string, tokenizer, "", "Directory with tokenizer.json (default: the model directory)");
+ABSL_FLAG(std::string, device, "cpu", "Compute device: cpu");
+ABSL_FLAG(int32_t, threads, 0, "CPU threads for GEMM and kernels (0 = all cores)");
+ABSL_FLAG(int64_t, kv_cache_bytes, int64_t{1} << 30, "Bytes of KV cache");
+ABSL_FLAG(int32_t, block_size, 16, "Tokens per KV cache block");
+ABSL_FLAG(int32_t, max_batch_tokens, 2048, "Most tokens (prompt + decode) in one step");
+ABSL_FLAG(std::string, prompt, "", "generate: prompt text");
+ABSL_FLAG(int32_t, max_tokens, 64, "generate: tokens to generate at most");
+ABSL_FLAG(float, temperature, 1.0f, "generate: sampling temperature (0 = greedy)");
+ABSL_FLAG(int32_t, top_k, 0, "generate: top-k filter (0 = off)");
+ABSL_FLAG(float, top_p, 1.0f, "generate: nucleus filter (1 = off)");
+ABSL_FLAG(int64_t, seed, -1, "generate: sampling seed (-1 = random)");
+ABSL_FLAG(std::vector<std::string>, stop, {}, "generate: stop strings, comma-separated");
+ABSL_FLAG(bool, ignore_eos, false, "generate: keep going after the end-of-sequence token");
+ABSL_FLAG(int32_t, logprobs, 0, "generate: print this many top logprobs per token to stderr");
+
+namespace loraserve {
+namespace {
+
+constexpr char kUsage[] =
+    "loraserve <command> [flags]\n"
+    "commands:\n"
+    "  generate   stream the continuation of --prompt to stdout\n"
+    "Try: loraserve generate --model ../shared/models/aidreams-260k --prompt \"\" "
+    "--temperature 0";
+
+absl::StatusOr<std::unique_ptr<model::LlamaModel>> LoadModel(kernels::Backend* backend) {
+  const std::string model = absl::GetFlag(FLAGS_model);
+  if (model.empty()) return absl::InvalidArgumentError("--model is required");
+  model::LoadOptions options;
+  const absl::Time start = absl::Now();
+  int last_percent = -1;
+  options.progress = [&](int64_t done, int64_t total) {
+    const int percent = total > 0 ? static_cast<int>(100 * done / total) : 100;
+    if (percent / 10 != last_percent / 10) {
+      absl::FPrintF(stderr, "\rloading weights: %3d%%", percent);
+      last_percent = percent;
+    }
+  };
+  absl::StatusOr<std::unique_ptr<model::LlamaModel>> loaded;
+  const std::string format = absl::GetFlag(FLAGS_load_format);
+  if (format == "dummy") {
+    absl::StatusOr<model::ModelConfig> config = model::DummyPreset(model);
+    if (!config.ok()) {
+      absl::StatusOr<model::ModelConfig> from_dir = model::LoadModelConfig(model);
+      if (!from_dir.ok()) {
+        return absl::NotFoundError(absl::StrCat("--model ", model, " is neither a dummy preset (",
+                                                config.status().message(),
+                                                ") nor a model directory (",
+                                                from_dir.status().message(), ")"));
+      }
+      config = std::move(from_dir);
+    }
+    loaded = model::LlamaModel::CreateDummy(backend, *config, /*seed=*/0, options);
+  } else if (format == "auto") {
+    loaded = model::LlamaModel::Load(backend, model, options);
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--load-format must be auto or dummy, got ", format));
+  }
+  if (last_percent >= 0) absl::FPrintF(stderr, "\n");
+  if (loaded.ok()) {
+    absl::FPrintF(stderr, "loaded %s: %d layers, hidden %d, %.2f GB of weights in %.1fs\n", model,
+                  (*loaded)->config().num_hidden_layers, (*loaded)->config().hidden_size,
+                  (*loaded)->weight_bytes() / 1e9, absl::ToDoubleSeconds(absl::Now() - start));
+  }
+  return loaded;
+}
+
+absl::StatusOr<std::unique_ptr<kernels::Backend>> CreateBackend() {
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device != "cpu") {
+    return absl::InvalidArgumentError(absl::StrCat("--device must be cpu, got ", device));
+  }
+  return kernels::CreateCpuBackend({absl::GetFlag(FLAGS_threads)});
+}
+
+absl::Status Generate() {
+  ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, CreateBackend());
+  ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> llama, LoadModel(backend.get()));
+  std::string tokenizer_dir = absl::GetFlag(FLAGS_tokenizer);
+  if (tokenizer_dir.empty()) tokenizer_dir = absl::GetFlag(FLAGS_model);
+  ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer,
+                   model::Tokenizer::Load(tokenizer_dir));
+  ASSIGN_OR_RETURN(auto cache,
+                   engine::KvCache::Create(backend.get(), llama->kv_shape(),
+                                           absl::GetFlag(FLAGS_block_size),
+                                           absl::GetFlag(FLAGS_kv_cache_bytes)));
+
+  engine::GenerationRequest request;
+  ASSIGN_OR_RETURN(request.prompt_ids, tokenizer->Encode(absl::GetFlag(FLAGS_prompt), true));
+  request.max_tokens = absl::GetFlag(FLAGS_max_tokens);
+  request.sampling.temperature = absl::GetFlag(FLAGS_temperature);
+  request.sampling.top_k = absl::GetFlag(FLAGS_top_k);
+  request.sampling.top_p = absl::GetFlag(FLAGS_top_p);
+  const int64_t seed = absl::GetFlag(FLAGS_seed);
+  request.sampling.seed = seed >= 0 ? static_cast<uint64_t>(seed) : std::random_device{}();
+  request.stop = absl::GetFlag(FLAGS_stop);
+  request.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
+  request.top_logprobs = absl::GetFlag(FLAGS_logprobs);
+
+  engine::Engine engine(llama.get(), tokenizer.get(), cache.get(),
+                        {.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens)});
+  int64_t generated = 0;
+  engine::FinishReason finish = engine::FinishReason::kNone;
+  ASSIGN_OR_RETURN(engine::RequestId id,
+                   engine.Add(request, [&](const engine::TokenEvent& event) {
+                     std::fwrite(event.text.data(), 1, event.text.size(), stdout);
+                     std::fflush(stdout);
+                     ++generated;
+                     finish = event.finish;
+                     if (request.top_logprobs > 0) {
+                       std::string alternatives;
+                       for (const auto& t : event.top_logprobs) {
+                         absl::StrAppendFormat(&alternatives, " %d:%.4f", t.id, t.logprob);
+                       }
+                       absl::FPrintF(stderr, "[token %d logprob %.4f |%s]\n", event.token_id,
+                                     event.logprob, alternatives);
+                     }
+                   }));
+  (void)id;
+  const absl::Time start = absl::Now();
+  while (engine.HasWork()) RETURN_IF_ERROR(engine.Step());
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  std::fputc('\n', stdout);
+  absl::FPrintF(stderr, "%d prompt tokens, %d generated (finish: %s) in %.3fs, %.1f tokens/s\n",
+                request.prompt_ids.size(), generated, engine::FinishReasonName(finish), seconds,
+                generated / std::max(seconds, 1e-9));
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace loraserve
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(loraserve::kUsage);
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() < 2) {
+    std::cerr << loraserve::kUsage << "\n";
+    return 2;
+  }
+  const std::string command = args[1];
+  absl::Status status;
+  if (command == "generate") {
+    status = loraserve::Generate();
+  } else {
+    std::cerr << "unknown command '" << command << "'\n" << loraserve::kUsage << "\n";
+    return 2;
+  }
+  if (!status.ok()) {
+    std::cerr << "loraserve " << command << ": " << status << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,116 @@
+// A Llama-family decoder (llama, mistral, qwen2) whose weights live on a
+// kernels::Backend, and its forward pass over a batch of sequences that share
+// a paged KV cache.
+//
+// Weights are loaded once from a Hugging Face checkpoint directory (or made up
+// from a seed for `--load-format dummy`) and never change afterwards: they are
+// the golden copy every adapter path builds on.
+//
+// Ownership and threading: the model owns its weight buffers; the backend must
+// outlive it. Forward is called by one thread at a time (the engine loop).
+//
+// Example:
+//   ASSIGN_OR_RETURN(auto model, LlamaModel::Load(backend, "/models/llama", {}));
+//   ForwardInput in = ...;  // one sequence: tokens, positions, block table
+//   std::vector<float> logits;
+//   RETURN_IF_ERROR(model->Forward(in, kv_view, &logits));
+#ifndef LORASERVE_SERVER_MODEL_LLAMA_MODEL_H_
+#define LORASERVE_SERVER_MODEL_LLAMA_MODEL_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/backend.h"
+#include "server/model/model_config.h"
+
+namespace loraserve::model {
+
+// What the KV cache must hold per token.
+struct KvShape {
+  int64_t num_layers = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+};
+
+// The paged cache as the forward pass sees it: one K and one V pool per layer.
+struct KvCacheView {
+  kernels::KvLayout layout;
+  std::vector<float*> k;  // [num_layers] -> [num_blocks, block_size, kv_heads, head_dim]
+  std::vector<float*> v;
+};
+
+// One step's batch, on the host. Tokens of a sequence are contiguous.
+struct ForwardInput {
+  std::vector<int32_t> tokens;        // [num_tokens]
+  std::vector<int32_t> positions;     // [num_tokens]
+  std::vector<int32_t> query_start;   // [num_seqs + 1]
+  std::vector<int32_t> context_lens;  // [num_seqs] cached tokens after this step
+  std::vector<int32_t> block_tables;  // [num_seqs, max_blocks_per_seq], unused entries 0
+  int32_t max_blocks_per_seq = 0;
+  std::vector<int32_t> slot_mapping;  // [num_tokens]
+  std::vector<int32_t> logit_rows;    // token rows whose logits are wanted, in output order
+};
+
+struct LoadOptions {
+  // Called now and then while weights load: (bytes done, bytes total).
+  std::function<void(int64_t, int64_t)> progress;
+};
+
+class LlamaModel {
+ public:
+  // Loads config.json and the safetensors checkpoint of `model_dir`. Every
+  // expected tensor must be present with its exact shape and no unexpected
+  // tensor may be left over; errors name the tensor and file.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(kernels::Backend* backend,
+                                                          const std::string& model_dir,
+                                                          const LoadOptions& options);
+  // Seeded random weights with the shapes of `config` (benchmarks).
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> CreateDummy(kernels::Backend* backend,
+                                                                 const ModelConfig& config,
+                                                                 uint64_t seed,
+                                                                 const LoadOptions& options);
+  ~LlamaModel();
+
+  const ModelConfig& config() const { return config_; }
+  KvShape kv_shape() const;
+  // Bytes of weights held on the backend.
+  int64_t weight_bytes() const { return weight_bytes_; }
+
+  // Runs the decoder over `input`, writing each token's K and V into the
+  // cache, and returns logits for `input.logit_rows`: [rows, vocab] row-major.
+  absl::Status Forward(const ForwardInput& input, const KvCacheView& kv,
+                       std::vector<float>* logits);
+
+  // Where weights come from (a checkpoint or a seeded generator); defined in
+  // llama_model.cc.
+  class WeightSource;
+
+ private:
+  struct Layer;
+  struct Scratch;
+  explicit LlamaModel(kernels::Backend* backend, ModelConfig config);
+  absl::Status LoadWeights(WeightSource& source, const LoadOptions& options);
+  absl::Status EnsureScratch(int64_t num_tokens, int64_t num_logit_rows);
+  absl::Status RunLayer(const Layer& layer, int64_t num_tokens,
+                        const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
+                        float* k_cache, float* v_cache);
+
+  kernels::Backend* backend_;
+  ModelConfig config_;
+  std::vector<kernels::DeviceBuffer> buffers_;  // owns every weight
+  int64_t weight_bytes_ = 0;
+  kernels::WeightView embed_tokens_;
+  kernels::WeightView lm_head_;
+  const float* final_norm_ = nullptr;
+  std::vector<Layer> layers_;
+  kernels::DeviceBuffer inv_freq_;  // [head_dim / 2]
+  std::unique_ptr<Scratch> scratch_;
+};
+
+}  // namespace loraserve::model
+
+#endif  // LORASERVE_SERVER_MODEL_LLAMA_MODEL_H_
