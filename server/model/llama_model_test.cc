@@ -1,1 +1,268 @@
-// placeholder: being written
+#include "server/model/llama_model.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/support/golden_cases.h"
+#include "tests/support/safetensors_writer.h"
+
+namespace loraserve::model {
+namespace {
+
+using ::testing::HasSubstr;
+namespace fs = std::filesystem;
+
+constexpr int32_t kBlockSize = 16;
+
+// A paged cache with blocks for `max_tokens` per sequence, sequences laid out
+// on non-adjacent blocks (reversed order) to exercise the block tables.
+class TestCache {
+ public:
+  TestCache(kernels::Backend* backend, const KvShape& shape, int32_t num_seqs,
+            int32_t max_tokens)
+      : blocks_per_seq_((max_tokens + kBlockSize - 1) / kBlockSize) {
+    const int32_t num_blocks = num_seqs * blocks_per_seq_;
+    view_.layout = {num_blocks, kBlockSize, static_cast<int32_t>(shape.num_kv_heads),
+                    static_cast<int32_t>(shape.head_dim)};
+    const size_t bytes =
+        static_cast<size_t>(num_blocks) * kBlockSize * shape.num_kv_heads * shape.head_dim * 4;
+    for (int64_t l = 0; l < shape.num_layers; ++l) {
+      buffers_.push_back(*backend->Allocate(bytes));
+      view_.k.push_back(buffers_.back().as<float>());
+      buffers_.push_back(*backend->Allocate(bytes));
+      view_.v.push_back(buffers_.back().as<float>());
+    }
+  }
+  int32_t Block(int32_t seq, int32_t i) const {
+    return view_.layout.num_blocks - 1 - (seq * blocks_per_seq_ + i);
+  }
+  int32_t blocks_per_seq() const { return blocks_per_seq_; }
+  const KvCacheView& view() const { return view_; }
+
+ private:
+  int32_t blocks_per_seq_;
+  std::vector<kernels::DeviceBuffer> buffers_;
+  KvCacheView view_;
+};
+
+// Prefill of whole sequences in one batch, logits for every token.
+ForwardInput PrefillAll(const std::vector<std::vector<int32_t>>& seqs, const TestCache& cache) {
+  ForwardInput in;
+  in.max_blocks_per_seq = cache.blocks_per_seq();
+  in.query_start.push_back(0);
+  for (int32_t s = 0; s < static_cast<int32_t>(seqs.size()); ++s) {
+    for (int32_t pos = 0; pos < static_cast<int32_t>(seqs[s].size()); ++pos) {
+      in.logit_rows.push_back(static_cast<int32_t>(in.tokens.size()));
+      in.tokens.push_back(seqs[s][pos]);
+      in.positions.push_back(pos);
+      in.slot_mapping.push_back(cache.Block(s, pos / kBlockSize) * kBlockSize + pos % kBlockSize);
+    }
+    in.query_start.push_back(static_cast<int32_t>(in.tokens.size()));
+    in.context_lens.push_back(static_cast<int32_t>(seqs[s].size()));
+    for (int32_t b = 0; b < cache.blocks_per_seq(); ++b) in.block_tables.push_back(cache.Block(s, b));
+  }
+  return in;
+}
+
+float MaxAbsDiff(const float* a, const float* b, size_t n) {
+  float worst = 0.0f;
+  for (size_t i = 0; i < n; ++i) {
+    const float d = std::fabs(a[i] - b[i]);
+    if (!(d <= worst)) worst = d;  // NaN propagates as failure
+  }
+  return worst;
+}
+
+class LlamaModelGoldenTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto backend = kernels::CreateCpuBackend({});
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    backend_ = std::move(*backend);
+    auto cases = testing::LoadModelCases();
+    ASSERT_TRUE(cases.ok()) << cases.status();
+    cases_ = std::move(*cases);
+    ASSERT_GE(cases_.size(), 6u);
+  }
+  std::unique_ptr<kernels::Backend> backend_;
+  std::vector<testing::GoldenCase> cases_;
+};
+
+TEST_F(LlamaModelGoldenTest, LogitsMatchTransformersAtEveryPosition) {
+  for (const testing::GoldenCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    auto model = LlamaModel::Load(backend_.get(), c.model_dir, {});
+    ASSERT_TRUE(model.ok()) << model.status();
+    const int64_t vocab = (*model)->config().vocab_size;
+    for (const testing::GoldenPrompt& p : c.prompts) {
+      TestCache cache(backend_.get(), (*model)->kv_shape(), 1, p.ids.size());
+      std::vector<float> logits;
+      ASSERT_TRUE((*model)->Forward(PrefillAll({p.ids}, cache), cache.view(), &logits).ok());
+      ASSERT_EQ(logits.size(), p.ids.size() * vocab);
+      EXPECT_LE(MaxAbsDiff(logits.data(), p.logits.data(), logits.size()), 1e-4f)
+          << "prompt of " << p.ids.size() << " tokens";
+    }
+  }
+}
+
+TEST_F(LlamaModelGoldenTest, BatchedPrefillEqualsSinglePrefill) {
+  for (const testing::GoldenCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    auto model = LlamaModel::Load(backend_.get(), c.model_dir, {});
+    ASSERT_TRUE(model.ok()) << model.status();
+    std::vector<std::vector<int32_t>> seqs;
+    size_t longest = 0;
+    for (const testing::GoldenPrompt& p : c.prompts) {
+      seqs.push_back(p.ids);
+      longest = std::max(longest, p.ids.size());
+    }
+    TestCache cache(backend_.get(), (*model)->kv_shape(), seqs.size(), longest);
+    std::vector<float> logits;
+    ASSERT_TRUE((*model)->Forward(PrefillAll(seqs, cache), cache.view(), &logits).ok());
+    size_t offset = 0;
+    for (const testing::GoldenPrompt& p : c.prompts) {
+      EXPECT_LE(MaxAbsDiff(logits.data() + offset, p.logits.data(), p.logits.size()), 1e-4f);
+      offset += p.logits.size();
+    }
+  }
+}
+
+TEST_F(LlamaModelGoldenTest, DecodeStepsReuseTheCache) {
+  // Prefill all but the last token, then decode it: its logits must match
+  // the golden of the full prompt's last position.
+  const testing::GoldenCase& c = cases_[0];
+  auto model = LlamaModel::Load(backend_.get(), c.model_dir, {});
+  ASSERT_TRUE(model.ok()) << model.status();
+  const int64_t vocab = (*model)->config().vocab_size;
+  for (const testing::GoldenPrompt& p : c.prompts) {
+    if (p.ids.size() < 2) continue;
+    TestCache cache(backend_.get(), (*model)->kv_shape(), 1, p.ids.size());
+    std::vector<int32_t> head(p.ids.begin(), p.ids.end() - 1);
+    std::vector<float> logits;
+    ASSERT_TRUE((*model)->Forward(PrefillAll({head}, cache), cache.view(), &logits).ok());
+    ForwardInput step = PrefillAll({p.ids}, cache);
+    const int32_t last = static_cast<int32_t>(p.ids.size()) - 1;
+    step.tokens = {p.ids[last]};
+    step.positions = {last};
+    step.slot_mapping = {step.slot_mapping[last]};
+    step.query_start = {0, 1};
+    step.logit_rows = {0};
+    ASSERT_TRUE((*model)->Forward(step, cache.view(), &logits).ok());
+    EXPECT_LE(MaxAbsDiff(logits.data(), p.logits.data() + last * vocab, vocab), 1e-4f);
+  }
+}
+
+TEST(LlamaModelDummyTest, PresetBuildsAndRuns) {
+  auto backend = kernels::CreateCpuBackend({});
+  ASSERT_TRUE(backend.ok());
+  auto config = DummyPreset("tiny");
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto model = LlamaModel::CreateDummy(backend->get(), *config, 7, {});
+  ASSERT_TRUE(model.ok()) << model.status();
+  TestCache cache(backend->get(), (*model)->kv_shape(), 1, 8);
+  std::vector<float> logits;
+  ASSERT_TRUE((*model)->Forward(PrefillAll({{1, 2, 3, 4}}, cache), cache.view(), &logits).ok());
+  ASSERT_EQ(logits.size(), 4 * config->vocab_size);
+  for (float v : logits) ASSERT_TRUE(std::isfinite(v));
+}
+
+// Malformed checkpoints: a copy of the shared model's config with a
+// hand-written safetensors file.
+class MalformedModelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / absl::StrCat("loraserve_malformed_", ::getpid(), "_",
+                                                   ::testing::UnitTest::GetInstance()
+                                                       ->current_test_info()
+                                                       ->name());
+    fs::create_directories(dir_);
+    fs::copy_file(fs::path(LORASERVE_SHARED_DIR) / "models/aidreams-260k/config.json",
+                  dir_ / "config.json", fs::copy_options::overwrite_existing);
+    auto backend = kernels::CreateCpuBackend({1});
+    ASSERT_TRUE(backend.ok());
+    backend_ = std::move(*backend);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // Every tensor of the shared model with its expected shape, as F32 zeros.
+  std::vector<testing::TestTensor> ValidTensors() {
+    std::vector<testing::TestTensor> t;
+    auto add = [&t](const std::string& name, std::vector<int64_t> shape) {
+      int64_t n = 1;
+      for (int64_t d : shape) n *= d;
+      t.push_back({name, "F32", shape, std::string(n * 4, '\0')});
+    };
+    add("model.embed_tokens.weight", {512, 64});
+    for (int l = 0; l < 4; ++l) {
+      const std::string p = absl::StrCat("model.layers.", l, ".");
+      add(p + "input_layernorm.weight", {64});
+      add(p + "post_attention_layernorm.weight", {64});
+      for (const char* m : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
+        add(p + "self_attn." + m + ".weight", {64, 64});
+      }
+      add(p + "mlp.gate_proj.weight", {172, 64});
+      add(p + "mlp.up_proj.weight", {172, 64});
+      add(p + "mlp.down_proj.weight", {64, 172});
+    }
+    add("model.norm.weight", {64});
+    return t;
+  }
+  absl::Status LoadWith(const std::vector<testing::TestTensor>& tensors) {
+    EXPECT_TRUE(testing::WriteFile(dir_ / "model.safetensors", testing::SafetensorsBytes(tensors)));
+    return LlamaModel::Load(backend_.get(), dir_, {}).status();
+  }
+
+  fs::path dir_;
+  std::unique_ptr<kernels::Backend> backend_;
+};
+
+TEST_F(MalformedModelTest, ValidFileLoads) { EXPECT_TRUE(LoadWith(ValidTensors()).ok()); }
+
+TEST_F(MalformedModelTest, MissingTensorIsNamed) {
+  auto tensors = ValidTensors();
+  tensors.erase(tensors.begin() + 5);
+  const std::string missing = ValidTensors()[5].name;
+  absl::Status s = LoadWith(tensors);
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(s.message(), HasSubstr(missing));
+}
+
+TEST_F(MalformedModelTest, WrongShapeIsNamed) {
+  auto tensors = ValidTensors();
+  tensors[3].shape = {32, 128};
+  absl::Status s = LoadWith(tensors);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr(tensors[3].name));
+  EXPECT_THAT(s.message(), HasSubstr("[32, 128]"));
+  EXPECT_THAT(s.message(), HasSubstr("expected shape [64, 64]"));
+}
+
+TEST_F(MalformedModelTest, UnexpectedTensorIsNamed) {
+  auto tensors = ValidTensors();
+  tensors.push_back({"model.layers.9.mlp.extra.weight", "F32", {2}, std::string(8, '\0')});
+  absl::Status s = LoadWith(tensors);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("unexpected tensor model.layers.9.mlp.extra.weight"));
+}
+
+TEST_F(MalformedModelTest, MissingConfigIsNamed) {
+  fs::remove(dir_ / "config.json");
+  absl::Status s = LoadWith(ValidTensors());
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(s.message(), HasSubstr("config.json"));
+}
+
+TEST_F(MalformedModelTest, TruncatedFileIsAnErrorNotACrash) {
+  std::string bytes = testing::SafetensorsBytes(ValidTensors());
+  ASSERT_TRUE(testing::WriteFile(dir_ / "model.safetensors", bytes.substr(0, bytes.size() / 2)));
+  absl::Status s = LlamaModel::Load(backend_.get(), dir_, {}).status();
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("model.safetensors"));
+}
+
+}  // namespace
+}  // namespace loraserve::model

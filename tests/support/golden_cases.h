@@ -1,0 +1,41 @@
+// Reads the reference goldens of tests/golden/data (made by
+// tests/golden/generate.py from transformers + peft) for C++ tests.
+//
+// Example:
+//   ASSERT_OK_AND_ASSIGN(std::vector<GoldenCase> cases, LoadModelCases());
+//   for (const GoldenCase& c : cases) { ... c.prompts[0].logits ... }
+#ifndef LORASERVE_TESTS_SUPPORT_GOLDEN_CASES_H_
+#define LORASERVE_TESTS_SUPPORT_GOLDEN_CASES_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace loraserve::testing {
+
+struct GoldenPrompt {
+  std::string text;               // empty for id-only prompts
+  std::vector<int32_t> ids;       // [len], BOS included when the model adds it
+  std::vector<float> logits;      // [len, vocab]
+  std::vector<int32_t> greedy;    // 64 greedy tokens, EOS not stopping
+};
+
+struct GoldenCase {
+  std::string name;
+  std::string model_dir;    // absolute
+  std::string adapter_dir;  // absolute; empty for model cases
+  std::string base;         // adapter cases: name of the base model case
+  std::vector<GoldenPrompt> prompts;
+};
+
+// Paths in the manifest are relative to the repository root.
+std::string RepoPath(const std::string& relative);
+
+absl::StatusOr<std::vector<GoldenCase>> LoadModelCases();
+absl::StatusOr<std::vector<GoldenCase>> LoadAdapterCases();
+
+}  // namespace loraserve::testing
+
+#endif  // LORASERVE_TESTS_SUPPORT_GOLDEN_CASES_H_
