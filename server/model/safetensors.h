@@ -8,6 +8,13 @@
 // files of a model directory (`model.safetensors`, or the shards listed in
 // `model.safetensors.index.json`), with duplicate names refused.
 //
+// Dtypes: F32, F16 and BF16 tensors are exposed as TensorInfo. The other
+// dtypes of the format (BOOL, U8..U64, I8..I64, F64, F8_E4M3, F8_E5M2) are
+// accepted in the header and validated like the rest, because some
+// checkpoints carry integer buffers nobody needs; they are not exposed:
+// Find returns nullptr for them and Get names their dtype in its error. A
+// dtype string outside the format is an error at Open.
+//
 // Ownership: TensorInfo::data points into the mapping and stays valid as long
 // as the SafetensorsFile (or Checkpoint) that produced it lives. Objects are
 // immutable after Open and may be read from any thread.
@@ -33,7 +40,7 @@ struct TensorInfo {
   std::string name;
   kernels::DType dtype = kernels::DType::kF32;
   std::vector<int64_t> shape;
-  const uint8_t* data = nullptr;  // into the mapping
+  const uint8_t* data = nullptr;  // into the mapping; not necessarily aligned
   size_t bytes = 0;
   std::string file;  // path of the file holding it, for messages
 
@@ -48,8 +55,12 @@ class SafetensorsFile {
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 
   const std::string& path() const { return path_; }
-  // nullptr when absent.
+  // nullptr when absent (or present with a dtype that is not exposed).
   const TensorInfo* Find(const std::string& name) const;
+  // Like Find, but says why there is no tensor: NotFound when absent,
+  // InvalidArgument naming the dtype when its dtype is not exposed.
+  absl::StatusOr<const TensorInfo*> Get(const std::string& name) const;
+  // The exposed (F32, F16, BF16) tensors.
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
   // The "__metadata__" string map of the header (may be empty).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
@@ -61,6 +72,10 @@ class SafetensorsFile {
   size_t mapping_bytes_ = 0;
   std::map<std::string, TensorInfo> tensors_;
   std::map<std::string, std::string> metadata_;
+  // Tensors with a dtype that is not exposed: name -> dtype string.
+  std::map<std::string, std::string> unexposed_;
+
+  friend class Checkpoint;  // reads unexposed_ to find duplicates across shards
 };
 
 class Checkpoint {
@@ -70,12 +85,18 @@ class Checkpoint {
   // tensor the index places in a shard that lacks it, is an error).
   static absl::StatusOr<std::unique_ptr<Checkpoint>> Open(const std::string& dir);
 
+  // As SafetensorsFile::Find and ::Get, over all files of the checkpoint.
   const TensorInfo* Find(const std::string& name) const;
+  absl::StatusOr<const TensorInfo*> Get(const std::string& name) const;
+  // Names of the exposed tensors, sorted.
   std::vector<std::string> Names() const;
 
  private:
+  Checkpoint() = default;
+  std::string dir_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
-  std::map<std::string, const TensorInfo*> index_;
+  // Every tensor name (exposed or not) -> the file holding it.
+  std::map<std::string, const SafetensorsFile*> owner_;
 };
 
 }  // namespace loraserve::model
