@@ -215,13 +215,13 @@ TEST(EngineTest, PreemptionUnderATinyCacheGivesTheSameTokens) {
 TEST(EngineTest, InvalidRequestsNameTheField) {
   EngineFixture fixture(SharedModel());
   auto add = [&](GenerationRequest r) { return fixture.engine().Add(r, [](const TokenEvent&) {}); };
-  EXPECT_THAT(add(Greedy({}, 4)).status().message(), HasSubstr("prompt"));
-  EXPECT_THAT(add(Greedy({1}, 0)).status().message(), HasSubstr("max_tokens"));
-  EXPECT_THAT(add(Greedy({1}, 500)).status().message(), HasSubstr("context"));
-  EXPECT_THAT(add(Greedy({1, 9999}, 4)).status().message(), HasSubstr("vocabulary"));
+  EXPECT_THAT(std::string(add(Greedy({}, 4)).status().message()), HasSubstr("prompt"));
+  EXPECT_THAT(std::string(add(Greedy({1}, 0)).status().message()), HasSubstr("max_tokens"));
+  EXPECT_THAT(std::string(add(Greedy({1}, 500)).status().message()), HasSubstr("context"));
+  EXPECT_THAT(std::string(add(Greedy({1, 9999}, 4)).status().message()), HasSubstr("vocabulary"));
   GenerationRequest bad_temperature = Greedy({1}, 4);
   bad_temperature.sampling.temperature = -1;
-  EXPECT_THAT(add(bad_temperature).status().message(), HasSubstr("temperature"));
+  EXPECT_THAT(std::string(add(bad_temperature).status().message()), HasSubstr("temperature"));
   EXPECT_FALSE(fixture.engine().HasWork());
 }
 

@@ -228,7 +228,7 @@ TEST_F(MalformedModelTest, MissingTensorIsNamed) {
   const std::string missing = ValidTensors()[5].name;
   absl::Status s = LoadWith(tensors);
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(s.message(), HasSubstr(missing));
+  EXPECT_THAT(std::string(s.message()), HasSubstr(missing));
 }
 
 TEST_F(MalformedModelTest, WrongShapeIsNamed) {
@@ -236,9 +236,9 @@ TEST_F(MalformedModelTest, WrongShapeIsNamed) {
   tensors[3].shape = {32, 128};
   absl::Status s = LoadWith(tensors);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(s.message(), HasSubstr(tensors[3].name));
-  EXPECT_THAT(s.message(), HasSubstr("[32, 128]"));
-  EXPECT_THAT(s.message(), HasSubstr("expected shape [64, 64]"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr(tensors[3].name));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("[32, 128]"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("expected [64, 64]"));
 }
 
 TEST_F(MalformedModelTest, UnexpectedTensorIsNamed) {
@@ -246,14 +246,14 @@ TEST_F(MalformedModelTest, UnexpectedTensorIsNamed) {
   tensors.push_back({"model.layers.9.mlp.extra.weight", "F32", {2}, std::string(8, '\0')});
   absl::Status s = LoadWith(tensors);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(s.message(), HasSubstr("unexpected tensor model.layers.9.mlp.extra.weight"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("unexpected tensor model.layers.9.mlp.extra.weight"));
 }
 
 TEST_F(MalformedModelTest, MissingConfigIsNamed) {
   fs::remove(dir_ / "config.json");
   absl::Status s = LoadWith(ValidTensors());
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(s.message(), HasSubstr("config.json"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("config.json"));
 }
 
 TEST_F(MalformedModelTest, TruncatedFileIsAnErrorNotACrash) {
@@ -261,7 +261,7 @@ TEST_F(MalformedModelTest, TruncatedFileIsAnErrorNotACrash) {
   ASSERT_TRUE(testing::WriteFile(dir_ / "model.safetensors", bytes.substr(0, bytes.size() / 2)));
   absl::Status s = LlamaModel::Load(backend_.get(), dir_, {}).status();
   EXPECT_FALSE(s.ok());
-  EXPECT_THAT(s.message(), HasSubstr("model.safetensors"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("model.safetensors"));
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 #include "server/model/safetensors.h"
 
 #include <fcntl.h>
+#include <cstring>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -321,7 +322,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
 
   for (Entry& entry : entries) {
     if (!entry.dtype->exposed.has_value()) {
-      file->unexposed_[entry.name] = entry.dtype->name;
+      file->unexposed_[entry.name] = {entry.dtype->name, base + data_offset + entry.begin,
+                                      static_cast<size_t>(entry.end - entry.begin)};
       continue;
     }
     TensorInfo info;
@@ -349,11 +351,22 @@ absl::StatusOr<const TensorInfo*> SafetensorsFile::Get(const std::string& name) 
   if (const TensorInfo* info = Find(name)) return info;
   auto it = unexposed_.find(name);
   if (it != unexposed_.end()) {
-    return absl::InvalidArgumentError(absl::StrCat("unsupported dtype ", it->second, " for tensor ",
+    return absl::InvalidArgumentError(absl::StrCat("unsupported dtype ", it->second.dtype,
+                                                   " for tensor ",
                                                    name, " in file ", path_,
                                                    "; expected F32, F16 or BF16"));
   }
   return absl::NotFoundError(absl::StrCat("tensor ", name, " not in file ", path_));
+}
+
+absl::StatusOr<std::vector<int32_t>> SafetensorsFile::ReadInt32(const std::string& name) const {
+  auto it = unexposed_.find(name);
+  if (it == unexposed_.end() || it->second.dtype != "I32") {
+    return absl::NotFoundError(absl::StrCat("no I32 tensor ", name, " in file ", path_));
+  }
+  std::vector<int32_t> values(it->second.bytes / sizeof(int32_t));
+  std::memcpy(values.data(), it->second.data, values.size() * sizeof(int32_t));
+  return values;
 }
 
 absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& dir) {
@@ -385,7 +398,7 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file, SafetensorsFile::Open(path));
     std::vector<std::string> names;
     for (const auto& [name, info] : file->tensors()) names.push_back(name);
-    for (const auto& [name, dtype] : file->unexposed_) names.push_back(name);
+    for (const auto& [name, raw] : file->unexposed_) names.push_back(name);
     for (const std::string& name : names) {
       auto [it, inserted] = checkpoint->owner_.emplace(name, file.get());
       if (!inserted) {

@@ -60,6 +60,8 @@ class SafetensorsFile {
   // Like Find, but says why there is no tensor: NotFound when absent,
   // InvalidArgument naming the dtype when its dtype is not exposed.
   absl::StatusOr<const TensorInfo*> Get(const std::string& name) const;
+  // The values of an I32 tensor (token ids in test goldens, for example).
+  absl::StatusOr<std::vector<int32_t>> ReadInt32(const std::string& name) const;
   // The exposed (F32, F16, BF16) tensors.
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
   // The "__metadata__" string map of the header (may be empty).
@@ -72,8 +74,13 @@ class SafetensorsFile {
   size_t mapping_bytes_ = 0;
   std::map<std::string, TensorInfo> tensors_;
   std::map<std::string, std::string> metadata_;
-  // Tensors with a dtype that is not exposed: name -> dtype string.
-  std::map<std::string, std::string> unexposed_;
+  // Tensors with a dtype that is not exposed.
+  struct RawTensor {
+    std::string dtype;
+    const uint8_t* data = nullptr;
+    size_t bytes = 0;
+  };
+  std::map<std::string, RawTensor> unexposed_;
 
   friend class Checkpoint;  // reads unexposed_ to find duplicates across shards
 };
