@@ -1,1 +1,350 @@
-// placeholder: being written
+#include "server/model/tokenizer.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace loraserve::model {
+namespace {
+
+using json = nlohmann::json;
+using ::testing::HasSubstr;
+
+const std::string kSharedModel = std::string(LORASERVE_SHARED_DIR) + "/models/aidreams-260k";
+const std::string kGoldenDir = std::string(LORASERVE_SOURCE_DIR) + "/tests/golden/data/tokenizer";
+
+std::string ReadFileOrDie(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  EXPECT_TRUE(in.good()) << "cannot open " << path;
+  std::ostringstream contents;
+  contents << in.rdbuf();
+  return contents.str();
+}
+
+bool IsValidUtf8(const std::string& s) {
+  for (size_t i = 0; i < s.size();) {
+    const unsigned char c = s[i];
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    if (len == 0 || i + len > s.size()) return false;
+    for (size_t k = 1; k < len; ++k) {
+      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
+    }
+    i += len;
+  }
+  return true;
+}
+
+struct GoldenSet {
+  std::string name;
+  std::string model_dir;
+};
+void PrintTo(const GoldenSet& set, std::ostream* os) { *os << set.name; }
+
+class TokenizerGoldenTest : public ::testing::TestWithParam<GoldenSet> {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::Load(GetParam().model_dir);
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    tokenizer_ = *std::move(tokenizer);
+    golden_ = json::parse(ReadFileOrDie(kGoldenDir + "/" + GetParam().name + ".json"));
+    ASSERT_GE(golden_["cases"].size(), 200u);
+  }
+
+  std::unique_ptr<Tokenizer> tokenizer_;
+  json golden_;
+};
+
+TEST_P(TokenizerGoldenTest, VocabularyAndSpecialIds) {
+  EXPECT_EQ(tokenizer_->vocab_size(), golden_["vocab_size"].get<int64_t>());
+  ASSERT_TRUE(tokenizer_->bos_token_id().has_value());
+  ASSERT_TRUE(tokenizer_->eos_token_id().has_value());
+  EXPECT_EQ(*tokenizer_->bos_token_id(), golden_["bos_token_id"].get<int32_t>());
+  EXPECT_EQ(*tokenizer_->eos_token_id(), golden_["eos_token_id"].get<int32_t>());
+}
+
+TEST_P(TokenizerGoldenTest, EncodeMatchesTransformers) {
+  for (const json& c : golden_["cases"]) {
+    const std::string text = c["text"];
+    absl::StatusOr<std::vector<int32_t>> with = tokenizer_->Encode(text, true);
+    absl::StatusOr<std::vector<int32_t>> without = tokenizer_->Encode(text, false);
+    ASSERT_TRUE(with.ok() && without.ok()) << with.status() << without.status();
+    EXPECT_EQ(*with, c["ids"].get<std::vector<int32_t>>()) << "text: " << json(text).dump();
+    EXPECT_EQ(*without, c["ids_no_special"].get<std::vector<int32_t>>())
+        << "text: " << json(text).dump();
+  }
+}
+
+TEST_P(TokenizerGoldenTest, DecodeMatchesTransformers) {
+  for (const json& c : golden_["cases"]) {
+    const std::vector<int32_t> ids = c["ids"];
+    EXPECT_EQ(tokenizer_->Decode(ids, false), c["decoded"].get<std::string>()) << "ids of " << c["text"];
+    EXPECT_EQ(tokenizer_->Decode(ids, true), c["decoded_skip_special"].get<std::string>())
+        << "ids of " << c["text"];
+  }
+}
+
+// Streams `generated` after `prompt` and checks the deltas against the
+// contract: valid UTF-8 each, concatenating to Decode(all) minus
+// Decode(prompt). Returns false when that difference is undefined.
+bool CheckIncremental(const Tokenizer& tokenizer, const std::vector<int32_t>& prompt,
+                      const std::vector<int32_t>& generated, bool skip_special,
+                      const std::string& label) {
+  std::vector<int32_t> all = prompt;
+  all.insert(all.end(), generated.begin(), generated.end());
+  const std::string full = tokenizer.Decode(all, skip_special);
+  const std::string prompt_text = tokenizer.Decode(prompt, skip_special);
+  // A prompt cut inside a character decodes to U+FFFD that the full text
+  // does not have; "minus" is undefined there. Nothing else may differ.
+  if (!absl::StartsWith(full, prompt_text)) {
+    EXPECT_TRUE(absl::EndsWith(prompt_text, "\xEF\xBF\xBD"))
+        << label << ": prompt of " << prompt.size() << " tokens decodes to " << prompt_text;
+    return false;
+  }
+  IncrementalDecoder decoder(tokenizer, prompt, skip_special);
+  std::string streamed;
+  for (int32_t id : generated) {
+    const std::string delta = decoder.Append(id);
+    EXPECT_TRUE(IsValidUtf8(delta)) << label << ": a delta splits a character";
+    streamed += delta;
+  }
+  EXPECT_EQ(streamed, full.substr(prompt_text.size()))
+      << label << " prompt " << prompt.size() << " tokens, skip_special " << skip_special;
+  EXPECT_EQ(decoder.text(), streamed);
+  return true;
+}
+
+// Every prompt/continuation split of the short cases, a few of the long ones.
+TEST_P(TokenizerGoldenTest, IncrementalDecodingMatchesFullDecode) {
+  int checked = 0, undefined = 0;
+  for (const json& c : golden_["cases"]) {
+    const std::vector<int32_t> ids = c["ids"];
+    const std::string label = c["text"].dump();
+    std::vector<size_t> splits;
+    if (ids.size() <= 64) {
+      for (size_t split = 0; split < ids.size(); ++split) splits.push_back(split);
+    } else {
+      splits = {0, 1, ids.size() / 3, ids.size() / 2, ids.size() - 1};
+    }
+    for (bool skip_special : {false, true}) {
+      for (size_t split : splits) {
+        const bool defined = CheckIncremental(*tokenizer_, {ids.begin(), ids.begin() + split},
+                                              {ids.begin() + split, ids.end()}, skip_special, label);
+        (defined ? checked : undefined)++;
+      }
+    }
+  }
+  EXPECT_GT(checked, 3000) << checked << " splits checked, " << undefined << " inside a character";
+}
+
+INSTANTIATE_TEST_SUITE_P(Goldens, TokenizerGoldenTest,
+                         ::testing::Values(GoldenSet{"aidreams-260k", kSharedModel},
+                                           GoldenSet{"bytelevel", kGoldenDir + "/bytelevel"}),
+                         [](const auto& info) {
+                           return info.param.name == "bytelevel" ? std::string("ByteLevel")
+                                                                 : std::string("SharedModel");
+                         });
+
+class SharedTokenizerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::Load(kSharedModel);
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    tokenizer_ = *std::move(tokenizer);
+  }
+  std::unique_ptr<Tokenizer> tokenizer_;
+};
+
+TEST_F(SharedTokenizerTest, GreedyOutputDecodes) {
+  const json golden = json::parse(ReadFileOrDie(kGoldenDir + "/aidreams-260k.json"));
+  const std::vector<int32_t> ids = golden["greedy_ids"];
+  const std::string text = tokenizer_->Decode(ids, true);
+  EXPECT_EQ(text, golden["greedy_text"].get<std::string>());
+  EXPECT_TRUE(absl::StartsWith(text, "\"Echoes of vectors unfold")) << text;
+  // Streamed after the BOS prompt, as the engine does.
+  IncrementalDecoder decoder(*tokenizer_, {ids[0]}, true);
+  for (size_t i = 1; i < ids.size(); ++i) decoder.Append(ids[i]);
+  EXPECT_EQ(decoder.text(), text);
+}
+
+TEST_F(SharedTokenizerTest, Pieces) {
+  EXPECT_EQ(tokenizer_->IdToPiece(13), "<0x0A>");
+  EXPECT_EQ(tokenizer_->IdToPiece(1), "<s>");
+  EXPECT_EQ(tokenizer_->IdToPiece(-1), "");
+  EXPECT_EQ(tokenizer_->IdToPiece(100000), "");
+  EXPECT_EQ(tokenizer_->chat_template(), "");
+  // Ids outside the vocabulary decode to nothing.
+  EXPECT_EQ(tokenizer_->Decode({-5, 100000}, false), "");
+}
+
+TEST_F(SharedTokenizerTest, RejectsInvalidUtf8) {
+  for (const std::string& bad : {std::string("abc\xFF"), std::string("\xC3"),
+                                 std::string("\xED\xA0\x80"), std::string("a\xE4\xB8")}) {
+    absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(bad, true);
+    EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(ids.status().message(), HasSubstr("UTF-8"));
+  }
+}
+
+// BPE must stay near-linear: one 200k-character word (the SentencePiece
+// path has no pre-tokenizer splitting) would take minutes if quadratic.
+TEST_F(SharedTokenizerTest, LongWordIsFast) {
+  std::string word;
+  for (int i = 0; i < 20000; ++i) word += "abcdefghij";
+  absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(word, false);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(tokenizer_->Decode(*ids, true), word);
+}
+
+TEST_F(SharedTokenizerTest, ConcurrentEncodeAgrees) {
+  const std::string text = "Echoes of vectors unfold, a gentle hum of precision. 😀 中文";
+  const std::vector<int32_t> expected = *tokenizer_->Encode(text, true);
+  std::vector<std::thread> threads;
+  std::vector<bool> ok(4, false);
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      bool all = true;
+      for (int i = 0; i < 200; ++i) all &= *tokenizer_->Encode(text, true) == expected;
+      ok[t] = all;
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (bool b : ok) EXPECT_TRUE(b);
+}
+
+TEST(ByteLevelTokenizerTest, ChatTemplate) {
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::Load(kGoldenDir + "/bytelevel");
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  EXPECT_THAT((*tokenizer)->chat_template(), HasSubstr("<|eot_id|>"));
+}
+
+// ---------------------------------------------------------------------------
+// Malformed files
+
+class MalformedTokenizerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char dir[] = "/tmp/tokenizer_test_XXXXXX";
+    ASSERT_NE(mkdtemp(dir), nullptr);
+    dir_ = dir;
+    base_ = json::parse(ReadFileOrDie(kSharedModel + "/tokenizer.json"));
+  }
+  void TearDown() override {
+    std::remove((dir_ + "/tokenizer.json").c_str());
+    std::remove((dir_ + "/tokenizer_config.json").c_str());
+    rmdir(dir_.c_str());
+  }
+  void Write(const std::string& name, const std::string& contents) {
+    std::ofstream(dir_ + "/" + name) << contents;
+  }
+  // Loads `tokenizer_json` (no config, so tokenizer.json is read as is).
+  absl::Status LoadWith(const json& tokenizer_json) {
+    Write("tokenizer.json", tokenizer_json.dump());
+    return Tokenizer::Load(dir_).status();
+  }
+
+  std::string dir_;
+  json base_;
+};
+
+TEST_F(MalformedTokenizerTest, MissingFile) {
+  absl::Status status = Tokenizer::Load(dir_).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(status.message(), HasSubstr("tokenizer.json"));
+}
+
+TEST_F(MalformedTokenizerTest, NotJson) {
+  Write("tokenizer.json", "{\"model\": ");
+  absl::Status status = Tokenizer::Load(dir_).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("tokenizer.json"));
+}
+
+TEST_F(MalformedTokenizerTest, BadConfig) {
+  Write("tokenizer.json", base_.dump());
+  Write("tokenizer_config.json", "[1, 2");
+  absl::Status status = Tokenizer::Load(dir_).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("tokenizer_config.json"));
+}
+
+TEST_F(MalformedTokenizerTest, ErrorsNameFileAndField) {
+  struct Case {
+    std::string label;
+    json tokenizer;
+    std::string field;
+  };
+  std::vector<Case> cases;
+  json t = base_;
+  t.erase("model");
+  cases.push_back({"missing model", t, "'model'"});
+  t = base_;
+  t["model"]["type"] = "WordPiece";
+  cases.push_back({"unknown model type", t, "'model.type'"});
+  t = base_;
+  t["model"]["vocab"] = json::array({1, 2});
+  cases.push_back({"vocab not an object", t, "'model.vocab'"});
+  t = base_;
+  t["model"]["merges"] = json::array({"in"});
+  cases.push_back({"merge without a pair", t, "'model.merges[0]'"});
+  t = base_;
+  t["model"]["merges"] = json::array({json::array({"q", "zz"})});
+  cases.push_back({"merge outside the vocabulary", t, "'model.merges[0]'"});
+  t = base_;
+  t["pre_tokenizer"] = {{"type", "BertPreTokenizer"}};
+  cases.push_back({"unknown pre-tokenizer", t, "'pre_tokenizer.type'"});
+  t = base_;
+  t["pre_tokenizer"] = {{"type", "Sequence"},
+                        {"pretokenizers", {{{"type", "ByteLevel"}}, {{"type", "Whitespace"}}}}};
+  cases.push_back({"unknown pre-tokenizer in a sequence", t, "'pre_tokenizer.pretokenizers[1].type'"});
+  t = base_;
+  t["normalizer"]["normalizers"][1] = {{"type", "NFKD"}};
+  cases.push_back({"unknown normalizer", t, "'normalizer.normalizers[1].type'"});
+  t = base_;
+  t["pre_tokenizer"] = {{"type", "Split"},
+                        {"pattern", {{"Regex", "(unclosed"}}},
+                        {"behavior", "Isolated"}};
+  cases.push_back({"regex that does not compile", t, "'pre_tokenizer.pattern'"});
+  t = base_;
+  t["decoder"] = {{"type", "WordPiece"}};
+  cases.push_back({"unknown decoder", t, "'decoder.type'"});
+  t = base_;
+  t["post_processor"] = {{"type", "RobertaProcessing"}};
+  cases.push_back({"unknown post-processor", t, "'post_processor.type'"});
+  t = base_;
+  t["added_tokens"][0]["content"] = 5;
+  cases.push_back({"added token content", t, "'added_tokens[0].content'"});
+
+  for (const Case& c : cases) {
+    absl::Status status = LoadWith(c.tokenizer);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << c.label << ": " << status;
+    EXPECT_THAT(status.message(), HasSubstr("tokenizer.json")) << c.label;
+    EXPECT_THAT(status.message(), HasSubstr(c.field)) << c.label;
+  }
+}
+
+TEST_F(MalformedTokenizerTest, TokenizerJsonAloneIsReadAsIs) {
+  // Without tokenizer_config.json nothing is rebuilt: the Prepend/Replace
+  // normalizer of the file applies (a leading space gives two markers) and
+  // the post-processor adds BOS.
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
+      Tokenizer::FromJson(base_.dump(), "", "inline");
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  absl::StatusOr<std::vector<int32_t>> ids = (*tokenizer)->Encode(" x", true);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*ids, (std::vector<int32_t>{1, 429, 429, 458}));
+  EXPECT_FALSE((*tokenizer)->bos_token_id().has_value());
+}
+
+}  // namespace
+}  // namespace loraserve::model
