@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "base/flag_names.h"
 #include "base/status_macros.h"
 #include "kernels/backend.h"
 #include "server/engine/engine.h"
@@ -102,7 +103,9 @@ absl::Status Run() {
 }  // namespace loraserve
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
+  std::vector<std::string> normalized = loraserve::DashesToUnderscores(argc, argv);
+  std::vector<char*> normalized_argv = loraserve::ArgvOf(normalized);
+  absl::ParseCommandLine(static_cast<int>(normalized_argv.size()), normalized_argv.data());
   absl::Status status = loraserve::Run();
   if (!status.ok()) {
     std::fprintf(stderr, "engine_bench: %s\n", status.ToString().c_str());

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "base/flag_names.h"
 #include "base/status_macros.h"
 #include "kernels/backend.h"
 #include "server/engine/engine.h"
@@ -56,7 +57,8 @@ absl::StatusOr<std::unique_ptr<model::LlamaModel>> LoadModel(kernels::Backend* b
   const absl::Time start = absl::Now();
   int last_percent = -1;
   options.progress = [&](int64_t done, int64_t total) {
-    const int percent = total > 0 ? static_cast<int>(100 * done / total) : 100;
+    if (total < (int64_t{256} << 20)) return;  // small models load at once
+    const int percent = static_cast<int>(100 * done / total);
     if (percent / 10 != last_percent / 10) {
       absl::FPrintF(stderr, "\rloading weights: %3d%%", percent);
       last_percent = percent;
@@ -159,7 +161,10 @@ absl::Status Generate() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(loraserve::kUsage);
-  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  std::vector<std::string> normalized = loraserve::DashesToUnderscores(argc, argv);
+  std::vector<char*> normalized_argv = loraserve::ArgvOf(normalized);
+  std::vector<char*> args =
+      absl::ParseCommandLine(static_cast<int>(normalized_argv.size()), normalized_argv.data());
   if (args.size() < 2) {
     std::cerr << loraserve::kUsage << "\n";
     return 2;
