@@ -1332,7 +1332,13 @@ class BpeTokenizer : public Tokenizer {
 
     ASSIGN_OR_RETURN(bos_id_, ConfigTokenId(c, config, "bos_token"));
     ASSIGN_OR_RETURN(eos_id_, ConfigTokenId(c, config, "eos_token"));
-    RETURN_IF_ERROR(InitPostProcessor(r, c, tok, config));
+    // BOS/EOS come from tokenizer.json's post-processor alone: with a
+    // tokenizer.json present, transformers 5 drops the config's
+    // add_bos_token/add_eos_token (PreTrainedTokenizerBase._from_pretrained)
+    // and adds nothing when there is no post-processor.
+    if (const auto it = tok.find("post_processor"); it != tok.end() && !it->is_null()) {
+      RETURN_IF_ERROR(ReadPostProcessors(r, *it, &templates_));
+    }
 
     if (const auto it = config.find("chat_template"); it != config.end() && !it->is_null()) {
       if (!it->is_string()) return c.Error("chat_template", "expected a string");
@@ -1514,27 +1520,6 @@ class BpeTokenizer : public Tokenizer {
     }
     if (std::optional<int32_t> id = model_.TokenToId(content)) return id;
     return c.Error(key, absl::StrCat("token \"", content, "\" is not in the vocabulary"));
-  }
-
-  // transformers replaces the post-processor by "bos? $A eos?" when the
-  // config sets add_bos_token or add_eos_token, or when tokenizer.json has
-  // none (TokenizersBackend.update_post_processor).
-  absl::Status InitPostProcessor(const JsonReader& r, const JsonReader& c, const json& tok,
-                                 const json& config) {
-    const auto it = tok.find("post_processor");
-    const bool has_post_processor = it != tok.end() && !it->is_null();
-    if (!config.contains("add_bos_token") && !config.contains("add_eos_token") &&
-        has_post_processor) {
-      return ReadPostProcessors(r, *it, &templates_);
-    }
-    ASSIGN_OR_RETURN(bool add_bos, c.OptBool(config, "", "add_bos_token", false));
-    ASSIGN_OR_RETURN(bool add_eos, c.OptBool(config, "", "add_eos_token", false));
-    Template tmpl;
-    if (add_bos && bos_id_.has_value()) tmpl.push_back({false, {*bos_id_}});
-    tmpl.push_back({true, {}});
-    if (add_eos && eos_id_.has_value()) tmpl.push_back({false, {*eos_id_}});
-    templates_.push_back(std::move(tmpl));
-    return absl::OkStatus();
   }
 
   BpeModel model_;

@@ -4,7 +4,10 @@
 //    "▁" or a Metaspace pre-tokenizer; Llama-2, Mistral, the shared test model);
 //  - byte-level BPE with a regex pre-tokenizer (Llama-3, Qwen2, GPT-2).
 // Added/special tokens are matched in the text before the model runs;
-// BOS/EOS are added as tokenizer_config.json and the post-processor say.
+// BOS/EOS are added as tokenizer.json's post-processor says (transformers 5
+// ignores tokenizer_config.json's add_bos_token/add_eos_token when a
+// tokenizer.json exists), and Llama tokenizer classes are rebuilt from
+// tokenizer_config.json (legacy, add_prefix_space) as transformers 5 does.
 //
 // Thread-safety: immutable after Load; Encode/Decode may run on any thread.
 //
@@ -40,7 +43,7 @@ class Tokenizer {
   virtual ~Tokenizer() = default;
 
   // Text must be valid UTF-8 (InvalidArgument otherwise).
-  // `add_special_tokens` adds BOS/EOS as the tokenizer's config says
+  // `add_special_tokens` adds BOS/EOS as the post-processor says
   // (like `tokenizer(text)` in transformers).
   virtual absl::StatusOr<std::vector<int32_t>> Encode(absl::string_view text,
                                                       bool add_special_tokens) const = 0;

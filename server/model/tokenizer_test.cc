@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -154,6 +155,38 @@ INSTANTIATE_TEST_SUITE_P(Goldens, TokenizerGoldenTest,
                            return info.param.name == "bytelevel" ? std::string("ByteLevel")
                                                                  : std::string("SharedModel");
                          });
+
+// Variants of both tokenizers (tests/golden/tokenizer_goldens.py VARIANTS):
+// the same JSON merge patches applied here, the cases checked as above.
+TEST(TokenizerVariantTest, MatchTransformers) {
+  const json golden = json::parse(ReadFileOrDie(kGoldenDir + "/variants.json"));
+  const std::map<std::string, std::string> base_dirs = {{"aidreams-260k", kSharedModel},
+                                                        {"bytelevel", kGoldenDir + "/bytelevel"}};
+  ASSERT_GE(golden["variants"].size(), 8u);
+  for (const json& variant : golden["variants"]) {
+    const std::string name = variant["name"];
+    const std::string dir = base_dirs.at(variant["base"].get<std::string>());
+    json tokenizer_json = json::parse(ReadFileOrDie(dir + "/tokenizer.json"));
+    json config_json = json::parse(ReadFileOrDie(dir + "/tokenizer_config.json"));
+    tokenizer_json.merge_patch(variant["tokenizer_patch"]);
+    config_json.merge_patch(variant["config_patch"]);
+    absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
+        Tokenizer::FromJson(tokenizer_json.dump(), config_json.dump(), name);
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    for (const json& c : variant["cases"]) {
+      const std::string text = c["text"];
+      const std::vector<int32_t> ids = c["ids"];
+      EXPECT_EQ(*(*tokenizer)->Encode(text, true), ids) << name << ": " << json(text).dump();
+      EXPECT_EQ(*(*tokenizer)->Encode(text, false), c["ids_no_special"].get<std::vector<int32_t>>())
+          << name << ": " << json(text).dump();
+      EXPECT_EQ((*tokenizer)->Decode(ids, false), c["decoded"].get<std::string>()) << name;
+      EXPECT_EQ((*tokenizer)->Decode(ids, true), c["decoded_skip_special"].get<std::string>()) << name;
+      for (bool skip_special : {false, true}) {
+        CheckIncremental(**tokenizer, {}, ids, skip_special, name + " " + json(text).dump());
+      }
+    }
+  }
+}
 
 class SharedTokenizerTest : public ::testing::Test {
  protected:

@@ -18,13 +18,19 @@ Outputs (all small and committed):
       for every string of tests/golden/tokenizer_corpus.json, as
       `transformers.AutoTokenizer` sees it: ids with and without special tokens, and
       decode(ids, skip_special_tokens=False/True) of the ids with special tokens;
-      aidreams-260k.json also holds the model's greedy continuation of BOS.
+      aidreams-260k.json also holds the model's greedy continuation of BOS;
+  OUT_DIR/variants.json
+      the same for the corpus strings of at most VARIANT_MAX_CHARS characters, for
+      variants of the two tokenizers: JSON merge patches (RFC 7396) applied to
+      tokenizer.json and tokenizer_config.json (legacy=false, the file read as is with
+      its Prepend/Replace normalizer, Metaspace splitting, GPT-2 and Qwen2 regexes, ...).
 Every output names the library versions that produced it.
 """
 
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import tokenizers
@@ -66,6 +72,35 @@ SPECIAL_TOKENS = [
 ]
 # A plain (non-special) added token matched on normalized text, whole words only.
 PLAIN_TOKENS = [AddedToken("[TOOL]", special=False, normalized=True, single_word=True)]
+
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+AS_IS = {"tokenizer_class": "PreTrainedTokenizerFast"}  # transformers reads tokenizer.json unchanged
+METASPACE = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": True}
+
+# name: (base tokenizer, tokenizer.json patch, tokenizer_config.json patch)
+VARIANTS = {
+    "shared-legacy-false": ("aidreams-260k", {}, {"legacy": False}),
+    "shared-no-prefix-space": ("aidreams-260k", {}, {"add_prefix_space": False}),
+    "shared-as-is": ("aidreams-260k", {}, AS_IS),
+    "shared-metaspace-split": ("aidreams-260k", {"normalizer": None, "pre_tokenizer": METASPACE,
+                                                 "decoder": METASPACE}, AS_IS),
+    "shared-eos-template": ("aidreams-260k", {"post_processor": {
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                   {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+        "special_tokens": {"</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}}}, AS_IS),
+    "bytelevel-gpt2": ("bytelevel", {"pre_tokenizer": {
+        "type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}}, {}),
+    "bytelevel-gpt2-prefix-space": ("bytelevel", {"pre_tokenizer": {
+        "type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}}, {}),
+    "bytelevel-qwen2": ("bytelevel", {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}}, {}),
+    "bytelevel-ignore-merges": ("bytelevel", {"model": {"ignore_merges": True}}, {}),
+}
+VARIANT_MAX_CHARS = 80
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|begin_of_text|>{{ m['role'] }}: {{ m['content'] }}<|eot_id|>"
@@ -135,6 +170,39 @@ def write_goldens(path: Path, name: str, tokenizer, corpus, extra=None):
     assert size < 1 << 20, f"{path} is {size} bytes; keep goldens under 1 MiB"
 
 
+def merge_patch(target, patch):
+    """RFC 7396, as nlohmann::json::merge_patch applies it in tokenizer_test.cc."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def write_variants(path: Path, bases, corpus, work_dir: Path):
+    short = [text for text in corpus if len(text) <= VARIANT_MAX_CHARS]
+    variants = []
+    for name, (base, tokenizer_patch, config_patch) in VARIANTS.items():
+        directory = work_dir / name
+        directory.mkdir(parents=True, exist_ok=True)
+        for file, patch in (("tokenizer.json", tokenizer_patch), ("tokenizer_config.json", config_patch)):
+            original = json.loads((bases[base] / file).read_text())
+            (directory / file).write_text(json.dumps(merge_patch(original, patch), ensure_ascii=False))
+        lines = [json.dumps(case, ensure_ascii=False)
+                 for case in cases(AutoTokenizer.from_pretrained(directory), short)]
+        head = json.dumps({"name": name, "base": base, "tokenizer_patch": tokenizer_patch,
+                           "config_patch": config_patch}, ensure_ascii=False)[:-1]
+        variants.append(head + ',\n   "cases": [\n    ' + ",\n    ".join(lines) + "\n   ]}")
+    doc = json.dumps({"versions": versions(), "max_chars": VARIANT_MAX_CHARS}, indent=1)[:-2]
+    path.write_text(doc + ',\n "variants": [\n  ' + ",\n  ".join(variants) + "\n ]\n}\n")
+    size = path.stat().st_size
+    assert size < 1 << 20, f"{path} is {size} bytes; keep goldens under 1 MiB"
+
+
 def greedy_continuation(model_dir: Path, tokenizer, new_tokens=40):
     import torch
     from transformers import AutoModelForCausalLM
@@ -163,6 +231,10 @@ def main():
     build_bytelevel(bytelevel_dir, corpus)
     write_goldens(args.out_dir / "bytelevel.json", "bytelevel", AutoTokenizer.from_pretrained(bytelevel_dir),
                   corpus)
+
+    with tempfile.TemporaryDirectory() as work_dir:
+        write_variants(args.out_dir / "variants.json",
+                       {"aidreams-260k": shared_model, "bytelevel": bytelevel_dir}, corpus, Path(work_dir))
 
 
 if __name__ == "__main__":
