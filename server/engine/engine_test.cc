@@ -119,7 +119,8 @@ TEST(EngineTest, EmptyPromptContinuationReadsAsTheModelCard) {
   auto prompt = fixture.tokenizer().Encode("", true);
   ASSERT_TRUE(prompt.ok());
   auto result = fixture.Run({Greedy(*prompt, 20)})[0];
-  EXPECT_TRUE(absl::StartsWith(result.text, "Echoes of vectors unfold")) << result.text;
+  // The model card: `"Echoes of vectors unfold, a gentle hum of precision, ...`.
+  EXPECT_TRUE(absl::StartsWith(result.text, "\"Echoes of vectors unfold")) << result.text;
 }
 
 TEST(EngineTest, TextIsDecodeOfAllMinusDecodeOfPrompt) {
@@ -137,7 +138,7 @@ TEST(EngineTest, StopStringEndsAndIsExcluded) {
   r.stop = {"vectors"};
   auto result = fixture.Run({r})[0];
   EXPECT_EQ(result.finish, FinishReason::kStop);
-  EXPECT_EQ(result.text, "Echoes of ");
+  EXPECT_EQ(result.text, "\"Echoes of ");
 }
 
 TEST(EngineTest, StopTokenIdEndsWithoutItsText) {
