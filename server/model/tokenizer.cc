@@ -115,7 +115,8 @@ char32_t CodePointAt(absl::string_view s, size_t i, size_t* length) {
   *length = NextUtf8(s, i).length;
   if (*length == 1) return lead;
   char32_t cp = lead & (0x7F >> *length);
-  for (size_t k = 1; k < *length; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3F);
+  for (size_t k = 1; k < *length; ++k)
+    cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3F);
   return cp;
 }
 
@@ -143,8 +144,8 @@ std::string EncodeUtf8(char32_t cp) {
 // tokenizers uses for the lstrip/rstrip of added tokens.
 bool IsWhitespace(char32_t c) {
   return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F ||
-         c == 0x205F || c == 0x3000;
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
+         c == 0x3000;
 }
 
 // ---------------------------------------------------------------------------
@@ -161,15 +162,14 @@ class Regex {
                                                         absl::string_view where) {
     int error = 0;
     PCRE2_SIZE error_offset = 0;
-    pcre2_code* code =
-        pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
-                      PCRE2_UTF | PCRE2_UCP, &error, &error_offset, nullptr);
+    pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                                     PCRE2_UTF | PCRE2_UCP, &error, &error_offset, nullptr);
     if (code == nullptr) {
       PCRE2_UCHAR message[256];
       pcre2_get_error_message(error, message, sizeof(message));
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": regex \"", pattern, "\" does not compile at offset ",
-                       error_offset, ": ", reinterpret_cast<const char*>(message)));
+      return absl::InvalidArgumentError(absl::StrCat(where, ": regex \"", pattern,
+                                                     "\" does not compile at offset ", error_offset,
+                                                     ": ", reinterpret_cast<const char*>(message)));
     }
     // JIT is only a speed-up: when it is unavailable pcre2_match interprets.
     pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);
@@ -475,21 +475,26 @@ enum class PrependScheme { kAlways, kFirst, kNever };
 class MetaspacePreTokenizer : public PreTokenizer {
  public:
   MetaspacePreTokenizer(std::string replacement, PrependScheme scheme, bool split)
-      : replacement_(std::move(replacement)), scheme_(scheme), split_(split) {}
+      : replacement_(std::move(replacement)),
+        space_(Pattern::Literal(" ")),
+        marker_(Pattern::Literal(replacement_)),
+        scheme_(scheme),
+        split_(split) {}
   void Split(std::vector<Piece>* pieces) const override {
     SplitEach(pieces, [this](const Piece& piece) {
-      std::string text = Pattern::Literal(" ")->ReplaceAll(piece.text, replacement_);
+      std::string text = space_->ReplaceAll(piece.text, replacement_);
       const bool prepend = scheme_ == PrependScheme::kAlways ||
                            (scheme_ == PrependScheme::kFirst && piece.at_text_start);
       if (prepend && !absl::StartsWith(text, replacement_)) text.insert(0, replacement_);
       if (!split_) return std::vector<std::string>{std::move(text)};
-      return SplitAt(text, Pattern::Literal(replacement_)->FindAll(text),
-                     SplitBehavior::kMergedWithNext, false);
+      return SplitAt(text, marker_->FindAll(text), SplitBehavior::kMergedWithNext, false);
     });
   }
 
  private:
   std::string replacement_;
+  std::unique_ptr<Pattern> space_;
+  std::unique_ptr<Pattern> marker_;
   PrependScheme scheme_;
   bool split_;
 };
@@ -582,9 +587,11 @@ class StripDecoder : public Decoder {
   void Decode(std::vector<std::string>* tokens) const override {
     for (std::string& token : *tokens) {
       absl::string_view view = token;
-      for (int64_t i = 0; i < start_ && absl::ConsumePrefix(&view, content_); ++i) {
+      for (int64_t i = 0; i < start_; ++i) {
+        if (!absl::ConsumePrefix(&view, content_)) break;
       }
-      for (int64_t i = 0; i < stop_ && absl::ConsumeSuffix(&view, content_); ++i) {
+      for (int64_t i = 0; i < stop_; ++i) {
+        if (!absl::ConsumeSuffix(&view, content_)) break;
       }
       token = std::string(view);
     }
@@ -624,16 +631,16 @@ class ByteLevelDecoder : public Decoder {
 class MetaspaceDecoder : public Decoder {
  public:
   MetaspaceDecoder(std::string replacement, PrependScheme scheme)
-      : replacement_(std::move(replacement)), scheme_(scheme) {}
+      : marker_(Pattern::Literal(std::move(replacement))), scheme_(scheme) {}
   void Decode(std::vector<std::string>* tokens) const override {
     for (size_t i = 0; i < tokens->size(); ++i) {
       const bool drop = i == 0 && scheme_ != PrependScheme::kNever;
-      (*tokens)[i] = Pattern::Literal(replacement_)->ReplaceAll((*tokens)[i], drop ? "" : " ");
+      (*tokens)[i] = marker_->ReplaceAll((*tokens)[i], drop ? "" : " ");
     }
   }
 
  private:
-  std::string replacement_;
+  std::unique_ptr<Pattern> marker_;
   PrependScheme scheme_;
 };
 
@@ -652,10 +659,13 @@ class BpeModel {
   BpeModel() = default;
   BpeModel(absl::flat_hash_map<std::string, int32_t> vocab, const Options& options)
       : vocab_(std::move(vocab)), options_(options) {
-    int32_t max_id = -1;
-    for (const auto& [token, id] : vocab_) max_id = std::max(max_id, id);
-    id_to_token_.resize(max_id + 1);
-    for (const auto& [token, id] : vocab_) id_to_token_[id] = token;
+    // A map, not a vector: ids need not be dense, and a stray huge id in a
+    // malformed file must not turn into a huge allocation.
+    id_to_token_.reserve(vocab_.size());
+    for (const auto& [token, id] : vocab_) {
+      id_to_token_.emplace(id, token);
+      end_id_ = std::max(end_id_, id + 1);
+    }
     if (options_.unk_token.has_value()) unk_id_ = TokenToId(*options_.unk_token);
     for (int b = 0; b < 256; ++b) {
       byte_ids_[b] = TokenToId(absl::StrFormat("<0x%02X>", b)).value_or(-1);
@@ -668,8 +678,8 @@ class BpeModel {
     const std::optional<int32_t> l = TokenToId(left), r = TokenToId(right),
                                  merged = TokenToId(left + right);
     if (!l || !r || !merged) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "merge #", rank, " (\"", left, "\", \"", right, "\") uses a token outside the vocabulary"));
+      return absl::InvalidArgumentError(absl::StrCat("merge #", rank, " (\"", left, "\", \"", right,
+                                                     "\") uses a token outside the vocabulary"));
     }
     merges_.try_emplace(PairKey(*l, *r), rank, *merged);
     return absl::OkStatus();
@@ -681,12 +691,10 @@ class BpeModel {
     return it->second;
   }
   const std::string* IdToToken(int32_t id) const {
-    if (id < 0 || id >= static_cast<int32_t>(id_to_token_.size()) || id_to_token_[id].empty()) {
-      return nullptr;
-    }
-    return &id_to_token_[id];
+    const auto it = id_to_token_.find(id);
+    return it != id_to_token_.end() ? &it->second : nullptr;
   }
-  int32_t end_id() const { return static_cast<int32_t>(id_to_token_.size()); }
+  int32_t end_id() const { return end_id_; }  // one past the largest id
 
   // Appends the ids of one pre-tokenized word.
   void Tokenize(absl::string_view word, std::vector<int32_t>* ids) const {
@@ -714,7 +722,8 @@ class BpeModel {
   };
 
   static uint64_t PairKey(int32_t left, int32_t right) {
-    return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
+    return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) |
+           static_cast<uint32_t>(right);
   }
 
   // One symbol per character; characters outside the vocabulary become their
@@ -738,9 +747,9 @@ class BpeModel {
         ids.push_back(it->second);
         continue;
       }
-      if (options_.byte_fallback &&
-          std::all_of(character.begin(), character.end(),
-                      [&](char c) { return byte_ids_[static_cast<unsigned char>(c)] >= 0; })) {
+      if (options_.byte_fallback && std::all_of(character.begin(), character.end(), [&](char c) {
+            return byte_ids_[static_cast<unsigned char>(c)] >= 0;
+          })) {
         push_unk();
         for (unsigned char c : character) ids.push_back(byte_ids_[c]);
         continue;
@@ -796,7 +805,8 @@ class BpeModel {
   }
 
   absl::flat_hash_map<std::string, int32_t> vocab_;
-  std::vector<std::string> id_to_token_;
+  absl::flat_hash_map<int32_t, std::string> id_to_token_;
+  int32_t end_id_ = 0;
   absl::flat_hash_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // → (rank, merged id)
   Options options_;
   std::optional<int32_t> unk_id_;
@@ -1015,9 +1025,8 @@ absl::Status ForEachInSequence(const JsonReader& r, const json& value, const std
   if (type != "Sequence") return read(value, path, type);
   ASSIGN_OR_RETURN(const json* list, r.Array(value, path, list_key));
   for (size_t i = 0; i < list->size(); ++i) {
-    RETURN_IF_ERROR(ForEachInSequence(r, (*list)[i],
-                                      absl::StrCat(path, ".", list_key, "[", i, "]"), list_key,
-                                      read));
+    RETURN_IF_ERROR(ForEachInSequence(r, (*list)[i], absl::StrCat(path, ".", list_key, "[", i, "]"),
+                                      list_key, read));
   }
   return absl::OkStatus();
 }
@@ -1033,7 +1042,8 @@ absl::Status ReadNormalizers(const JsonReader& r, const json& value,
         } else if (type == "Replace") {
           ASSIGN_OR_RETURN(std::unique_ptr<Pattern> pattern, r.ReadPattern(n, path));
           ASSIGN_OR_RETURN(std::string content, r.String(n, path, "content"));
-          out->push_back(std::make_unique<ReplaceNormalizer>(std::move(pattern), std::move(content)));
+          out->push_back(
+              std::make_unique<ReplaceNormalizer>(std::move(pattern), std::move(content)));
         } else {
           return r.Error(JsonReader::Join(path, "type"),
                          absl::StrCat("unsupported normalizer \"", type,
@@ -1072,7 +1082,8 @@ absl::Status ReadPreTokenizers(const JsonReader& r, const json& value,
           if (use_regex) {
             ASSIGN_OR_RETURN(regex, Regex::Compile(kGpt2Regex, "ByteLevel pre-tokenizer"));
           }
-          out->push_back(std::make_unique<ByteLevelPreTokenizer>(add_prefix_space, std::move(regex)));
+          out->push_back(
+              std::make_unique<ByteLevelPreTokenizer>(add_prefix_space, std::move(regex)));
         } else if (type == "Metaspace") {
           ASSIGN_OR_RETURN(std::string replacement, r.String(p, path, "replacement"));
           ASSIGN_OR_RETURN(PrependScheme scheme, r.ReadPrependScheme(p, path));
@@ -1149,7 +1160,8 @@ absl::Status ReadPostProcessors(const JsonReader& r, const json& value,
           const json& item = (*single)[i];
           const std::string item_path = absl::StrCat(path, ".single[", i, "]");
           if (item.is_object() && item.contains("Sequence")) {
-            ASSIGN_OR_RETURN(std::string id, r.String(item["Sequence"], item_path + ".Sequence", "id"));
+            ASSIGN_OR_RETURN(std::string id,
+                             r.String(item["Sequence"], item_path + ".Sequence", "id"));
             if (id != "A") return r.Error(item_path + ".Sequence.id", "expected \"A\"");
             tmpl.push_back({true, {}});
             continue;
@@ -1218,8 +1230,8 @@ class BpeTokenizer : public Tokenizer {
   absl::StatusOr<std::vector<int32_t>> Encode(absl::string_view text,
                                               bool add_special_tokens) const override {
     if (const size_t bad = FirstInvalidUtf8(text); bad != absl::string_view::npos) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "text to encode is not valid UTF-8 (byte ", bad, " of ", text.size(), ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("text to encode is not valid UTF-8 (byte ", bad, " of ", text.size(), ")"));
     }
     std::vector<int32_t> ids;
     for (const Segment& segment : raw_matcher_.Split(text)) {
@@ -1300,8 +1312,8 @@ class BpeTokenizer : public Tokenizer {
     // prefix space is added. Matching `AutoTokenizer` means doing the same.
     ASSIGN_OR_RETURN(std::optional<std::string> tokenizer_class,
                      c.OptString(config, "", "tokenizer_class"));
-    const bool llama_rebuild = tokenizer_class == "LlamaTokenizer" ||
-                               tokenizer_class == "LlamaTokenizerFast";
+    const bool llama_rebuild =
+        tokenizer_class == "LlamaTokenizer" || tokenizer_class == "LlamaTokenizerFast";
 
     RETURN_IF_ERROR(InitModel(r, tok, llama_rebuild));
     RETURN_IF_ERROR(InitAddedTokens(r, tok));
@@ -1383,8 +1395,9 @@ class BpeTokenizer : public Tokenizer {
     vocab.reserve(vocab_json->size());
     for (const auto& [token, id] : vocab_json->items()) {
       if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
-          id.get<int64_t>() > std::numeric_limits<int32_t>::max()) {
-        return r.Error("model.vocab", absl::StrCat("id of \"", token, "\" is not a valid token id"));
+          id.get<int64_t>() >= std::numeric_limits<int32_t>::max()) {
+        return r.Error("model.vocab",
+                       absl::StrCat("id of \"", token, "\" is not a valid token id"));
       }
       vocab.emplace(token, id.get<int32_t>());
     }
@@ -1428,7 +1441,7 @@ class BpeTokenizer : public Tokenizer {
         AddedToken token;
         ASSIGN_OR_RETURN(token.content, r.String(entry, path, "content"));
         ASSIGN_OR_RETURN(int64_t id, r.OptInt(entry, path, "id", -1));
-        if (id < 0 || id > std::numeric_limits<int32_t>::max()) {
+        if (id < 0 || id >= std::numeric_limits<int32_t>::max()) {
           return r.Error(path + ".id", "expected a token id");
         }
         token.id = static_cast<int32_t>(id);
@@ -1583,7 +1596,9 @@ bool IsGoodWindowStart(const Tokenizer& tokenizer, absl::Span<const int32_t> win
 
 IncrementalDecoder::IncrementalDecoder(const Tokenizer& tokenizer, std::vector<int32_t> prompt_ids,
                                        bool skip_special_tokens)
-    : tokenizer_(tokenizer), ids_(std::move(prompt_ids)), skip_special_tokens_(skip_special_tokens) {
+    : tokenizer_(tokenizer),
+      ids_(std::move(prompt_ids)),
+      skip_special_tokens_(skip_special_tokens) {
   read_offset_ = ids_.size();
   prefix_offset_ = read_offset_ > kInitialWindow ? read_offset_ - kInitialWindow : 0;
   const absl::Span<const int32_t> ids(ids_);
@@ -1599,8 +1614,7 @@ std::string IncrementalDecoder::Append(int32_t id) {
   const absl::Span<const int32_t> ids(ids_);
   const std::string prefix_text = tokenizer_.Decode(
       ids.subspan(prefix_offset_, read_offset_ - prefix_offset_), skip_special_tokens_);
-  const std::string new_text =
-      tokenizer_.Decode(ids.subspan(prefix_offset_), skip_special_tokens_);
+  const std::string new_text = tokenizer_.Decode(ids.subspan(prefix_offset_), skip_special_tokens_);
   // Hold back while the newest bytes do not yet form a whole character.
   if (new_text.size() <= prefix_text.size() || absl::EndsWith(new_text, kReplacementChar)) {
     return "";

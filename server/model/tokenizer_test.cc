@@ -36,7 +36,11 @@ std::string ReadFileOrDie(const std::string& path) {
 bool IsValidUtf8(const std::string& s) {
   for (size_t i = 0; i < s.size();) {
     const unsigned char c = s[i];
-    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    size_t len = c < 0x80           ? 1
+                 : (c >> 5) == 0x6  ? 2
+                 : (c >> 4) == 0xE  ? 3
+                 : (c >> 3) == 0x1E ? 4
+                                    : 0;
     if (len == 0 || i + len > s.size()) return false;
     for (size_t k = 1; k < len; ++k) {
       if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
@@ -89,7 +93,8 @@ TEST_P(TokenizerGoldenTest, EncodeMatchesTransformers) {
 TEST_P(TokenizerGoldenTest, DecodeMatchesTransformers) {
   for (const json& c : golden_["cases"]) {
     const std::vector<int32_t> ids = c["ids"];
-    EXPECT_EQ(tokenizer_->Decode(ids, false), c["decoded"].get<std::string>()) << "ids of " << c["text"];
+    EXPECT_EQ(tokenizer_->Decode(ids, false), c["decoded"].get<std::string>())
+        << "ids of " << c["text"];
     EXPECT_EQ(tokenizer_->Decode(ids, true), c["decoded_skip_special"].get<std::string>())
         << "ids of " << c["text"];
   }
@@ -139,8 +144,9 @@ TEST_P(TokenizerGoldenTest, IncrementalDecodingMatchesFullDecode) {
     }
     for (bool skip_special : {false, true}) {
       for (size_t split : splits) {
-        const bool defined = CheckIncremental(*tokenizer_, {ids.begin(), ids.begin() + split},
-                                              {ids.begin() + split, ids.end()}, skip_special, label);
+        const bool defined =
+            CheckIncremental(*tokenizer_, {ids.begin(), ids.begin() + split},
+                             {ids.begin() + split, ids.end()}, skip_special, label);
         (defined ? checked : undefined)++;
       }
     }
@@ -180,7 +186,8 @@ TEST(TokenizerVariantTest, MatchTransformers) {
       EXPECT_EQ(*(*tokenizer)->Encode(text, false), c["ids_no_special"].get<std::vector<int32_t>>())
           << name << ": " << json(text).dump();
       EXPECT_EQ((*tokenizer)->Decode(ids, false), c["decoded"].get<std::string>()) << name;
-      EXPECT_EQ((*tokenizer)->Decode(ids, true), c["decoded_skip_special"].get<std::string>()) << name;
+      EXPECT_EQ((*tokenizer)->Decode(ids, true), c["decoded_skip_special"].get<std::string>())
+          << name;
       for (bool skip_special : {false, true}) {
         CheckIncremental(**tokenizer, {}, ids, skip_special, name + " " + json(text).dump());
       }
@@ -328,6 +335,9 @@ TEST_F(MalformedTokenizerTest, ErrorsNameFileAndField) {
   t["model"]["vocab"] = json::array({1, 2});
   cases.push_back({"vocab not an object", t, "'model.vocab'"});
   t = base_;
+  t["model"]["vocab"]["zzz"] = 2147483647;
+  cases.push_back({"id out of range", t, "'model.vocab'"});
+  t = base_;
   t["model"]["merges"] = json::array({"in"});
   cases.push_back({"merge without a pair", t, "'model.merges[0]'"});
   t = base_;
@@ -339,14 +349,14 @@ TEST_F(MalformedTokenizerTest, ErrorsNameFileAndField) {
   t = base_;
   t["pre_tokenizer"] = {{"type", "Sequence"},
                         {"pretokenizers", {{{"type", "ByteLevel"}}, {{"type", "Whitespace"}}}}};
-  cases.push_back({"unknown pre-tokenizer in a sequence", t, "'pre_tokenizer.pretokenizers[1].type'"});
+  cases.push_back(
+      {"unknown pre-tokenizer in a sequence", t, "'pre_tokenizer.pretokenizers[1].type'"});
   t = base_;
   t["normalizer"]["normalizers"][1] = {{"type", "NFKD"}};
   cases.push_back({"unknown normalizer", t, "'normalizer.normalizers[1].type'"});
   t = base_;
-  t["pre_tokenizer"] = {{"type", "Split"},
-                        {"pattern", {{"Regex", "(unclosed"}}},
-                        {"behavior", "Isolated"}};
+  t["pre_tokenizer"] = {
+      {"type", "Split"}, {"pattern", {{"Regex", "(unclosed"}}}, {"behavior", "Isolated"}};
   cases.push_back({"regex that does not compile", t, "'pre_tokenizer.pattern'"});
   t = base_;
   t["decoder"] = {{"type", "WordPiece"}};
