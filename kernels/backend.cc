@@ -77,6 +77,14 @@ void ConvertToFloat32(const void* src, DType src_dtype, int64_t count, float* ds
   }
 }
 
+int64_t LoraIntermediateSize(const LoraSegment* segments, int32_t num_segments) {
+  int64_t floats = 0;
+  for (int32_t s = 0; s < num_segments; ++s) {
+    floats += static_cast<int64_t>(segments[s].end - segments[s].start) * segments[s].rank;
+  }
+  return floats;
+}
+
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
   if (this != &other) {
     Reset();

@@ -111,6 +111,24 @@ struct RopeParams {
   float attention_scaling = 1.0f;   // multiplies cos and sin (1 for default and llama3)
 };
 
+// One run of tokens that share a LoRA adapter (and scale) in a segmented
+// shrink/expand: for the token rows [start, end) of the batch,
+//   y[start:end] += scale · (x[start:end] · aᵀ) · bᵀ.
+// Each segment runs at its own rank: nothing is padded to the largest.
+// The intermediate t of all segments is packed: segment s occupies
+// (end_s - start_s) · rank_s floats, segments in order.
+struct LoraSegment {
+  int32_t start = 0;
+  int32_t end = 0;
+  const float* a = nullptr;  // [rank, in] device memory
+  const float* b = nullptr;  // [out, rank] device memory
+  int32_t rank = 0;
+  float scale = 0.0f;
+};
+
+// Floats of the packed intermediate of `segments` (see LoraSegment).
+int64_t LoraIntermediateSize(const LoraSegment* segments, int32_t num_segments);
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -159,6 +177,27 @@ class Backend {
   virtual absl::Status SiluMul(const float* gate_up,  // [n, 2 * dim]
                                int64_t n, int64_t dim,
                                float* out) = 0;       // [n, dim]
+
+  // --- LoRA ---------------------------------------------------------------
+  // Segmented shrink: t_s = x[start_s:end_s] · a_sᵀ for every segment.
+  // `segments` is a host array.
+  virtual absl::Status LoraShrink(const float* x,  // [tokens, in]
+                                  int64_t in, const LoraSegment* segments, int32_t num_segments,
+                                  float* t) = 0;   // packed, LoraIntermediateSize floats
+  // Segmented expand: y[start_s:end_s, 0:out] += scale_s · t_s · b_sᵀ, where
+  // rows of y are `ldy` floats apart (y may be a column slice of a wider
+  // output, e.g. the gate half of a fused gate/up activation).
+  virtual absl::Status LoraExpand(const float* t, const LoraSegment* segments,
+                                  int32_t num_segments, int64_t out,
+                                  float* y,  // [tokens, ldy], columns [0, out) updated
+                                  int64_t ldy) = 0;
+  // out = base + scale · b · a, a merged copy of one weight matrix; `base`
+  // stays untouched (it is the golden copy). `out` has base's dtype and shape.
+  virtual absl::Status MergeLora(const WeightView& base,
+                                 const float* a,  // [rank, base.cols]
+                                 const float* b,  // [base.rows, rank]
+                                 int32_t rank, float scale,
+                                 void* out) = 0;  // [base.rows, base.cols]
 
   // --- attention ----------------------------------------------------------
   // Rotates q and k in place (Hugging Face's rotate-half layout).

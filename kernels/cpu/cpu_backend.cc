@@ -253,8 +253,8 @@ void Bf16ToF32(const uint16_t* src, float* dst, int64_t count) {
 // y[i, r] (+)= x[i, :] · w[r, :] for R rows of w starting at `w` and M rows of
 // x starting at `x`; each w load feeds M FMAs and each x load R of them.
 template <int R, int M>
-inline void LinearTile(const float* x, const float* w, int64_t k, int64_t n, bool accumulate,
-                       float* y) {
+inline void LinearTile(const float* x, const float* w, int64_t k, int64_t ldy, float alpha,
+                       bool accumulate, float* y) {
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r) {
     for (int i = 0; i < M; ++i) acc[r][i] = _mm256_setzero_ps();
@@ -279,8 +279,8 @@ inline void LinearTile(const float* x, const float* w, int64_t k, int64_t n, boo
   }
   for (int i = 0; i < M; ++i) {
     for (int r = 0; r < R; ++r) {
-      const float sum = HorizontalSum(acc[r][i]);
-      float& out = y[i * n + r];
+      const float sum = alpha * HorizontalSum(acc[r][i]);
+      float& out = y[i * ldy + r];
       out = accumulate ? out + sum : sum;
     }
   }
@@ -288,20 +288,23 @@ inline void LinearTile(const float* x, const float* w, int64_t k, int64_t n, boo
 
 constexpr int64_t kTileRows = 4;
 
-// The rows [row_begin, row_end) of y = x · wᵀ for all m rows of x.
-void SmallBatchLinear(const float* x, const float* w, int64_t m, int64_t n, int64_t k,
-                      int64_t row_begin, int64_t row_end, bool accumulate, float* y) {
+// The columns [row_begin, row_end) of y = alpha · x · wᵀ (+ y) for all m rows
+// of x; rows of y are ldy floats apart.
+void SmallBatchLinear(const float* x, const float* w, int64_t m, int64_t k, int64_t row_begin,
+                      int64_t row_end, float alpha, bool accumulate, float* y, int64_t ldy) {
   int64_t r = row_begin;
   for (; r + kTileRows <= row_end; r += kTileRows) {
     int64_t i = 0;
     for (; i + 2 <= m; i += 2) {
-      LinearTile<kTileRows, 2>(x + i * k, w + r * k, k, n, accumulate, y + i * n + r);
+      LinearTile<kTileRows, 2>(x + i * k, w + r * k, k, ldy, alpha, accumulate, y + i * ldy + r);
     }
-    if (i < m) LinearTile<kTileRows, 1>(x + i * k, w + r * k, k, n, accumulate, y + i * n + r);
+    if (i < m) {
+      LinearTile<kTileRows, 1>(x + i * k, w + r * k, k, ldy, alpha, accumulate, y + i * ldy + r);
+    }
   }
   for (; r < row_end; ++r) {
     for (int64_t i = 0; i < m; ++i) {
-      LinearTile<1, 1>(x + i * k, w + r * k, k, n, accumulate, y + i * n + r);
+      LinearTile<1, 1>(x + i * k, w + r * k, k, ldy, alpha, accumulate, y + i * ldy + r);
     }
   }
 }
@@ -396,20 +399,67 @@ class CpuBackend final : public Backend {
     if (y == nullptr) return NullArgument(kOp, "y");
     const int64_t n = w.rows;
     const int64_t k = w.cols;
-    const auto* wf = static_cast<const float*>(w.data);
-    if (m <= kSmallBatchRows) {
-      // Split W's rows in whole tiles; each thread streams its share of W once.
-      const int64_t tiles = (n + kTileRows - 1) / kTileRows;
-      const int64_t grain = std::max<int64_t>(1, kParallelMinElements / (kTileRows * k * m));
-      pool_.ParallelFor(tiles, grain, [&](int64_t begin, int64_t end) {
-        SmallBatchLinear(x, wf, m, n, k, begin * kTileRows, std::min(end * kTileRows, n),
-                         accumulate, y);
-      });
-      return absl::OkStatus();
+    MatMulTransposed(x, static_cast<const float*>(w.data), m, w.rows, w.cols, 1.0f, accumulate,
+                     y, w.rows);
+    return absl::OkStatus();
+  }
+
+  absl::Status LoraShrink(const float* x, int64_t in, const LoraSegment* segments,
+                          int32_t num_segments, float* t) override {
+    constexpr const char* kOp = "LoraShrink";
+    if (absl::Status s = CheckLoraSegments(kOp, segments, num_segments); !s.ok()) return s;
+    if (num_segments == 0) return absl::OkStatus();
+    if (x == nullptr) return NullArgument(kOp, "x");
+    if (t == nullptr) return NullArgument(kOp, "t");
+    if (in <= 0) return NonPositiveArgument(kOp, "in", in);
+    int64_t offset = 0;
+    for (int32_t i = 0; i < num_segments; ++i) {
+      const LoraSegment& seg = segments[i];
+      const int64_t rows = seg.end - seg.start;
+      MatMulTransposed(x + seg.start * in, seg.a, rows, seg.rank, in, 1.0f, false, t + offset,
+                       seg.rank);
+      offset += rows * seg.rank;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
-                static_cast<blasint>(n), static_cast<blasint>(k), 1.0f, x, static_cast<blasint>(k),
-                wf, static_cast<blasint>(k), accumulate ? 1.0f : 0.0f, y, static_cast<blasint>(n));
+    return absl::OkStatus();
+  }
+
+  absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
+                          int64_t out, float* y, int64_t ldy) override {
+    constexpr const char* kOp = "LoraExpand";
+    if (absl::Status s = CheckLoraSegments(kOp, segments, num_segments); !s.ok()) return s;
+    if (num_segments == 0) return absl::OkStatus();
+    if (t == nullptr) return NullArgument(kOp, "t");
+    if (y == nullptr) return NullArgument(kOp, "y");
+    if (out <= 0) return NonPositiveArgument(kOp, "out", out);
+    if (ldy < out) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CpuBackend::LoraExpand: ldy (", ldy, ") must be >= out (", out, ")"));
+    }
+    int64_t offset = 0;
+    for (int32_t i = 0; i < num_segments; ++i) {
+      const LoraSegment& seg = segments[i];
+      const int64_t rows = seg.end - seg.start;
+      MatMulTransposed(t + offset, seg.b, rows, out, seg.rank, seg.scale, true, y + seg.start * ldy,
+                       ldy);
+      offset += rows * seg.rank;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status MergeLora(const WeightView& base, const float* a, const float* b, int32_t rank,
+                         float scale, void* out) override {
+    constexpr const char* kOp = "MergeLora";
+    if (absl::Status s = CheckF32Weight(kOp, "base", base); !s.ok()) return s;
+    if (a == nullptr) return NullArgument(kOp, "a");
+    if (b == nullptr) return NullArgument(kOp, "b");
+    if (out == nullptr) return NullArgument(kOp, "out");
+    if (rank <= 0) return NonPositiveArgument(kOp, "rank", rank);
+    auto* merged = static_cast<float*>(out);
+    std::memcpy(merged, base.data, static_cast<size_t>(base.rows * base.cols) * sizeof(float));
+    // merged[rows, cols] += scale · b[rows, rank] · a[rank, cols]
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(base.rows),
+                static_cast<blasint>(base.cols), rank, scale, b, rank, a,
+                static_cast<blasint>(base.cols), 1.0f, merged, static_cast<blasint>(base.cols));
     return absl::OkStatus();
   }
 
@@ -653,6 +703,45 @@ class CpuBackend final : public Backend {
     if (dst == nullptr) return NullArgument(op, "dst");
     if (src == nullptr) return NullArgument(op, "src");
     std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
+  }
+
+  // y[m, 0:n] = alpha · x[m, k] · w[n, k]ᵀ (+ y), rows of y ldy floats apart.
+  void MatMulTransposed(const float* x, const float* w, int64_t m, int64_t n, int64_t k,
+                        float alpha, bool accumulate, float* y, int64_t ldy) {
+    if (m == 0) return;
+    if (m <= kSmallBatchRows) {
+      // Split W's rows in whole tiles; each thread streams its share of W once.
+      const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+      const int64_t grain = std::max<int64_t>(1, kParallelMinElements / (kTileRows * k * m));
+      pool_.ParallelFor(tiles, grain, [&](int64_t begin, int64_t end) {
+        SmallBatchLinear(x, w, m, k, begin * kTileRows, std::min(end * kTileRows, n), alpha,
+                         accumulate, y, ldy);
+      });
+      return;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
+                static_cast<blasint>(n), static_cast<blasint>(k), alpha, x, static_cast<blasint>(k),
+                w, static_cast<blasint>(k), accumulate ? 1.0f : 0.0f, y, static_cast<blasint>(ldy));
+  }
+
+  static absl::Status CheckLoraSegments(const char* op, const LoraSegment* segments,
+                                        int32_t num_segments) {
+    if (num_segments < 0) return NegativeArgument(op, "num_segments", num_segments);
+    if (num_segments > 0 && segments == nullptr) return NullArgument(op, "segments");
+    for (int32_t i = 0; i < num_segments; ++i) {
+      const LoraSegment& seg = segments[i];
+      if (seg.start < 0 || seg.end < seg.start) {
+        return absl::InvalidArgumentError(absl::StrCat("CpuBackend::", op, ": segment ", i,
+                                                       " has rows [", seg.start, ", ", seg.end,
+                                                       "); expected 0 <= start <= end"));
+      }
+      if (seg.rank <= 0 || seg.a == nullptr || seg.b == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "CpuBackend::", op, ": segment ", i, " needs rank > 0 (got ", seg.rank,
+            ") and non-null a and b"));
+      }
+    }
     return absl::OkStatus();
   }
 

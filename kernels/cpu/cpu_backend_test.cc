@@ -275,6 +275,104 @@ TEST_P(CpuBackendTest, LinearRejectsBadArguments) {
   EXPECT_TRUE(backend_->Linear(x.as<float>(), view, 0, y.as<float>(), false).ok());
 }
 
+// Segments of different lengths (prefill-like and decode-like) and ranks,
+// with a gap of untouched rows and a column slice of a wider output.
+TEST_P(CpuBackendTest, LoraShrinkExpandMatchReference) {
+  const int64_t tokens = 40, in = 67, out = 53, ldy = 120;
+  struct Spec {
+    int32_t start, end, rank;
+    float scale;
+  };
+  const Spec specs[] = {{0, 1, 4, 2.0f}, {1, 21, 16, 0.5f}, {24, 25, 8, -1.5f}, {25, 40, 1, 3.0f}};
+  const std::vector<float> x = RandomFloats(tokens * in, 401);
+  const std::vector<float> y0 = RandomFloats(tokens * ldy, 402);
+  std::vector<std::vector<float>> a, b;
+  std::vector<DeviceBuffer> buffers;
+  std::vector<LoraSegment> segments;
+  uint32_t seed = 410;
+  for (const Spec& spec : specs) {
+    a.push_back(RandomFloats(spec.rank * in, ++seed));
+    b.push_back(RandomFloats(out * spec.rank, ++seed));
+    buffers.push_back(Upload(a.back()));
+    buffers.push_back(Upload(b.back()));
+    segments.push_back({spec.start, spec.end, buffers[buffers.size() - 2].as<float>(),
+                        buffers.back().as<float>(), spec.rank, spec.scale});
+  }
+  const int32_t n = static_cast<int32_t>(segments.size());
+  DeviceBuffer dx = Upload(x);
+  DeviceBuffer dy = Upload(y0);
+  DeviceBuffer dt = Poisoned(LoraIntermediateSize(segments.data(), n));
+  ASSERT_TRUE(backend_->LoraShrink(dx.as<float>(), in, segments.data(), n, dt.as<float>()).ok());
+  ASSERT_TRUE(
+      backend_->LoraExpand(dt.as<float>(), segments.data(), n, out, dy.as<float>(), ldy).ok());
+
+  std::vector<double> ref(y0.begin(), y0.end()), scale(y0.size());
+  for (size_t i = 0; i < y0.size(); ++i) scale[i] = std::abs(y0[i]);
+  for (size_t s = 0; s < segments.size(); ++s) {
+    const Spec& spec = specs[s];
+    for (int64_t row = spec.start; row < spec.end; ++row) {
+      std::vector<double> t(spec.rank);
+      for (int32_t r = 0; r < spec.rank; ++r) {
+        for (int64_t c = 0; c < in; ++c) t[r] += double(x[row * in + c]) * a[s][r * in + c];
+      }
+      for (int64_t j = 0; j < out; ++j) {
+        double sum = 0, abs_sum = 0;
+        for (int32_t r = 0; r < spec.rank; ++r) {
+          sum += t[r] * b[s][j * spec.rank + r];
+          abs_sum += std::abs(t[r] * b[s][j * spec.rank + r]);
+        }
+        ref[row * ldy + j] += spec.scale * sum;
+        scale[row * ldy + j] += std::abs(spec.scale) * abs_sum;
+      }
+    }
+  }
+  // Rows 21..23 and columns past `out` are untouched: their reference is y0.
+  ExpectClose(Download(dy, y0.size()), ref, scale, kReductionTol, "LoraShrink+LoraExpand");
+}
+
+TEST_P(CpuBackendTest, MergeLoraMatchesReferenceAndKeepsBase) {
+  const int64_t rows = 37, cols = 29;
+  const int32_t rank = 5;
+  const float lora_scale = 0.75f;
+  const std::vector<float> w = RandomFloats(rows * cols, 501);
+  const std::vector<float> a = RandomFloats(rank * cols, 502);
+  const std::vector<float> b = RandomFloats(rows * rank, 503);
+  DeviceBuffer dw = Upload(w), da = Upload(a), db = Upload(b);
+  DeviceBuffer merged = Poisoned(rows * cols);
+  ASSERT_TRUE(backend_
+                  ->MergeLora({dw.data(), DType::kF32, rows, cols}, da.as<float>(), db.as<float>(),
+                              rank, lora_scale, merged.data())
+                  .ok());
+  std::vector<double> ref(rows * cols), scale(rows * cols);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      double sum = 0, abs_sum = 0;
+      for (int32_t r = 0; r < rank; ++r) {
+        sum += double(b[i * rank + r]) * a[r * cols + j];
+        abs_sum += std::abs(double(b[i * rank + r]) * a[r * cols + j]);
+      }
+      ref[i * cols + j] = w[i * cols + j] + lora_scale * sum;
+      scale[i * cols + j] = std::abs(w[i * cols + j]) + lora_scale * abs_sum;
+    }
+  }
+  ExpectClose(Download(merged, rows * cols), ref, scale, kReductionTol, "MergeLora");
+  EXPECT_EQ(Download(dw, rows * cols), w);
+}
+
+TEST_P(CpuBackendTest, LoraOpsRejectBadSegments) {
+  DeviceBuffer x = Upload(RandomFloats(16, 1));
+  DeviceBuffer t = Poisoned(16);
+  LoraSegment bad{3, 1, x.as<float>(), x.as<float>(), 2, 1.0f};
+  EXPECT_EQ(backend_->LoraShrink(x.as<float>(), 4, &bad, 1, t.as<float>()).code(),
+            absl::StatusCode::kInvalidArgument);
+  LoraSegment no_rank{0, 1, x.as<float>(), x.as<float>(), 0, 1.0f};
+  EXPECT_EQ(backend_->LoraExpand(t.as<float>(), &no_rank, 1, 4, x.as<float>(), 4).code(),
+            absl::StatusCode::kInvalidArgument);
+  LoraSegment ok{0, 1, x.as<float>(), x.as<float>(), 2, 1.0f};
+  EXPECT_EQ(backend_->LoraExpand(t.as<float>(), &ok, 1, 4, x.as<float>(), 3).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_P(CpuBackendTest, EmbeddingCopiesRows) {
   const int64_t vocab = 67, hidden = 33;
   const std::vector<float> table = RandomFloats(vocab * hidden, 3);
