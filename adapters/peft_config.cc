@@ -5,8 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
@@ -195,15 +193,6 @@ absl::StatusOr<std::vector<std::pair<std::shared_ptr<const PeftPattern>, T>>> Ke
 }
 
 }  // namespace
-
-absl::StatusOr<PeftLoraConfig> PeftLoraConfig::Load(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open the adapter config"));
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat(path, ": read error"));
-  return Parse(text.str(), path);
-}
 
 absl::StatusOr<PeftLoraConfig> PeftLoraConfig::Parse(absl::string_view json_text,
                                                      const std::string& path) {

@@ -35,7 +35,7 @@
 //
 // Example:
 //   ASSIGN_OR_RETURN(PeftLoraConfig config,
-//                    PeftLoraConfig::Load(dir + "/adapter_config.json"));
+//                    PeftLoraConfig::Parse(text, dir + "/adapter_config.json"));
 //   if (config.TargetsModule("model.layers.0.self_attn.q_proj")) {
 //     int rank = config.RankFor("model.layers.0.self_attn.q_proj");
 //   }
@@ -59,9 +59,8 @@ class PeftPattern;
 
 class PeftLoraConfig {
  public:
-  // Reads and parses the file at `path`.
-  static absl::StatusOr<PeftLoraConfig> Load(const std::string& path);
-  // Parses `json_text`; `path` only names the file in error messages.
+  // Parses `json_text`, the contents of adapter_config.json; `path` only
+  // names the file in error messages.
   static absl::StatusOr<PeftLoraConfig> Parse(absl::string_view json_text,
                                               const std::string& path);
 

@@ -195,10 +195,5 @@ TEST(PeftConfigTest, MalformedFieldsNameTheFieldAndWhatWasExpected) {
   EXPECT_THAT(Error(R"("layers_pattern": "layers")"), HasSubstr("layers_pattern"));
 }
 
-TEST(PeftConfigTest, LoadNamesAMissingFile) {
-  EXPECT_THAT(PeftLoraConfig::Load("/nonexistent/adapter_config.json").status().message(),
-              HasSubstr("/nonexistent/adapter_config.json"));
-}
-
 }  // namespace
 }  // namespace loraserve::adapters

@@ -1,0 +1,134 @@
+// A PEFT LoRA adapter loaded from disk, validated against the base model and
+// held in float32 on the host, laid out for the forward pass.
+//
+// LoadLoraAdapter reads `dir/adapter_config.json` (see peft_config.h) and
+// `dir/adapter_model.safetensors` (F32, F16 or BF16 tensors, converted to
+// float32). Tensor names may carry PEFT's "base_model.model." prefix or not,
+// and the adapter name or not: both
+//   base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+//   model.layers.0.self_attn.q_proj.lora_A.default.weight
+// name the A matrix of layer 0's q_proj. Nothing is returned unless all of
+// this holds, and each failure names the tensor or module and what was
+// expected:
+//  - every tensor is the lora_A or lora_B of one of the seven projections of
+//    a layer the base model has, and the config targets that module;
+//  - every module the config targets has both its A and its B;
+//  - A is [rank, in_features] and B is [out_features, rank], where rank is
+//    the module's rank from rank_pattern or r and in/out come from the base
+//    model (a mismatch there means the adapter belongs to another base);
+//  - rank <= AdapterLimits::max_rank (the --max-lora-rank flag);
+//  - every value is finite.
+// adapter_model.bin (a pickle) is refused with a hint to convert it.
+//
+// Ownership: a LoraAdapter owns its weights; it is immutable after loading and
+// may be read from any thread. It is movable, not copyable (adapters are large
+// and shared through the registry's handles).
+//
+// Example:
+//   BaseModelShape base = LlamaBaseShape(/*num_layers=*/4, /*hidden=*/64,
+//                                        /*intermediate=*/172, /*num_heads=*/4,
+//                                        /*num_kv_heads=*/4, /*head_dim=*/16);
+//   ASSIGN_OR_RETURN(LoraAdapter adapter,
+//                    LoadLoraAdapter(dir, base, AdapterLimits{.max_rank = 64}));
+//   const LoraWeights& w = adapter.weights(/*layer=*/0, LoraModule::kQProj);
+//   if (!w.empty()) { /* y += w.scale * (x · w.aᵀ) · w.bᵀ */ }
+#ifndef LORASERVE_ADAPTERS_LORA_ADAPTER_H_
+#define LORASERVE_ADAPTERS_LORA_ADAPTER_H_
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "adapters/peft_config.h"
+
+namespace loraserve::adapters {
+
+// The linear layers of a Llama decoder layer that LoRA may adapt.
+enum class LoraModule : int { kQProj, kKProj, kVProj, kOProj, kGateProj, kUpProj, kDownProj };
+inline constexpr int kNumLoraModules = 7;
+inline constexpr std::array<LoraModule, kNumLoraModules> kAllLoraModules = {
+    LoraModule::kQProj,    LoraModule::kKProj,  LoraModule::kVProj,   LoraModule::kOProj,
+    LoraModule::kGateProj, LoraModule::kUpProj, LoraModule::kDownProj};
+
+// "q_proj", ..., "down_proj".
+const char* LoraModuleName(LoraModule module);
+// The module's name in the base model, e.g. "model.layers.3.self_attn.q_proj".
+std::string LoraModulePath(int64_t layer, LoraModule module);
+
+// What an adapter is checked against; adapters/ does not know the model
+// config, so whoever does fills this in (LlamaBaseShape for Llama).
+struct BaseModelShape {
+  int64_t num_layers = 0;
+  // Module short name ("q_proj", ...) -> {in_features, out_features}. A
+  // module absent here cannot be adapted.
+  std::map<std::string, std::pair<int64_t, int64_t>> modules;
+};
+
+// The seven projections of a Llama-family model: q [heads*head_dim, hidden],
+// k and v [kv_heads*head_dim, hidden], o [hidden, heads*head_dim], gate and up
+// [intermediate, hidden], down [hidden, intermediate] (as [out, in]).
+BaseModelShape LlamaBaseShape(int64_t num_layers, int64_t hidden_size, int64_t intermediate_size,
+                              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+
+struct AdapterLimits {
+  int max_rank = 64;  // --max-lora-rank
+};
+
+// One adapted linear layer: y += scale · (x · aᵀ) · bᵀ.
+struct LoraWeights {
+  int rank = 0;  // 0: the module is not adapted and a, b are empty
+  float scale = 0;
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  std::vector<float> a;  // [rank, in_features]
+  std::vector<float> b;  // [out_features, rank]
+
+  bool empty() const { return rank == 0; }
+};
+
+class LoraAdapter {
+ public:
+  LoraAdapter(LoraAdapter&&) = default;
+  LoraAdapter& operator=(LoraAdapter&&) = default;
+  LoraAdapter(const LoraAdapter&) = delete;
+  LoraAdapter& operator=(const LoraAdapter&) = delete;
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  // 0 <= layer < num_layers().
+  const LoraWeights& weights(int64_t layer, LoraModule module) const {
+    return layers_[layer][static_cast<int>(module)];
+  }
+  const PeftLoraConfig& config() const { return config_; }
+  // sha256 (hex) of adapter_config.json's bytes and of every tensor's name,
+  // dtype, shape and bytes as stored, in name order: equal hashes mean equal
+  // adapters, whatever their names.
+  const std::string& content_hash() const { return content_hash_; }
+  // Float32 bytes of all A and B matrices.
+  size_t bytes() const { return bytes_; }
+  // Distinct ranks of the adapted modules, ascending.
+  std::vector<int> ranks() const;
+  // Short names of the modules adapted in at least one layer, in LoraModule order.
+  std::vector<std::string> target_modules() const;
+
+ private:
+  explicit LoraAdapter(PeftLoraConfig config) : config_(std::move(config)) {}
+  friend absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string&, const BaseModelShape&,
+                                                     const AdapterLimits&);
+
+  PeftLoraConfig config_;
+  std::vector<std::array<LoraWeights, kNumLoraModules>> layers_;  // [num_layers][module]
+  std::string content_hash_;
+  size_t bytes_ = 0;
+};
+
+absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseModelShape& base,
+                                            const AdapterLimits& limits);
+
+}  // namespace loraserve::adapters
+
+#endif  // LORASERVE_ADAPTERS_LORA_ADAPTER_H_

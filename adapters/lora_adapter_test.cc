@@ -1,0 +1,365 @@
+#include "adapters/lora_adapter.h"
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "adapters/testing.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "server/model/safetensors.h"
+
+namespace loraserve::adapters {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::AllOf;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using testing::FreshDir;
+using testing::LoraConfigJson;
+using testing::LoraTensors;
+using testing::SharedModelShape;
+using testing::TestTensor;
+using testing::WriteAdapter;
+
+const std::vector<std::string> kQv = {"q_proj", "v_proj"};
+const std::vector<std::string> kAll = {"q_proj",    "k_proj",  "v_proj",  "o_proj",
+                                       "gate_proj", "up_proj", "down_proj"};
+
+std::string SharedAdapter(const std::string& name) {
+  return std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/" + name;
+}
+
+absl::StatusOr<LoraAdapter> Load(const std::string& dir, int max_rank = 64) {
+  return LoadLoraAdapter(dir, SharedModelShape(), AdapterLimits{max_rank});
+}
+
+struct SharedCase {
+  std::string name;
+  std::vector<std::string> targets;
+  int rank;
+  float scale;
+};
+
+TEST(LoraAdapterTest, SharedAdaptersLoadWithTheirRanksAndScales) {
+  const std::vector<SharedCase> cases = {
+      {"ocean", kAll, 8, 2.0f},
+      {"robot", kAll, 8, 2.0f},
+      {"qv-r4", kQv, 4, 2.0f},
+      {"attn-r8", {"q_proj", "k_proj", "v_proj", "o_proj"}, 8, 2.0f},
+      {"mlp-r16-rslora", {"gate_proj", "up_proj", "down_proj"}, 16, 4.0f},  // 16 / sqrt(16)
+      {"all-r8-bf16", kAll, 8, 4.0f},                                       // 32 / 8
+  };
+  const BaseModelShape base = SharedModelShape();
+  std::set<std::string> hashes;
+  for (const SharedCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    absl::StatusOr<LoraAdapter> adapter = Load(SharedAdapter(c.name));
+    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    EXPECT_EQ(adapter->num_layers(), 4);
+    EXPECT_EQ(adapter->target_modules(), c.targets);
+    EXPECT_THAT(adapter->ranks(), ElementsAre(c.rank));
+    EXPECT_EQ(adapter->config().base_model_name_or_path(), "aidreams-260k");
+    size_t bytes = 0;
+    for (int64_t layer = 0; layer < 4; ++layer) {
+      for (LoraModule module : kAllLoraModules) {
+        const LoraWeights& w = adapter->weights(layer, module);
+        const bool targeted = std::find(c.targets.begin(), c.targets.end(),
+                                        LoraModuleName(module)) != c.targets.end();
+        ASSERT_EQ(w.empty(), !targeted) << LoraModulePath(layer, module);
+        if (!targeted) continue;
+        const auto [in, out] = base.modules.at(LoraModuleName(module));
+        EXPECT_EQ(w.rank, c.rank);
+        EXPECT_FLOAT_EQ(w.scale, c.scale);
+        EXPECT_EQ(w.in_features, in);
+        EXPECT_EQ(w.out_features, out);
+        ASSERT_EQ(w.a.size(), static_cast<size_t>(c.rank * in));
+        ASSERT_EQ(w.b.size(), static_cast<size_t>(out * c.rank));
+        bytes += (w.a.size() + w.b.size()) * sizeof(float);
+      }
+    }
+    EXPECT_EQ(adapter->bytes(), bytes);
+    EXPECT_EQ(adapter->content_hash().size(), 64u);
+    hashes.insert(adapter->content_hash());
+  }
+  EXPECT_EQ(hashes.size(), cases.size()) << "content hashes must differ";
+}
+
+TEST(LoraAdapterTest, WeightsAreTheFileValuesInFloat32) {
+  for (const std::string name : {"attn-r8", "all-r8-bf16"}) {
+    SCOPED_TRACE(name);
+    absl::StatusOr<LoraAdapter> adapter = Load(SharedAdapter(name));
+    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    auto file = model::SafetensorsFile::Open(SharedAdapter(name) + "/adapter_model.safetensors");
+    ASSERT_TRUE(file.ok()) << file.status();
+    for (const auto& [suffix, is_a] : {std::pair<std::string, bool>{"lora_A", true}, {"lora_B", false}}) {
+      const model::TensorInfo* tensor =
+          (*file)->Find("base_model.model.model.layers.2.self_attn.k_proj." + suffix + ".weight");
+      ASSERT_NE(tensor, nullptr);
+      std::vector<float> expected(tensor->NumElements());
+      kernels::ConvertToFloat32(tensor->data, tensor->dtype, tensor->NumElements(), expected.data());
+      const LoraWeights& w = adapter->weights(2, LoraModule::kKProj);
+      EXPECT_EQ(is_a ? w.a : w.b, expected);
+    }
+  }
+}
+
+TEST(LoraAdapterTest, ContentHashIsStableAndFollowsContent) {
+  absl::StatusOr<LoraAdapter> first = Load(SharedAdapter("qv-r4"));
+  absl::StatusOr<LoraAdapter> second = Load(SharedAdapter("qv-r4"));
+  ASSERT_TRUE(first.ok() && second.ok());
+  EXPECT_EQ(first->content_hash(), second->content_hash());
+
+  const std::string a = testing::WriteSmallAdapter(FreshDir("a"), 4, /*seed=*/1);
+  const std::string b = testing::WriteSmallAdapter(FreshDir("b"), 4, /*seed=*/2);
+  absl::StatusOr<LoraAdapter> loaded_a = Load(a);
+  absl::StatusOr<LoraAdapter> loaded_b = Load(b);
+  ASSERT_TRUE(loaded_a.ok() && loaded_b.ok());
+  EXPECT_NE(loaded_a->content_hash(), loaded_b->content_hash());
+}
+
+TEST(LoraAdapterTest, AcceptsKeysWithoutPrefixAndWithTheAdapterName) {
+  std::vector<TestTensor> tensors = LoraTensors(SharedModelShape(), 4, kQv, 1);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    std::string& name = tensors[i].name;
+    if (i % 2 == 0) name = name.substr(std::string("base_model.model.").size());
+    if (i % 3 == 0) name.replace(name.rfind(".weight"), 7, ".default.weight");
+  }
+  absl::StatusOr<LoraAdapter> renamed =
+      Load(WriteAdapter(FreshDir("renamed"), LoraConfigJson(4, 8, kQv), tensors));
+  ASSERT_TRUE(renamed.ok()) << renamed.status();
+  absl::StatusOr<LoraAdapter> plain = Load(testing::WriteSmallAdapter(FreshDir("plain"), 4, 1));
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  for (int64_t layer = 0; layer < 4; ++layer) {
+    EXPECT_EQ(renamed->weights(layer, LoraModule::kVProj).a, plain->weights(layer, LoraModule::kVProj).a);
+    EXPECT_EQ(renamed->weights(layer, LoraModule::kVProj).b, plain->weights(layer, LoraModule::kVProj).b);
+  }
+}
+
+TEST(LoraAdapterTest, RankPatternAlphaPatternAndLayersToTransform) {
+  // Layer 1 and 3 only; q_proj rank 2 with alpha 6; v_proj rank 4, alpha 8.
+  nlohmann::json config = LoraConfigJson(4, 8, kQv);
+  config["layers_to_transform"] = {1, 3};
+  config["rank_pattern"] = {{"q_proj", 2}};
+  config["alpha_pattern"] = {{"layers.1.self_attn.q_proj", 6}};
+  std::vector<TestTensor> tensors;
+  for (const TestTensor& t : LoraTensors(SharedModelShape(), 4, kQv, 1)) {
+    const bool wanted_layer = t.name.find("layers.1.") != std::string::npos ||
+                              t.name.find("layers.3.") != std::string::npos;
+    if (!wanted_layer) continue;
+    if (t.name.find("q_proj") == std::string::npos) {
+      tensors.push_back(t);
+    }
+  }
+  for (const TestTensor& t : LoraTensors(SharedModelShape(), 2, {"q_proj"}, 1)) {
+    if (t.name.find("layers.1.") != std::string::npos || t.name.find("layers.3.") != std::string::npos) {
+      tensors.push_back(t);
+    }
+  }
+  absl::StatusOr<LoraAdapter> adapter = Load(WriteAdapter(FreshDir("x"), config, tensors));
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  EXPECT_TRUE(adapter->weights(0, LoraModule::kQProj).empty());
+  EXPECT_TRUE(adapter->weights(2, LoraModule::kVProj).empty());
+  EXPECT_EQ(adapter->weights(1, LoraModule::kQProj).rank, 2);
+  EXPECT_FLOAT_EQ(adapter->weights(1, LoraModule::kQProj).scale, 3.0f);
+  EXPECT_FLOAT_EQ(adapter->weights(3, LoraModule::kQProj).scale, 4.0f);
+  EXPECT_EQ(adapter->weights(3, LoraModule::kVProj).rank, 4);
+  EXPECT_FLOAT_EQ(adapter->weights(3, LoraModule::kVProj).scale, 2.0f);
+  EXPECT_THAT(adapter->ranks(), ElementsAre(2, 4));
+}
+
+// ---- broken adapters ---------------------------------------------------------
+
+// Loads `dir` expecting failure with `code`; returns the message.
+std::string LoadError(const std::string& dir, absl::StatusCode code, int max_rank = 64) {
+  absl::StatusOr<LoraAdapter> adapter = Load(dir, max_rank);
+  EXPECT_FALSE(adapter.ok()) << dir;
+  if (adapter.ok()) return "";
+  EXPECT_EQ(adapter.status().code(), code) << adapter.status();
+  return std::string(adapter.status().message());
+}
+
+TEST(LoraAdapterTest, TruncatedSafetensors) {
+  const std::string dir = testing::WriteSmallAdapter(FreshDir("x"));
+  const std::string path = dir + "/adapter_model.safetensors";
+  fs::resize_file(path, fs::file_size(path) - 100);
+  absl::StatusOr<LoraAdapter> adapter = Load(dir);
+  ASSERT_FALSE(adapter.ok());
+  EXPECT_THAT(adapter.status().message(), HasSubstr(path));
+}
+
+TEST(LoraAdapterTest, RankDifferentFromTheConfig) {
+  const std::string dir =
+      WriteAdapter(FreshDir("x"), LoraConfigJson(8, 16, kQv), LoraTensors(SharedModelShape(), 4, kQv, 1));
+  EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),
+              AllOf(HasSubstr("layers.0.self_attn.q_proj.lora_A.weight"), HasSubstr("[4, 64]"),
+                    HasSubstr("expected [8, 64]")));
+}
+
+TEST(LoraAdapterTest, RankAboveTheLimit) {
+  const std::string dir = WriteAdapter(FreshDir("x"), LoraConfigJson(16, 16, kQv),
+                                       LoraTensors(SharedModelShape(), 16, kQv, 1));
+  EXPECT_THAT(LoadError(dir, absl::StatusCode::kFailedPrecondition, /*max_rank=*/8),
+              AllOf(HasSubstr("model.layers.0.self_attn.q_proj"), HasSubstr("rank 16"),
+                    HasSubstr("limit of 8"), HasSubstr("--max-lora-rank")));
+}
+
+TEST(LoraAdapterTest, NonFiniteValues) {
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    std::vector<TestTensor> tensors = LoraTensors(SharedModelShape(), 4, kQv, 1);
+    tensors[5].values[17] = bad;
+    const std::string dir = WriteAdapter(FreshDir(std::to_string(bad)), LoraConfigJson(4, 8, kQv), tensors);
+    EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),
+                AllOf(HasSubstr(tensors[5].name), HasSubstr("non-finite"), HasSubstr("element 17")));
+  }
+}
+
+TEST(LoraAdapterTest, UnknownModule) {
+  std::vector<TestTensor> tensors = LoraTensors(SharedModelShape(), 4, kQv, 1);
+  tensors.push_back({"base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight", "F32", {4, 64},
+                     std::vector<float>(256, 0.f)});
+  const std::string dir = WriteAdapter(FreshDir("x"), LoraConfigJson(4, 8, kQv), tensors);
+  EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),
+              AllOf(HasSubstr("qkv_proj.lora_A.weight"), HasSubstr("not a LoRA weight of a known module")));
+}
+
+TEST(LoraAdapterTest, TensorForAModuleTheConfigDoesNotTarget) {
+  const std::string dir = WriteAdapter(FreshDir("x"), LoraConfigJson(4, 8, {"q_proj"}),
+                                       LoraTensors(SharedModelShape(), 4, kQv, 1));
+  EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),
+              AllOf(HasSubstr("v_proj.lora_A.weight"), HasSubstr("does not target")));
+}
+
+TEST(LoraAdapterTest, TargetedModuleWithoutTensors) {
+  const std::string dir = WriteAdapter(FreshDir("x"), LoraConfigJson(4, 8, {"q_proj", "v_proj", "k_proj"}),
+                                       LoraTensors(SharedModelShape(), 4, kQv, 1));
+  EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),
+              AllOf(HasSubstr("model.layers.0.self_attn.k_proj"), HasSubstr("no lora_A / lora_B")));
+}
+
+TEST(LoraAdapterTest, AWithoutB) {
+  std::vector<TestTensor> tensors = LoraTensors(SharedModelShape(), 4, kQv, 1);
+  const auto b = std::find_if(tensors.begin(), tensors.end(), [](const TestTensor& t) {
+    return t.name == "base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight";
+  });
+  ASSERT_NE(b, tensors.end());
+  tensors.erase(b);
+  const std::string dir = WriteAdapter(FreshDir("x"), LoraConfigJson(4, 8, kQv), tensors);
+  EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),
+              AllOf(HasSubstr("layers.2.self_attn.v_proj.lora_A.weight"), HasSubstr("no matching lora_B")));
+}
+
+TEST(LoraAdapterTest, WrongBaseModel) {
+  // Trained on a base with hidden size 32.
+  const BaseModelShape other = LlamaBaseShape(4, 32, 86, 2, 2, 16);
+  const std::string dir = WriteAdapter(FreshDir("x"), LoraConfigJson(4, 8, kQv), LoraTensors(other, 4, kQv, 1));
+  EXPECT_THAT(LoadError(dir, absl::StatusCode::kFailedPrecondition),
+              AllOf(HasSubstr("layers.0.self_attn.q_proj.lora_A.weight"), HasSubstr("[4, 32]"),
+                    HasSubstr("in_features 64"), HasSubstr("different base model")));
+  // More layers than the base has.
+  const BaseModelShape deeper = LlamaBaseShape(6, 64, 172, 4, 4, 16);
+  const std::string deep_dir =
+      WriteAdapter(FreshDir("deep"), LoraConfigJson(4, 8, kQv), LoraTensors(deeper, 4, kQv, 1));
+  EXPECT_THAT(LoadError(deep_dir, absl::StatusCode::kFailedPrecondition),
+              AllOf(HasSubstr("layer 4"), HasSubstr("has 4 layers")));
+}
+
+TEST(LoraAdapterTest, RefusedConfigFields) {
+  const std::vector<TestTensor> tensors = LoraTensors(SharedModelShape(), 4, kQv, 1);
+  const std::vector<std::pair<nlohmann::json, std::string>> cases = {
+      {{{"use_dora", true}}, "DoRA is not supported yet"},
+      {{{"modules_to_save", {"lm_head"}}}, "modules_to_save"},
+      {{{"bias", "all"}}, "\"bias\""},
+      {{{"target_modules", {"q_proj", "v_proj", "lm_head"}}}, "lm_head"},
+  };
+  for (const auto& [fields, message] : cases) {
+    nlohmann::json config = LoraConfigJson(4, 8, kQv);
+    config.update(fields);
+    const std::string dir = WriteAdapter(FreshDir(message.substr(0, 4)), config, tensors);
+    EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),
+                AllOf(HasSubstr(dir + "/adapter_config.json"), HasSubstr(message)));
+  }
+}
+
+TEST(LoraAdapterTest, PickleOnly) {
+  const std::string dir = FreshDir("x");
+  std::ofstream(dir + "/adapter_config.json") << LoraConfigJson(4, 8, kQv).dump();
+  std::ofstream(dir + "/adapter_model.bin") << "pickle";
+  EXPECT_THAT(LoadError(dir, absl::StatusCode::kFailedPrecondition),
+              AllOf(HasSubstr("adapter_model.bin (pickle) is not supported"),
+                    HasSubstr("convert it to safetensors")));
+}
+
+TEST(LoraAdapterTest, MissingFiles) {
+  const std::string dir = FreshDir("x");
+  EXPECT_THAT(LoadError(dir, absl::StatusCode::kNotFound), HasSubstr(dir + "/adapter_config.json"));
+  std::ofstream(dir + "/adapter_config.json") << LoraConfigJson(4, 8, kQv).dump();
+  EXPECT_THAT(LoadError(dir, absl::StatusCode::kNotFound), HasSubstr("adapter_model.safetensors"));
+}
+
+// ---- random PEFT adapters from the golden generator -----------------------
+
+BaseModelShape ShapeFromConfig(const std::string& config_path) {
+  nlohmann::json config = nlohmann::json::parse(std::ifstream(config_path));
+  const int64_t hidden = config["hidden_size"];
+  const int64_t heads = config["num_attention_heads"];
+  const int64_t kv_heads = config.value("num_key_value_heads", heads);
+  int64_t head_dim = hidden / heads;
+  if (config.contains("head_dim") && !config["head_dim"].is_null()) head_dim = config["head_dim"];
+  return LlamaBaseShape(config["num_hidden_layers"], hidden, config["intermediate_size"], heads,
+                        kv_heads, head_dim);
+}
+
+TEST(LoraAdapterTest, GoldenGeneratorAdaptersLoad) {
+  const fs::path root = LORASERVE_SOURCE_DIR;
+  const fs::path manifest_path = root / "tests/golden/data/manifest.json";
+  if (!fs::exists(manifest_path)) GTEST_SKIP() << manifest_path << " not generated yet";
+  const nlohmann::json manifest = nlohmann::json::parse(std::ifstream(manifest_path));
+  std::map<std::string, std::string> model_dirs;
+  for (const auto& model : manifest.value("model_cases", nlohmann::json::array())) {
+    model_dirs[model["name"]] = model["model_dir"];
+  }
+  int loaded = 0;
+  for (const auto& entry : manifest.value("adapter_cases", nlohmann::json::array())) {
+    const std::string name = entry["name"];
+    SCOPED_TRACE(name);
+    const std::string base = entry["base"];
+    ASSERT_TRUE(model_dirs.count(base)) << "base " << base;
+    const BaseModelShape shape = ShapeFromConfig((root / model_dirs[base] / "config.json").string());
+    absl::StatusOr<LoraAdapter> adapter =
+        LoadLoraAdapter((root / std::string(entry["adapter_dir"])).string(), shape, AdapterLimits{64});
+    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    ++loaded;
+    if (name == "rank-alpha-pattern") {
+      // q_proj r4, layer 1 down_proj r2, v_proj alpha 4, layer 0 o_proj alpha 32, others r8 alpha 16.
+      EXPECT_EQ(adapter->weights(0, LoraModule::kQProj).rank, 4);
+      EXPECT_FLOAT_EQ(adapter->weights(0, LoraModule::kQProj).scale, 16.0f / 4);
+      EXPECT_EQ(adapter->weights(1, LoraModule::kDownProj).rank, 2);
+      EXPECT_EQ(adapter->weights(0, LoraModule::kDownProj).rank, 8);
+      EXPECT_FLOAT_EQ(adapter->weights(1, LoraModule::kVProj).scale, 4.0f / 8);
+      EXPECT_FLOAT_EQ(adapter->weights(0, LoraModule::kOProj).scale, 32.0f / 8);
+      EXPECT_FLOAT_EQ(adapter->weights(1, LoraModule::kOProj).scale, 16.0f / 8);
+    } else if (name == "layers-to-transform") {
+      EXPECT_TRUE(adapter->weights(0, LoraModule::kQProj).empty());
+      EXPECT_EQ(adapter->weights(1, LoraModule::kQProj).rank, 4);
+    } else if (name == "regex-targets") {
+      EXPECT_FALSE(adapter->weights(0, LoraModule::kQProj).empty());
+      EXPECT_TRUE(adapter->weights(0, LoraModule::kKProj).empty());
+      EXPECT_TRUE(adapter->weights(1, LoraModule::kQProj).empty());
+      EXPECT_FALSE(adapter->weights(1, LoraModule::kGateProj).empty());
+    } else if (name == "rslora") {
+      EXPECT_FLOAT_EQ(adapter->weights(0, LoraModule::kQProj).scale, 2.0f);
+    }
+  }
+  if (loaded == 0) GTEST_SKIP() << manifest_path << " lists no adapter cases yet";
+}
+
+}  // namespace
+}  // namespace loraserve::adapters
