@@ -139,6 +139,7 @@ class Backend {
   virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
   virtual absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
   // Converts `count` elements of `src_dtype` on the host into the backend's
   // storage dtype for weights of that source (see WeightDType) at `dst`.
   virtual absl::Status UploadWeight(void* dst, const void* src, DType src_dtype,

@@ -358,6 +358,10 @@ class CpuBackend final : public Backend {
     return Copy("CopyToHost", dst, src, bytes);
   }
 
+  absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override {
+    return Copy("CopyOnDevice", dst, src, bytes);
+  }
+
   absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t count) override {
     constexpr const char* kOp = "UploadWeight";
     if (count < 0) return NegativeArgument(kOp, "count", count);

@@ -36,6 +36,51 @@ struct LlamaModel::Scratch {
   DeviceBuffer x, h, q, k, v, attn, gate_up, act;  // per token
   DeviceBuffer rows, logits;                       // per logit row
   DeviceBuffer ints;                               // step metadata
+  DeviceBuffer lora_t;                             // packed LoRA intermediate
+  std::vector<kernels::LoraSegment> lora_segments;  // host, rebuilt per projection
+};
+
+// Which token rows run which adapter, at which multiplier of its scale.
+struct LlamaModel::LoraPlan {
+  struct Segment {
+    int32_t start = 0;
+    int32_t end = 0;
+    const adapters::DeviceAdapter* adapter = nullptr;
+    float scale = 1.0f;  // negative for corrections against merged weights
+  };
+  std::vector<Segment> segments;
+
+  // Adds rows [start, end), extending the last segment when it continues it.
+  void Add(std::vector<Segment>& list, int32_t start, int32_t end,
+           const adapters::DeviceAdapter* adapter, float scale) {
+    if (!list.empty() && list.back().end == start && list.back().adapter == adapter &&
+        list.back().scale == scale) {
+      list.back().end = end;
+    } else {
+      list.push_back({start, end, adapter, scale});
+    }
+  }
+
+  static LoraPlan Build(const ForwardInput& in) {
+    LoraPlan plan;
+    std::vector<Segment> corrections;
+    const AdapterChoice base;
+    const AdapterChoice merged = in.merged != nullptr ? in.merged->choice() : base;
+    for (size_t s = 0; s + 1 < in.query_start.size(); ++s) {
+      const AdapterChoice& choice = in.adapters.empty() ? base : in.adapters[s];
+      if (choice == merged) continue;  // the weights already are this sequence's
+      const int32_t start = in.query_start[s];
+      const int32_t end = in.query_start[s + 1];
+      if (choice.adapter != nullptr) {
+        plan.Add(plan.segments, start, end, choice.adapter, choice.scale);
+      }
+      if (merged.adapter != nullptr) {
+        plan.Add(corrections, start, end, merged.adapter, -merged.scale);
+      }
+    }
+    plan.segments.insert(plan.segments.end(), corrections.begin(), corrections.end());
+    return plan;
+  }
 };
 
 // Where weights come from: a checkpoint on disk or a seeded generator.
@@ -187,6 +232,78 @@ KvShape LlamaModel::kv_shape() const {
   return {config_.num_hidden_layers, config_.num_key_value_heads, config_.head_dim};
 }
 
+adapters::BaseModelShape LlamaModel::adapter_shape() const {
+  return adapters::LlamaBaseShape(config_.num_hidden_layers, config_.hidden_size,
+                                  config_.intermediate_size, config_.num_attention_heads,
+                                  config_.num_key_value_heads, config_.head_dim);
+}
+
+absl::StatusOr<std::unique_ptr<MergedWeights>> LlamaModel::Merge(
+    const AdapterChoice& choice) const {
+  using adapters::LoraModule;
+  if (choice.adapter == nullptr || choice.adapter->num_layers() != config_.num_hidden_layers) {
+    return absl::InvalidArgumentError("Merge: adapter missing or for another layer count");
+  }
+  auto merged = std::make_unique<MergedWeights>();
+  merged->choice_ = choice;
+  const size_t elem = kernels::DTypeSize(embed_tokens_.dtype);
+  auto allocate = [&](const WeightView& like) -> absl::StatusOr<WeightView> {
+    const size_t bytes = static_cast<size_t>(like.rows * like.cols) * elem;
+    ASSIGN_OR_RETURN(DeviceBuffer buffer, backend_->Allocate(bytes));
+    WeightView view = like;
+    view.data = buffer.data();
+    merged->bytes_ += static_cast<int64_t>(bytes);
+    merged->buffers_.push_back(std::move(buffer));
+    return view;
+  };
+  // Rows [row_offset, row_offset + rows) of `base` into the same rows of
+  // `out`, with the module's LoRA folded in when it has one.
+  auto fold = [&](const WeightView& base, int64_t row_offset, int64_t rows, int64_t layer,
+                  LoraModule module, const WeightView& out) -> absl::Status {
+    const size_t offset = static_cast<size_t>(row_offset * base.cols) * elem;
+    const WeightView part{static_cast<const char*>(base.data) + offset, base.dtype, rows,
+                          base.cols};
+    void* dst = static_cast<char*>(const_cast<void*>(out.data)) + offset;
+    const adapters::DeviceLoraWeights& w = choice.adapter->weights(layer, module);
+    if (w.rank == 0) {
+      return backend_->CopyOnDevice(dst, part.data, static_cast<size_t>(rows * base.cols) * elem);
+    }
+    return backend_->MergeLora(part, w.a, w.b, w.rank, w.scale * choice.scale, dst);
+  };
+  auto adapted = [&](int64_t layer, LoraModule module) {
+    return choice.adapter->weights(layer, module).rank > 0;
+  };
+  // One matrix (or the stacked gate/up pair): merged when any part is adapted.
+  auto matrix = [&](const WeightView& base, int64_t layer,
+                    std::initializer_list<LoraModule> modules) -> absl::StatusOr<WeightView> {
+    bool any = false;
+    for (LoraModule m : modules) any = any || adapted(layer, m);
+    if (!any) return base;
+    ASSIGN_OR_RETURN(WeightView out, allocate(base));
+    const int64_t part_rows = base.rows / static_cast<int64_t>(modules.size());
+    int64_t row = 0;
+    for (LoraModule m : modules) {
+      RETURN_IF_ERROR(fold(base, row, part_rows, layer, m, out));
+      row += part_rows;
+    }
+    return out;
+  };
+  merged->layers_.resize(layers_.size());
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& base = layers_[l];
+    MergedWeights::Layer& out = merged->layers_[l];
+    const int64_t layer = static_cast<int64_t>(l);
+    ASSIGN_OR_RETURN(out.q, matrix(base.q, layer, {LoraModule::kQProj}));
+    ASSIGN_OR_RETURN(out.k, matrix(base.k, layer, {LoraModule::kKProj}));
+    ASSIGN_OR_RETURN(out.v, matrix(base.v, layer, {LoraModule::kVProj}));
+    ASSIGN_OR_RETURN(out.o, matrix(base.o, layer, {LoraModule::kOProj}));
+    ASSIGN_OR_RETURN(out.gate_up,
+                     matrix(base.gate_up, layer, {LoraModule::kGateProj, LoraModule::kUpProj}));
+    ASSIGN_OR_RETURN(out.down, matrix(base.down, layer, {LoraModule::kDownProj}));
+  }
+  return merged;
+}
+
 absl::Status LlamaModel::LoadWeights(WeightSource& source, const LoadOptions& options) {
   const ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size;
@@ -319,9 +436,11 @@ absl::Status LlamaModel::Forward(const ForwardInput& in, const KvCacheView& kv,
       in.slot_mapping.size() != in.tokens.size() ||
       in.query_start.size() != in.context_lens.size() + 1 ||
       in.block_tables.size() != static_cast<size_t>(num_seqs * in.max_blocks_per_seq) ||
-      kv.k.size() != layers_.size() || kv.v.size() != layers_.size()) {
+      kv.k.size() != layers_.size() || kv.v.size() != layers_.size() ||
+      (!in.adapters.empty() && in.adapters.size() != static_cast<size_t>(num_seqs))) {
     return absl::InvalidArgumentError("forward batch: inconsistent sizes");
   }
+  const LoraPlan lora = LoraPlan::Build(in);
   RETURN_IF_ERROR(EnsureScratch(num_tokens, num_rows));
   Scratch& s = *scratch_;
 
@@ -357,7 +476,8 @@ absl::Status LlamaModel::Forward(const ForwardInput& in, const KvCacheView& kv,
 
   RETURN_IF_ERROR(backend_->Embedding(dev + tokens_at, num_tokens, embed_tokens_, s.x.as<float>()));
   for (size_t l = 0; l < layers_.size(); ++l) {
-    RETURN_IF_ERROR(RunLayer(layers_[l], num_tokens, batch, kv.layout, kv.k[l], kv.v[l]));
+    RETURN_IF_ERROR(RunLayer(static_cast<int64_t>(l), layers_[l], num_tokens, batch, kv.layout,
+                             in.merged, lora, kv.k[l], kv.v[l]));
   }
   if (num_rows == 0) {
     logits->clear();
@@ -374,43 +494,87 @@ absl::Status LlamaModel::Forward(const ForwardInput& in, const KvCacheView& kv,
   return backend_->CopyToHost(logits->data(), s.logits.data(), logits->size() * sizeof(float));
 }
 
-absl::Status LlamaModel::RunLayer(const Layer& layer, int64_t num_tokens,
+absl::Status LlamaModel::ApplyLora(int64_t layer_index, adapters::LoraModule module,
+                                   const float* x, int64_t in, const LoraPlan& lora, int64_t out,
+                                   float* y, int64_t ldy) {
+  std::vector<kernels::LoraSegment>& segments = scratch_->lora_segments;
+  segments.clear();
+  for (const LoraPlan::Segment& seg : lora.segments) {
+    const adapters::DeviceLoraWeights& w = seg.adapter->weights(layer_index, module);
+    if (w.rank == 0) continue;
+    segments.push_back({seg.start, seg.end, w.a, w.b, w.rank, w.scale * seg.scale});
+  }
+  if (segments.empty()) return absl::OkStatus();
+  const int32_t count = static_cast<int32_t>(segments.size());
+  const size_t t_bytes =
+      static_cast<size_t>(kernels::LoraIntermediateSize(segments.data(), count)) * sizeof(float);
+  if (scratch_->lora_t.bytes() < t_bytes) {
+    ASSIGN_OR_RETURN(scratch_->lora_t, backend_->Allocate(2 * t_bytes));
+  }
+  float* t = scratch_->lora_t.as<float>();
+  RETURN_IF_ERROR(backend_->LoraShrink(x, in, segments.data(), count, t));
+  return backend_->LoraExpand(t, segments.data(), count, out, y, ldy);
+}
+
+absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64_t num_tokens,
                                   const AttentionBatch& batch, const kernels::KvLayout& layout,
+                                  const MergedWeights* merged, const LoraPlan& lora,
                                   float* k_cache, float* v_cache) {
+  using adapters::LoraModule;
   const ModelConfig& c = config_;
   Scratch& s = *scratch_;
   const float eps = static_cast<float>(c.rms_norm_eps);
   const int32_t heads = static_cast<int32_t>(c.num_attention_heads);
   const int32_t kv_heads = static_cast<int32_t>(c.num_key_value_heads);
+  const int64_t hidden = c.hidden_size;
+  const int64_t inter = c.intermediate_size;
+  const MergedWeights::Layer* m = merged != nullptr ? &merged->layers_[layer_index] : nullptr;
+  const WeightView& wq = m ? m->q : layer.q;
+  const WeightView& wk = m ? m->k : layer.k;
+  const WeightView& wv = m ? m->v : layer.v;
+  const WeightView& wo = m ? m->o : layer.o;
+  const WeightView& w_gate_up = m ? m->gate_up : layer.gate_up;
+  const WeightView& w_down = m ? m->down : layer.down;
   float* x = s.x.as<float>();
   float* h = s.h.as<float>();
+  float* q = s.q.as<float>();
+  float* k = s.k.as<float>();
+  float* v = s.v.as<float>();
+  // One projection: the base GEMM, then the batch's LoRA segments on top.
+  auto project = [&](const float* in, int64_t in_dim, const WeightView& w, LoraModule module,
+                     float* out, bool accumulate) -> absl::Status {
+    RETURN_IF_ERROR(backend_->Linear(in, w, num_tokens, out, accumulate));
+    return ApplyLora(layer_index, module, in, in_dim, lora, w.rows, out, w.rows);
+  };
 
   // Attention block; the residual add is the GEMM's accumulation into x.
-  RETURN_IF_ERROR(backend_->RmsNorm(x, layer.input_norm, num_tokens, c.hidden_size, eps, h));
-  RETURN_IF_ERROR(backend_->Linear(h, layer.q, num_tokens, s.q.as<float>(), false));
-  RETURN_IF_ERROR(backend_->Linear(h, layer.k, num_tokens, s.k.as<float>(), false));
-  RETURN_IF_ERROR(backend_->Linear(h, layer.v, num_tokens, s.v.as<float>(), false));
+  RETURN_IF_ERROR(backend_->RmsNorm(x, layer.input_norm, num_tokens, hidden, eps, h));
+  RETURN_IF_ERROR(project(h, hidden, wq, LoraModule::kQProj, q, false));
+  RETURN_IF_ERROR(project(h, hidden, wk, LoraModule::kKProj, k, false));
+  RETURN_IF_ERROR(project(h, hidden, wv, LoraModule::kVProj, v, false));
   if (layer.q_bias != nullptr) {
-    RETURN_IF_ERROR(backend_->AddBias(s.q.as<float>(), layer.q_bias, num_tokens, layer.q.rows));
-    RETURN_IF_ERROR(backend_->AddBias(s.k.as<float>(), layer.k_bias, num_tokens, layer.k.rows));
-    RETURN_IF_ERROR(backend_->AddBias(s.v.as<float>(), layer.v_bias, num_tokens, layer.v.rows));
+    RETURN_IF_ERROR(backend_->AddBias(q, layer.q_bias, num_tokens, wq.rows));
+    RETURN_IF_ERROR(backend_->AddBias(k, layer.k_bias, num_tokens, wk.rows));
+    RETURN_IF_ERROR(backend_->AddBias(v, layer.v_bias, num_tokens, wv.rows));
   }
   const kernels::RopeParams rope{inv_freq_.as<float>(), static_cast<int32_t>(c.head_dim), 1.0f};
-  RETURN_IF_ERROR(backend_->Rope(s.q.as<float>(), s.k.as<float>(), batch.positions, num_tokens,
-                                 heads, kv_heads, rope));
+  RETURN_IF_ERROR(backend_->Rope(q, k, batch.positions, num_tokens, heads, kv_heads, rope));
+  RETURN_IF_ERROR(backend_->WriteKv(k, v, batch, layout, k_cache, v_cache));
   RETURN_IF_ERROR(
-      backend_->WriteKv(s.k.as<float>(), s.v.as<float>(), batch, layout, k_cache, v_cache));
-  RETURN_IF_ERROR(backend_->PagedAttention(s.q.as<float>(), batch, layout, heads, k_cache, v_cache,
-                                           s.attn.as<float>()));
-  RETURN_IF_ERROR(backend_->Linear(s.attn.as<float>(), layer.o, num_tokens, x, true));
+      backend_->PagedAttention(q, batch, layout, heads, k_cache, v_cache, s.attn.as<float>()));
+  RETURN_IF_ERROR(project(s.attn.as<float>(), wo.cols, wo, LoraModule::kOProj, x, true));
 
-  // MLP block.
+  // MLP block: gate and up share one GEMM; their LoRA terms land in their
+  // halves of the stacked activation.
+  RETURN_IF_ERROR(backend_->RmsNorm(x, layer.post_attention_norm, num_tokens, hidden, eps, h));
+  float* gate_up = s.gate_up.as<float>();
+  RETURN_IF_ERROR(backend_->Linear(h, w_gate_up, num_tokens, gate_up, false));
   RETURN_IF_ERROR(
-      backend_->RmsNorm(x, layer.post_attention_norm, num_tokens, c.hidden_size, eps, h));
-  RETURN_IF_ERROR(backend_->Linear(h, layer.gate_up, num_tokens, s.gate_up.as<float>(), false));
-  RETURN_IF_ERROR(backend_->SiluMul(s.gate_up.as<float>(), num_tokens, c.intermediate_size,
-                                    s.act.as<float>()));
-  return backend_->Linear(s.act.as<float>(), layer.down, num_tokens, x, true);
+      ApplyLora(layer_index, LoraModule::kGateProj, h, hidden, lora, inter, gate_up, 2 * inter));
+  RETURN_IF_ERROR(ApplyLora(layer_index, LoraModule::kUpProj, h, hidden, lora, inter,
+                            gate_up + inter, 2 * inter));
+  RETURN_IF_ERROR(backend_->SiluMul(gate_up, num_tokens, inter, s.act.as<float>()));
+  return project(s.act.as<float>(), inter, w_down, LoraModule::kDownProj, x, true);
 }
 
 }  // namespace loraserve::model

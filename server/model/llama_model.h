@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "adapters/device_adapter.h"
 #include "kernels/backend.h"
 #include "server/model/model_config.h"
 
@@ -43,6 +44,19 @@ struct KvCacheView {
   std::vector<float*> v;
 };
 
+// The adapter a sequence runs with: none (base model), or an adapter on the
+// backend with a per-request multiplier of its scale (adapter_scale).
+struct AdapterChoice {
+  const adapters::DeviceAdapter* adapter = nullptr;
+  float scale = 1.0f;
+
+  bool operator==(const AdapterChoice& other) const {
+    return adapter == other.adapter && (adapter == nullptr || scale == other.scale);
+  }
+};
+
+class MergedWeights;
+
 // One step's batch, on the host. Tokens of a sequence are contiguous.
 struct ForwardInput {
   std::vector<int32_t> tokens;        // [num_tokens]
@@ -53,11 +67,35 @@ struct ForwardInput {
   int32_t max_blocks_per_seq = 0;
   std::vector<int32_t> slot_mapping;  // [num_tokens]
   std::vector<int32_t> logit_rows;    // token rows whose logits are wanted, in output order
+  // [num_seqs] adapter of each sequence; empty = every sequence on the base.
+  // Consecutive sequences with the same choice share one LoRA segment.
+  std::vector<AdapterChoice> adapters;
+  // When set, the step runs on these merged weights: sequences of the merged
+  // adapter (at its scale) need no LoRA work, every other sequence gets its
+  // own adapter plus the merged adapter's negation as low-rank corrections.
+  const MergedWeights* merged = nullptr;
 };
 
 struct LoadOptions {
   // Called now and then while weights load: (bytes done, bytes total).
   std::function<void(int64_t, int64_t)> progress;
+};
+
+// A weight set with one adapter folded in (see LlamaModel::Merge).
+class MergedWeights {
+ public:
+  const AdapterChoice& choice() const { return choice_; }
+  int64_t bytes() const { return bytes_; }
+
+ private:
+  friend class LlamaModel;
+  struct Layer {
+    kernels::WeightView q, k, v, o, gate_up, down;
+  };
+  AdapterChoice choice_;
+  std::vector<Layer> layers_;
+  std::vector<kernels::DeviceBuffer> buffers_;
+  int64_t bytes_ = 0;
 };
 
 class LlamaModel {
@@ -85,6 +123,15 @@ class LlamaModel {
   absl::Status Forward(const ForwardInput& input, const KvCacheView& kv,
                        std::vector<float>* logits);
 
+  // Builds W' = W + s·B·A for every matrix `choice.adapter` adapts (s its
+  // scale times choice.scale); matrices it leaves alone are shared with the
+  // base. The base weights are not modified. The result must not outlive
+  // this model or the adapter.
+  absl::StatusOr<std::unique_ptr<MergedWeights>> Merge(const AdapterChoice& choice) const;
+
+  // The shapes LoRA adapters are validated against.
+  adapters::BaseModelShape adapter_shape() const;
+
   // Where weights come from (a checkpoint or a seeded generator); defined in
   // llama_model.cc.
   class WeightSource;
@@ -95,9 +142,14 @@ class LlamaModel {
   explicit LlamaModel(kernels::Backend* backend, ModelConfig config);
   absl::Status LoadWeights(WeightSource& source, const LoadOptions& options);
   absl::Status EnsureScratch(int64_t num_tokens, int64_t num_logit_rows);
-  absl::Status RunLayer(const Layer& layer, int64_t num_tokens,
+  struct LoraPlan;
+  absl::Status RunLayer(int64_t layer_index, const Layer& layer, int64_t num_tokens,
                         const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
-                        float* k_cache, float* v_cache);
+                        const MergedWeights* merged, const LoraPlan& lora, float* k_cache,
+                        float* v_cache);
+  // y[:, 0:out] += the LoRA terms of `module` for every segment of `lora`.
+  absl::Status ApplyLora(int64_t layer_index, adapters::LoraModule module, const float* x,
+                         int64_t in, const LoraPlan& lora, int64_t out, float* y, int64_t ldy);
 
   kernels::Backend* backend_;
   ModelConfig config_;

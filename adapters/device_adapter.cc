@@ -1,0 +1,41 @@
+#include "adapters/device_adapter.h"
+
+#include "base/status_macros.h"
+
+namespace loraserve::adapters {
+
+absl::StatusOr<std::unique_ptr<DeviceAdapter>> DeviceAdapter::Upload(kernels::Backend* backend,
+                                                                     const LoraAdapter& adapter) {
+  auto device = std::unique_ptr<DeviceAdapter>(new DeviceAdapter());
+  size_t floats = 0;
+  for (int64_t l = 0; l < adapter.num_layers(); ++l) {
+    for (LoraModule m : kAllLoraModules) {
+      const LoraWeights& w = adapter.weights(l, m);
+      floats += w.a.size() + w.b.size();
+    }
+  }
+  // One allocation for all matrices: one residency unit, one free.
+  ASSIGN_OR_RETURN(device->buffer_, backend->Allocate(std::max<size_t>(floats, 1) * sizeof(float)));
+  float* cursor = device->buffer_.as<float>();
+  auto upload = [&](const std::vector<float>& host) -> absl::StatusOr<const float*> {
+    RETURN_IF_ERROR(backend->CopyToDevice(cursor, host.data(), host.size() * sizeof(float)));
+    const float* at = cursor;
+    cursor += host.size();
+    return at;
+  };
+  device->layers_.resize(adapter.num_layers());
+  for (int64_t l = 0; l < adapter.num_layers(); ++l) {
+    for (LoraModule m : kAllLoraModules) {
+      const LoraWeights& w = adapter.weights(l, m);
+      if (w.empty()) continue;
+      DeviceLoraWeights& d = device->layers_[l][static_cast<int>(m)];
+      ASSIGN_OR_RETURN(d.a, upload(w.a));
+      ASSIGN_OR_RETURN(d.b, upload(w.b));
+      d.rank = w.rank;
+      d.scale = w.scale;
+    }
+  }
+  return device;
+}
+
+}  // namespace loraserve::adapters

@@ -1,0 +1,237 @@
+// The forward pass with LoRA adapters: unmerged segments, merged weights and
+// mixed batches, against peft goldens and against each other.
+#include <cmath>
+#include <map>
+
+#include "adapters/device_adapter.h"
+#include "adapters/lora_adapter.h"
+#include "gtest/gtest.h"
+#include "server/model/llama_model.h"
+#include "tests/support/golden_cases.h"
+
+namespace loraserve::model {
+namespace {
+
+constexpr int32_t kBlockSize = 16;
+
+// Paged KV storage for `num_seqs` sequences of up to `max_tokens`.
+class Cache {
+ public:
+  Cache(kernels::Backend* backend, const KvShape& shape, int32_t num_seqs, int32_t max_tokens)
+      : blocks_per_seq_((max_tokens + kBlockSize - 1) / kBlockSize) {
+    const int32_t blocks = num_seqs * blocks_per_seq_;
+    view_.layout = {blocks, kBlockSize, static_cast<int32_t>(shape.num_kv_heads),
+                    static_cast<int32_t>(shape.head_dim)};
+    const size_t bytes =
+        static_cast<size_t>(blocks) * kBlockSize * shape.num_kv_heads * shape.head_dim * 4;
+    for (int64_t l = 0; l < shape.num_layers; ++l) {
+      buffers_.push_back(*backend->Allocate(bytes));
+      view_.k.push_back(buffers_.back().as<float>());
+      buffers_.push_back(*backend->Allocate(bytes));
+      view_.v.push_back(buffers_.back().as<float>());
+    }
+  }
+  int32_t blocks_per_seq() const { return blocks_per_seq_; }
+  const KvCacheView& view() const { return view_; }
+
+ private:
+  int32_t blocks_per_seq_;
+  std::vector<kernels::DeviceBuffer> buffers_;
+  KvCacheView view_;
+};
+
+// Prefills `seqs` in one batch (logits for every token), each with its adapter.
+std::vector<float> Prefill(kernels::Backend* backend, LlamaModel& model,
+                           const std::vector<std::vector<int32_t>>& seqs,
+                           const std::vector<AdapterChoice>& adapters,
+                           const MergedWeights* merged = nullptr) {
+  size_t longest = 0;
+  for (const auto& s : seqs) longest = std::max(longest, s.size());
+  Cache cache(backend, model.kv_shape(), seqs.size(), longest);
+  ForwardInput in;
+  in.max_blocks_per_seq = cache.blocks_per_seq();
+  in.query_start.push_back(0);
+  for (int32_t s = 0; s < static_cast<int32_t>(seqs.size()); ++s) {
+    for (int32_t pos = 0; pos < static_cast<int32_t>(seqs[s].size()); ++pos) {
+      in.logit_rows.push_back(static_cast<int32_t>(in.tokens.size()));
+      in.tokens.push_back(seqs[s][pos]);
+      in.positions.push_back(pos);
+      const int32_t block = s * cache.blocks_per_seq() + pos / kBlockSize;
+      in.slot_mapping.push_back(block * kBlockSize + pos % kBlockSize);
+    }
+    in.query_start.push_back(static_cast<int32_t>(in.tokens.size()));
+    in.context_lens.push_back(static_cast<int32_t>(seqs[s].size()));
+    for (int32_t b = 0; b < cache.blocks_per_seq(); ++b) {
+      in.block_tables.push_back(s * cache.blocks_per_seq() + b);
+    }
+  }
+  in.adapters = adapters;
+  in.merged = merged;
+  std::vector<float> logits;
+  absl::Status status = model.Forward(in, cache.view(), &logits);
+  EXPECT_TRUE(status.ok()) << status;
+  return logits;
+}
+
+float MaxAbsDiff(const float* a, const float* b, size_t n) {
+  float worst = 0.0f;
+  for (size_t i = 0; i < n; ++i) {
+    const float d = std::fabs(a[i] - b[i]);
+    if (!(d <= worst)) worst = d;
+  }
+  return worst;
+}
+
+class LoraForwardTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    backend_ = std::move(*kernels::CreateCpuBackend({}));
+    auto models = testing::LoadModelCases();
+    ASSERT_TRUE(models.ok()) << models.status();
+    for (auto& c : *models) model_dirs_[c.name] = c.model_dir;
+    auto adapters = testing::LoadAdapterCases();
+    ASSERT_TRUE(adapters.ok()) << adapters.status();
+    cases_ = std::move(*adapters);
+    ASSERT_GE(cases_.size(), 10u);
+  }
+
+  LlamaModel& Model(const std::string& name) {
+    auto it = models_.find(name);
+    if (it == models_.end()) {
+      auto model = LlamaModel::Load(backend_.get(), model_dirs_.at(name), {});
+      EXPECT_TRUE(model.ok()) << model.status();
+      it = models_.emplace(name, std::move(*model)).first;
+    }
+    return *it->second;
+  }
+
+  const adapters::DeviceAdapter& Adapter(const testing::GoldenCase& c) {
+    auto it = device_.find(c.name);
+    if (it == device_.end()) {
+      auto host = adapters::LoadLoraAdapter(c.adapter_dir, Model(c.base).adapter_shape(),
+                                            {.max_rank = 64});
+      EXPECT_TRUE(host.ok()) << c.name << ": " << host.status();
+      auto device = adapters::DeviceAdapter::Upload(backend_.get(), *host);
+      EXPECT_TRUE(device.ok()) << device.status();
+      it = device_.emplace(c.name, std::move(*device)).first;
+    }
+    return *it->second;
+  }
+
+  std::vector<float> Prefill(LlamaModel& model, const std::vector<std::vector<int32_t>>& seqs,
+                             const std::vector<AdapterChoice>& adapters,
+                             const MergedWeights* merged = nullptr) {
+    return model::Prefill(backend_.get(), model, seqs, adapters, merged);
+  }
+
+  const testing::GoldenCase& Case(const std::string& name) {
+    for (const auto& c : cases_) {
+      if (c.name == name) return c;
+    }
+    ADD_FAILURE() << "no adapter case " << name;
+    return cases_[0];
+  }
+
+  std::unique_ptr<kernels::Backend> backend_;
+  std::map<std::string, std::string> model_dirs_;
+  std::map<std::string, std::unique_ptr<LlamaModel>> models_;
+  std::map<std::string, std::unique_ptr<adapters::DeviceAdapter>> device_;
+  std::vector<testing::GoldenCase> cases_;
+};
+
+TEST_F(LoraForwardTest, UnmergedLogitsMatchPeft) {
+  for (const testing::GoldenCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    LlamaModel& model = Model(c.base);
+    const AdapterChoice choice{&Adapter(c), 1.0f};
+    for (const testing::GoldenPrompt& p : c.prompts) {
+      const std::vector<float> logits = Prefill(model, {p.ids}, {choice});
+      ASSERT_EQ(logits.size(), p.logits.size());
+      EXPECT_LE(MaxAbsDiff(logits.data(), p.logits.data(), logits.size()), 1e-4f);
+    }
+  }
+}
+
+TEST_F(LoraForwardTest, MergedLogitsMatchPeftAndUnmerged) {
+  for (const testing::GoldenCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    LlamaModel& model = Model(c.base);
+    const AdapterChoice choice{&Adapter(c), 1.0f};
+    auto merged = model.Merge(choice);
+    ASSERT_TRUE(merged.ok()) << merged.status();
+    for (const testing::GoldenPrompt& p : c.prompts) {
+      const std::vector<float> on_merged = Prefill(model, {p.ids}, {choice}, merged->get());
+      const std::vector<float> unmerged = Prefill(model, {p.ids}, {choice});
+      EXPECT_LE(MaxAbsDiff(on_merged.data(), p.logits.data(), p.logits.size()), 1e-4f);
+      EXPECT_LE(MaxAbsDiff(on_merged.data(), unmerged.data(), unmerged.size()), 1e-4f);
+    }
+  }
+}
+
+// Four adapters, base-only requests and a scaled request in one batch: each
+// gets the logits it gets alone.
+TEST_F(LoraForwardTest, MixedBatchEqualsEachRequestAlone) {
+  LlamaModel& model = Model("aidreams-260k");
+  const std::vector<std::string> names = {"ocean", "robot", "qv-r4", "mlp-r16-rslora"};
+  std::vector<std::vector<int32_t>> seqs;
+  std::vector<AdapterChoice> choices;
+  for (size_t i = 0; i < names.size(); ++i) {
+    const testing::GoldenCase& c = Case(names[i]);
+    seqs.push_back(c.prompts[(i + 1) % c.prompts.size()].ids);
+    choices.push_back({&Adapter(c), 1.0f});
+  }
+  seqs.push_back(Case("ocean").prompts[2].ids);  // base only
+  choices.push_back({});
+  seqs.push_back(Case("robot").prompts[3].ids);  // robot at half strength
+  choices.push_back({&Adapter(Case("robot")), 0.5f});
+  seqs.push_back(Case("ocean").prompts[4].ids);  // same adapter again: shares a segment
+  choices.push_back(choices[0]);
+  seqs.push_back(Case("ocean").prompts[1].ids);  // base again
+  choices.push_back({});
+
+  const std::vector<float> batched = Prefill(model, seqs, choices);
+  const int64_t vocab = model.config().vocab_size;
+  size_t offset = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const std::vector<float> alone = Prefill(model, {seqs[i]}, {choices[i]});
+    EXPECT_LE(MaxAbsDiff(batched.data() + offset, alone.data(), alone.size()), 1e-5f)
+        << "request " << i;
+    offset += seqs[i].size() * vocab;
+  }
+  // The scaled request differs from both the base and the full adapter.
+  const std::vector<float> full = Prefill(model, {seqs[5]}, {choices[1]});
+  const std::vector<float> half = Prefill(model, {seqs[5]}, {choices[5]});
+  EXPECT_GT(MaxAbsDiff(full.data(), half.data(), full.size()), 1e-2f);
+}
+
+// A mixed batch on merged weights (others corrected by low-rank terms)
+// equals the same batch unmerged.
+TEST_F(LoraForwardTest, MixedBatchOnMergedWeightsEqualsUnmerged) {
+  LlamaModel& model = Model("aidreams-260k");
+  const AdapterChoice ocean{&Adapter(Case("ocean")), 1.0f};
+  const AdapterChoice robot{&Adapter(Case("robot")), 1.0f};
+  const AdapterChoice attn{&Adapter(Case("attn-r8")), 1.0f};
+  const AdapterChoice ocean_scaled{ocean.adapter, 0.25f};
+  std::vector<std::vector<int32_t>> seqs;
+  for (int i = 0; i < 5; ++i) seqs.push_back(Case("ocean").prompts[i].ids);
+  const std::vector<AdapterChoice> choices = {ocean, robot, {}, attn, ocean_scaled};
+  auto merged = model.Merge(ocean);
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  const std::vector<float> unmerged = Prefill(model, seqs, choices);
+  const std::vector<float> on_merged = Prefill(model, seqs, choices, merged->get());
+  EXPECT_LE(MaxAbsDiff(unmerged.data(), on_merged.data(), unmerged.size()), 1e-4f);
+}
+
+TEST_F(LoraForwardTest, MergeLeavesTheBaseWeightsUntouched) {
+  LlamaModel& model = Model("aidreams-260k");
+  const std::vector<int32_t> prompt = Case("ocean").prompts[1].ids;
+  const std::vector<float> before = Prefill(model, {prompt}, {{}});
+  auto merged = model.Merge({&Adapter(Case("ocean")), 1.0f});
+  ASSERT_TRUE(merged.ok());
+  EXPECT_GT((*merged)->bytes(), 0);
+  const std::vector<float> after = Prefill(model, {prompt}, {{}});
+  EXPECT_EQ(before, after);
+}
+
+}  // namespace
+}  // namespace loraserve::model
