@@ -64,7 +64,7 @@ absl::Status Run() {
   std::vector<std::string> rows;
   for (const std::string& b : absl::GetFlag(FLAGS_batch_sizes)) {
     const int batch = std::stoi(b);
-    engine::Engine engine(llama.get(), nullptr, cache.get(),
+    engine::Engine engine(llama.get(), nullptr, cache.get(), nullptr,
                           {.max_batch_tokens = std::max(2048, batch * prompt_tokens),
                            .max_running_requests = batch});
     for (int i = 0; i < batch; ++i) {

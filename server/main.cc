@@ -126,7 +126,7 @@ absl::Status Generate() {
   request.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
   request.top_logprobs = absl::GetFlag(FLAGS_logprobs);
 
-  engine::Engine engine(llama.get(), tokenizer.get(), cache.get(),
+  engine::Engine engine(llama.get(), tokenizer.get(), cache.get(), /*device_adapters=*/nullptr,
                         {.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens)});
   int64_t generated = 0;
   engine::FinishReason finish = engine::FinishReason::kNone;

@@ -1,6 +1,7 @@
 #include "server/engine/engine.h"
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
@@ -8,6 +9,14 @@
 #include "server/engine/stop_strings.h"
 
 namespace loraserve::engine {
+
+absl::StatusOr<LoraMode> ParseLoraMode(absl::string_view text) {
+  if (text == "auto") return LoraMode::kAuto;
+  if (text == "unmerged") return LoraMode::kUnmerged;
+  if (text == "merged") return LoraMode::kMerged;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--lora-mode must be auto, unmerged or merged, got '", text, "'"));
+}
 
 const char* FinishReasonName(FinishReason reason) {
   switch (reason) {
@@ -37,6 +46,13 @@ struct Engine::Sequence {
   int32_t generated() const {
     return static_cast<int32_t>(tokens.size() - request.prompt_ids.size());
   }
+  // Sequences with equal keys share LoRA segments; "" is the base model.
+  std::string adapter_key() const {
+    return request.adapter == nullptr
+               ? std::string()
+               : absl::StrCat(request.adapter->content_hash(), "@", request.adapter_scale);
+  }
+  bool mergeable() const { return request.adapter != nullptr && request.adapter_scale == 1.0f; }
 
   RequestId id;
   GenerationRequest request;
@@ -44,17 +60,57 @@ struct Engine::Sequence {
   std::vector<int32_t> tokens;  // prompt, then generated tokens
   int64_t num_cached = 0;       // tokens whose K and V are in the cache
   std::vector<int32_t> blocks;  // block table
+  const adapters::DeviceAdapter* device_adapter = nullptr;  // while admitted
   std::optional<model::IncrementalDecoder> decoder;
   StopStringFilter stop_filter;
   bool finished = false;
 };
 
+// A merged weight set and what keeps it valid: its adapter's device copy is
+// held (acquired) for as long as the set exists.
+struct Engine::MergedEntry {
+  std::unique_ptr<model::MergedWeights> weights;
+  adapters::AdapterHandle adapter;
+  int64_t last_used_step = 0;
+};
+
 Engine::Engine(model::LlamaModel* model, const model::Tokenizer* tokenizer, KvCache* cache,
-               EngineOptions options)
-    : model_(model), tokenizer_(tokenizer), cache_(cache), options_(options) {}
+               adapters::DeviceAdapterCache* device_adapters, EngineOptions options)
+    : model_(model),
+      tokenizer_(tokenizer),
+      cache_(cache),
+      device_adapters_(device_adapters),
+      options_(options) {}
 
 Engine::~Engine() {
-  for (auto& seq : running_) cache_->Release(seq->blocks);
+  for (auto& seq : running_) {
+    cache_->Release(seq->blocks);
+    ReleaseAdapter(*seq);
+  }
+  for (auto& [hash, entry] : merged_) device_adapters_->Release(entry->adapter->adapter);
+}
+
+bool Engine::AcquireAdapter(Sequence& seq) {
+  if (seq.request.adapter == nullptr || seq.device_adapter != nullptr) return true;
+  absl::StatusOr<const adapters::DeviceAdapter*> device =
+      device_adapters_->Acquire(seq.request.adapter->adapter);
+  if (!device.ok()) return false;  // every resident adapter is in use: wait
+  seq.device_adapter = *device;
+  return true;
+}
+
+void Engine::ReleaseAdapter(Sequence& seq) {
+  if (seq.device_adapter == nullptr) return;
+  device_adapters_->Release(seq.request.adapter->adapter);
+  seq.device_adapter = nullptr;
+}
+
+void Engine::Preempt(std::unique_ptr<Sequence> seq) {
+  cache_->Release(seq->blocks);
+  ReleaseAdapter(*seq);
+  seq->num_cached = 0;
+  ++stats_.preemptions;
+  waiting_.insert(waiting_.begin(), std::move(seq));
 }
 
 bool Engine::HasWork() const { return !waiting_.empty() || !running_.empty(); }
@@ -93,6 +149,13 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
     return absl::InvalidArgumentError(
         absl::StrCat("logprobs: must be >= 0, got ", request.top_logprobs));
   }
+  if (request.adapter != nullptr && device_adapters_ == nullptr) {
+    return absl::FailedPreconditionError("adapter: this engine serves the base model only");
+  }
+  if (!std::isfinite(request.adapter_scale) || request.adapter_scale < 0.0f) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "adapter_scale: must be a finite number >= 0, got ", request.adapter_scale));
+  }
   for (int32_t id : request.stop_token_ids) {
     if (id < 0 || id >= vocab) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -121,9 +184,7 @@ absl::Status Engine::Step() {
     }
     std::unique_ptr<Sequence> victim = std::move(running_.back());
     running_.pop_back();
-    cache_->Release(victim->blocks);
-    victim->num_cached = 0;
-    waiting_.insert(waiting_.begin(), std::move(victim));
+    Preempt(std::move(victim));
   }
   std::vector<Sequence*> batch;
   int64_t batch_tokens = 0;
@@ -138,6 +199,10 @@ absl::Status Engine::Step() {
     const int64_t new_tokens = static_cast<int64_t>(seq.tokens.size());
     if (batch_tokens + new_tokens > options_.max_batch_tokens) break;
     if (!cache_->Reserve(seq.blocks, new_tokens).ok()) break;
+    if (!AcquireAdapter(seq)) {
+      cache_->Release(seq.blocks);
+      break;
+    }
     batch.push_back(&seq);
     batch_tokens += new_tokens;
     running_.push_back(std::move(waiting_.front()));
@@ -150,7 +215,14 @@ absl::Status Engine::Step() {
     return absl::OkStatus();
   }
 
+  // Sequences of one adapter side by side: each adapter is one LoRA segment.
+  std::stable_sort(batch.begin(), batch.end(), [](const Sequence* a, const Sequence* b) {
+    return a->adapter_key() < b->adapter_key();
+  });
   model::ForwardInput in;
+  in.merged = ChooseMerged(batch);
+  ++stats_.steps;
+  if (in.merged != nullptr) ++stats_.merged_steps;
   int32_t max_blocks = 0;
   for (Sequence* seq : batch) max_blocks = std::max<int32_t>(max_blocks, seq->blocks.size());
   in.max_blocks_per_seq = max_blocks;
@@ -165,6 +237,7 @@ absl::Status Engine::Step() {
     in.logit_rows.push_back(static_cast<int32_t>(in.tokens.size()) - 1);
     in.query_start.push_back(static_cast<int32_t>(in.tokens.size()));
     in.context_lens.push_back(static_cast<int32_t>(seq->tokens.size()));
+    in.adapters.push_back({seq->device_adapter, seq->request.adapter_scale});
     std::vector<int32_t> table = seq->blocks;
     table.resize(max_blocks, 0);
     in.block_tables.insert(in.block_tables.end(), table.begin(), table.end());
@@ -183,12 +256,91 @@ absl::Status Engine::Step() {
   for (auto it = running_.begin(); it != running_.end();) {
     if ((*it)->finished) {
       cache_->Release((*it)->blocks);
+      ReleaseAdapter(**it);
       it = running_.erase(it);
     } else {
       ++it;
     }
   }
   return absl::OkStatus();
+}
+
+const model::MergedWeights* Engine::ChooseMerged(const std::vector<Sequence*>& batch) {
+  if (options_.lora_mode == LoraMode::kUnmerged || device_adapters_ == nullptr) return nullptr;
+  // Tokens per mergeable adapter in this step, into the traffic window.
+  std::map<std::string, int64_t> tokens;
+  std::map<std::string, Sequence*> representative;
+  int64_t total = 0;
+  for (Sequence* seq : batch) {
+    const int64_t n = static_cast<int64_t>(seq->tokens.size()) - seq->num_cached;
+    total += n;
+    if (!seq->mergeable()) continue;
+    tokens[seq->request.adapter->content_hash()] += n;
+    representative[seq->request.adapter->content_hash()] = seq;
+  }
+  window_.push_back(tokens);
+  if (static_cast<int32_t>(window_.size()) > options_.merge_window_steps) window_.pop_front();
+  if (tokens.empty()) return nullptr;
+  auto best = std::max_element(tokens.begin(), tokens.end(),
+                               [](const auto& a, const auto& b) { return a.second < b.second; });
+  const double share_now = static_cast<double>(best->second) / total;
+  Sequence& rep = *representative[best->first];
+  if (options_.lora_mode == LoraMode::kMerged) {
+    return share_now == 1.0 ? GetOrMerge(rep) : nullptr;
+  }
+  if (options_.merged_cache_bytes <= 0 || share_now < options_.merged_min_batch_share) {
+    return nullptr;
+  }
+  if (merged_.count(best->first) == 0) {
+    int64_t window_total = 0, window_best = 0;
+    for (const auto& step : window_) {
+      for (const auto& [hash, n] : step) {
+        window_total += n;
+        if (hash == best->first) window_best += n;
+      }
+    }
+    if (static_cast<double>(window_best) < options_.merge_threshold * window_total) {
+      return nullptr;
+    }
+  }
+  return GetOrMerge(rep);
+}
+
+const model::MergedWeights* Engine::GetOrMerge(Sequence& rep) {
+  const std::string& hash = rep.request.adapter->content_hash();
+  auto it = merged_.find(hash);
+  if (it != merged_.end()) {
+    it->second->last_used_step = stats_.steps;
+    return it->second->weights.get();
+  }
+  // Room within the budget, least recently used sets first; forced merged
+  // mode keeps at least the set it needs now.
+  const int64_t needed = model_->MergeBytes(*rep.device_adapter);
+  while (!merged_.empty() && stats_.merged_bytes + needed > options_.merged_cache_bytes) {
+    auto lru = std::min_element(merged_.begin(), merged_.end(), [](const auto& a, const auto& b) {
+      return a.second->last_used_step < b.second->last_used_step;
+    });
+    stats_.merged_bytes -= lru->second->weights->bytes();
+    device_adapters_->Release(lru->second->adapter->adapter);
+    merged_.erase(lru);
+    ++stats_.merge_evictions;
+  }
+  if (options_.lora_mode != LoraMode::kMerged &&
+      needed > options_.merged_cache_bytes - stats_.merged_bytes) {
+    return nullptr;
+  }
+  absl::StatusOr<std::unique_ptr<model::MergedWeights>> weights =
+      model_->Merge({rep.device_adapter, 1.0f});
+  if (!weights.ok() || !device_adapters_->Acquire(rep.request.adapter->adapter).ok()) {
+    return nullptr;  // out of memory for a merged set: the unmerged path serves
+  }
+  auto entry = std::make_unique<MergedEntry>();
+  entry->weights = std::move(*weights);
+  entry->adapter = rep.request.adapter;
+  entry->last_used_step = stats_.steps;
+  stats_.merged_bytes += entry->weights->bytes();
+  ++stats_.merges;
+  return merged_.emplace(hash, std::move(entry)).first->second->weights.get();
 }
 
 void Engine::Emit(Sequence& seq, const SampledToken& sampled) {

@@ -12,19 +12,23 @@
 // thread, inside Step().
 //
 // Example:
-//   Engine engine(model.get(), tokenizer.get(), cache.get(), {});
+//   Engine engine(model.get(), tokenizer.get(), cache.get(), nullptr, {});
 //   ASSIGN_OR_RETURN(RequestId id, engine.Add(request, [](const TokenEvent& e) {...}));
 //   while (engine.HasWork()) RETURN_IF_ERROR(engine.Step());
 #ifndef LORASERVE_SERVER_ENGINE_ENGINE_H_
 #define LORASERVE_SERVER_ENGINE_ENGINE_H_
 
 #include <cstdint>
+#include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "adapters/device_cache.h"
+#include "adapters/registry.h"
 #include "server/engine/kv_cache.h"
 #include "server/engine/sampler.h"
 #include "server/model/llama_model.h"
@@ -41,6 +45,10 @@ struct GenerationRequest {
   std::vector<std::string> stop;        // stop strings; excluded from the text
   int32_t top_logprobs = 0;             // alternatives reported per token
   bool skip_special_tokens = true;
+  // The adapter (null: the base model), held for the whole request so it
+  // keeps its version, and the multiplier of its scale (adapter_scale).
+  adapters::AdapterHandle adapter;
+  float adapter_scale = 1.0f;
 };
 
 enum class FinishReason { kNone, kStop, kLength };
@@ -58,15 +66,40 @@ struct TokenEvent {
 using RequestId = int64_t;
 using TokenCallback = std::function<void(const TokenEvent&)>;
 
+enum class LoraMode {
+  kAuto,      // merge adapters that dominate recent traffic, within the budget
+  kUnmerged,  // always one base GEMM plus per-adapter LoRA segments
+  kMerged,    // a batch whose requests all use one adapter runs on merged weights
+};
+// "auto", "unmerged" or "merged".
+absl::StatusOr<LoraMode> ParseLoraMode(absl::string_view text);
+
 struct EngineOptions {
   int32_t max_batch_tokens = 2048;  // prompt + decode tokens in one step
   int32_t max_running_requests = 256;
+  LoraMode lora_mode = LoraMode::kAuto;
+  int64_t merged_cache_bytes = 0;   // merged weight sets; 0 disables merging in auto mode
+  double merge_threshold = 0.5;     // auto: adapter's share of recent batch tokens to merge
+  int32_t merge_window_steps = 32;  // steps the share is measured over
+  // auto: the least share of a step's tokens the merged adapter must have for
+  // the step to run on merged weights (the rest get low-rank corrections).
+  double merged_min_batch_share = 1.0;
+};
+
+struct EngineStats {
+  int64_t steps = 0;
+  int64_t merged_steps = 0;  // steps that ran on merged weights
+  int64_t merges = 0;        // merged weight sets built
+  int64_t merge_evictions = 0;
+  int64_t merged_bytes = 0;  // held now
+  int64_t preemptions = 0;
 };
 
 class Engine {
  public:
+  // `device_adapters` may be null when no request will name an adapter.
   Engine(model::LlamaModel* model, const model::Tokenizer* tokenizer, KvCache* cache,
-         EngineOptions options);
+         adapters::DeviceAdapterCache* device_adapters, EngineOptions options);
   ~Engine();
 
   // Validates and queues a request. InvalidArgument names the bad field.
@@ -74,17 +107,32 @@ class Engine {
   // Runs one batched forward pass and delivers its tokens.
   absl::Status Step();
   bool HasWork() const;
+  const EngineStats& stats() const { return stats_; }
 
  private:
   struct Sequence;
+  struct MergedEntry;
   absl::Status Validate(const GenerationRequest& request) const;
   void Emit(Sequence& seq, const SampledToken& sampled);
+  // Makes the sequence's adapter resident on the device (false: no room now).
+  bool AcquireAdapter(Sequence& seq);
+  void ReleaseAdapter(Sequence& seq);
+  // Takes a running sequence off the batch, freeing its KV for recompute.
+  void Preempt(std::unique_ptr<Sequence> seq);
+  // The merged weights this step runs on (null: unmerged), after updating
+  // the traffic window with the batch.
+  const model::MergedWeights* ChooseMerged(const std::vector<Sequence*>& batch);
+  const model::MergedWeights* GetOrMerge(Sequence& representative);
 
   model::LlamaModel* model_;
   const model::Tokenizer* tokenizer_;
   KvCache* cache_;
+  adapters::DeviceAdapterCache* device_adapters_;
   EngineOptions options_;
+  EngineStats stats_;
   RequestId next_id_ = 1;
+  std::deque<std::map<std::string, int64_t>> window_;  // per step: content hash -> tokens
+  std::map<std::string, std::unique_ptr<MergedEntry>> merged_;  // content hash -> weights
   std::vector<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
 };

@@ -26,7 +26,8 @@ class EngineFixture {
     auto cache = KvCache::Create(backend_.get(), model_->kv_shape(), 16, kv_bytes);
     EXPECT_TRUE(cache.ok()) << cache.status();
     cache_ = std::move(*cache);
-    engine_ = std::make_unique<Engine>(model_.get(), tokenizer_.get(), cache_.get(), options);
+    engine_ = std::make_unique<Engine>(model_.get(), tokenizer_.get(), cache_.get(), nullptr,
+                                       options);
   }
 
   struct Result {

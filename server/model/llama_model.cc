@@ -238,6 +238,30 @@ adapters::BaseModelShape LlamaModel::adapter_shape() const {
                                   config_.num_key_value_heads, config_.head_dim);
 }
 
+int64_t LlamaModel::MergeBytes(const adapters::DeviceAdapter& adapter) const {
+  using adapters::LoraModule;
+  const int64_t elem = static_cast<int64_t>(kernels::DTypeSize(embed_tokens_.dtype));
+  int64_t bytes = 0;
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& layer = layers_[l];
+    auto add_if = [&](const WeightView& w, std::initializer_list<LoraModule> modules) {
+      for (LoraModule m : modules) {
+        if (adapter.weights(static_cast<int64_t>(l), m).rank > 0) {
+          bytes += w.rows * w.cols * elem;
+          return;
+        }
+      }
+    };
+    add_if(layer.q, {LoraModule::kQProj});
+    add_if(layer.k, {LoraModule::kKProj});
+    add_if(layer.v, {LoraModule::kVProj});
+    add_if(layer.o, {LoraModule::kOProj});
+    add_if(layer.gate_up, {LoraModule::kGateProj, LoraModule::kUpProj});
+    add_if(layer.down, {LoraModule::kDownProj});
+  }
+  return bytes;
+}
+
 absl::StatusOr<std::unique_ptr<MergedWeights>> LlamaModel::Merge(
     const AdapterChoice& choice) const {
   using adapters::LoraModule;

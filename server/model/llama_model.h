@@ -128,6 +128,8 @@ class LlamaModel {
   // base. The base weights are not modified. The result must not outlive
   // this model or the adapter.
   absl::StatusOr<std::unique_ptr<MergedWeights>> Merge(const AdapterChoice& choice) const;
+  // Bytes Merge would allocate for `adapter` (the matrices it adapts).
+  int64_t MergeBytes(const adapters::DeviceAdapter& adapter) const;
 
   // The shapes LoRA adapters are validated against.
   adapters::BaseModelShape adapter_shape() const;
