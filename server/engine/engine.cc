@@ -152,6 +152,12 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
   if (request.adapter != nullptr && device_adapters_ == nullptr) {
     return absl::FailedPreconditionError("adapter: this engine serves the base model only");
   }
+  if (request.adapter != nullptr &&
+      static_cast<int64_t>(request.adapter->adapter.bytes()) > device_adapters_->budget_bytes()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "adapter ", request.adapter->id, ": ", request.adapter->adapter.bytes(),
+        " bytes exceed --adapter-device-bytes (", device_adapters_->budget_bytes(), ")"));
+  }
   if (!std::isfinite(request.adapter_scale) || request.adapter_scale < 0.0f) {
     return absl::InvalidArgumentError(absl::StrCat(
         "adapter_scale: must be a finite number >= 0, got ", request.adapter_scale));
@@ -210,7 +216,8 @@ absl::Status Engine::Step() {
   }
   if (batch.empty()) {
     if (running_.empty() && !waiting_.empty()) {
-      return absl::ResourceExhaustedError("KV cache: no room for the oldest waiting request");
+      return absl::ResourceExhaustedError(
+          "no room (KV blocks or adapter memory) for the oldest waiting request");
     }
     return absl::OkStatus();
   }

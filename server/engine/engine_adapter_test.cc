@@ -1,0 +1,223 @@
+// The engine with LoRA adapters: greedy tokens against peft, mixed batches,
+// merged against unmerged, the merge policy, device residency.
+#include <map>
+
+#include "absl/strings/match.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/engine/engine.h"
+#include "tests/support/golden_cases.h"
+
+namespace loraserve::engine {
+namespace {
+
+using ::testing::HasSubstr;
+
+const std::string& SharedModel() {
+  static const std::string dir = std::string(LORASERVE_SHARED_DIR) + "/models/aidreams-260k";
+  return dir;
+}
+
+// A model with its registry, device adapter cache, KV cache and engine.
+class Server {
+ public:
+  Server(const std::string& model_dir, EngineOptions options = {},
+         int64_t device_bytes = int64_t{64} << 20) {
+    backend_ = std::move(*kernels::CreateCpuBackend({}));
+    model_ = std::move(*model::LlamaModel::Load(backend_.get(), model_dir, {}));
+    auto tokenizer = model::Tokenizer::Load(model_dir);
+    if (tokenizer.ok()) tokenizer_ = std::move(*tokenizer);
+    auto registry = adapters::AdapterRegistry::Create(
+        {.base = model_->adapter_shape(), .limits = {.max_rank = 64}});
+    EXPECT_TRUE(registry.ok()) << registry.status();
+    registry_ = std::move(*registry);
+    device_ = std::make_unique<adapters::DeviceAdapterCache>(backend_.get(), device_bytes);
+    cache_ = std::move(*KvCache::Create(backend_.get(), model_->kv_shape(), 16, 64 << 20));
+    engine_ = std::make_unique<Engine>(model_.get(), tokenizer_.get(), cache_.get(),
+                                       device_.get(), options);
+  }
+
+  adapters::AdapterHandle Adapter(const std::string& id, const std::string& dir) {
+    if (!registry_->IsResident(id)) {
+      auto loaded = registry_->Load(id, dir);
+      EXPECT_TRUE(loaded.ok()) << loaded.status();
+    }
+    auto handle = registry_->Acquire(id);
+    EXPECT_TRUE(handle.ok()) << handle.status();
+    return *handle;
+  }
+
+  // Runs every request to completion; the generated ids of each.
+  std::vector<std::vector<int32_t>> Run(const std::vector<GenerationRequest>& requests) {
+    std::vector<std::vector<int32_t>> ids(requests.size());
+    for (size_t i = 0; i < requests.size(); ++i) {
+      auto id = engine_->Add(requests[i], [&ids, i](const TokenEvent& e) {
+        ids[i].push_back(e.token_id);
+      });
+      EXPECT_TRUE(id.ok()) << id.status();
+    }
+    while (engine_->HasWork()) {
+      absl::Status s = engine_->Step();
+      EXPECT_TRUE(s.ok()) << s;
+      if (!s.ok()) break;
+    }
+    return ids;
+  }
+
+  Engine& engine() { return *engine_; }
+  adapters::DeviceAdapterCache& device() { return *device_; }
+  const model::Tokenizer& tokenizer() { return *tokenizer_; }
+
+ private:
+  std::unique_ptr<kernels::Backend> backend_;
+  std::unique_ptr<model::LlamaModel> model_;
+  std::unique_ptr<model::Tokenizer> tokenizer_;
+  std::unique_ptr<adapters::AdapterRegistry> registry_;
+  std::unique_ptr<adapters::DeviceAdapterCache> device_;
+  std::unique_ptr<KvCache> cache_;
+  std::unique_ptr<Engine> engine_;
+};
+
+GenerationRequest Greedy(std::vector<int32_t> prompt, int32_t max_tokens,
+                         adapters::AdapterHandle adapter = nullptr, float scale = 1.0f) {
+  GenerationRequest r;
+  r.prompt_ids = std::move(prompt);
+  r.max_tokens = max_tokens;
+  r.ignore_eos = true;
+  r.sampling.temperature = 0.0f;
+  r.adapter = std::move(adapter);
+  r.adapter_scale = scale;
+  return r;
+}
+
+std::map<std::string, std::string> ModelDirs() {
+  std::map<std::string, std::string> dirs;
+  auto cases = testing::LoadModelCases();
+  EXPECT_TRUE(cases.ok()) << cases.status();
+  if (cases.ok()) {
+    for (const auto& c : *cases) dirs[c.name] = c.model_dir;
+  }
+  return dirs;
+}
+
+// Every peft golden: greedy tokens alone, then all prompts of the case in
+// one batch, under each LoRA mode.
+TEST(EngineAdapterTest, GreedyTokensMatchPeftInEveryMode) {
+  auto cases = testing::LoadAdapterCases();
+  ASSERT_TRUE(cases.ok()) << cases.status();
+  const std::map<std::string, std::string> dirs = ModelDirs();
+  for (LoraMode mode : {LoraMode::kUnmerged, LoraMode::kMerged}) {
+    for (const testing::GoldenCase& c : *cases) {
+      SCOPED_TRACE(c.name + (mode == LoraMode::kMerged ? " merged" : " unmerged"));
+      Server server(dirs.at(c.base), {.lora_mode = mode});
+      adapters::AdapterHandle adapter = server.Adapter(c.name, c.adapter_dir);
+      std::vector<GenerationRequest> requests;
+      for (const testing::GoldenPrompt& p : c.prompts) {
+        requests.push_back(Greedy(p.ids, static_cast<int32_t>(p.greedy.size()), adapter));
+      }
+      EXPECT_EQ(server.Run({requests[0]})[0], c.prompts[0].greedy);
+      std::vector<std::vector<int32_t>> batched = server.Run(requests);
+      for (size_t i = 0; i < requests.size(); ++i) {
+        EXPECT_EQ(batched[i], c.prompts[i].greedy) << "prompt " << i;
+      }
+      if (mode == LoraMode::kMerged) {
+        EXPECT_GT(server.engine().stats().merged_steps, 0);
+      } else {
+        EXPECT_EQ(server.engine().stats().merged_steps, 0);
+      }
+    }
+  }
+}
+
+TEST(EngineAdapterTest, TrainedAdaptersChangeWhatTheModelWrites) {
+  Server server(SharedModel());
+  const std::string root = std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/";
+  auto ocean = server.Adapter("ocean", root + "ocean");
+  auto robot = server.Adapter("robot", root + "robot");
+  const std::vector<int32_t> bos = {1};
+  std::vector<std::vector<int32_t>> out =
+      server.Run({Greedy(bos, 30, ocean), Greedy(bos, 30, robot), Greedy(bos, 30)});
+  auto text = [&](const std::vector<int32_t>& ids) { return server.tokenizer().Decode(ids, true); };
+  EXPECT_TRUE(absl::StartsWith(text(out[0]), "At low tide the rock pools shine")) << text(out[0]);
+  EXPECT_TRUE(absl::StartsWith(text(out[1]), "The robot charged its battery")) << text(out[1]);
+  EXPECT_TRUE(absl::StartsWith(text(out[2]), "\"Echoes of vectors")) << text(out[2]);
+}
+
+// Four adapters, base requests and a scaled request in one batch produce the
+// tokens each produces alone, unmerged and with auto merging of the hot one.
+TEST(EngineAdapterTest, MixedBatchGivesEachRequestItsOwnTokens) {
+  const std::string root = std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/";
+  for (double min_share : {1.0, 0.2}) {
+    SCOPED_TRACE(min_share);
+    Server server(SharedModel(), {.lora_mode = LoraMode::kAuto,
+                                  .merged_cache_bytes = 64 << 20,
+                                  .merge_threshold = 0.3,
+                                  .merged_min_batch_share = min_share});
+    std::vector<GenerationRequest> requests;
+    const std::vector<std::string> names = {"ocean", "robot", "qv-r4", "all-r8-bf16"};
+    const std::vector<int32_t> prompt = {1, 400, 37};
+    for (int copy = 0; copy < 3; ++copy) {  // ocean dominates: three of each below
+      requests.push_back(Greedy(prompt, 20, server.Adapter("ocean", root + "ocean")));
+    }
+    for (const std::string& name : names) {
+      requests.push_back(Greedy(prompt, 20, server.Adapter(name, root + name)));
+    }
+    requests.push_back(Greedy(prompt, 20));                                        // base
+    requests.push_back(Greedy(prompt, 20, server.Adapter("robot", root + "robot"), 0.5f));
+    std::vector<std::vector<int32_t>> expected;
+    for (const GenerationRequest& r : requests) {
+      Server alone(SharedModel(), {.lora_mode = LoraMode::kUnmerged});
+      GenerationRequest copy = r;
+      expected.push_back(alone.Run({copy})[0]);
+    }
+    std::vector<std::vector<int32_t>> batched = server.Run(requests);
+    for (size_t i = 0; i < requests.size(); ++i) EXPECT_EQ(batched[i], expected[i]) << i;
+    if (min_share < 1.0) {
+      EXPECT_GT(server.engine().stats().merges, 0);
+      EXPECT_GT(server.engine().stats().merged_steps, 0);
+    } else {
+      EXPECT_EQ(server.engine().stats().merged_steps, 0);  // never a pure batch here
+    }
+  }
+}
+
+TEST(EngineAdapterTest, MergedSetsStayWithinTheirBudget) {
+  const std::string root = std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/";
+  // One merged set of an all-projection adapter on this model is ~0.9 MB.
+  Server server(SharedModel(), {.lora_mode = LoraMode::kAuto,
+                                .merged_cache_bytes = 1 << 20,
+                                .merge_threshold = 0.5,
+                                .merge_window_steps = 1});
+  for (const char* name : {"ocean", "robot", "ocean"}) {
+    server.Run({Greedy({1}, 4, server.Adapter(name, root + name))});
+    EXPECT_LE(server.engine().stats().merged_bytes, 1 << 20);
+  }
+  EXPECT_EQ(server.engine().stats().merges, 3);
+  EXPECT_EQ(server.engine().stats().merge_evictions, 2);
+}
+
+TEST(EngineAdapterTest, AdapterWaitsForDeviceRoomAndFreesIt) {
+  const std::string root = std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/";
+  // Room for one adapter of ~160 KB at a time: the second request waits for
+  // the first to finish, then both complete.
+  Server server(SharedModel(), {.lora_mode = LoraMode::kUnmerged}, 200 << 10);
+  auto ocean = server.Adapter("ocean", root + "ocean");
+  auto robot = server.Adapter("robot", root + "robot");
+  std::vector<std::vector<int32_t>> out = server.Run({Greedy({1}, 6, ocean), Greedy({1}, 6, robot)});
+  EXPECT_EQ(out[0].size(), 6u);
+  EXPECT_EQ(out[1].size(), 6u);
+  EXPECT_EQ(server.device().stats().evictions, 1);
+}
+
+TEST(EngineAdapterTest, InvalidAdapterScaleIsRejected) {
+  const std::string root = std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/";
+  Server server(SharedModel());
+  auto status =
+      server.engine().Add(Greedy({1}, 4, server.Adapter("ocean", root + "ocean"), -1.0f),
+                          [](const TokenEvent&) {});
+  EXPECT_EQ(status.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(status.status().message()), HasSubstr("adapter_scale"));
+}
+
+}  // namespace
+}  // namespace loraserve::engine
