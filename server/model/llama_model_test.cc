@@ -8,7 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/golden_cases.h"
-#include "tests/support/safetensors_writer.h"
+#include "server/model/safetensors.h"
 
 namespace loraserve::model {
 namespace {
@@ -189,8 +189,8 @@ class MalformedModelTest : public ::testing::Test {
   void TearDown() override { fs::remove_all(dir_); }
 
   // Every tensor of the shared model with its expected shape, as F32 zeros.
-  std::vector<testing::TestTensor> ValidTensors() {
-    std::vector<testing::TestTensor> t;
+  std::vector<SerializedTensor> ValidTensors() {
+    std::vector<SerializedTensor> t;
     auto add = [&t](const std::string& name, std::vector<int64_t> shape) {
       int64_t n = 1;
       for (int64_t d : shape) n *= d;
@@ -211,8 +211,8 @@ class MalformedModelTest : public ::testing::Test {
     add("model.norm.weight", {64});
     return t;
   }
-  absl::Status LoadWith(const std::vector<testing::TestTensor>& tensors) {
-    EXPECT_TRUE(testing::WriteFile(dir_ / "model.safetensors", testing::SafetensorsBytes(tensors)));
+  absl::Status LoadWith(const std::vector<SerializedTensor>& tensors) {
+    EXPECT_TRUE(WriteSafetensors(dir_ / "model.safetensors", tensors).ok());
     return LlamaModel::Load(backend_.get(), dir_, {}).status();
   }
 
@@ -257,8 +257,8 @@ TEST_F(MalformedModelTest, MissingConfigIsNamed) {
 }
 
 TEST_F(MalformedModelTest, TruncatedFileIsAnErrorNotACrash) {
-  std::string bytes = testing::SafetensorsBytes(ValidTensors());
-  ASSERT_TRUE(testing::WriteFile(dir_ / "model.safetensors", bytes.substr(0, bytes.size() / 2)));
+  const std::string bytes = SerializeSafetensors(ValidTensors());
+  std::ofstream(dir_ / "model.safetensors", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
   absl::Status s = LlamaModel::Load(backend_.get(), dir_, {}).status();
   EXPECT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.message()), HasSubstr("model.safetensors"));

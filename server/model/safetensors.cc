@@ -447,4 +447,33 @@ std::vector<std::string> Checkpoint::Names() const {
   return names;
 }
 
+std::string SerializeSafetensors(const std::vector<SerializedTensor>& tensors,
+                                 const std::map<std::string, std::string>& metadata) {
+  nlohmann::json header = nlohmann::json::object();
+  std::string data;
+  for (const SerializedTensor& t : tensors) {
+    header[t.name] = {{"dtype", t.dtype},
+                      {"shape", t.shape},
+                      {"data_offsets", {data.size(), data.size() + t.bytes.size()}}};
+    data += t.bytes;
+  }
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::string out(8, '\0');
+  const uint64_t length = text.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((length >> (8 * i)) & 0xff);
+  return out + text + data;
+}
+
+absl::Status WriteSafetensors(const std::string& path, const std::vector<SerializedTensor>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
+  const std::string bytes = SerializeSafetensors(tensors, metadata);
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat("cannot write safetensors file ", path));
+  return absl::OkStatus();
+}
+
 }  // namespace loraserve::model

@@ -106,6 +106,23 @@ class Checkpoint {
   std::map<std::string, const SafetensorsFile*> owner_;
 };
 
+// A tensor to write: raw little-endian bytes of `dtype` ("F32", "BF16",
+// "I32", ...) and `shape`.
+struct SerializedTensor {
+  std::string name;
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::string bytes;
+};
+
+// The bytes of a safetensors file holding `tensors` back to back in order
+// (header padded to 8 bytes, as the reference writer does).
+std::string SerializeSafetensors(const std::vector<SerializedTensor>& tensors,
+                                 const std::map<std::string, std::string>& metadata = {});
+// Writes SerializeSafetensors(...) to `path`.
+absl::Status WriteSafetensors(const std::string& path, const std::vector<SerializedTensor>& tensors,
+                              const std::map<std::string, std::string>& metadata = {});
+
 }  // namespace loraserve::model
 
 #endif  // LORASERVE_SERVER_MODEL_SAFETENSORS_H_

@@ -21,15 +21,10 @@ using ::testing::HasSubstr;
 using json = nlohmann::json;
 using kernels::DType;
 
-struct TestTensor {
-  std::string name;
-  std::string dtype;
-  std::vector<int64_t> shape;
-  std::vector<uint8_t> bytes;
-};
+using TestTensor = SerializedTensor;
 
-std::vector<uint8_t> Bytes(size_t n, uint8_t first = 0) {
-  std::vector<uint8_t> bytes(n);
+std::string Bytes(size_t n, uint8_t first = 0) {
+  std::string bytes(n, '\0');
   for (size_t i = 0; i < n; ++i) bytes[i] = static_cast<uint8_t>(first + i);
   return bytes;
 }
@@ -58,26 +53,13 @@ std::string Serialize(const std::string& header, const std::string& data) {
   return out + header + data;
 }
 
-// Writes the tensors back to back, header padded with spaces to 8 bytes as
-// the reference writer does.
 std::string SafetensorsBytes(const std::vector<TestTensor>& tensors,
-                             const json& metadata = json()) {
-  json header = json::object();
-  std::string data;
-  for (const TestTensor& t : tensors) {
-    header[t.name] = {{"dtype", t.dtype},
-                      {"shape", t.shape},
-                      {"data_offsets", {data.size(), data.size() + t.bytes.size()}}};
-    data.append(t.bytes.begin(), t.bytes.end());
-  }
-  if (!metadata.is_null()) header["__metadata__"] = metadata;
-  std::string text = header.dump();
-  text.append((8 - text.size() % 8) % 8, ' ');
-  return Serialize(text, data);
+                             const std::map<std::string, std::string>& metadata = {}) {
+  return SerializeSafetensors(tensors, metadata);
 }
 
-void WriteSafetensors(const std::string& path, const std::vector<TestTensor>& tensors) {
-  WriteBytes(path, SafetensorsBytes(tensors));
+void WriteSafetensorsOrFail(const std::string& path, const std::vector<TestTensor>& tensors) {
+  ASSERT_TRUE(WriteSafetensors(path, tensors).ok()) << path;
 }
 
 std::vector<TestTensor> SampleTensors() {
@@ -107,7 +89,8 @@ TEST(SafetensorsFileTest, ReadsTensorsAndMetadata) {
     ASSERT_EQ(info->bytes, t.bytes.size());
     EXPECT_EQ(static_cast<size_t>(info->NumElements()) * kernels::DTypeSize(info->dtype),
               info->bytes);
-    EXPECT_EQ(std::vector<uint8_t>(info->data, info->data + info->bytes), t.bytes) << t.name;
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(info->data), info->bytes), t.bytes)
+        << t.name;
   }
   EXPECT_EQ((*file)->Find("scalar")->NumElements(), 1);
   EXPECT_EQ((*file)->Find("nope"), nullptr);
@@ -118,7 +101,7 @@ TEST(SafetensorsFileTest, ReadsTensorsAndMetadata) {
 
 TEST(SafetensorsFileTest, IntegerTensorsAreValidatedButNotExposed) {
   std::string path = TestDir() + "/x.safetensors";
-  WriteSafetensors(path, {{"w", "F32", {2}, Bytes(8)}, {"position_ids", "I64", {1, 3}, Bytes(24)}});
+  WriteSafetensorsOrFail(path, {{"w", "F32", {2}, Bytes(8)}, {"position_ids", "I64", {1, 3}, Bytes(24)}});
   auto file = SafetensorsFile::Open(path);
   ASSERT_TRUE(file.ok()) << file.status();
   EXPECT_EQ((*file)->tensors().size(), 1u);
@@ -130,7 +113,7 @@ TEST(SafetensorsFileTest, IntegerTensorsAreValidatedButNotExposed) {
   EXPECT_TRUE((*file)->Get("w").ok());
 
   // Their layout is checked like any other tensor's.
-  WriteSafetensors(path, {{"position_ids", "I64", {1, 3}, Bytes(16)}});
+  WriteSafetensorsOrFail(path, {{"position_ids", "I64", {1, 3}, Bytes(16)}});
   EXPECT_THAT(SafetensorsFile::Open(path).status().message(),
               AllOf(HasSubstr("position_ids"), HasSubstr("I64"), HasSubstr("span 16")));
 }
@@ -276,7 +259,7 @@ TEST(SafetensorsFileTest, SurvivesTruncationsAndByteFlips) {
 
 TEST(CheckpointTest, OpensSingleFile) {
   std::string dir = TestDir();
-  WriteSafetensors(dir + "/model.safetensors", SampleTensors());
+  WriteSafetensorsOrFail(dir + "/model.safetensors", SampleTensors());
   auto ckpt = Checkpoint::Open(dir);
   ASSERT_TRUE(ckpt.ok()) << ckpt.status();
   EXPECT_THAT((*ckpt)->Names(), ElementsAre("a.weight", "b.weight", "c.weight", "empty", "scalar"));
@@ -303,11 +286,11 @@ void WriteIndex(const std::string& dir, const json& weight_map) {
 
 TEST(CheckpointTest, OpensShardsFromIndex) {
   std::string dir = TestDir();
-  WriteSafetensors(dir + "/model-00001-of-00002.safetensors",
+  WriteSafetensorsOrFail(dir + "/model-00001-of-00002.safetensors",
                    {{"x", "F32", {2}, Bytes(8)}, {"ids", "I32", {2}, Bytes(8)}});
-  WriteSafetensors(dir + "/model-00002-of-00002.safetensors", {{"y", "BF16", {3}, Bytes(6, 9)}});
+  WriteSafetensorsOrFail(dir + "/model-00002-of-00002.safetensors", {{"y", "BF16", {3}, Bytes(6, 9)}});
   // The index wins over a stale single file beside it.
-  WriteSafetensors(dir + "/model.safetensors", {{"stale", "F32", {1}, Bytes(4)}});
+  WriteSafetensorsOrFail(dir + "/model.safetensors", {{"stale", "F32", {1}, Bytes(4)}});
   WriteIndex(dir, {{"x", "model-00001-of-00002.safetensors"},
                    {"ids", "model-00001-of-00002.safetensors"},
                    {"y", "model-00002-of-00002.safetensors"}});
@@ -326,8 +309,8 @@ TEST(CheckpointTest, OpensShardsFromIndex) {
 TEST(CheckpointTest, ShardErrors) {
   std::string dir = TestDir();
   const std::string index = dir + "/model.safetensors.index.json";
-  WriteSafetensors(dir + "/a.safetensors", {{"x", "F32", {1}, Bytes(4)}});
-  WriteSafetensors(dir + "/b.safetensors",
+  WriteSafetensorsOrFail(dir + "/a.safetensors", {{"x", "F32", {1}, Bytes(4)}});
+  WriteSafetensorsOrFail(dir + "/b.safetensors",
                    {{"y", "F32", {1}, Bytes(4)}, {"x", "F32", {1}, Bytes(4)}});
 
   WriteIndex(dir, {{"x", "a.safetensors"}, {"z", "missing.safetensors"}});
