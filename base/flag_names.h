@@ -31,6 +31,34 @@ inline std::vector<std::string> DashesToUnderscores(int argc, char** argv) {
   return args;
 }
 
+// Joins the values of every occurrence of the repeatable flags `names`
+// (written with underscores) into one comma-separated occurrence, because an
+// Abseil vector flag keeps only its last occurrence:
+// `--adapter a=x --adapter b=y` becomes `--adapter=a=x,b=y`.
+inline std::vector<std::string> MergeRepeatedFlags(std::vector<std::string> args,
+                                                   const std::vector<std::string>& names) {
+  for (const std::string& name : names) {
+    const std::string flag = "--" + name;
+    std::vector<std::string> values;
+    std::vector<std::string> kept;
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (args[i] == flag && i + 1 < args.size()) {
+        values.push_back(args[++i]);
+      } else if (args[i].compare(0, flag.size() + 1, flag + "=") == 0) {
+        values.push_back(args[i].substr(flag.size() + 1));
+      } else {
+        kept.push_back(args[i]);
+      }
+    }
+    if (values.empty()) continue;
+    std::string joined;
+    for (const std::string& v : values) joined += (joined.empty() ? "" : ",") + v;
+    kept.push_back(flag + "=" + joined);
+    args = std::move(kept);
+  }
+  return args;
+}
+
 // char* views of `args` (which must outlive them), as ParseCommandLine wants.
 inline std::vector<char*> ArgvOf(std::vector<std::string>& args) {
   std::vector<char*> argv;

@@ -1,5 +1,6 @@
 // loraserve: flags -> config -> wiring. Subcommands:
 //   loraserve generate --model DIR --prompt TEXT [--max-tokens N] [--temperature T] [--seed S]
+//                      [--adapter NAME=DIR]... [--adapter-dir DIR] [--lora NAME]
 #include <cstdio>
 #include <iostream>
 #include <random>
@@ -12,6 +13,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "adapters/adapter_sources.h"
+#include "adapters/device_cache.h"
+#include "adapters/registry.h"
 #include "base/flag_names.h"
 #include "base/status_macros.h"
 #include "kernels/backend.h"
@@ -30,7 +34,30 @@ ABSL_FLAG(int32_t, threads, 0, "CPU threads for GEMM and kernels (0 = all cores)
 ABSL_FLAG(int64_t, kv_cache_bytes, int64_t{1} << 30, "Bytes of KV cache");
 ABSL_FLAG(int32_t, block_size, 16, "Tokens per KV cache block");
 ABSL_FLAG(int32_t, max_batch_tokens, 2048, "Most tokens (prompt + decode) in one step");
+ABSL_FLAG(std::string, adapter_dir, "",
+          "Directory whose subfolders are PEFT LoRA adapters, each named by its folder");
+ABSL_FLAG(std::vector<std::string>, adapter, {},
+          "NAME=DIR of a PEFT LoRA adapter to load (repeatable)");
+ABSL_FLAG(std::vector<std::string>, pin_adapter, {},
+          "Adapter kept in host memory whatever the budget (repeatable)");
+ABSL_FLAG(int32_t, max_lora_rank, 64, "Largest LoRA rank an adapter may have");
+ABSL_FLAG(int64_t, adapter_host_bytes, 0, "Host memory for adapter weights (0 = unlimited)");
+ABSL_FLAG(int64_t, adapter_device_bytes, int64_t{1} << 30,
+          "Device memory for adapter weights in use");
+ABSL_FLAG(std::string, lora_mode, "auto",
+          "auto: merge adapters that dominate traffic within --merged-cache-bytes; unmerged: "
+          "always base GEMM + LoRA segments; merged: single-adapter batches on merged weights");
+ABSL_FLAG(int64_t, merged_cache_bytes, 0,
+          "Memory for merged weight sets (each a copy of the adapted matrices)");
+ABSL_FLAG(double, merge_threshold, 0.5,
+          "auto mode: share of recent batch tokens at which an adapter is merged");
+ABSL_FLAG(int32_t, merge_window_steps, 32, "auto mode: steps over which that share is measured");
+ABSL_FLAG(double, merged_min_batch_share, 1.0,
+          "auto mode: least share of a step's tokens the merged adapter needs for the step to run "
+          "on merged weights (the rest of the batch gets low-rank corrections)");
 ABSL_FLAG(std::string, prompt, "", "generate: prompt text");
+ABSL_FLAG(std::string, lora, "", "generate: adapter id to generate with (default: base model)");
+ABSL_FLAG(float, adapter_scale, 1.0f, "generate: multiplier of the adapter's scale");
 ABSL_FLAG(int32_t, max_tokens, 64, "generate: tokens to generate at most");
 ABSL_FLAG(float, temperature, 1.0f, "generate: sampling temperature (0 = greedy)");
 ABSL_FLAG(int32_t, top_k, 0, "generate: top-k filter (0 = off)");
@@ -102,9 +129,46 @@ absl::StatusOr<std::unique_ptr<kernels::Backend>> CreateBackend() {
   return kernels::CreateCpuBackend({absl::GetFlag(FLAGS_threads)});
 }
 
+absl::StatusOr<std::unique_ptr<adapters::AdapterRegistry>> CreateRegistry(
+    const model::LlamaModel& llama) {
+  ASSIGN_OR_RETURN(auto registry,
+                   adapters::AdapterRegistry::Create(
+                       {.base = llama.adapter_shape(),
+                        .limits = {.max_rank = absl::GetFlag(FLAGS_max_lora_rank)},
+                        .host_budget_bytes =
+                            static_cast<size_t>(absl::GetFlag(FLAGS_adapter_host_bytes))}));
+  if (!absl::GetFlag(FLAGS_adapter_dir).empty()) {
+    RETURN_IF_ERROR(adapters::LoadAdapterDir(*registry, absl::GetFlag(FLAGS_adapter_dir)));
+  }
+  for (const std::string& spec : absl::GetFlag(FLAGS_adapter)) {
+    RETURN_IF_ERROR(adapters::LoadAdapterSpec(*registry, spec));
+  }
+  for (const std::string& id : absl::GetFlag(FLAGS_pin_adapter)) {
+    RETURN_IF_ERROR(registry->Pin(id));
+  }
+  const std::vector<adapters::AdapterInfo> loaded = registry->List();
+  if (!loaded.empty()) absl::FPrintF(stderr, "%d adapters loaded\n", loaded.size());
+  return registry;
+}
+
+absl::StatusOr<engine::EngineOptions> EngineOptionsFromFlags() {
+  engine::EngineOptions options;
+  options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  ASSIGN_OR_RETURN(options.lora_mode, engine::ParseLoraMode(absl::GetFlag(FLAGS_lora_mode)));
+  options.merged_cache_bytes = absl::GetFlag(FLAGS_merged_cache_bytes);
+  options.merge_threshold = absl::GetFlag(FLAGS_merge_threshold);
+  options.merge_window_steps = absl::GetFlag(FLAGS_merge_window_steps);
+  options.merged_min_batch_share = absl::GetFlag(FLAGS_merged_min_batch_share);
+  return options;
+}
+
 absl::Status Generate() {
   ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, CreateBackend());
   ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> llama, LoadModel(backend.get()));
+  ASSIGN_OR_RETURN(std::unique_ptr<adapters::AdapterRegistry> registry, CreateRegistry(*llama));
+  adapters::DeviceAdapterCache device_adapters(backend.get(),
+                                               absl::GetFlag(FLAGS_adapter_device_bytes));
+  ASSIGN_OR_RETURN(engine::EngineOptions options, EngineOptionsFromFlags());
   std::string tokenizer_dir = absl::GetFlag(FLAGS_tokenizer);
   if (tokenizer_dir.empty()) tokenizer_dir = absl::GetFlag(FLAGS_model);
   ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer,
@@ -125,9 +189,12 @@ absl::Status Generate() {
   request.stop = absl::GetFlag(FLAGS_stop);
   request.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
   request.top_logprobs = absl::GetFlag(FLAGS_logprobs);
+  if (!absl::GetFlag(FLAGS_lora).empty()) {
+    ASSIGN_OR_RETURN(request.adapter, registry->Acquire(absl::GetFlag(FLAGS_lora)));
+  }
+  request.adapter_scale = absl::GetFlag(FLAGS_adapter_scale);
 
-  engine::Engine engine(llama.get(), tokenizer.get(), cache.get(), /*device_adapters=*/nullptr,
-                        {.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens)});
+  engine::Engine engine(llama.get(), tokenizer.get(), cache.get(), &device_adapters, options);
   int64_t generated = 0;
   engine::FinishReason finish = engine::FinishReason::kNone;
   ASSIGN_OR_RETURN(engine::RequestId id,
@@ -161,7 +228,8 @@ absl::Status Generate() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(loraserve::kUsage);
-  std::vector<std::string> normalized = loraserve::DashesToUnderscores(argc, argv);
+  std::vector<std::string> normalized = loraserve::MergeRepeatedFlags(
+      loraserve::DashesToUnderscores(argc, argv), {"adapter", "pin_adapter"});
   std::vector<char*> normalized_argv = loraserve::ArgvOf(normalized);
   std::vector<char*> args =
       absl::ParseCommandLine(static_cast<int>(normalized_argv.size()), normalized_argv.data());

@@ -1,0 +1,49 @@
+#include "adapters/adapter_sources.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace loraserve::adapters {
+
+absl::Status LoadAdapterDir(AdapterRegistry& registry, const std::string& dir) {
+  std::error_code error;
+  std::vector<std::filesystem::path> folders;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+    if (entry.is_directory() && std::filesystem::exists(entry.path() / "adapter_config.json")) {
+      folders.push_back(entry.path());
+    }
+  }
+  if (error) {
+    return absl::NotFoundError(
+        absl::StrCat("--adapter-dir ", dir, ": cannot list it (", error.message(), ")"));
+  }
+  std::sort(folders.begin(), folders.end());
+  for (const auto& folder : folders) {
+    absl::StatusOr<AdapterInfo> loaded =
+        registry.Load(folder.filename().string(), folder.string());
+    if (!loaded.ok()) {
+      return absl::Status(loaded.status().code(),
+                          absl::StrCat("--adapter-dir ", dir, ": ", loaded.status().message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LoadAdapterSpec(AdapterRegistry& registry, const std::string& spec) {
+  const size_t eq = spec.find('=');
+  if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--adapter must be NAME=DIR, got '", spec, "'"));
+  }
+  absl::StatusOr<AdapterInfo> loaded = registry.Load(spec.substr(0, eq), spec.substr(eq + 1));
+  if (!loaded.ok()) {
+    return absl::Status(loaded.status().code(),
+                        absl::StrCat("--adapter ", spec, ": ", loaded.status().message()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace loraserve::adapters
