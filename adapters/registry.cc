@@ -1,0 +1,327 @@
+#include "adapters/registry.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+
+namespace loraserve::adapters {
+namespace {
+
+bool ValidIdPart(absl::string_view part) {
+  return !part.empty() && part.size() <= 64 &&
+         std::all_of(part.begin(), part.end(), [](char c) {
+           return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' ||
+                  c == '-';
+         });
+}
+
+absl::Status NotLoadedError(const std::string& id) {
+  return absl::NotFoundError(absl::StrCat("adapter \"", id, "\" is not loaded"));
+}
+
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+struct AdapterRegistry::LiveCounter {
+  std::atomic<int64_t> adapters{0};
+  std::atomic<int64_t> bytes{0};
+};
+
+absl::StatusOr<std::string> CanonicalAdapterId(absl::string_view id,
+                                               absl::string_view default_tenant) {
+  const size_t slash = id.find('/');
+  const absl::string_view tenant = slash == id.npos ? default_tenant : id.substr(0, slash);
+  const absl::string_view name = slash == id.npos ? id : id.substr(slash + 1);
+  if (!ValidIdPart(tenant) || !ValidIdPart(name)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter id \"", id, "\": expected \"tenant/name\" or \"name\", each part "
+                     "1-64 characters of A-Z a-z 0-9 . _ -"));
+  }
+  return absl::StrCat(tenant, "/", name);
+}
+
+absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Create(
+    AdapterRegistryOptions options) {
+  if (!ValidIdPart(options.default_tenant)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("default tenant \"", options.default_tenant,
+                     "\": expected 1-64 characters of A-Z a-z 0-9 . _ -"));
+  }
+  return std::unique_ptr<AdapterRegistry>(new AdapterRegistry(std::move(options)));
+}
+
+AdapterRegistry::AdapterRegistry(AdapterRegistryOptions options)
+    : options_(std::move(options)), live_(std::make_shared<LiveCounter>()) {
+  worker_ = std::thread([this] { PrefetchWorker(); });
+}
+
+AdapterRegistry::~AdapterRegistry() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  work_.notify_all();
+  worker_.join();
+}
+
+absl::StatusOr<std::string> AdapterRegistry::Canonical(absl::string_view id) const {
+  return CanonicalAdapterId(id, options_.default_tenant);
+}
+
+absl::StatusOr<AdapterRegistry::Entry*> AdapterRegistry::FindLocked(const std::string& id) {
+  auto it = entries_.find(id);
+  if (it == entries_.end()) return NotLoadedError(id);
+  return &it->second;
+}
+
+AdapterHandle AdapterRegistry::MakeHandle(std::string id, int64_t version, std::string dir,
+                                          LoraAdapter adapter) {
+  const int64_t bytes = static_cast<int64_t>(adapter.bytes());
+  live_->adapters += 1;
+  live_->bytes += bytes;
+  // The deleter holds the counter, not the registry: handles may outlive it.
+  return AdapterHandle(
+      new LoadedAdapter{std::move(id), version, std::move(dir), std::move(adapter)},
+      [live = live_, bytes](const LoadedAdapter* loaded) {
+        delete loaded;
+        live->adapters -= 1;
+        live->bytes -= bytes;
+      });
+}
+
+absl::Status AdapterRegistry::MakeRoomLocked(size_t need, size_t freed, const std::string& keep,
+                                             const std::string& what) {
+  const size_t budget = options_.host_budget_bytes;
+  if (budget == 0) return absl::OkStatus();
+  const size_t live = static_cast<size_t>(live_->bytes.load());
+  size_t in_use = live - std::min(live, freed);
+  if (in_use + need <= budget) return absl::OkStatus();
+
+  std::vector<Entry*> candidates;
+  for (auto& [id, entry] : entries_) {
+    if (id != keep && entry.resident != nullptr && !entry.info.pinned &&
+        entry.resident.use_count() == 1) {
+      candidates.push_back(&entry);
+    }
+  }
+  std::sort(candidates.begin(), candidates.end(),
+            [](const Entry* a, const Entry* b) { return a->last_used < b->last_used; });
+  size_t chosen = 0;
+  while (in_use + need > budget && chosen < candidates.size()) {
+    in_use -= std::min(in_use, candidates[chosen++]->info.bytes);
+  }
+  if (in_use + need > budget) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        what, " needs ", need, " bytes of host memory, but the adapter host budget "
+        "(--adapter-host-bytes) is ", budget, " bytes and ", in_use,
+        " are held by pinned or in-use adapters"));
+  }
+  for (size_t i = 0; i < chosen; ++i) {
+    candidates[i]->resident.reset();
+    candidates[i]->info.resident = false;
+    ++host_stats_.evictions;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<AdapterInfo> AdapterRegistry::Load(absl::string_view id, const std::string& dir) {
+  ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
+  const auto start = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(LoraAdapter adapter, LoadLoraAdapter(dir, options_.base, options_.limits));
+  const double seconds = SecondsSince(start);
+
+  std::lock_guard<std::mutex> lock(mu_);
+  auto existing = entries_.find(canonical);
+  int64_t version = 1;
+  bool pinned = false;
+  size_t freed = 0;  // the old version's bytes, when nobody else holds it
+  if (existing != entries_.end()) {
+    version = existing->second.info.version + 1;
+    pinned = existing->second.info.pinned;
+    if (existing->second.resident != nullptr && existing->second.resident.use_count() == 1) {
+      freed = existing->second.info.bytes;
+    }
+  }
+  RETURN_IF_ERROR(MakeRoomLocked(adapter.bytes(), freed, canonical,
+                                 absl::StrCat("adapter \"", canonical, "\" (", dir, ")")));
+  Entry entry;
+  entry.info = {canonical,           version, adapter.content_hash(), dir,
+                adapter.ranks(),     adapter.target_modules(),
+                adapter.bytes(),     pinned,  /*resident=*/true};
+  entry.last_used = ++clock_;
+  entry.resident = MakeHandle(canonical, version, dir, std::move(adapter));
+  // Replacing the entry drops the registry's reference to the old version
+  // and clears any reload of it under way (that reload then discards its result).
+  entries_[canonical] = std::move(entry);
+  ++host_stats_.loads;
+  host_stats_.load_seconds += seconds;
+  load_done_.notify_all();
+  return entries_[canonical].info;
+}
+
+absl::Status AdapterRegistry::Unload(absl::string_view id) {
+  ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
+  AdapterHandle last;  // freed after the lock is released
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ASSIGN_OR_RETURN(Entry * entry, FindLocked(canonical));
+    last = std::move(entry->resident);
+    entries_.erase(canonical);
+  }
+  load_done_.notify_all();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<AdapterHandle> AdapterRegistry::ReloadLocked(std::unique_lock<std::mutex>& lock,
+                                                            const std::string& id) {
+  const AdapterInfo expected = entries_.at(id).info;
+  lock.unlock();
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<LoraAdapter> adapter =
+      LoadLoraAdapter(expected.dir, options_.base, options_.limits);
+  const double seconds = SecondsSince(start);
+  lock.lock();
+
+  auto it = entries_.find(id);
+  const bool unchanged = it != entries_.end() && it->second.info.version == expected.version;
+  if (unchanged) it->second.loading = false;
+  load_done_.notify_all();
+  if (!unchanged) return AdapterHandle();
+  if (!adapter.ok()) {
+    return absl::Status(adapter.status().code(),
+                        absl::StrCat("reloading adapter \"", id, "\" version ", expected.version,
+                                     ": ", adapter.status().message()));
+  }
+  if (adapter->content_hash() != expected.content_hash) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "adapter \"", id, "\" version ", expected.version, ": the files in ", expected.dir,
+        " changed since it was loaded (content hash ", expected.content_hash, ", now ",
+        adapter->content_hash(), "); load it again to make a new version"));
+  }
+  RETURN_IF_ERROR(MakeRoomLocked(adapter->bytes(), 0, id,
+                                 absl::StrCat("reloading adapter \"", id, "\"")));
+  ++host_stats_.loads;
+  host_stats_.load_seconds += seconds;
+  Entry& entry = it->second;
+  entry.resident = MakeHandle(id, expected.version, expected.dir, *std::move(adapter));
+  entry.info.resident = true;
+  return entry.resident;
+}
+
+absl::StatusOr<AdapterHandle> AdapterRegistry::Acquire(absl::string_view id) {
+  ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
+  std::unique_lock<std::mutex> lock(mu_);
+  bool counted = false;
+  while (true) {
+    ASSIGN_OR_RETURN(Entry * entry, FindLocked(canonical));
+    entry->last_used = ++clock_;
+    if (entry->resident != nullptr) {
+      if (!counted) ++host_stats_.hits;
+      return entry->resident;
+    }
+    if (!counted) {
+      ++host_stats_.misses;
+      counted = true;
+    }
+    if (entry->loading) {
+      load_done_.wait(lock);
+      continue;
+    }
+    entry->loading = true;
+    ASSIGN_OR_RETURN(AdapterHandle handle, ReloadLocked(lock, canonical));
+    if (handle != nullptr) return handle;
+    // Replaced or unloaded while loading: look again.
+  }
+}
+
+absl::Status AdapterRegistry::Prefetch(absl::string_view id) {
+  ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ASSIGN_OR_RETURN(Entry * entry, FindLocked(canonical));
+    if (entry->resident != nullptr || entry->loading) return absl::OkStatus();
+    entry->loading = true;
+    entry->queued = true;
+    prefetch_queue_.push_back(canonical);
+  }
+  work_.notify_one();
+  return absl::OkStatus();
+}
+
+void AdapterRegistry::PrefetchWorker() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    work_.wait(lock, [this] { return stop_ || !prefetch_queue_.empty(); });
+    if (stop_) return;
+    const std::string id = std::move(prefetch_queue_.front());
+    prefetch_queue_.pop_front();
+    auto it = entries_.find(id);
+    // Unloaded or replaced since it was queued: nothing to do.
+    if (it == entries_.end() || !it->second.queued) continue;
+    it->second.queued = false;
+    // A failure is left for the next Acquire, which retries and reports it.
+    ReloadLocked(lock, id).IgnoreError();
+  }
+}
+
+bool AdapterRegistry::IsResident(absl::string_view id) const {
+  absl::StatusOr<std::string> canonical = Canonical(id);
+  if (!canonical.ok()) return false;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = entries_.find(*canonical);
+  return it != entries_.end() && it->second.resident != nullptr;
+}
+
+absl::Status AdapterRegistry::Pin(absl::string_view id) {
+  ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
+  std::lock_guard<std::mutex> lock(mu_);
+  ASSIGN_OR_RETURN(Entry * entry, FindLocked(canonical));
+  entry->info.pinned = true;
+  return absl::OkStatus();
+}
+
+absl::Status AdapterRegistry::Unpin(absl::string_view id) {
+  ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
+  std::lock_guard<std::mutex> lock(mu_);
+  ASSIGN_OR_RETURN(Entry * entry, FindLocked(canonical));
+  entry->info.pinned = false;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<AdapterInfo> AdapterRegistry::Get(absl::string_view id) const {
+  ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = entries_.find(canonical);
+  if (it == entries_.end()) return NotLoadedError(canonical);
+  return it->second.info;
+}
+
+std::vector<AdapterInfo> AdapterRegistry::List() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<AdapterInfo> infos;
+  for (const auto& [id, entry] : entries_) infos.push_back(entry.info);
+  return infos;
+}
+
+AdapterRegistryStats AdapterRegistry::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  AdapterRegistryStats stats;
+  stats.host = host_stats_;
+  stats.registered = static_cast<int64_t>(entries_.size());
+  stats.resident = std::count_if(entries_.begin(), entries_.end(),
+                                 [](const auto& e) { return e.second.resident != nullptr; });
+  stats.live_adapters = live_->adapters.load();
+  stats.host_bytes = static_cast<size_t>(live_->bytes.load());
+  stats.host_budget_bytes = options_.host_budget_bytes;
+  return stats;
+}
+
+}  // namespace loraserve::adapters

@@ -1,0 +1,327 @@
+#include "adapters/registry.h"
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "adapters/testing.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace loraserve::adapters {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::AllOf;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using testing::FreshDir;
+using testing::LoraConfigJson;
+using testing::LoraTensors;
+using testing::SharedModelShape;
+using testing::WriteAdapter;
+using testing::WriteSmallAdapter;
+
+// float32 bytes of WriteSmallAdapter(dir, r = 4): 4 layers x {q, v} x (A 4x64 + B 64x4).
+constexpr size_t kSmallBytes = 4 * 2 * (4 * 64 + 64 * 4) * sizeof(float);
+
+std::string SharedAdapter(const std::string& name) {
+  return std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/" + name;
+}
+
+std::unique_ptr<AdapterRegistry> MakeRegistry(size_t host_budget_bytes = 0) {
+  absl::StatusOr<std::unique_ptr<AdapterRegistry>> registry = AdapterRegistry::Create(
+      {.base = SharedModelShape(), .limits = {.max_rank = 16}, .default_tenant = "default",
+       .host_budget_bytes = host_budget_bytes});
+  EXPECT_TRUE(registry.ok()) << registry.status();
+  return std::move(registry).value();
+}
+
+// Everything observable about a registry, to check that a failure changed nothing.
+std::string Snapshot(const AdapterRegistry& registry) {
+  std::string out;
+  for (const AdapterInfo& info : registry.List()) {
+    out += info.id + " v" + std::to_string(info.version) + " " + info.content_hash + " " +
+           info.dir + (info.pinned ? " pinned" : "") + (info.resident ? " resident" : "") + "\n";
+  }
+  const AdapterRegistryStats stats = registry.stats();
+  return out + "live " + std::to_string(stats.live_adapters) + " bytes " +
+         std::to_string(stats.host_bytes) + " evictions " + std::to_string(stats.host.evictions);
+}
+
+TEST(AdapterIdTest, CanonicalForms) {
+  EXPECT_EQ(*CanonicalAdapterId("acme/support-bot", "default"), "acme/support-bot");
+  EXPECT_EQ(*CanonicalAdapterId("v1.2_final", "default"), "default/v1.2_final");
+  EXPECT_TRUE(CanonicalAdapterId(std::string(64, 'a') + "/" + std::string(64, 'b'), "d").ok());
+  for (const std::string& bad : std::vector<std::string>{"", "/x", "x/", "a/b/c", "a b", "t/ü", std::string(65, 'a'),
+                                "t/" + std::string(65, 'a'), "t/x?y"}) {
+    absl::StatusOr<std::string> id = CanonicalAdapterId(bad, "default");
+    ASSERT_FALSE(id.ok()) << bad;
+    EXPECT_EQ(id.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(id.status().message(), AllOf(HasSubstr("\"" + bad + "\""), HasSubstr("tenant/name")));
+  }
+  EXPECT_FALSE(AdapterRegistry::Create({.base = SharedModelShape(), .limits = {}, .default_tenant = "a/b"}).ok());
+}
+
+TEST(AdapterRegistryTest, LoadAcquireAndInfo) {
+  auto registry = MakeRegistry();
+  absl::StatusOr<AdapterInfo> info = registry->Load("qv", SharedAdapter("qv-r4"));
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->id, "default/qv");
+  EXPECT_EQ(info->version, 1);
+  EXPECT_THAT(info->ranks, ElementsAre(4));
+  EXPECT_THAT(info->target_modules, ElementsAre("q_proj", "v_proj"));
+  EXPECT_EQ(info->bytes, kSmallBytes);
+  EXPECT_TRUE(info->resident);
+  EXPECT_FALSE(info->pinned);
+
+  absl::StatusOr<AdapterHandle> handle = registry->Acquire("default/qv");
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  EXPECT_EQ((*handle)->id, "default/qv");
+  EXPECT_EQ((*handle)->version, 1);
+  EXPECT_EQ((*handle)->content_hash(), info->content_hash);
+  EXPECT_EQ((*handle)->adapter.weights(0, LoraModule::kQProj).rank, 4);
+
+  EXPECT_EQ(registry->Acquire("nope").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(registry->Acquire("nope").status().message(), HasSubstr("default/nope"));
+  EXPECT_EQ(registry->Acquire("bad id").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(registry->stats().host.hits, 1);
+}
+
+TEST(AdapterRegistryTest, ReplaceMakesANewVersionAndInFlightHandlesKeepTheirs) {
+  auto registry = MakeRegistry();
+  ASSERT_TRUE(registry->Load("t/x", SharedAdapter("ocean")).ok());
+  ASSERT_TRUE(registry->Pin("t/x").ok());
+  AdapterHandle v1 = *registry->Acquire("t/x");
+  absl::StatusOr<AdapterInfo> replaced = registry->Load("t/x", SharedAdapter("robot"));
+  ASSERT_TRUE(replaced.ok()) << replaced.status();
+  EXPECT_EQ(replaced->version, 2);
+  EXPECT_TRUE(replaced->pinned) << "pinning belongs to the id";
+  AdapterHandle v2 = *registry->Acquire("t/x");
+  EXPECT_EQ(v1->version, 1);
+  EXPECT_EQ(v2->version, 2);
+  EXPECT_NE(v1->content_hash(), v2->content_hash());
+  EXPECT_EQ(v1->dir, SharedAdapter("ocean"));
+  EXPECT_EQ(registry->List().size(), 1u);
+  EXPECT_EQ(registry->stats().live_adapters, 2);
+
+  std::weak_ptr<const LoadedAdapter> old = v1;
+  v1.reset();
+  EXPECT_TRUE(old.expired()) << "the old version is freed with its last handle";
+  EXPECT_EQ(registry->stats().live_adapters, 1);
+  EXPECT_EQ(registry->stats().host_bytes, v2->adapter.bytes());
+  EXPECT_EQ(registry->Load("t/x", SharedAdapter("qv-r4"))->version, 3);
+}
+
+TEST(AdapterRegistryTest, FailedLoadsLeaveTheRegistryUnchanged) {
+  auto registry = MakeRegistry();
+  ASSERT_TRUE(registry->Load("t/x", SharedAdapter("qv-r4")).ok());
+  const std::string before = Snapshot(*registry);
+  const std::vector<std::string> targets = {"q_proj", "v_proj"};
+
+  std::vector<std::pair<std::string, std::string>> broken;  // dir, expected message
+  const std::string truncated = WriteSmallAdapter(FreshDir("truncated"));
+  fs::resize_file(truncated + "/adapter_model.safetensors", 100);
+  broken.emplace_back(truncated, "adapter_model.safetensors");
+  auto nan = LoraTensors(SharedModelShape(), 4, targets, 1);
+  nan[0].values[0] = std::numeric_limits<float>::quiet_NaN();
+  broken.emplace_back(WriteAdapter(FreshDir("nan"), LoraConfigJson(4, 8, targets), nan), "non-finite");
+  broken.emplace_back(WriteAdapter(FreshDir("rank"), LoraConfigJson(32, 32, targets),
+                                   LoraTensors(SharedModelShape(), 32, targets, 1)),
+                      "--max-lora-rank");
+  broken.emplace_back(WriteAdapter(FreshDir("base"), LoraConfigJson(4, 8, targets),
+                                   LoraTensors(LlamaBaseShape(4, 32, 86, 2, 2, 16), 4, targets, 1)),
+                      "different base model");
+  auto dora = LoraConfigJson(4, 8, targets);
+  dora["use_dora"] = true;
+  broken.emplace_back(WriteAdapter(FreshDir("dora"), dora, LoraTensors(SharedModelShape(), 4, targets, 1)),
+                      "DoRA");
+  const std::string pickle = FreshDir("pickle");
+  std::ofstream(pickle + "/adapter_config.json") << LoraConfigJson(4, 8, targets).dump();
+  std::ofstream(pickle + "/adapter_model.bin") << "pickle";
+  broken.emplace_back(pickle, "pickle");
+
+  for (const auto& [dir, message] : broken) {
+    for (const std::string id : {"t/x", "t/new"}) {
+      absl::StatusOr<AdapterInfo> info = registry->Load(id, dir);
+      ASSERT_FALSE(info.ok()) << dir;
+      EXPECT_THAT(info.status().message(), HasSubstr(message));
+      EXPECT_EQ(Snapshot(*registry), before) << dir;
+    }
+  }
+  EXPECT_EQ(registry->Get("t/new").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(AdapterRegistryTest, UnloadKeepsInFlightHandlesAndFreesOnTheLastOne) {
+  auto registry = MakeRegistry();
+  ASSERT_TRUE(registry->Load("t/x", SharedAdapter("attn-r8")).ok());
+  AdapterHandle handle = *registry->Acquire("t/x");
+  ASSERT_TRUE(registry->Unload("t/x").ok());
+  EXPECT_EQ(registry->Acquire("t/x").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(registry->Unload("t/x").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(handle->adapter.weights(3, LoraModule::kOProj).rank, 8);  // still usable
+  EXPECT_EQ(registry->stats().live_adapters, 1);
+  handle.reset();
+  EXPECT_EQ(registry->stats().live_adapters, 0);
+  EXPECT_EQ(registry->stats().host_bytes, 0u);
+}
+
+TEST(AdapterRegistryTest, ThousandLoadUnloadCyclesReturnToBaseline) {
+  auto registry = MakeRegistry();
+  ASSERT_TRUE(registry->Load("t/resident", SharedAdapter("qv-r4")).ok());
+  const AdapterRegistryStats baseline = registry->stats();
+  std::vector<std::weak_ptr<const LoadedAdapter>> seen;
+  AdapterHandle held;  // every third cycle a "request" outlives the unload
+  for (int i = 0; i < 1000; ++i) {
+    ASSERT_TRUE(registry->Load("t/cycle", SharedAdapter(i % 2 ? "ocean" : "mlp-r16-rslora")).ok());
+    AdapterHandle handle = *registry->Acquire("t/cycle");
+    if (i % 100 == 0) seen.push_back(handle);
+    if (i % 3 == 0) held = handle;
+    ASSERT_TRUE(registry->Unload("t/cycle").ok());
+    if (i % 3 == 2) held.reset();
+  }
+  held.reset();
+  for (const auto& weak : seen) EXPECT_TRUE(weak.expired());
+  const AdapterRegistryStats after = registry->stats();
+  EXPECT_EQ(after.live_adapters, baseline.live_adapters);
+  EXPECT_EQ(after.host_bytes, baseline.host_bytes);
+  EXPECT_EQ(after.registered, baseline.registered);
+  EXPECT_EQ(after.host.loads, baseline.host.loads + 1000);
+}
+
+TEST(AdapterRegistryTest, EvictionUnderTheHostBudgetRespectsPinsAndUse) {
+  // Room for two small adapters.
+  auto registry = MakeRegistry(/*host_budget_bytes=*/2 * kSmallBytes + kSmallBytes / 2);
+  std::map<std::string, std::string> dirs;
+  for (const std::string name : {"a", "b", "c", "d"}) {
+    dirs[name] = WriteSmallAdapter(FreshDir(name), 4, name[0]);
+  }
+  ASSERT_TRUE(registry->Load("t/a", dirs["a"]).ok());
+  ASSERT_TRUE(registry->Load("t/b", dirs["b"]).ok());
+  ASSERT_TRUE(registry->Acquire("t/a").ok());  // a is now more recently used than b
+  ASSERT_TRUE(registry->Load("t/c", dirs["c"]).ok());
+  EXPECT_TRUE(registry->IsResident("t/a"));
+  EXPECT_FALSE(registry->IsResident("t/b")) << "least recently used goes first";
+  EXPECT_TRUE(registry->IsResident("t/c"));
+  EXPECT_EQ(registry->stats().host.evictions, 1);
+  EXPECT_EQ(registry->List().size(), 3u) << "evicted adapters stay registered";
+  EXPECT_LE(registry->stats().host_bytes, registry->stats().host_budget_bytes);
+
+  // a pinned, c in use: nothing can make room for d.
+  ASSERT_TRUE(registry->Pin("t/a").ok());
+  AdapterHandle c = *registry->Acquire("t/c");
+  const std::string before = Snapshot(*registry);
+  absl::StatusOr<AdapterInfo> d = registry->Load("t/d", dirs["d"]);
+  ASSERT_FALSE(d.ok());
+  EXPECT_EQ(d.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(d.status().message(), AllOf(HasSubstr("t/d"), HasSubstr("--adapter-host-bytes")));
+  EXPECT_EQ(Snapshot(*registry), before);
+  // Acquiring the evicted b cannot reload it either.
+  EXPECT_EQ(registry->Acquire("t/b").status().code(), absl::StatusCode::kResourceExhausted);
+
+  // Once c is released it can be evicted.
+  c.reset();
+  ASSERT_TRUE(registry->Load("t/d", dirs["d"]).ok());
+  EXPECT_TRUE(registry->IsResident("t/a"));
+  EXPECT_FALSE(registry->IsResident("t/c"));
+
+  // Acquiring evicted b reloads it (a miss) at its version and hash, evicting d.
+  const AdapterInfo b_info = *registry->Get("t/b");
+  const AdapterRegistryStats stats = registry->stats();
+  absl::StatusOr<AdapterHandle> b = registry->Acquire("t/b");
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ((*b)->version, b_info.version);
+  EXPECT_EQ((*b)->content_hash(), b_info.content_hash);
+  EXPECT_EQ(registry->stats().host.misses, stats.host.misses + 1);
+  EXPECT_EQ(registry->stats().host.loads, stats.host.loads + 1);
+  EXPECT_GT(registry->stats().host.load_seconds, 0);
+  EXPECT_FALSE(registry->IsResident("t/d"));
+  ASSERT_TRUE(registry->Acquire("t/b").ok());
+  EXPECT_EQ(registry->stats().host.hits, stats.host.hits + 1);
+}
+
+TEST(AdapterRegistryTest, AdapterLargerThanTheWholeBudget) {
+  auto registry = MakeRegistry(/*host_budget_bytes=*/kSmallBytes / 2);
+  absl::StatusOr<AdapterInfo> info = registry->Load("t/x", SharedAdapter("qv-r4"));
+  ASSERT_FALSE(info.ok());
+  EXPECT_EQ(info.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(registry->List().empty());
+}
+
+TEST(AdapterRegistryTest, ReloadRefusesFilesChangedOnDisk) {
+  auto registry = MakeRegistry(/*host_budget_bytes=*/kSmallBytes + kSmallBytes / 2);
+  const std::string dir = WriteSmallAdapter(FreshDir("x"), 4, 1);
+  ASSERT_TRUE(registry->Load("t/x", dir).ok());
+  ASSERT_TRUE(registry->Load("t/y", WriteSmallAdapter(FreshDir("y"), 4, 2)).ok());  // evicts x
+  ASSERT_FALSE(registry->IsResident("t/x"));
+  WriteSmallAdapter(dir, 4, 3);
+  absl::StatusOr<AdapterHandle> x = registry->Acquire("t/x");
+  ASSERT_FALSE(x.ok());
+  EXPECT_EQ(x.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(x.status().message(), AllOf(HasSubstr("t/x"), HasSubstr(dir), HasSubstr("changed")));
+  // Loading it again makes a new version from the new files.
+  EXPECT_EQ(registry->Load("t/x", dir)->version, 2);
+}
+
+TEST(AdapterRegistryTest, PrefetchLoadsInTheBackground) {
+  auto registry = MakeRegistry(/*host_budget_bytes=*/kSmallBytes + kSmallBytes / 2);
+  ASSERT_TRUE(registry->Load("t/x", WriteSmallAdapter(FreshDir("x"), 4, 1)).ok());
+  ASSERT_TRUE(registry->Load("t/y", WriteSmallAdapter(FreshDir("y"), 4, 2)).ok());
+  ASSERT_FALSE(registry->IsResident("t/x"));
+  EXPECT_EQ(registry->Prefetch("t/missing").code(), absl::StatusCode::kNotFound);
+  ASSERT_TRUE(registry->Prefetch("t/x").ok());
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!registry->IsResident("t/x") && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_TRUE(registry->IsResident("t/x"));
+  EXPECT_FALSE(registry->IsResident("t/y"));
+  const AdapterRegistryStats stats = registry->stats();
+  ASSERT_TRUE(registry->Acquire("t/x").ok());
+  EXPECT_EQ(registry->stats().host.hits, stats.host.hits + 1);
+  EXPECT_EQ(registry->stats().host.misses, stats.host.misses);
+  // Prefetching a resident adapter is a no-op; an Acquire racing a prefetch
+  // waits for it and gets the same adapter.
+  EXPECT_TRUE(registry->Prefetch("t/x").ok());
+  ASSERT_TRUE(registry->Prefetch("t/y").ok());
+  absl::StatusOr<AdapterHandle> y = registry->Acquire("t/y");
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_EQ((*y)->id, "t/y");
+}
+
+TEST(AdapterRegistryTest, ConcurrentUseFromManyThreads) {
+  auto registry = MakeRegistry(/*host_budget_bytes=*/3 * kSmallBytes);
+  std::vector<std::string> dirs;
+  for (int i = 0; i < 4; ++i) dirs.push_back(WriteSmallAdapter(FreshDir(std::to_string(i)), 4, i));
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(registry->Load("t/" + std::to_string(i), dirs[i]).ok());
+  std::atomic<int> unexpected{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 200; ++i) {
+        const std::string id = "t/" + std::to_string((t + i) % 4);
+        absl::StatusOr<AdapterHandle> handle = registry->Acquire(id);
+        if (handle.ok()) {
+          if ((*handle)->id != id) ++unexpected;
+        } else if (handle.status().code() != absl::StatusCode::kResourceExhausted &&
+                   handle.status().code() != absl::StatusCode::kNotFound) {
+          ++unexpected;
+        }
+        if (i % 10 == 0) registry->Prefetch(id).IgnoreError();
+        if (t == 0 && i % 25 == 0) registry->Load(id, dirs[(t + i) % 4]).IgnoreError();
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(unexpected, 0);
+  EXPECT_EQ(registry->List().size(), 4u);
+  EXPECT_LE(registry->stats().host_bytes, 3 * kSmallBytes);
+}
+
+}  // namespace
+}  // namespace loraserve::adapters
