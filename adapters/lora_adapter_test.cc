@@ -223,7 +223,7 @@ TEST(LoraAdapterTest, NonFiniteValues) {
 
 TEST(LoraAdapterTest, UnknownModule) {
   std::vector<TestTensor> tensors = LoraTensors(SharedModelShape(), 4, kQv, 1);
-  tensors.push_back({"base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight", "F32", {4, 64},
+  tensors.push_back({"base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight", {4, 64},
                      std::vector<float>(256, 0.f)});
   const std::string dir = WriteAdapter(FreshDir("x"), LoraConfigJson(4, 8, kQv), tensors);
   EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),

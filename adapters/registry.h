@@ -21,12 +21,11 @@
 // disk is refused (a new version needs a Load). The budget counts every live
 // LoadedAdapter, including old versions still held by requests.
 //
-// Device tier: not in this class. With the CPU backend, device memory is host
-// memory and the forward pass reads LoadedAdapter's float32 weights directly.
-// A device pool (CUDA) sits beside the registry: it keeps the AdapterHandle of
-// each adapter it has uploaded, keyed by content hash, so the registry never
-// evicts one whose device copy is in use (its refcount says "in use"), and it
-// reports its own AdapterTierStats next to `host`.
+// Device tier: DeviceAdapterCache (device_cache.h), beside this class and
+// keyed by content hash. A request holds its AdapterHandle while the engine
+// uses the adapter's device copy, so the host tier never evicts an adapter in
+// use on the device; a device copy outlives a host eviction (it is a copy).
+// Stats: `host` here, DeviceCacheStats there.
 //
 // Threading: every method may be called from any thread (API threads); one
 // mutex guards the registry, and no file is read while it is held. This is

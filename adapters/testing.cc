@@ -1,11 +1,11 @@
 #include "adapters/testing.h"
 
 #include <algorithm>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 
 #include "gtest/gtest.h"
+#include "server/model/safetensors.h"
 
 namespace loraserve::adapters::testing {
 
@@ -40,7 +40,7 @@ std::vector<TestTensor> LoraTensors(const BaseModelShape& base, int r,
       for (const auto& [suffix, shape] :
            {std::pair<std::string, std::vector<int64_t>>{".lora_A.weight", {r, in}},
             {".lora_B.weight", {out, r}}}) {
-        TestTensor tensor{prefix + suffix, "F32", shape, {}};
+        TestTensor tensor{prefix + suffix, shape, {}};
         tensor.values.resize(shape[0] * shape[1]);
         for (size_t i = 0; i < tensor.values.size(); ++i) {
           tensor.values[i] = static_cast<float>((i * 31 + layer * 7 + seed * 13) % 17) / 16 - 0.5f;
@@ -52,38 +52,19 @@ std::vector<TestTensor> LoraTensors(const BaseModelShape& base, int r,
   return tensors;
 }
 
-void WriteSafetensors(const std::string& path, const std::vector<TestTensor>& tensors) {
-  nlohmann::json header = {{"__metadata__", {{"format", "pt"}}}};
-  std::string data;
-  for (const TestTensor& tensor : tensors) {
-    const size_t begin = data.size();
-    for (float value : tensor.values) {
-      uint32_t bits;
-      std::memcpy(&bits, &value, sizeof(bits));
-      if (tensor.dtype == "BF16") {
-        const uint16_t top = static_cast<uint16_t>(bits >> 16);
-        data.append(reinterpret_cast<const char*>(&top), sizeof(top));
-      } else {
-        data.append(reinterpret_cast<const char*>(&bits), sizeof(bits));
-      }
-    }
-    header[tensor.name] = {{"dtype", tensor.dtype},
-                           {"shape", tensor.shape},
-                           {"data_offsets", {begin, data.size()}}};
-  }
-  const std::string header_text = header.dump();
-  const uint64_t header_size = header_text.size();
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(reinterpret_cast<const char*>(&header_size), sizeof(header_size));
-  out << header_text << data;
-  ASSERT_TRUE(out.good()) << path;
-}
-
 std::string WriteAdapter(const std::string& dir, const nlohmann::json& config,
                          const std::vector<TestTensor>& tensors) {
   std::filesystem::create_directories(dir);
   std::ofstream(dir + "/adapter_config.json") << config.dump(2);
-  WriteSafetensors(dir + "/adapter_model.safetensors", tensors);
+  std::vector<model::SerializedTensor> serialized;
+  for (const TestTensor& tensor : tensors) {
+    serialized.push_back({tensor.name, "F32", tensor.shape,
+                          std::string(reinterpret_cast<const char*>(tensor.values.data()),
+                                      tensor.values.size() * sizeof(float))});
+  }
+  const absl::Status written =
+      model::WriteSafetensors(dir + "/adapter_model.safetensors", serialized, {{"format", "pt"}});
+  EXPECT_TRUE(written.ok()) << written;
   return dir;
 }
 

@@ -13,9 +13,9 @@
 
 namespace loraserve::adapters::testing {
 
+// Written as F32 (the shared adapters cover F16 and BF16).
 struct TestTensor {
   std::string name;
-  std::string dtype = "F32";  // "F32" or "BF16" (BF16 keeps the top 16 bits)
   std::vector<int64_t> shape;
   std::vector<float> values;
 };
@@ -35,9 +35,6 @@ nlohmann::json LoraConfigJson(int r, double alpha, const std::vector<std::string
 // deterministic values derived from `seed`.
 std::vector<TestTensor> LoraTensors(const BaseModelShape& base, int r,
                                     const std::vector<std::string>& targets, int seed);
-
-// Writes the safetensors file at `path`.
-void WriteSafetensors(const std::string& path, const std::vector<TestTensor>& tensors);
 
 // Writes dir/adapter_config.json and dir/adapter_model.safetensors; returns dir.
 std::string WriteAdapter(const std::string& dir, const nlohmann::json& config,
