@@ -26,6 +26,10 @@ const char* FinishReasonName(FinishReason reason) {
       return "stop";
     case FinishReason::kLength:
       return "length";
+    case FinishReason::kCancelled:
+      return "cancelled";
+    case FinishReason::kError:
+      return "error";
   }
   return "?";
 }
@@ -61,6 +65,7 @@ struct Engine::Sequence {
   int64_t num_cached = 0;       // tokens whose K and V are in the cache
   std::vector<int32_t> blocks;  // block table
   const adapters::DeviceAdapter* device_adapter = nullptr;  // while admitted
+  bool preempted = false;  // waiting again after preemption: admitted first
   std::optional<model::IncrementalDecoder> decoder;
   StopStringFilter stop_filter;
   bool finished = false;
@@ -87,13 +92,27 @@ Engine::~Engine() {
     cache_->Release(seq->blocks);
     ReleaseAdapter(*seq);
   }
-  for (auto& [hash, entry] : merged_) device_adapters_->Release(entry->adapter->adapter);
+  DropMergedSets();
+}
+
+void Engine::DropMergedSets() {
+  for (auto& [hash, entry] : merged_) {
+    device_adapters_->Release(entry->adapter->adapter);
+    stats_.merged_bytes -= entry->weights->bytes();
+    ++stats_.merge_evictions;
+  }
+  merged_.clear();
 }
 
 bool Engine::AcquireAdapter(Sequence& seq) {
   if (seq.request.adapter == nullptr || seq.device_adapter != nullptr) return true;
   absl::StatusOr<const adapters::DeviceAdapter*> device =
       device_adapters_->Acquire(seq.request.adapter->adapter);
+  if (!device.ok() && !merged_.empty()) {
+    // Merged sets hold their adapters' device copies; requests come first.
+    DropMergedSets();
+    device = device_adapters_->Acquire(seq.request.adapter->adapter);
+  }
   if (!device.ok()) return false;  // every resident adapter is in use: wait
   seq.device_adapter = *device;
   return true;
@@ -109,6 +128,7 @@ void Engine::Preempt(std::unique_ptr<Sequence> seq) {
   cache_->Release(seq->blocks);
   ReleaseAdapter(*seq);
   seq->num_cached = 0;
+  seq->preempted = true;
   ++stats_.preemptions;
   waiting_.insert(waiting_.begin(), std::move(seq));
 }
@@ -134,11 +154,6 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
     return absl::InvalidArgumentError(absl::StrCat(
         "max_tokens: prompt (", prompt, " tokens) + max_tokens (", request.max_tokens,
         ") exceeds the model's context of ", context, " tokens"));
-  }
-  if (prompt > options_.max_batch_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt: ", prompt,
-                                                   " tokens exceed --max-batch-tokens (",
-                                                   options_.max_batch_tokens, ")"));
   }
   if (cache_->BlocksFor(prompt + request.max_tokens) > cache_->num_blocks()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -172,49 +187,98 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
 }
 
 absl::StatusOr<RequestId> Engine::Add(GenerationRequest request, TokenCallback callback) {
-  RETURN_IF_ERROR(Validate(request));
   const RequestId id = next_id_++;
-  waiting_.push_back(
-      std::make_unique<Sequence>(id, std::move(request), std::move(callback), tokenizer_));
+  RETURN_IF_ERROR(Add(id, std::move(request), std::move(callback)));
   return id;
 }
 
+absl::Status Engine::Add(RequestId id, GenerationRequest request, TokenCallback callback) {
+  RETURN_IF_ERROR(Validate(request));
+  waiting_.push_back(
+      std::make_unique<Sequence>(id, std::move(request), std::move(callback), tokenizer_));
+  return absl::OkStatus();
+}
+
+Engine::Sequence* Engine::NextToAdmit() {
+  // Preempted sequences first: they already waited their turn.
+  for (auto& seq : waiting_) {
+    if (seq->preempted) return seq.get();
+  }
+  // Then the oldest request of the tenant that has been served least.
+  Sequence* best = nullptr;
+  for (auto& seq : waiting_) {
+    if (best == nullptr || served_[seq->request.tenant] < served_[best->request.tenant]) {
+      best = seq.get();
+    }
+  }
+  return best;
+}
+
+void Engine::ChargeTenant(const std::string& tenant, int64_t tokens) {
+  // A tenant that was idle starts at the least active counter, so it is
+  // served promptly but cannot claim the time it spent away.
+  auto [it, inserted] = served_.try_emplace(tenant, 0);
+  if (inserted) {
+    int64_t floor = -1;
+    for (const auto& [other, count] : served_) {
+      if (other != tenant && (floor < 0 || count < floor)) floor = count;
+    }
+    it->second = std::max<int64_t>(floor, 0);
+  }
+  it->second += tokens;
+}
+
 absl::Status Engine::Step() {
-  // Running sequences decode one token each; when the pool runs dry the
-  // newest running sequence is preempted and will be recomputed later.
-  for (size_t i = 0; i < running_.size();) {
-    if (cache_->Reserve(running_[i]->blocks,
-                        static_cast<int64_t>(running_[i]->tokens.size())).ok()) {
+  DropCancelled();
+  // Budget of tokens for this step: running sequences first (a decode token,
+  // or the next chunk of a prompt being prefilled), then waiting ones.
+  struct Planned {
+    Sequence* seq;
+    int64_t tokens;
+  };
+  std::vector<Planned> plan;
+  int64_t budget = options_.max_batch_tokens;
+  for (size_t i = 0; i < running_.size() && budget > 0;) {
+    Sequence& seq = *running_[i];
+    const int64_t n =
+        std::min<int64_t>(static_cast<int64_t>(seq.tokens.size()) - seq.num_cached, budget);
+    if (cache_->Reserve(seq.blocks, seq.num_cached + n).ok()) {
+      plan.push_back({&seq, n});
+      budget -= n;
       ++i;
       continue;
     }
+    // The pool ran dry: the newest running sequence is recomputed later.
     std::unique_ptr<Sequence> victim = std::move(running_.back());
     running_.pop_back();
+    for (auto p = plan.begin(); p != plan.end(); ++p) {
+      if (p->seq == victim.get()) {
+        budget += p->tokens;
+        plan.erase(p);
+        break;
+      }
+    }
     Preempt(std::move(victim));
   }
-  std::vector<Sequence*> batch;
-  int64_t batch_tokens = 0;
-  for (auto& seq : running_) {
-    batch.push_back(seq.get());
-    batch_tokens += static_cast<int64_t>(seq->tokens.size()) - seq->num_cached;
-  }
-  // Waiting sequences join, oldest first, while tokens and blocks allow.
-  while (!waiting_.empty() &&
+  while (!waiting_.empty() && budget > 0 &&
          static_cast<int32_t>(running_.size()) < options_.max_running_requests) {
-    Sequence& seq = *waiting_.front();
-    const int64_t new_tokens = static_cast<int64_t>(seq.tokens.size());
-    if (batch_tokens + new_tokens > options_.max_batch_tokens) break;
-    if (!cache_->Reserve(seq.blocks, new_tokens).ok()) break;
-    if (!AcquireAdapter(seq)) {
-      cache_->Release(seq.blocks);
+    Sequence* seq = NextToAdmit();
+    const int64_t n =
+        std::min<int64_t>(static_cast<int64_t>(seq->tokens.size()) - seq->num_cached, budget);
+    if (!cache_->Reserve(seq->blocks, seq->num_cached + n).ok()) break;
+    if (!AcquireAdapter(*seq)) {
+      cache_->Release(seq->blocks);
       break;
     }
-    batch.push_back(&seq);
-    batch_tokens += new_tokens;
-    running_.push_back(std::move(waiting_.front()));
-    waiting_.erase(waiting_.begin());
+    seq->preempted = false;
+    plan.push_back({seq, n});
+    budget -= n;
+    auto it = std::find_if(waiting_.begin(), waiting_.end(),
+                           [seq](const auto& w) { return w.get() == seq; });
+    running_.push_back(std::move(*it));
+    waiting_.erase(it);
   }
-  if (batch.empty()) {
+  if (plan.empty()) {
     if (running_.empty() && !waiting_.empty()) {
       return absl::ResourceExhaustedError(
           "no room (KV blocks or adapter memory) for the oldest waiting request");
@@ -223,63 +287,114 @@ absl::Status Engine::Step() {
   }
 
   // Sequences of one adapter side by side: each adapter is one LoRA segment.
-  std::stable_sort(batch.begin(), batch.end(), [](const Sequence* a, const Sequence* b) {
-    return a->adapter_key() < b->adapter_key();
+  std::stable_sort(plan.begin(), plan.end(), [](const Planned& a, const Planned& b) {
+    return a.seq->adapter_key() < b.seq->adapter_key();
   });
+  std::vector<Sequence*> batch;
+  for (const Planned& p : plan) batch.push_back(p.seq);
   model::ForwardInput in;
-  in.merged = ChooseMerged(batch);
+  in.merged = ChooseMerged(plan.size(), [&](size_t i) { return plan[i].seq; },
+                           [&](size_t i) { return plan[i].tokens; });
   ++stats_.steps;
   if (in.merged != nullptr) ++stats_.merged_steps;
   int32_t max_blocks = 0;
-  for (Sequence* seq : batch) max_blocks = std::max<int32_t>(max_blocks, seq->blocks.size());
+  for (const Planned& p : plan) max_blocks = std::max<int32_t>(max_blocks, p.seq->blocks.size());
   in.max_blocks_per_seq = max_blocks;
   in.query_start.push_back(0);
   const int32_t block_size = cache_->block_size();
-  for (Sequence* seq : batch) {
-    for (int64_t pos = seq->num_cached; pos < static_cast<int64_t>(seq->tokens.size()); ++pos) {
-      in.tokens.push_back(seq->tokens[pos]);
+  std::vector<Sequence*> sampled;  // sequences whose whole context is now cached
+  for (const Planned& p : plan) {
+    Sequence& seq = *p.seq;
+    const int64_t end = seq.num_cached + p.tokens;
+    for (int64_t pos = seq.num_cached; pos < end; ++pos) {
+      in.tokens.push_back(seq.tokens[pos]);
       in.positions.push_back(static_cast<int32_t>(pos));
-      in.slot_mapping.push_back(seq->blocks[pos / block_size] * block_size + pos % block_size);
+      in.slot_mapping.push_back(seq.blocks[pos / block_size] * block_size + pos % block_size);
     }
-    in.logit_rows.push_back(static_cast<int32_t>(in.tokens.size()) - 1);
+    if (end == static_cast<int64_t>(seq.tokens.size())) {
+      in.logit_rows.push_back(static_cast<int32_t>(in.tokens.size()) - 1);
+      sampled.push_back(&seq);
+    }
     in.query_start.push_back(static_cast<int32_t>(in.tokens.size()));
-    in.context_lens.push_back(static_cast<int32_t>(seq->tokens.size()));
-    in.adapters.push_back({seq->device_adapter, seq->request.adapter_scale});
-    std::vector<int32_t> table = seq->blocks;
+    in.context_lens.push_back(static_cast<int32_t>(end));
+    in.adapters.push_back({seq.device_adapter, seq.request.adapter_scale});
+    std::vector<int32_t> table = seq.blocks;
     table.resize(max_blocks, 0);
     in.block_tables.insert(in.block_tables.end(), table.begin(), table.end());
+    ChargeTenant(seq.request.tenant, p.tokens);
   }
   std::vector<float> logits;
-  RETURN_IF_ERROR(model_->Forward(in, cache_->View(), &logits));
-
+  if (absl::Status status = model_->Forward(in, cache_->View(), &logits); !status.ok()) {
+    // The step's requests fail with the error; everyone else keeps going.
+    for (Sequence* seq : batch) Finish(*seq, FinishReason::kError, status);
+    RemoveFinished();
+    return status;
+  }
+  for (const Planned& p : plan) p.seq->num_cached += p.tokens;
   const int64_t vocab = model_->config().vocab_size;
-  for (size_t i = 0; i < batch.size(); ++i) {
-    Sequence& seq = *batch[i];
-    seq.num_cached = static_cast<int64_t>(seq.tokens.size());
+  for (size_t i = 0; i < sampled.size(); ++i) {
+    Sequence& seq = *sampled[i];
     const absl::Span<const float> row(logits.data() + i * vocab, vocab);
     Emit(seq, SampleToken(row, seq.request.sampling, seq.generated(), seq.request.top_logprobs));
   }
-  // Finished sequences give their blocks back at once.
-  for (auto it = running_.begin(); it != running_.end();) {
-    if ((*it)->finished) {
-      cache_->Release((*it)->blocks);
-      ReleaseAdapter(**it);
-      it = running_.erase(it);
-    } else {
-      ++it;
-    }
-  }
+  RemoveFinished();
   return absl::OkStatus();
 }
 
-const model::MergedWeights* Engine::ChooseMerged(const std::vector<Sequence*>& batch) {
+void Engine::Cancel(RequestId id) { cancel_requests_.insert(id); }
+
+void Engine::CancelAll() { cancel_all_ = true; }
+
+void Engine::DropCancelled() {
+  if (cancel_requests_.empty() && !cancel_all_) return;
+  for (auto* queue : {&running_, &waiting_}) {
+    for (auto& seq : *queue) {
+      if (cancel_all_ || cancel_requests_.count(seq->id)) {
+        Finish(*seq, FinishReason::kCancelled, {});
+      }
+    }
+  }
+  cancel_requests_.clear();
+  cancel_all_ = false;
+  RemoveFinished();
+}
+
+void Engine::Finish(Sequence& seq, FinishReason reason, const absl::Status& error) {
+  if (seq.finished) return;
+  TokenEvent event;
+  event.token_id = -1;
+  event.finish = reason;
+  event.error = error;
+  seq.finished = true;
+  seq.callback(event);
+}
+
+void Engine::RemoveFinished() {
+  // Finished sequences give their blocks and adapters back at once.
+  for (auto* queue : {&running_, &waiting_}) {
+    for (auto it = queue->begin(); it != queue->end();) {
+      if ((*it)->finished) {
+        cache_->Release((*it)->blocks);
+        ReleaseAdapter(**it);
+        it = queue->erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+}
+
+const model::MergedWeights* Engine::ChooseMerged(
+    size_t count, const std::function<Sequence*(size_t)>& seq_at,
+    const std::function<int64_t(size_t)>& tokens_at) {
   if (options_.lora_mode == LoraMode::kUnmerged || device_adapters_ == nullptr) return nullptr;
   // Tokens per mergeable adapter in this step, into the traffic window.
   std::map<std::string, int64_t> tokens;
   std::map<std::string, Sequence*> representative;
   int64_t total = 0;
-  for (Sequence* seq : batch) {
-    const int64_t n = static_cast<int64_t>(seq->tokens.size()) - seq->num_cached;
+  for (size_t i = 0; i < count; ++i) {
+    Sequence* seq = seq_at(i);
+    const int64_t n = tokens_at(i);
     total += n;
     if (!seq->mergeable()) continue;
     tokens[seq->request.adapter->content_hash()] += n;

@@ -23,6 +23,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -49,9 +50,12 @@ struct GenerationRequest {
   // keeps its version, and the multiplier of its scale (adapter_scale).
   adapters::AdapterHandle adapter;
   float adapter_scale = 1.0f;
+  // Fairness: waiting requests are admitted tenant by tenant, the tenant
+  // with the fewest tokens served (prompt and generated) first.
+  std::string tenant;
 };
 
-enum class FinishReason { kNone, kStop, kLength };
+enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };
 const char* FinishReasonName(FinishReason reason);
 
 // One generated token as the client sees it.
@@ -61,6 +65,7 @@ struct TokenEvent {
   float logprob = 0.0f;
   std::vector<TokenLogprob> top_logprobs;
   FinishReason finish = FinishReason::kNone;  // set on the last event
+  absl::Status error;  // why, when finish is kError
 };
 
 using RequestId = int64_t;
@@ -104,24 +109,47 @@ class Engine {
 
   // Validates and queues a request. InvalidArgument names the bad field.
   absl::StatusOr<RequestId> Add(GenerationRequest request, TokenCallback callback);
-  // Runs one batched forward pass and delivers its tokens.
+  // The same with an id chosen by the caller (unique among live requests).
+  absl::Status Add(RequestId id, GenerationRequest request, TokenCallback callback);
+  // What Add checks; depends only on immutable state, so any thread may call it.
+  absl::Status Validate(const GenerationRequest& request) const;
+  // The request ends before the next step (final event: kCancelled) and
+  // its KV blocks go back to the pool; unknown ids are ignored.
+  void Cancel(RequestId id);
+  void CancelAll();
+  // Runs one batched forward pass and delivers its tokens. Prompts longer
+  // than the step's token budget are prefilled in chunks over several steps.
+  // A failed forward pass ends that step's requests with kError (and returns
+  // the error); the engine stays usable.
   absl::Status Step();
   bool HasWork() const;
   const EngineStats& stats() const { return stats_; }
+  int64_t num_running() const { return static_cast<int64_t>(running_.size()); }
+  int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
+  const KvCache& kv_cache() const { return *cache_; }
+  const adapters::DeviceAdapterCache* device_adapters() const { return device_adapters_; }
 
  private:
   struct Sequence;
   struct MergedEntry;
-  absl::Status Validate(const GenerationRequest& request) const;
   void Emit(Sequence& seq, const SampledToken& sampled);
+  // Ends a request with a final event carrying no token.
+  void Finish(Sequence& seq, FinishReason reason, const absl::Status& error);
+  void RemoveFinished();
+  void DropCancelled();
+  Sequence* NextToAdmit();
+  void ChargeTenant(const std::string& tenant, int64_t tokens);
   // Makes the sequence's adapter resident on the device (false: no room now).
   bool AcquireAdapter(Sequence& seq);
   void ReleaseAdapter(Sequence& seq);
+  void DropMergedSets();
   // Takes a running sequence off the batch, freeing its KV for recompute.
   void Preempt(std::unique_ptr<Sequence> seq);
   // The merged weights this step runs on (null: unmerged), after updating
   // the traffic window with the batch.
-  const model::MergedWeights* ChooseMerged(const std::vector<Sequence*>& batch);
+  const model::MergedWeights* ChooseMerged(size_t count,
+                                           const std::function<Sequence*(size_t)>& seq_at,
+                                           const std::function<int64_t(size_t)>& tokens_at);
   const model::MergedWeights* GetOrMerge(Sequence& representative);
 
   model::LlamaModel* model_;
@@ -135,6 +163,9 @@ class Engine {
   std::map<std::string, std::unique_ptr<MergedEntry>> merged_;  // content hash -> weights
   std::vector<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
+  std::set<RequestId> cancel_requests_;
+  bool cancel_all_ = false;
+  std::map<std::string, int64_t> served_;  // tenant -> tokens served (virtual time)
 };
 
 }  // namespace loraserve::engine
