@@ -1,0 +1,190 @@
+// The engine's scheduling (chunked prefill, fairness, cancellation) and the
+// thread-safe EngineLoop around it.
+#include "server/engine/engine_loop.h"
+
+#include <atomic>
+#include <map>
+#include <thread>
+
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+
+namespace loraserve::engine {
+namespace {
+
+const std::string& SharedModel() {
+  static const std::string dir = std::string(LORASERVE_SHARED_DIR) + "/models/aidreams-260k";
+  return dir;
+}
+
+struct Fixture {
+  explicit Fixture(EngineOptions options = {}) {
+    backend = std::move(*kernels::CreateCpuBackend({}));
+    model = std::move(*model::LlamaModel::Load(backend.get(), SharedModel(), {}));
+    cache = std::move(*KvCache::Create(backend.get(), model->kv_shape(), 16, 64 << 20));
+    engine = std::make_unique<Engine>(model.get(), nullptr, cache.get(), nullptr, options);
+  }
+  std::unique_ptr<kernels::Backend> backend;
+  std::unique_ptr<model::LlamaModel> model;
+  std::unique_ptr<KvCache> cache;
+  std::unique_ptr<Engine> engine;
+};
+
+GenerationRequest Greedy(std::vector<int32_t> prompt, int32_t max_tokens,
+                         std::string tenant = "") {
+  GenerationRequest r;
+  r.prompt_ids = std::move(prompt);
+  r.max_tokens = max_tokens;
+  r.ignore_eos = true;
+  r.sampling.temperature = 0.0f;
+  r.tenant = std::move(tenant);
+  return r;
+}
+
+std::vector<int32_t> Prompt(int n) {
+  std::vector<int32_t> p = {1};
+  for (int i = 1; i < n; ++i) p.push_back(3 + (i * 37) % 500);
+  return p;
+}
+
+std::vector<int32_t> RunAlone(EngineOptions options, const GenerationRequest& r) {
+  Fixture f(options);
+  std::vector<int32_t> ids;
+  EXPECT_TRUE(f.engine->Add(r, [&](const TokenEvent& e) { ids.push_back(e.token_id); }).ok());
+  while (f.engine->HasWork()) EXPECT_TRUE(f.engine->Step().ok());
+  return ids;
+}
+
+TEST(EngineSchedulingTest, ChunkedPrefillGivesTheSameTokens) {
+  const GenerationRequest r = Greedy(Prompt(60), 20);
+  const std::vector<int32_t> whole = RunAlone({.max_batch_tokens = 2048}, r);
+  const std::vector<int32_t> chunked = RunAlone({.max_batch_tokens = 7}, r);
+  EXPECT_EQ(whole, chunked);
+  EXPECT_EQ(chunked.size(), 20u);
+}
+
+TEST(EngineSchedulingTest, DecodesKeepGoingWhileALongPromptPrefills) {
+  Fixture f({.max_batch_tokens = 8});
+  std::vector<int> order;  // request index per event
+  ASSERT_TRUE(f.engine->Add(Greedy(Prompt(2), 12), [&](const TokenEvent&) { order.push_back(0); })
+                  .ok());
+  ASSERT_TRUE(f.engine->Step().ok());  // request 0 prefilled, first token
+  ASSERT_TRUE(f.engine->Add(Greedy(Prompt(70), 2), [&](const TokenEvent&) { order.push_back(1); })
+                  .ok());
+  // 70 prompt tokens at 7 per step (one slot goes to request 0's decode):
+  // request 0 emits a token every step meanwhile.
+  for (int step = 0; step < 5; ++step) ASSERT_TRUE(f.engine->Step().ok());
+  EXPECT_EQ(order, std::vector<int>(6, 0));
+}
+
+TEST(EngineSchedulingTest, CancelFreesBlocksAndEndsTheStream) {
+  Fixture f;
+  std::vector<TokenEvent> events;
+  auto id = f.engine->Add(Greedy(Prompt(40), 60), [&](const TokenEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(id.ok());
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(f.engine->Step().ok());
+  EXPECT_LT(f.cache->free_blocks(), f.cache->num_blocks());
+  f.engine->Cancel(*id);
+  ASSERT_TRUE(f.engine->Step().ok());
+  EXPECT_EQ(f.cache->free_blocks(), f.cache->num_blocks());
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().finish, FinishReason::kCancelled);
+  EXPECT_EQ(events.size(), 4u);  // three tokens, then the cancellation
+  EXPECT_FALSE(f.engine->HasWork());
+}
+
+// Tenant "flood" queues 20 requests before tenant "calm" queues 2; with room
+// for 2 running requests, calm is served long before flood's queue drains.
+TEST(EngineSchedulingTest, AFloodingTenantDoesNotStarveOthers) {
+  Fixture f({.max_running_requests = 2});
+  std::vector<std::string> finished;
+  auto add = [&](const std::string& tenant) {
+    ASSERT_TRUE(f.engine
+                    ->Add(Greedy(Prompt(4), 4, tenant),
+                          [&, tenant](const TokenEvent& e) {
+                            if (e.finish != FinishReason::kNone) finished.push_back(tenant);
+                          })
+                    .ok());
+  };
+  for (int i = 0; i < 20; ++i) add("flood");
+  ASSERT_TRUE(f.engine->Step().ok());  // flood's first two are running
+  for (int i = 0; i < 2; ++i) add("calm");
+  while (f.engine->HasWork()) ASSERT_TRUE(f.engine->Step().ok());
+  ASSERT_EQ(finished.size(), 22u);
+  // Both calm requests finish among the first six completions.
+  int calm_seen = 0;
+  for (int i = 0; i < 6; ++i) calm_seen += finished[i] == "calm";
+  EXPECT_EQ(calm_seen, 2);
+}
+
+TEST(EngineLoopTest, ConcurrentSubmittersGetTheirOwnTokens) {
+  Fixture f;
+  const std::vector<int32_t> expected = RunAlone({}, Greedy(Prompt(5), 16));
+  EngineLoop loop(f.engine.get(), {});
+  loop.Start();
+  constexpr int kThreads = 8;
+  std::vector<std::vector<int32_t>> got(kThreads);
+  std::vector<absl::Notification> done(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      auto id = loop.Submit(Greedy(Prompt(5), 16), [&, t](const TokenEvent& e) {
+        got[t].push_back(e.token_id);
+        if (e.finish != FinishReason::kNone) done[t].Notify();
+      });
+      ASSERT_TRUE(id.ok()) << id.status();
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (int t = 0; t < kThreads; ++t) {
+    ASSERT_TRUE(done[t].WaitForNotificationWithTimeout(absl::Seconds(30)));
+    EXPECT_EQ(got[t], expected) << t;
+  }
+  // The snapshot is refreshed after each step: it settles once the last
+  // step's bookkeeping is done.
+  EngineSnapshot snapshot = loop.Snapshot();
+  for (int i = 0; i < 1000 && snapshot.running > 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(5));
+    snapshot = loop.Snapshot();
+  }
+  EXPECT_EQ(snapshot.running, 0);
+  EXPECT_EQ(snapshot.kv_blocks_used, 0);
+}
+
+TEST(EngineLoopTest, RejectsBadRequestsAndAFullQueue) {
+  Fixture f;
+  EngineLoop loop(f.engine.get(), {.max_queued_requests = 2});
+  // Not started: requests stay queued.
+  EXPECT_EQ(loop.Submit(Greedy({}, 4), [](const TokenEvent&) {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(loop.Submit(Greedy(Prompt(3), 4), [](const TokenEvent&) {}).ok());
+  ASSERT_TRUE(loop.Submit(Greedy(Prompt(3), 4), [](const TokenEvent&) {}).ok());
+  EXPECT_EQ(loop.Submit(Greedy(Prompt(3), 4), [](const TokenEvent&) {}).status().code(),
+            absl::StatusCode::kResourceExhausted);
+}
+
+TEST(EngineLoopTest, CancelAndDrain) {
+  Fixture f;
+  EngineLoop loop(f.engine.get(), {});
+  loop.Start();
+  absl::Notification cancelled, finished;
+  auto long_id = loop.Submit(Greedy(Prompt(3), 120), [&](const TokenEvent& e) {
+    if (e.finish == FinishReason::kCancelled) cancelled.Notify();
+  });
+  ASSERT_TRUE(long_id.ok());
+  auto short_id = loop.Submit(Greedy(Prompt(3), 3), [&](const TokenEvent& e) {
+    if (e.finish == FinishReason::kLength) finished.Notify();
+  });
+  ASSERT_TRUE(short_id.ok());
+  ASSERT_TRUE(finished.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  loop.Cancel(*long_id);
+  ASSERT_TRUE(cancelled.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  loop.Drain(absl::Seconds(5));
+  EXPECT_EQ(loop.Submit(Greedy(Prompt(3), 3), [](const TokenEvent&) {}).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(f.cache->free_blocks(), f.cache->num_blocks());
+}
+
+}  // namespace
+}  // namespace loraserve::engine
