@@ -190,6 +190,11 @@ absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseMo
   ASSIGN_OR_RETURN(std::unique_ptr<model::SafetensorsFile> file,
                    model::SafetensorsFile::Open(weights_path));
 
+  for (const auto& [name, dtype] : file->UnexposedDtypes()) {
+    return absl::InvalidArgumentError(absl::StrCat(weights_path, ": tensor \"", name,
+                                                   "\" has dtype ", dtype,
+                                                   "; LoRA weights must be F32, F16 or BF16"));
+  }
   // Sort every tensor into its module, refusing anything that is not a LoRA
   // matrix of a module the config targets in this base model.
   std::map<std::pair<int64_t, LoraModule>, ModuleTensors> found;

@@ -230,6 +230,17 @@ TEST(LoraAdapterTest, UnknownModule) {
               AllOf(HasSubstr("qkv_proj.lora_A.weight"), HasSubstr("not a LoRA weight of a known module")));
 }
 
+TEST(LoraAdapterTest, IntegerTensorIsRefusedByName) {
+  const std::string dir = FreshDir("x");
+  ASSERT_TRUE(model::WriteSafetensors(dir + "/adapter_model.safetensors",
+                                      {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                                        "I64", {4, 64}, std::string(4 * 64 * 8, '\0')}})
+                  .ok());
+  std::ofstream(dir + "/adapter_config.json") << LoraConfigJson(4, 8, {"q_proj"}).dump();
+  EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),
+              AllOf(HasSubstr("q_proj.lora_A.weight"), HasSubstr("dtype I64")));
+}
+
 TEST(LoraAdapterTest, TensorForAModuleTheConfigDoesNotTarget) {
   const std::string dir = WriteAdapter(FreshDir("x"), LoraConfigJson(4, 8, {"q_proj"}),
                                        LoraTensors(SharedModelShape(), 4, kQv, 1));

@@ -359,6 +359,12 @@ absl::StatusOr<const TensorInfo*> SafetensorsFile::Get(const std::string& name) 
   return absl::NotFoundError(absl::StrCat("tensor ", name, " not in file ", path_));
 }
 
+std::map<std::string, std::string> SafetensorsFile::UnexposedDtypes() const {
+  std::map<std::string, std::string> dtypes;
+  for (const auto& [name, raw] : unexposed_) dtypes[name] = raw.dtype;
+  return dtypes;
+}
+
 absl::StatusOr<std::vector<int32_t>> SafetensorsFile::ReadInt32(const std::string& name) const {
   auto it = unexposed_.find(name);
   if (it == unexposed_.end() || it->second.dtype != "I32") {

@@ -64,6 +64,8 @@ class SafetensorsFile {
   absl::StatusOr<std::vector<int32_t>> ReadInt32(const std::string& name) const;
   // The exposed (F32, F16, BF16) tensors.
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
+  // Names of the tensors that are not exposed, with their dtype strings.
+  std::map<std::string, std::string> UnexposedDtypes() const;
   // The "__metadata__" string map of the header (may be empty).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
