@@ -199,6 +199,15 @@ absl::Status Engine::Add(RequestId id, GenerationRequest request, TokenCallback 
   return absl::OkStatus();
 }
 
+void Engine::ReusePrefix(Sequence& seq) {
+  if (!options_.enable_prefix_cache) return;
+  std::vector<uint64_t> hashes = cache_->BlockHashes(seq.adapter_key(), seq.tokens);
+  // At least one token is computed, for the logits of the next one.
+  hashes.resize(std::min<size_t>(hashes.size(), (seq.tokens.size() - 1) / cache_->block_size()));
+  seq.blocks = cache_->MatchPrefix(hashes);
+  seq.num_cached = static_cast<int64_t>(seq.blocks.size()) * cache_->block_size();
+}
+
 Engine::Sequence* Engine::NextToAdmit() {
   // Preempted sequences first: they already waited their turn.
   for (auto& seq : waiting_) {
@@ -263,14 +272,17 @@ absl::Status Engine::Step() {
   while (!waiting_.empty() && budget > 0 &&
          static_cast<int32_t>(running_.size()) < options_.max_running_requests) {
     Sequence* seq = NextToAdmit();
+    const bool fresh = seq->blocks.empty();
+    if (fresh) ReusePrefix(*seq);
     const int64_t n =
         std::min<int64_t>(static_cast<int64_t>(seq->tokens.size()) - seq->num_cached, budget);
-    if (!cache_->Reserve(seq->blocks, seq->num_cached + n).ok()) break;
-    if (!AcquireAdapter(*seq)) {
+    if (!cache_->Reserve(seq->blocks, seq->num_cached + n).ok() || !AcquireAdapter(*seq)) {
       cache_->Release(seq->blocks);
+      seq->num_cached = 0;
       break;
     }
     seq->preempted = false;
+    if (fresh) stats_.prefix_cached_tokens += seq->num_cached;
     plan.push_back({seq, n});
     budget -= n;
     auto it = std::find_if(waiting_.begin(), waiting_.end(),
@@ -330,7 +342,15 @@ absl::Status Engine::Step() {
     RemoveFinished();
     return status;
   }
-  for (const Planned& p : plan) p.seq->num_cached += p.tokens;
+  for (const Planned& p : plan) {
+    Sequence& seq = *p.seq;
+    const int64_t full_before = seq.num_cached / cache_->block_size();
+    seq.num_cached += p.tokens;
+    if (options_.enable_prefix_cache && seq.num_cached / cache_->block_size() > full_before) {
+      const std::vector<int32_t> cached(seq.tokens.begin(), seq.tokens.begin() + seq.num_cached);
+      cache_->Register(seq.blocks, cache_->BlockHashes(seq.adapter_key(), cached));
+    }
+  }
   const int64_t vocab = model_->config().vocab_size;
   for (size_t i = 0; i < sampled.size(); ++i) {
     Sequence& seq = *sampled[i];

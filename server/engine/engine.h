@@ -82,6 +82,9 @@ absl::StatusOr<LoraMode> ParseLoraMode(absl::string_view text);
 struct EngineOptions {
   int32_t max_batch_tokens = 2048;  // prompt + decode tokens in one step
   int32_t max_running_requests = 256;
+  // Reuse the KV of full blocks of earlier prompts with the same adapter
+  // (by content hash and scale) and the same tokens.
+  bool enable_prefix_cache = false;
   LoraMode lora_mode = LoraMode::kAuto;
   int64_t merged_cache_bytes = 0;   // merged weight sets; 0 disables merging in auto mode
   double merge_threshold = 0.5;     // auto: adapter's share of recent batch tokens to merge
@@ -98,6 +101,7 @@ struct EngineStats {
   int64_t merge_evictions = 0;
   int64_t merged_bytes = 0;  // held now
   int64_t preemptions = 0;
+  int64_t prefix_cached_tokens = 0;  // prompt tokens whose KV came from the prefix cache
 };
 
 class Engine {
@@ -138,6 +142,9 @@ class Engine {
   void RemoveFinished();
   void DropCancelled();
   Sequence* NextToAdmit();
+  // Takes the cached KV blocks of the longest known prefix of a sequence
+  // that has no blocks yet.
+  void ReusePrefix(Sequence& seq);
   void ChargeTenant(const std::string& tenant, int64_t tokens);
   // Makes the sequence's adapter resident on the device (false: no room now).
   bool AcquireAdapter(Sequence& seq);

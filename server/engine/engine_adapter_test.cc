@@ -209,6 +209,28 @@ TEST(EngineAdapterTest, AdapterWaitsForDeviceRoomAndFreesIt) {
   EXPECT_EQ(server.device().stats().evictions, 1);
 }
 
+// Cached KV is keyed by the adapter's content hash and scale: other adapters,
+// scales or the base model never reuse it; the same adapter does.
+TEST(EngineAdapterTest, PrefixCacheIsKeyedByAdapterContentAndScale) {
+  const std::string root = std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/";
+  Server server(SharedModel(), {.enable_prefix_cache = true, .lora_mode = LoraMode::kUnmerged});
+  auto ocean = server.Adapter("ocean", root + "ocean");
+  auto robot = server.Adapter("robot", root + "robot");
+  std::vector<int32_t> prompt = {1};
+  for (int i = 0; i < 40; ++i) prompt.push_back(3 + i * 11);
+  auto hits = [&] { return server.engine().stats().prefix_cached_tokens; };
+  server.Run({Greedy(prompt, 2, ocean)});
+  EXPECT_EQ(hits(), 0);
+  server.Run({Greedy(prompt, 2, robot)});
+  server.Run({Greedy(prompt, 2)});
+  server.Run({Greedy(prompt, 2, ocean, 0.5f)});
+  EXPECT_EQ(hits(), 0);
+  const std::vector<std::vector<int32_t>> again = server.Run({Greedy(prompt, 6, ocean)});
+  EXPECT_EQ(hits(), 32);
+  Server fresh(SharedModel(), {.lora_mode = LoraMode::kUnmerged});
+  EXPECT_EQ(again, fresh.Run({Greedy(prompt, 6, fresh.Adapter("ocean", root + "ocean"))}));
+}
+
 TEST(EngineAdapterTest, InvalidAdapterScaleIsRejected) {
   const std::string root = std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/";
   Server server(SharedModel());

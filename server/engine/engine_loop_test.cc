@@ -118,6 +118,37 @@ TEST(EngineSchedulingTest, AFloodingTenantDoesNotStarveOthers) {
   EXPECT_EQ(calm_seen, 2);
 }
 
+TEST(EngineSchedulingTest, PrefixCacheReusesFullBlocksWithIdenticalResults) {
+  const GenerationRequest first = Greedy(Prompt(50), 10);
+  GenerationRequest second = first;
+  second.prompt_ids.push_back(77);  // same 50-token prefix, one more token
+  const std::vector<int32_t> expected = RunAlone({}, second);
+  Fixture f({.enable_prefix_cache = true});
+  std::vector<int32_t> ids;
+  for (const GenerationRequest& r : {first, second}) {
+    ids.clear();
+    ASSERT_TRUE(f.engine->Add(r, [&](const TokenEvent& e) { ids.push_back(e.token_id); }).ok());
+    while (f.engine->HasWork()) ASSERT_TRUE(f.engine->Step().ok());
+  }
+  EXPECT_EQ(ids, expected);
+  EXPECT_EQ(f.engine->stats().prefix_cached_tokens, 48);  // three full blocks of 16
+  EXPECT_EQ(f.cache->free_blocks(), f.cache->num_blocks());
+}
+
+TEST(EngineSchedulingTest, SamplingParametersShareThePrefixCache) {
+  Fixture f({.enable_prefix_cache = true});
+  auto run = [&](GenerationRequest r) {
+    ASSERT_TRUE(f.engine->Add(r, [](const TokenEvent&) {}).ok());
+    while (f.engine->HasWork()) ASSERT_TRUE(f.engine->Step().ok());
+  };
+  GenerationRequest base = Greedy(Prompt(40), 2);
+  run(base);
+  GenerationRequest sampled = base;
+  sampled.sampling = {.temperature = 0.7f, .seed = 5};  // sampling does not change KV
+  run(sampled);
+  EXPECT_EQ(f.engine->stats().prefix_cached_tokens, 32);
+}
+
 TEST(EngineLoopTest, ConcurrentSubmittersGetTheirOwnTokens) {
   Fixture f;
   const std::vector<int32_t> expected = RunAlone({}, Greedy(Prompt(5), 16));

@@ -33,10 +33,28 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(kernels::Backend* backe
     cache->v_pools_.push_back(std::move(v));
   }
   cache->bytes_ = block_bytes * num_blocks;
+  cache->refs_.assign(num_blocks, 0);
+  cache->block_hash_.assign(num_blocks, 0);
+  cache->lru_position_.resize(num_blocks);
   cache->free_.reserve(num_blocks);
   // Lowest ids on top of the stack: allocation order is easy to follow in tests.
   for (int64_t b = num_blocks - 1; b >= 0; --b) cache->free_.push_back(static_cast<int32_t>(b));
   return cache;
+}
+
+int32_t KvCache::TakeBlock() {
+  int32_t block;
+  if (!free_.empty()) {
+    block = free_.back();
+    free_.pop_back();
+  } else {
+    block = cached_free_.front();
+    cached_free_.pop_front();
+    cached_.erase(block_hash_[block]);
+    block_hash_[block] = 0;
+  }
+  refs_[block] = 1;
+  return block;
 }
 
 absl::Status KvCache::Reserve(std::vector<int32_t>& blocks, int64_t tokens) {
@@ -46,16 +64,60 @@ absl::Status KvCache::Reserve(std::vector<int32_t>& blocks, int64_t tokens) {
     return absl::ResourceExhaustedError(absl::StrCat("KV cache: ", needed, " blocks needed, ",
                                                      free_blocks(), " free of ", num_blocks()));
   }
-  for (int32_t i = 0; i < needed; ++i) {
-    blocks.push_back(free_.back());
-    free_.pop_back();
-  }
+  for (int32_t i = 0; i < needed; ++i) blocks.push_back(TakeBlock());
   return absl::OkStatus();
 }
 
 void KvCache::Release(std::vector<int32_t>& blocks) {
-  free_.insert(free_.end(), blocks.rbegin(), blocks.rend());
+  // Later blocks first: a sequence's tail is the least likely to be shared,
+  // so it is the first to be reused.
+  for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
+    const int32_t block = *it;
+    if (--refs_[block] > 0) continue;
+    if (block_hash_[block] != 0) {
+      cached_free_.push_back(block);
+      lru_position_[block] = std::prev(cached_free_.end());
+    } else {
+      free_.push_back(block);
+    }
+  }
   blocks.clear();
+}
+
+std::vector<uint64_t> KvCache::BlockHashes(const std::string& adapter_key,
+                                           const std::vector<int32_t>& tokens) const {
+  std::vector<uint64_t> hashes;
+  uint64_t h = std::hash<std::string>()(adapter_key) | 1;
+  for (size_t start = 0; start + block_size_ <= tokens.size(); start += block_size_) {
+    for (size_t i = start; i < start + block_size_; ++i) {
+      // FNV-style mixing of each token into the chain.
+      h = (h ^ static_cast<uint64_t>(static_cast<uint32_t>(tokens[i]))) * 0x100000001B3ull;
+      h ^= h >> 29;
+    }
+    hashes.push_back(h | 1);  // never 0: 0 marks "no contents"
+  }
+  return hashes;
+}
+
+std::vector<int32_t> KvCache::MatchPrefix(const std::vector<uint64_t>& hashes) {
+  std::vector<int32_t> blocks;
+  for (uint64_t h : hashes) {
+    auto it = cached_.find(h);
+    if (it == cached_.end()) break;
+    const int32_t block = it->second;
+    if (refs_[block]++ == 0) cached_free_.erase(lru_position_[block]);
+    blocks.push_back(block);
+  }
+  prefix_hits_ += static_cast<int64_t>(blocks.size());
+  return blocks;
+}
+
+void KvCache::Register(const std::vector<int32_t>& blocks, const std::vector<uint64_t>& hashes) {
+  for (size_t i = 0; i < hashes.size() && i < blocks.size(); ++i) {
+    if (block_hash_[blocks[i]] != 0 || cached_.count(hashes[i])) continue;
+    block_hash_[blocks[i]] = hashes[i];
+    cached_[hashes[i]] = blocks[i];
+  }
 }
 
 model::KvCacheView KvCache::View() {
