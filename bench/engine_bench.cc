@@ -14,12 +14,11 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
-#include "base/flag_names.h"
 #include "base/status_macros.h"
+#include "bench/bench_support.h"
 #include "kernels/backend.h"
 #include "server/engine/engine.h"
 #include "server/engine/kv_cache.h"
@@ -37,23 +36,13 @@ ABSL_FLAG(int64_t, kv_cache_bytes, int64_t{2} << 30, "Bytes of KV cache");
 namespace loraserve {
 namespace {
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
-
 absl::Status Run() {
   ASSIGN_OR_RETURN(auto backend, kernels::CreateCpuBackend({absl::GetFlag(FLAGS_threads)}));
-  std::unique_ptr<model::LlamaModel> llama;
-  std::string name;
-  if (!absl::GetFlag(FLAGS_preset).empty()) {
-    name = absl::GetFlag(FLAGS_preset);
-    ASSIGN_OR_RETURN(model::ModelConfig config, model::DummyPreset(name));
-    ASSIGN_OR_RETURN(llama, model::LlamaModel::CreateDummy(backend.get(), config, 0, {}));
-  } else {
-    name = absl::GetFlag(FLAGS_model);
-    ASSIGN_OR_RETURN(llama, model::LlamaModel::Load(backend.get(), name, {}));
-  }
+  ASSIGN_OR_RETURN(bench::BenchModel loaded,
+                   bench::LoadBenchModel(backend.get(), absl::GetFlag(FLAGS_preset),
+                                         absl::GetFlag(FLAGS_model)));
+  std::unique_ptr<model::LlamaModel> llama = std::move(loaded.model);
+  const std::string& name = loaded.name;
   ASSIGN_OR_RETURN(auto cache, engine::KvCache::Create(backend.get(), llama->kv_shape(), 16,
                                                        absl::GetFlag(FLAGS_kv_cache_bytes)));
   const int32_t prompt_tokens = absl::GetFlag(FLAGS_prompt_tokens);
@@ -84,7 +73,7 @@ absl::Status Run() {
       RETURN_IF_ERROR(engine.Step());
       steps.push_back(absl::ToDoubleSeconds(absl::Now() - start));
     }
-    const double step_s = Median(steps);
+    const double step_s = bench::Median(steps);
     rows.push_back(absl::StrCat(
         "{\"batch\": ", batch, ", \"prefill_tokens_per_s\": ", batch * prompt_tokens / prefill_s,
         ", \"decode_step_ms_median\": ", step_s * 1e3,
@@ -103,9 +92,7 @@ absl::Status Run() {
 }  // namespace loraserve
 
 int main(int argc, char** argv) {
-  std::vector<std::string> normalized = loraserve::DashesToUnderscores(argc, argv);
-  std::vector<char*> normalized_argv = loraserve::ArgvOf(normalized);
-  absl::ParseCommandLine(static_cast<int>(normalized_argv.size()), normalized_argv.data());
+  loraserve::bench::ParseFlags(argc, argv);
   absl::Status status = loraserve::Run();
   if (!status.ok()) {
     std::fprintf(stderr, "engine_bench: %s\n", status.ToString().c_str());

@@ -21,15 +21,14 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "adapters/device_cache.h"
 #include "adapters/dummy_adapter.h"
 #include "adapters/registry.h"
-#include "base/flag_names.h"
 #include "base/status_macros.h"
+#include "bench/bench_support.h"
 #include "kernels/backend.h"
 #include "server/engine/engine.h"
 #include "server/engine/kv_cache.h"
@@ -48,11 +47,6 @@ ABSL_FLAG(int32_t, threads, 0, "CPU threads (0 = all cores)");
 
 namespace loraserve {
 namespace {
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
 
 struct Setup {
   std::unique_ptr<kernels::Backend> backend;
@@ -86,21 +80,17 @@ absl::StatusOr<double> DecodeStepMs(Setup& setup, const std::vector<adapters::Ad
     RETURN_IF_ERROR(engine.Step());
     steps.push_back(absl::ToDoubleSeconds(absl::Now() - start) * 1e3);
   }
-  return Median(steps);
+  return bench::Median(steps);
 }
 
 absl::Status Run() {
   Setup setup;
   ASSIGN_OR_RETURN(setup.backend, kernels::CreateCpuBackend({absl::GetFlag(FLAGS_threads)}));
-  std::string name;
-  if (!absl::GetFlag(FLAGS_preset).empty()) {
-    name = absl::GetFlag(FLAGS_preset);
-    ASSIGN_OR_RETURN(model::ModelConfig config, model::DummyPreset(name));
-    ASSIGN_OR_RETURN(setup.model, model::LlamaModel::CreateDummy(setup.backend.get(), config, 0, {}));
-  } else {
-    name = absl::GetFlag(FLAGS_model);
-    ASSIGN_OR_RETURN(setup.model, model::LlamaModel::Load(setup.backend.get(), name, {}));
-  }
+  ASSIGN_OR_RETURN(bench::BenchModel loaded,
+                   bench::LoadBenchModel(setup.backend.get(), absl::GetFlag(FLAGS_preset),
+                                         absl::GetFlag(FLAGS_model)));
+  setup.model = std::move(loaded.model);
+  const std::string& name = loaded.name;
   const int32_t batch = absl::GetFlag(FLAGS_batch);
   ASSIGN_OR_RETURN(setup.cache,
                    engine::KvCache::Create(setup.backend.get(), setup.model->kv_shape(), 16,
@@ -176,9 +166,7 @@ absl::Status Run() {
 }  // namespace loraserve
 
 int main(int argc, char** argv) {
-  std::vector<std::string> normalized = loraserve::DashesToUnderscores(argc, argv);
-  std::vector<char*> normalized_argv = loraserve::ArgvOf(normalized);
-  absl::ParseCommandLine(static_cast<int>(normalized_argv.size()), normalized_argv.data());
+  loraserve::bench::ParseFlags(argc, argv);
   absl::Status status = loraserve::Run();
   if (!status.ok()) {
     std::fprintf(stderr, "lora_bench: %s\n", status.ToString().c_str());

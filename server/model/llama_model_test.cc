@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/support/forward_harness.h"
 #include "tests/support/golden_cases.h"
 #include "server/model/safetensors.h"
 
@@ -16,66 +17,9 @@ namespace {
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 
-constexpr int32_t kBlockSize = 16;
-
-// A paged cache with blocks for `max_tokens` per sequence, sequences laid out
-// on non-adjacent blocks (reversed order) to exercise the block tables.
-class TestCache {
- public:
-  TestCache(kernels::Backend* backend, const KvShape& shape, int32_t num_seqs,
-            int32_t max_tokens)
-      : blocks_per_seq_((max_tokens + kBlockSize - 1) / kBlockSize) {
-    const int32_t num_blocks = num_seqs * blocks_per_seq_;
-    view_.layout = {num_blocks, kBlockSize, static_cast<int32_t>(shape.num_kv_heads),
-                    static_cast<int32_t>(shape.head_dim)};
-    const size_t bytes =
-        static_cast<size_t>(num_blocks) * kBlockSize * shape.num_kv_heads * shape.head_dim * 4;
-    for (int64_t l = 0; l < shape.num_layers; ++l) {
-      buffers_.push_back(*backend->Allocate(bytes));
-      view_.k.push_back(buffers_.back().as<float>());
-      buffers_.push_back(*backend->Allocate(bytes));
-      view_.v.push_back(buffers_.back().as<float>());
-    }
-  }
-  int32_t Block(int32_t seq, int32_t i) const {
-    return view_.layout.num_blocks - 1 - (seq * blocks_per_seq_ + i);
-  }
-  int32_t blocks_per_seq() const { return blocks_per_seq_; }
-  const KvCacheView& view() const { return view_; }
-
- private:
-  int32_t blocks_per_seq_;
-  std::vector<kernels::DeviceBuffer> buffers_;
-  KvCacheView view_;
-};
-
-// Prefill of whole sequences in one batch, logits for every token.
-ForwardInput PrefillAll(const std::vector<std::vector<int32_t>>& seqs, const TestCache& cache) {
-  ForwardInput in;
-  in.max_blocks_per_seq = cache.blocks_per_seq();
-  in.query_start.push_back(0);
-  for (int32_t s = 0; s < static_cast<int32_t>(seqs.size()); ++s) {
-    for (int32_t pos = 0; pos < static_cast<int32_t>(seqs[s].size()); ++pos) {
-      in.logit_rows.push_back(static_cast<int32_t>(in.tokens.size()));
-      in.tokens.push_back(seqs[s][pos]);
-      in.positions.push_back(pos);
-      in.slot_mapping.push_back(cache.Block(s, pos / kBlockSize) * kBlockSize + pos % kBlockSize);
-    }
-    in.query_start.push_back(static_cast<int32_t>(in.tokens.size()));
-    in.context_lens.push_back(static_cast<int32_t>(seqs[s].size()));
-    for (int32_t b = 0; b < cache.blocks_per_seq(); ++b) in.block_tables.push_back(cache.Block(s, b));
-  }
-  return in;
-}
-
-float MaxAbsDiff(const float* a, const float* b, size_t n) {
-  float worst = 0.0f;
-  for (size_t i = 0; i < n; ++i) {
-    const float d = std::fabs(a[i] - b[i]);
-    if (!(d <= worst)) worst = d;  // NaN propagates as failure
-  }
-  return worst;
-}
+using testing::MaxAbsDiff;
+using testing::PagedTestCache;
+using testing::PrefillAll;
 
 class LlamaModelGoldenTest : public ::testing::Test {
  protected:
@@ -99,7 +43,7 @@ TEST_F(LlamaModelGoldenTest, LogitsMatchTransformersAtEveryPosition) {
     ASSERT_TRUE(model.ok()) << model.status();
     const int64_t vocab = (*model)->config().vocab_size;
     for (const testing::GoldenPrompt& p : c.prompts) {
-      TestCache cache(backend_.get(), (*model)->kv_shape(), 1, p.ids.size());
+      PagedTestCache cache(backend_.get(), (*model)->kv_shape(), 1, p.ids.size());
       std::vector<float> logits;
       ASSERT_TRUE((*model)->Forward(PrefillAll({p.ids}, cache), cache.view(), &logits).ok());
       ASSERT_EQ(logits.size(), p.ids.size() * vocab);
@@ -120,7 +64,7 @@ TEST_F(LlamaModelGoldenTest, BatchedPrefillEqualsSinglePrefill) {
       seqs.push_back(p.ids);
       longest = std::max(longest, p.ids.size());
     }
-    TestCache cache(backend_.get(), (*model)->kv_shape(), seqs.size(), longest);
+    PagedTestCache cache(backend_.get(), (*model)->kv_shape(), seqs.size(), longest);
     std::vector<float> logits;
     ASSERT_TRUE((*model)->Forward(PrefillAll(seqs, cache), cache.view(), &logits).ok());
     size_t offset = 0;
@@ -140,7 +84,7 @@ TEST_F(LlamaModelGoldenTest, DecodeStepsReuseTheCache) {
   const int64_t vocab = (*model)->config().vocab_size;
   for (const testing::GoldenPrompt& p : c.prompts) {
     if (p.ids.size() < 2) continue;
-    TestCache cache(backend_.get(), (*model)->kv_shape(), 1, p.ids.size());
+    PagedTestCache cache(backend_.get(), (*model)->kv_shape(), 1, p.ids.size());
     std::vector<int32_t> head(p.ids.begin(), p.ids.end() - 1);
     std::vector<float> logits;
     ASSERT_TRUE((*model)->Forward(PrefillAll({head}, cache), cache.view(), &logits).ok());
@@ -163,7 +107,7 @@ TEST(LlamaModelDummyTest, PresetBuildsAndRuns) {
   ASSERT_TRUE(config.ok()) << config.status();
   auto model = LlamaModel::CreateDummy(backend->get(), *config, 7, {});
   ASSERT_TRUE(model.ok()) << model.status();
-  TestCache cache(backend->get(), (*model)->kv_shape(), 1, 8);
+  PagedTestCache cache(backend->get(), (*model)->kv_shape(), 1, 8);
   std::vector<float> logits;
   ASSERT_TRUE((*model)->Forward(PrefillAll({{1, 2, 3, 4}}, cache), cache.view(), &logits).ok());
   ASSERT_EQ(logits.size(), 4 * config->vocab_size);

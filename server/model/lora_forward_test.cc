@@ -7,38 +7,14 @@
 #include "adapters/lora_adapter.h"
 #include "gtest/gtest.h"
 #include "server/model/llama_model.h"
+#include "tests/support/forward_harness.h"
 #include "tests/support/golden_cases.h"
 
 namespace loraserve::model {
 namespace {
 
-constexpr int32_t kBlockSize = 16;
-
-// Paged KV storage for `num_seqs` sequences of up to `max_tokens`.
-class Cache {
- public:
-  Cache(kernels::Backend* backend, const KvShape& shape, int32_t num_seqs, int32_t max_tokens)
-      : blocks_per_seq_((max_tokens + kBlockSize - 1) / kBlockSize) {
-    const int32_t blocks = num_seqs * blocks_per_seq_;
-    view_.layout = {blocks, kBlockSize, static_cast<int32_t>(shape.num_kv_heads),
-                    static_cast<int32_t>(shape.head_dim)};
-    const size_t bytes =
-        static_cast<size_t>(blocks) * kBlockSize * shape.num_kv_heads * shape.head_dim * 4;
-    for (int64_t l = 0; l < shape.num_layers; ++l) {
-      buffers_.push_back(*backend->Allocate(bytes));
-      view_.k.push_back(buffers_.back().as<float>());
-      buffers_.push_back(*backend->Allocate(bytes));
-      view_.v.push_back(buffers_.back().as<float>());
-    }
-  }
-  int32_t blocks_per_seq() const { return blocks_per_seq_; }
-  const KvCacheView& view() const { return view_; }
-
- private:
-  int32_t blocks_per_seq_;
-  std::vector<kernels::DeviceBuffer> buffers_;
-  KvCacheView view_;
-};
+using testing::MaxAbsDiff;
+using testing::PagedTestCache;
 
 // Prefills `seqs` in one batch (logits for every token), each with its adapter.
 std::vector<float> Prefill(kernels::Backend* backend, LlamaModel& model,
@@ -47,39 +23,14 @@ std::vector<float> Prefill(kernels::Backend* backend, LlamaModel& model,
                            const MergedWeights* merged = nullptr) {
   size_t longest = 0;
   for (const auto& s : seqs) longest = std::max(longest, s.size());
-  Cache cache(backend, model.kv_shape(), seqs.size(), longest);
-  ForwardInput in;
-  in.max_blocks_per_seq = cache.blocks_per_seq();
-  in.query_start.push_back(0);
-  for (int32_t s = 0; s < static_cast<int32_t>(seqs.size()); ++s) {
-    for (int32_t pos = 0; pos < static_cast<int32_t>(seqs[s].size()); ++pos) {
-      in.logit_rows.push_back(static_cast<int32_t>(in.tokens.size()));
-      in.tokens.push_back(seqs[s][pos]);
-      in.positions.push_back(pos);
-      const int32_t block = s * cache.blocks_per_seq() + pos / kBlockSize;
-      in.slot_mapping.push_back(block * kBlockSize + pos % kBlockSize);
-    }
-    in.query_start.push_back(static_cast<int32_t>(in.tokens.size()));
-    in.context_lens.push_back(static_cast<int32_t>(seqs[s].size()));
-    for (int32_t b = 0; b < cache.blocks_per_seq(); ++b) {
-      in.block_tables.push_back(s * cache.blocks_per_seq() + b);
-    }
-  }
+  PagedTestCache cache(backend, model.kv_shape(), seqs.size(), longest);
+  ForwardInput in = testing::PrefillAll(seqs, cache);
   in.adapters = adapters;
   in.merged = merged;
   std::vector<float> logits;
   absl::Status status = model.Forward(in, cache.view(), &logits);
   EXPECT_TRUE(status.ok()) << status;
   return logits;
-}
-
-float MaxAbsDiff(const float* a, const float* b, size_t n) {
-  float worst = 0.0f;
-  for (size_t i = 0; i < n; ++i) {
-    const float d = std::fabs(a[i] - b[i]);
-    if (!(d <= worst)) worst = d;
-  }
-  return worst;
 }
 
 class LoraForwardTest : public ::testing::Test {

@@ -1,0 +1,56 @@
+#include "tests/support/forward_harness.h"
+
+#include <cmath>
+#include <limits>
+
+namespace loraserve::testing {
+
+PagedTestCache::PagedTestCache(kernels::Backend* backend, const model::KvShape& shape,
+                               int32_t num_seqs, int32_t max_tokens)
+    : blocks_per_seq_((max_tokens + kTestBlockSize - 1) / kTestBlockSize) {
+  const int32_t num_blocks = num_seqs * blocks_per_seq_;
+  view_.layout = {num_blocks, kTestBlockSize, static_cast<int32_t>(shape.num_kv_heads),
+                  static_cast<int32_t>(shape.head_dim)};
+  const size_t bytes = static_cast<size_t>(num_blocks) * kTestBlockSize * shape.num_kv_heads *
+                       shape.head_dim * sizeof(float);
+  for (int64_t l = 0; l < shape.num_layers; ++l) {
+    buffers_.push_back(*backend->Allocate(bytes));
+    view_.k.push_back(buffers_.back().as<float>());
+    buffers_.push_back(*backend->Allocate(bytes));
+    view_.v.push_back(buffers_.back().as<float>());
+  }
+}
+
+model::ForwardInput PrefillAll(const std::vector<std::vector<int32_t>>& seqs,
+                               const PagedTestCache& cache) {
+  model::ForwardInput in;
+  in.max_blocks_per_seq = cache.blocks_per_seq();
+  in.query_start.push_back(0);
+  for (int32_t s = 0; s < static_cast<int32_t>(seqs.size()); ++s) {
+    for (int32_t pos = 0; pos < static_cast<int32_t>(seqs[s].size()); ++pos) {
+      in.logit_rows.push_back(static_cast<int32_t>(in.tokens.size()));
+      in.tokens.push_back(seqs[s][pos]);
+      in.positions.push_back(pos);
+      in.slot_mapping.push_back(cache.Block(s, pos / kTestBlockSize) * kTestBlockSize +
+                                pos % kTestBlockSize);
+    }
+    in.query_start.push_back(static_cast<int32_t>(in.tokens.size()));
+    in.context_lens.push_back(static_cast<int32_t>(seqs[s].size()));
+    for (int32_t b = 0; b < cache.blocks_per_seq(); ++b) {
+      in.block_tables.push_back(cache.Block(s, b));
+    }
+  }
+  return in;
+}
+
+float MaxAbsDiff(const float* a, const float* b, size_t n) {
+  float worst = 0.0f;
+  for (size_t i = 0; i < n; ++i) {
+    const float d = std::fabs(a[i] - b[i]);
+    if (std::isnan(d)) return std::numeric_limits<float>::quiet_NaN();
+    worst = std::max(worst, d);
+  }
+  return worst;
+}
+
+}  // namespace loraserve::testing
