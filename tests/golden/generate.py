@@ -48,6 +48,7 @@ Adapter goldens use PeftModel.from_pretrained(base, adapter_dir) unmerged, in fl
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -119,8 +120,10 @@ def reference_python(args):
 def bootstrap(args):
     python = reference_python(args)
     shared = str(Path(args.shared).resolve())
+    # A fixed hash seed makes PEFT write target_modules (a set) in the same order each run.
+    env = dict(os.environ, PYTHONHASHSEED="0")
     subprocess.run([python, __file__, "--in-reference-env", "--shared", shared],
-                   check=True, cwd=REPO_ROOT)
+                   check=True, cwd=REPO_ROOT, env=env)
     if TOKENIZER_SCRIPT.exists():
         subprocess.run([python, str(TOKENIZER_SCRIPT.relative_to(REPO_ROOT)),
                         "tests/golden/data/tokenizer", "--shared", shared],
@@ -207,6 +210,21 @@ class Reference:
         from safetensors.torch import save_file
         metadata = {f"prompt_text.{i}": t for i, t in enumerate(texts or [])}
         save_file(tensors, str(path), metadata=metadata)
+        sort_safetensors_header(path)
+
+
+def sort_safetensors_header(path):
+    """safetensors writes __metadata__ in hash-map order, different on every run; sorting
+    the header keys (same length, so the data offsets stay valid) makes reruns
+    byte-identical, so a regenerated golden only shows in git when its numbers change."""
+    data = bytearray(Path(path).read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    encoded = text.encode().ljust(size)
+    assert len(encoded) == size, f"{path}: re-serialised header is {len(encoded)} bytes"
+    data[8:8 + size] = encoded
+    Path(path).write_bytes(bytes(data))
 
 
 def max_logit_delta(a, b):
