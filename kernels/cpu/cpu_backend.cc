@@ -1,8 +1,10 @@
-// The CPU backend: OpenBLAS for large GEMMs, AVX2/FMA loops for everything
-// else, threaded over a small persistent pool.
+// The CPU backend: our own batch-invariant GEMM (kernels/cpu/gemm.h, AVX-512
+// or AVX2 picked at run time) and AVX2/FMA loops for everything else,
+// threaded over a small persistent pool. OpenBLAS only merges LoRA weights, a
+// one-off outside the step.
 //
-// Weights are stored as float32 whatever their source dtype: sgemm is the fast
-// path here and float32 keeps the math identical to float32 references.
+// Weights are stored as float32 whatever their source dtype: float32 keeps the
+// math identical to float32 references.
 
 #include <cblas.h>
 #include <immintrin.h>
@@ -24,6 +26,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
@@ -41,12 +44,6 @@ constexpr int kLanes = 8;
 // Loops over fewer elements than this run on one thread: waking the pool
 // costs more than it saves.
 constexpr int64_t kParallelMinElements = 1 << 15;
-
-// Up to this many rows, Linear streams W once through its own kernel: for
-// few rows OpenBLAS's sgemm spends longer packing W than multiplying. Measured
-// on a 2-core Xeon (2048x2048 and 8192x2048 W): the kernel is 3-4x faster than
-// sgemm for m <= 8, ~1.5x at 16, even near 32; it matches sgemv at m = 1.
-constexpr int64_t kSmallBatchRows = 16;
 
 // ---- validation -----------------------------------------------------------
 
@@ -248,67 +245,6 @@ void Bf16ToF32(const uint16_t* src, float* dst, int64_t count) {
   }
 }
 
-// ---- small-batch linear ---------------------------------------------------
-
-// y[i, r] (+)= x[i, :] · w[r, :] for R rows of w starting at `w` and M rows of
-// x starting at `x`; each w load feeds M FMAs and each x load R of them.
-template <int R, int M>
-inline void LinearTile(const float* x, const float* w, int64_t k, int64_t ldy, float alpha,
-                       bool accumulate, float* y) {
-  __m256 acc[R][M];
-  for (int r = 0; r < R; ++r) {
-    for (int i = 0; i < M; ++i) acc[r][i] = _mm256_setzero_ps();
-  }
-  int64_t c = 0;
-  for (; c + kLanes <= k; c += kLanes) {
-    __m256 xv[M];
-    for (int i = 0; i < M; ++i) xv[i] = _mm256_loadu_ps(x + i * k + c);
-    for (int r = 0; r < R; ++r) {
-      const __m256 wv = _mm256_loadu_ps(w + r * k + c);
-      for (int i = 0; i < M; ++i) acc[r][i] = _mm256_fmadd_ps(wv, xv[i], acc[r][i]);
-    }
-  }
-  if (c < k) {
-    const __m256i mask = TailMask(k - c);
-    __m256 xv[M];
-    for (int i = 0; i < M; ++i) xv[i] = _mm256_maskload_ps(x + i * k + c, mask);
-    for (int r = 0; r < R; ++r) {
-      const __m256 wv = _mm256_maskload_ps(w + r * k + c, mask);
-      for (int i = 0; i < M; ++i) acc[r][i] = _mm256_fmadd_ps(wv, xv[i], acc[r][i]);
-    }
-  }
-  for (int i = 0; i < M; ++i) {
-    for (int r = 0; r < R; ++r) {
-      const float sum = alpha * HorizontalSum(acc[r][i]);
-      float& out = y[i * ldy + r];
-      out = accumulate ? out + sum : sum;
-    }
-  }
-}
-
-constexpr int64_t kTileRows = 4;
-
-// The columns [row_begin, row_end) of y = alpha · x · wᵀ (+ y) for all m rows
-// of x; rows of y are ldy floats apart.
-void SmallBatchLinear(const float* x, const float* w, int64_t m, int64_t k, int64_t row_begin,
-                      int64_t row_end, float alpha, bool accumulate, float* y, int64_t ldy) {
-  int64_t r = row_begin;
-  for (; r + kTileRows <= row_end; r += kTileRows) {
-    int64_t i = 0;
-    for (; i + 2 <= m; i += 2) {
-      LinearTile<kTileRows, 2>(x + i * k, w + r * k, k, ldy, alpha, accumulate, y + i * ldy + r);
-    }
-    if (i < m) {
-      LinearTile<kTileRows, 1>(x + i * k, w + r * k, k, ldy, alpha, accumulate, y + i * ldy + r);
-    }
-  }
-  for (; r < row_end; ++r) {
-    for (int64_t i = 0; i < m; ++i) {
-      LinearTile<1, 1>(x + i * k, w + r * k, k, ldy, alpha, accumulate, y + i * ldy + r);
-    }
-  }
-}
-
 // ---- attention ------------------------------------------------------------
 
 // Cache positions per attention work item: a decode over a long context is
@@ -330,7 +266,7 @@ struct AttentionItem {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int num_threads) : pool_(num_threads) {}
+  explicit CpuBackend(int num_threads) : pool_(num_threads), gemm_isa_(BestGemmIsa()) {}
 
   std::string name() const override { return "cpu"; }
 
@@ -401,8 +337,6 @@ class CpuBackend final : public Backend {
     if (m == 0) return absl::OkStatus();
     if (x == nullptr) return NullArgument(kOp, "x");
     if (y == nullptr) return NullArgument(kOp, "y");
-    const int64_t n = w.rows;
-    const int64_t k = w.cols;
     MatMulTransposed(x, static_cast<const float*>(w.data), m, w.rows, w.cols, 1.0f, accumulate,
                      y, w.rows);
     return absl::OkStatus();
@@ -710,23 +644,11 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  // y[m, 0:n] = alpha · x[m, k] · w[n, k]ᵀ (+ y), rows of y ldy floats apart.
+  // y[m, 0:n] = alpha · x[m, k] · w[n, k]ᵀ (+ y), rows of y ldy floats apart;
+  // batch-invariant (see kernels/cpu/gemm.h).
   void MatMulTransposed(const float* x, const float* w, int64_t m, int64_t n, int64_t k,
                         float alpha, bool accumulate, float* y, int64_t ldy) {
-    if (m == 0) return;
-    if (m <= kSmallBatchRows) {
-      // Split W's rows in whole tiles; each thread streams its share of W once.
-      const int64_t tiles = (n + kTileRows - 1) / kTileRows;
-      const int64_t grain = std::max<int64_t>(1, kParallelMinElements / (kTileRows * k * m));
-      pool_.ParallelFor(tiles, grain, [&](int64_t begin, int64_t end) {
-        SmallBatchLinear(x, w, m, k, begin * kTileRows, std::min(end * kTileRows, n), alpha,
-                         accumulate, y, ldy);
-      });
-      return;
-    }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
-                static_cast<blasint>(n), static_cast<blasint>(k), alpha, x, static_cast<blasint>(k),
-                w, static_cast<blasint>(k), accumulate ? 1.0f : 0.0f, y, static_cast<blasint>(ldy));
+    kernels::MatMulTransposed(gemm_isa_, pool_, x, w, m, n, k, alpha, accumulate, y, ldy);
   }
 
   static absl::Status CheckLoraSegments(const char* op, const LoraSegment* segments,
@@ -951,6 +873,7 @@ class CpuBackend final : public Backend {
   static constexpr int kStatsScratch = 1;
 
   ThreadPool pool_;
+  const GemmIsa gemm_isa_;
   // Partial attention results of split tokens; kept to avoid reallocating.
   std::vector<float> partials_;
 };
@@ -965,8 +888,8 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOption
   const int num_threads = options.num_threads > 0
                               ? options.num_threads
                               : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-  // OpenBLAS's thread count is process-wide; GEMMs and our loops never run at
-  // the same time, so both use the same cores.
+  // OpenBLAS's thread count (MergeLora) is process-wide; its GEMMs and our
+  // loops never run at the same time, so both use the same cores.
   openblas_set_num_threads(num_threads);
   return std::make_unique<CpuBackend>(num_threads);
 }

@@ -8,6 +8,7 @@
 // a correct float32 computation's rounding error is proportional to, so the
 // bounds stay tight even where terms cancel.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,6 +24,8 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/thread_pool.h"
 
 namespace loraserve::kernels {
 namespace {
@@ -328,6 +331,123 @@ TEST_P(CpuBackendTest, LoraShrinkExpandMatchReference) {
   }
   // Rows 21..23 and columns past `out` are untouched: their reference is y0.
   ExpectClose(Download(dy, y0.size()), ref, scale, kReductionTol, "LoraShrink+LoraExpand");
+}
+
+// ---- batch invariance ------------------------------------------------------
+//
+// A row of a product must come out with the same bits whatever else is in its
+// batch: the batch size, the other rows, the row's position, the thread count
+// (kernels/cpu/gemm.h). The sizes cross every tile and block boundary of the
+// kernels: rows 1, 3, 16, 17, 64 and 200 (register tiles of 3 and 6 rows,
+// row blocks of 48, decode vs packed paths), k past a 512-float cache block
+// and not a multiple of 16, n past a 64-row column block and not a multiple
+// of the 4-row tile.
+
+constexpr int64_t kInvariantRows[] = {1, 3, 16, 17, 64, 200};
+constexpr int kInvariantThreads[] = {1, 2, 3};
+
+// x with `rows` rows of k floats: `target` at row `at`, seeded noise elsewhere.
+std::vector<float> BatchAround(const std::vector<float>& target, int64_t rows, int64_t at,
+                               uint32_t seed) {
+  const int64_t k = static_cast<int64_t>(target.size());
+  std::vector<float> x = RandomFloats(rows * k, seed);
+  std::copy(target.begin(), target.end(), x.begin() + at * k);
+  return x;
+}
+
+bool SameBits(const float* a, const float* b, int64_t count) {
+  return std::memcmp(a, b, count * sizeof(float)) == 0;
+}
+
+TEST(GemmBatchInvarianceTest, EachIsaGivesARowTheSameBitsInAnyBatch) {
+  const int64_t n = 150, k = 1100;
+  const std::vector<float> w = RandomFloats(n * k, 901, 0.05f);
+  const std::vector<float> target = RandomFloats(k, 902);
+  std::vector<GemmIsa> isas = {GemmIsa::kAvx2};
+  if (BestGemmIsa() != GemmIsa::kAvx2) isas.push_back(BestGemmIsa());
+  for (const GemmIsa isa : isas) {
+    for (const bool accumulate : {false, true}) {
+      const std::vector<float> y_init = RandomFloats(n, 903);
+      std::vector<float> alone = y_init;
+      ThreadPool one(1);
+      MatMulTransposed(isa, one, target.data(), w.data(), 1, n, k, 0.75f, accumulate, alone.data(),
+                       n);
+      for (const int threads : kInvariantThreads) {
+        ThreadPool pool(threads);
+        for (const int64_t m : kInvariantRows) {
+          const int64_t at = m / 2;
+          const std::vector<float> x = BatchAround(target, m, at, 904 + m);
+          std::vector<float> y = RandomFloats(m * n, 905);
+          std::copy(y_init.begin(), y_init.end(), y.begin() + at * n);
+          MatMulTransposed(isa, pool, x.data(), w.data(), m, n, k, 0.75f, accumulate, y.data(), n);
+          EXPECT_TRUE(SameBits(y.data() + at * n, alone.data(), n))
+              << GemmIsaName(isa) << " accumulate=" << accumulate << " threads=" << threads
+              << " m=" << m;
+        }
+      }
+    }
+  }
+}
+
+// The same through the backend, for Linear and for LoRA shrink + expand.
+TEST(CpuBackendBatchInvarianceTest, LinearAndLoraRowsDoNotDependOnTheBatch) {
+  const int64_t n = 150, k = 1100, ldy = 160;
+  const int32_t rank = 16;
+  const std::vector<float> w = RandomFloats(n * k, 911, 0.05f);
+  const std::vector<float> a = RandomFloats(rank * k, 912, 0.05f);
+  const std::vector<float> b = RandomFloats(n * rank, 913, 0.05f);
+  const std::vector<float> target = RandomFloats(k, 914);
+  const std::vector<float> y_init = RandomFloats(ldy, 915);
+
+  // Returns the target's row of Linear and of LoraShrink + LoraExpand (on
+  // y_init) in a batch of m rows with the target at row `at`.
+  const auto run = [&](int threads, int64_t m, int64_t at, std::vector<float>* linear,
+                       std::vector<float>* lora) {
+    absl::StatusOr<std::unique_ptr<Backend>> backend = CreateCpuBackend({.num_threads = threads});
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    Backend& be = **backend;
+    const auto upload = [&](const std::vector<float>& host) {
+      absl::StatusOr<DeviceBuffer> buffer = be.Allocate(host.size() * sizeof(float));
+      EXPECT_TRUE(buffer.ok());
+      EXPECT_TRUE(be.CopyToDevice(buffer->data(), host.data(), host.size() * sizeof(float)).ok());
+      return *std::move(buffer);
+    };
+    DeviceBuffer dw = upload(w), da = upload(a), db = upload(b);
+    DeviceBuffer dx = upload(BatchAround(target, m, at, 916 + m));
+    std::vector<float> y0 = RandomFloats(m * ldy, 917);
+    std::copy(y_init.begin(), y_init.end(), y0.begin() + at * ldy);
+    DeviceBuffer dy = upload(y0);
+    DeviceBuffer dlinear = upload(std::vector<float>(m * n));
+    DeviceBuffer dt = upload(std::vector<float>(m * rank));
+
+    ASSERT_TRUE(be.Linear(dx.as<float>(), {dw.data(), DType::kF32, n, k}, m, dlinear.as<float>(),
+                          false)
+                    .ok());
+    const LoraSegment segment{0, static_cast<int32_t>(m), da.as<float>(), db.as<float>(), rank,
+                              1.25f};
+    ASSERT_TRUE(be.LoraShrink(dx.as<float>(), k, &segment, 1, dt.as<float>()).ok());
+    ASSERT_TRUE(be.LoraExpand(dt.as<float>(), &segment, 1, n, dy.as<float>(), ldy).ok());
+    linear->resize(n);
+    lora->resize(ldy);
+    ASSERT_TRUE(
+        be.CopyToHost(linear->data(), dlinear.as<float>() + at * n, n * sizeof(float)).ok());
+    ASSERT_TRUE(be.CopyToHost(lora->data(), dy.as<float>() + at * ldy, ldy * sizeof(float)).ok());
+  };
+
+  std::vector<float> linear_alone, lora_alone;
+  run(1, 1, 0, &linear_alone, &lora_alone);
+  for (const int threads : kInvariantThreads) {
+    for (const int64_t m : kInvariantRows) {
+      for (const int64_t at : {int64_t{0}, m / 2, m - 1}) {
+        std::vector<float> linear, lora;
+        run(threads, m, at, &linear, &lora);
+        EXPECT_TRUE(SameBits(linear.data(), linear_alone.data(), n))
+            << "Linear threads=" << threads << " m=" << m << " row=" << at;
+        EXPECT_TRUE(SameBits(lora.data(), lora_alone.data(), ldy))
+            << "LoRA threads=" << threads << " m=" << m << " row=" << at;
+      }
+    }
+  }
 }
 
 TEST_P(CpuBackendTest, MergeLoraMatchesReferenceAndKeepsBase) {

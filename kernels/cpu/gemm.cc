@@ -1,0 +1,102 @@
+#include "kernels/cpu/gemm.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/cpu/gemm_kernel.h"
+
+namespace loraserve::kernels {
+namespace gemm_internal {
+namespace {
+
+struct Avx2 {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  // 4 · 3 accumulators + 3 x vectors + 1 w vector: all 16 registers.
+  static constexpr int kTileCols = 4;
+  static constexpr int kTileRows = 3;
+
+  static V Zero() { return _mm256_setzero_ps(); }
+  static V Load(const float* p) { return _mm256_loadu_ps(p); }
+  static V LoadTail(const float* p, int64_t count) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_maskload_ps(p, mask);
+  }
+  static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  // Halves added pairwise down to one lane, always in this order.
+  static float Sum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+}  // namespace
+
+void GemmColumnsAvx2(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch) {
+  GemmColumns<Avx2>(p, j0, j1, scratch);
+}
+
+}  // namespace gemm_internal
+
+namespace {
+
+// Products smaller than this many multiply-adds run on the calling thread:
+// waking the pool costs more than it saves.
+constexpr int64_t kParallelMinMacs = int64_t{1} << 17;
+
+// The calling thread's scratch for the kernels, packed w sized for k.
+gemm_internal::Scratch ThreadScratch(int64_t k) {
+  using gemm_internal::kMaxLanes;
+  constexpr int64_t kAccFloats = gemm_internal::kBlockRows * gemm_internal::kBlockCols * kMaxLanes;
+  constexpr int64_t kPackedXFloats = gemm_internal::kMaxTileRows * gemm_internal::kBlockK;
+  constexpr int64_t kAlignFloats = 64 / sizeof(float);
+  const int64_t packed_w_floats =
+      gemm_internal::ColumnsPerCall(k) * ((k + kMaxLanes - 1) / kMaxLanes * kMaxLanes);
+  thread_local std::vector<float> buffer;
+  const auto floats = static_cast<size_t>(kAccFloats + kPackedXFloats + packed_w_floats +
+                                          kAlignFloats);
+  if (buffer.size() < floats) buffer.resize(floats);
+  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  float* aligned = buffer.data() + (-address / sizeof(float)) % kAlignFloats;
+  return {aligned, aligned + kAccFloats, aligned + kAccFloats + kPackedXFloats};
+}
+
+}  // namespace
+
+GemmIsa BestGemmIsa() {
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  return avx512 ? GemmIsa::kAvx512 : GemmIsa::kAvx2;
+}
+
+const char* GemmIsaName(GemmIsa isa) { return isa == GemmIsa::kAvx512 ? "avx512" : "avx2"; }
+
+void MatMulTransposed(GemmIsa isa, ThreadPool& pool, const float* x, const float* w, int64_t m,
+                      int64_t n, int64_t k, float alpha, bool accumulate, float* y, int64_t ldy) {
+  if (m <= 0 || n <= 0) return;
+  const gemm_internal::Problem p{x, w, m, n, k, alpha, accumulate, y, ldy};
+  const auto columns = isa == GemmIsa::kAvx512 ? gemm_internal::GemmColumnsAvx512
+                                               : gemm_internal::GemmColumnsAvx2;
+  // Threads split the rows of w (each streams its share of w once and reuses
+  // it for every row of x), in blocks that fit the packed-w budget.
+  const int64_t block = gemm_internal::ColumnsPerCall(k);
+  const int64_t blocks = (n + block - 1) / block;
+  const int64_t block_macs = m * std::min(n, block) * k;
+  pool.ParallelFor(blocks, std::max<int64_t>(1, kParallelMinMacs / block_macs),
+                   [&](int64_t begin, int64_t end) {
+                     const gemm_internal::Scratch scratch = ThreadScratch(k);
+                     for (int64_t b = begin; b < end; ++b) {
+                       columns(p, b * block, std::min((b + 1) * block, n), scratch);
+                     }
+                   });
+}
+
+}  // namespace loraserve::kernels

@@ -1,0 +1,43 @@
+// The CPU backend's matrix multiply: y = alpha · x · wᵀ (+ y), batch-invariant.
+//
+// Every output y[i, j] is summed in one fixed order that depends only on k and
+// on the instruction set: lane-wise FMAs of x[i, :] and w[j, :] over k in
+// increasing order (a masked step for the tail), then a fixed tree across the
+// lanes, then alpha, then the old y. So a row of y never depends on m, on the
+// other rows of x, on the thread count or on how the work is split: a
+// request's logits are the same alone or in any batch. Tile shapes, cache
+// blocking and threading only change which outputs are computed together,
+// never the order of one output's sum (partial sums cross cache blocks as
+// whole vectors, never reduced early).
+//
+// Two instruction sets, picked once at run time: AVX-512 where the CPU has it,
+// AVX2/FMA otherwise. They sum in different orders (16 lanes against 8), so
+// results are batch-invariant per machine, not across machines.
+//
+// Example:
+//   const GemmIsa isa = BestGemmIsa();
+//   MatMulTransposed(isa, pool, x, w, m, n, k, 1.0f, false, y, n);
+#ifndef LORASERVE_KERNELS_CPU_GEMM_H_
+#define LORASERVE_KERNELS_CPU_GEMM_H_
+
+#include <cstdint>
+
+#include "kernels/cpu/thread_pool.h"
+
+namespace loraserve::kernels {
+
+enum class GemmIsa { kAvx2, kAvx512 };
+
+// The widest instruction set this CPU runs.
+GemmIsa BestGemmIsa();
+const char* GemmIsaName(GemmIsa isa);
+
+// y[m, 0:n] = alpha · x[m, k] · w[n, k]ᵀ (+ y when accumulate), rows of x and
+// w k floats apart, rows of y ldy floats apart; threaded over `pool`.
+// `isa` must be one this CPU runs (BestGemmIsa() or kAvx2).
+void MatMulTransposed(GemmIsa isa, ThreadPool& pool, const float* x, const float* w, int64_t m,
+                      int64_t n, int64_t k, float alpha, bool accumulate, float* y, int64_t ldy);
+
+}  // namespace loraserve::kernels
+
+#endif  // LORASERVE_KERNELS_CPU_GEMM_H_

@@ -1,0 +1,51 @@
+// The AVX-512 instantiation of the GEMM kernel (see gemm_kernel.h). This file
+// alone is compiled with AVX-512 flags; gemm.cc calls into it only on CPUs
+// that have AVX-512F/VL/BW/DQ.
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "kernels/cpu/gemm_kernel.h"
+
+#if !defined(__AVX512F__) || !defined(__AVX512VL__) || !defined(__AVX512BW__) || \
+    !defined(__AVX512DQ__)
+#error "gemm_avx512.cc must be compiled with -mavx512f -mavx512vl -mavx512bw -mavx512dq"
+#endif
+
+namespace loraserve::kernels::gemm_internal {
+namespace {
+
+struct Avx512 {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  // 8 · 2 accumulators + 8 x vectors + 1 w vector of the 32 registers; each
+  // step of 16 floats loads 10 vectors for 16 FMAs. Eight rows make a decode
+  // batch of 8 one tile, so w streams from memory exactly once.
+  static constexpr int kTileCols = 2;
+  static constexpr int kTileRows = 8;
+
+  static V Zero() { return _mm512_setzero_ps(); }
+  static V Load(const float* p) { return _mm512_loadu_ps(p); }
+  static V LoadTail(const float* p, int64_t count) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
+  }
+  static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  // Halves added pairwise down to one lane, always in this order.
+  static float Sum(V v) {
+    const __m256 s8 = _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    return _mm_cvtss_f32(s4);
+  }
+};
+
+}  // namespace
+
+void GemmColumnsAvx512(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch) {
+  GemmColumns<Avx512>(p, j0, j1, scratch);
+}
+
+}  // namespace loraserve::kernels::gemm_internal
