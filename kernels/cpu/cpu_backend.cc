@@ -350,14 +350,11 @@ class CpuBackend final : public Backend {
     if (x == nullptr) return NullArgument(kOp, "x");
     if (t == nullptr) return NullArgument(kOp, "t");
     if (in <= 0) return NonPositiveArgument(kOp, "in", in);
-    int64_t offset = 0;
-    for (int32_t i = 0; i < num_segments; ++i) {
-      const LoraSegment& seg = segments[i];
-      const int64_t rows = seg.end - seg.start;
-      MatMulTransposed(x + seg.start * in, seg.a, rows, seg.rank, in, 1.0f, false, t + offset,
-                       seg.rank);
-      offset += rows * seg.rank;
-    }
+    ForEachSegment(segments, num_segments, [&](const LoraSegment& seg, int64_t offset,
+                                               bool serial) {
+      Product(serial, x + seg.start * in, seg.a, seg.end - seg.start, seg.rank, in, 1.0f, false,
+              t + offset, seg.rank);
+    });
     return absl::OkStatus();
   }
 
@@ -373,14 +370,11 @@ class CpuBackend final : public Backend {
       return absl::InvalidArgumentError(
           absl::StrCat("CpuBackend::LoraExpand: ldy (", ldy, ") must be >= out (", out, ")"));
     }
-    int64_t offset = 0;
-    for (int32_t i = 0; i < num_segments; ++i) {
-      const LoraSegment& seg = segments[i];
-      const int64_t rows = seg.end - seg.start;
-      MatMulTransposed(t + offset, seg.b, rows, out, seg.rank, seg.scale, true, y + seg.start * ldy,
-                       ldy);
-      offset += rows * seg.rank;
-    }
+    ForEachSegment(segments, num_segments, [&](const LoraSegment& seg, int64_t offset,
+                                               bool serial) {
+      Product(serial, t + offset, seg.b, seg.end - seg.start, out, seg.rank, seg.scale, true,
+              y + seg.start * ldy, ldy);
+    });
     return absl::OkStatus();
   }
 
@@ -649,6 +643,36 @@ class CpuBackend final : public Backend {
   void MatMulTransposed(const float* x, const float* w, int64_t m, int64_t n, int64_t k,
                         float alpha, bool accumulate, float* y, int64_t ldy) {
     kernels::MatMulTransposed(gemm_isa_, pool_, x, w, m, n, k, alpha, accumulate, y, ldy);
+  }
+
+  // A product on this thread alone (`serial`) or threaded over the pool.
+  void Product(bool serial, const float* x, const float* w, int64_t m, int64_t n, int64_t k,
+               float alpha, bool accumulate, float* y, int64_t ldy) {
+    if (serial) {
+      kernels::MatMulTransposedSerial(gemm_isa_, x, w, m, n, k, alpha, accumulate, y, ldy);
+    } else {
+      MatMulTransposed(x, w, m, n, k, alpha, accumulate, y, ldy);
+    }
+  }
+
+  // Calls fn(segment, offset of its packed intermediate, serial) for every
+  // segment. Many segments (decode: one or a few tokens each) are spread over
+  // the pool, each computed by one thread; few are each threaded inside.
+  // The sums are the same either way.
+  template <typename Fn>
+  void ForEachSegment(const LoraSegment* segments, int32_t num_segments, Fn fn) {
+    std::vector<int64_t> offsets(num_segments + 1, 0);
+    for (int32_t i = 0; i < num_segments; ++i) {
+      offsets[i + 1] =
+          offsets[i] + static_cast<int64_t>(segments[i].end - segments[i].start) * segments[i].rank;
+    }
+    if (num_segments >= pool_.num_threads()) {
+      pool_.ParallelFor(num_segments, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) fn(segments[i], offsets[i], /*serial=*/true);
+      });
+      return;
+    }
+    for (int32_t i = 0; i < num_segments; ++i) fn(segments[i], offsets[i], /*serial=*/false);
   }
 
   static absl::Status CheckLoraSegments(const char* op, const LoraSegment* segments,

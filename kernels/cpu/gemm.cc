@@ -79,6 +79,17 @@ GemmIsa BestGemmIsa() {
 
 const char* GemmIsaName(GemmIsa isa) { return isa == GemmIsa::kAvx512 ? "avx512" : "avx2"; }
 
+void MatMulTransposedSerial(GemmIsa isa, const float* x, const float* w, int64_t m, int64_t n,
+                            int64_t k, float alpha, bool accumulate, float* y, int64_t ldy) {
+  if (m <= 0 || n <= 0) return;
+  const gemm_internal::Problem p{x, w, m, n, k, alpha, accumulate, y, ldy};
+  const auto columns = isa == GemmIsa::kAvx512 ? gemm_internal::GemmColumnsAvx512
+                                               : gemm_internal::GemmColumnsAvx2;
+  const int64_t block = gemm_internal::ColumnsPerCall(k);
+  const gemm_internal::Scratch scratch = ThreadScratch(k);
+  for (int64_t j = 0; j < n; j += block) columns(p, j, std::min(j + block, n), scratch);
+}
+
 void MatMulTransposed(GemmIsa isa, ThreadPool& pool, const float* x, const float* w, int64_t m,
                       int64_t n, int64_t k, float alpha, bool accumulate, float* y, int64_t ldy) {
   if (m <= 0 || n <= 0) return;

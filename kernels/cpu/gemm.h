@@ -38,6 +38,11 @@ const char* GemmIsaName(GemmIsa isa);
 void MatMulTransposed(GemmIsa isa, ThreadPool& pool, const float* x, const float* w, int64_t m,
                       int64_t n, int64_t k, float alpha, bool accumulate, float* y, int64_t ldy);
 
+// The same product on the calling thread alone (same summation order), for
+// callers that spread many small products over the pool themselves.
+void MatMulTransposedSerial(GemmIsa isa, const float* x, const float* w, int64_t m, int64_t n,
+                            int64_t k, float alpha, bool accumulate, float* y, int64_t ldy);
+
 }  // namespace loraserve::kernels
 
 #endif  // LORASERVE_KERNELS_CPU_GEMM_H_
