@@ -30,7 +30,12 @@ absl::StatusOr<std::unique_ptr<DeviceAdapter>> DeviceAdapter::Upload(kernels::Ba
       if (w.empty()) continue;
       DeviceLoraWeights& d = device->layers_[l][static_cast<int>(m)];
       ASSIGN_OR_RETURN(d.a, upload(w.a));
-      ASSIGN_OR_RETURN(d.b, upload(w.b));
+      // B is stored transposed: the expand then adds whole rows.
+      std::vector<float> bt(w.b.size());
+      for (int64_t o = 0; o < w.out_features; ++o) {
+        for (int r = 0; r < w.rank; ++r) bt[r * w.out_features + o] = w.b[o * w.rank + r];
+      }
+      ASSIGN_OR_RETURN(d.bt, upload(bt));
       d.rank = w.rank;
       d.scale = w.scale;
     }

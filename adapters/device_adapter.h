@@ -25,7 +25,7 @@ namespace loraserve::adapters {
 
 struct DeviceLoraWeights {
   const float* a = nullptr;  // [rank, in] device memory
-  const float* b = nullptr;  // [out, rank] device memory
+  const float* bt = nullptr;  // [rank, out] device memory (Bᵀ, see kernels::LoraSegment)
   int32_t rank = 0;          // 0: module not adapted
   float scale = 0.0f;        // lora_alpha / r (or / sqrt(r) for rsLoRA)
 };

@@ -113,15 +113,16 @@ struct RopeParams {
 
 // One run of tokens that share a LoRA adapter (and scale) in a segmented
 // shrink/expand: for the token rows [start, end) of the batch,
-//   y[start:end] += scale · (x[start:end] · aᵀ) · bᵀ.
+//   y[start:end] += scale · (x[start:end] · aᵀ) · bt   (bt = Bᵀ).
 // Each segment runs at its own rank: nothing is padded to the largest.
 // The intermediate t of all segments is packed: segment s occupies
 // (end_s - start_s) · rank_s floats, segments in order.
 struct LoraSegment {
   int32_t start = 0;
   int32_t end = 0;
-  const float* a = nullptr;  // [rank, in] device memory
-  const float* b = nullptr;  // [out, rank] device memory
+  const float* a = nullptr;   // [rank, in] device memory
+  const float* bt = nullptr;  // [rank, out] device memory: Bᵀ, so the expand is
+                              // rank scaled rows added to each output row
   int32_t rank = 0;
   float scale = 0.0f;
 };
@@ -185,18 +186,18 @@ class Backend {
   virtual absl::Status LoraShrink(const float* x,  // [tokens, in]
                                   int64_t in, const LoraSegment* segments, int32_t num_segments,
                                   float* t) = 0;   // packed, LoraIntermediateSize floats
-  // Segmented expand: y[start_s:end_s, 0:out] += scale_s · t_s · b_sᵀ, where
+  // Segmented expand: y[start_s:end_s, 0:out] += scale_s · t_s · bt_s, where
   // rows of y are `ldy` floats apart (y may be a column slice of a wider
   // output, e.g. the gate half of a fused gate/up activation).
   virtual absl::Status LoraExpand(const float* t, const LoraSegment* segments,
                                   int32_t num_segments, int64_t out,
                                   float* y,  // [tokens, ldy], columns [0, out) updated
                                   int64_t ldy) = 0;
-  // out = base + scale · b · a, a merged copy of one weight matrix; `base`
+  // out = base + scale · btᵀ · a, a merged copy of one weight matrix; `base`
   // stays untouched (it is the golden copy). `out` has base's dtype and shape.
   virtual absl::Status MergeLora(const WeightView& base,
-                                 const float* a,  // [rank, base.cols]
-                                 const float* b,  // [base.rows, rank]
+                                 const float* a,   // [rank, base.cols]
+                                 const float* bt,  // [rank, base.rows]
                                  int32_t rank, float scale,
                                  void* out) = 0;  // [base.rows, base.cols]
 

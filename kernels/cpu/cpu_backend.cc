@@ -370,27 +370,47 @@ class CpuBackend final : public Backend {
       return absl::InvalidArgumentError(
           absl::StrCat("CpuBackend::LoraExpand: ldy (", ldy, ") must be >= out (", out, ")"));
     }
-    ForEachSegment(segments, num_segments, [&](const LoraSegment& seg, int64_t offset,
-                                               bool serial) {
-      Product(serial, t + offset, seg.b, seg.end - seg.start, out, seg.rank, seg.scale, true,
-              y + seg.start * ldy, ldy);
-    });
+    // One work item per token row: y_row += scale · Σ_r t[r] · bt[r, :], the
+    // sum over r taken in order for every output (batch-invariant) as
+    // vectorised axpys over contiguous rows of bt, no horizontal sums.
+    struct Row {
+      const LoraSegment* segment;
+      int64_t token;
+      int64_t t_offset;  // of this row's rank floats in the packed t
+    };
+    std::vector<Row> rows;
+    int64_t offset = 0;
+    for (int32_t i = 0; i < num_segments; ++i) {
+      for (int64_t token = segments[i].start; token < segments[i].end; ++token) {
+        rows.push_back({&segments[i], token, offset});
+        offset += segments[i].rank;
+      }
+    }
+    const int64_t row_work = std::max<int64_t>(1, out * segments[0].rank);
+    pool_.ParallelFor(static_cast<int64_t>(rows.size()),
+                      std::max<int64_t>(1, kParallelMinElements / row_work),
+                      [&](int64_t begin, int64_t end) {
+                        for (int64_t i = begin; i < end; ++i) {
+                          ExpandRow(t + rows[i].t_offset, *rows[i].segment, out,
+                                    y + rows[i].token * ldy);
+                        }
+                      });
     return absl::OkStatus();
   }
 
-  absl::Status MergeLora(const WeightView& base, const float* a, const float* b, int32_t rank,
+  absl::Status MergeLora(const WeightView& base, const float* a, const float* bt, int32_t rank,
                          float scale, void* out) override {
     constexpr const char* kOp = "MergeLora";
     if (absl::Status s = CheckF32Weight(kOp, "base", base); !s.ok()) return s;
     if (a == nullptr) return NullArgument(kOp, "a");
-    if (b == nullptr) return NullArgument(kOp, "b");
+    if (bt == nullptr) return NullArgument(kOp, "bt");
     if (out == nullptr) return NullArgument(kOp, "out");
     if (rank <= 0) return NonPositiveArgument(kOp, "rank", rank);
     auto* merged = static_cast<float*>(out);
     std::memcpy(merged, base.data, static_cast<size_t>(base.rows * base.cols) * sizeof(float));
-    // merged[rows, cols] += scale · b[rows, rank] · a[rank, cols]
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(base.rows),
-                static_cast<blasint>(base.cols), rank, scale, b, rank, a,
+    // merged[rows, cols] += scale · bt[rank, rows]ᵀ · a[rank, cols]
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<blasint>(base.rows),
+                static_cast<blasint>(base.cols), rank, scale, bt, static_cast<blasint>(base.rows), a,
                 static_cast<blasint>(base.cols), 1.0f, merged, static_cast<blasint>(base.cols));
     return absl::OkStatus();
   }
@@ -645,6 +665,22 @@ class CpuBackend final : public Backend {
     kernels::MatMulTransposed(gemm_isa_, pool_, x, w, m, n, k, alpha, accumulate, y, ldy);
   }
 
+  // y[0:out] += scale · Σ_r t[r] · bt[r, 0:out], in chunks that stay in
+  // registers; the sum over r runs in order for every output.
+  static void ExpandRow(const float* t, const LoraSegment& seg, int64_t out, float* y) {
+    constexpr int64_t kChunk = 64;
+    for (int64_t j0 = 0; j0 < out; j0 += kChunk) {
+      const int64_t len = std::min(kChunk, out - j0);
+      float acc[kChunk] = {};
+      for (int32_t r = 0; r < seg.rank; ++r) {
+        const float tr = t[r];
+        const float* row = seg.bt + r * out + j0;
+        for (int64_t j = 0; j < len; ++j) acc[j] = std::fma(tr, row[j], acc[j]);
+      }
+      for (int64_t j = 0; j < len; ++j) y[j0 + j] = std::fma(seg.scale, acc[j], y[j0 + j]);
+    }
+  }
+
   // A product on this thread alone (`serial`) or threaded over the pool.
   void Product(bool serial, const float* x, const float* w, int64_t m, int64_t n, int64_t k,
                float alpha, bool accumulate, float* y, int64_t ldy) {
@@ -686,10 +722,10 @@ class CpuBackend final : public Backend {
                                                        " has rows [", seg.start, ", ", seg.end,
                                                        "); expected 0 <= start <= end"));
       }
-      if (seg.rank <= 0 || seg.a == nullptr || seg.b == nullptr) {
+      if (seg.rank <= 0 || seg.a == nullptr || seg.bt == nullptr) {
         return absl::InvalidArgumentError(absl::StrCat(
             "CpuBackend::", op, ": segment ", i, " needs rank > 0 (got ", seg.rank,
-            ") and non-null a and b"));
+            ") and non-null a and bt"));
       }
     }
     return absl::OkStatus();

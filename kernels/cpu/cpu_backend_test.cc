@@ -321,8 +321,8 @@ TEST_P(CpuBackendTest, LoraShrinkExpandMatchReference) {
       for (int64_t j = 0; j < out; ++j) {
         double sum = 0, abs_sum = 0;
         for (int32_t r = 0; r < spec.rank; ++r) {
-          sum += t[r] * b[s][j * spec.rank + r];
-          abs_sum += std::abs(t[r] * b[s][j * spec.rank + r]);
+          sum += t[r] * b[s][r * out + j];  // b holds Bᵀ: [rank, out]
+          abs_sum += std::abs(t[r] * b[s][r * out + j]);
         }
         ref[row * ldy + j] += spec.scale * sum;
         scale[row * ldy + j] += std::abs(spec.scale) * abs_sum;
@@ -468,8 +468,8 @@ TEST_P(CpuBackendTest, MergeLoraMatchesReferenceAndKeepsBase) {
     for (int64_t j = 0; j < cols; ++j) {
       double sum = 0, abs_sum = 0;
       for (int32_t r = 0; r < rank; ++r) {
-        sum += double(b[i * rank + r]) * a[r * cols + j];
-        abs_sum += std::abs(double(b[i * rank + r]) * a[r * cols + j]);
+        sum += double(b[r * rows + i]) * a[r * cols + j];  // b holds Bᵀ: [rank, rows]
+        abs_sum += std::abs(double(b[r * rows + i]) * a[r * cols + j]);
       }
       ref[i * cols + j] = w[i * cols + j] + lora_scale * sum;
       scale[i * cols + j] = std::abs(w[i * cols + j]) + lora_scale * abs_sum;

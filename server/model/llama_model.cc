@@ -292,7 +292,7 @@ absl::StatusOr<std::unique_ptr<MergedWeights>> LlamaModel::Merge(
     if (w.rank == 0) {
       return backend_->CopyOnDevice(dst, part.data, static_cast<size_t>(rows * base.cols) * elem);
     }
-    return backend_->MergeLora(part, w.a, w.b, w.rank, w.scale * choice.scale, dst);
+    return backend_->MergeLora(part, w.a, w.bt, w.rank, w.scale * choice.scale, dst);
   };
   auto adapted = [&](int64_t layer, LoraModule module) {
     return choice.adapter->weights(layer, module).rank > 0;
@@ -526,7 +526,7 @@ absl::Status LlamaModel::ApplyLora(int64_t layer_index, adapters::LoraModule mod
   for (const LoraPlan::Segment& seg : lora.segments) {
     const adapters::DeviceLoraWeights& w = seg.adapter->weights(layer_index, module);
     if (w.rank == 0) continue;
-    segments.push_back({seg.start, seg.end, w.a, w.b, w.rank, w.scale * seg.scale});
+    segments.push_back({seg.start, seg.end, w.a, w.bt, w.rank, w.scale * seg.scale});
   }
   if (segments.empty()) return absl::OkStatus();
   const int32_t count = static_cast<int32_t>(segments.size());
