@@ -1,6 +1,7 @@
 #include "bench/bench_support.h"
 
 #include <algorithm>
+#include <cstdio>
 
 #include "absl/flags/parse.h"
 #include "base/flag_names.h"
@@ -27,10 +28,16 @@ double Median(std::vector<double> values) {
   return values.empty() ? 0.0 : values[values.size() / 2];
 }
 
-void ParseFlags(int argc, char** argv) {
+int BenchMain(int argc, char** argv, const char* name, absl::Status (*run)()) {
   std::vector<std::string> normalized = DashesToUnderscores(argc, argv);
   std::vector<char*> normalized_argv = ArgvOf(normalized);
   absl::ParseCommandLine(static_cast<int>(normalized_argv.size()), normalized_argv.data());
+  const absl::Status status = run();
+  if (!status.ok()) {
+    std::fprintf(stderr, "%s: %s\n", name, status.ToString().c_str());
+    return 1;
+  }
+  return 0;
 }
 
 }  // namespace loraserve::bench

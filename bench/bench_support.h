@@ -24,8 +24,9 @@ absl::StatusOr<BenchModel> LoadBenchModel(kernels::Backend* backend, const std::
 
 double Median(std::vector<double> values);
 
-// absl::ParseCommandLine with `--dashed-names` accepted.
-void ParseFlags(int argc, char** argv);
+// A benchmark's main: parses flags (`--dashed-names` accepted), runs `run`,
+// prints its error as "<name>: ..." and returns the exit code.
+int BenchMain(int argc, char** argv, const char* name, absl::Status (*run)());
 
 }  // namespace loraserve::bench
 

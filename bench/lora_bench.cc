@@ -166,11 +166,5 @@ absl::Status Run() {
 }  // namespace loraserve
 
 int main(int argc, char** argv) {
-  loraserve::bench::ParseFlags(argc, argv);
-  absl::Status status = loraserve::Run();
-  if (!status.ok()) {
-    std::fprintf(stderr, "lora_bench: %s\n", status.ToString().c_str());
-    return 1;
-  }
-  return 0;
+  return loraserve::bench::BenchMain(argc, argv, "lora_bench", loraserve::Run);
 }
