@@ -241,10 +241,6 @@ absl::Status Engine::Step() {
   DropCancelled();
   // Budget of tokens for this step: running sequences first (a decode token,
   // or the next chunk of a prompt being prefilled), then waiting ones.
-  struct Planned {
-    Sequence* seq;
-    int64_t tokens;
-  };
   std::vector<Planned> plan;
   int64_t budget = options_.max_batch_tokens;
   for (size_t i = 0; i < running_.size() && budget > 0;) {
@@ -302,11 +298,8 @@ absl::Status Engine::Step() {
   std::stable_sort(plan.begin(), plan.end(), [](const Planned& a, const Planned& b) {
     return a.seq->adapter_key() < b.seq->adapter_key();
   });
-  std::vector<Sequence*> batch;
-  for (const Planned& p : plan) batch.push_back(p.seq);
   model::ForwardInput in;
-  in.merged = ChooseMerged(plan.size(), [&](size_t i) { return plan[i].seq; },
-                           [&](size_t i) { return plan[i].tokens; });
+  in.merged = ChooseMerged(plan);
   ++stats_.steps;
   if (in.merged != nullptr) ++stats_.merged_steps;
   int32_t max_blocks = 0;
@@ -338,7 +331,7 @@ absl::Status Engine::Step() {
   std::vector<float> logits;
   if (absl::Status status = model_->Forward(in, cache_->View(), &logits); !status.ok()) {
     // The step's requests fail with the error; everyone else keeps going.
-    for (Sequence* seq : batch) Finish(*seq, FinishReason::kError, status);
+    for (const Planned& p : plan) Finish(*p.seq, FinishReason::kError, status);
     RemoveFinished();
     return status;
   }
@@ -404,17 +397,13 @@ void Engine::RemoveFinished() {
   }
 }
 
-const model::MergedWeights* Engine::ChooseMerged(
-    size_t count, const std::function<Sequence*(size_t)>& seq_at,
-    const std::function<int64_t(size_t)>& tokens_at) {
+const model::MergedWeights* Engine::ChooseMerged(const std::vector<Planned>& plan) {
   if (options_.lora_mode == LoraMode::kUnmerged || device_adapters_ == nullptr) return nullptr;
   // Tokens per mergeable adapter in this step, into the traffic window.
   std::map<std::string, int64_t> tokens;
   std::map<std::string, Sequence*> representative;
   int64_t total = 0;
-  for (size_t i = 0; i < count; ++i) {
-    Sequence* seq = seq_at(i);
-    const int64_t n = tokens_at(i);
+  for (const auto& [seq, n] : plan) {
     total += n;
     if (!seq->mergeable()) continue;
     tokens[seq->request.adapter->content_hash()] += n;

@@ -154,9 +154,12 @@ class Engine {
   void Preempt(std::unique_ptr<Sequence> seq);
   // The merged weights this step runs on (null: unmerged), after updating
   // the traffic window with the batch.
-  const model::MergedWeights* ChooseMerged(size_t count,
-                                           const std::function<Sequence*(size_t)>& seq_at,
-                                           const std::function<int64_t(size_t)>& tokens_at);
+  // A sequence's share of a step: `tokens` of it go through the forward pass.
+  struct Planned {
+    Sequence* seq;
+    int64_t tokens;
+  };
+  const model::MergedWeights* ChooseMerged(const std::vector<Planned>& plan);
   const model::MergedWeights* GetOrMerge(Sequence& representative);
 
   model::LlamaModel* model_;
