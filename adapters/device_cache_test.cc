@@ -1,0 +1,64 @@
+#include "adapters/device_cache.h"
+
+#include "adapters/dummy_adapter.h"
+#include "adapters/testing.h"
+#include "gtest/gtest.h"
+
+namespace loraserve::adapters {
+namespace {
+
+// Adapters for the shared model's shape, written by the dummy writer.
+LoraAdapter MakeAdapter(int seed, int rank = 4) {
+  const std::string dir = testing::FreshDir("device_cache_" + std::to_string(seed));
+  EXPECT_TRUE(WriteDummyAdapter(dir, testing::SharedModelShape(),
+                                {.rank = rank, .target_modules = {"q_proj", "v_proj"},
+                                 .seed = static_cast<uint64_t>(seed)})
+                  .ok());
+  auto adapter = LoadLoraAdapter(dir, testing::SharedModelShape(), {});
+  EXPECT_TRUE(adapter.ok()) << adapter.status();
+  return std::move(*adapter);
+}
+
+TEST(DeviceAdapterCacheTest, UploadsOnceAndKeepsBTransposed) {
+  auto backend = std::move(*kernels::CreateCpuBackend({1}));
+  const LoraAdapter adapter = MakeAdapter(1);
+  DeviceAdapterCache cache(backend.get(), 1 << 20);
+  auto first = cache.Acquire(adapter);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = cache.Acquire(adapter);
+  ASSERT_TRUE(second.ok());
+  EXPECT_EQ(*first, *second);
+  EXPECT_EQ(cache.stats().misses, 1);
+  EXPECT_EQ(cache.stats().hits, 1);
+  const LoraWeights& host = adapter.weights(2, LoraModule::kVProj);
+  const DeviceLoraWeights& device = (*first)->weights(2, LoraModule::kVProj);
+  ASSERT_EQ(device.rank, host.rank);
+  for (int64_t o = 0; o < host.out_features; ++o) {
+    for (int r = 0; r < host.rank; ++r) {
+      ASSERT_EQ(device.bt[r * host.out_features + o], host.b[o * host.rank + r]);
+    }
+  }
+  EXPECT_EQ((*first)->weights(2, LoraModule::kKProj).rank, 0);
+}
+
+TEST(DeviceAdapterCacheTest, EvictsOnlyAdaptersNobodyHolds) {
+  auto backend = std::move(*kernels::CreateCpuBackend({1}));
+  const LoraAdapter a = MakeAdapter(1), b = MakeAdapter(2), c = MakeAdapter(3);
+  // Room for two adapters.
+  DeviceAdapterCache cache(backend.get(), static_cast<int64_t>(2 * a.bytes() + a.bytes() / 2));
+  ASSERT_TRUE(cache.Acquire(a).ok());
+  ASSERT_TRUE(cache.Acquire(b).ok());
+  // Both in use: no room for c.
+  EXPECT_EQ(cache.Acquire(c).status().code(), absl::StatusCode::kResourceExhausted);
+  cache.Release(a);
+  ASSERT_TRUE(cache.Acquire(c).ok());  // evicts a, the unused one
+  EXPECT_FALSE(cache.IsResident(a));
+  EXPECT_TRUE(cache.IsResident(b));
+  EXPECT_TRUE(cache.IsResident(c));
+  EXPECT_EQ(cache.stats().evictions, 1);
+  EXPECT_EQ(cache.stats().resident_adapters, 2);
+  EXPECT_LE(cache.stats().resident_bytes, cache.budget_bytes());
+}
+
+}  // namespace
+}  // namespace loraserve::adapters
