@@ -496,8 +496,12 @@ void Engine::Emit(Sequence& seq, const SampledToken& sampled) {
     if (filtered.stopped) {
       event.finish = FinishReason::kStop;
     } else if (seq.generated() >= seq.request.max_tokens) {
-      event.text += seq.stop_filter.Flush();
-      event.finish = FinishReason::kLength;
+      // The end: text held back for an incomplete character or a possible
+      // stop string is final now.
+      filtered = seq.stop_filter.Feed(seq.decoder ? seq.decoder->Flush() : std::string());
+      event.text += filtered.text;
+      if (!filtered.stopped) event.text += seq.stop_filter.Flush();
+      event.finish = filtered.stopped ? FinishReason::kStop : FinishReason::kLength;
     }
   }
   seq.finished = event.finish != FinishReason::kNone;

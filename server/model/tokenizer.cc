@@ -1611,12 +1611,21 @@ IncrementalDecoder::IncrementalDecoder(const Tokenizer& tokenizer, std::vector<i
 
 std::string IncrementalDecoder::Append(int32_t id) {
   ids_.push_back(id);
+  return Advance(/*at_end=*/false);
+}
+
+std::string IncrementalDecoder::Flush() {
+  return read_offset_ < ids_.size() ? Advance(/*at_end=*/true) : std::string();
+}
+
+std::string IncrementalDecoder::Advance(bool at_end) {
   const absl::Span<const int32_t> ids(ids_);
   const std::string prefix_text = tokenizer_.Decode(
       ids.subspan(prefix_offset_, read_offset_ - prefix_offset_), skip_special_tokens_);
   const std::string new_text = tokenizer_.Decode(ids.subspan(prefix_offset_), skip_special_tokens_);
   // Hold back while the newest bytes do not yet form a whole character.
-  if (new_text.size() <= prefix_text.size() || absl::EndsWith(new_text, kReplacementChar)) {
+  if (new_text.size() <= prefix_text.size() ||
+      (!at_end && absl::EndsWith(new_text, kReplacementChar))) {
     return "";
   }
   // A window that re-decodes differently (malformed byte runs) can only emit

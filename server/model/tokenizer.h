@@ -74,10 +74,17 @@ class IncrementalDecoder {
   // Adds one generated token; returns the text that became final with it
   // (possibly empty while a multi-byte character is incomplete).
   std::string Append(int32_t id);
+  // At the end of the stream: the text still held back (an incomplete
+  // character decodes to U+FFFD, as Decode of the whole sequence gives it).
+  std::string Flush();
   // All text generated so far (the sum of the deltas returned).
   const std::string& text() const { return emitted_; }
 
  private:
+  // The text after read_offset_ that is final; `at_end` emits even an
+  // incomplete character.
+  std::string Advance(bool at_end);
+
   const Tokenizer& tokenizer_;
   std::vector<int32_t> ids_;
   bool skip_special_tokens_;

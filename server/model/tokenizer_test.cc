@@ -217,6 +217,23 @@ TEST_F(SharedTokenizerTest, GreedyOutputDecodes) {
   EXPECT_EQ(decoder.text(), text);
 }
 
+// A stream that ends inside a character: the held-back bytes come out at the
+// end exactly as Decode of the whole sequence renders them.
+TEST_F(SharedTokenizerTest, FlushEmitsAnIncompleteCharacterAtTheEnd) {
+  const std::vector<int32_t> prompt = {1};
+  const std::vector<int32_t> check_mark_head = {3 + 0xE2, 3 + 0x9C};  // "✓" minus its last byte
+  IncrementalDecoder decoder(*tokenizer_, prompt, true);
+  for (int32_t id : check_mark_head) EXPECT_EQ(decoder.Append(id), "");
+  std::vector<int32_t> all = prompt;
+  all.insert(all.end(), check_mark_head.begin(), check_mark_head.end());
+  const std::string expected =
+      tokenizer_->Decode(all, true).substr(tokenizer_->Decode(prompt, true).size());
+  EXPECT_FALSE(expected.empty());
+  EXPECT_EQ(decoder.Flush(), expected);
+  EXPECT_EQ(decoder.text(), expected);
+  EXPECT_EQ(decoder.Flush(), "");
+}
+
 TEST_F(SharedTokenizerTest, Pieces) {
   EXPECT_EQ(tokenizer_->IdToPiece(13), "<0x0A>");
   EXPECT_EQ(tokenizer_->IdToPiece(1), "<s>");
