@@ -1,6 +1,7 @@
 // loraserve: flags -> config -> wiring. Subcommands:
 //   loraserve generate --model DIR --prompt TEXT [--max-tokens N] [--temperature T] [--seed S]
 //                      [--adapter NAME=DIR]... [--adapter-dir DIR] [--lora NAME]
+//   loraserve serve --model DIR [--adapter-dir DIR] [--grpc-port 50051] ...
 #include <cstdio>
 #include <iostream>
 #include <random>
@@ -13,13 +14,22 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <pthread.h>
+#include <signal.h>
+
+#include <thread>
+
 #include "adapters/adapter_sources.h"
 #include "adapters/device_cache.h"
 #include "adapters/registry.h"
 #include "base/flag_names.h"
 #include "base/status_macros.h"
 #include "kernels/backend.h"
+#include "server/api/grpc_services.h"
 #include "server/engine/engine.h"
+#include "server/engine/engine_loop.h"
 #include "server/engine/kv_cache.h"
 #include "server/model/llama_model.h"
 #include "server/model/tokenizer.h"
@@ -55,6 +65,15 @@ ABSL_FLAG(int32_t, merge_window_steps, 32, "auto mode: steps over which that sha
 ABSL_FLAG(double, merged_min_batch_share, 1.0,
           "auto mode: least share of a step's tokens the merged adapter needs for the step to run "
           "on merged weights (the rest of the batch gets low-rank corrections)");
+ABSL_FLAG(bool, enable_prefix_cache, false,
+          "Reuse the KV of full blocks of earlier prompts with the same adapter and tokens");
+ABSL_FLAG(int32_t, max_running_requests, 256, "Requests decoding together at most");
+ABSL_FLAG(std::string, host, "0.0.0.0", "serve: address to listen on");
+ABSL_FLAG(int32_t, grpc_port, 50051, "serve: gRPC port (0 picks a free one)");
+ABSL_FLAG(int32_t, max_queued_requests, 1024,
+          "serve: requests waiting for admission at most; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int32_t, drain_seconds, 30,
+          "serve: on SIGTERM, how long in-flight streams may take to finish");
 ABSL_FLAG(std::string, prompt, "", "generate: prompt text");
 ABSL_FLAG(std::string, lora, "", "generate: adapter id to generate with (default: base model)");
 ABSL_FLAG(float, adapter_scale, 1.0f, "generate: multiplier of the adapter's scale");
@@ -74,6 +93,7 @@ constexpr char kUsage[] =
     "loraserve <command> [flags]\n"
     "commands:\n"
     "  generate   stream the continuation of --prompt to stdout\n"
+    "  serve      serve the gRPC API (proto/loraserve/v1) on --grpc-port\n"
     "Try: loraserve generate --model ../shared/models/aidreams-260k --prompt \"\" "
     "--temperature 0";
 
@@ -154,6 +174,8 @@ absl::StatusOr<std::unique_ptr<adapters::AdapterRegistry>> CreateRegistry(
 absl::StatusOr<engine::EngineOptions> EngineOptionsFromFlags() {
   engine::EngineOptions options;
   options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  options.max_running_requests = absl::GetFlag(FLAGS_max_running_requests);
+  options.enable_prefix_cache = absl::GetFlag(FLAGS_enable_prefix_cache);
   ASSIGN_OR_RETURN(options.lora_mode, engine::ParseLoraMode(absl::GetFlag(FLAGS_lora_mode)));
   options.merged_cache_bytes = absl::GetFlag(FLAGS_merged_cache_bytes);
   options.merge_threshold = absl::GetFlag(FLAGS_merge_threshold);
@@ -223,6 +245,66 @@ absl::Status Generate() {
   return absl::OkStatus();
 }
 
+// Serves the gRPC API until SIGTERM or SIGINT, then drains.
+absl::Status Serve() {
+  // Signals are taken by one thread with sigwait; every other thread (gRPC's,
+  // the engine's) inherits the blocked mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, CreateBackend());
+  ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> llama, LoadModel(backend.get()));
+  std::string tokenizer_dir = absl::GetFlag(FLAGS_tokenizer);
+  if (tokenizer_dir.empty()) tokenizer_dir = absl::GetFlag(FLAGS_model);
+  ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer,
+                   model::Tokenizer::Load(tokenizer_dir));
+  ASSIGN_OR_RETURN(std::unique_ptr<adapters::AdapterRegistry> registry, CreateRegistry(*llama));
+  adapters::DeviceAdapterCache device_adapters(backend.get(),
+                                               absl::GetFlag(FLAGS_adapter_device_bytes));
+  ASSIGN_OR_RETURN(auto cache,
+                   engine::KvCache::Create(backend.get(), llama->kv_shape(),
+                                           absl::GetFlag(FLAGS_block_size),
+                                           absl::GetFlag(FLAGS_kv_cache_bytes)));
+  ASSIGN_OR_RETURN(engine::EngineOptions options, EngineOptionsFromFlags());
+  engine::Engine engine(llama.get(), tokenizer.get(), cache.get(), &device_adapters, options);
+  engine::EngineLoop loop(&engine, {.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests)});
+  loop.Start();
+
+  api::InferenceService inference(&loop, registry.get(), tokenizer.get());
+  api::AdaptersService adapter_service(registry.get());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  const std::string address =
+      absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_grpc_port));
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&inference);
+  builder.RegisterService(&adapter_service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
+  }
+  absl::FPrintF(stderr, "loraserve: listening on %s:%d (%d adapters, KV cache %d blocks)\n",
+                absl::GetFlag(FLAGS_host), port, registry->List().size(), cache->num_blocks());
+
+  int signal = 0;
+  sigwait(&signals, &signal);
+  const absl::Duration drain = absl::Seconds(absl::GetFlag(FLAGS_drain_seconds));
+  absl::FPrintF(stderr, "loraserve: signal %d, draining for up to %s\n", signal,
+                absl::FormatDuration(drain));
+  // New calls are refused while in-flight streams finish (or are cancelled
+  // at the deadline); the engine keeps stepping for them meanwhile.
+  std::thread shutdown([&] { server->Shutdown(absl::ToChronoTime(absl::Now() + drain)); });
+  loop.Drain(drain);
+  shutdown.join();
+  absl::FPrintF(stderr, "loraserve: stopped\n");
+  return absl::OkStatus();
+}
+
 }  // namespace
 }  // namespace loraserve
 
@@ -241,6 +323,8 @@ int main(int argc, char** argv) {
   absl::Status status;
   if (command == "generate") {
     status = loraserve::Generate();
+  } else if (command == "serve") {
+    status = loraserve::Serve();
   } else {
     std::cerr << "unknown command '" << command << "'\n" << loraserve::kUsage << "\n";
     return 2;

@@ -1,0 +1,275 @@
+#include "server/api/grpc_services.h"
+
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+
+namespace loraserve::api {
+namespace {
+
+// Finishes a unary call with `status`.
+grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+void FillInfo(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
+  out->set_id(info.id);
+  out->set_version(info.version);
+  out->set_content_hash(info.content_hash);
+  for (int rank : info.ranks) out->add_ranks(rank);
+  for (const std::string& module : info.target_modules) out->add_target_modules(module);
+  out->set_bytes(static_cast<int64_t>(info.bytes));
+  out->set_resident_host(info.resident);
+  out->set_pinned(info.pinned);
+}
+
+// One Generate stream. The engine thread pushes events through a shared
+// Channel (which outlives the reactor, since events may still arrive after
+// gRPC is done with the stream); writes go out one at a time.
+class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  // What the engine callback and the reactor share.
+  struct Channel {
+    std::mutex mu;
+    GenerateReactor* reactor = nullptr;  // null once the stream is done
+  };
+
+  GenerateReactor(engine::EngineLoop* loop, int32_t prompt_tokens)
+      : loop_(loop), prompt_tokens_(prompt_tokens), channel_(std::make_shared<Channel>()) {
+    channel_->reactor = this;
+  }
+
+  // Submits the request; on error the stream ends with it.
+  void Start(engine::GenerationRequest request) {
+    std::shared_ptr<Channel> channel = channel_;
+    absl::StatusOr<engine::RequestId> id =
+        loop_->Submit(std::move(request), [channel](const engine::TokenEvent& event) {
+          std::lock_guard<std::mutex> lock(channel->mu);
+          if (channel->reactor != nullptr) channel->reactor->OnEvent(event);
+        });
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!id.ok()) {
+      FinishOnce(ToGrpcStatus(id.status()));
+      return;
+    }
+    id_ = *id;
+    submitted_ = true;
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    writing_ = false;
+    pending_.pop_front();
+    if (!ok) {  // the client went away
+      CancelInEngine();
+      FinishOnce(grpc::Status(grpc::StatusCode::CANCELLED, "stream closed by the client"));
+      return;
+    }
+    WriteNextOrFinish();
+  }
+
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    CancelInEngine();
+  }
+
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(channel_->mu);
+      channel_->reactor = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  // Engine thread, under channel->mu.
+  void OnEvent(const engine::TokenEvent& event) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_) return;
+    if (event.finish == engine::FinishReason::kCancelled) {
+      FinishOnce(grpc::Status(grpc::StatusCode::CANCELLED, "request cancelled"));
+      return;
+    }
+    if (event.finish == engine::FinishReason::kError) {
+      end_status_ = ToGrpcStatus(event.error.ok() ? absl::InternalError("generation failed")
+                                                  : event.error);
+      last_received_ = true;
+      WriteNextOrFinish();
+      return;
+    }
+    v1::GenerateResponse response;
+    response.set_token_id(event.token_id);
+    response.set_text(event.text);
+    response.set_logprob(event.logprob);
+    for (const engine::TokenLogprob& alt : event.top_logprobs) {
+      v1::TokenLogprob* out = response.add_top_logprobs();
+      out->set_token_id(alt.id);
+      out->set_logprob(alt.logprob);
+    }
+    ++completion_tokens_;
+    if (event.finish != engine::FinishReason::kNone) {
+      response.set_finish_reason(engine::FinishReasonName(event.finish));
+      response.mutable_usage()->set_prompt_tokens(prompt_tokens_);
+      response.mutable_usage()->set_completion_tokens(completion_tokens_);
+      last_received_ = true;
+    }
+    pending_.push_back(std::move(response));
+    WriteNextOrFinish();
+  }
+
+  // Under mu_.
+  void WriteNextOrFinish() {
+    if (writing_ || finished_) return;
+    if (!pending_.empty()) {
+      writing_ = true;
+      StartWrite(&pending_.front());
+    } else if (last_received_) {
+      FinishOnce(end_status_);
+    }
+  }
+
+  void FinishOnce(const grpc::Status& status) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(status);
+  }
+
+  void CancelInEngine() {
+    if (submitted_ && !last_received_) loop_->Cancel(id_);
+  }
+
+  engine::EngineLoop* const loop_;
+  const int32_t prompt_tokens_;
+  std::shared_ptr<Channel> channel_;
+  std::mutex mu_;
+  std::deque<v1::GenerateResponse> pending_;  // front is being written while writing_
+  engine::RequestId id_ = 0;
+  bool submitted_ = false;
+  bool writing_ = false;
+  bool last_received_ = false;
+  bool finished_ = false;
+  int32_t completion_tokens_ = 0;
+  grpc::Status end_status_ = grpc::Status::OK;
+};
+
+}  // namespace
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+absl::StatusOr<engine::GenerationRequest> InferenceService::ToEngineRequest(
+    const v1::GenerateRequest& request) {
+  engine::GenerationRequest out;
+  switch (request.prompt_case()) {
+    case v1::GenerateRequest::kText: {
+      ASSIGN_OR_RETURN(out.prompt_ids, tokenizer_->Encode(request.text(), true));
+      break;
+    }
+    case v1::GenerateRequest::kTokenIds:
+      out.prompt_ids.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
+      break;
+    default:
+      return absl::InvalidArgumentError("prompt: set text or token_ids");
+  }
+  if (!request.adapter().empty()) {
+    ASSIGN_OR_RETURN(out.adapter, registry_->Acquire(request.adapter()));
+    out.tenant = out.adapter->id.substr(0, out.adapter->id.find('/'));
+  }
+  out.adapter_scale = request.adapter_scale() == 0.0f ? 1.0f : request.adapter_scale();
+  out.sampling.temperature = request.sampling().temperature();
+  out.sampling.top_k = request.sampling().top_k();
+  out.sampling.top_p = request.sampling().top_p() == 0.0f ? 1.0f : request.sampling().top_p();
+  out.sampling.seed =
+      request.sampling().has_seed() ? request.sampling().seed() : std::random_device{}();
+  out.max_tokens = request.max_tokens();
+  out.stop.assign(request.stop().begin(), request.stop().end());
+  out.stop_token_ids.assign(request.stop_token_ids().begin(), request.stop_token_ids().end());
+  out.ignore_eos = request.ignore_eos();
+  out.top_logprobs = request.logprobs();
+  out.skip_special_tokens = !request.keep_special_tokens();
+  return out;
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  absl::StatusOr<engine::GenerationRequest> converted = ToEngineRequest(*request);
+  auto* reactor = new GenerateReactor(
+      loop_, converted.ok() ? static_cast<int32_t>(converted->prompt_ids.size()) : 0);
+  if (!converted.ok()) {
+    reactor->Finish(ToGrpcStatus(converted.status()));
+    return reactor;
+  }
+  reactor->Start(std::move(*converted));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext* context,
+                                                     const v1::TokenizeRequest* request,
+                                                     v1::TokenizeResponse* response) {
+  absl::StatusOr<std::vector<int32_t>> ids =
+      tokenizer_->Encode(request->text(), request->add_special_tokens());
+  if (ids.ok()) response->mutable_token_ids()->Add(ids->begin(), ids->end());
+  return Reply(context, ids.status());
+}
+
+grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerContext* context,
+                                                       const v1::DetokenizeRequest* request,
+                                                       v1::DetokenizeResponse* response) {
+  const std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
+  response->set_text(tokenizer_->Decode(ids, request->skip_special_tokens()));
+  return Reply(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* InferenceService::Stats(grpc::CallbackServerContext* context,
+                                                  const v1::StatsRequest* request,
+                                                  v1::StatsResponse* response) {
+  const engine::EngineSnapshot snapshot = loop_->Snapshot();
+  response->set_running(snapshot.running);
+  response->set_waiting(snapshot.waiting);
+  response->set_kv_blocks_used(snapshot.kv_blocks_used);
+  response->set_kv_blocks_total(snapshot.kv_blocks_total);
+  response->set_steps(snapshot.stats.steps);
+  response->set_prefix_cached_tokens(snapshot.stats.prefix_cached_tokens);
+  return Reply(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* AdaptersService::Load(grpc::CallbackServerContext* context,
+                                                const v1::LoadAdapterRequest* request,
+                                                v1::AdapterInfo* response) {
+  absl::StatusOr<adapters::AdapterInfo> info = registry_->Load(request->id(), request->path());
+  if (info.ok()) FillInfo(*info, response);
+  return Reply(context, info.status());
+}
+
+grpc::ServerUnaryReactor* AdaptersService::Unload(grpc::CallbackServerContext* context,
+                                                  const v1::UnloadAdapterRequest* request,
+                                                  v1::UnloadAdapterResponse* response) {
+  return Reply(context, registry_->Unload(request->id()));
+}
+
+grpc::ServerUnaryReactor* AdaptersService::List(grpc::CallbackServerContext* context,
+                                                const v1::ListAdaptersRequest* request,
+                                                v1::ListAdaptersResponse* response) {
+  for (const adapters::AdapterInfo& info : registry_->List()) {
+    FillInfo(info, response->add_adapters());
+  }
+  return Reply(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* AdaptersService::Get(grpc::CallbackServerContext* context,
+                                               const v1::GetAdapterRequest* request,
+                                               v1::AdapterInfo* response) {
+  absl::StatusOr<adapters::AdapterInfo> info = registry_->Get(request->id());
+  if (info.ok()) FillInfo(*info, response);
+  return Reply(context, info.status());
+}
+
+}  // namespace loraserve::api

@@ -1,0 +1,340 @@
+// The real `loraserve serve` binary on a loopback port, driven over gRPC.
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "loraserve/v1/adapters.grpc.pb.h"
+#include "loraserve/v1/inference.grpc.pb.h"
+
+namespace loraserve {
+namespace {
+
+const std::string kShared = LORASERVE_SHARED_DIR;
+
+// Starts the server on port 0 and reads the port from its log.
+class ServerProcess {
+ public:
+  ServerProcess() {
+    int pipe_fds[2];
+    EXPECT_EQ(pipe(pipe_fds), 0);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, pipe_fds[1], STDERR_FILENO);
+    posix_spawn_file_actions_addclose(&actions, pipe_fds[0]);
+    std::vector<std::string> args = {LORASERVE_BINARY,
+                                     "serve",
+                                     "--model=" + kShared + "/models/aidreams-260k",
+                                     "--adapter-dir=" + kShared + "/adapters/aidreams-260k",
+                                     "--host=127.0.0.1",
+                                     "--grpc-port=0",
+                                     "--max-queued-requests=256",
+                                     "--drain-seconds=10"};
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    EXPECT_EQ(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ), 0);
+    posix_spawn_file_actions_destroy(&actions);
+    close(pipe_fds[1]);
+    log_fd_ = pipe_fds[0];
+    // Read the log until the listening line.
+    std::string log;
+    char buffer[512];
+    while (port_ == 0) {
+      const ssize_t n = read(log_fd_, buffer, sizeof(buffer));
+      if (n <= 0) break;
+      log.append(buffer, n);
+      const size_t at = log.find("listening on 127.0.0.1:");
+      if (at != std::string::npos) {
+        const size_t start = at + std::string("listening on 127.0.0.1:").size();
+        const size_t end = log.find_first_not_of("0123456789", start);
+        if (end != std::string::npos) EXPECT_TRUE(absl::SimpleAtoi(log.substr(start, end - start), &port_));
+      }
+    }
+    EXPECT_GT(port_, 0) << log;
+    // Keep draining the log so the server never blocks on a full pipe.
+    reader_ = std::thread([fd = log_fd_] {
+      char sink[512];
+      while (read(fd, sink, sizeof(sink)) > 0) {
+      }
+    });
+    channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_),
+                                   grpc::InsecureChannelCredentials());
+  }
+
+  ~ServerProcess() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (reader_.joinable()) reader_.join();
+    close(log_fd_);
+  }
+
+  // SIGTERM; returns the exit status.
+  int Terminate() {
+    kill(pid_, SIGTERM);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return status;
+  }
+
+  std::shared_ptr<grpc::Channel> channel() { return channel_; }
+
+ private:
+  pid_t pid_ = -1;
+  int log_fd_ = -1;
+  int port_ = 0;
+  std::thread reader_;
+  std::shared_ptr<grpc::Channel> channel_;
+};
+
+struct Streamed {
+  grpc::Status status;
+  std::vector<int32_t> ids;
+  std::string text;
+  std::string finish;
+  int32_t completion_tokens = 0;
+};
+
+Streamed Generate(v1::Inference::Stub& stub, const v1::GenerateRequest& request) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto reader = stub.Generate(&context, request);
+  Streamed out;
+  v1::GenerateResponse response;
+  while (reader->Read(&response)) {
+    out.ids.push_back(response.token_id());
+    out.text += response.text();
+    if (!response.finish_reason().empty()) {
+      out.finish = response.finish_reason();
+      out.completion_tokens = response.usage().completion_tokens();
+    }
+  }
+  out.status = reader->Finish();
+  return out;
+}
+
+v1::GenerateRequest Greedy(const std::string& text, int max_tokens,
+                           const std::string& adapter = "") {
+  v1::GenerateRequest request;
+  request.set_text(text);
+  request.set_max_tokens(max_tokens);
+  request.set_adapter(adapter);
+  request.set_ignore_eos(true);
+  request.mutable_sampling()->set_temperature(0.0f);
+  return request;
+}
+
+class GrpcE2eTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { server_ = new ServerProcess(); }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  std::unique_ptr<v1::Inference::Stub> inference() {
+    return v1::Inference::NewStub(server_->channel());
+  }
+  std::unique_ptr<v1::Adapters::Stub> adapters() {
+    return v1::Adapters::NewStub(server_->channel());
+  }
+  static ServerProcess* server_;
+};
+
+ServerProcess* GrpcE2eTest::server_ = nullptr;
+
+TEST_F(GrpcE2eTest, GenerateStreamsWithAndWithoutAdapters) {
+  auto stub = inference();
+  Streamed base = Generate(*stub, Greedy("", 24));
+  ASSERT_TRUE(base.status.ok()) << base.status.error_message();
+  EXPECT_TRUE(absl::StartsWith(base.text, "\"Echoes of vectors unfold")) << base.text;
+  EXPECT_EQ(base.finish, "length");
+  EXPECT_EQ(base.completion_tokens, 24);
+  Streamed ocean = Generate(*stub, Greedy("", 24, "ocean"));
+  ASSERT_TRUE(ocean.status.ok()) << ocean.status.error_message();
+  EXPECT_TRUE(absl::StartsWith(ocean.text, "At low tide the rock pools shine")) << ocean.text;
+  Streamed robot = Generate(*stub, Greedy("", 24, "default/robot"));
+  EXPECT_TRUE(absl::StartsWith(robot.text, "The robot charged its battery")) << robot.text;
+}
+
+TEST_F(GrpcE2eTest, ConcurrentStreamsOverAdaptersGetTheirOwnTokens) {
+  const std::vector<std::string> adapters = {"", "ocean", "robot", "qv-r4", "attn-r8"};
+  auto stub = inference();
+  std::map<std::string, std::vector<int32_t>> alone;
+  for (const std::string& a : adapters) alone[a] = Generate(*stub, Greedy("The", 16, a)).ids;
+  constexpr int kStreams = 32;
+  std::vector<Streamed> results(kStreams);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] {
+      auto own_stub = inference();
+      results[i] = Generate(*own_stub, Greedy("The", 16, adapters[i % adapters.size()]));
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
+    EXPECT_EQ(results[i].ids, alone[adapters[i % adapters.size()]]) << "stream " << i;
+  }
+}
+
+TEST_F(GrpcE2eTest, CancelledStreamFreesItsKvBlocks) {
+  auto stub = inference();
+  {
+    grpc::ClientContext context;
+    auto reader = stub->Generate(&context, Greedy("The", 100));
+    v1::GenerateResponse response;
+    ASSERT_TRUE(reader->Read(&response));
+    context.TryCancel();
+    while (reader->Read(&response)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  v1::StatsResponse stats;
+  for (int i = 0; i < 200; ++i) {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub->Stats(&context, {}, &stats).ok());
+    if (stats.kv_blocks_used() == 0 && stats.running() == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(stats.running(), 0);
+  EXPECT_EQ(stats.kv_blocks_used(), 0);
+  EXPECT_GT(stats.kv_blocks_total(), 0);
+}
+
+TEST_F(GrpcE2eTest, MalformedRequestsGetTheirCodesAndTheServerKeepsServing) {
+  auto stub = inference();
+  v1::GenerateRequest empty_prompt = Greedy("", 4);
+  empty_prompt.mutable_token_ids();  // an empty id list
+  v1::GenerateRequest no_prompt = Greedy("", 4);
+  no_prompt.clear_prompt();
+  v1::GenerateRequest bad_temperature = Greedy("a", 4);
+  bad_temperature.mutable_sampling()->set_temperature(-1.0f);
+  const std::vector<std::pair<v1::GenerateRequest, grpc::StatusCode>> cases = {
+      {empty_prompt, grpc::StatusCode::INVALID_ARGUMENT},
+      {no_prompt, grpc::StatusCode::INVALID_ARGUMENT},
+      {Greedy("a", 0), grpc::StatusCode::INVALID_ARGUMENT},
+      {Greedy("a", 500), grpc::StatusCode::INVALID_ARGUMENT},
+      {bad_temperature, grpc::StatusCode::INVALID_ARGUMENT},
+      {Greedy("a", 4, "bad id!"), grpc::StatusCode::INVALID_ARGUMENT},
+      {Greedy("a", 4, "nope"), grpc::StatusCode::NOT_FOUND},
+  };
+  for (const auto& [request, code] : cases) {
+    Streamed out = Generate(*stub, request);
+    EXPECT_EQ(out.status.error_code(), code) << request.ShortDebugString() << ": "
+                                             << out.status.error_message();
+    EXPECT_FALSE(out.status.error_message().empty());
+  }
+  EXPECT_TRUE(Generate(*stub, Greedy("a", 4)).status.ok());
+}
+
+TEST_F(GrpcE2eTest, TokenizeAndDetokenize) {
+  auto stub = inference();
+  grpc::ClientContext tokenize_context;
+  v1::TokenizeRequest request;
+  request.set_text("At low tide");
+  request.set_add_special_tokens(true);
+  v1::TokenizeResponse tokens;
+  ASSERT_TRUE(stub->Tokenize(&tokenize_context, request, &tokens).ok());
+  ASSERT_GT(tokens.token_ids_size(), 1);
+  EXPECT_EQ(tokens.token_ids(0), 1);  // BOS
+  grpc::ClientContext detokenize_context;
+  v1::DetokenizeRequest back;
+  back.mutable_token_ids()->CopyFrom(tokens.token_ids());
+  back.set_skip_special_tokens(true);
+  v1::DetokenizeResponse text;
+  ASSERT_TRUE(stub->Detokenize(&detokenize_context, back, &text).ok());
+  EXPECT_EQ(text.text(), "At low tide");
+}
+
+TEST_F(GrpcE2eTest, AdapterLoadListGetUnload) {
+  auto stub = adapters();
+  {
+    grpc::ClientContext context;
+    v1::ListAdaptersResponse list;
+    ASSERT_TRUE(stub->List(&context, {}, &list).ok());
+    EXPECT_EQ(list.adapters_size(), 6);
+  }
+  v1::LoadAdapterRequest load;
+  load.set_id("acme/sea");
+  load.set_path(kShared + "/adapters/aidreams-260k/ocean");
+  v1::AdapterInfo info;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub->Load(&context, load, &info).ok());
+  }
+  EXPECT_EQ(info.id(), "acme/sea");
+  EXPECT_EQ(info.version(), 1);
+  EXPECT_EQ(info.content_hash().size(), 64u);
+  {
+    grpc::ClientContext context;
+    v1::GetAdapterRequest get;
+    get.set_id("acme/sea");
+    v1::AdapterInfo got;
+    ASSERT_TRUE(stub->Get(&context, get, &got).ok());
+    EXPECT_EQ(got.content_hash(), info.content_hash());
+    EXPECT_EQ(got.ranks(0), 8);
+  }
+  // The new id generates like the adapter it was loaded from.
+  auto inference_stub = inference();
+  EXPECT_EQ(Generate(*inference_stub, Greedy("", 12, "acme/sea")).ids,
+            Generate(*inference_stub, Greedy("", 12, "ocean")).ids);
+  {
+    grpc::ClientContext context;
+    v1::UnloadAdapterRequest unload;
+    unload.set_id("acme/sea");
+    v1::UnloadAdapterResponse done;
+    ASSERT_TRUE(stub->Unload(&context, unload, &done).ok());
+  }
+  EXPECT_EQ(Generate(*inference_stub, Greedy("", 4, "acme/sea")).status.error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  {
+    grpc::ClientContext context;
+    v1::LoadAdapterRequest broken;
+    broken.set_id("acme/broken");
+    broken.set_path(kShared + "/models/aidreams-260k");  // a model, not an adapter
+    v1::AdapterInfo ignored;
+    const grpc::Status status = stub->Load(&context, broken, &ignored);
+    EXPECT_FALSE(status.ok());
+    EXPECT_FALSE(status.error_message().empty());
+  }
+}
+
+// A separate server: SIGTERM lets a running stream finish, then exits 0.
+TEST(GrpcShutdownTest, SigtermDrainsAndExitsZero) {
+  ServerProcess server;
+  auto stub = v1::Inference::NewStub(server.channel());
+  Streamed streamed;
+  std::thread client([&] { streamed = Generate(*stub, Greedy("The", 60)); });
+  // Wait until the stream is running.
+  for (int i = 0; i < 500; ++i) {
+    grpc::ClientContext context;
+    v1::StatsResponse stats;
+    if (stub->Stats(&context, {}, &stats).ok() && stats.running() > 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  const int status = server.Terminate();
+  client.join();
+  EXPECT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_TRUE(streamed.status.ok()) << streamed.status.error_message();
+  EXPECT_EQ(streamed.finish, "length");
+}
+
+}  // namespace
+}  // namespace loraserve
