@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs what is missing, builds, and runs loraserve on the default model
-# (../shared/models/aidreams-260k); extra arguments go to `loraserve generate`.
+# Installs what is missing, builds, and serves the default model
+# (../shared/models/aidreams-260k) with the shared adapters over gRPC on
+# port 50051 (GRPC_PORT overrides). Extra arguments go to `loraserve serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh
 scripts/build.sh
 MODEL=${MODEL:-../shared/models/aidreams-260k}
-exec "${BUILD_DIR:-build}/server/loraserve" generate --model "$MODEL" --prompt "" \
-  --temperature 0 --max-tokens 64 "$@"
+ADAPTERS=${ADAPTERS:-../shared/adapters/aidreams-260k}
+exec "${BUILD_DIR:-build}/server/loraserve" serve --model "$MODEL" --adapter-dir "$ADAPTERS" \
+  --grpc-port "${GRPC_PORT:-50051}" "$@"
