@@ -1,0 +1,227 @@
+// gRPC load generator for a running `loraserve serve`.
+//
+//   grpc_load --target 127.0.0.1:50051 --adapters ocean,robot --clients 8 --seconds 30
+//   grpc_load --target 127.0.0.1:50051 --make-adapters 8 --preset tinyllama-1.1b \
+//             --rank 16 --clients 8 --seconds 60
+//   grpc_load --target ... --rate 4 --zipf 1.1 --make-adapters 64 --preset tiny --seconds 60
+//
+// Closed loop (default): --clients threads, each sending its next request as
+// soon as the last finished. Open loop (--rate R): Poisson arrivals at R
+// requests/s. Each request picks an adapter: client i uses adapter i (mod N)
+// in the closed loop, or a Zipf(--zipf) draw over the N adapters in the open
+// loop (--zipf 0: uniform). Prompt and output lengths are uniform in their
+// ranges. --make-adapters N writes N seeded random all-projection PEFT
+// adapters for --preset's shapes and loads them through Adapters.Load (the
+// server must see the same file system). Prints one JSON object:
+// throughput, TTFT and TPOT p50/p99, failures.
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "adapters/dummy_adapter.h"
+#include "adapters/lora_adapter.h"
+#include "base/status_macros.h"
+#include "bench/bench_support.h"
+#include "loraserve/v1/adapters.grpc.pb.h"
+#include "loraserve/v1/inference.grpc.pb.h"
+#include "server/model/model_config.h"
+
+ABSL_FLAG(std::string, target, "127.0.0.1:50051", "Server address");
+ABSL_FLAG(std::vector<std::string>, adapters, {}, "Adapter ids to spread requests over");
+ABSL_FLAG(int32_t, make_adapters, 0, "Write and load this many random adapters (needs --preset)");
+ABSL_FLAG(std::string, preset, "", "Dummy preset whose shapes --make-adapters uses");
+ABSL_FLAG(int32_t, rank, 16, "Rank of the --make-adapters adapters");
+ABSL_FLAG(bool, base_only, false, "Send every request to the base model");
+ABSL_FLAG(int32_t, clients, 8, "Closed loop: concurrent clients");
+ABSL_FLAG(double, rate, 0, "Open loop: Poisson arrivals per second (0 = closed loop)");
+ABSL_FLAG(double, zipf, 1.0, "Open loop: Zipf exponent of the adapter choice (0 = uniform)");
+ABSL_FLAG(double, seconds, 30, "How long to send requests");
+ABSL_FLAG(int32_t, prompt_min, 8, "Shortest prompt (tokens)");
+ABSL_FLAG(int32_t, prompt_max, 16, "Longest prompt (tokens)");
+ABSL_FLAG(int32_t, output_min, 32, "Fewest generated tokens");
+ABSL_FLAG(int32_t, output_max, 32, "Most generated tokens");
+ABSL_FLAG(int32_t, vocab, 500, "Prompt token ids are drawn from [3, vocab)");
+
+namespace loraserve {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Sample {
+  double ttft_s = 0;
+  double tpot_s = 0;  // mean time per output token after the first
+  int64_t tokens = 0;
+  bool ok = false;
+};
+
+class Load {
+ public:
+  explicit Load(std::shared_ptr<grpc::Channel> channel)
+      : stub_(v1::Inference::NewStub(channel)) {}
+
+  // One streamed request; timings from the client's view.
+  Sample Request(const std::string& adapter, std::mt19937& rng) {
+    std::uniform_int_distribution<int32_t> prompt_len(absl::GetFlag(FLAGS_prompt_min),
+                                                      absl::GetFlag(FLAGS_prompt_max));
+    std::uniform_int_distribution<int32_t> output_len(absl::GetFlag(FLAGS_output_min),
+                                                      absl::GetFlag(FLAGS_output_max));
+    std::uniform_int_distribution<int32_t> token(3, absl::GetFlag(FLAGS_vocab) - 1);
+    v1::GenerateRequest request;
+    const int32_t n = prompt_len(rng);
+    for (int32_t i = 0; i < n; ++i) request.mutable_token_ids()->add_ids(i == 0 ? 1 : token(rng));
+    request.set_max_tokens(output_len(rng));
+    request.set_ignore_eos(true);
+    request.set_adapter(adapter);
+    request.mutable_sampling()->set_temperature(0.0f);
+    grpc::ClientContext context;
+    const Clock::time_point start = Clock::now();
+    auto reader = stub_->Generate(&context, request);
+    v1::GenerateResponse response;
+    Sample sample;
+    Clock::time_point first, last;
+    while (reader->Read(&response)) {
+      if (response.token_id() < 0) continue;
+      last = Clock::now();
+      if (sample.tokens++ == 0) first = last;
+    }
+    sample.ok = reader->Finish().ok() && sample.tokens > 0;
+    if (sample.ok) {
+      sample.ttft_s = std::chrono::duration<double>(first - start).count();
+      if (sample.tokens > 1) {
+        sample.tpot_s = std::chrono::duration<double>(last - first).count() / (sample.tokens - 1);
+      }
+    }
+    return sample;
+  }
+
+ private:
+  std::unique_ptr<v1::Inference::Stub> stub_;
+};
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
+}
+
+absl::StatusOr<std::vector<std::string>> PrepareAdapters(std::shared_ptr<grpc::Channel> channel) {
+  std::vector<std::string> ids = absl::GetFlag(FLAGS_adapters);
+  const int32_t make = absl::GetFlag(FLAGS_make_adapters);
+  if (make == 0) return ids;
+  ASSIGN_OR_RETURN(model::ModelConfig config, model::DummyPreset(absl::GetFlag(FLAGS_preset)));
+  const adapters::BaseModelShape shape = adapters::LlamaBaseShape(
+      config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+      config.num_attention_heads, config.num_key_value_heads, config.head_dim);
+  const std::string root = (std::filesystem::temp_directory_path() /
+                            absl::StrCat("loraserve_load_", ::getpid()))
+                               .string();
+  auto stub = v1::Adapters::NewStub(channel);
+  for (int32_t i = 0; i < make; ++i) {
+    const std::string dir = absl::StrCat(root, "/a", i);
+    RETURN_IF_ERROR(adapters::WriteDummyAdapter(
+        dir, shape, {.rank = absl::GetFlag(FLAGS_rank), .alpha = 2.0 * absl::GetFlag(FLAGS_rank),
+                     .seed = static_cast<uint64_t>(i)}));
+    v1::LoadAdapterRequest load;
+    load.set_id(absl::StrCat("load/a", i));
+    load.set_path(dir);
+    v1::AdapterInfo info;
+    grpc::ClientContext context;
+    const grpc::Status status = stub->Load(&context, load, &info);
+    if (!status.ok()) {
+      return absl::UnavailableError(absl::StrCat("Adapters.Load ", load.id(), ": ",
+                                                 status.error_message()));
+    }
+    ids.push_back(load.id());
+  }
+  return ids;
+}
+
+absl::Status Run() {
+  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_target), grpc::InsecureChannelCredentials());
+  ASSIGN_OR_RETURN(std::vector<std::string> ids, PrepareAdapters(channel));
+  if (absl::GetFlag(FLAGS_base_only) || ids.empty()) ids = {""};
+  const auto deadline =
+      Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                         std::chrono::duration<double>(absl::GetFlag(FLAGS_seconds)));
+  std::mutex mu;
+  std::vector<Sample> samples;
+  auto record = [&](const Sample& s) {
+    std::lock_guard<std::mutex> lock(mu);
+    samples.push_back(s);
+  };
+  std::vector<std::thread> threads;
+  const Clock::time_point start = Clock::now();
+  const double rate = absl::GetFlag(FLAGS_rate);
+  if (rate <= 0) {
+    for (int32_t c = 0; c < absl::GetFlag(FLAGS_clients); ++c) {
+      threads.emplace_back([&, c] {
+        Load load(channel);
+        std::mt19937 rng(c);
+        while (Clock::now() < deadline) record(load.Request(ids[c % ids.size()], rng));
+      });
+    }
+  } else {
+    // Poisson arrivals; each request on its own thread so arrivals never wait.
+    std::mt19937 rng(0);
+    std::exponential_distribution<double> gap(rate);
+    std::vector<double> weights(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i) {
+      weights[i] = 1.0 / std::pow(static_cast<double>(i + 1), absl::GetFlag(FLAGS_zipf));
+    }
+    std::discrete_distribution<size_t> zipf(weights.begin(), weights.end());
+    Clock::time_point next = Clock::now();
+    int seed = 0;
+    while (next < deadline) {
+      std::this_thread::sleep_until(next);
+      const std::string adapter = ids[zipf(rng)];
+      threads.emplace_back([&, adapter, s = ++seed] {
+        Load load(channel);
+        std::mt19937 request_rng(s);
+        record(load.Request(adapter, request_rng));
+      });
+      next += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(gap(rng)));
+    }
+  }
+  for (auto& t : threads) t.join();
+  const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+  std::vector<double> ttft, tpot;
+  int64_t tokens = 0, failed = 0;
+  for (const Sample& s : samples) {
+    if (!s.ok) {
+      ++failed;
+      continue;
+    }
+    tokens += s.tokens;
+    ttft.push_back(s.ttft_s);
+    if (s.tokens > 1) tpot.push_back(s.tpot_s);
+  }
+  std::printf(
+      "{\"bench\": \"grpc_load\", \"mode\": \"%s\", \"adapters\": %zu, \"requests\": %zu, "
+      "\"failed\": %lld, \"seconds\": %.1f, \"output_tokens_per_s\": %.2f, "
+      "\"ttft_p50_ms\": %.1f, \"ttft_p99_ms\": %.1f, \"tpot_p50_ms\": %.1f, \"tpot_p99_ms\": %.1f}\n",
+      rate > 0 ? absl::StrFormat("poisson %.2f/s zipf %.2f", rate, absl::GetFlag(FLAGS_zipf)).c_str()
+               : absl::StrCat("closed ", absl::GetFlag(FLAGS_clients), " clients").c_str(),
+      ids.size(), samples.size(), static_cast<long long>(failed), elapsed, tokens / elapsed,
+      Percentile(ttft, 0.5) * 1e3, Percentile(ttft, 0.99) * 1e3, Percentile(tpot, 0.5) * 1e3,
+      Percentile(tpot, 0.99) * 1e3);
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace loraserve
+
+int main(int argc, char** argv) {
+  return loraserve::bench::BenchMain(argc, argv, "grpc_load", loraserve::Run);
+}
