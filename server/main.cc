@@ -11,6 +11,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
@@ -310,6 +312,13 @@ absl::Status Serve() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(loraserve::kUsage);
+  // --help lists the flags of this file (Abseil's default looks for a file
+  // named after the program).
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view path) {
+    return absl::EndsWith(path, "server/main.cc");
+  };
+  absl::SetFlagsUsageConfig(usage);
   std::vector<std::string> normalized = loraserve::MergeRepeatedFlags(
       loraserve::DashesToUnderscores(argc, argv), {"adapter", "pin_adapter"});
   std::vector<char*> normalized_argv = loraserve::ArgvOf(normalized);
