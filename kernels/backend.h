@@ -231,6 +231,20 @@ struct CpuBackendOptions {
 // The CPU backend: always available.
 absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOptions& options);
 
+struct CudaBackendOptions {
+  // CUDA device ordinal.
+  int device = 0;
+  // Storage dtype of weights arriving as F32 or BF16: kBF16 (the default:
+  // half the bytes, bf16 GEMM operands with float32 accumulation) or kF32
+  // (float32 GEMMs without TF32, for exact comparisons with the CPU). F16
+  // weights stay F16 under kBF16.
+  DType weight_dtype = DType::kBF16;
+};
+
+// The CUDA backend (kernels/cuda). Fails with FailedPrecondition when this
+// build has no CUDA or when no GPU is present; the message says which.
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOptions& options);
+
 }  // namespace loraserve::kernels
 
 #endif  // LORASERVE_KERNELS_BACKEND_H_

@@ -1,0 +1,609 @@
+// The CUDA backend: weights in GPU memory as bf16 (f16 kept as f16, or all
+// float32 on request), GEMMs through cuBLAS with float32 accumulation, every
+// other operation a kernel of kernels/cuda/kernels.cu. All work is queued on
+// one non-blocking stream owned by the backend.
+//
+// Ownership: the backend owns its stream, cuBLAS handle, scratch buffers and
+// the pinned/device buffers that carry LoRA segment tables; DeviceBuffers it
+// hands out own their cudaMalloc allocations. One thread at a time (see
+// Backend); each call makes the backend's device current on that thread, so
+// the engine loop may run on another thread than the one that created it.
+//
+// Errors: every CUDA and cuBLAS result becomes a Status naming the call.
+// Indices read on the device (token ids, slots, positions, block tables) are
+// checked there; a bad one is reported by the next Synchronize or CopyToHost.
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/kernels.h"
+
+namespace loraserve::kernels {
+namespace {
+
+using cuda::DeviceLoraSegment;
+
+// Elements converted per chunk when weights are uploaded in another dtype.
+constexpr int64_t kUploadChunk = int64_t{16} << 20;
+// LoRA segment tables in flight: a table's pinned host copy is reused only
+// after its upload finished, which is long done after this many later calls.
+constexpr int kSegmentSlots = 16;
+
+absl::Status Invalid(const char* op, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat("CudaBackend::", op, ": ", what));
+}
+
+absl::Status CheckNotNull(const char* op, const char* arg, const void* p) {
+  if (p == nullptr) return Invalid(op, absl::StrCat(arg, " is null"));
+  return absl::OkStatus();
+}
+
+absl::Status CheckNonNegative(const char* op, const char* arg, int64_t value) {
+  if (value < 0) return Invalid(op, absl::StrCat(arg, " must not be negative, got ", value));
+  return absl::OkStatus();
+}
+
+absl::Status CheckPositive(const char* op, const char* arg, int64_t value) {
+  if (value <= 0) return Invalid(op, absl::StrCat(arg, " must be positive, got ", value));
+  return absl::OkStatus();
+}
+
+cudaDataType_t CudaDataType(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return CUDA_R_32F;
+    case DType::kF16:
+      return CUDA_R_16F;
+    case DType::kBF16:
+      return CUDA_R_16BF;
+  }
+  return CUDA_R_32F;
+}
+
+absl::Status CheckWeight(const char* op, const char* arg, const WeightView& w) {
+  if (w.data == nullptr) return Invalid(op, absl::StrCat(arg, ".data is null"));
+  if (w.rows <= 0 || w.cols <= 0) {
+    return Invalid(
+        op, absl::StrCat(arg, " must have positive rows and cols, got ", w.rows, "x", w.cols));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckLayout(const char* op, const KvLayout& layout) {
+  if (layout.num_blocks <= 0 || layout.block_size <= 0 || layout.num_kv_heads <= 0 ||
+      layout.head_dim <= 0) {
+    return Invalid(
+        op, absl::StrCat("layout must be positive everywhere, got num_blocks ", layout.num_blocks,
+                         ", block_size ", layout.block_size, ", num_kv_heads ", layout.num_kv_heads,
+                         ", head_dim ", layout.head_dim));
+  }
+  return absl::OkStatus();
+}
+
+// The largest per-segment work (rows · rank) of a segment list, after
+// checking every segment.
+struct SegmentStats {
+  int64_t max_work = 0;
+};
+
+absl::StatusOr<SegmentStats> CheckSegments(const char* op, const LoraSegment* segments,
+                                           int32_t num_segments) {
+  if (num_segments < 0) return Invalid(op, absl::StrCat("num_segments is ", num_segments));
+  if (num_segments > 0 && segments == nullptr) return Invalid(op, "segments is null");
+  SegmentStats stats;
+  for (int32_t i = 0; i < num_segments; ++i) {
+    const LoraSegment& seg = segments[i];
+    if (seg.start < 0 || seg.end < seg.start) {
+      return Invalid(op, absl::StrCat("segment ", i, " has rows [", seg.start, ", ", seg.end,
+                                      "); expected 0 <= start <= end"));
+    }
+    if (seg.rank <= 0 || seg.a == nullptr || seg.bt == nullptr) {
+      return Invalid(op, absl::StrCat("segment ", i, " needs rank > 0 (got ", seg.rank,
+                                      ") and non-null a and bt"));
+    }
+    stats.max_work = std::max(stats.max_work, static_cast<int64_t>(seg.end - seg.start) * seg.rank);
+  }
+  return stats;
+}
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int device, DType weight_dtype) : device_(device), weight_dtype_(weight_dtype) {}
+
+  ~CudaBackend() override {
+    // Nothing to report to: errors on the way out are ignored.
+    cudaSetDevice(device_);
+    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    for (SegmentSlot& slot : segment_slots_) {
+      if (slot.done != nullptr) cudaEventDestroy(slot.done);
+      cudaFreeHost(slot.host);
+      cudaFree(slot.device);
+    }
+    cudaFree(scratch_);
+    cudaFree(staging_);
+    cudaFree(error_);
+    cudaFreeHost(error_host_);
+    if (cublas_ != nullptr) cublasDestroy(cublas_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  absl::Status Init() {
+    CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&properties_, device_));
+    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    const cublasStatus_t created = cublasCreate(&cublas_);
+    if (created == CUBLAS_STATUS_NOT_INITIALIZED) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("no CUDA GPU found (cublasCreate: ", cublasGetStatusString(created), ")"));
+    }
+    CUDA_RETURN_IF_ERROR(created);
+    CUDA_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
+    // Float32 GEMMs stay float32: no TF32 unless the environment forces it.
+    CUDA_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&error_, sizeof(int32_t)));
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(error_, 0, sizeof(int32_t), stream_));
+    CUDA_RETURN_IF_ERROR(cudaMallocHost(&error_host_, sizeof(int32_t)));
+    for (SegmentSlot& slot : segment_slots_) {
+      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming));
+    }
+    return Synchronize();
+  }
+
+  std::string name() const override { return absl::StrCat("cuda:", device_); }
+
+  // --- memory ---------------------------------------------------------------
+
+  absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
+    CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    void* data = nullptr;
+    // Never hand out null, even for zero bytes.
+    const cudaError_t error = cudaMalloc(&data, std::max<size_t>(bytes, 1));
+    if (error != cudaSuccess) {
+      cudaGetLastError();  // an allocation failure is not sticky: clear it
+      size_t free_bytes = 0, total_bytes = 0;
+      cudaMemGetInfo(&free_bytes, &total_bytes);
+      return absl::ResourceExhaustedError(
+          absl::StrCat("CudaBackend::Allocate: cudaMalloc of ", bytes, " bytes failed (",
+                       cudaGetErrorString(error), "); ", free_bytes, " of ", total_bytes,
+                       " bytes free on ", name()));
+    }
+    return DeviceBuffer(this, data, bytes);
+  }
+
+  void Free(void* data, size_t bytes) override {
+    cudaSetDevice(device_);
+    cudaFree(data);  // called from destructors: nothing to report to
+  }
+
+  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+    CUDA_RETURN_IF_ERROR(Begin("CopyToDevice"));
+    if (bytes == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull("CopyToDevice", "dst", dst));
+    CUDA_RETURN_IF_ERROR(CheckNotNull("CopyToDevice", "src", src));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+    // The caller may free or reuse pageable `src` as soon as we return.
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    CUDA_RETURN_IF_ERROR(Begin("CopyToHost"));
+    if (bytes != 0) {
+      CUDA_RETURN_IF_ERROR(CheckNotNull("CopyToHost", "dst", dst));
+      CUDA_RETURN_IF_ERROR(CheckNotNull("CopyToHost", "src", src));
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    }
+    // Results are read here: report what the kernels found on the way.
+    return Synchronize();
+  }
+
+  absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override {
+    CUDA_RETURN_IF_ERROR(Begin("CopyOnDevice"));
+    if (bytes == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull("CopyOnDevice", "dst", dst));
+    CUDA_RETURN_IF_ERROR(CheckNotNull("CopyOnDevice", "src", src));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+    return absl::OkStatus();
+  }
+
+  DType WeightDType(DType source) const override {
+    if (weight_dtype_ == DType::kF32) return DType::kF32;
+    return source == DType::kF16 ? DType::kF16 : DType::kBF16;
+  }
+
+  absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t count) override {
+    constexpr const char* kOp = "UploadWeight";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "count", count));
+    if (count == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "dst", dst));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "src", src));
+    const DType stored = WeightDType(src_dtype);
+    const size_t src_size = DTypeSize(src_dtype);
+    if (stored == src_dtype) return CopyToDevice(dst, src, count * src_size);
+    // Raw chunks go to a device staging buffer and are converted there; the
+    // stream orders each chunk's copy after the previous chunk's conversion.
+    if (staging_ == nullptr) {
+      CUDA_RETURN_IF_ERROR(cudaMalloc(&staging_, kUploadChunk * sizeof(float)));
+    }
+    const size_t stored_size = DTypeSize(stored);
+    for (int64_t begin = 0; begin < count; begin += kUploadChunk) {
+      const int64_t n = std::min(kUploadChunk, count - begin);
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging_,
+                                           static_cast<const char*>(src) + begin * src_size,
+                                           n * src_size, cudaMemcpyHostToDevice, stream_));
+      CUDA_RETURN_IF_ERROR(cuda::ConvertElements(
+          staging_, src_dtype, static_cast<char*>(dst) + begin * stored_size, stored, n, stream_));
+    }
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status Synchronize() override {
+    CUDA_RETURN_IF_ERROR(Begin("Synchronize"));
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(error_host_, error_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    const int32_t code = *error_host_;
+    if (code == cuda::kNoKernelError) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(error_, 0, sizeof(int32_t), stream_));
+    return absl::OutOfRangeError(absl::StrCat("CudaBackend (", name(),
+                                              "): ", cuda::KernelErrorName(code),
+                                              " (checked on the device; the affected outputs "
+                                              "hold NaN)"));
+  }
+
+  // --- dense ----------------------------------------------------------------
+
+  absl::Status Linear(const float* x, const WeightView& w, int64_t m, float* y,
+                      bool accumulate) override {
+    constexpr const char* kOp = "Linear";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckWeight(kOp, "w", w));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "m", m));
+    if (m == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
+    if (m > INT32_MAX || w.rows > INT32_MAX || w.cols > INT32_MAX) {
+      return Invalid(kOp,
+                     absl::StrCat("sizes beyond cuBLAS's int: m ", m, ", w ", w.rows, "x", w.cols));
+    }
+    // cuBLAS wants both operands in one type: x goes to the weight's dtype.
+    const void* operand = x;
+    if (w.dtype != DType::kF32) {
+      const int64_t count = m * w.cols;
+      absl::StatusOr<void*> converted = Scratch(count * DTypeSize(w.dtype));
+      if (!converted.ok()) return converted.status();
+      CUDA_RETURN_IF_ERROR(
+          cuda::ConvertElements(x, DType::kF32, *converted, w.dtype, count, stream_));
+      operand = *converted;
+    }
+    // Column-major view: y[m, n] row-major is yᶜ [n, m] = Wᶜᵀ · xᶜ with
+    // Wᶜ = W as [k, n] and xᶜ = x as [k, m].
+    const float alpha = 1.0f;
+    const float beta = accumulate ? 1.0f : 0.0f;
+    const cudaDataType_t type = CudaDataType(w.dtype);
+    CUDA_RETURN_IF_ERROR(cublasGemmEx(
+        cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.rows), static_cast<int>(m),
+        static_cast<int>(w.cols), &alpha, w.data, type, static_cast<int>(w.cols), operand, type,
+        static_cast<int>(w.cols), &beta, y, CUDA_R_32F, static_cast<int>(w.rows),
+        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return absl::OkStatus();
+  }
+
+  absl::Status Embedding(const int32_t* ids, int64_t n, const WeightView& table,
+                         float* y) override {
+    constexpr const char* kOp = "Embedding";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckWeight(kOp, "table", table));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "n", n));
+    if (n == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "ids", ids));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
+    CUDA_RETURN_IF_ERROR(cuda::EmbeddingGather(ids, n, table.data, table.dtype, table.rows,
+                                               table.cols, y, error_, stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
+                       float* y) override {
+    constexpr const char* kOp = "RmsNorm";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "n", n));
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "dim", dim));
+    if (n == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "weight", weight));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
+    CUDA_RETURN_IF_ERROR(cuda::RmsNormRows(x, weight, n, dim, eps, y, stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status Add(float* x, const float* y, int64_t count) override {
+    constexpr const char* kOp = "Add";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "count", count));
+    if (count == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
+    CUDA_RETURN_IF_ERROR(cuda::AddInPlace(x, y, count, stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status AddBias(float* x, const float* bias, int64_t n, int64_t dim) override {
+    constexpr const char* kOp = "AddBias";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "n", n));
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "dim", dim));
+    if (n == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "bias", bias));
+    CUDA_RETURN_IF_ERROR(cuda::AddBiasRows(x, bias, n, dim, stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status SiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) override {
+    constexpr const char* kOp = "SiluMul";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "n", n));
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "dim", dim));
+    if (n == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "gate_up", gate_up));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "out", out));
+    CUDA_RETURN_IF_ERROR(cuda::SiluMulRows(gate_up, n, dim, out, stream_));
+    return absl::OkStatus();
+  }
+
+  // --- LoRA -----------------------------------------------------------------
+
+  absl::Status LoraShrink(const float* x, int64_t in, const LoraSegment* segments,
+                          int32_t num_segments, float* t) override {
+    constexpr const char* kOp = "LoraShrink";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    absl::StatusOr<SegmentStats> stats = CheckSegments(kOp, segments, num_segments);
+    if (!stats.ok()) return stats.status();
+    if (num_segments == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "t", t));
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "in", in));
+    absl::StatusOr<const DeviceLoraSegment*> table = StageSegments(segments, num_segments);
+    if (!table.ok()) return table.status();
+    CUDA_RETURN_IF_ERROR(
+        cuda::LoraShrinkSegments(x, in, *table, num_segments, stats->max_work, t, stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
+                          int64_t out, float* y, int64_t ldy) override {
+    constexpr const char* kOp = "LoraExpand";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckSegments(kOp, segments, num_segments).status());
+    if (num_segments == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "t", t));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "out", out));
+    if (ldy < out) return Invalid(kOp, absl::StrCat("ldy (", ldy, ") must be >= out (", out, ")"));
+    absl::StatusOr<const DeviceLoraSegment*> table = StageSegments(segments, num_segments);
+    if (!table.ok()) return table.status();
+    CUDA_RETURN_IF_ERROR(cuda::LoraExpandSegments(t, *table, num_segments, out, y, ldy, stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status MergeLora(const WeightView& base, const float* a, const float* bt, int32_t rank,
+                         float scale, void* out) override {
+    constexpr const char* kOp = "MergeLora";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckWeight(kOp, "base", base));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "a", a));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "bt", bt));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "out", out));
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "rank", rank));
+    CUDA_RETURN_IF_ERROR(cuda::MergeLoraWeights(base.data, base.dtype, base.rows, base.cols, a, bt,
+                                                rank, scale, out, stream_));
+    return absl::OkStatus();
+  }
+
+  // --- attention ------------------------------------------------------------
+
+  absl::Status Rope(float* q, float* k, const int32_t* positions, int64_t tokens, int32_t num_heads,
+                    int32_t num_kv_heads, const RopeParams& rope) override {
+    constexpr const char* kOp = "Rope";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "tokens", tokens));
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "num_heads", num_heads));
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "num_kv_heads", num_kv_heads));
+    if (rope.head_dim <= 0 || rope.head_dim % 2 != 0) {
+      return Invalid(kOp,
+                     absl::StrCat("rope.head_dim must be positive and even, got ", rope.head_dim));
+    }
+    if (tokens == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "q", q));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "k", k));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "positions", positions));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "rope.inv_freq", rope.inv_freq));
+    CUDA_RETURN_IF_ERROR(cuda::RopeInPlace(q, k, positions, tokens, num_heads, num_kv_heads,
+                                           rope.inv_freq, rope.head_dim, rope.attention_scaling,
+                                           error_, stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status WriteKv(const float* k, const float* v, const AttentionBatch& batch,
+                       const KvLayout& layout, float* k_cache, float* v_cache) override {
+    constexpr const char* kOp = "WriteKv";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckLayout(kOp, layout));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "batch.num_tokens", batch.num_tokens));
+    if (batch.num_tokens == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "k", k));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "v", v));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "k_cache", k_cache));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "v_cache", v_cache));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.slot_mapping", batch.slot_mapping));
+    CUDA_RETURN_IF_ERROR(
+        cuda::WriteKvSlots(k, v, batch.slot_mapping, batch.num_tokens,
+                           static_cast<int64_t>(layout.num_kv_heads) * layout.head_dim,
+                           static_cast<int64_t>(layout.num_blocks) * layout.block_size, k_cache,
+                           v_cache, error_, stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status PagedAttention(const float* q, const AttentionBatch& batch, const KvLayout& layout,
+                              int32_t num_heads, const float* k_cache, const float* v_cache,
+                              float* out) override {
+    constexpr const char* kOp = "PagedAttention";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckLayout(kOp, layout));
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "num_heads", num_heads));
+    if (num_heads % layout.num_kv_heads != 0) {
+      return Invalid(kOp, absl::StrCat("num_heads (", num_heads,
+                                       ") must be a multiple of layout.num_kv_heads (",
+                                       layout.num_kv_heads, ")"));
+    }
+    if (layout.head_dim > cuda::kMaxAttentionHeadDim) {
+      return absl::UnimplementedError(absl::StrCat("CudaBackend::PagedAttention: head_dim ",
+                                                   layout.head_dim, " is above the supported ",
+                                                   cuda::kMaxAttentionHeadDim));
+    }
+    if (num_heads > 65535) return Invalid(kOp, absl::StrCat("num_heads ", num_heads, " > 65535"));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "batch.num_tokens", batch.num_tokens));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "batch.num_seqs", batch.num_seqs));
+    if (batch.num_tokens == 0) return absl::OkStatus();
+    if (batch.num_seqs == 0) {
+      return Invalid(kOp, absl::StrCat("batch has ", batch.num_tokens, " tokens but no sequences"));
+    }
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "batch.max_blocks_per_seq", batch.max_blocks_per_seq));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "q", q));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "k_cache", k_cache));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "v_cache", v_cache));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "out", out));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.query_start", batch.query_start));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.context_lens", batch.context_lens));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.block_tables", batch.block_tables));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.positions", batch.positions));
+    CUDA_RETURN_IF_ERROR(cuda::PagedAttentionForward(
+        q, batch.num_tokens, batch.num_seqs, batch.query_start, batch.context_lens,
+        batch.block_tables, batch.max_blocks_per_seq, batch.positions, num_heads,
+        layout.num_kv_heads, layout.head_dim, layout.block_size, layout.num_blocks, k_cache,
+        v_cache, out, error_, stream_));
+    return absl::OkStatus();
+  }
+
+ private:
+  // A segment table's pinned host copy and its device twin. `done` marks the
+  // end of the upload from `host`; the device copy is reused safely because
+  // the next upload into it is queued after the kernels that read it.
+  struct SegmentSlot {
+    DeviceLoraSegment* host = nullptr;
+    DeviceLoraSegment* device = nullptr;
+    int32_t capacity = 0;
+    cudaEvent_t done = nullptr;
+  };
+
+  // Makes this backend's device current on the calling thread.
+  absl::Status Begin(const char* op) {
+    const cudaError_t error = cudaSetDevice(device_);
+    if (error != cudaSuccess) {
+      return cuda::CudaStatus(error, absl::StrCat("CudaBackend::", op, ": cudaSetDevice").c_str());
+    }
+    return absl::OkStatus();
+  }
+
+  // A device buffer of at least `bytes` for converted activations; contents
+  // are not kept when it grows.
+  absl::StatusOr<void*> Scratch(size_t bytes) {
+    if (bytes > scratch_bytes_) {
+      const size_t grown = std::max(bytes, scratch_bytes_ + scratch_bytes_ / 2);
+      CUDA_RETURN_IF_ERROR(cudaFree(scratch_));  // synchronises: earlier users are done
+      scratch_ = nullptr;
+      scratch_bytes_ = 0;
+      CUDA_RETURN_IF_ERROR(cudaMalloc(&scratch_, grown));
+      scratch_bytes_ = grown;
+    }
+    return scratch_;
+  }
+
+  // Copies `segments` (a host array) to device memory, asynchronously on the
+  // stream, with each segment's offset into the packed intermediate.
+  absl::StatusOr<const DeviceLoraSegment*> StageSegments(const LoraSegment* segments,
+                                                         int32_t num_segments) {
+    SegmentSlot& slot = segment_slots_[next_slot_];
+    next_slot_ = (next_slot_ + 1) % kSegmentSlots;
+    CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done));  // its last upload has finished
+    if (slot.capacity < num_segments) {
+      const int32_t capacity = std::max(num_segments, 2 * slot.capacity);
+      CUDA_RETURN_IF_ERROR(cudaFreeHost(slot.host));
+      CUDA_RETURN_IF_ERROR(cudaFree(slot.device));
+      slot.host = nullptr;
+      slot.device = nullptr;
+      slot.capacity = 0;
+      CUDA_RETURN_IF_ERROR(cudaMallocHost(&slot.host, capacity * sizeof(DeviceLoraSegment)));
+      CUDA_RETURN_IF_ERROR(cudaMalloc(&slot.device, capacity * sizeof(DeviceLoraSegment)));
+      slot.capacity = capacity;
+    }
+    int64_t offset = 0;
+    for (int32_t i = 0; i < num_segments; ++i) {
+      const LoraSegment& s = segments[i];
+      slot.host[i] = {s.start, s.end, s.rank, s.scale, s.a, s.bt, offset};
+      offset += static_cast<int64_t>(s.end - s.start) * s.rank;
+    }
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.device, slot.host,
+                                         num_segments * sizeof(DeviceLoraSegment),
+                                         cudaMemcpyHostToDevice, stream_));
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, stream_));
+    return slot.device;
+  }
+
+  const int device_;
+  const DType weight_dtype_;
+  cudaDeviceProp properties_{};
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  int32_t* error_ = nullptr;       // device: first KernelError of the kernels since last check
+  int32_t* error_host_ = nullptr;  // pinned: where Synchronize reads it
+  void* scratch_ = nullptr;
+  size_t scratch_bytes_ = 0;
+  void* staging_ = nullptr;  // kUploadChunk floats for UploadWeight
+  std::array<SegmentSlot, kSegmentSlots> segment_slots_;
+  int next_slot_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOptions& options) {
+  int count = 0;
+  const cudaError_t error = cudaGetDeviceCount(&count);
+  if (error != cudaSuccess || count == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("no CUDA GPU found (cudaGetDeviceCount: ",
+                     error == cudaSuccess
+                         ? "0 devices"
+                         : absl::StrCat(cudaGetErrorName(error), ": ", cudaGetErrorString(error)),
+                     ")"));
+  }
+  if (options.device < 0 || options.device >= count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CUDA device ", options.device, " does not exist: ", count, " present"));
+  }
+  if (options.weight_dtype != DType::kBF16 && options.weight_dtype != DType::kF32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CudaBackendOptions.weight_dtype must be BF16 or F32, got ",
+                     DTypeName(options.weight_dtype)));
+  }
+  auto backend = std::make_unique<CudaBackend>(options.device, options.weight_dtype);
+  if (absl::Status status = backend->Init(); !status.ok()) return status;
+  return backend;
+}
+
+}  // namespace loraserve::kernels

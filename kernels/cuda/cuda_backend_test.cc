@@ -1,0 +1,624 @@
+// Every operation of the CUDA backend against the CPU backend on seeded random
+// inputs, then whole forward passes of the shared model (base, mixed adapter
+// batches, merged weights) against the CPU. Outputs are poisoned with NaN
+// before each run; errors are relative (‖cuda − cpu‖ / ‖cpu‖) with bounds per
+// weight dtype: float32 far under 1e-3, bf16 operands under 1e-2. NaN never
+// passes. Without a GPU (or without CUDA in the build) every case skips and
+// says why.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "adapters/device_adapter.h"
+#include "adapters/lora_adapter.h"
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "server/model/llama_model.h"
+#include "tests/support/forward_harness.h"
+#include "tests/support/golden_cases.h"
+
+namespace loraserve::kernels {
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// Relative error bounds: float32 everywhere, or bf16 GEMM operands.
+constexpr double kF32Bound = 1e-5;
+constexpr double kBf16Bound = 1e-2;
+
+// ‖a − ref‖ / ‖ref‖; infinity when any element of `a` is not finite.
+double RelativeError(const std::vector<float>& a, const std::vector<float>& ref) {
+  EXPECT_EQ(a.size(), ref.size());
+  double diff = 0.0, norm = 0.0;
+  for (size_t i = 0; i < a.size() && i < ref.size(); ++i) {
+    if (!std::isfinite(a[i])) return std::numeric_limits<double>::infinity();
+    diff += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
+    norm += static_cast<double>(ref[i]) * ref[i];
+  }
+  return std::sqrt(diff / std::max(norm, 1e-30));
+}
+
+std::vector<float> RandomVector(size_t n, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// Rounds to the nearest bfloat16 (ties to even), as the CUDA upload does.
+std::vector<float> RoundToBf16(std::vector<float> v) {
+  for (float& x : v) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    std::memcpy(&x, &bits, sizeof(bits));
+  }
+  return v;
+}
+
+// A buffer on `backend` holding `host`.
+template <typename T>
+DeviceBuffer Upload(Backend& backend, const std::vector<T>& host) {
+  absl::StatusOr<DeviceBuffer> buffer = backend.Allocate(host.size() * sizeof(T));
+  EXPECT_TRUE(buffer.ok()) << buffer.status();
+  EXPECT_TRUE(backend.CopyToDevice(buffer->data(), host.data(), host.size() * sizeof(T)).ok());
+  return std::move(*buffer);
+}
+
+// `count` NaNs on `backend`: an output that must be written in full.
+DeviceBuffer Poisoned(Backend& backend, size_t count) {
+  return Upload(backend, std::vector<float>(count, kNaN));
+}
+
+std::vector<float> Download(Backend& backend, const DeviceBuffer& buffer, size_t count) {
+  std::vector<float> host(count);
+  absl::Status status = backend.CopyToHost(host.data(), buffer.data(), count * sizeof(float));
+  EXPECT_TRUE(status.ok()) << status;
+  return host;
+}
+
+// A weight matrix uploaded through the backend's own conversion.
+struct Weight {
+  DeviceBuffer buffer;
+  WeightView view;
+};
+
+Weight UploadWeight(Backend& backend, const std::vector<float>& host, int64_t rows, int64_t cols) {
+  const DType stored = backend.WeightDType(DType::kF32);
+  Weight w;
+  w.buffer = *backend.Allocate(host.size() * DTypeSize(stored));
+  absl::Status status = backend.UploadWeight(w.buffer.data(), host.data(), DType::kF32,
+                                             static_cast<int64_t>(host.size()));
+  EXPECT_TRUE(status.ok()) << status;
+  w.view = {w.buffer.data(), stored, rows, cols};
+  return w;
+}
+
+// One CUDA backend under test with the bound its weight dtype earns.
+struct CudaCase {
+  std::string name;
+  std::unique_ptr<Backend> backend;
+  double bound;
+  bool bf16;
+};
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<std::unique_ptr<Backend>> bf16 = CreateCudaBackend({});
+    if (!bf16.ok()) GTEST_SKIP() << bf16.status().message();
+    absl::StatusOr<std::unique_ptr<Backend>> f32 = CreateCudaBackend({.weight_dtype = DType::kF32});
+    ASSERT_TRUE(f32.ok()) << f32.status();
+    cases_.push_back({"bf16", std::move(*bf16), kBf16Bound, true});
+    cases_.push_back({"f32", std::move(*f32), kF32Bound, false});
+    absl::StatusOr<std::unique_ptr<Backend>> cpu = CreateCpuBackend({.num_threads = 2});
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    cpu_ = std::move(*cpu);
+  }
+
+  // Weights as the CUDA case stores them, in float32 for the CPU reference.
+  static std::vector<float> AsStored(const CudaCase& c, const std::vector<float>& w) {
+    return c.bf16 ? RoundToBf16(w) : w;
+  }
+
+  std::vector<CudaCase> cases_;
+  std::unique_ptr<Backend> cpu_;
+};
+
+TEST_F(CudaBackendTest, LinearMatchesCpu) {
+  const int64_t n = 96, k = 160;
+  const std::vector<float> w_host = RandomVector(n * k, 1, -0.1f, 0.1f);
+  for (CudaCase& c : cases_) {
+    Backend& cuda = *c.backend;
+    const Weight w = UploadWeight(cuda, w_host, n, k);
+    const Weight w_cpu = UploadWeight(*cpu_, AsStored(c, w_host), n, k);
+    for (const int64_t m : {1, 7, 64, 300}) {
+      for (const bool accumulate : {false, true}) {
+        SCOPED_TRACE(c.name + " m=" + std::to_string(m) + (accumulate ? " accumulate" : ""));
+        const std::vector<float> x = RandomVector(m * k, 2 + m);
+        const std::vector<float> y0 = RandomVector(m * n, 3 + m);
+        DeviceBuffer x_gpu = Upload(cuda, x), x_cpu = Upload(*cpu_, x);
+        DeviceBuffer y_gpu = accumulate ? Upload(cuda, y0) : Poisoned(cuda, m * n);
+        DeviceBuffer y_cpu = Upload(*cpu_, y0);
+        ASSERT_TRUE(cuda.Linear(x_gpu.as<float>(), w.view, m, y_gpu.as<float>(), accumulate).ok());
+        ASSERT_TRUE(
+            cpu_->Linear(x_cpu.as<float>(), w_cpu.view, m, y_cpu.as<float>(), accumulate).ok());
+        EXPECT_LE(RelativeError(Download(cuda, y_gpu, m * n), Download(*cpu_, y_cpu, m * n)),
+                  c.bound);
+      }
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, Bf16AndF16WeightsStayInTheirDtype) {
+  CudaCase& c = cases_[0];
+  EXPECT_EQ(c.backend->WeightDType(DType::kF32), DType::kBF16);
+  EXPECT_EQ(c.backend->WeightDType(DType::kBF16), DType::kBF16);
+  EXPECT_EQ(c.backend->WeightDType(DType::kF16), DType::kF16);
+  EXPECT_EQ(cases_[1].backend->WeightDType(DType::kBF16), DType::kF32);
+  // F16 source weights: upload halves, compare a GEMM with the CPU on the same halves.
+  const int64_t n = 33, k = 70, m = 5;
+  const std::vector<float> w_host = RandomVector(n * k, 4, -0.5f, 0.5f);
+  std::vector<uint16_t> halves(w_host.size());
+  for (size_t i = 0; i < halves.size(); ++i) {
+    halves[i] = _cvtss_sh(w_host[i], _MM_FROUND_TO_NEAREST_INT);
+  }
+  std::vector<float> w_exact(halves.size());
+  ConvertToFloat32(halves.data(), DType::kF16, static_cast<int64_t>(halves.size()), w_exact.data());
+  DeviceBuffer w_gpu = *c.backend->Allocate(halves.size() * 2);
+  ASSERT_TRUE(c.backend->UploadWeight(w_gpu.data(), halves.data(), DType::kF16, n * k).ok());
+  const Weight w_cpu = UploadWeight(*cpu_, w_exact, n, k);
+  const std::vector<float> x = RandomVector(m * k, 5);
+  DeviceBuffer x_gpu = Upload(*c.backend, x), x_cpu = Upload(*cpu_, x);
+  DeviceBuffer y_gpu = Poisoned(*c.backend, m * n), y_cpu = Poisoned(*cpu_, m * n);
+  ASSERT_TRUE(c.backend
+                  ->Linear(x_gpu.as<float>(), {w_gpu.data(), DType::kF16, n, k}, m,
+                           y_gpu.as<float>(), false)
+                  .ok());
+  ASSERT_TRUE(cpu_->Linear(x_cpu.as<float>(), w_cpu.view, m, y_cpu.as<float>(), false).ok());
+  // Only x is rounded (to f16, 11 bits): well under the bf16 bound.
+  EXPECT_LE(RelativeError(Download(*c.backend, y_gpu, m * n), Download(*cpu_, y_cpu, m * n)), 2e-3);
+}
+
+TEST_F(CudaBackendTest, EmbeddingGathersStoredRows) {
+  const int64_t vocab = 50, hidden = 72;
+  const std::vector<float> table = RandomVector(vocab * hidden, 6);
+  const std::vector<int32_t> ids = {0, 49, 3, 3, 17, 25, 48};
+  const int64_t n = static_cast<int64_t>(ids.size());
+  for (CudaCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    const Weight t_gpu = UploadWeight(*c.backend, table, vocab, hidden);
+    const Weight t_cpu = UploadWeight(*cpu_, AsStored(c, table), vocab, hidden);
+    DeviceBuffer ids_gpu = Upload(*c.backend, ids), ids_cpu = Upload(*cpu_, ids);
+    DeviceBuffer y_gpu = Poisoned(*c.backend, n * hidden), y_cpu = Poisoned(*cpu_, n * hidden);
+    ASSERT_TRUE(c.backend->Embedding(ids_gpu.as<int32_t>(), n, t_gpu.view, y_gpu.as<float>()).ok());
+    ASSERT_TRUE(cpu_->Embedding(ids_cpu.as<int32_t>(), n, t_cpu.view, y_cpu.as<float>()).ok());
+    // A gather of stored values is exact.
+    EXPECT_EQ(
+        RelativeError(Download(*c.backend, y_gpu, n * hidden), Download(*cpu_, y_cpu, n * hidden)),
+        0.0);
+  }
+}
+
+TEST_F(CudaBackendTest, BadTokenIdIsReportedAndTheBackendCarriesOn) {
+  Backend& cuda = *cases_[0].backend;
+  const Weight table = UploadWeight(cuda, RandomVector(10 * 8, 7), 10, 8);
+  DeviceBuffer ids = Upload(cuda, std::vector<int32_t>{1, 10});
+  DeviceBuffer y = Poisoned(cuda, 2 * 8);
+  ASSERT_TRUE(cuda.Embedding(ids.as<int32_t>(), 2, table.view, y.as<float>()).ok());
+  const absl::Status status = cuda.Synchronize();
+  EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange) << status;
+  EXPECT_NE(status.message().find("Embedding"), absl::string_view::npos) << status;
+  // The error was reported once; the context is intact.
+  EXPECT_TRUE(cuda.Synchronize().ok());
+  const std::vector<float> out = Download(cuda, y, 2 * 8);
+  EXPECT_TRUE(std::isfinite(out[0]));
+  EXPECT_TRUE(std::isnan(out[8]));
+}
+
+TEST_F(CudaBackendTest, ElementwiseOpsMatchCpu) {
+  const int64_t n = 13, dim = 300;
+  const std::vector<float> x = RandomVector(n * dim, 8);
+  const std::vector<float> other = RandomVector(n * dim, 9);
+  const std::vector<float> weight = RandomVector(dim, 10, 0.5f, 1.5f);
+  const std::vector<float> gate_up = RandomVector(n * 2 * dim, 11, -6.0f, 6.0f);
+  Backend& cuda = *cases_[0].backend;  // no weights involved: float32 throughout
+  // Runs `op` on both backends with inputs [x, other, weight, gate_up] and the
+  // output buffer (initialised to `init`, NaN when null) and compares outputs.
+  const auto check = [&](const char* name, size_t out_count, const std::vector<float>* init,
+                         auto op) {
+    SCOPED_TRACE(name);
+    std::vector<float> results[2];
+    Backend* backends[2] = {&cuda, cpu_.get()};
+    for (int b = 0; b < 2; ++b) {
+      Backend& be = *backends[b];
+      DeviceBuffer bx = Upload(be, x), bo = Upload(be, other), bw = Upload(be, weight),
+                   bg = Upload(be, gate_up);
+      DeviceBuffer out = init ? Upload(be, *init) : Poisoned(be, out_count);
+      ASSERT_TRUE(
+          op(be, bx.as<float>(), bo.as<float>(), bw.as<float>(), bg.as<float>(), out.as<float>())
+              .ok());
+      results[b] = Download(be, out, out_count);
+    }
+    EXPECT_LE(RelativeError(results[0], results[1]), kF32Bound);
+  };
+  check("RmsNorm", n * dim, nullptr,
+        [&](Backend& be, float* bx, float*, float* bw, float*, float* out) {
+          return be.RmsNorm(bx, bw, n, dim, 1e-5f, out);
+        });
+  check("RmsNorm in place", n * dim, &x,
+        [&](Backend& be, float*, float*, float* bw, float*, float* out) {
+          return be.RmsNorm(out, bw, n, dim, 1e-6f, out);
+        });
+  check("Add", n * dim, &x, [&](Backend& be, float*, float* bo, float*, float*, float* out) {
+    return be.Add(out, bo, n * dim);
+  });
+  check("AddBias", n * dim, &x, [&](Backend& be, float*, float*, float* bw, float*, float* out) {
+    return be.AddBias(out, bw, n, dim);
+  });
+  check("SiluMul", n * dim, nullptr,
+        [&](Backend& be, float*, float*, float*, float* bg, float* out) {
+          return be.SiluMul(bg, n, dim, out);
+        });
+  check("CopyOnDevice", n * dim, nullptr,
+        [&](Backend& be, float* bx, float*, float*, float*, float* out) {
+          return be.CopyOnDevice(out, bx, n * dim * sizeof(float));
+        });
+}
+
+TEST_F(CudaBackendTest, RopeMatchesCpu) {
+  const int64_t tokens = 9;
+  const int32_t heads = 6, kv_heads = 2, head_dim = 64;
+  const std::vector<int32_t> positions = {0, 1, 2, 17, 100, 511, 2047, 4095, 32000};
+  std::vector<float> inv_freq(head_dim / 2);
+  for (int i = 0; i < head_dim / 2; ++i) {
+    inv_freq[i] = 1.0f / std::pow(500000.0f, 2.0f * i / head_dim);
+  }
+  const std::vector<float> q = RandomVector(tokens * heads * head_dim, 12);
+  const std::vector<float> k = RandomVector(tokens * kv_heads * head_dim, 13);
+  for (const float scaling : {1.0f, 0.75f}) {
+    std::vector<float> out_q[2], out_k[2];
+    Backend* backends[2] = {cases_[0].backend.get(), cpu_.get()};
+    for (int b = 0; b < 2; ++b) {
+      Backend& be = *backends[b];
+      DeviceBuffer bq = Upload(be, q), bk = Upload(be, k), bp = Upload(be, positions),
+                   bf = Upload(be, inv_freq);
+      ASSERT_TRUE(be.Rope(bq.as<float>(), bk.as<float>(), bp.as<int32_t>(), tokens, heads, kv_heads,
+                          {bf.as<float>(), head_dim, scaling})
+                      .ok());
+      out_q[b] = Download(be, bq, q.size());
+      out_k[b] = Download(be, bk, k.size());
+    }
+    // Angles up to 32000 rad: cos/sin of the same float32 angle, both accurate.
+    EXPECT_LE(RelativeError(out_q[0], out_q[1]), kF32Bound);
+    EXPECT_LE(RelativeError(out_k[0], out_k[1]), kF32Bound);
+  }
+}
+
+// Three sequences in one step: a fresh prefill, a decode over a long cached
+// context, and a chunk of a prefill whose start is cached; grouped-query heads.
+TEST_F(CudaBackendTest, WriteKvAndPagedAttentionMatchCpu) {
+  for (const int32_t head_dim : {32, 64, 128, 256}) {
+    SCOPED_TRACE("head_dim " + std::to_string(head_dim));
+    const int32_t heads = 8, kv_heads = 2, block_size = 16, blocks_per_seq = 20;
+    const int32_t num_seqs = 3;
+    const std::vector<int32_t> query_start = {0, 5, 6, 10};
+    const std::vector<int32_t> context_lens = {5, 300, 24};
+    const std::vector<int32_t> positions = {0, 1, 2, 3, 4, 299, 20, 21, 22, 23};
+    const int32_t tokens = 10;
+    const KvLayout layout{num_seqs * blocks_per_seq, block_size, kv_heads, head_dim};
+    // Blocks of sequence s, in a shuffled order.
+    std::vector<int32_t> block_tables(num_seqs * blocks_per_seq);
+    for (int32_t i = 0; i < num_seqs * blocks_per_seq; ++i) {
+      block_tables[i] = (i * 37 + 11) % (num_seqs * blocks_per_seq);
+    }
+    std::vector<int32_t> slot_mapping(tokens);
+    for (int32_t s = 0; s < num_seqs; ++s) {
+      for (int32_t t = query_start[s]; t < query_start[s + 1]; ++t) {
+        slot_mapping[t] =
+            block_tables[s * blocks_per_seq + positions[t] / block_size] * block_size +
+            positions[t] % block_size;
+      }
+    }
+    const size_t cache_floats =
+        static_cast<size_t>(layout.num_blocks) * block_size * kv_heads * head_dim;
+    // The cache starts full of random history (earlier steps' keys and values).
+    const std::vector<float> k_cache = RandomVector(cache_floats, 14);
+    const std::vector<float> v_cache = RandomVector(cache_floats, 15);
+    const std::vector<float> q = RandomVector(tokens * heads * head_dim, 16, -2.0f, 2.0f);
+    const std::vector<float> k = RandomVector(tokens * kv_heads * head_dim, 17, -2.0f, 2.0f);
+    const std::vector<float> v = RandomVector(tokens * kv_heads * head_dim, 18);
+    std::vector<float> out[2], kc[2];
+    Backend* backends[2] = {cases_[0].backend.get(), cpu_.get()};
+    for (int b = 0; b < 2; ++b) {
+      Backend& be = *backends[b];
+      DeviceBuffer bqs = Upload(be, query_start), bcl = Upload(be, context_lens),
+                   bbt = Upload(be, block_tables), bsm = Upload(be, slot_mapping),
+                   bpos = Upload(be, positions);
+      DeviceBuffer bkc = Upload(be, k_cache), bvc = Upload(be, v_cache);
+      DeviceBuffer bq = Upload(be, q), bk = Upload(be, k), bv = Upload(be, v);
+      DeviceBuffer bout = Poisoned(be, tokens * heads * head_dim);
+      const AttentionBatch batch{
+          num_seqs,          tokens,         bqs.as<int32_t>(), bcl.as<int32_t>(),
+          bbt.as<int32_t>(), blocks_per_seq, bsm.as<int32_t>(), bpos.as<int32_t>()};
+      ASSERT_TRUE(be.WriteKv(bk.as<float>(), bv.as<float>(), batch, layout, bkc.as<float>(),
+                             bvc.as<float>())
+                      .ok());
+      ASSERT_TRUE(be.PagedAttention(bq.as<float>(), batch, layout, heads, bkc.as<float>(),
+                                    bvc.as<float>(), bout.as<float>())
+                      .ok());
+      out[b] = Download(be, bout, tokens * heads * head_dim);
+      kc[b] = Download(be, bkc, cache_floats);
+    }
+    EXPECT_EQ(RelativeError(kc[0], kc[1]), 0.0);
+    EXPECT_LE(RelativeError(out[0], out[1]), kF32Bound);
+  }
+}
+
+TEST_F(CudaBackendTest, LoraShrinkExpandMatchCpu) {
+  const int64_t in = 200, out = 150, ldy = 170, tokens = 40;
+  // Ranks differ per segment; one segment is empty; rows 30..39 have no adapter.
+  struct Spec {
+    int32_t start, end, rank;
+    float scale;
+  };
+  const std::vector<Spec> specs = {
+      {0, 1, 16, 2.0f}, {1, 2, 4, 0.5f}, {2, 2, 8, 1.0f}, {2, 22, 8, 1.0f}, {22, 30, 64, -1.5f}};
+  std::vector<std::vector<float>> a_host, bt_host;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    a_host.push_back(RandomVector(specs[i].rank * in, 20 + i));
+    bt_host.push_back(RandomVector(specs[i].rank * out, 40 + i));
+  }
+  const std::vector<float> x = RandomVector(tokens * in, 19);
+  const std::vector<float> y0 = RandomVector(tokens * ldy, 21);
+  std::vector<float> t_out[2], y_out[2];
+  Backend* backends[2] = {cases_[0].backend.get(), cpu_.get()};
+  for (int b = 0; b < 2; ++b) {
+    Backend& be = *backends[b];
+    std::vector<DeviceBuffer> keep;
+    std::vector<LoraSegment> segments;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      keep.push_back(Upload(be, a_host[i]));
+      keep.push_back(Upload(be, bt_host[i]));
+      segments.push_back({specs[i].start, specs[i].end, keep[keep.size() - 2].as<float>(),
+                          keep.back().as<float>(), specs[i].rank, specs[i].scale});
+    }
+    const int64_t t_floats = LoraIntermediateSize(segments.data(), segments.size());
+    DeviceBuffer bx = Upload(be, x), by = Upload(be, y0), bt = Poisoned(be, t_floats);
+    ASSERT_TRUE(
+        be.LoraShrink(bx.as<float>(), in, segments.data(), segments.size(), bt.as<float>()).ok());
+    ASSERT_TRUE(
+        be.LoraExpand(bt.as<float>(), segments.data(), segments.size(), out, by.as<float>(), ldy)
+            .ok());
+    t_out[b] = Download(be, bt, t_floats);
+    y_out[b] = Download(be, by, tokens * ldy);
+  }
+  EXPECT_LE(RelativeError(t_out[0], t_out[1]), kF32Bound);
+  EXPECT_LE(RelativeError(y_out[0], y_out[1]), kF32Bound);
+  // Columns beyond `out` and rows without a segment are untouched.
+  for (int64_t row = 0; row < tokens; ++row) {
+    for (int64_t col = out; col < ldy; ++col) {
+      ASSERT_EQ(y_out[0][row * ldy + col], y0[row * ldy + col]);
+    }
+  }
+  for (int64_t i = 30 * ldy; i < tokens * ldy; ++i) ASSERT_EQ(y_out[0][i], y0[i]);
+}
+
+TEST_F(CudaBackendTest, MergeLoraMatchesCpuAndKeepsBase) {
+  const int64_t rows = 96, cols = 80;
+  const int32_t rank = 12;
+  const std::vector<float> base = RandomVector(rows * cols, 60, -0.1f, 0.1f);
+  const std::vector<float> a = RandomVector(rank * cols, 61, -0.1f, 0.1f);
+  const std::vector<float> bt = RandomVector(rank * rows, 62, -0.1f, 0.1f);
+  for (CudaCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    Backend& cuda = *c.backend;
+    const Weight w_gpu = UploadWeight(cuda, base, rows, cols);
+    const Weight w_cpu = UploadWeight(*cpu_, AsStored(c, base), rows, cols);
+    DeviceBuffer a_gpu = Upload(cuda, a), bt_gpu = Upload(cuda, bt);
+    DeviceBuffer a_cpu = Upload(*cpu_, a), bt_cpu = Upload(*cpu_, bt);
+    DeviceBuffer merged_gpu = *cuda.Allocate(rows * cols * DTypeSize(w_gpu.view.dtype));
+    DeviceBuffer merged_cpu = Poisoned(*cpu_, rows * cols);
+    ASSERT_TRUE(cuda.MergeLora(w_gpu.view, a_gpu.as<float>(), bt_gpu.as<float>(), rank, 0.7f,
+                               merged_gpu.data())
+                    .ok());
+    ASSERT_TRUE(cpu_->MergeLora(w_cpu.view, a_cpu.as<float>(), bt_cpu.as<float>(), rank, 0.7f,
+                                merged_cpu.data())
+                    .ok());
+    // Read both (stored dtype) back through an identity GEMM: y = I · Wᵀ.
+    const auto read_back = [&](Backend& be, const WeightView& w) {
+      std::vector<float> eye(cols * cols, 0.0f);
+      for (int64_t i = 0; i < cols; ++i) eye[i * cols + i] = 1.0f;
+      DeviceBuffer e = Upload(be, eye), y = Poisoned(be, cols * rows);
+      EXPECT_TRUE(be.Linear(e.as<float>(), w, cols, y.as<float>(), false).ok());
+      return Download(be, y, cols * rows);
+    };
+    const WeightView merged_view{merged_gpu.data(), w_gpu.view.dtype, rows, cols};
+    const std::vector<float> merged = read_back(cuda, merged_view);
+    EXPECT_LE(RelativeError(merged, read_back(*cpu_, {merged_cpu.data(), DType::kF32, rows, cols})),
+              c.bf16 ? 1e-2 : kF32Bound);
+    // The golden copy is untouched.
+    EXPECT_EQ(RelativeError(read_back(cuda, w_gpu.view), read_back(*cpu_, w_cpu.view)), 0.0);
+  }
+}
+
+// --- whole model ----------------------------------------------------------------
+
+std::string SharedModel() { return std::string(LORASERVE_SHARED_DIR) + "/models/aidreams-260k"; }
+
+std::vector<std::vector<int32_t>> Prompts(int64_t vocab) {
+  std::mt19937 rng(70);
+  std::uniform_int_distribution<int32_t> id(3, static_cast<int32_t>(vocab - 1));
+  std::vector<std::vector<int32_t>> prompts;
+  for (const int len : {1, 9, 23, 40}) {
+    std::vector<int32_t> p = {1};
+    while (static_cast<int>(p.size()) < len) p.push_back(id(rng));
+    prompts.push_back(p);
+  }
+  return prompts;
+}
+
+// Prefill of `seqs` (logits for every token), then one decode step per
+// sequence (logits appended), all with `adapters`.
+std::vector<float> PrefillAndDecode(Backend& backend, model::LlamaModel& model,
+                                    const std::vector<std::vector<int32_t>>& seqs,
+                                    const std::vector<model::AdapterChoice>& adapters,
+                                    const model::MergedWeights* merged = nullptr) {
+  size_t longest = 0;
+  for (const auto& s : seqs) longest = std::max(longest, s.size());
+  testing::PagedTestCache cache(&backend, model.kv_shape(), seqs.size(), longest + 1);
+  model::ForwardInput in = testing::PrefillAll(seqs, cache);
+  in.adapters = adapters;
+  in.merged = merged;
+  std::vector<float> logits;
+  absl::Status status = model.Forward(in, cache.view(), &logits);
+  EXPECT_TRUE(status.ok()) << status;
+  model::ForwardInput decode;
+  decode.max_blocks_per_seq = in.max_blocks_per_seq;
+  decode.block_tables = in.block_tables;
+  decode.query_start = {0};
+  for (int32_t s = 0; s < static_cast<int32_t>(seqs.size()); ++s) {
+    const int32_t pos = static_cast<int32_t>(seqs[s].size());
+    decode.tokens.push_back(seqs[s][pos / 2]);
+    decode.positions.push_back(pos);
+    decode.slot_mapping.push_back(cache.Block(s, pos / testing::kTestBlockSize) *
+                                      testing::kTestBlockSize +
+                                  pos % testing::kTestBlockSize);
+    decode.logit_rows.push_back(s);
+    decode.query_start.push_back(s + 1);
+    decode.context_lens.push_back(pos + 1);
+  }
+  decode.adapters = adapters;
+  decode.merged = merged;
+  std::vector<float> decoded;
+  status = model.Forward(decode, cache.view(), &decoded);
+  EXPECT_TRUE(status.ok()) << status;
+  logits.insert(logits.end(), decoded.begin(), decoded.end());
+  return logits;
+}
+
+TEST_F(CudaBackendTest, SharedModelLogitsMatchCpu) {
+  auto cpu_model = model::LlamaModel::Load(cpu_.get(), SharedModel(), {});
+  ASSERT_TRUE(cpu_model.ok()) << cpu_model.status();
+  const auto prompts = Prompts((*cpu_model)->config().vocab_size);
+  const std::vector<float> ref = PrefillAndDecode(*cpu_, **cpu_model, prompts, {});
+  for (CudaCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    auto cuda_model = model::LlamaModel::Load(c.backend.get(), SharedModel(), {});
+    ASSERT_TRUE(cuda_model.ok()) << cuda_model.status();
+    const std::vector<float> logits = PrefillAndDecode(*c.backend, **cuda_model, prompts, {});
+    // Whole-model float32 on both sides: reassociation only (1e-4); bf16
+    // weights and activations over many layers: the bf16 bound.
+    EXPECT_LE(RelativeError(logits, ref), c.bf16 ? kBf16Bound : 1e-4);
+  }
+}
+
+// The seeded HF models of the golden set (GQA, biases, llama3 rope, f16/bf16
+// checkpoints, explicit head_dim) on the float32 CUDA backend.
+TEST_F(CudaBackendTest, GoldenModelsMatchCpu) {
+  auto cases = testing::LoadModelCases();
+  ASSERT_TRUE(cases.ok()) << cases.status();
+  CudaCase& c = cases_[1];
+  for (const testing::GoldenCase& g : *cases) {
+    SCOPED_TRACE(g.name);
+    auto cpu_model = model::LlamaModel::Load(cpu_.get(), g.model_dir, {});
+    ASSERT_TRUE(cpu_model.ok()) << cpu_model.status();
+    auto cuda_model = model::LlamaModel::Load(c.backend.get(), g.model_dir, {});
+    ASSERT_TRUE(cuda_model.ok()) << cuda_model.status();
+    const std::vector<std::vector<int32_t>> seqs = {g.prompts[0].ids};
+    EXPECT_LE(RelativeError(PrefillAndDecode(*c.backend, **cuda_model, seqs, {}),
+                            PrefillAndDecode(*cpu_, **cpu_model, seqs, {})),
+              1e-4);
+  }
+}
+
+class CudaLoraTest : public CudaBackendTest {
+ protected:
+  // The shared adapters on `backend`, in the order of adapter cases.
+  std::vector<std::unique_ptr<adapters::DeviceAdapter>> UploadAdapters(
+      Backend& backend, const model::LlamaModel& model) {
+    std::vector<std::unique_ptr<adapters::DeviceAdapter>> out;
+    auto cases = testing::LoadAdapterCases();
+    EXPECT_TRUE(cases.ok()) << cases.status();
+    if (!cases.ok()) return out;
+    for (const testing::GoldenCase& g : *cases) {
+      if (g.base != "aidreams-260k") continue;
+      auto host = adapters::LoadLoraAdapter(g.adapter_dir, model.adapter_shape(), {.max_rank = 64});
+      EXPECT_TRUE(host.ok()) << g.name << ": " << host.status();
+      auto device = adapters::DeviceAdapter::Upload(&backend, *host);
+      EXPECT_TRUE(device.ok()) << device.status();
+      out.push_back(std::move(*device));
+    }
+    return out;
+  }
+
+  // A batch of the prompts, each with an adapter in turn (every third on the
+  // base, one at half strength), as choices into `adapters`.
+  static std::vector<model::AdapterChoice> Choices(
+      const std::vector<std::unique_ptr<adapters::DeviceAdapter>>& adapters, size_t n) {
+    std::vector<model::AdapterChoice> choices;
+    for (size_t i = 0; i < n; ++i) {
+      if (i % 3 == 2) {
+        choices.push_back({});
+      } else {
+        choices.push_back({adapters[i % adapters.size()].get(), i == 1 ? 0.5f : 1.0f});
+      }
+    }
+    return choices;
+  }
+};
+
+TEST_F(CudaLoraTest, MixedAdapterBatchMatchesCpu) {
+  auto cpu_model = model::LlamaModel::Load(cpu_.get(), SharedModel(), {});
+  ASSERT_TRUE(cpu_model.ok()) << cpu_model.status();
+  auto cpu_adapters = UploadAdapters(*cpu_, **cpu_model);
+  ASSERT_GE(cpu_adapters.size(), 4u);
+  std::vector<std::vector<int32_t>> prompts = Prompts((*cpu_model)->config().vocab_size);
+  const auto more = Prompts(100);
+  prompts.insert(prompts.end(), more.begin(), more.end());
+  const std::vector<float> ref =
+      PrefillAndDecode(*cpu_, **cpu_model, prompts, Choices(cpu_adapters, prompts.size()));
+  for (CudaCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    auto cuda_model = model::LlamaModel::Load(c.backend.get(), SharedModel(), {});
+    ASSERT_TRUE(cuda_model.ok()) << cuda_model.status();
+    auto cuda_adapters = UploadAdapters(*c.backend, **cuda_model);
+    const std::vector<float> logits =
+        PrefillAndDecode(*c.backend, **cuda_model, prompts, Choices(cuda_adapters, prompts.size()));
+    EXPECT_LE(RelativeError(logits, ref), c.bf16 ? kBf16Bound : 1e-4);
+  }
+}
+
+TEST_F(CudaLoraTest, MergedMatchesUnmerged) {
+  for (CudaCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    auto cuda_model = model::LlamaModel::Load(c.backend.get(), SharedModel(), {});
+    ASSERT_TRUE(cuda_model.ok()) << cuda_model.status();
+    auto adapters = UploadAdapters(*c.backend, **cuda_model);
+    ASSERT_GE(adapters.size(), 2u);
+    const auto prompts = Prompts((*cuda_model)->config().vocab_size);
+    const model::AdapterChoice hot{adapters[0].get(), 1.0f};
+    auto merged = (*cuda_model)->Merge(hot);
+    ASSERT_TRUE(merged.ok()) << merged.status();
+    // All on the hot adapter, then a mix whose others get low-rank corrections.
+    const std::vector<model::AdapterChoice> all_hot(prompts.size(), hot);
+    const std::vector<model::AdapterChoice> mixed = {hot, {adapters[1].get(), 1.0f}, {}, hot};
+    for (const auto& choices : {all_hot, mixed}) {
+      const std::vector<float> unmerged =
+          PrefillAndDecode(*c.backend, **cuda_model, prompts, choices);
+      const std::vector<float> on_merged =
+          PrefillAndDecode(*c.backend, **cuda_model, prompts, choices, merged->get());
+      // bf16: the merged weights are rounded once more than base + LoRA.
+      EXPECT_LE(RelativeError(on_merged, unmerged), c.bf16 ? kBf16Bound : 1e-4);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace loraserve::kernels

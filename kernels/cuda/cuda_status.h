@@ -1,0 +1,41 @@
+// One way to turn CUDA runtime and cuBLAS results into absl::Status, naming
+// the call that failed. Private to kernels/cuda.
+//
+// Example:
+//   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_));
+#ifndef LORASERVE_KERNELS_CUDA_CUDA_STATUS_H_
+#define LORASERVE_KERNELS_CUDA_CUDA_STATUS_H_
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include "absl/status/status.h"
+
+namespace loraserve::kernels::cuda {
+
+// Ok for cudaSuccess; otherwise an Internal error (ResourceExhausted for out
+// of memory) that quotes `call` and CUDA's name and description of `error`.
+absl::Status CudaStatus(cudaError_t error, const char* call);
+// Ok for CUBLAS_STATUS_SUCCESS; otherwise an Internal error quoting `call`.
+absl::Status CublasStatus(cublasStatus_t status, const char* call);
+
+// Lets CUDA_RETURN_IF_ERROR also propagate our own checks.
+inline absl::Status ToStatus(absl::Status status, const char* call) { return status; }
+inline absl::Status ToStatus(cudaError_t error, const char* call) {
+  return CudaStatus(error, call);
+}
+inline absl::Status ToStatus(cublasStatus_t status, const char* call) {
+  return CublasStatus(status, call);
+}
+
+}  // namespace loraserve::kernels::cuda
+
+// Evaluates a CUDA runtime call, a cuBLAS call or an absl::Status expression
+// and returns its failure as a Status from the enclosing function.
+#define CUDA_RETURN_IF_ERROR(call)                                                   \
+  do {                                                                               \
+    absl::Status cuda_status_ = ::loraserve::kernels::cuda::ToStatus((call), #call); \
+    if (!cuda_status_.ok()) return cuda_status_;                                     \
+  } while (0)
+
+#endif  // LORASERVE_KERNELS_CUDA_CUDA_STATUS_H_

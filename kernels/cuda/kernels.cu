@@ -1,0 +1,524 @@
+// The CUDA kernels behind kernels/cuda/kernels.h. Simple, correct first:
+// float32 arithmetic everywhere (weights are converted on load from bf16/f16),
+// coalesced accesses, grid-stride loops, one launch per operation.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kernels/cuda/kernels.h"
+
+namespace loraserve::kernels::cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kThreads = 256;
+// Grid-stride kernels never launch more blocks than this.
+constexpr int64_t kMaxBlocks = int64_t{1} << 16;
+
+int GridFor(int64_t count, int threads = kThreads) {
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min(kMaxBlocks, (count + threads - 1) / threads)));
+}
+
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float v);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Calls fn(T{}) with T the device element type of `dtype`.
+template <typename Fn>
+cudaError_t DispatchDType(DType dtype, Fn fn) {
+  switch (dtype) {
+    case DType::kF32:
+      return fn(float{});
+    case DType::kF16:
+      return fn(__half{});
+    case DType::kBF16:
+      return fn(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+__device__ __forceinline__ void RecordError(int32_t* error, int32_t code) {
+  atomicCAS(error, kNoKernelError, code);
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024); every
+// thread gets the result. `scratch` holds 32 floats.
+__device__ float BlockSum(float v, float* scratch) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  v = WarpSum(v);
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x / kWarp;
+  v = lane < warps ? scratch[lane] : 0.0f;
+  return WarpSum(v);
+}
+
+// ---- elementwise ----------------------------------------------------------
+
+template <typename S, typename D>
+__global__ void ConvertKernel(const S* src, D* dst, int64_t count) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    dst[i] = FromFloat<D>(ToFloat(src[i]));
+  }
+}
+
+template <typename T>
+__global__ void EmbeddingKernel(const int32_t* ids, int64_t n, const T* table, int64_t vocab,
+                                int64_t hidden, float* y, int32_t* error) {
+  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const int32_t id = ids[i];
+    float* row = y + i * hidden;
+    if (id < 0 || id >= vocab) {
+      if (threadIdx.x == 0) RecordError(error, kEmbeddingIdOutOfRange);
+      for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) row[c] = NAN;
+      continue;
+    }
+    const T* src = table + id * hidden;
+    for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) row[c] = ToFloat(src[c]);
+  }
+}
+
+__global__ void RmsNormKernel(const float* x, const float* weight, int64_t n, int64_t dim,
+                              float eps, float* y) {
+  __shared__ float scratch[kWarp];
+  for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+    const float* xr = x + row * dim;
+    float* yr = y + row * dim;
+    float sum = 0.0f;
+    for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) sum = fmaf(xr[c], xr[c], sum);
+    sum = BlockSum(sum, scratch);
+    const float inv_rms = 1.0f / sqrtf(sum / static_cast<float>(dim) + eps);
+    // Each thread rewrites only the elements it read: y may alias x.
+    for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = weight[c] * (xr[c] * inv_rms);
+  }
+}
+
+__global__ void AddKernel(float* x, const float* y, int64_t count) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    x[i] += y[i];
+  }
+}
+
+__global__ void AddBiasKernel(float* x, const float* bias, int64_t n, int64_t dim) {
+  const int64_t count = n * dim;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    x[i] += bias[i % dim];
+  }
+}
+
+__global__ void SiluMulKernel(const float* gate_up, int64_t n, int64_t dim, float* out) {
+  const int64_t count = n * dim;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = i / dim;
+    const int64_t c = i - row * dim;
+    const float gate = gate_up[row * 2 * dim + c];
+    const float up = gate_up[row * 2 * dim + dim + c];
+    out[i] = gate / (1.0f + expf(-gate)) * up;
+  }
+}
+
+// One thread per (token, head of q then k, rotation pair i).
+__global__ void RopeKernel(float* q, float* k, const int32_t* positions, int64_t tokens,
+                           int32_t num_heads, int32_t num_kv_heads, const float* inv_freq,
+                           int32_t half, float attention_scaling, int32_t* error) {
+  const int64_t heads = num_heads + num_kv_heads;
+  const int64_t count = tokens * heads * half;
+  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < count;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t i = idx % half;
+    const int64_t head = (idx / half) % heads;
+    const int64_t t = idx / (half * heads);
+    float* x = head < num_heads ? q + (t * num_heads + head) * 2 * half
+                                : k + (t * num_kv_heads + (head - num_heads)) * 2 * half;
+    const int32_t position = positions[t];
+    if (position < 0) {
+      RecordError(error, kRopePositionNegative);
+      x[i] = NAN;
+      x[i + half] = NAN;
+      continue;
+    }
+    // As Hugging Face: the angle is rounded to float32 before cos and sin.
+    const float angle = static_cast<float>(position) * inv_freq[i];
+    const float c = cosf(angle) * attention_scaling;
+    const float s = sinf(angle) * attention_scaling;
+    const float a = x[i];
+    const float b = x[i + half];
+    x[i] = a * c - b * s;
+    x[i + half] = b * c + a * s;
+  }
+}
+
+__global__ void WriteKvKernel(const float* k, const float* v, const int32_t* slot_mapping,
+                              int64_t tokens, int64_t slot_floats, int64_t num_slots,
+                              float* k_cache, float* v_cache, int32_t* error) {
+  const int64_t count = tokens * slot_floats;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t t = i / slot_floats;
+    const int64_t e = i - t * slot_floats;
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0 || slot >= num_slots) {
+      RecordError(error, kWriteKvSlotOutOfRange);
+      continue;
+    }
+    k_cache[slot * slot_floats + e] = k[i];
+    v_cache[slot * slot_floats + e] = v[i];
+  }
+}
+
+// ---- attention ------------------------------------------------------------
+
+constexpr int kAttentionWarps = 4;
+
+// One block per (token, head); each warp walks every kAttentionWarps-th cache
+// position with an online softmax (running max m, sum l, accumulator acc over
+// the head's dimensions, kDimsPerLane per lane), then the warps' partial
+// results are merged. Keys and values are read a whole head row per warp:
+// coalesced.
+template <int kDimsPerLane>
+__global__ void __launch_bounds__(kAttentionWarps* kWarp)
+    PagedAttentionKernel(const float* q, int32_t num_seqs, const int32_t* query_start,
+                         const int32_t* context_lens, const int32_t* block_tables,
+                         int32_t max_blocks_per_seq, const int32_t* positions, int32_t num_heads,
+                         int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
+                         int32_t num_blocks, const float* k_cache, const float* v_cache, float* out,
+                         int32_t* error) {
+  __shared__ float warp_max[kAttentionWarps];
+  __shared__ float warp_sum[kAttentionWarps];
+  __shared__ float warp_acc[kAttentionWarps][kDimsPerLane * kWarp];
+  __shared__ int bad_block;
+
+  const int32_t token = blockIdx.x;
+  const int32_t head = blockIdx.y;
+  const int32_t kv_head = head / (num_heads / num_kv_heads);
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  float* out_row = out + (static_cast<int64_t>(token) * num_heads + head) * head_dim;
+
+  // The token's sequence: the last s with query_start[s] <= token.
+  int32_t lo = 0, hi = num_seqs - 1;
+  while (lo < hi) {
+    const int32_t mid = (lo + hi + 1) / 2;
+    if (query_start[mid] <= token) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int32_t seq = lo;
+  const int32_t position = positions[token];
+  const int32_t context = position + 1;
+  if (position < 0 || position >= context_lens[seq] ||
+      position >= max_blocks_per_seq * block_size) {
+    if (threadIdx.x == 0) RecordError(error, kAttentionPositionOutOfRange);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) out_row[d] = NAN;
+    return;
+  }
+  if (threadIdx.x == 0) bad_block = 0;
+
+  const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
+  const float* q_row = q + (static_cast<int64_t>(token) * num_heads + head) * head_dim;
+  float qv[kDimsPerLane];
+  float acc[kDimsPerLane];
+#pragma unroll
+  for (int i = 0; i < kDimsPerLane; ++i) {
+    const int d = lane + i * kWarp;
+    qv[i] = d < head_dim ? q_row[d] : 0.0f;
+    acc[i] = 0.0f;
+  }
+  float m = -INFINITY;
+  float l = 0.0f;
+  const int32_t* table = block_tables + static_cast<int64_t>(seq) * max_blocks_per_seq;
+  __syncthreads();  // bad_block initialised
+  for (int32_t j = warp; j < context; j += kAttentionWarps) {
+    const int32_t block = table[j / block_size];
+    if (block < 0 || block >= num_blocks) {
+      if (lane == 0) {
+        RecordError(error, kAttentionBlockOutOfRange);
+        bad_block = 1;
+      }
+      break;
+    }
+    const int64_t base =
+        ((static_cast<int64_t>(block) * block_size + j % block_size) * num_kv_heads + kv_head) *
+        head_dim;
+    float dot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane; ++i) {
+      const int d = lane + i * kWarp;
+      if (d < head_dim) dot = fmaf(qv[i], k_cache[base + d], dot);
+    }
+    const float s = WarpSum(dot) * scale;
+    const float m_new = fmaxf(m, s);
+    const float correction = expf(m - m_new);  // 0 for the first position (m = -inf)
+    const float p = expf(s - m_new);
+    l = l * correction + p;
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane; ++i) {
+      const int d = lane + i * kWarp;
+      const float value = d < head_dim ? v_cache[base + d] : 0.0f;
+      acc[i] = fmaf(p, value, acc[i] * correction);
+    }
+    m = m_new;
+  }
+  if (lane == 0) {
+    warp_max[warp] = m;
+    warp_sum[warp] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < kDimsPerLane; ++i) warp_acc[warp][lane + i * kWarp] = acc[i];
+  __syncthreads();
+  if (bad_block) {
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) out_row[d] = NAN;
+    return;
+  }
+  float max_all = -INFINITY;
+  for (int w = 0; w < kAttentionWarps; ++w) max_all = fmaxf(max_all, warp_max[w]);
+  float total = 0.0f;
+  float weight[kAttentionWarps];
+  for (int w = 0; w < kAttentionWarps; ++w) {
+    // A warp that saw no position has m = -inf and weight 0.
+    weight[w] = warp_max[w] == -INFINITY ? 0.0f : expf(warp_max[w] - max_all);
+    total += warp_sum[w] * weight[w];
+  }
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float sum = 0.0f;
+    for (int w = 0; w < kAttentionWarps; ++w) sum += warp_acc[w][d] * weight[w];
+    out_row[d] = sum / total;
+  }
+}
+
+// ---- LoRA -----------------------------------------------------------------
+
+constexpr int kShrinkWarps = kThreads / kWarp;
+
+// Block (segment, y): warps take the segment's (row, r) dot products in turn;
+// work item w is row start + w / rank, rank row w % rank, and lands at
+// t[t_offset + w].
+__global__ void LoraShrinkKernel(const float* x, int64_t in, const DeviceLoraSegment* segments,
+                                 float* t) {
+  const DeviceLoraSegment seg = segments[blockIdx.x];
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t work = static_cast<int64_t>(seg.end - seg.start) * seg.rank;
+  for (int64_t w = static_cast<int64_t>(blockIdx.y) * kShrinkWarps + warp; w < work;
+       w += static_cast<int64_t>(gridDim.y) * kShrinkWarps) {
+    const float* xr = x + (seg.start + w / seg.rank) * in;
+    const float* ar = seg.a + (w % seg.rank) * in;
+    float sum = 0.0f;
+    for (int64_t c = lane; c < in; c += kWarp) sum = fmaf(xr[c], ar[c], sum);
+    sum = WarpSum(sum);
+    if (lane == 0) t[seg.t_offset + w] = sum;
+  }
+}
+
+// Block (segment, column tile): each thread owns one output column and sums
+// over r in order for every row of the segment.
+__global__ void LoraExpandKernel(const float* t, const DeviceLoraSegment* segments, int64_t out,
+                                 float* y, int64_t ldy) {
+  const DeviceLoraSegment seg = segments[blockIdx.x];
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (col >= out) return;
+  for (int32_t row = seg.start; row < seg.end; ++row) {
+    const float* tr = t + seg.t_offset + static_cast<int64_t>(row - seg.start) * seg.rank;
+    float acc = 0.0f;
+    for (int32_t r = 0; r < seg.rank; ++r) acc = fmaf(tr[r], seg.bt[r * out + col], acc);
+    float* yr = y + row * ldy + col;
+    *yr = fmaf(seg.scale, acc, *yr);
+  }
+}
+
+template <typename T>
+__global__ void MergeKernel(const T* base, int64_t rows, int64_t cols, const float* a,
+                            const float* bt, int32_t rank, float scale, T* out) {
+  const int64_t count = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = i / cols;
+    const int64_t col = i - row * cols;
+    float acc = 0.0f;
+    for (int32_t r = 0; r < rank; ++r) acc = fmaf(bt[r * rows + row], a[r * cols + col], acc);
+    out[i] = FromFloat<T>(fmaf(scale, acc, ToFloat(base[i])));
+  }
+}
+
+}  // namespace
+
+const char* KernelErrorName(int32_t code) {
+  switch (code) {
+    case kNoKernelError:
+      return "no error";
+    case kEmbeddingIdOutOfRange:
+      return "Embedding: a token id is outside the vocabulary";
+    case kRopePositionNegative:
+      return "Rope: a position is negative";
+    case kWriteKvSlotOutOfRange:
+      return "WriteKv: a slot_mapping entry is outside the cache";
+    case kAttentionPositionOutOfRange:
+      return "PagedAttention: a position is beyond its sequence's context_lens or block table";
+    case kAttentionBlockOutOfRange:
+      return "PagedAttention: a block_tables entry is outside the cache";
+  }
+  return "unknown kernel error";
+}
+
+cudaError_t ConvertElements(const void* src, DType src_dtype, void* dst, DType dst_dtype,
+                            int64_t count, cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  return DispatchDType(src_dtype, [&](auto s) {
+    return DispatchDType(dst_dtype, [&](auto d) {
+      using S = decltype(s);
+      using D = decltype(d);
+      ConvertKernel<S, D><<<GridFor(count), kThreads, 0, stream>>>(static_cast<const S*>(src),
+                                                                   static_cast<D*>(dst), count);
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t EmbeddingGather(const int32_t* ids, int64_t n, const void* table, DType table_dtype,
+                            int64_t vocab, int64_t hidden, float* y, int32_t* error,
+                            cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  return DispatchDType(table_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    EmbeddingKernel<T><<<static_cast<int>(std::min(n, kMaxBlocks)), kThreads, 0, stream>>>(
+        ids, n, static_cast<const T*>(table), vocab, hidden, y, error);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t RmsNormRows(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
+                        float* y, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  RmsNormKernel<<<static_cast<int>(std::min(n, kMaxBlocks)), kThreads, 0, stream>>>(x, weight, n,
+                                                                                    dim, eps, y);
+  return cudaGetLastError();
+}
+
+cudaError_t AddInPlace(float* x, const float* y, int64_t count, cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  AddKernel<<<GridFor(count), kThreads, 0, stream>>>(x, y, count);
+  return cudaGetLastError();
+}
+
+cudaError_t AddBiasRows(float* x, const float* bias, int64_t n, int64_t dim, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  AddBiasKernel<<<GridFor(n * dim), kThreads, 0, stream>>>(x, bias, n, dim);
+  return cudaGetLastError();
+}
+
+cudaError_t SiluMulRows(const float* gate_up, int64_t n, int64_t dim, float* out,
+                        cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  SiluMulKernel<<<GridFor(n * dim), kThreads, 0, stream>>>(gate_up, n, dim, out);
+  return cudaGetLastError();
+}
+
+cudaError_t RopeInPlace(float* q, float* k, const int32_t* positions, int64_t tokens,
+                        int32_t num_heads, int32_t num_kv_heads, const float* inv_freq,
+                        int32_t head_dim, float attention_scaling, int32_t* error,
+                        cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  const int32_t half = head_dim / 2;
+  RopeKernel<<<GridFor(tokens * (num_heads + num_kv_heads) * half), kThreads, 0, stream>>>(
+      q, k, positions, tokens, num_heads, num_kv_heads, inv_freq, half, attention_scaling, error);
+  return cudaGetLastError();
+}
+
+cudaError_t WriteKvSlots(const float* k, const float* v, const int32_t* slot_mapping,
+                         int64_t tokens, int64_t slot_floats, int64_t num_slots, float* k_cache,
+                         float* v_cache, int32_t* error, cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  WriteKvKernel<<<GridFor(tokens * slot_floats), kThreads, 0, stream>>>(
+      k, v, slot_mapping, tokens, slot_floats, num_slots, k_cache, v_cache, error);
+  return cudaGetLastError();
+}
+
+cudaError_t PagedAttentionForward(const float* q, int32_t tokens, int32_t num_seqs,
+                                  const int32_t* query_start, const int32_t* context_lens,
+                                  const int32_t* block_tables, int32_t max_blocks_per_seq,
+                                  const int32_t* positions, int32_t num_heads, int32_t num_kv_heads,
+                                  int32_t head_dim, int32_t block_size, int32_t num_blocks,
+                                  const float* k_cache, const float* v_cache, float* out,
+                                  int32_t* error, cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  if (head_dim > kMaxAttentionHeadDim || num_heads > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(tokens, num_heads);
+  const auto launch = [&](auto kernel) {
+    kernel<<<grid, kAttentionWarps * kWarp, 0, stream>>>(
+        q, num_seqs, query_start, context_lens, block_tables, max_blocks_per_seq, positions,
+        num_heads, num_kv_heads, head_dim, block_size, num_blocks, k_cache, v_cache, out, error);
+    return cudaGetLastError();
+  };
+  // Registers per lane follow head_dim: 32, 64, 128 or 256 dimensions.
+  if (head_dim <= 32) return launch(PagedAttentionKernel<1>);
+  if (head_dim <= 64) return launch(PagedAttentionKernel<2>);
+  if (head_dim <= 128) return launch(PagedAttentionKernel<4>);
+  return launch(PagedAttentionKernel<8>);
+}
+
+cudaError_t LoraShrinkSegments(const float* x, int64_t in, const DeviceLoraSegment* segments,
+                               int32_t num_segments, int64_t max_work, float* t,
+                               cudaStream_t stream) {
+  if (num_segments == 0 || max_work == 0) return cudaSuccess;
+  const int64_t y = std::min<int64_t>(65535, (max_work + kShrinkWarps - 1) / kShrinkWarps);
+  LoraShrinkKernel<<<dim3(num_segments, static_cast<unsigned>(y)), kThreads, 0, stream>>>(
+      x, in, segments, t);
+  return cudaGetLastError();
+}
+
+cudaError_t LoraExpandSegments(const float* t, const DeviceLoraSegment* segments,
+                               int32_t num_segments, int64_t out, float* y, int64_t ldy,
+                               cudaStream_t stream) {
+  if (num_segments == 0) return cudaSuccess;
+  const int64_t tiles = (out + kThreads - 1) / kThreads;
+  if (tiles > 65535) return cudaErrorInvalidValue;
+  LoraExpandKernel<<<dim3(num_segments, static_cast<unsigned>(tiles)), kThreads, 0, stream>>>(
+      t, segments, out, y, ldy);
+  return cudaGetLastError();
+}
+
+cudaError_t MergeLoraWeights(const void* base, DType dtype, int64_t rows, int64_t cols,
+                             const float* a, const float* bt, int32_t rank, float scale, void* out,
+                             cudaStream_t stream) {
+  return DispatchDType(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    MergeKernel<T><<<GridFor(rows * cols), kThreads, 0, stream>>>(
+        static_cast<const T*>(base), rows, cols, a, bt, rank, scale, static_cast<T*>(out));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace loraserve::kernels::cuda

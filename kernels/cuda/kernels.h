@@ -1,0 +1,148 @@
+// CUDA kernels of the CUDA backend, as plain entry points: raw device
+// pointers, sizes and a stream, with every tensor's layout written beside it.
+// Each returns the launch's error (cudaGetLastError), never aborts.
+//
+// Device-side checks: indices that come from device memory (token ids, slots,
+// positions, block ids) cannot be checked on the host without a copy, so the
+// kernels check them and, on a bad one, write NaN where the output would go
+// and record a KernelError code in `*error` (first one wins); the backend
+// reports it at the next synchronising call.
+#ifndef LORASERVE_KERNELS_CUDA_KERNELS_H_
+#define LORASERVE_KERNELS_CUDA_KERNELS_H_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/backend.h"
+
+namespace loraserve::kernels::cuda {
+
+enum KernelError : int32_t {
+  kNoKernelError = 0,
+  kEmbeddingIdOutOfRange = 1,
+  kRopePositionNegative = 2,
+  kWriteKvSlotOutOfRange = 3,
+  kAttentionPositionOutOfRange = 4,
+  kAttentionBlockOutOfRange = 5,
+};
+
+// What a KernelError code means, for error messages.
+const char* KernelErrorName(int32_t code);
+
+// One LoRA segment as the segmented kernels read it from device memory.
+struct DeviceLoraSegment {
+  int32_t start;  // first token row
+  int32_t end;    // one past the last token row
+  int32_t rank;
+  float scale;
+  const float* a;    // [rank, in]
+  const float* bt;   // [rank, out]
+  int64_t t_offset;  // floats before this segment's part of the packed t
+};
+
+// Largest head_dim PagedAttention supports (registers per lane: head_dim / 32).
+inline constexpr int32_t kMaxAttentionHeadDim = 256;
+
+// dst[i] = src[i] converted, for `count` elements (float32 via the nearest
+// even rounding of __float2bfloat16_rn / __float2half_rn).
+cudaError_t ConvertElements(const void* src, DType src_dtype, void* dst, DType dst_dtype,
+                            int64_t count, cudaStream_t stream);
+
+// y[i, :] = float(table[ids[i], :]).
+cudaError_t EmbeddingGather(const int32_t* ids,  // [n]
+                            int64_t n,
+                            const void* table,  // [vocab, hidden] of table_dtype
+                            DType table_dtype, int64_t vocab, int64_t hidden,
+                            float* y,  // [n, hidden]
+                            int32_t* error, cudaStream_t stream);
+
+// y = weight * (x * rsqrt(mean(x²) + eps)) per row; y may alias x.
+cudaError_t RmsNormRows(const float* x,       // [n, dim]
+                        const float* weight,  // [dim]
+                        int64_t n, int64_t dim, float eps,
+                        float* y,  // [n, dim]
+                        cudaStream_t stream);
+
+// x += y
+cudaError_t AddInPlace(float* x,        // [count]
+                       const float* y,  // [count]
+                       int64_t count, cudaStream_t stream);
+
+// x[i, :] += bias
+cudaError_t AddBiasRows(float* x,           // [n, dim]
+                        const float* bias,  // [dim]
+                        int64_t n, int64_t dim, cudaStream_t stream);
+
+// out = silu(gate) * up
+cudaError_t SiluMulRows(const float* gate_up,  // [n, 2 * dim]: gate | up per row
+                        int64_t n, int64_t dim,
+                        float* out,  // [n, dim]
+                        cudaStream_t stream);
+
+// Rotate-half rotary embedding in place, angle = float(position) * inv_freq[i].
+cudaError_t RopeInPlace(float* q,                  // [tokens, num_heads, head_dim]
+                        float* k,                  // [tokens, num_kv_heads, head_dim]
+                        const int32_t* positions,  // [tokens]
+                        int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
+                        const float* inv_freq,  // [head_dim / 2]
+                        int32_t head_dim, float attention_scaling, int32_t* error,
+                        cudaStream_t stream);
+
+// k_cache[slot_mapping[t]] = k[t] and likewise for v.
+cudaError_t WriteKvSlots(const float* k,                       // [tokens, kv_heads, head_dim]
+                         const float* v,                       // [tokens, kv_heads, head_dim]
+                         const int32_t* slot_mapping,          // [tokens]
+                         int64_t tokens, int64_t slot_floats,  // kv_heads * head_dim
+                         int64_t num_slots,                    // num_blocks * block_size
+                         float* k_cache,                       // [num_slots, slot_floats]
+                         float* v_cache,                       // [num_slots, slot_floats]
+                         int32_t* error, cudaStream_t stream);
+
+// Causal attention of every token over cache positions 0 .. positions[t] of
+// its sequence, one block per (token, head), online softmax in float32.
+cudaError_t PagedAttentionForward(
+    const float* q,  // [tokens, num_heads, head_dim]
+    int32_t tokens, int32_t num_seqs,
+    const int32_t* query_start,   // [num_seqs + 1]
+    const int32_t* context_lens,  // [num_seqs]
+    const int32_t* block_tables,  // [num_seqs, max_blocks_per_seq]
+    int32_t max_blocks_per_seq,
+    const int32_t* positions,  // [tokens]
+    int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
+    int32_t num_blocks,
+    const float* k_cache,  // [num_blocks, block_size, num_kv_heads, head_dim]
+    const float* v_cache,  // [num_blocks, block_size, num_kv_heads, head_dim]
+    float* out,            // [tokens, num_heads * head_dim]
+    int32_t* error, cudaStream_t stream);
+
+// Segmented shrink, one launch over all segments:
+// t[seg.t_offset + (row - seg.start) * seg.rank + r] = x[row, :] · seg.a[r, :].
+// `max_work` is the largest (end - start) * rank over the segments.
+cudaError_t LoraShrinkSegments(const float* x,  // [tokens, in]
+                               int64_t in,
+                               const DeviceLoraSegment* segments,  // [num_segments] device
+                               int32_t num_segments, int64_t max_work,
+                               float* t,  // packed intermediate
+                               cudaStream_t stream);
+
+// Segmented expand, one launch over (segment, column tile):
+// y[row, 0:out] += seg.scale * Σ_r t_seg[row, r] * seg.bt[r, 0:out].
+cudaError_t LoraExpandSegments(const float* t,                     // packed intermediate
+                               const DeviceLoraSegment* segments,  // [num_segments] device
+                               int32_t num_segments, int64_t out,
+                               float* y,  // [tokens, ldy], columns [0, out)
+                               int64_t ldy, cudaStream_t stream);
+
+// out = base + scale * btᵀ · a, in base's dtype (sum in float32, one rounding).
+cudaError_t MergeLoraWeights(const void* base,  // [rows, cols] of dtype
+                             DType dtype, int64_t rows, int64_t cols,
+                             const float* a,   // [rank, cols]
+                             const float* bt,  // [rank, rows]
+                             int32_t rank, float scale,
+                             void* out,  // [rows, cols] of dtype
+                             cudaStream_t stream);
+
+}  // namespace loraserve::kernels::cuda
+
+#endif  // LORASERVE_KERNELS_CUDA_KERNELS_H_
