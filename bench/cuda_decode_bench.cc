@@ -1,0 +1,266 @@
+// Decode step time on the CUDA backend, base model vs many adapters vs merged
+// weights, with the bytes a step must move against a copy-bandwidth ceiling
+// measured on the same GPU.
+//
+//   cuda_decode_bench                       # llama-3-8b preset, batches 1,16,64
+//   cuda_decode_bench --preset tinyllama-1.1b --batches 8 --adapters 8
+//
+// Scenarios for each batch size B (every request decodes one token per step
+// after a prefill of --context tokens):
+//   base      no adapter
+//   lora      request i on adapter i % --adapters (min(B, adapters) distinct),
+//             rank --rank, all seven projections, unmerged (segmented kernels)
+//   merged    every request on adapter 0, run on its merged weights
+// "moved" counts the bytes a step must read or write at least once: weights
+// (the embedding table only for the gathered rows), the KV cache read by
+// attention, the distinct adapters' A and B, and the logits; "ceiling" is
+// moved / copy bandwidth (a device-to-device copy, read + write). Prints one
+// table (and nothing else on stdout).
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "adapters/device_adapter.h"
+#include "adapters/dummy_adapter.h"
+#include "adapters/lora_adapter.h"
+#include "base/status_macros.h"
+#include "bench/bench_support.h"
+#include "kernels/backend.h"
+#include "server/model/llama_model.h"
+#include "server/model/model_config.h"
+
+ABSL_FLAG(std::string, preset, "llama-3-8b", "Dummy model preset (random weights)");
+ABSL_FLAG(std::vector<std::string>, batches, std::vector<std::string>({"1", "16", "64"}),
+          "Batch sizes (requests decoding together)");
+ABSL_FLAG(int32_t, adapters, 64, "Distinct adapters for the lora scenario");
+ABSL_FLAG(int32_t, rank, 16, "Rank of every adapter");
+ABSL_FLAG(int32_t, context, 128, "Prompt tokens of every request before the decode steps");
+ABSL_FLAG(int32_t, steps, 10, "Timed decode steps per scenario (after 2 warm-up steps)");
+ABSL_FLAG(int32_t, device, 0, "CUDA device");
+
+namespace loraserve {
+namespace {
+
+constexpr int32_t kBlockSize = 16;
+constexpr int32_t kWarmupSteps = 2;
+
+double Seconds(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Device-to-device copy bandwidth in bytes/s, counting bytes read + written.
+absl::StatusOr<double> CopyBandwidth(kernels::Backend& backend) {
+  const size_t bytes = size_t{2} << 30;
+  ASSIGN_OR_RETURN(kernels::DeviceBuffer src, backend.Allocate(bytes));
+  ASSIGN_OR_RETURN(kernels::DeviceBuffer dst, backend.Allocate(bytes));
+  // Random-looking contents, not zeros (see the device notes: zeros can be faster).
+  std::vector<uint32_t> pattern(size_t{1} << 20);
+  std::mt19937 rng(1);
+  for (uint32_t& v : pattern) v = rng();
+  for (size_t off = 0; off < bytes; off += pattern.size() * 4) {
+    RETURN_IF_ERROR(backend.CopyToDevice(static_cast<char*>(src.data()) + off, pattern.data(),
+                                         pattern.size() * 4));
+  }
+  RETURN_IF_ERROR(backend.CopyOnDevice(dst.data(), src.data(), bytes));  // warm-up
+  RETURN_IF_ERROR(backend.Synchronize());
+  std::vector<double> rates;
+  for (int i = 0; i < 5; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int r = 0; r < 4; ++r)
+      RETURN_IF_ERROR(backend.CopyOnDevice(dst.data(), src.data(), bytes));
+    RETURN_IF_ERROR(backend.Synchronize());
+    rates.push_back(4.0 * 2.0 * static_cast<double>(bytes) / Seconds(start));
+  }
+  return bench::Median(rates);
+}
+
+// The paged KV cache for `max_batch` sequences of `tokens_per_seq` tokens.
+struct KvCache {
+  std::vector<kernels::DeviceBuffer> buffers;
+  model::KvCacheView view;
+  int32_t blocks_per_seq = 0;
+};
+
+absl::StatusOr<KvCache> MakeKvCache(kernels::Backend& backend, const model::KvShape& shape,
+                                    int32_t max_batch, int32_t tokens_per_seq) {
+  KvCache cache;
+  cache.blocks_per_seq = (tokens_per_seq + kBlockSize - 1) / kBlockSize;
+  const int32_t num_blocks = max_batch * cache.blocks_per_seq;
+  cache.view.layout = {num_blocks, kBlockSize, static_cast<int32_t>(shape.num_kv_heads),
+                       static_cast<int32_t>(shape.head_dim)};
+  const size_t bytes = static_cast<size_t>(num_blocks) * kBlockSize * shape.num_kv_heads *
+                       shape.head_dim * sizeof(float);
+  for (int64_t l = 0; l < shape.num_layers; ++l) {
+    ASSIGN_OR_RETURN(kernels::DeviceBuffer k, backend.Allocate(bytes));
+    ASSIGN_OR_RETURN(kernels::DeviceBuffer v, backend.Allocate(bytes));
+    cache.view.k.push_back(k.as<float>());
+    cache.view.v.push_back(v.as<float>());
+    cache.buffers.push_back(std::move(k));
+    cache.buffers.push_back(std::move(v));
+  }
+  return cache;
+}
+
+// A step of `batch` sequences: tokens [first, first + count) of each
+// (count = 1 for decode), sequence s in blocks s * blocks_per_seq onwards.
+model::ForwardInput MakeStep(int32_t batch, int32_t first, int32_t count, int32_t blocks_per_seq,
+                             int32_t vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> token(3, vocab - 1);
+  model::ForwardInput in;
+  in.max_blocks_per_seq = blocks_per_seq;
+  in.query_start.push_back(0);
+  for (int32_t s = 0; s < batch; ++s) {
+    for (int32_t pos = first; pos < first + count; ++pos) {
+      in.tokens.push_back(token(rng));
+      in.positions.push_back(pos);
+      in.slot_mapping.push_back((s * blocks_per_seq + pos / kBlockSize) * kBlockSize +
+                                pos % kBlockSize);
+    }
+    // Logits of each sequence's last token, as the engine asks for.
+    in.logit_rows.push_back(static_cast<int32_t>(in.tokens.size()) - 1);
+    in.query_start.push_back(static_cast<int32_t>(in.tokens.size()));
+    in.context_lens.push_back(first + count);
+    for (int32_t b = 0; b < blocks_per_seq; ++b) in.block_tables.push_back(s * blocks_per_seq + b);
+  }
+  return in;
+}
+
+// Median wall time (ms) of a decode step, after a prefill and warm-up steps.
+absl::StatusOr<double> DecodeStepMs(model::LlamaModel& model, const KvCache& cache, int32_t batch,
+                                    const std::vector<model::AdapterChoice>& adapters,
+                                    const model::MergedWeights* merged) {
+  const int32_t context = absl::GetFlag(FLAGS_context);
+  const int32_t vocab = static_cast<int32_t>(model.config().vocab_size);
+  std::vector<float> logits;
+  model::ForwardInput prefill = MakeStep(batch, 0, context, cache.blocks_per_seq, vocab, 1);
+  prefill.adapters = adapters;
+  prefill.merged = merged;
+  RETURN_IF_ERROR(model.Forward(prefill, cache.view, &logits));
+  std::vector<double> ms;
+  const int32_t steps = absl::GetFlag(FLAGS_steps);
+  for (int32_t i = 0; i < kWarmupSteps + steps; ++i) {
+    model::ForwardInput step = MakeStep(batch, context + i, 1, cache.blocks_per_seq, vocab, 2 + i);
+    step.adapters = adapters;
+    step.merged = merged;
+    // Forward returns after the logits reached the host: the step is complete.
+    const auto start = std::chrono::steady_clock::now();
+    RETURN_IF_ERROR(model.Forward(step, cache.view, &logits));
+    if (i >= kWarmupSteps) ms.push_back(Seconds(start) * 1e3);
+  }
+  return bench::Median(ms);
+}
+
+absl::Status Run() {
+  ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend,
+                   kernels::CreateCudaBackend({.device = absl::GetFlag(FLAGS_device)}));
+  std::vector<int32_t> batches;
+  for (const std::string& b : absl::GetFlag(FLAGS_batches)) batches.push_back(std::stoi(b));
+  const int32_t max_batch = *std::max_element(batches.begin(), batches.end());
+  const int32_t context = absl::GetFlag(FLAGS_context);
+  const int32_t rank = absl::GetFlag(FLAGS_rank);
+  const int32_t num_adapters = absl::GetFlag(FLAGS_adapters);
+
+  ASSIGN_OR_RETURN(const double copy_bw, CopyBandwidth(*backend));
+  std::fprintf(stderr, "copy bandwidth %.0f GB/s (read + write)\n", copy_bw / 1e9);
+
+  auto start = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(model::ModelConfig config, model::DummyPreset(absl::GetFlag(FLAGS_preset)));
+  ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model,
+                   model::LlamaModel::CreateDummy(backend.get(), config, 0, {}));
+  std::fprintf(stderr, "model %s: %.2f GB of weights in %.1f s\n",
+               absl::GetFlag(FLAGS_preset).c_str(), model->weight_bytes() / 1e9, Seconds(start));
+
+  // Adapters are written in PEFT format and loaded like users' ones, one at a
+  // time so that neither disk nor host memory holds them all.
+  start = std::chrono::steady_clock::now();
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / absl::StrCat("loraserve_cuda_bench_", ::getpid()))
+          .string();
+  std::vector<std::unique_ptr<adapters::DeviceAdapter>> device_adapters;
+  for (int32_t i = 0; i < num_adapters; ++i) {
+    RETURN_IF_ERROR(adapters::WriteDummyAdapter(
+        dir, model->adapter_shape(),
+        {.rank = rank, .alpha = 2.0 * rank, .seed = static_cast<uint64_t>(100 + i)}));
+    ASSIGN_OR_RETURN(
+        adapters::LoraAdapter host,
+        adapters::LoadLoraAdapter(dir, model->adapter_shape(), {.max_rank = std::max(64, rank)}));
+    ASSIGN_OR_RETURN(std::unique_ptr<adapters::DeviceAdapter> device,
+                     adapters::DeviceAdapter::Upload(backend.get(), host));
+    device_adapters.push_back(std::move(device));
+    std::filesystem::remove_all(dir);
+  }
+  const double adapter_bytes = device_adapters.empty() ? 0.0 : device_adapters[0]->bytes();
+  std::fprintf(stderr, "%d adapters of %.0f MB in %.1f s\n", num_adapters, adapter_bytes / 1e6,
+               Seconds(start));
+
+  std::unique_ptr<model::MergedWeights> merged;
+  if (!device_adapters.empty()) {
+    start = std::chrono::steady_clock::now();
+    ASSIGN_OR_RETURN(merged, model->Merge({device_adapters[0].get(), 1.0f}));
+    RETURN_IF_ERROR(backend->Synchronize());
+    std::fprintf(stderr, "merged weights (%.2f GB) in %.2f s\n", merged->bytes() / 1e9,
+                 Seconds(start));
+  }
+  ASSIGN_OR_RETURN(KvCache cache, MakeKvCache(*backend, model->kv_shape(), max_batch,
+                                              context + kWarmupSteps + absl::GetFlag(FLAGS_steps)));
+
+  // Bytes a decode step must move, per the header comment.
+  const double weight_dtype =
+      static_cast<double>(kernels::DTypeSize(backend->WeightDType(kernels::DType::kF32)));
+  const double embedding = config.tie_word_embeddings ? 0.0
+                                                      : static_cast<double>(config.vocab_size) *
+                                                            config.hidden_size * weight_dtype;
+  const double weights = static_cast<double>(model->weight_bytes()) - embedding;
+  const model::KvShape kv = model->kv_shape();
+  const auto moved = [&](int32_t batch, int32_t distinct) {
+    const double kv_bytes = static_cast<double>(kv.num_layers) * batch * (context + 1) *
+                            kv.num_kv_heads * kv.head_dim * 2 * sizeof(float);
+    const double logits = static_cast<double>(batch) * config.vocab_size * sizeof(float);
+    return weights + kv_bytes + distinct * adapter_bytes + logits;
+  };
+
+  std::printf("%-6s %-10s %10s %10s %10s %11s %8s %9s\n", "batch", "scenario", "step_ms", "tok/s",
+              "moved_GB", "ceiling_ms", "of_ceil", "vs_base");
+  for (const int32_t batch : batches) {
+    double base_ms = 0.0;
+    const auto row = [&](const char* scenario, double ms, int32_t distinct) {
+      const double bytes = moved(batch, distinct);
+      const double ceiling_ms = bytes / copy_bw * 1e3;
+      if (base_ms == 0.0) base_ms = ms;
+      std::printf("%-6d %-10s %10.3f %10.1f %10.2f %11.3f %7.0f%% %8.2fx\n", batch, scenario, ms,
+                  batch * 1e3 / ms, bytes / 1e9, ceiling_ms, 100.0 * ceiling_ms / ms, ms / base_ms);
+      std::fflush(stdout);
+    };
+    ASSIGN_OR_RETURN(double ms, DecodeStepMs(*model, cache, batch, {}, nullptr));
+    row("base", ms, 0);
+    if (device_adapters.empty()) continue;
+    std::vector<model::AdapterChoice> spread, hot;
+    for (int32_t i = 0; i < batch; ++i) {
+      spread.push_back({device_adapters[i % num_adapters].get(), 1.0f});
+      hot.push_back({device_adapters[0].get(), 1.0f});
+    }
+    const int32_t distinct = std::min(batch, num_adapters);
+    ASSIGN_OR_RETURN(ms, DecodeStepMs(*model, cache, batch, spread, nullptr));
+    row(absl::StrCat("lora/", distinct).c_str(), ms, distinct);
+    ASSIGN_OR_RETURN(ms, DecodeStepMs(*model, cache, batch, hot, merged.get()));
+    row("merged", ms, 0);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace loraserve
+
+int main(int argc, char** argv) {
+  return loraserve::bench::BenchMain(argc, argv, "cuda_decode_bench", loraserve::Run);
+}
