@@ -30,6 +30,12 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Relative error bounds: float32 everywhere, or bf16 GEMM operands.
 constexpr double kF32Bound = 1e-5;
 constexpr double kBf16Bound = 1e-2;
+// Whole forward passes with bf16 weights against the float32 CPU: every GEMM
+// rounds its weights (2^-9) and its input rows to bf16, layer after layer.
+// A first estimate, to be confirmed by the first GPU run.
+constexpr double kBf16ModelBound = 3e-2;
+// Whole forward passes in float32 on both sides: only summation order differs.
+constexpr double kF32ModelBound = 1e-4;
 
 // ‖a − ref‖ / ‖ref‖; infinity when any element of `a` is not finite.
 double RelativeError(const std::vector<float>& a, const std::vector<float>& ref) {
@@ -513,9 +519,7 @@ TEST_F(CudaBackendTest, SharedModelLogitsMatchCpu) {
     auto cuda_model = model::LlamaModel::Load(c.backend.get(), SharedModel(), {});
     ASSERT_TRUE(cuda_model.ok()) << cuda_model.status();
     const std::vector<float> logits = PrefillAndDecode(*c.backend, **cuda_model, prompts, {});
-    // Whole-model float32 on both sides: reassociation only (1e-4); bf16
-    // weights and activations over many layers: the bf16 bound.
-    EXPECT_LE(RelativeError(logits, ref), c.bf16 ? kBf16Bound : 1e-4);
+    EXPECT_LE(RelativeError(logits, ref), c.bf16 ? kBf16ModelBound : kF32ModelBound);
   }
 }
 
@@ -534,7 +538,7 @@ TEST_F(CudaBackendTest, GoldenModelsMatchCpu) {
     const std::vector<std::vector<int32_t>> seqs = {g.prompts[0].ids};
     EXPECT_LE(RelativeError(PrefillAndDecode(*c.backend, **cuda_model, seqs, {}),
                             PrefillAndDecode(*cpu_, **cpu_model, seqs, {})),
-              1e-4);
+              kF32ModelBound);
   }
 }
 
@@ -591,7 +595,7 @@ TEST_F(CudaLoraTest, MixedAdapterBatchMatchesCpu) {
     auto cuda_adapters = UploadAdapters(*c.backend, **cuda_model);
     const std::vector<float> logits =
         PrefillAndDecode(*c.backend, **cuda_model, prompts, Choices(cuda_adapters, prompts.size()));
-    EXPECT_LE(RelativeError(logits, ref), c.bf16 ? kBf16Bound : 1e-4);
+    EXPECT_LE(RelativeError(logits, ref), c.bf16 ? kBf16ModelBound : kF32ModelBound);
   }
 }
 
@@ -615,7 +619,7 @@ TEST_F(CudaLoraTest, MergedMatchesUnmerged) {
       const std::vector<float> on_merged =
           PrefillAndDecode(*c.backend, **cuda_model, prompts, choices, merged->get());
       // bf16: the merged weights are rounded once more than base + LoRA.
-      EXPECT_LE(RelativeError(on_merged, unmerged), c.bf16 ? kBf16Bound : 1e-4);
+      EXPECT_LE(RelativeError(on_merged, unmerged), c.bf16 ? kBf16ModelBound : kF32ModelBound);
     }
   }
 }
