@@ -41,7 +41,8 @@ ABSL_FLAG(std::string, load_format, "auto",
           "auto: read the checkpoint; dummy: seeded random weights (--model names a preset or a "
           "directory whose config.json gives the shapes)");
 ABSL_FLAG(std::string, tokenizer, "", "Directory with tokenizer.json (default: the model directory)");
-ABSL_FLAG(std::string, device, "cpu", "Compute device: cpu");
+ABSL_FLAG(std::string, device, "cpu",
+          "Compute device: cpu, or cuda (fails with a clear message without a GPU)");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for GEMM and kernels (0 = all cores)");
 ABSL_FLAG(int64_t, kv_cache_bytes, int64_t{1} << 30, "Bytes of KV cache");
 ABSL_FLAG(int32_t, block_size, 16, "Tokens per KV cache block");
@@ -145,8 +146,9 @@ absl::StatusOr<std::unique_ptr<model::LlamaModel>> LoadModel(kernels::Backend* b
 
 absl::StatusOr<std::unique_ptr<kernels::Backend>> CreateBackend() {
   const std::string device = absl::GetFlag(FLAGS_device);
+  if (device == "cuda") return kernels::CreateCudaBackend({});
   if (device != "cpu") {
-    return absl::InvalidArgumentError(absl::StrCat("--device must be cpu, got ", device));
+    return absl::InvalidArgumentError(absl::StrCat("--device must be cpu or cuda, got ", device));
   }
   return kernels::CreateCpuBackend({absl::GetFlag(FLAGS_threads)});
 }
