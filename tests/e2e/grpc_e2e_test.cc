@@ -1,16 +1,18 @@
 // The real `loraserve serve` binary on a loopback port, driven over gRPC.
 #include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <future>
 #include <map>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/match.h"
@@ -31,10 +33,6 @@ class ServerProcess {
   ServerProcess() {
     int pipe_fds[2];
     EXPECT_EQ(pipe(pipe_fds), 0);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, pipe_fds[1], STDERR_FILENO);
-    posix_spawn_file_actions_addclose(&actions, pipe_fds[0]);
     std::vector<std::string> args = {LORASERVE_BINARY,
                                      "serve",
                                      "--model=" + kShared + "/models/aidreams-260k",
@@ -46,8 +44,19 @@ class ServerProcess {
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    EXPECT_EQ(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ), 0);
-    posix_spawn_file_actions_destroy(&actions);
+    pid_ = fork();
+    if (pid_ == 0) {
+      // The server dies with the test even when the test aborts, and keeps
+      // none of the test's output open (which would hang a `test | tail`).
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      dup2(pipe_fds[1], STDERR_FILENO);
+      const int null_fd = open("/dev/null", O_WRONLY);
+      dup2(null_fd, STDOUT_FILENO);
+      close(pipe_fds[0]);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    EXPECT_GT(pid_, 0);
     close(pipe_fds[1]);
     log_fd_ = pipe_fds[0];
     // Read the log until the listening line.
@@ -61,7 +70,9 @@ class ServerProcess {
       if (at != std::string::npos) {
         const size_t start = at + std::string("listening on 127.0.0.1:").size();
         const size_t end = log.find_first_not_of("0123456789", start);
-        if (end != std::string::npos) EXPECT_TRUE(absl::SimpleAtoi(log.substr(start, end - start), &port_));
+        if (end != std::string::npos) {
+          EXPECT_TRUE(absl::SimpleAtoi(log.substr(start, end - start), &port_));
+        }
       }
     }
     EXPECT_GT(port_, 0) << log;
@@ -105,6 +116,7 @@ class ServerProcess {
 
 struct Streamed {
   grpc::Status status;
+  std::vector<v1::GenerateResponse> responses;
   std::vector<int32_t> ids;
   std::string text;
   std::string finish;
@@ -118,6 +130,7 @@ Streamed Generate(v1::Inference::Stub& stub, const v1::GenerateRequest& request)
   Streamed out;
   v1::GenerateResponse response;
   while (reader->Read(&response)) {
+    out.responses.push_back(response);
     out.ids.push_back(response.token_id());
     out.text += response.text();
     if (!response.finish_reason().empty()) {
@@ -241,6 +254,56 @@ TEST_F(GrpcE2eTest, MalformedRequestsGetTheirCodesAndTheServerKeepsServing) {
     EXPECT_FALSE(out.status.error_message().empty());
   }
   EXPECT_TRUE(Generate(*stub, Greedy("a", 4)).status.ok());
+}
+
+TEST_F(GrpcE2eTest, TokenIdsPromptLogprobsAndStopStrings) {
+  auto stub = inference();
+  const Streamed text = Generate(*stub, Greedy("", 24));
+  ASSERT_TRUE(text.status.ok()) << text.status.error_message();
+
+  v1::GenerateRequest by_ids = Greedy("", 24);
+  by_ids.mutable_token_ids()->add_ids(1);  // BOS: what the empty text encodes to
+  by_ids.set_logprobs(3);
+  const Streamed ids = Generate(*stub, by_ids);
+  ASSERT_TRUE(ids.status.ok()) << ids.status.error_message();
+  EXPECT_EQ(ids.ids, text.ids);
+  for (const v1::GenerateResponse& response : ids.responses) {
+    ASSERT_EQ(response.top_logprobs_size(), 3);
+    // Greedy: the chosen token is the most likely alternative.
+    EXPECT_EQ(response.top_logprobs(0).token_id(), response.token_id());
+    EXPECT_FLOAT_EQ(response.top_logprobs(0).logprob(), response.logprob());
+    EXPECT_LE(response.logprob(), 0.0f);
+  }
+  EXPECT_EQ(ids.responses.back().usage().prompt_tokens(), 1);
+
+  v1::GenerateRequest stopped = Greedy("", 24);
+  stopped.add_stop("vectors");
+  const Streamed out = Generate(*stub, stopped);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(out.text, "\"Echoes of ");
+  EXPECT_EQ(out.finish, "stop");
+}
+
+// grpc.health.v1.Health/Check through the generic stub (the health proto's
+// C++ stubs are not installed): an empty request asks about the whole server.
+TEST_F(GrpcE2eTest, HealthCheckReportsServing) {
+  grpc::GenericStub stub(server_->channel());
+  grpc::ClientContext context;
+  grpc::Slice empty;
+  grpc::ByteBuffer request(&empty, 1);
+  grpc::ByteBuffer response;
+  std::promise<grpc::Status> done;
+  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
+                 &response, [&done](grpc::Status status) { done.set_value(status); });
+  const grpc::Status status = done.get_future().get();
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(response.Dump(&slices).ok());
+  std::string bytes;
+  for (const grpc::Slice& slice : slices) {
+    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  }
+  EXPECT_EQ(bytes, std::string("\x08\x01", 2));  // status: SERVING
 }
 
 TEST_F(GrpcE2eTest, TokenizeAndDetokenize) {
