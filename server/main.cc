@@ -71,7 +71,10 @@ ABSL_FLAG(double, merged_min_batch_share, 1.0,
 ABSL_FLAG(bool, enable_prefix_cache, false,
           "Reuse the KV of full blocks of earlier prompts with the same adapter and tokens");
 ABSL_FLAG(int32_t, max_running_requests, 256, "Requests decoding together at most");
-ABSL_FLAG(std::string, host, "0.0.0.0", "serve: address to listen on");
+// Loopback by default: the API has no authentication, so exposing it is a
+// deliberate choice (--host 0.0.0.0).
+ABSL_FLAG(std::string, host, "127.0.0.1",
+          "serve: address to listen on (0.0.0.0: every interface)");
 ABSL_FLAG(int32_t, grpc_port, 50051, "serve: gRPC port (0 picks a free one)");
 ABSL_FLAG(int32_t, max_queued_requests, 1024,
           "serve: requests waiting for admission at most; more get RESOURCE_EXHAUSTED");
