@@ -224,6 +224,16 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
                                                        const v1::DetokenizeRequest* request,
                                                        v1::DetokenizeResponse* response) {
   const std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
+  // The tokenizer decodes unknown ids to nothing; a client sending one has a
+  // bug it should hear about.
+  const int64_t vocab = tokenizer_->vocab_size();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0 || ids[i] >= vocab) {
+      return Reply(context, absl::InvalidArgumentError(absl::StrCat(
+                                "token_ids[", i, "]: ", ids[i], " is outside the vocabulary [0, ",
+                                vocab, ")")));
+    }
+  }
   response->set_text(tokenizer_->Decode(ids, request->skip_special_tokens()));
   return Reply(context, absl::OkStatus());
 }

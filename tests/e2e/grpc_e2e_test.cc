@@ -323,6 +323,14 @@ TEST_F(GrpcE2eTest, TokenizeAndDetokenize) {
   v1::DetokenizeResponse text;
   ASSERT_TRUE(stub->Detokenize(&detokenize_context, back, &text).ok());
   EXPECT_EQ(text.text(), "At low tide");
+
+  grpc::ClientContext bad_context;
+  v1::DetokenizeRequest bad;
+  bad.add_token_ids(1);
+  bad.add_token_ids(1 << 30);
+  const grpc::Status status = stub->Detokenize(&bad_context, bad, &text);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StartsWith(status.error_message(), "token_ids[1]")) << status.error_message();
 }
 
 TEST_F(GrpcE2eTest, AdapterLoadListGetUnload) {
