@@ -2,7 +2,7 @@
 // the device; API threads talk to it only through this class's queues.
 //
 // Submit validates a request at once (the caller gets INVALID_ARGUMENT,
-// RESOURCE_EXHAUSTED for a full queue, FAILED_PRECONDITION once draining)
+// RESOURCE_EXHAUSTED for a full queue, UNAVAILABLE once draining)
 // and queues it; the engine thread admits it between steps. Events for a
 // request arrive through its callback, on the engine thread, in order; the
 // last one has `finish` set (stop, length, cancelled or error) and nothing
