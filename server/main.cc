@@ -3,6 +3,7 @@
 //                      [--adapter NAME=DIR]... [--adapter-dir DIR] [--lora NAME]
 //   loraserve serve --model DIR [--adapter-dir DIR] [--grpc-port 50051] ...
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <random>
 #include <string>
@@ -15,11 +16,13 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <thread>
 
@@ -80,6 +83,12 @@ ABSL_FLAG(int32_t, max_queued_requests, 1024,
           "serve: requests waiting for admission at most; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(int32_t, drain_seconds, 30,
           "serve: on SIGTERM, how long in-flight streams may take to finish");
+ABSL_FLAG(std::string, upload_dir, "",
+          "serve: private directory (mode 0700) for adapters sent with Adapters.Upload "
+          "(default: loraserve-uploads-<pid> in the system temp directory)");
+ABSL_FLAG(int64_t, max_upload_bytes, int64_t{1} << 30,
+          "serve: largest Adapters.Upload (config + safetensors bytes); larger ones get "
+          "RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, prompt, "", "generate: prompt text");
 ABSL_FLAG(std::string, lora, "", "generate: adapter id to generate with (default: base model)");
 ABSL_FLAG(float, adapter_scale, 1.0f, "generate: multiplier of the adapter's scale");
@@ -280,8 +289,18 @@ absl::Status Serve() {
   engine::EngineLoop loop(&engine, {.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests)});
   loop.Start();
 
+  std::string upload_dir = absl::GetFlag(FLAGS_upload_dir);
+  const bool own_upload_dir = upload_dir.empty();  // ours alone: removed at exit
+  if (own_upload_dir) {
+    upload_dir = (std::filesystem::temp_directory_path() /
+                  absl::StrCat("loraserve-uploads-", getpid()))
+                     .string();
+  }
   api::InferenceService inference(&loop, registry.get(), tokenizer.get());
-  api::AdaptersService adapter_service(registry.get());
+  ASSIGN_OR_RETURN(std::unique_ptr<api::AdaptersService> adapter_service,
+                   api::AdaptersService::Create(
+                       registry.get(), {.upload_dir = upload_dir,
+                                        .max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes)}));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -290,13 +309,18 @@ absl::Status Serve() {
       absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_grpc_port));
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(&inference);
-  builder.RegisterService(&adapter_service);
+  builder.RegisterService(adapter_service.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
   }
-  absl::FPrintF(stderr, "loraserve: listening on %s:%d (%d adapters, KV cache %d blocks)\n",
-                absl::GetFlag(FLAGS_host), port, registry->List().size(), cache->num_blocks());
+  std::vector<std::string> adapter_ids;
+  for (const adapters::AdapterInfo& info : registry->List()) adapter_ids.push_back(info.id);
+  absl::FPrintF(stderr,
+                "loraserve: serving %s with %d adapters [%s], KV cache %d blocks, uploads in %s\n",
+                absl::GetFlag(FLAGS_model), adapter_ids.size(), absl::StrJoin(adapter_ids, " "),
+                cache->num_blocks(), upload_dir);
+  absl::FPrintF(stderr, "loraserve: listening on %s:%d\n", absl::GetFlag(FLAGS_host), port);
 
   int signal = 0;
   sigwait(&signals, &signal);
@@ -308,6 +332,10 @@ absl::Status Serve() {
   std::thread shutdown([&] { server->Shutdown(absl::ToChronoTime(absl::Now() + drain)); });
   loop.Drain(drain);
   shutdown.join();
+  if (own_upload_dir) {
+    std::error_code ignored;
+    std::filesystem::remove_all(upload_dir, ignored);
+  }
   absl::FPrintF(stderr, "loraserve: stopped\n");
   return absl::OkStatus();
 }

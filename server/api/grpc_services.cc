@@ -11,27 +11,13 @@
 namespace loraserve::api {
 namespace {
 
-// Finishes a unary call with `status`.
-grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, const absl::Status& status) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
-  return reactor;
-}
-
-void FillInfo(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
-  out->set_id(info.id);
-  out->set_version(info.version);
-  out->set_content_hash(info.content_hash);
-  for (int rank : info.ranks) out->add_ranks(rank);
-  for (const std::string& module : info.target_modules) out->add_target_modules(module);
-  out->set_bytes(static_cast<int64_t>(info.bytes));
-  out->set_resident_host(info.resident);
-  out->set_pinned(info.pinned);
-}
-
-// One Generate stream. The engine thread pushes events through a shared
-// Channel (which outlives the reactor, since events may still arrive after
-// gRPC is done with the stream); writes go out one at a time.
+// One Generate stream. The engine thread hands events over through a shared
+// Channel, which outlives the reactor (a cancelled event may still arrive
+// after gRPC is done with the stream). Decisions are made under mu_; the
+// gRPC calls they lead to (StartWrite, Finish) and EngineLoop::Cancel are made
+// after it is released. That is safe without the lock because only the party
+// that sets finished_ calls Finish, and gRPC keeps the reactor alive until
+// Finish has completed (OnDone).
 class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
   // What the engine callback and the reactor share.
@@ -50,33 +36,61 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     std::shared_ptr<Channel> channel = channel_;
     absl::StatusOr<engine::RequestId> id =
         loop_->Submit(std::move(request), [channel](const engine::TokenEvent& event) {
-          std::lock_guard<std::mutex> lock(channel->mu);
-          if (channel->reactor != nullptr) channel->reactor->OnEvent(event);
+          GenerateReactor* reactor;
+          Action action;
+          {
+            std::lock_guard<std::mutex> lock(channel->mu);
+            reactor = channel->reactor;
+            if (reactor == nullptr) return;
+            action = reactor->OnEvent(event);
+          }
+          reactor->Run(action);
         });
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!id.ok()) {
-      FinishOnce(ToGrpcStatus(id.status()));
-      return;
+    Action action;
+    bool cancel = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!id.ok()) {
+        action = FinishLocked(ToGrpcStatus(id.status()));
+      } else {
+        id_ = *id;
+        submitted_ = true;
+        // The client may have gone before the id was known.
+        cancel = cancel_requested_ && !last_received_;
+      }
     }
-    id_ = *id;
-    submitted_ = true;
+    if (cancel) loop_->Cancel(id_);
+    Run(action);
   }
 
   void OnWriteDone(bool ok) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    writing_ = false;
-    pending_.pop_front();
-    if (!ok) {  // the client went away
-      CancelInEngine();
-      FinishOnce(grpc::Status(grpc::StatusCode::CANCELLED, "stream closed by the client"));
-      return;
+    Action action;
+    bool cancel = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      writing_ = false;
+      pending_.pop_front();
+      if (ok) {
+        action = NextLocked();
+      } else {  // the client went away
+        cancel = submitted_ && !last_received_;
+        action = FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "stream closed by the client"));
+      }
     }
-    WriteNextOrFinish();
+    if (cancel) loop_->Cancel(id_);
+    Run(action);
   }
 
+  // The client cancelled or the deadline passed: the engine frees the
+  // request's KV blocks and ends the stream with a kCancelled event.
   void OnCancel() override {
-    std::lock_guard<std::mutex> lock(mu_);
-    CancelInEngine();
+    bool cancel;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancel_requested_ = true;
+      cancel = submitted_ && !last_received_;
+    }
+    if (cancel) loop_->Cancel(id_);
   }
 
   void OnDone() override {
@@ -88,20 +102,31 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   }
 
  private:
+  // What to do once mu_ is released.
+  struct Action {
+    const v1::GenerateResponse* write = nullptr;
+    bool finish = false;
+    grpc::Status status;
+  };
+
+  void Run(const Action& action) {
+    if (action.write != nullptr) StartWrite(action.write);
+    if (action.finish) Finish(action.status);
+  }
+
   // Engine thread, under channel->mu.
-  void OnEvent(const engine::TokenEvent& event) {
+  Action OnEvent(const engine::TokenEvent& event) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (finished_) return;
+    if (finished_) return {};
     if (event.finish == engine::FinishReason::kCancelled) {
-      FinishOnce(grpc::Status(grpc::StatusCode::CANCELLED, "request cancelled"));
-      return;
+      last_received_ = true;
+      return FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "request cancelled"));
     }
     if (event.finish == engine::FinishReason::kError) {
       end_status_ = ToGrpcStatus(event.error.ok() ? absl::InternalError("generation failed")
                                                   : event.error);
       last_received_ = true;
-      WriteNextOrFinish();
-      return;
+      return NextLocked();
     }
     v1::GenerateResponse response;
     response.set_token_id(event.token_id);
@@ -120,28 +145,30 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       last_received_ = true;
     }
     pending_.push_back(std::move(response));
-    WriteNextOrFinish();
+    return NextLocked();
   }
 
-  // Under mu_.
-  void WriteNextOrFinish() {
-    if (writing_ || finished_) return;
+  // The next write (deque elements keep their address while others are
+  // pushed), or the Finish once the last event's message is out.
+  Action NextLocked() {
+    if (writing_ || finished_) return {};
     if (!pending_.empty()) {
       writing_ = true;
-      StartWrite(&pending_.front());
-    } else if (last_received_) {
-      FinishOnce(end_status_);
+      Action action;
+      action.write = &pending_.front();
+      return action;
     }
+    if (last_received_) return FinishLocked(end_status_);
+    return {};
   }
 
-  void FinishOnce(const grpc::Status& status) {
-    if (finished_) return;
+  Action FinishLocked(const grpc::Status& status) {
+    if (finished_) return {};
     finished_ = true;
-    Finish(status);
-  }
-
-  void CancelInEngine() {
-    if (submitted_ && !last_received_) loop_->Cancel(id_);
+    Action action;
+    action.finish = true;
+    action.status = status;
+    return action;
   }
 
   engine::EngineLoop* const loop_;
@@ -151,6 +178,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   std::deque<v1::GenerateResponse> pending_;  // front is being written while writing_
   engine::RequestId id_ = 0;
   bool submitted_ = false;
+  bool cancel_requested_ = false;
   bool writing_ = false;
   bool last_received_ = false;
   bool finished_ = false;
@@ -163,6 +191,13 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
+                                      const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
 }
 
 absl::StatusOr<engine::GenerationRequest> InferenceService::ToEngineRequest(
@@ -217,7 +252,7 @@ grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext
   absl::StatusOr<std::vector<int32_t>> ids =
       tokenizer_->Encode(request->text(), request->add_special_tokens());
   if (ids.ok()) response->mutable_token_ids()->Add(ids->begin(), ids->end());
-  return Reply(context, ids.status());
+  return FinishUnary(context, ids.status());
 }
 
 grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerContext* context,
@@ -229,13 +264,13 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
   const int64_t vocab = tokenizer_->vocab_size();
   for (size_t i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= vocab) {
-      return Reply(context, absl::InvalidArgumentError(absl::StrCat(
+      return FinishUnary(context, absl::InvalidArgumentError(absl::StrCat(
                                 "token_ids[", i, "]: ", ids[i], " is outside the vocabulary [0, ",
                                 vocab, ")")));
     }
   }
   response->set_text(tokenizer_->Decode(ids, request->skip_special_tokens()));
-  return Reply(context, absl::OkStatus());
+  return FinishUnary(context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* InferenceService::Stats(grpc::CallbackServerContext* context,
@@ -248,38 +283,7 @@ grpc::ServerUnaryReactor* InferenceService::Stats(grpc::CallbackServerContext* c
   response->set_kv_blocks_total(snapshot.kv_blocks_total);
   response->set_steps(snapshot.stats.steps);
   response->set_prefix_cached_tokens(snapshot.stats.prefix_cached_tokens);
-  return Reply(context, absl::OkStatus());
-}
-
-grpc::ServerUnaryReactor* AdaptersService::Load(grpc::CallbackServerContext* context,
-                                                const v1::LoadAdapterRequest* request,
-                                                v1::AdapterInfo* response) {
-  absl::StatusOr<adapters::AdapterInfo> info = registry_->Load(request->id(), request->path());
-  if (info.ok()) FillInfo(*info, response);
-  return Reply(context, info.status());
-}
-
-grpc::ServerUnaryReactor* AdaptersService::Unload(grpc::CallbackServerContext* context,
-                                                  const v1::UnloadAdapterRequest* request,
-                                                  v1::UnloadAdapterResponse* response) {
-  return Reply(context, registry_->Unload(request->id()));
-}
-
-grpc::ServerUnaryReactor* AdaptersService::List(grpc::CallbackServerContext* context,
-                                                const v1::ListAdaptersRequest* request,
-                                                v1::ListAdaptersResponse* response) {
-  for (const adapters::AdapterInfo& info : registry_->List()) {
-    FillInfo(info, response->add_adapters());
-  }
-  return Reply(context, absl::OkStatus());
-}
-
-grpc::ServerUnaryReactor* AdaptersService::Get(grpc::CallbackServerContext* context,
-                                               const v1::GetAdapterRequest* request,
-                                               v1::AdapterInfo* response) {
-  absl::StatusOr<adapters::AdapterInfo> info = registry_->Get(request->id());
-  if (info.ok()) FillInfo(*info, response);
-  return Reply(context, info.status());
+  return FinishUnary(context, absl::OkStatus());
 }
 
 }  // namespace loraserve::api

@@ -6,21 +6,39 @@
 // (StartWrite → OnWriteDone → next). A client that goes away or a deadline
 // cancels the request in the engine, which frees its KV blocks at once.
 //
+// Adapter changes that read or write files (Load, Upload's final check and
+// load, Unload's clean-up) run one at a time on the Adapters service's own
+// worker thread, so no gRPC thread waits on a disk and two replacements of
+// one id never interleave. Upload writes to a private directory per upload
+// under --upload-dir; an uploaded adapter's directory stays while it is the
+// current version (the registry reloads evicted adapters from it) and is
+// removed when the id is replaced or unloaded.
+//
 // absl::Status → grpc::Status translation happens in ToGrpcStatus, once.
 //
 // Ownership and threading: the services borrow the engine loop, registry and
 // tokenizer, which must outlive the gRPC server; every method is called on
-// gRPC's threads.
+// gRPC's threads. Destroy the Adapters service after the server has shut down
+// (it joins its worker).
 //
 // Example:
 //   InferenceService inference(&loop, &registry, tokenizer.get());
-//   AdaptersService adapters(&registry);
+//   ASSIGN_OR_RETURN(auto adapters, AdaptersService::Create(
+//       &registry, {.upload_dir = "/tmp/loraserve-uploads", .max_upload_bytes = 1 << 30}));
 //   builder.RegisterService(&inference);
-//   builder.RegisterService(&adapters);
+//   builder.RegisterService(adapters.get());
 #ifndef LORASERVE_SERVER_API_GRPC_SERVICES_H_
 #define LORASERVE_SERVER_API_GRPC_SERVICES_H_
 
 #include <grpcpp/grpcpp.h>
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "adapters/registry.h"
@@ -33,6 +51,10 @@ namespace loraserve::api {
 
 // absl and gRPC share their status codes; the message is kept.
 grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// Finishes a unary call with `status` (translated by ToGrpcStatus).
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
+                                      const absl::Status& status);
 
 class InferenceService final : public v1::Inference::CallbackService {
  public:
@@ -61,13 +83,23 @@ class InferenceService final : public v1::Inference::CallbackService {
   const model::Tokenizer* tokenizer_;
 };
 
+struct AdaptersServiceOptions {
+  std::string upload_dir;        // created (mode 0700) if missing
+  int64_t max_upload_bytes = 0;  // safetensors + config bytes of one Upload
+};
+
 class AdaptersService final : public v1::Adapters::CallbackService {
  public:
-  explicit AdaptersService(adapters::AdapterRegistry* registry) : registry_(registry) {}
+  // Fails when the upload directory cannot be created.
+  static absl::StatusOr<std::unique_ptr<AdaptersService>> Create(
+      adapters::AdapterRegistry* registry, AdaptersServiceOptions options);
+  ~AdaptersService() override;  // finishes queued jobs, joins the worker
 
   grpc::ServerUnaryReactor* Load(grpc::CallbackServerContext* context,
                                  const v1::LoadAdapterRequest* request,
                                  v1::AdapterInfo* response) override;
+  grpc::ServerReadReactor<v1::UploadAdapterRequest>* Upload(
+      grpc::CallbackServerContext* context, v1::AdapterInfo* response) override;
   grpc::ServerUnaryReactor* Unload(grpc::CallbackServerContext* context,
                                    const v1::UnloadAdapterRequest* request,
                                    v1::UnloadAdapterResponse* response) override;
@@ -79,7 +111,28 @@ class AdaptersService final : public v1::Adapters::CallbackService {
                                 v1::AdapterInfo* response) override;
 
  private:
-  adapters::AdapterRegistry* registry_;
+  friend class UploadReactor;
+
+  AdaptersService(adapters::AdapterRegistry* registry, AdaptersServiceOptions options);
+
+  // Runs `job` on the worker thread, after the jobs queued before it.
+  void RunOnWorker(std::function<void()> job);
+  void WorkerLoop();
+  // Worker thread: loads `dir` as `id` and, once it is in, removes the upload
+  // directory of the version it replaced.
+  absl::StatusOr<adapters::AdapterInfo> LoadAndReplace(const std::string& id,
+                                                      const std::string& dir);
+  absl::Status UnloadAndClean(const std::string& id);
+  // Removes `dir` when it is one of our upload directories.
+  void RemoveIfUploaded(const std::string& dir);
+
+  adapters::AdapterRegistry* const registry_;
+  const AdaptersServiceOptions options_;
+  std::mutex mu_;
+  std::condition_variable work_;
+  std::deque<std::function<void()>> jobs_;  // guarded by mu_
+  bool stop_ = false;                       // guarded by mu_
+  std::thread worker_;
 };
 
 }  // namespace loraserve::api
