@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <fstream>
 #include <future>
+#include <sstream>
 #include <map>
 #include <string>
 #include <thread>
@@ -18,6 +20,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "base/sha256.h"
 #include "gtest/gtest.h"
 #include "loraserve/v1/adapters.grpc.pb.h"
 #include "loraserve/v1/inference.grpc.pb.h"
@@ -40,6 +43,7 @@ class ServerProcess {
                                      "--host=127.0.0.1",
                                      "--grpc-port=0",
                                      "--max-queued-requests=256",
+                                     "--max-upload-bytes=1000000",
                                      "--drain-seconds=10"};
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
@@ -153,6 +157,54 @@ v1::GenerateRequest Greedy(const std::string& text, int max_tokens,
   return request;
 }
 
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream out;
+  out << in.rdbuf();
+  EXPECT_TRUE(in.good() || in.eof()) << path;
+  return out.str();
+}
+
+// The Upload messages for a shared adapter's files under `id`: a header,
+// then the safetensors bytes in `chunk` sized pieces, the last one marked.
+std::vector<v1::UploadAdapterRequest> UploadMessages(const std::string& id,
+                                                     const std::string& adapter,
+                                                     size_t chunk = 50000) {
+  const std::string dir = kShared + "/adapters/aidreams-260k/" + adapter;
+  const std::string tensors = ReadFile(dir + "/adapter_model.safetensors");
+  std::vector<v1::UploadAdapterRequest> messages(1);
+  v1::UploadHeader* header = messages[0].mutable_header();
+  header->set_id(id);
+  header->set_adapter_config_json(ReadFile(dir + "/adapter_config.json"));
+  Sha256 hash;
+  hash.Update(tensors);
+  header->set_sha256(hash.HexDigest());
+  header->set_total_bytes(static_cast<int64_t>(tensors.size()));
+  for (size_t at = 0; at < tensors.size(); at += chunk) {
+    messages.emplace_back();
+    messages.back().mutable_chunk()->set_data(tensors.substr(at, chunk));
+    messages.back().mutable_chunk()->set_last(at + chunk >= tensors.size());
+  }
+  return messages;
+}
+
+struct Uploaded {
+  grpc::Status status;
+  v1::AdapterInfo info;
+};
+
+Uploaded Upload(v1::Adapters::Stub& stub, const std::vector<v1::UploadAdapterRequest>& messages) {
+  grpc::ClientContext context;
+  Uploaded out;
+  auto writer = stub.Upload(&context, &out.info);
+  for (const v1::UploadAdapterRequest& message : messages) {
+    if (!writer->Write(message)) break;  // the server finished early (an error)
+  }
+  writer->WritesDone();
+  out.status = writer->Finish();
+  return out;
+}
+
 class GrpcE2eTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() { server_ = new ServerProcess(); }
@@ -190,7 +242,7 @@ TEST_F(GrpcE2eTest, ConcurrentStreamsOverAdaptersGetTheirOwnTokens) {
   auto stub = inference();
   std::map<std::string, std::vector<int32_t>> alone;
   for (const std::string& a : adapters) alone[a] = Generate(*stub, Greedy("The", 16, a)).ids;
-  constexpr int kStreams = 32;
+  constexpr int kStreams = 64;
   std::vector<Streamed> results(kStreams);
   std::vector<std::thread> threads;
   for (int i = 0; i < kStreams; ++i) {
@@ -383,6 +435,162 @@ TEST_F(GrpcE2eTest, AdapterLoadListGetUnload) {
     const grpc::Status status = stub->Load(&context, broken, &ignored);
     EXPECT_FALSE(status.ok());
     EXPECT_FALSE(status.error_message().empty());
+  }
+}
+
+TEST_F(GrpcE2eTest, UploadValidatesBeforeTheAdapterBecomesVisible) {
+  auto stub = adapters();
+  auto inference_stub = inference();
+  const Uploaded ok = Upload(*stub, UploadMessages("acme/uploaded", "ocean"));
+  ASSERT_TRUE(ok.status.ok()) << ok.status.error_message();
+  EXPECT_EQ(ok.info.id(), "acme/uploaded");
+  EXPECT_EQ(ok.info.version(), 1);
+  EXPECT_TRUE(ok.info.resident_host());
+  EXPECT_EQ(Generate(*inference_stub, Greedy("", 12, "acme/uploaded")).ids,
+            Generate(*inference_stub, Greedy("", 12, "ocean")).ids);
+
+  std::vector<v1::UploadAdapterRequest> wrong_hash = UploadMessages("acme/bad", "ocean");
+  wrong_hash[0].mutable_header()->set_sha256(std::string(64, '0'));
+  std::vector<v1::UploadAdapterRequest> after_last = UploadMessages("acme/bad", "ocean");
+  after_last.push_back(after_last.back());
+  std::vector<v1::UploadAdapterRequest> past_size = UploadMessages("acme/bad", "ocean");
+  past_size.back().mutable_chunk()->mutable_data()->append("x");
+  past_size.back().mutable_chunk()->set_last(false);
+  std::vector<v1::UploadAdapterRequest> short_stream = UploadMessages("acme/bad", "ocean");
+  short_stream.pop_back();
+  std::vector<v1::UploadAdapterRequest> oversized = UploadMessages("acme/bad", "ocean");
+  oversized[0].mutable_header()->set_total_bytes(2000000);  // --max-upload-bytes=1000000
+  std::vector<v1::UploadAdapterRequest> no_header = UploadMessages("acme/bad", "ocean");
+  no_header.erase(no_header.begin());
+  std::vector<v1::UploadAdapterRequest> bad_id = UploadMessages("acme/bad id", "ocean");
+  std::vector<v1::UploadAdapterRequest> bad_config = UploadMessages("acme/bad", "ocean");
+  bad_config[0].mutable_header()->set_adapter_config_json("{\"r\": 8}");
+  const std::vector<std::pair<std::vector<v1::UploadAdapterRequest>, grpc::StatusCode>> cases = {
+      {wrong_hash, grpc::StatusCode::DATA_LOSS},
+      {after_last, grpc::StatusCode::INVALID_ARGUMENT},
+      {past_size, grpc::StatusCode::INVALID_ARGUMENT},
+      {short_stream, grpc::StatusCode::INVALID_ARGUMENT},
+      {oversized, grpc::StatusCode::RESOURCE_EXHAUSTED},
+      {no_header, grpc::StatusCode::INVALID_ARGUMENT},
+      {bad_id, grpc::StatusCode::INVALID_ARGUMENT},
+      {bad_config, grpc::StatusCode::INVALID_ARGUMENT},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const Uploaded bad = Upload(*stub, cases[i].first);
+    EXPECT_EQ(bad.status.error_code(), cases[i].second)
+        << "case " << i << ": " << bad.status.error_message();
+    EXPECT_FALSE(bad.status.error_message().empty()) << "case " << i;
+  }
+  // None of them became visible; the server keeps serving.
+  grpc::ClientContext context;
+  v1::GetAdapterRequest get;
+  get.set_id("acme/bad");
+  v1::AdapterInfo info;
+  EXPECT_EQ(stub->Get(&context, get, &info).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(Generate(*inference_stub, Greedy("", 4, "acme/uploaded")).status.ok());
+}
+
+// Streams on the base model and two adapters run throughout while an
+// uploaded adapter is used, replaced and unloaded: none fails or changes its
+// tokens, and a stream that started on the first version finishes on it.
+TEST_F(GrpcE2eTest, UploadUseReplaceUnloadWhileStreamsRun) {
+  auto stub = adapters();
+  auto inference_stub = inference();
+  const std::vector<std::string> background = {"", "ocean", "robot"};
+  std::map<std::string, std::vector<int32_t>> alone;
+  for (const std::string& a : background) {
+    alone[a] = Generate(*inference_stub, Greedy("The", 20, a)).ids;
+  }
+  const std::vector<int32_t> ocean_long = Generate(*inference_stub, Greedy("", 100, "ocean")).ids;
+  const std::vector<int32_t> robot_long = Generate(*inference_stub, Greedy("", 100, "robot")).ids;
+  ASSERT_NE(ocean_long, robot_long);
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> failures{0};
+  std::atomic<int> completed{0};
+  std::vector<std::thread> clients;
+  for (size_t i = 0; i < 6; ++i) {
+    clients.emplace_back([&, i] {
+      auto own = inference();
+      const std::string& a = background[i % background.size()];
+      while (!stop) {
+        const Streamed out = Generate(*own, Greedy("The", 20, a));
+        if (!out.status.ok() || out.ids != alone[a]) ++failures;
+        ++completed;
+      }
+    });
+  }
+
+  ASSERT_TRUE(Upload(*stub, UploadMessages("acme/live", "ocean")).status.ok());
+  // A long stream starts on version 1 ...
+  grpc::ClientContext long_context;
+  auto long_reader = inference_stub->Generate(&long_context, Greedy("", 100, "acme/live"));
+  std::vector<int32_t> long_ids;
+  v1::GenerateResponse response;
+  ASSERT_TRUE(long_reader->Read(&response));
+  long_ids.push_back(response.token_id());
+  // ... the id is replaced by other weights (version 2) ...
+  const Uploaded replaced = Upload(*stub, UploadMessages("acme/live", "robot"));
+  ASSERT_TRUE(replaced.status.ok()) << replaced.status.error_message();
+  EXPECT_EQ(replaced.info.version(), 2);
+  EXPECT_EQ(Generate(*inference_stub, Greedy("", 100, "acme/live")).ids, robot_long);
+  // ... and unloaded. The first stream, admitted on version 1 before both
+  // (it has sent a token), gets version 1's tokens throughout.
+  {
+    grpc::ClientContext context;
+    v1::UnloadAdapterRequest unload;
+    unload.set_id("acme/live");
+    v1::UnloadAdapterResponse done;
+    ASSERT_TRUE(stub->Unload(&context, unload, &done).ok());
+  }
+  EXPECT_EQ(Generate(*inference_stub, Greedy("", 4, "acme/live")).status.error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  while (long_reader->Read(&response)) long_ids.push_back(response.token_id());
+  EXPECT_TRUE(long_reader->Finish().ok());
+  EXPECT_EQ(long_ids, ocean_long);
+
+  stop = true;
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(failures, 0);
+  EXPECT_GT(completed, 0);
+}
+
+// Server reflection lists the services, through the generic stub: a
+// ServerReflectionRequest with list_services (field 7) set to "", and the
+// response's ListServiceResponse names them.
+TEST_F(GrpcE2eTest, ReflectionListsTheServices) {
+  grpc::GenericStub stub(server_->channel());
+  grpc::ClientContext context;
+  grpc::CompletionQueue queue;
+  void* tag;
+  bool ok;
+  auto call = stub.PrepareCall(&context,
+                               "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                               &queue);
+  call->StartCall(reinterpret_cast<void*>(1));
+  ASSERT_TRUE(queue.Next(&tag, &ok) && ok);
+  grpc::Slice request_slice(std::string("\x3a\x00", 2));
+  grpc::ByteBuffer request(&request_slice, 1);
+  call->Write(request, reinterpret_cast<void*>(2));
+  ASSERT_TRUE(queue.Next(&tag, &ok) && ok);
+  grpc::ByteBuffer response;
+  call->Read(&response, reinterpret_cast<void*>(3));
+  ASSERT_TRUE(queue.Next(&tag, &ok) && ok);
+  call->WritesDone(reinterpret_cast<void*>(4));
+  ASSERT_TRUE(queue.Next(&tag, &ok));
+  grpc::Status status;
+  call->Finish(&status, reinterpret_cast<void*>(5));
+  ASSERT_TRUE(queue.Next(&tag, &ok));
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(response.Dump(&slices).ok());
+  std::string bytes;
+  for (const grpc::Slice& slice : slices) {
+    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  }
+  for (const char* service : {"loraserve.v1.Inference", "loraserve.v1.Adapters",
+                              "grpc.health.v1.Health"}) {
+    EXPECT_TRUE(absl::StrContains(bytes, service)) << service;
   }
 }
 
