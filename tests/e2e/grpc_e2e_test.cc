@@ -258,11 +258,34 @@ TEST_F(GrpcE2eTest, ConcurrentStreamsOverAdaptersGetTheirOwnTokens) {
   }
 }
 
+v1::StatsResponse Stats(v1::Inference::Stub& stub) {
+  grpc::ClientContext context;
+  v1::StatsResponse stats;
+  EXPECT_TRUE(stub.Stats(&context, {}, &stats).ok());
+  return stats;
+}
+
+// Polls Stats until nothing runs and no KV block is in use (or 2 s pass).
+v1::StatsResponse WaitForIdle(v1::Inference::Stub& stub) {
+  v1::StatsResponse stats;
+  for (int i = 0; i < 200; ++i) {
+    stats = Stats(stub);
+    if (stats.kv_blocks_used() == 0 && stats.running() == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return stats;
+}
+
+// A client cancel and a passed deadline both end the request in the engine:
+// its KV blocks are free, and it took fewer steps than running to
+// max_tokens would (one step per token on an otherwise idle server).
 TEST_F(GrpcE2eTest, CancelledStreamFreesItsKvBlocks) {
   auto stub = inference();
+  constexpr int kMaxTokens = 120;  // the context is 128
+  const int64_t steps_before = Stats(*stub).steps();
   {
     grpc::ClientContext context;
-    auto reader = stub->Generate(&context, Greedy("The", 100));
+    auto reader = stub->Generate(&context, Greedy("", kMaxTokens));
     v1::GenerateResponse response;
     ASSERT_TRUE(reader->Read(&response));
     context.TryCancel();
@@ -270,16 +293,26 @@ TEST_F(GrpcE2eTest, CancelledStreamFreesItsKvBlocks) {
     }
     EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
   }
-  v1::StatsResponse stats;
-  for (int i = 0; i < 200; ++i) {
-    grpc::ClientContext context;
-    ASSERT_TRUE(stub->Stats(&context, {}, &stats).ok());
-    if (stats.kv_blocks_used() == 0 && stats.running() == 0) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  v1::StatsResponse stats = WaitForIdle(*stub);
   EXPECT_EQ(stats.running(), 0);
   EXPECT_EQ(stats.kv_blocks_used(), 0);
   EXPECT_GT(stats.kv_blocks_total(), 0);
+  EXPECT_LT(stats.steps() - steps_before, kMaxTokens) << "the request was not cut short";
+
+  const int64_t steps_before_deadline = stats.steps();
+  {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(5));
+    auto reader = stub->Generate(&context, Greedy("", kMaxTokens));
+    v1::GenerateResponse response;
+    while (reader->Read(&response)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+  stats = WaitForIdle(*stub);
+  EXPECT_EQ(stats.running(), 0);
+  EXPECT_EQ(stats.kv_blocks_used(), 0);
+  EXPECT_LT(stats.steps() - steps_before_deadline, kMaxTokens) << "the request was not cut short";
 }
 
 TEST_F(GrpcE2eTest, MalformedRequestsGetTheirCodesAndTheServerKeepsServing) {
