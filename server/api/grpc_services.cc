@@ -31,7 +31,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     channel_->reactor = this;
   }
 
-  // Submits the request; on error the stream ends with it.
+  // Submits the request; on error the stream ends with it. Called before
+  // Generate returns the reactor to gRPC, which until then only records a
+  // write or Finish (it binds them afterwards), so OnDone, which deletes the
+  // reactor, cannot run before Start is done even if every event arrives first.
   void Start(engine::GenerationRequest request) {
     std::shared_ptr<Channel> channel = channel_;
     absl::StatusOr<engine::RequestId> id =
