@@ -33,7 +33,8 @@ const std::string kShared = LORASERVE_SHARED_DIR;
 // Starts the server on port 0 and reads the port from its log.
 class ServerProcess {
  public:
-  ServerProcess() {
+  // `extra` flags come after (and so override) the defaults.
+  explicit ServerProcess(const std::vector<std::string>& extra = {}) {
     int pipe_fds[2];
     EXPECT_EQ(pipe(pipe_fds), 0);
     std::vector<std::string> args = {LORASERVE_BINARY,
@@ -45,6 +46,7 @@ class ServerProcess {
                                      "--max-queued-requests=256",
                                      "--max-upload-bytes=1000000",
                                      "--drain-seconds=10"};
+    args.insert(args.end(), extra.begin(), extra.end());
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -265,12 +267,15 @@ v1::StatsResponse Stats(v1::Inference::Stub& stub) {
   return stats;
 }
 
-// Polls Stats until nothing runs and no KV block is in use (or 2 s pass).
-v1::StatsResponse WaitForIdle(v1::Inference::Stub& stub) {
+// Polls Stats until the engine has stepped past `steps` and then nothing
+// runs and no KV block is in use (or 2 s pass). Stats is refreshed after each
+// step, while a stream may see its first token during the step: the step
+// count tells the refreshed view from the one before the request.
+v1::StatsResponse WaitForIdle(v1::Inference::Stub& stub, int64_t steps) {
   v1::StatsResponse stats;
   for (int i = 0; i < 200; ++i) {
     stats = Stats(stub);
-    if (stats.kv_blocks_used() == 0 && stats.running() == 0) break;
+    if (stats.steps() > steps && stats.kv_blocks_used() == 0 && stats.running() == 0) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   return stats;
@@ -293,7 +298,7 @@ TEST_F(GrpcE2eTest, CancelledStreamFreesItsKvBlocks) {
     }
     EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
   }
-  v1::StatsResponse stats = WaitForIdle(*stub);
+  v1::StatsResponse stats = WaitForIdle(*stub, steps_before);
   EXPECT_EQ(stats.running(), 0);
   EXPECT_EQ(stats.kv_blocks_used(), 0);
   EXPECT_GT(stats.kv_blocks_total(), 0);
@@ -309,7 +314,7 @@ TEST_F(GrpcE2eTest, CancelledStreamFreesItsKvBlocks) {
     }
     EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   }
-  stats = WaitForIdle(*stub);
+  stats = WaitForIdle(*stub, steps_before_deadline);
   EXPECT_EQ(stats.running(), 0);
   EXPECT_EQ(stats.kv_blocks_used(), 0);
   EXPECT_LT(stats.steps() - steps_before_deadline, kMaxTokens) << "the request was not cut short";
@@ -625,6 +630,35 @@ TEST_F(GrpcE2eTest, ReflectionListsTheServices) {
                               "grpc.health.v1.Health"}) {
     EXPECT_TRUE(absl::StrContains(bytes, service)) << service;
   }
+}
+
+// A separate server with room for one running and one queued request: a
+// burst gets RESOURCE_EXHAUSTED for some streams, the rest their tokens, and
+// the server keeps serving.
+TEST(GrpcQueueTest, FullQueueIsResourceExhausted) {
+  ServerProcess server({"--max-queued-requests=1", "--max-running-requests=1"});
+  auto stub = v1::Inference::NewStub(server.channel());
+  const std::vector<int32_t> alone = Generate(*stub, Greedy("", 100)).ids;
+  constexpr int kStreams = 16;
+  std::vector<Streamed> results(kStreams);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] { results[i] = Generate(*stub, Greedy("", 100)); });
+  }
+  for (auto& t : threads) t.join();
+  int exhausted = 0;
+  for (const Streamed& result : results) {
+    if (result.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+      ++exhausted;
+      EXPECT_FALSE(result.status.error_message().empty());
+    } else {
+      EXPECT_TRUE(result.status.ok()) << result.status.error_message();
+      EXPECT_EQ(result.ids, alone);
+    }
+  }
+  EXPECT_GT(exhausted, 0);
+  EXPECT_LT(exhausted, kStreams);
+  EXPECT_EQ(Generate(*stub, Greedy("", 100)).ids, alone);
 }
 
 // A separate server: SIGTERM lets a running stream finish, then exits 0.
