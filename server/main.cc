@@ -2,11 +2,18 @@
 //   loraserve generate --model DIR --prompt TEXT [--max-tokens N] [--temperature T] [--seed S]
 //                      [--adapter NAME=DIR]... [--adapter-dir DIR] [--lora NAME]
 //   loraserve serve --model DIR [--adapter-dir DIR] [--grpc-port 50051] ...
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -18,14 +25,6 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/grpcpp.h>
-#include <pthread.h>
-#include <signal.h>
-#include <unistd.h>
-
-#include <thread>
-
 #include "adapters/adapter_sources.h"
 #include "adapters/device_cache.h"
 #include "adapters/registry.h"
@@ -39,11 +38,13 @@
 #include "server/model/llama_model.h"
 #include "server/model/tokenizer.h"
 
-ABSL_FLAG(std::string, model, "", "Hugging Face model directory, or a preset name with --load-format dummy");
+ABSL_FLAG(std::string, model, "",
+          "Hugging Face model directory, or a preset name with --load-format dummy");
 ABSL_FLAG(std::string, load_format, "auto",
           "auto: read the checkpoint; dummy: seeded random weights (--model names a preset or a "
           "directory whose config.json gives the shapes)");
-ABSL_FLAG(std::string, tokenizer, "", "Directory with tokenizer.json (default: the model directory)");
+ABSL_FLAG(std::string, tokenizer, "",
+          "Directory with tokenizer.json (default: the model directory)");
 ABSL_FLAG(std::string, device, "cpu",
           "Compute device: cpu, or cuda (fails with a clear message without a GPU)");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for GEMM and kernels (0 = all cores)");
@@ -76,8 +77,7 @@ ABSL_FLAG(bool, enable_prefix_cache, false,
 ABSL_FLAG(int32_t, max_running_requests, 256, "Requests decoding together at most");
 // Loopback by default: the API has no authentication, so exposing it is a
 // deliberate choice (--host 0.0.0.0).
-ABSL_FLAG(std::string, host, "127.0.0.1",
-          "serve: address to listen on (0.0.0.0: every interface)");
+ABSL_FLAG(std::string, host, "127.0.0.1", "serve: address to listen on (0.0.0.0: every interface)");
 ABSL_FLAG(int32_t, grpc_port, 50051, "serve: gRPC port (0 picks a free one)");
 ABSL_FLAG(int32_t, max_queued_requests, 1024,
           "serve: requests waiting for admission at most; more get RESOURCE_EXHAUSTED");
@@ -133,10 +133,9 @@ absl::StatusOr<std::unique_ptr<model::LlamaModel>> LoadModel(kernels::Backend* b
     if (!config.ok()) {
       absl::StatusOr<model::ModelConfig> from_dir = model::LoadModelConfig(model);
       if (!from_dir.ok()) {
-        return absl::NotFoundError(absl::StrCat("--model ", model, " is neither a dummy preset (",
-                                                config.status().message(),
-                                                ") nor a model directory (",
-                                                from_dir.status().message(), ")"));
+        return absl::NotFoundError(absl::StrCat(
+            "--model ", model, " is neither a dummy preset (", config.status().message(),
+            ") nor a model directory (", from_dir.status().message(), ")"));
       }
       config = std::move(from_dir);
     }
@@ -167,12 +166,12 @@ absl::StatusOr<std::unique_ptr<kernels::Backend>> CreateBackend() {
 
 absl::StatusOr<std::unique_ptr<adapters::AdapterRegistry>> CreateRegistry(
     const model::LlamaModel& llama) {
-  ASSIGN_OR_RETURN(auto registry,
-                   adapters::AdapterRegistry::Create(
-                       {.base = llama.adapter_shape(),
-                        .limits = {.max_rank = absl::GetFlag(FLAGS_max_lora_rank)},
-                        .host_budget_bytes =
-                            static_cast<size_t>(absl::GetFlag(FLAGS_adapter_host_bytes))}));
+  ASSIGN_OR_RETURN(
+      auto registry,
+      adapters::AdapterRegistry::Create(
+          {.base = llama.adapter_shape(),
+           .limits = {.max_rank = absl::GetFlag(FLAGS_max_lora_rank)},
+           .host_budget_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_adapter_host_bytes))}));
   if (!absl::GetFlag(FLAGS_adapter_dir).empty()) {
     RETURN_IF_ERROR(adapters::LoadAdapterDir(*registry, absl::GetFlag(FLAGS_adapter_dir)));
   }
@@ -211,10 +210,9 @@ absl::Status Generate() {
   if (tokenizer_dir.empty()) tokenizer_dir = absl::GetFlag(FLAGS_model);
   ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer,
                    model::Tokenizer::Load(tokenizer_dir));
-  ASSIGN_OR_RETURN(auto cache,
-                   engine::KvCache::Create(backend.get(), llama->kv_shape(),
-                                           absl::GetFlag(FLAGS_block_size),
-                                           absl::GetFlag(FLAGS_kv_cache_bytes)));
+  ASSIGN_OR_RETURN(auto cache, engine::KvCache::Create(backend.get(), llama->kv_shape(),
+                                                       absl::GetFlag(FLAGS_block_size),
+                                                       absl::GetFlag(FLAGS_kv_cache_bytes)));
 
   engine::GenerationRequest request;
   ASSIGN_OR_RETURN(request.prompt_ids, tokenizer->Encode(absl::GetFlag(FLAGS_prompt), true));
@@ -235,21 +233,20 @@ absl::Status Generate() {
   engine::Engine engine(llama.get(), tokenizer.get(), cache.get(), &device_adapters, options);
   int64_t generated = 0;
   engine::FinishReason finish = engine::FinishReason::kNone;
-  ASSIGN_OR_RETURN(engine::RequestId id,
-                   engine.Add(request, [&](const engine::TokenEvent& event) {
-                     std::fwrite(event.text.data(), 1, event.text.size(), stdout);
-                     std::fflush(stdout);
-                     ++generated;
-                     finish = event.finish;
-                     if (request.top_logprobs > 0) {
-                       std::string alternatives;
-                       for (const auto& t : event.top_logprobs) {
-                         absl::StrAppendFormat(&alternatives, " %d:%.4f", t.id, t.logprob);
-                       }
-                       absl::FPrintF(stderr, "[token %d logprob %.4f |%s]\n", event.token_id,
-                                     event.logprob, alternatives);
-                     }
-                   }));
+  ASSIGN_OR_RETURN(engine::RequestId id, engine.Add(request, [&](const engine::TokenEvent& event) {
+    std::fwrite(event.text.data(), 1, event.text.size(), stdout);
+    std::fflush(stdout);
+    ++generated;
+    finish = event.finish;
+    if (request.top_logprobs > 0) {
+      std::string alternatives;
+      for (const auto& t : event.top_logprobs) {
+        absl::StrAppendFormat(&alternatives, " %d:%.4f", t.id, t.logprob);
+      }
+      absl::FPrintF(stderr, "[token %d logprob %.4f |%s]\n", event.token_id, event.logprob,
+                    alternatives);
+    }
+  }));
   (void)id;
   const absl::Time start = absl::Now();
   while (engine.HasWork()) RETURN_IF_ERROR(engine.Step());
@@ -280,27 +277,28 @@ absl::Status Serve() {
   ASSIGN_OR_RETURN(std::unique_ptr<adapters::AdapterRegistry> registry, CreateRegistry(*llama));
   adapters::DeviceAdapterCache device_adapters(backend.get(),
                                                absl::GetFlag(FLAGS_adapter_device_bytes));
-  ASSIGN_OR_RETURN(auto cache,
-                   engine::KvCache::Create(backend.get(), llama->kv_shape(),
-                                           absl::GetFlag(FLAGS_block_size),
-                                           absl::GetFlag(FLAGS_kv_cache_bytes)));
+  ASSIGN_OR_RETURN(auto cache, engine::KvCache::Create(backend.get(), llama->kv_shape(),
+                                                       absl::GetFlag(FLAGS_block_size),
+                                                       absl::GetFlag(FLAGS_kv_cache_bytes)));
   ASSIGN_OR_RETURN(engine::EngineOptions options, EngineOptionsFromFlags());
   engine::Engine engine(llama.get(), tokenizer.get(), cache.get(), &device_adapters, options);
-  engine::EngineLoop loop(&engine, {.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests)});
+  engine::EngineLoop loop(&engine,
+                          {.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests)});
   loop.Start();
 
   std::string upload_dir = absl::GetFlag(FLAGS_upload_dir);
   const bool own_upload_dir = upload_dir.empty();  // ours alone: removed at exit
   if (own_upload_dir) {
-    upload_dir = (std::filesystem::temp_directory_path() /
-                  absl::StrCat("loraserve-uploads-", getpid()))
-                     .string();
+    upload_dir =
+        (std::filesystem::temp_directory_path() / absl::StrCat("loraserve-uploads-", getpid()))
+            .string();
   }
   api::InferenceService inference(&loop, registry.get(), tokenizer.get());
-  ASSIGN_OR_RETURN(std::unique_ptr<api::AdaptersService> adapter_service,
-                   api::AdaptersService::Create(
-                       registry.get(), {.upload_dir = upload_dir,
-                                        .max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes)}));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<api::AdaptersService> adapter_service,
+      api::AdaptersService::Create(
+          registry.get(),
+          {.upload_dir = upload_dir, .max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes)}));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

@@ -108,8 +108,8 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
     header_ = header;
     RETURN_IF_ERROR(adapters::CanonicalAdapterId(header.id(), "default").status());
     if (!IsHexDigest(header.sha256())) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "header.sha256: expected 64 hex digits, got \"", header.sha256(), "\""));
+      return absl::InvalidArgumentError(
+          absl::StrCat("header.sha256: expected 64 hex digits, got \"", header.sha256(), "\""));
     }
     header_.set_sha256(absl::AsciiStrToLower(header.sha256()));
     if (header.total_bytes() <= 0) {
@@ -128,8 +128,8 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
     }
     std::string pattern = (fs::path(service_->options_.upload_dir) / "upload-XXXXXX").string();
     if (mkdtemp(pattern.data()) == nullptr) {
-      return absl::InternalError(absl::StrCat("cannot create an upload directory in ",
-                                              service_->options_.upload_dir));
+      return absl::InternalError(
+          absl::StrCat("cannot create an upload directory in ", service_->options_.upload_dir));
     }
     dir_ = pattern;
     const fs::path config_path = fs::path(dir_) / "adapter_config.json";
@@ -148,9 +148,9 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
     if (context_->IsCancelled()) return absl::CancelledError("upload cancelled by the client");
     if (!has_header_) return absl::InvalidArgumentError("header: the upload sent no messages");
     if (received_ != header_.total_bytes()) {
-      return absl::InvalidArgumentError(absl::StrCat("upload of ", header_.id(), " ended after ",
-                                                     received_, " of header.total_bytes=",
-                                                     header_.total_bytes(), " bytes"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("upload of ", header_.id(), " ended after ", received_,
+                       " of header.total_bytes=", header_.total_bytes(), " bytes"));
     }
     tensors_.close();
     if (!tensors_) return absl::InternalError(absl::StrCat("cannot write ", tensors_path_));
@@ -242,7 +242,7 @@ void AdaptersService::RemoveIfUploaded(const std::string& dir) {
 }
 
 absl::StatusOr<adapters::AdapterInfo> AdaptersService::LoadAndReplace(const std::string& id,
-                                                                     const std::string& dir) {
+                                                                      const std::string& dir) {
   // Jobs run one at a time, so the version read here is the one replaced.
   const absl::StatusOr<adapters::AdapterInfo> old = registry_->Get(id);
   ASSIGN_OR_RETURN(adapters::AdapterInfo info, registry_->Load(id, dir));
@@ -278,9 +278,8 @@ grpc::ServerUnaryReactor* AdaptersService::Unload(grpc::CallbackServerContext* c
                                                   const v1::UnloadAdapterRequest* request,
                                                   v1::UnloadAdapterResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  RunOnWorker([this, reactor, request] {
-    reactor->Finish(ToGrpcStatus(UnloadAndClean(request->id())));
-  });
+  RunOnWorker(
+      [this, reactor, request] { reactor->Finish(ToGrpcStatus(UnloadAndClean(request->id()))); });
   return reactor;
 }
 

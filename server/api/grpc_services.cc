@@ -77,7 +77,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
         action = NextLocked();
       } else {  // the client went away
         cancel = submitted_ && !last_received_;
-        action = FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "stream closed by the client"));
+        action =
+            FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "stream closed by the client"));
       }
     }
     if (cancel) loop_->Cancel(id_);
@@ -126,8 +127,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       return FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "request cancelled"));
     }
     if (event.finish == engine::FinishReason::kError) {
-      end_status_ = ToGrpcStatus(event.error.ok() ? absl::InternalError("generation failed")
-                                                  : event.error);
+      end_status_ =
+          ToGrpcStatus(event.error.ok() ? absl::InternalError("generation failed") : event.error);
       last_received_ = true;
       return NextLocked();
     }
@@ -267,9 +268,9 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
   const int64_t vocab = tokenizer_->vocab_size();
   for (size_t i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= vocab) {
-      return FinishUnary(context, absl::InvalidArgumentError(absl::StrCat(
-                                "token_ids[", i, "]: ", ids[i], " is outside the vocabulary [0, ",
-                                vocab, ")")));
+      return FinishUnary(context, absl::InvalidArgumentError(
+                                      absl::StrCat("token_ids[", i, "]: ", ids[i],
+                                                   " is outside the vocabulary [0, ", vocab, ")")));
     }
   }
   response->set_text(tokenizer_->Decode(ids, request->skip_special_tokens()));

@@ -98,8 +98,8 @@ class AdaptersService final : public v1::Adapters::CallbackService {
   grpc::ServerUnaryReactor* Load(grpc::CallbackServerContext* context,
                                  const v1::LoadAdapterRequest* request,
                                  v1::AdapterInfo* response) override;
-  grpc::ServerReadReactor<v1::UploadAdapterRequest>* Upload(
-      grpc::CallbackServerContext* context, v1::AdapterInfo* response) override;
+  grpc::ServerReadReactor<v1::UploadAdapterRequest>* Upload(grpc::CallbackServerContext* context,
+                                                            v1::AdapterInfo* response) override;
   grpc::ServerUnaryReactor* Unload(grpc::CallbackServerContext* context,
                                    const v1::UnloadAdapterRequest* request,
                                    v1::UnloadAdapterResponse* response) override;
@@ -121,7 +121,7 @@ class AdaptersService final : public v1::Adapters::CallbackService {
   // Worker thread: loads `dir` as `id` and, once it is in, removes the upload
   // directory of the version it replaced.
   absl::StatusOr<adapters::AdapterInfo> LoadAndReplace(const std::string& id,
-                                                      const std::string& dir);
+                                                       const std::string& dir);
   absl::Status UnloadAndClean(const std::string& id);
   // Removes `dir` when it is one of our upload directories.
   void RemoveIfUploaded(const std::string& dir);

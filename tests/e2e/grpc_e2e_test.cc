@@ -1,5 +1,7 @@
 // The real `loraserve serve` binary on a loopback port, driven over gRPC.
 #include <fcntl.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -8,14 +10,11 @@
 #include <atomic>
 #include <fstream>
 #include <future>
-#include <sstream>
 #include <map>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <grpcpp/generic/generic_stub.h>
-#include <grpcpp/grpcpp.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -88,8 +87,8 @@ class ServerProcess {
       while (read(fd, sink, sizeof(sink)) > 0) {
       }
     });
-    channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_),
-                                   grpc::InsecureChannelCredentials());
+    channel_ =
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials());
   }
 
   ~ServerProcess() {
@@ -339,8 +338,8 @@ TEST_F(GrpcE2eTest, MalformedRequestsGetTheirCodesAndTheServerKeepsServing) {
   };
   for (const auto& [request, code] : cases) {
     Streamed out = Generate(*stub, request);
-    EXPECT_EQ(out.status.error_code(), code) << request.ShortDebugString() << ": "
-                                             << out.status.error_message();
+    EXPECT_EQ(out.status.error_code(), code)
+        << request.ShortDebugString() << ": " << out.status.error_message();
     EXPECT_FALSE(out.status.error_message().empty());
   }
   EXPECT_TRUE(Generate(*stub, Greedy("a", 4)).status.ok());
@@ -383,8 +382,8 @@ TEST_F(GrpcE2eTest, HealthCheckReportsServing) {
   grpc::ByteBuffer request(&empty, 1);
   grpc::ByteBuffer response;
   std::promise<grpc::Status> done;
-  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                 &response, [&done](grpc::Status status) { done.set_value(status); });
+  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                 [&done](grpc::Status status) { done.set_value(status); });
   const grpc::Status status = done.get_future().get();
   ASSERT_TRUE(status.ok()) << status.error_message();
   std::vector<grpc::Slice> slices;
@@ -602,9 +601,8 @@ TEST_F(GrpcE2eTest, ReflectionListsTheServices) {
   grpc::CompletionQueue queue;
   void* tag;
   bool ok;
-  auto call = stub.PrepareCall(&context,
-                               "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-                               &queue);
+  auto call = stub.PrepareCall(
+      &context, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &queue);
   call->StartCall(reinterpret_cast<void*>(1));
   ASSERT_TRUE(queue.Next(&tag, &ok) && ok);
   grpc::Slice request_slice(std::string("\x3a\x00", 2));
@@ -626,8 +624,8 @@ TEST_F(GrpcE2eTest, ReflectionListsTheServices) {
   for (const grpc::Slice& slice : slices) {
     bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
   }
-  for (const char* service : {"loraserve.v1.Inference", "loraserve.v1.Adapters",
-                              "grpc.health.v1.Health"}) {
+  for (const char* service :
+       {"loraserve.v1.Inference", "loraserve.v1.Adapters", "grpc.health.v1.Health"}) {
     EXPECT_TRUE(absl::StrContains(bytes, service)) << service;
   }
 }
