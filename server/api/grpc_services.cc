@@ -287,6 +287,13 @@ grpc::ServerUnaryReactor* InferenceService::Stats(grpc::CallbackServerContext* c
   response->set_kv_blocks_total(snapshot.kv_blocks_total);
   response->set_steps(snapshot.stats.steps);
   response->set_prefix_cached_tokens(snapshot.stats.prefix_cached_tokens);
+  response->set_preemptions(snapshot.stats.preemptions);
+  response->set_kv_cache_bytes(snapshot.kv_cache_bytes);
+  response->set_device_adapters_resident(snapshot.device_adapters.resident_adapters);
+  response->set_device_adapter_bytes(snapshot.device_adapters.resident_bytes);
+  response->set_device_adapter_uploads(snapshot.device_adapters.misses);
+  response->set_merged_steps(snapshot.stats.merged_steps);
+  response->set_draining(snapshot.draining);
   return FinishUnary(context, absl::OkStatus());
 }
 

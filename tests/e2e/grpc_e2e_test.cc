@@ -450,10 +450,18 @@ TEST_F(GrpcE2eTest, AdapterLoadListGetUnload) {
     EXPECT_EQ(got.content_hash(), info.content_hash());
     EXPECT_EQ(got.ranks(0), 8);
   }
-  // The new id generates like the adapter it was loaded from.
+  // The new id generates like the adapter it was loaded from, and shares its
+  // device copy (same content hash): the second stream uploads nothing.
   auto inference_stub = inference();
-  EXPECT_EQ(Generate(*inference_stub, Greedy("", 12, "acme/sea")).ids,
-            Generate(*inference_stub, Greedy("", 12, "ocean")).ids);
+  const int64_t steps_before = Stats(*inference_stub).steps();
+  const Streamed sea = Generate(*inference_stub, Greedy("", 12, "acme/sea"));
+  const v1::StatsResponse after_sea = WaitForIdle(*inference_stub, steps_before);
+  const Streamed ocean = Generate(*inference_stub, Greedy("", 12, "ocean"));
+  const v1::StatsResponse after_ocean = WaitForIdle(*inference_stub, after_sea.steps());
+  EXPECT_EQ(sea.ids, ocean.ids);
+  EXPECT_EQ(after_ocean.device_adapter_uploads(), after_sea.device_adapter_uploads());
+  EXPECT_GE(after_ocean.device_adapters_resident(), 1);
+  EXPECT_GT(after_ocean.device_adapter_bytes(), 0);
   {
     grpc::ClientContext context;
     v1::UnloadAdapterRequest unload;
