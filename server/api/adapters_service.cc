@@ -52,7 +52,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
 
   void OnReadDone(bool ok) override {
     if (!ok) {  // the client closed its side (or the call was cancelled)
-      service_->RunOnWorker([this] { Finish(ToGrpcStatus(Commit())); });
+      service_->jobs_.Run([this] { Finish(ToGrpcStatus(Commit())); });
       return;
     }
     const absl::Status status = Consume();
@@ -201,39 +201,7 @@ absl::StatusOr<std::unique_ptr<AdaptersService>> AdaptersService::Create(
 
 AdaptersService::AdaptersService(adapters::AdapterRegistry* registry,
                                  AdaptersServiceOptions options)
-    : registry_(registry), options_(std::move(options)) {
-  worker_ = std::thread([this] { WorkerLoop(); });
-}
-
-AdaptersService::~AdaptersService() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  work_.notify_one();
-  worker_.join();
-}
-
-void AdaptersService::RunOnWorker(std::function<void()> job) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    jobs_.push_back(std::move(job));
-  }
-  work_.notify_one();
-}
-
-void AdaptersService::WorkerLoop() {
-  std::unique_lock<std::mutex> lock(mu_);
-  while (true) {
-    work_.wait(lock, [this] { return stop_ || !jobs_.empty(); });
-    if (jobs_.empty()) return;  // stopping, and nothing is left to do
-    std::function<void()> job = std::move(jobs_.front());
-    jobs_.pop_front();
-    lock.unlock();
-    job();
-    lock.lock();
-  }
-}
+    : registry_(registry), options_(std::move(options)) {}
 
 void AdaptersService::RemoveIfUploaded(const std::string& dir) {
   if (dir.empty() || !absl::StartsWith(dir, options_.upload_dir + "/")) return;
@@ -261,7 +229,7 @@ grpc::ServerUnaryReactor* AdaptersService::Load(grpc::CallbackServerContext* con
                                                 const v1::LoadAdapterRequest* request,
                                                 v1::AdapterInfo* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  RunOnWorker([this, reactor, request, response] {
+  jobs_.Run([this, reactor, request, response] {
     absl::StatusOr<adapters::AdapterInfo> info = LoadAndReplace(request->id(), request->path());
     if (info.ok()) FillInfo(*info, response);
     reactor->Finish(ToGrpcStatus(info.status()));
@@ -278,7 +246,7 @@ grpc::ServerUnaryReactor* AdaptersService::Unload(grpc::CallbackServerContext* c
                                                   const v1::UnloadAdapterRequest* request,
                                                   v1::UnloadAdapterResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  RunOnWorker(
+  jobs_.Run(
       [this, reactor, request] { reactor->Finish(ToGrpcStatus(UnloadAndClean(request->id()))); });
   return reactor;
 }

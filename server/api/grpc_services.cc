@@ -26,19 +26,34 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     GenerateReactor* reactor = nullptr;  // null once the stream is done
   };
 
-  GenerateReactor(engine::EngineLoop* loop, int32_t prompt_tokens)
-      : loop_(loop), prompt_tokens_(prompt_tokens), channel_(std::make_shared<Channel>()) {
+  explicit GenerateReactor(engine::EngineLoop* loop)
+      : loop_(loop), channel_(std::make_shared<Channel>()) {
     channel_->reactor = this;
   }
 
-  // Submits the request; on error the stream ends with it. Called before
-  // Generate returns the reactor to gRPC, which until then only records a
-  // write or Finish (it binds them afterwards), so OnDone, which deletes the
-  // reactor, cannot run before Start is done even if every event arrives first.
-  void Start(engine::GenerationRequest request) {
+  // Submits the request, or ends the stream with the error. Called once, on a
+  // gRPC thread or the adapter loading thread, possibly after gRPC took the
+  // reactor: no Finish has been called before it, so the reactor is alive;
+  // channel->mu is held until the id is recorded, so no event (and so no
+  // Finish and OnDone) can overtake it.
+  void Start(absl::StatusOr<engine::GenerationRequest> request) {
     std::shared_ptr<Channel> channel = channel_;
-    absl::StatusOr<engine::RequestId> id =
-        loop_->Submit(std::move(request), [channel](const engine::TokenEvent& event) {
+    Action action;
+    bool cancel = false;
+    {
+      std::lock_guard<std::mutex> channel_lock(channel->mu);
+      bool client_gone;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        client_gone = cancel_requested_;
+        if (request.ok()) prompt_tokens_ = static_cast<int32_t>(request->prompt_ids.size());
+      }
+      absl::StatusOr<engine::RequestId> id =
+          absl::CancelledError("the client cancelled the stream");
+      if (!request.ok()) {
+        id = request.status();
+      } else if (!client_gone) {
+        id = loop_->Submit(std::move(*request), [channel](const engine::TokenEvent& event) {
           GenerateReactor* reactor;
           Action action;
           {
@@ -49,17 +64,15 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
           }
           reactor->Run(action);
         });
-    Action action;
-    bool cancel = false;
-    {
+      }
       std::lock_guard<std::mutex> lock(mu_);
       if (!id.ok()) {
         action = FinishLocked(ToGrpcStatus(id.status()));
       } else {
         id_ = *id;
         submitted_ = true;
-        // The client may have gone before the id was known.
-        cancel = cancel_requested_ && !last_received_;
+        // The client may have gone while Submit ran.
+        cancel = cancel_requested_;
       }
     }
     if (cancel) loop_->Cancel(id_);
@@ -176,7 +189,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   }
 
   engine::EngineLoop* const loop_;
-  const int32_t prompt_tokens_;
+  int32_t prompt_tokens_ = 0;  // set by Start
   std::shared_ptr<Channel> channel_;
   std::mutex mu_;
   std::deque<v1::GenerateResponse> pending_;  // front is being written while writing_
@@ -239,14 +252,14 @@ absl::StatusOr<engine::GenerationRequest> InferenceService::ToEngineRequest(
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
-  absl::StatusOr<engine::GenerationRequest> converted = ToEngineRequest(*request);
-  auto* reactor = new GenerateReactor(
-      loop_, converted.ok() ? static_cast<int32_t>(converted->prompt_ids.size()) : 0);
-  if (!converted.ok()) {
-    reactor->Finish(ToGrpcStatus(converted.status()));
-    return reactor;
+  auto* reactor = new GenerateReactor(loop_);
+  // Acquiring an adapter evicted from the host tier reads it from disk: that
+  // happens on the loading thread, not on gRPC's.
+  if (request->adapter().empty() || registry_->IsResident(request->adapter())) {
+    reactor->Start(ToEngineRequest(*request));
+  } else {
+    adapter_loads_.Run([this, reactor, request] { reactor->Start(ToEngineRequest(*request)); });
   }
-  reactor->Start(std::move(*converted));
   return reactor;
 }
 

@@ -6,10 +6,11 @@
 // (StartWrite → OnWriteDone → next). A client that goes away or a deadline
 // cancels the request in the engine, which frees its KV blocks at once.
 //
-// Adapter changes that read or write files (Load, Upload's final check and
-// load, Unload's clean-up) run one at a time on the Adapters service's own
-// worker thread, so no gRPC thread waits on a disk and two replacements of
-// one id never interleave. Upload writes to a private directory per upload
+// No gRPC thread waits on a disk: a Generate for an adapter evicted from host
+// memory acquires it on the Inference service's loading thread (JobQueue),
+// and adapter changes that read or write files (Load, Upload's final check
+// and load, Unload's clean-up) run one at a time on the Adapters service's,
+// so two replacements of one id never interleave. Upload writes to a private directory per upload
 // under --upload-dir; an uploaded adapter's directory stays while it is the
 // current version (the registry reloads evicted adapters from it) and is
 // removed when the id is replaced or unloaded.
@@ -18,8 +19,8 @@
 //
 // Ownership and threading: the services borrow the engine loop, registry and
 // tokenizer, which must outlive the gRPC server; every method is called on
-// gRPC's threads. Destroy the Adapters service after the server has shut down
-// (it joins its worker).
+// gRPC's threads. Destroy the services after the server has shut down (they
+// join their threads).
 //
 // Example:
 //   InferenceService inference(&loop, &registry, tokenizer.get());
@@ -32,18 +33,14 @@
 
 #include <grpcpp/grpcpp.h>
 
-#include <condition_variable>
-#include <deque>
-#include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 
 #include "absl/status/status.h"
 #include "adapters/registry.h"
 #include "loraserve/v1/adapters.grpc.pb.h"
 #include "loraserve/v1/inference.grpc.pb.h"
+#include "server/api/job_queue.h"
 #include "server/engine/engine_loop.h"
 #include "server/model/tokenizer.h"
 
@@ -81,6 +78,7 @@ class InferenceService final : public v1::Inference::CallbackService {
   engine::EngineLoop* loop_;
   adapters::AdapterRegistry* registry_;
   const model::Tokenizer* tokenizer_;
+  JobQueue adapter_loads_;  // Generate's requests for adapters not in host memory
 };
 
 struct AdaptersServiceOptions {
@@ -93,7 +91,6 @@ class AdaptersService final : public v1::Adapters::CallbackService {
   // Fails when the upload directory cannot be created.
   static absl::StatusOr<std::unique_ptr<AdaptersService>> Create(
       adapters::AdapterRegistry* registry, AdaptersServiceOptions options);
-  ~AdaptersService() override;  // finishes queued jobs, joins the worker
 
   grpc::ServerUnaryReactor* Load(grpc::CallbackServerContext* context,
                                  const v1::LoadAdapterRequest* request,
@@ -115,9 +112,6 @@ class AdaptersService final : public v1::Adapters::CallbackService {
 
   AdaptersService(adapters::AdapterRegistry* registry, AdaptersServiceOptions options);
 
-  // Runs `job` on the worker thread, after the jobs queued before it.
-  void RunOnWorker(std::function<void()> job);
-  void WorkerLoop();
   // Worker thread: loads `dir` as `id` and, once it is in, removes the upload
   // directory of the version it replaced.
   absl::StatusOr<adapters::AdapterInfo> LoadAndReplace(const std::string& id,
@@ -128,11 +122,7 @@ class AdaptersService final : public v1::Adapters::CallbackService {
 
   adapters::AdapterRegistry* const registry_;
   const AdaptersServiceOptions options_;
-  std::mutex mu_;
-  std::condition_variable work_;
-  std::deque<std::function<void()>> jobs_;  // guarded by mu_
-  bool stop_ = false;                       // guarded by mu_
-  std::thread worker_;
+  JobQueue jobs_;  // file work (Load, Upload's commit, Unload), one at a time
 };
 
 }  // namespace loraserve::api

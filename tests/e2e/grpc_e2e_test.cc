@@ -667,6 +667,36 @@ TEST(GrpcQueueTest, FullQueueIsResourceExhausted) {
   EXPECT_EQ(Generate(*stub, Greedy("", 100)).ids, alone);
 }
 
+// A separate server whose host tier holds about two adapters: streams on
+// adapters evicted from it wait while the server reads them back (off gRPC's
+// threads) and get the same tokens as before.
+TEST(GrpcHostBudgetTest, EvictedAdaptersReloadOnUse) {
+  ServerProcess server({"--adapter-host-bytes=400000"});
+  auto stub = v1::Inference::NewStub(server.channel());
+  auto adapters = v1::Adapters::NewStub(server.channel());
+  const std::vector<std::string> ids = {"ocean", "robot", "qv-r4", "attn-r8", "mlp-r16-rslora"};
+  std::map<std::string, std::vector<int32_t>> first;
+  for (int round = 0; round < 2; ++round) {
+    for (const std::string& id : ids) {
+      const Streamed out = Generate(*stub, Greedy("", 16, id));
+      ASSERT_TRUE(out.status.ok()) << id << ": " << out.status.error_message();
+      if (round == 0) {
+        first[id] = out.ids;
+      } else {
+        EXPECT_EQ(out.ids, first[id]) << id;
+      }
+    }
+  }
+  EXPECT_TRUE(absl::StartsWith(Generate(*stub, Greedy("", 24, "ocean")).text,
+                               "At low tide the rock pools shine"));
+  grpc::ClientContext context;
+  v1::ListAdaptersResponse list;
+  ASSERT_TRUE(adapters->List(&context, {}, &list).ok());
+  int resident = 0;
+  for (const v1::AdapterInfo& info : list.adapters()) resident += info.resident_host();
+  EXPECT_LT(resident, list.adapters_size());
+}
+
 // A separate server: SIGTERM lets a running stream finish, then exits 0.
 TEST(GrpcShutdownTest, SigtermDrainsAndExitsZero) {
   ServerProcess server;
