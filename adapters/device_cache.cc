@@ -13,6 +13,13 @@ bool DeviceAdapterCache::IsResident(const LoraAdapter& adapter) const {
   return entries_.count(adapter.content_hash()) > 0;
 }
 
+std::vector<std::string> DeviceAdapterCache::ResidentHashes() const {
+  std::vector<std::string> hashes;
+  hashes.reserve(entries_.size());
+  for (const auto& [hash, entry] : entries_) hashes.push_back(hash);
+  return hashes;
+}
+
 bool DeviceAdapterCache::MakeRoom(int64_t bytes) {
   auto it = lru_.end();
   while (it != lru_.begin() && stats_.resident_bytes + bytes > budget_bytes_) {
@@ -45,7 +52,7 @@ absl::StatusOr<const DeviceAdapter*> DeviceAdapterCache::Acquire(const LoraAdapt
   }
   const absl::Time start = absl::Now();
   ASSIGN_OR_RETURN(std::unique_ptr<DeviceAdapter> device, DeviceAdapter::Upload(backend_, adapter));
-  stats_.upload_seconds += absl::ToDoubleSeconds(absl::Now() - start);
+  stats_.upload_seconds.Observe(absl::ToDoubleSeconds(absl::Now() - start));
   ++stats_.misses;
   ++stats_.resident_adapters;
   stats_.resident_bytes += device->bytes();

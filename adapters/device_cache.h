@@ -23,10 +23,12 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "adapters/device_adapter.h"
 #include "adapters/lora_adapter.h"
+#include "base/bucket_counts.h"
 #include "kernels/backend.h"
 
 namespace loraserve::adapters {
@@ -37,7 +39,7 @@ struct DeviceCacheStats {
   int64_t evictions = 0;
   int64_t resident_bytes = 0;
   int64_t resident_adapters = 0;
-  double upload_seconds = 0;  // total time spent uploading
+  BucketCounts upload_seconds;  // durations of the uploads
 };
 
 class DeviceAdapterCache {
@@ -50,6 +52,8 @@ class DeviceAdapterCache {
   void Release(const LoraAdapter& adapter);
 
   bool IsResident(const LoraAdapter& adapter) const;
+  // Content hashes of the adapters with a device copy, sorted.
+  std::vector<std::string> ResidentHashes() const;
   const DeviceCacheStats& stats() const { return stats_; }
   int64_t budget_bytes() const { return budget_bytes_; }
 

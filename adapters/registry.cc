@@ -162,7 +162,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Load(absl::string_view id, const st
   // and clears any reload of it under way (that reload then discards its result).
   entries_[canonical] = std::move(entry);
   ++host_stats_.loads;
-  host_stats_.load_seconds += seconds;
+  host_stats_.load_seconds.Observe(seconds);
   load_done_.notify_all();
   return entries_[canonical].info;
 }
@@ -209,7 +209,7 @@ absl::StatusOr<AdapterHandle> AdapterRegistry::ReloadLocked(std::unique_lock<std
   RETURN_IF_ERROR(MakeRoomLocked(adapter->bytes(), 0, id,
                                  absl::StrCat("reloading adapter \"", id, "\"")));
   ++host_stats_.loads;
-  host_stats_.load_seconds += seconds;
+  host_stats_.load_seconds.Observe(seconds);
   Entry& entry = it->second;
   entry.resident = MakeHandle(id, expected.version, expected.dir, *std::move(adapter));
   entry.info.resident = true;

@@ -57,6 +57,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "adapters/lora_adapter.h"
+#include "base/bucket_counts.h"
 
 namespace loraserve::adapters {
 
@@ -89,11 +90,11 @@ struct AdapterInfo {
 };
 
 struct AdapterTierStats {
-  int64_t hits = 0;       // Acquire found it in this tier
-  int64_t misses = 0;     // Acquire had to load it into this tier
-  int64_t loads = 0;      // loads into this tier (Load, reloads, prefetches)
-  int64_t evictions = 0;  // adapters evicted from this tier for room
-  double load_seconds = 0;
+  int64_t hits = 0;           // Acquire found it in this tier
+  int64_t misses = 0;         // Acquire had to load it into this tier
+  int64_t loads = 0;          // loads into this tier (Load, reloads, prefetches)
+  int64_t evictions = 0;      // adapters evicted from this tier for room
+  BucketCounts load_seconds;  // durations of those loads
 };
 
 struct AdapterRegistryStats {

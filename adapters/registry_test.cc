@@ -239,7 +239,7 @@ TEST(AdapterRegistryTest, EvictionUnderTheHostBudgetRespectsPinsAndUse) {
   EXPECT_EQ((*b)->content_hash(), b_info.content_hash);
   EXPECT_EQ(registry->stats().host.misses, stats.host.misses + 1);
   EXPECT_EQ(registry->stats().host.loads, stats.host.loads + 1);
-  EXPECT_GT(registry->stats().host.load_seconds, 0);
+  EXPECT_GT(registry->stats().host.load_seconds.sum, 0);
   EXPECT_FALSE(registry->IsResident("t/d"));
   ASSERT_TRUE(registry->Acquire("t/b").ok());
   EXPECT_EQ(registry->stats().host.hits, stats.host.hits + 1);

@@ -31,7 +31,9 @@
 #include "base/flag_names.h"
 #include "base/status_macros.h"
 #include "kernels/backend.h"
+#include "server/api/chat_template.h"
 #include "server/api/grpc_services.h"
+#include "server/api/http_gateway.h"
 #include "server/engine/engine.h"
 #include "server/engine/engine_loop.h"
 #include "server/engine/kv_cache.h"
@@ -89,6 +91,32 @@ ABSL_FLAG(std::string, upload_dir, "",
 ABSL_FLAG(int64_t, max_upload_bytes, int64_t{1} << 30,
           "serve: largest Adapters.Upload (config + safetensors bytes); larger ones get "
           "RESOURCE_EXHAUSTED");
+ABSL_FLAG(std::string, served_model_name, "",
+          "serve: the base model's name in the HTTP API (default: the --model folder's name or "
+          "preset)");
+ABSL_FLAG(std::string, chat_template, "",
+          "serve: chat template family for /v1/chat/completions: llama-2, llama-3, chatml, "
+          "mistral (default: recognised from the tokenizer_config.json's chat_template)");
+ABSL_FLAG(int32_t, http_port, -1,
+          "serve: port of the OpenAI-compatible HTTP API (-1: off; 0 picks a free one); "
+          "gateway: required");
+ABSL_FLAG(int32_t, http_threads, 64, "serve/gateway: HTTP connections served at once");
+ABSL_FLAG(std::string, api_keys, "",
+          "serve/gateway: file of HTTP API keys, one 'KEY TENANT ROLE' per line (ROLE admin or "
+          "tenant); without it the HTTP API is open to anyone who can reach it");
+ABSL_FLAG(int64_t, tenant_max_adapters, 0,
+          "serve/gateway: adapters a tenant may store (0: no limit)");
+ABSL_FLAG(int64_t, tenant_max_adapter_bytes, 0,
+          "serve/gateway: float32 bytes of adapters a tenant may store (0: no limit)");
+ABSL_FLAG(double, tenant_requests_per_second, 0,
+          "serve/gateway: completion requests per second per tenant (0: no limit; bursts up to "
+          "one second's worth); more get HTTP 429 with Retry-After");
+ABSL_FLAG(int64_t, tenant_tokens_per_minute, 0,
+          "serve/gateway: prompt + generated tokens per minute per tenant (0: no limit)");
+ABSL_FLAG(int32_t, max_choices, 16, "serve/gateway: prompts × n in one completion request at most");
+ABSL_FLAG(int32_t, metrics_max_adapters, 64,
+          "serve/gateway: adapters with their own label value in /metrics (later ones: \"other\")");
+ABSL_FLAG(std::string, upstream, "", "gateway: HOST:PORT of the loraserve gRPC server to serve");
 ABSL_FLAG(std::string, prompt, "", "generate: prompt text");
 ABSL_FLAG(std::string, lora, "", "generate: adapter id to generate with (default: base model)");
 ABSL_FLAG(float, adapter_scale, 1.0f, "generate: multiplier of the adapter's scale");
@@ -108,7 +136,9 @@ constexpr char kUsage[] =
     "loraserve <command> [flags]\n"
     "commands:\n"
     "  generate   stream the continuation of --prompt to stdout\n"
-    "  serve      serve the gRPC API (proto/loraserve/v1) on --grpc-port\n"
+    "  serve      serve the gRPC API (proto/loraserve/v1) on --grpc-port, and with\n"
+    "             --http-port the OpenAI-compatible HTTP API\n"
+    "  gateway    serve the HTTP API alone on --http-port, in front of --upstream (gRPC)\n"
     "Try: loraserve generate --model ../shared/models/aidreams-260k --prompt \"\" "
     "--temperature 0";
 
@@ -258,15 +288,96 @@ absl::Status Generate() {
   return absl::OkStatus();
 }
 
-// Serves the gRPC API until SIGTERM or SIGINT, then drains.
-absl::Status Serve() {
-  // Signals are taken by one thread with sigwait; every other thread (gRPC's,
-  // the engine's) inherits the blocked mask.
+// SIGTERM and SIGINT, blocked in this thread and so in every thread it
+// starts (gRPC's, the engine's, HTTP's): one thread takes them with sigwait.
+sigset_t BlockStopSignals() {
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  return signals;
+}
+
+absl::StatusOr<api::HttpGatewayOptions> GatewayOptionsFromFlags() {
+  api::HttpGatewayOptions options;
+  options.host = absl::GetFlag(FLAGS_host);
+  options.port = absl::GetFlag(FLAGS_http_port);
+  options.threads = absl::GetFlag(FLAGS_http_threads);
+  if (options.threads < 1) return absl::InvalidArgumentError("--http-threads must be >= 1");
+  if (!absl::GetFlag(FLAGS_api_keys).empty()) {
+    ASSIGN_OR_RETURN(options.api_keys, api::ApiKeys::LoadFile(absl::GetFlag(FLAGS_api_keys)));
+  }
+  options.tenant_quota = {.max_adapters = absl::GetFlag(FLAGS_tenant_max_adapters),
+                          .max_adapter_bytes = absl::GetFlag(FLAGS_tenant_max_adapter_bytes)};
+  options.rate_limits = {.requests_per_second = absl::GetFlag(FLAGS_tenant_requests_per_second),
+                         .tokens_per_minute = absl::GetFlag(FLAGS_tenant_tokens_per_minute)};
+  options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
+  options.parse_limits.max_choices = absl::GetFlag(FLAGS_max_choices);
+  if (options.parse_limits.max_choices < 1) {
+    return absl::InvalidArgumentError("--max-choices must be >= 1");
+  }
+  options.max_adapter_labels = static_cast<size_t>(absl::GetFlag(FLAGS_metrics_max_adapters));
+  return options;
+}
+
+absl::StatusOr<std::unique_ptr<api::HttpGateway>> StartGateway(
+    std::shared_ptr<grpc::Channel> channel) {
+  ASSIGN_OR_RETURN(api::HttpGatewayOptions options, GatewayOptionsFromFlags());
+  const bool open = !options.api_keys.has_value();
+  const size_t keys = open ? 0 : options.api_keys->size();
+  ASSIGN_OR_RETURN(std::unique_ptr<api::HttpGateway> gateway,
+                   api::HttpGateway::Start(std::move(channel), std::move(options)));
+  if (open) {
+    absl::FPrintF(stderr,
+                  "loraserve: HTTP API without --api-keys: single-user mode, every caller is an "
+                  "admin\n");
+  } else {
+    absl::FPrintF(stderr, "loraserve: HTTP API keys: %d\n", keys);
+  }
+  absl::FPrintF(stderr, "loraserve: HTTP listening on %s:%d\n", absl::GetFlag(FLAGS_host),
+                gateway->port());
+  return gateway;
+}
+
+// What HTTP clients learn about the model through Inference.Stats.
+absl::StatusOr<v1::ServerInfo> ServerInfoFor(const model::LlamaModel& llama,
+                                             const std::string& tokenizer_dir) {
+  v1::ServerInfo info;
+  std::string name = absl::GetFlag(FLAGS_served_model_name);
+  if (name.empty()) {
+    name = std::filesystem::path(absl::GetFlag(FLAGS_model)).lexically_normal().filename();
+    if (name.empty()) {  // a path ending in a slash
+      name = std::filesystem::path(absl::GetFlag(FLAGS_model))
+                 .lexically_normal()
+                 .parent_path()
+                 .filename();
+    }
+  }
+  info.set_model(name);
+  info.set_max_context_tokens(static_cast<int32_t>(llama.config().max_position_embeddings));
+  info.set_weight_bytes(static_cast<int64_t>(llama.weight_bytes()));
+  info.set_kv_block_tokens(absl::GetFlag(FLAGS_block_size));
+  if (!absl::GetFlag(FLAGS_chat_template).empty()) {
+    ASSIGN_OR_RETURN(api::ChatTemplate chat_template,
+                     api::ChatTemplate::FromName(absl::GetFlag(FLAGS_chat_template)));
+    info.set_chat_template(chat_template.name());
+  } else {
+    absl::StatusOr<api::ChatTemplate> chat_template =
+        api::ChatTemplate::FromTokenizerConfig(tokenizer_dir);
+    if (chat_template.ok()) {
+      info.set_chat_template(chat_template->name());
+    } else {
+      info.set_chat_template_error(std::string(chat_template.status().message()));
+    }
+  }
+  return info;
+}
+
+// Serves the gRPC API (and the HTTP API with --http-port) until SIGTERM or
+// SIGINT, then drains.
+absl::Status Serve() {
+  sigset_t signals = BlockStopSignals();
 
   ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, CreateBackend());
   ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> llama, LoadModel(backend.get()));
@@ -293,7 +404,10 @@ absl::Status Serve() {
         (std::filesystem::temp_directory_path() / absl::StrCat("loraserve-uploads-", getpid()))
             .string();
   }
-  api::InferenceService inference(&loop, registry.get(), tokenizer.get());
+  ASSIGN_OR_RETURN(v1::ServerInfo info, ServerInfoFor(*llama, tokenizer_dir));
+  api::InferenceService inference(
+      &loop, registry.get(), tokenizer.get(),
+      {.server = info, .merged_cache_budget_bytes = absl::GetFlag(FLAGS_merged_cache_bytes)});
   ASSIGN_OR_RETURN(
       std::unique_ptr<api::AdaptersService> adapter_service,
       api::AdaptersService::Create(
@@ -319,6 +433,17 @@ absl::Status Serve() {
                 absl::GetFlag(FLAGS_model), adapter_ids.size(), absl::StrJoin(adapter_ids, " "),
                 cache->num_blocks(), upload_dir);
   absl::FPrintF(stderr, "loraserve: listening on %s:%d\n", absl::GetFlag(FLAGS_host), port);
+  std::unique_ptr<api::HttpGateway> gateway;
+  if (absl::GetFlag(FLAGS_http_port) >= 0) {
+    absl::StatusOr<std::unique_ptr<api::HttpGateway>> started =
+        StartGateway(server->InProcessChannel(grpc::ChannelArguments()));
+    if (!started.ok()) {
+      server->Shutdown();
+      loop.Drain(absl::ZeroDuration());
+      return started.status();
+    }
+    gateway = *std::move(started);
+  }
 
   int signal = 0;
   sigwait(&signals, &signal);
@@ -327,14 +452,39 @@ absl::Status Serve() {
                 absl::FormatDuration(drain));
   // New calls are refused while in-flight streams finish (or are cancelled
   // at the deadline); the engine keeps stepping for them meanwhile.
+  // HTTP stops accepting at once; its in-flight requests end with their gRPC
+  // streams.
+  std::thread http_shutdown([&] {
+    if (gateway != nullptr) gateway->Stop();
+  });
   std::thread shutdown([&] { server->Shutdown(absl::ToChronoTime(absl::Now() + drain)); });
   loop.Drain(drain);
   shutdown.join();
+  http_shutdown.join();
   if (own_upload_dir) {
     std::error_code ignored;
     std::filesystem::remove_all(upload_dir, ignored);
   }
   absl::FPrintF(stderr, "loraserve: stopped\n");
+  return absl::OkStatus();
+}
+
+// Serves the HTTP API in front of a loraserve gRPC server until SIGTERM or
+// SIGINT; in-flight requests finish (or end when the upstream ends them).
+absl::Status Gateway() {
+  sigset_t signals = BlockStopSignals();
+  const std::string upstream = absl::GetFlag(FLAGS_upstream);
+  if (upstream.empty()) return absl::InvalidArgumentError("--upstream HOST:PORT is required");
+  if (absl::GetFlag(FLAGS_http_port) < 0) {
+    return absl::InvalidArgumentError("--http-port is required (0 picks a free one)");
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<api::HttpGateway> gateway,
+                   StartGateway(grpc::CreateChannel(upstream, grpc::InsecureChannelCredentials())));
+  absl::FPrintF(stderr, "loraserve gateway: upstream %s\n", upstream);
+  int signal = 0;
+  sigwait(&signals, &signal);
+  absl::FPrintF(stderr, "loraserve gateway: signal %d, stopping\n", signal);
+  gateway->Stop();
   return absl::OkStatus();
 }
 
@@ -365,6 +515,8 @@ int main(int argc, char** argv) {
     status = loraserve::Generate();
   } else if (command == "serve") {
     status = loraserve::Serve();
+  } else if (command == "gateway") {
+    status = loraserve::Gateway();
   } else {
     std::cerr << "unknown command '" << command << "'\n" << loraserve::kUsage << "\n";
     return 2;

@@ -5,7 +5,9 @@
 #include <mutex>
 #include <random>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "base/bucket_counts.h"
 #include "base/status_macros.h"
 
 namespace loraserve::api {
@@ -26,8 +28,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     GenerateReactor* reactor = nullptr;  // null once the stream is done
   };
 
-  explicit GenerateReactor(engine::EngineLoop* loop)
-      : loop_(loop), channel_(std::make_shared<Channel>()) {
+  // `tokenizer` is non-null when the client asked for token_texts.
+  GenerateReactor(engine::EngineLoop* loop, const model::Tokenizer* tokenizer)
+      : loop_(loop), tokenizer_(tokenizer), channel_(std::make_shared<Channel>()) {
     channel_->reactor = this;
   }
 
@@ -46,7 +49,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       {
         std::lock_guard<std::mutex> lock(mu_);
         client_gone = cancel_requested_;
-        if (request.ok()) prompt_tokens_ = static_cast<int32_t>(request->prompt_ids.size());
+        if (request.ok()) {
+          prompt_tokens_ = static_cast<int32_t>(request->prompt_ids.size());
+          if (!request->prompt_ids.empty()) previous_token_ = request->prompt_ids.back();
+        }
       }
       absl::StatusOr<engine::RequestId> id =
           absl::CancelledError("the client cancelled the stream");
@@ -149,11 +155,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     response.set_token_id(event.token_id);
     response.set_text(event.text);
     response.set_logprob(event.logprob);
+    if (tokenizer_ != nullptr) response.set_token(TokenText(event.token_id));
     for (const engine::TokenLogprob& alt : event.top_logprobs) {
       v1::TokenLogprob* out = response.add_top_logprobs();
       out->set_token_id(alt.id);
       out->set_logprob(alt.logprob);
+      if (tokenizer_ != nullptr) out->set_token(TokenText(alt.id));
     }
+    previous_token_ = event.token_id;
     ++completion_tokens_;
     if (event.finish != engine::FinishReason::kNone) {
       response.set_finish_reason(engine::FinishReasonName(event.finish));
@@ -188,8 +197,23 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     return action;
   }
 
+  // The text `id` adds after the previous token: decoded alone, a
+  // SentencePiece token would lose its leading space.
+  std::string TokenText(int32_t id) const {
+    const int32_t alone[] = {id};
+    if (previous_token_ < 0) return tokenizer_->Decode(alone, /*skip_special_tokens=*/false);
+    const int32_t before[] = {previous_token_};
+    const int32_t pair[] = {previous_token_, id};
+    const std::string prefix = tokenizer_->Decode(before, /*skip_special_tokens=*/false);
+    const std::string both = tokenizer_->Decode(pair, /*skip_special_tokens=*/false);
+    return absl::StartsWith(both, prefix) ? both.substr(prefix.size())
+                                          : tokenizer_->Decode(alone, false);
+  }
+
   engine::EngineLoop* const loop_;
-  int32_t prompt_tokens_ = 0;  // set by Start
+  const model::Tokenizer* const tokenizer_;
+  int32_t prompt_tokens_ = 0;    // set by Start
+  int32_t previous_token_ = -1;  // the last prompt or generated token (token_texts)
   std::shared_ptr<Channel> channel_;
   std::mutex mu_;
   std::deque<v1::GenerateResponse> pending_;  // front is being written while writing_
@@ -203,11 +227,21 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   grpc::Status end_status_ = grpc::Status::OK;
 };
 
+void CopyBucketCounts(const BucketCounts& from, v1::Histogram* to) {
+  to->mutable_upper_bounds()->Assign(from.upper_bounds.begin(), from.upper_bounds.end());
+  to->mutable_counts()->Assign(from.counts.begin(), from.counts.end());
+  to->set_sum(from.sum);
+}
+
 }  // namespace
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+absl::Status FromGrpcStatus(const grpc::Status& status) {
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
 }
 
 grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
@@ -252,7 +286,7 @@ absl::StatusOr<engine::GenerationRequest> InferenceService::ToEngineRequest(
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
-  auto* reactor = new GenerateReactor(loop_);
+  auto* reactor = new GenerateReactor(loop_, request->token_texts() ? tokenizer_ : nullptr);
   // Acquiring an adapter evicted from the host tier reads it from disk: that
   // happens on the loading thread, not on gRPC's.
   if (request->adapter().empty() || registry_->IsResident(request->adapter())) {
@@ -307,6 +341,26 @@ grpc::ServerUnaryReactor* InferenceService::Stats(grpc::CallbackServerContext* c
   response->set_device_adapter_uploads(snapshot.device_adapters.misses);
   response->set_merged_steps(snapshot.stats.merged_steps);
   response->set_draining(snapshot.draining);
+  response->set_device_adapter_evictions(snapshot.device_adapters.evictions);
+  response->set_device_adapter_budget_bytes(snapshot.device_adapter_budget_bytes);
+  for (const std::string& hash : snapshot.device_resident_hashes) {
+    response->add_device_resident_hashes(hash);
+  }
+  CopyBucketCounts(snapshot.device_adapters.upload_seconds,
+                   response->mutable_device_upload_seconds());
+  response->set_merges(snapshot.stats.merges);
+  response->set_merge_evictions(snapshot.stats.merge_evictions);
+  response->set_merged_bytes(snapshot.stats.merged_bytes);
+  response->set_merged_cache_budget_bytes(options_.merged_cache_budget_bytes);
+  const adapters::AdapterRegistryStats host = registry_->stats();
+  response->set_host_adapters_registered(host.registered);
+  response->set_host_adapters_resident(host.resident);
+  response->set_host_adapter_bytes(static_cast<int64_t>(host.host_bytes));
+  response->set_host_adapter_budget_bytes(static_cast<int64_t>(host.host_budget_bytes));
+  response->set_host_adapter_loads(host.host.loads);
+  response->set_host_adapter_evictions(host.host.evictions);
+  CopyBucketCounts(host.host.load_seconds, response->mutable_host_load_seconds());
+  *response->mutable_server() = options_.server;
   return FinishUnary(context, absl::OkStatus());
 }
 

@@ -15,7 +15,8 @@
 // current version (the registry reloads evicted adapters from it) and is
 // removed when the id is replaced or unloaded.
 //
-// absl::Status → grpc::Status translation happens in ToGrpcStatus, once.
+// absl::Status ↔ grpc::Status translation happens in ToGrpcStatus and
+// FromGrpcStatus, once.
 //
 // Ownership and threading: the services borrow the engine loop, registry and
 // tokenizer, which must outlive the gRPC server; every method is called on
@@ -23,7 +24,7 @@
 // join their threads).
 //
 // Example:
-//   InferenceService inference(&loop, &registry, tokenizer.get());
+//   InferenceService inference(&loop, &registry, tokenizer.get(), {.server = info});
 //   ASSIGN_OR_RETURN(auto adapters, AdaptersService::Create(
 //       &registry, {.upload_dir = "/tmp/loraserve-uploads", .max_upload_bytes = 1 << 30}));
 //   builder.RegisterService(&inference);
@@ -48,16 +49,23 @@ namespace loraserve::api {
 
 // absl and gRPC share their status codes; the message is kept.
 grpc::Status ToGrpcStatus(const absl::Status& status);
+absl::Status FromGrpcStatus(const grpc::Status& status);
 
 // Finishes a unary call with `status` (translated by ToGrpcStatus).
 grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
                                       const absl::Status& status);
 
+// What Stats reports beyond the engine's and the registry's counters.
+struct InferenceServiceOptions {
+  v1::ServerInfo server;
+  int64_t merged_cache_budget_bytes = 0;  // --merged-cache-bytes
+};
+
 class InferenceService final : public v1::Inference::CallbackService {
  public:
   InferenceService(engine::EngineLoop* loop, adapters::AdapterRegistry* registry,
-                   const model::Tokenizer* tokenizer)
-      : loop_(loop), registry_(registry), tokenizer_(tokenizer) {}
+                   const model::Tokenizer* tokenizer, InferenceServiceOptions options)
+      : loop_(loop), registry_(registry), tokenizer_(tokenizer), options_(std::move(options)) {}
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
@@ -78,6 +86,7 @@ class InferenceService final : public v1::Inference::CallbackService {
   engine::EngineLoop* loop_;
   adapters::AdapterRegistry* registry_;
   const model::Tokenizer* tokenizer_;
+  const InferenceServiceOptions options_;
   JobQueue adapter_loads_;  // Generate's requests for adapters not in host memory
 };
 

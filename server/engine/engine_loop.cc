@@ -26,9 +26,9 @@ absl::StatusOr<RequestId> EngineLoop::Submit(GenerationRequest request, TokenCal
   }
   const int64_t queued = static_cast<int64_t>(incoming_.size()) + snapshot_.waiting;
   if (queued >= options_.max_queued_requests) {
-    return absl::ResourceExhaustedError(absl::StrCat("request queue is full (", queued,
-                                                     " waiting, --max-queued-requests=",
-                                                     options_.max_queued_requests, ")"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("request queue is full (", queued,
+                     " waiting, --max-queued-requests=", options_.max_queued_requests, ")"));
   }
   const RequestId id = next_id_++;
   incoming_.emplace_back(std::move(request), std::move(callback));
@@ -51,7 +51,8 @@ void EngineLoop::Drain(absl::Duration timeout) {
     snapshot_.draining = true;
     wake_.notify_one();
     // Wait for in-flight requests to finish on their own until the deadline.
-    while (thread_.joinable() && (snapshot_.running + snapshot_.waiting > 0 || !incoming_.empty())) {
+    while (thread_.joinable() &&
+           (snapshot_.running + snapshot_.waiting > 0 || !incoming_.empty())) {
       if (wake_.wait_for(lock, std::chrono::milliseconds(20)) == std::cv_status::timeout &&
           absl::Now() >= deadline) {
         break;
@@ -119,7 +120,14 @@ void EngineLoop::Run() {
       snapshot_.kv_cache_bytes = engine_->kv_cache().bytes();
       snapshot_.stats = engine_->stats();
       if (engine_->device_adapters() != nullptr) {
-        snapshot_.device_adapters = engine_->device_adapters()->stats();
+        const adapters::DeviceAdapterCache& device = *engine_->device_adapters();
+        // The set only changes with an upload or an eviction.
+        if (device.stats().misses != snapshot_.device_adapters.misses ||
+            device.stats().evictions != snapshot_.device_adapters.evictions) {
+          snapshot_.device_resident_hashes = device.ResidentHashes();
+        }
+        snapshot_.device_adapters = device.stats();
+        snapshot_.device_adapter_budget_bytes = device.budget_bytes();
       }
       wake_.notify_all();  // Drain watches the counts
       if (stop && !engine_->HasWork()) return;

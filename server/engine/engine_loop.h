@@ -31,6 +31,7 @@
 #include <deque>
 #include <mutex>
 #include <set>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -54,6 +55,8 @@ struct EngineSnapshot {
   int64_t kv_cache_bytes = 0;
   EngineStats stats;
   adapters::DeviceCacheStats device_adapters;
+  int64_t device_adapter_budget_bytes = 0;
+  std::vector<std::string> device_resident_hashes;  // content hashes, sorted
   bool draining = false;
 };
 

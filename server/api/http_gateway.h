@@ -1,0 +1,81 @@
+// The HTTP front of loraserve: OpenAI-compatible completions and chat (with
+// SSE streaming), models, vLLM's load/unload_lora_adapter, adapter uploads
+// per tenant, health/readiness and Prometheus metrics.
+//
+// It is a client of the gRPC services (proto/loraserve/v1): `loraserve serve
+// --http-port` hands it an in-process channel to its own server, `loraserve
+// gateway --upstream` a channel to a replica, and the same code serves both.
+// Everything about tenants lives here: API keys (`Authorization: Bearer`),
+// which adapters a tenant may see, use and change (tenants.h), quotas and
+// rate limits. The gRPC API itself stays unauthenticated and bound to
+// loopback unless the operator says otherwise.
+//
+// HTTP library: cpp-httplib (Debian's libcpp-httplib-dev): a blocking
+// thread-pool server with chunked responses (SSE) and multipart parsing, which
+// fits a gateway whose handlers wait on gRPC streams; Boost.Beast would need
+// an async design for the same, and Debian packages nothing lighter with
+// multipart support.
+//
+// Threads: httplib's pool (--http-threads) runs the handlers, one connection
+// each; a completion request adds one reader thread per choice
+// (ChoiceStreams). Ownership: the gateway owns its server thread and
+// metrics; the channel is shared.
+//
+// Example:
+//   ASSIGN_OR_RETURN(auto gateway, HttpGateway::Start(server->InProcessChannel({}),
+//                                                     {.host = "127.0.0.1", .port = 8080}));
+//   ... gateway->Stop();
+#ifndef LORASERVE_SERVER_API_HTTP_GATEWAY_H_
+#define LORASERVE_SERVER_API_HTTP_GATEWAY_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "server/api/openai_protocol.h"
+#include "server/api/tenants.h"
+
+namespace loraserve::api {
+
+struct HttpGatewayOptions {
+  std::string host = "127.0.0.1";
+  int port = 8080;   // 0 picks a free one
+  int threads = 64;  // connections served at once
+  // Absent: single-user mode, every caller is an admin of the operators' tenant.
+  std::optional<ApiKeys> api_keys;
+  TenantQuota tenant_quota;
+  RateLimits rate_limits;  // per tenant; admins are not limited
+  int64_t max_upload_bytes = int64_t{1} << 30;
+  ParseLimits parse_limits;
+  size_t max_adapter_labels = 64;  // metrics: adapters with their own label value
+};
+
+class HttpGateway {
+ public:
+  // Binds and starts serving on its own thread; fails when it cannot bind.
+  // `channel` reaches the Inference and Adapters services; the upstream need
+  // not be up yet (GET /ready says when it is).
+  static absl::StatusOr<std::unique_ptr<HttpGateway>> Start(std::shared_ptr<grpc::Channel> channel,
+                                                            HttpGatewayOptions options);
+  ~HttpGateway();  // Stop()
+
+  int port() const;
+  // Stops accepting connections, lets in-flight requests finish (their
+  // upstream calls end when the upstream drains), and joins.
+  void Stop();
+
+ private:
+  class Impl;
+  explicit HttpGateway(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+  std::thread thread_;  // runs the server's accept loop
+};
+
+}  // namespace loraserve::api
+
+#endif  // LORASERVE_SERVER_API_HTTP_GATEWAY_H_
