@@ -13,6 +13,7 @@ namespace loraserve::api {
 namespace {
 
 constexpr char kBase[] = "base";
+constexpr char kUnresolved[] = "none";  // the request failed before its model was known
 
 std::vector<int64_t> Counts(const v1::Histogram& histogram) {
   return {histogram.counts().begin(), histogram.counts().end()};
@@ -46,8 +47,9 @@ GatewayMetrics::GatewayMetrics(GatewayMetricsOptions options)
       waiting_(registry_.AddGauge("loraserve_requests_waiting",
                                   "Requests queued for admission or waiting in the engine", {})),
       kv_blocks_used_(registry_.AddGauge("loraserve_kv_blocks_used", "KV cache blocks in use", {})),
+      // Not "_total": promtool's lint reserves that suffix for counters.
       kv_blocks_total_(
-          registry_.AddGauge("loraserve_kv_blocks_total", "KV cache blocks in the pool", {})),
+          registry_.AddGauge("loraserve_kv_blocks_capacity", "KV cache blocks in the pool", {})),
       adapters_registered_(registry_.AddGauge("loraserve_adapters_registered",
                                               "Adapter ids known to the server", {})),
       adapter_resident_(registry_.AddGauge(
@@ -79,10 +81,11 @@ GatewayMetrics::GatewayMetrics(GatewayMetricsOptions options)
           registry_.AddCounter("loraserve_prefix_cached_tokens_total",
                                "Prompt tokens whose KV came from the prefix cache", {})) {}
 
-std::string GatewayMetrics::AdapterLabel(const std::string& adapter) {
-  if (adapter.empty()) return kBase;
+std::string GatewayMetrics::AdapterLabel(const std::optional<std::string>& adapter) {
+  if (!adapter) return kUnresolved;
+  if (adapter->empty()) return kBase;
   std::lock_guard<std::mutex> lock(mu_);
-  return label_limiter_.Bound(DisplayAdapterId(adapter));
+  return label_limiter_.Bound(DisplayAdapterId(*adapter));
 }
 
 void GatewayMetrics::RecordRequest(const RequestRecord& record) {

@@ -39,7 +39,9 @@ struct GatewayMetricsOptions {
 
 // One finished HTTP request.
 struct RequestRecord {
-  std::string adapter;  // canonical id, or "" for the base model
+  // Canonical id, "" for the base model; unset when the request failed
+  // before its model was resolved (label "none").
+  std::optional<std::string> adapter;
   std::string tenant;
   int http_status = 200;
   int64_t prompt_tokens = 0;
@@ -60,7 +62,7 @@ class GatewayMetrics {
   std::string Render(const v1::StatsResponse* stats, const v1::ListAdaptersResponse* adapters);
 
  private:
-  std::string AdapterLabel(const std::string& adapter);
+  std::string AdapterLabel(const std::optional<std::string>& adapter);
   void Mirror(const v1::StatsResponse& stats, const v1::ListAdaptersResponse& adapters);
 
   std::mutex mu_;         // guards label_limiter_

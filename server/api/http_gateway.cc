@@ -737,7 +737,17 @@ void HttpGateway::Impl::HandleModels(const httplib::Request& req, httplib::Respo
 
 void HttpGateway::Impl::HandleUpload(const httplib::Request& req, httplib::Response& res) {
   absl::StatusOr<Principal> who = Authenticate(req);
-  absl::StatusOr<v1::AdapterInfo> info = who.ok() ? Upload(*who, req) : who.status();
+  if (!who.ok()) return ReplyError(res, who.status());
+  // Bodies far above the limit never get here (set_payload_max_length).
+  int64_t bytes = static_cast<int64_t>(req.body.size());  // multipart parts are in req.files
+  for (const auto& [name, part] : req.files) bytes += static_cast<int64_t>(part.content.size());
+  if (bytes > options_.max_upload_bytes) {
+    return ReplyJson(
+        res, 413,
+        ErrorBody(413, absl::StrCat("upload of ", bytes, " bytes exceeds --max-upload-bytes=",
+                                    options_.max_upload_bytes)));
+  }
+  absl::StatusOr<v1::AdapterInfo> info = Upload(*who, req);
   if (!info.ok()) return ReplyError(res, info.status());
   ReplyJson(res, 201, AdapterJson(*info));
 }
@@ -760,12 +770,6 @@ absl::StatusOr<v1::AdapterInfo> HttpGateway::Impl::Upload(const Principal& who,
   const std::string& config = req.get_file_value("adapter_config.json").content;
   const std::string& tensors = req.get_file_value("adapter_model.safetensors").content;
   const bool replace = req.has_file("replace") && req.get_file_value("replace").content == "true";
-  const int64_t total = static_cast<int64_t>(config.size() + tensors.size());
-  if (total > options_.max_upload_bytes) {
-    // 413 is an HTTP notion; the message says which limit.
-    return absl::OutOfRangeError(absl::StrCat(
-        "upload of ", total, " bytes exceeds --max-upload-bytes=", options_.max_upload_bytes));
-  }
   ASSIGN_OR_RETURN(const std::string id, AdapterAccess::OwnedId(who, name));
   ASSIGN_OR_RETURN(const int64_t new_bytes, Float32BytesOfSafetensors(tensors));
 
