@@ -46,8 +46,8 @@ struct RequestRecord {
   int http_status = 200;
   int64_t prompt_tokens = 0;
   int64_t generation_tokens = 0;
-  std::optional<double> ttft_seconds;  // absent when no token came
-  std::optional<double> tpot_seconds;  // absent with fewer than two tokens
+  std::optional<double> ttft_seconds = std::nullopt;  // absent when no token came
+  std::optional<double> tpot_seconds = std::nullopt;  // absent with fewer than two tokens
   double duration_seconds = 0;
 };
 
