@@ -119,6 +119,26 @@ absl::StatusOr<int64_t> Float32BytesOfSafetensors(const std::string& file) {
   return elements * 4;
 }
 
+// An entry of GET /v1/models: the base model (`adapter` null) or an adapter.
+json ModelJson(const v1::ServerInfo& info, const v1::AdapterInfo* adapter) {
+  if (adapter == nullptr) {
+    return json{{"id", info.model()},
+                {"object", "model"},
+                {"created", 0},
+                {"owned_by", "loraserve"},
+                {"root", info.model()},
+                {"parent", nullptr},
+                {"max_model_len", info.max_context_tokens()}};
+  }
+  return json{{"id", DisplayAdapterId(adapter->id())},
+              {"object", "model"},
+              {"created", 0},
+              {"owned_by", adapter->id().substr(0, adapter->id().find('/'))},
+              {"root", adapter->id()},
+              {"parent", info.model()},
+              {"max_model_len", info.max_context_tokens()}};
+}
+
 enum class Api { kCompletions, kChat };
 
 // What one choice has produced so far.
@@ -190,11 +210,11 @@ class HttpGateway::Impl {
   absl::Status StartGeneration(Generation& generation, const httplib::Request& req,
                                httplib::Response& res);
   absl::StatusOr<std::vector<v1::GenerateRequest>> BuildRequests(Api api, const std::string& body,
-                                                                 const std::string& adapter_model,
                                                                  Generation& generation);
   absl::Status AwaitFirstEvents(Generation& generation);
   void StreamAnswer(std::shared_ptr<Generation> generation, httplib::Response& res);
   void HandleModels(const httplib::Request& req, httplib::Response& res);
+  void HandleModel(const httplib::Request& req, httplib::Response& res);
   void HandleUpload(const httplib::Request& req, httplib::Response& res);
   absl::StatusOr<v1::AdapterInfo> Upload(const Principal& who, const httplib::Request& req);
   void HandleLoadLora(const httplib::Request& req, httplib::Response& res);
@@ -248,6 +268,9 @@ void HttpGateway::Impl::Route() {
   });
   server_.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
     HandleModels(req, res);
+  });
+  server_.Get(R"(/v1/models/(.+))", [this](const httplib::Request& req, httplib::Response& res) {
+    HandleModel(req, res);
   });
   server_.Post(
       "/v1/load_lora_adapter",
@@ -444,14 +467,14 @@ absl::Status HttpGateway::Impl::StartGeneration(Generation& generation, const ht
     }
   }
   ASSIGN_OR_RETURN(std::vector<v1::GenerateRequest> requests,
-                   BuildRequests(generation.api, req.body, "", generation));
+                   BuildRequests(generation.api, req.body, generation));
   generation.choices.resize(requests.size());
   generation.streams = std::make_unique<ChoiceStreams>(inference_.get(), std::move(requests));
   return AwaitFirstEvents(generation);
 }
 
 absl::StatusOr<std::vector<v1::GenerateRequest>> HttpGateway::Impl::BuildRequests(
-    Api api, const std::string& body, const std::string&, Generation& generation) {
+    Api api, const std::string& body, Generation& generation) {
   std::vector<Prompt> prompts;
   std::vector<std::string> template_stops;
   if (api == Api::kCompletions) {
@@ -715,24 +738,21 @@ void HttpGateway::Impl::HandleModels(const httplib::Request& req, httplib::Respo
   if (!info.ok()) return ReplyError(res, info.status());
   absl::StatusOr<std::vector<v1::AdapterInfo>> visible = ListVisible(*who);
   if (!visible.ok()) return ReplyError(res, visible.status());
-  json data = json::array();
-  data.push_back({{"id", info->model()},
-                  {"object", "model"},
-                  {"created", 0},
-                  {"owned_by", "loraserve"},
-                  {"root", info->model()},
-                  {"parent", nullptr},
-                  {"max_model_len", info->max_context_tokens()}});
-  for (const v1::AdapterInfo& adapter : *visible) {
-    data.push_back({{"id", DisplayAdapterId(adapter.id())},
-                    {"object", "model"},
-                    {"created", 0},
-                    {"owned_by", adapter.id().substr(0, adapter.id().find('/'))},
-                    {"root", adapter.id()},
-                    {"parent", info->model()},
-                    {"max_model_len", info->max_context_tokens()}});
-  }
+  json data = json::array({ModelJson(*info, nullptr)});
+  for (const v1::AdapterInfo& adapter : *visible) data.push_back(ModelJson(*info, &adapter));
   ReplyJson(res, 200, {{"object", "list"}, {"data", std::move(data)}});
+}
+
+void HttpGateway::Impl::HandleModel(const httplib::Request& req, httplib::Response& res) {
+  absl::StatusOr<Principal> who = Authenticate(req);
+  if (!who.ok()) return ReplyError(res, who.status());
+  absl::StatusOr<v1::ServerInfo> info = Info();
+  if (!info.ok()) return ReplyError(res, info.status());
+  const std::string model = req.matches[1];
+  if (model == info->model()) return ReplyJson(res, 200, ModelJson(*info, nullptr));
+  absl::StatusOr<v1::AdapterInfo> adapter = FindVisible(*who, model);
+  if (!adapter.ok()) return ReplyError(res, adapter.status());
+  ReplyJson(res, 200, ModelJson(*info, &*adapter));
 }
 
 void HttpGateway::Impl::HandleUpload(const httplib::Request& req, httplib::Response& res) {
