@@ -1,9 +1,11 @@
-// gRPC load generator for a running `loraserve serve`.
+// Load generator for a running `loraserve serve`, over gRPC or (--http) over
+// the OpenAI-compatible HTTP API with SSE streaming.
 //
 //   grpc_load --target 127.0.0.1:50051 --adapters ocean,robot --clients 8 --seconds 30
-//   grpc_load --target 127.0.0.1:50051 --make-adapters 8 --preset tinyllama-1.1b \
+//   grpc_load --target 127.0.0.1:50051 --make-adapters 8 --preset tinyllama-1.1b
 //             --rank 16 --clients 8 --seconds 60
 //   grpc_load --target ... --rate 4 --zipf 1.1 --make-adapters 64 --preset tiny --seconds 60
+//   grpc_load --target 127.0.0.1:50051 --http 127.0.0.1:8080 --make-adapters 8 ...
 //
 // Closed loop (default): --clients threads, each sending its next request as
 // soon as the last finished. Open loop (--rate R): Poisson arrivals at R
@@ -12,8 +14,14 @@
 // loop (--zipf 0: uniform). Prompt and output lengths are uniform in their
 // ranges. --make-adapters N writes N seeded random all-projection PEFT
 // adapters for --preset's shapes and loads them through Adapters.Load (the
-// server must see the same file system). Prints one JSON object:
-// throughput, TTFT and TPOT p50/p99, failures.
+// server must see the same file system; adapters are always loaded over
+// gRPC). With --http HOST:PORT the requests go to POST /v1/completions
+// (stream: true, prompts as token ids, single-user mode: no API key) and the
+// timings are those of the SSE events. Prints one JSON object: throughput,
+// TTFT and TPOT p50/p99, failures.
+#include <grpcpp/grpcpp.h>
+#include <httplib.h>
+
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -25,8 +33,6 @@
 #include <thread>
 #include <vector>
 
-#include <grpcpp/grpcpp.h>
-
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -36,9 +42,12 @@
 #include "bench/bench_support.h"
 #include "loraserve/v1/adapters.grpc.pb.h"
 #include "loraserve/v1/inference.grpc.pb.h"
+#include "nlohmann/json.hpp"
 #include "server/model/model_config.h"
 
 ABSL_FLAG(std::string, target, "127.0.0.1:50051", "Server address");
+ABSL_FLAG(std::string, http, "",
+          "HOST:PORT of the server's HTTP API: send the requests there instead of over gRPC");
 ABSL_FLAG(std::vector<std::string>, adapters, {}, "Adapter ids to spread requests over");
 ABSL_FLAG(int32_t, make_adapters, 0, "Write and load this many random adapters (needs --preset)");
 ABSL_FLAG(std::string, preset, "", "Dummy preset whose shapes --make-adapters uses");
@@ -66,10 +75,40 @@ struct Sample {
   bool ok = false;
 };
 
+// Counts the tokens of one stream as they arrive.
+class StreamTimer {
+ public:
+  StreamTimer() : start_(Clock::now()) {}
+  void Token() {
+    last_ = Clock::now();
+    if (sample_.tokens++ == 0) first_ = last_;
+  }
+  Sample Finish(bool ok) {
+    sample_.ok = ok && sample_.tokens > 0;
+    if (sample_.ok) {
+      sample_.ttft_s = std::chrono::duration<double>(first_ - start_).count();
+      if (sample_.tokens > 1) {
+        sample_.tpot_s =
+            std::chrono::duration<double>(last_ - first_).count() / (sample_.tokens - 1);
+      }
+    }
+    return sample_;
+  }
+
+ private:
+  Sample sample_;
+  Clock::time_point start_, first_, last_;
+};
+
 class Load {
  public:
-  explicit Load(std::shared_ptr<grpc::Channel> channel)
-      : stub_(v1::Inference::NewStub(channel)) {}
+  // `http` empty: requests over `channel`; else HOST:PORT of the HTTP API,
+  // whose base model is `base_model`.
+  Load(std::shared_ptr<grpc::Channel> channel, const std::string& http,
+       const std::string& base_model)
+      : stub_(v1::Inference::NewStub(channel)), base_model_(base_model) {
+    if (!http.empty()) http_ = std::make_unique<httplib::Client>(absl::StrCat("http://", http));
+  }
 
   // One streamed request; timings from the client's view.
   Sample Request(const std::string& adapter, std::mt19937& rng) {
@@ -78,37 +117,75 @@ class Load {
     std::uniform_int_distribution<int32_t> output_len(absl::GetFlag(FLAGS_output_min),
                                                       absl::GetFlag(FLAGS_output_max));
     std::uniform_int_distribution<int32_t> token(3, absl::GetFlag(FLAGS_vocab) - 1);
+    std::vector<int32_t> prompt(prompt_len(rng));
+    for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = i == 0 ? 1 : token(rng);
+    const int32_t max_tokens = output_len(rng);
+    if (http_ != nullptr) return HttpRequest(adapter, prompt, max_tokens);
     v1::GenerateRequest request;
-    const int32_t n = prompt_len(rng);
-    for (int32_t i = 0; i < n; ++i) request.mutable_token_ids()->add_ids(i == 0 ? 1 : token(rng));
-    request.set_max_tokens(output_len(rng));
+    request.mutable_token_ids()->mutable_ids()->Assign(prompt.begin(), prompt.end());
+    request.set_max_tokens(max_tokens);
     request.set_ignore_eos(true);
     request.set_adapter(adapter);
     request.mutable_sampling()->set_temperature(0.0f);
     grpc::ClientContext context;
-    const Clock::time_point start = Clock::now();
+    StreamTimer timer;
     auto reader = stub_->Generate(&context, request);
     v1::GenerateResponse response;
-    Sample sample;
-    Clock::time_point first, last;
-    while (reader->Read(&response)) {
-      if (response.token_id() < 0) continue;
-      last = Clock::now();
-      if (sample.tokens++ == 0) first = last;
-    }
-    sample.ok = reader->Finish().ok() && sample.tokens > 0;
-    if (sample.ok) {
-      sample.ttft_s = std::chrono::duration<double>(first - start).count();
-      if (sample.tokens > 1) {
-        sample.tpot_s = std::chrono::duration<double>(last - first).count() / (sample.tokens - 1);
-      }
-    }
-    return sample;
+    while (reader->Read(&response)) timer.Token();
+    return timer.Finish(reader->Finish().ok());
   }
 
  private:
+  // Each SSE event but the final [DONE] (and the usage event, not asked
+  // for) carries one token.
+  Sample HttpRequest(const std::string& adapter, const std::vector<int32_t>& prompt,
+                     int32_t max_tokens) {
+    const nlohmann::json body = {{"model", adapter.empty() ? base_model_ : adapter},
+                                 {"prompt", prompt},
+                                 {"max_tokens", max_tokens},
+                                 {"temperature", 0},
+                                 {"ignore_eos", true},
+                                 {"stream", true}};
+    httplib::Request request;
+    request.method = "POST";
+    request.path = "/v1/completions";
+    request.body = body.dump();
+    request.set_header("Content-Type", "application/json");
+    StreamTimer timer;
+    std::string pending;
+    request.content_receiver = [&](const char* data, size_t size, uint64_t, uint64_t) {
+      pending.append(data, size);
+      for (size_t end = pending.find("\n\n"); end != std::string::npos;
+           end = pending.find("\n\n")) {
+        if (pending.compare(0, 6, "data: ") == 0 && pending.compare(6, 6, "[DONE]") != 0) {
+          timer.Token();
+        }
+        pending.erase(0, end + 2);
+      }
+      return true;
+    };
+    httplib::Result result = http_->send(request);
+    return timer.Finish(result && result->status == 200);
+  }
+
   std::unique_ptr<v1::Inference::Stub> stub_;
+  std::unique_ptr<httplib::Client> http_;
+  std::string base_model_;
 };
+
+// The HTTP API's base model name (the first entry of GET /v1/models).
+absl::StatusOr<std::string> HttpBaseModel(const std::string& http) {
+  httplib::Client client(absl::StrCat("http://", http));
+  httplib::Result result = client.Get("/v1/models");
+  if (!result || result->status != 200) {
+    return absl::UnavailableError(absl::StrCat("GET http://", http, "/v1/models failed"));
+  }
+  const nlohmann::json models = nlohmann::json::parse(result->body, nullptr, false);
+  if (!models.is_object() || !models.contains("data") || models["data"].empty()) {
+    return absl::UnavailableError(absl::StrCat("GET http://", http, "/v1/models: no models"));
+  }
+  return models["data"][0].value("id", "");
+}
 
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
@@ -124,15 +201,16 @@ absl::StatusOr<std::vector<std::string>> PrepareAdapters(std::shared_ptr<grpc::C
   const adapters::BaseModelShape shape = adapters::LlamaBaseShape(
       config.num_hidden_layers, config.hidden_size, config.intermediate_size,
       config.num_attention_heads, config.num_key_value_heads, config.head_dim);
-  const std::string root = (std::filesystem::temp_directory_path() /
-                            absl::StrCat("loraserve_load_", ::getpid()))
-                               .string();
+  const std::string root =
+      (std::filesystem::temp_directory_path() / absl::StrCat("loraserve_load_", ::getpid()))
+          .string();
   auto stub = v1::Adapters::NewStub(channel);
   for (int32_t i = 0; i < make; ++i) {
     const std::string dir = absl::StrCat(root, "/a", i);
-    RETURN_IF_ERROR(adapters::WriteDummyAdapter(
-        dir, shape, {.rank = absl::GetFlag(FLAGS_rank), .alpha = 2.0 * absl::GetFlag(FLAGS_rank),
-                     .seed = static_cast<uint64_t>(i)}));
+    RETURN_IF_ERROR(adapters::WriteDummyAdapter(dir, shape,
+                                                {.rank = absl::GetFlag(FLAGS_rank),
+                                                 .alpha = 2.0 * absl::GetFlag(FLAGS_rank),
+                                                 .seed = static_cast<uint64_t>(i)}));
     v1::LoadAdapterRequest load;
     load.set_id(absl::StrCat("load/a", i));
     load.set_path(dir);
@@ -140,8 +218,8 @@ absl::StatusOr<std::vector<std::string>> PrepareAdapters(std::shared_ptr<grpc::C
     grpc::ClientContext context;
     const grpc::Status status = stub->Load(&context, load, &info);
     if (!status.ok()) {
-      return absl::UnavailableError(absl::StrCat("Adapters.Load ", load.id(), ": ",
-                                                 status.error_message()));
+      return absl::UnavailableError(
+          absl::StrCat("Adapters.Load ", load.id(), ": ", status.error_message()));
     }
     ids.push_back(load.id());
   }
@@ -149,9 +227,15 @@ absl::StatusOr<std::vector<std::string>> PrepareAdapters(std::shared_ptr<grpc::C
 }
 
 absl::Status Run() {
-  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_target), grpc::InsecureChannelCredentials());
+  auto channel =
+      grpc::CreateChannel(absl::GetFlag(FLAGS_target), grpc::InsecureChannelCredentials());
   ASSIGN_OR_RETURN(std::vector<std::string> ids, PrepareAdapters(channel));
   if (absl::GetFlag(FLAGS_base_only) || ids.empty()) ids = {""};
+  const std::string http = absl::GetFlag(FLAGS_http);
+  std::string base_model;
+  if (!http.empty()) {
+    ASSIGN_OR_RETURN(base_model, HttpBaseModel(http));
+  }
   const auto deadline =
       Clock::now() + std::chrono::duration_cast<Clock::duration>(
                          std::chrono::duration<double>(absl::GetFlag(FLAGS_seconds)));
@@ -167,7 +251,7 @@ absl::Status Run() {
   if (rate <= 0) {
     for (int32_t c = 0; c < absl::GetFlag(FLAGS_clients); ++c) {
       threads.emplace_back([&, c] {
-        Load load(channel);
+        Load load(channel, http, base_model);
         std::mt19937 rng(c);
         while (Clock::now() < deadline) record(load.Request(ids[c % ids.size()], rng));
       });
@@ -187,7 +271,7 @@ absl::Status Run() {
       std::this_thread::sleep_until(next);
       const std::string adapter = ids[zipf(rng)];
       threads.emplace_back([&, adapter, s = ++seed] {
-        Load load(channel);
+        Load load(channel, http, base_model);
         std::mt19937 request_rng(s);
         record(load.Request(adapter, request_rng));
       });
@@ -208,11 +292,15 @@ absl::Status Run() {
     if (s.tokens > 1) tpot.push_back(s.tpot_s);
   }
   std::printf(
-      "{\"bench\": \"grpc_load\", \"mode\": \"%s\", \"adapters\": %zu, \"requests\": %zu, "
+      "{\"bench\": \"grpc_load\", \"api\": \"%s\", \"mode\": \"%s\", \"adapters\": %zu, "
+      "\"requests\": %zu, "
       "\"failed\": %lld, \"seconds\": %.1f, \"output_tokens_per_s\": %.2f, "
-      "\"ttft_p50_ms\": %.1f, \"ttft_p99_ms\": %.1f, \"tpot_p50_ms\": %.1f, \"tpot_p99_ms\": %.1f}\n",
-      rate > 0 ? absl::StrFormat("poisson %.2f/s zipf %.2f", rate, absl::GetFlag(FLAGS_zipf)).c_str()
-               : absl::StrCat("closed ", absl::GetFlag(FLAGS_clients), " clients").c_str(),
+      "\"ttft_p50_ms\": %.1f, \"ttft_p99_ms\": %.1f, \"tpot_p50_ms\": %.1f, \"tpot_p99_ms\": "
+      "%.1f}\n",
+      http.empty() ? "grpc" : "http",
+      rate > 0
+          ? absl::StrFormat("poisson %.2f/s zipf %.2f", rate, absl::GetFlag(FLAGS_zipf)).c_str()
+          : absl::StrCat("closed ", absl::GetFlag(FLAGS_clients), " clients").c_str(),
       ids.size(), samples.size(), static_cast<long long>(failed), elapsed, tokens / elapsed,
       Percentile(ttft, 0.5) * 1e3, Percentile(ttft, 0.99) * 1e3, Percentile(tpot, 0.5) * 1e3,
       Percentile(tpot, 0.99) * 1e3);
