@@ -12,8 +12,9 @@
 namespace loraserve::adapters {
 namespace {
 
+// "." and ".." are refused: ids become paths (URLs, upload directories).
 bool ValidIdPart(absl::string_view part) {
-  return !part.empty() && part.size() <= 64 &&
+  return !part.empty() && part.size() <= 64 && part != "." && part != ".." &&
          std::all_of(part.begin(), part.end(), [](char c) {
            return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' ||
                   c == '-';
@@ -42,8 +43,9 @@ absl::StatusOr<std::string> CanonicalAdapterId(absl::string_view id,
   const absl::string_view name = slash == id.npos ? id : id.substr(slash + 1);
   if (!ValidIdPart(tenant) || !ValidIdPart(name)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("adapter id \"", id, "\": expected \"tenant/name\" or \"name\", each part "
-                     "1-64 characters of A-Z a-z 0-9 . _ -"));
+        absl::StrCat("adapter id \"", id,
+                     "\": expected \"tenant/name\" or \"name\", each part "
+                     "1-64 characters of A-Z a-z 0-9 . _ - (not . or ..)"));
   }
   return absl::StrCat(tenant, "/", name);
 }
@@ -119,10 +121,11 @@ absl::Status AdapterRegistry::MakeRoomLocked(size_t need, size_t freed, const st
     in_use -= std::min(in_use, candidates[chosen++]->info.bytes);
   }
   if (in_use + need > budget) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        what, " needs ", need, " bytes of host memory, but the adapter host budget "
-        "(--adapter-host-bytes) is ", budget, " bytes and ", in_use,
-        " are held by pinned or in-use adapters"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(what, " needs ", need,
+                     " bytes of host memory, but the adapter host budget "
+                     "(--adapter-host-bytes) is ",
+                     budget, " bytes and ", in_use, " are held by pinned or in-use adapters"));
   }
   for (size_t i = 0; i < chosen; ++i) {
     candidates[i]->resident.reset();
@@ -153,9 +156,15 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Load(absl::string_view id, const st
   RETURN_IF_ERROR(MakeRoomLocked(adapter.bytes(), freed, canonical,
                                  absl::StrCat("adapter \"", canonical, "\" (", dir, ")")));
   Entry entry;
-  entry.info = {canonical,           version, adapter.content_hash(), dir,
-                adapter.ranks(),     adapter.target_modules(),
-                adapter.bytes(),     pinned,  /*resident=*/true};
+  entry.info = {canonical,
+                version,
+                adapter.content_hash(),
+                dir,
+                adapter.ranks(),
+                adapter.target_modules(),
+                adapter.bytes(),
+                pinned,
+                /*resident=*/true};
   entry.last_used = ++clock_;
   entry.resident = MakeHandle(canonical, version, dir, std::move(adapter));
   // Replacing the entry drops the registry's reference to the old version
@@ -206,8 +215,8 @@ absl::StatusOr<AdapterHandle> AdapterRegistry::ReloadLocked(std::unique_lock<std
         " changed since it was loaded (content hash ", expected.content_hash, ", now ",
         adapter->content_hash(), "); load it again to make a new version"));
   }
-  RETURN_IF_ERROR(MakeRoomLocked(adapter->bytes(), 0, id,
-                                 absl::StrCat("reloading adapter \"", id, "\"")));
+  RETURN_IF_ERROR(
+      MakeRoomLocked(adapter->bytes(), 0, id, absl::StrCat("reloading adapter \"", id, "\"")));
   ++host_stats_.loads;
   host_stats_.load_seconds.Observe(seconds);
   Entry& entry = it->second;

@@ -59,7 +59,7 @@ TEST(AdapterIdTest, CanonicalForms) {
   EXPECT_EQ(*CanonicalAdapterId("v1.2_final", "default"), "default/v1.2_final");
   EXPECT_TRUE(CanonicalAdapterId(std::string(64, 'a') + "/" + std::string(64, 'b'), "d").ok());
   for (const std::string& bad : std::vector<std::string>{"", "/x", "x/", "a/b/c", "a b", "t/ü", std::string(65, 'a'),
-                                "t/" + std::string(65, 'a'), "t/x?y"}) {
+                                "t/" + std::string(65, 'a'), "t/x?y", "..", "./x", "t/..", "../z"}) {
     absl::StatusOr<std::string> id = CanonicalAdapterId(bad, "default");
     ASSERT_FALSE(id.ok()) << bad;
     EXPECT_EQ(id.status().code(), absl::StatusCode::kInvalidArgument);

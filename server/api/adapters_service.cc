@@ -7,6 +7,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "base/sha256.h"
 #include "base/status_macros.h"
 #include "server/api/grpc_services.h"
@@ -160,9 +161,14 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
                                               ": the bytes have sha256 ", digest,
                                               ", header.sha256 is ", header_.sha256()));
     }
-    ASSIGN_OR_RETURN(adapters::AdapterInfo info, service_->LoadAndReplace(header_.id(), dir_));
+    absl::StatusOr<adapters::AdapterInfo> info = service_->LoadAndReplace(header_.id(), dir_);
+    if (!info.ok()) {
+      // The client sent files, not a directory: name the file alone.
+      return absl::Status(info.status().code(),
+                          absl::StrReplaceAll(info.status().message(), {{dir_ + "/", ""}}));
+    }
     committed_ = true;
-    FillInfo(info, response_);
+    FillInfo(*info, response_);
     return absl::OkStatus();
   }
 

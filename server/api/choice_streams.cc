@@ -2,6 +2,7 @@
 
 #include <utility>
 
+#include "absl/time/clock.h"
 #include "server/api/grpc_services.h"
 
 namespace loraserve::api {
@@ -34,6 +35,7 @@ ChoiceStreams::~ChoiceStreams() {
 }
 
 void ChoiceStreams::Push(ChoiceEvent event) {
+  event.received = absl::Now();
   std::lock_guard<std::mutex> lock(mu_);
   if (!event.has_token) --running_;
   events_.push_back(std::move(event));

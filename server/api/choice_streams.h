@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/time/time.h"
 #include "loraserve/v1/inference.grpc.pb.h"
 
 namespace loraserve::api {
@@ -38,6 +39,7 @@ struct ChoiceEvent {
   bool has_token = false;
   v1::GenerateResponse token;
   absl::Status status;
+  absl::Time received;  // when the reader thread got it (token timings)
 };
 
 class ChoiceStreams {

@@ -629,9 +629,8 @@ std::string HttpGateway::Impl::Generation::Apply(const ChoiceEvent& event,
     return "";
   }
   const v1::GenerateResponse& token = event.token;
-  const absl::Time now = absl::Now();
-  if (!first_token) first_token = now;
-  choice.last_token = now;
+  if (!first_token) first_token = event.received;
+  choice.last_token = event.received;
   ++choice.tokens;
   choice.result.text += token.text();
   if (sampling.logprobs) {
@@ -768,6 +767,11 @@ void HttpGateway::Impl::HandleUpload(const httplib::Request& req, httplib::Respo
                                     options_.max_upload_bytes)));
   }
   absl::StatusOr<v1::AdapterInfo> info = Upload(*who, req);
+  if (absl::IsResourceExhausted(info.status())) {  // a quota or the server's adapter memory
+    json body = ErrorBody(info.status());
+    body["error"]["type"] = "insufficient_quota";  // OpenAI's type for quotas
+    return ReplyJson(res, 429, body);
+  }
   if (!info.ok()) return ReplyError(res, info.status());
   ReplyJson(res, 201, AdapterJson(*info));
 }
