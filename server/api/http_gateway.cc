@@ -186,6 +186,8 @@ class HttpGateway::Impl {
     std::optional<absl::Time> first_token;
 
     ~Generation();
+    // The next event: those read while waiting for the first ones, then the streams'.
+    ChoiceEvent Next();
     // Applies a token or end event; returns the choice's new text.
     std::string Apply(const ChoiceEvent& event, std::optional<TokenLogprobs>* logprobs);
     json Chunk(int choice, const std::string& text, const std::optional<TokenLogprobs>& logprobs,
@@ -434,14 +436,9 @@ void HttpGateway::Impl::HandleGeneration(Api api, const httplib::Request& req,
     return ReplyError(res, status);
   }
   if (generation->sampling.stream) return StreamAnswer(std::move(generation), res);
-  // Not streamed: read everything, then answer (or report the first failure).
-  for (ChoiceEvent event = generation->streams->Next(); !event.done;
-       event = generation->streams->Next()) {
-    generation->buffered.push_back(std::move(event));
-  }
-  while (!generation->buffered.empty()) {
-    ChoiceEvent event = std::move(generation->buffered.front());
-    generation->buffered.pop_front();
+  // Not streamed: gather every token; the first failure ends the request
+  // (the Generation's destructor cancels the other choices).
+  for (ChoiceEvent event = generation->Next(); !event.done; event = generation->Next()) {
     if (!event.has_token && !event.status.ok()) {
       generation->record.http_status = HttpStatusFor(event.status.code());
       return ReplyError(res, event.status);
@@ -581,15 +578,7 @@ void HttpGateway::Impl::StreamAnswer(std::shared_ptr<Generation> generation,
           const std::string line = absl::StrCat("data: ", JsonText(chunk), "\n\n");
           return sink.write(line.data(), line.size());
         };
-        auto next = [&generation]() {
-          if (!generation->buffered.empty()) {
-            ChoiceEvent event = std::move(generation->buffered.front());
-            generation->buffered.pop_front();
-            return event;
-          }
-          return generation->streams->Next();
-        };
-        for (ChoiceEvent event = next(); !event.done; event = next()) {
+        for (ChoiceEvent event = generation->Next(); !event.done; event = generation->Next()) {
           if (!event.has_token && !event.status.ok()) {
             // Headers are out: report the failure in the stream, as OpenAI does.
             generation->record.http_status = HttpStatusFor(event.status.code());
@@ -618,6 +607,13 @@ void HttpGateway::Impl::StreamAnswer(std::shared_ptr<Generation> generation,
         sink.done();
         return true;
       });
+}
+
+ChoiceEvent HttpGateway::Impl::Generation::Next() {
+  if (buffered.empty()) return streams->Next();
+  ChoiceEvent event = std::move(buffered.front());
+  buffered.pop_front();
+  return event;
 }
 
 std::string HttpGateway::Impl::Generation::Apply(const ChoiceEvent& event,
