@@ -657,15 +657,18 @@ json HttpGateway::Impl::Generation::Chunk(int index, const std::string& text,
         static_cast<int64_t>(choice.result.text.size()) - static_cast<int64_t>(text.size());
     out["logprobs"] = logprobs ? CompletionLogprobs({*logprobs}, offset) : json();
   } else {
-    out["delta"] = {{"content", text}};
+    // OpenAI's last chunk has an empty delta.
+    out["delta"] = text.empty() && !finish.empty() ? json::object() : json{{"content", text}};
     if (first) out["delta"]["role"] = "assistant";
     out["logprobs"] = logprobs ? ChatLogprobs({*logprobs}) : json();
   }
-  return json{{"id", id},
-              {"object", api == Api::kChat ? "chat.completion.chunk" : "text_completion"},
-              {"created", created},
-              {"model", model},
-              {"choices", json::array({std::move(out)})}};
+  json chunk = {{"id", id},
+                {"object", api == Api::kChat ? "chat.completion.chunk" : "text_completion"},
+                {"created", created},
+                {"model", model},
+                {"choices", json::array({std::move(out)})}};
+  if (sampling.include_usage) chunk["usage"] = nullptr;  // set on the final chunk only
+  return chunk;
 }
 
 json HttpGateway::Impl::Generation::FullAnswer() const {
@@ -746,6 +749,10 @@ void HttpGateway::Impl::HandleModel(const httplib::Request& req, httplib::Respon
   const std::string model = req.matches[1];
   if (model == info->model()) return ReplyJson(res, 200, ModelJson(*info, nullptr));
   absl::StatusOr<v1::AdapterInfo> adapter = FindVisible(*who, model);
+  if (absl::IsNotFound(adapter.status())) {
+    return ReplyError(res, absl::NotFoundError(absl::StrCat(
+                               "model \"", model, "\" not found (GET /v1/models lists them)")));
+  }
   if (!adapter.ok()) return ReplyError(res, adapter.status());
   ReplyJson(res, 200, ModelJson(*info, &*adapter));
 }
