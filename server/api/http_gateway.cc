@@ -221,6 +221,9 @@ class HttpGateway::Impl {
   absl::StatusOr<v1::AdapterInfo> Upload(const Principal& who, const httplib::Request& req);
   void HandleLoadLora(const httplib::Request& req, httplib::Response& res);
   void HandleUnloadLora(const httplib::Request& req, httplib::Response& res);
+  // Unloads the adapter `name` means for `who` and returns its id: NotFound
+  // when `who` cannot see it, PermissionDenied when it may not change it.
+  absl::StatusOr<std::string> Unload(const Principal& who, const std::string& name);
   void HandleMetrics(httplib::Response& res);
 
   std::unique_ptr<v1::Inference::Stub> inference_;
@@ -302,24 +305,9 @@ void HttpGateway::Impl::Route() {
   server_.Delete(R"(/v1/adapters/(.+))", [this](const httplib::Request& req,
                                                 httplib::Response& res) {
     absl::StatusOr<Principal> who = Authenticate(req);
-    absl::StatusOr<v1::AdapterInfo> info =
-        who.ok() ? FindVisible(*who, req.matches[1]) : who.status();
-    if (!info.ok()) return ReplyError(res, info.status());
-    if (!AdapterAccess::CanChange(*who, info->id())) {
-      return ReplyError(res, absl::PermissionDeniedError(absl::StrCat(
-                                 "adapter ", info->id(), " belongs to the operators; tenant \"",
-                                 who->tenant, "\" cannot delete it")));
-    }
-    std::lock_guard<std::mutex> lock(uploads_mu_);
-    v1::UnloadAdapterRequest request;
-    request.set_id(info->id());
-    v1::UnloadAdapterResponse response;
-    absl::Status status = CallUpstream(kAdapterChangeDeadline, [&](grpc::ClientContext* context) {
-      return adapters_->Unload(context, request, &response);
-    });
-    if (!status.ok()) return ReplyError(res, status);
-    ReplyJson(res, 200,
-              {{"id", DisplayAdapterId(info->id())}, {"object", "adapter"}, {"deleted", true}});
+    absl::StatusOr<std::string> id = who.ok() ? Unload(*who, req.matches[1]) : who.status();
+    if (!id.ok()) return ReplyError(res, id.status());
+    ReplyJson(res, 200, {{"id", DisplayAdapterId(*id)}, {"object", "adapter"}, {"deleted", true}});
   });
   server_.Get("/health", [](const httplib::Request&, httplib::Response& res) {
     ReplyJson(res, 200, {{"status", "ok"}});
@@ -875,25 +863,31 @@ void HttpGateway::Impl::HandleLoadLora(const httplib::Request& req, httplib::Res
                   "text/plain");
 }
 
+absl::StatusOr<std::string> HttpGateway::Impl::Unload(const Principal& who,
+                                                      const std::string& name) {
+  ASSIGN_OR_RETURN(v1::AdapterInfo info, FindVisible(who, name));
+  if (!AdapterAccess::CanChange(who, info.id())) {
+    return absl::PermissionDeniedError(absl::StrCat("adapter ", info.id(),
+                                                    " belongs to the operators; tenant \"",
+                                                    who.tenant, "\" cannot remove it"));
+  }
+  std::lock_guard<std::mutex> lock(uploads_mu_);
+  v1::UnloadAdapterRequest request;
+  request.set_id(info.id());
+  v1::UnloadAdapterResponse response;
+  RETURN_IF_ERROR(CallUpstream(kAdapterChangeDeadline, [&](grpc::ClientContext* context) {
+    return adapters_->Unload(context, request, &response);
+  }));
+  return info.id();
+}
+
 void HttpGateway::Impl::HandleUnloadLora(const httplib::Request& req, httplib::Response& res) {
   absl::StatusOr<Principal> who = Authenticate(req);
   if (!who.ok()) return ReplyError(res, who.status());
   absl::StatusOr<std::vector<std::string>> fields = ParseStringFields(req.body, {"lora_name"});
   if (!fields.ok()) return ReplyError(res, fields.status());
-  absl::StatusOr<v1::AdapterInfo> info = FindVisible(*who, (*fields)[0]);
-  if (!info.ok()) return ReplyError(res, info.status());
-  if (!AdapterAccess::CanChange(*who, info->id())) {
-    return ReplyError(res, absl::PermissionDeniedError(absl::StrCat(
-                               "tenant \"", who->tenant, "\" cannot unload ", info->id())));
-  }
-  std::lock_guard<std::mutex> lock(uploads_mu_);
-  v1::UnloadAdapterRequest request;
-  request.set_id(info->id());
-  v1::UnloadAdapterResponse response;
-  absl::Status status = CallUpstream(kAdapterChangeDeadline, [&](grpc::ClientContext* context) {
-    return adapters_->Unload(context, request, &response);
-  });
-  if (!status.ok()) return ReplyError(res, status);
+  absl::StatusOr<std::string> id = Unload(*who, (*fields)[0]);
+  if (!id.ok()) return ReplyError(res, id.status());
   res.set_content(absl::StrCat("Success: LoRA adapter '", (*fields)[0], "' removed successfully."),
                   "text/plain");
 }

@@ -15,39 +15,8 @@
 # Usage: prometheus_scrape_test.sh LORASERVE_BINARY SHARED_DIR
 set -euo pipefail
 
-if [ "$#" -ne 2 ]; then
-  echo "usage: $0 LORASERVE_BINARY SHARED_DIR" >&2
-  exit 2
-fi
-BIN="$1"
-SHARED="$2"
-BASE_MODEL="aidreams-260k"
-for tool in curl jq python3; do
-  command -v "$tool" >/dev/null || { echo "FAIL: $tool is not installed (scripts/install_deps.sh)" >&2; exit 1; }
-done
-
-tmp="$(mktemp -d)"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-fail() {
-  echo "FAIL: $*" >&2
-  for log in "$tmp"/*.log; do
-    [ -e "$log" ] || continue
-    echo "--- last lines of $(basename "$log")" >&2
-    tail -n 15 "$log" >&2
-  done
-  exit 1
-}
-
-# The binary may be relinked while a developer runs the test: give it a moment.
-for _ in $(seq 60); do [ -x "$BIN" ] && break; sleep 1; done
-[ -x "$BIN" ] || fail "no executable at $BIN"
+# shellcheck source=tests/e2e/http_test_lib.sh
+source "$(dirname "$0")/http_test_lib.sh"
 
 cat >"$tmp/keys" <<'EOF'
 alpha-key-000001 alpha tenant
@@ -56,21 +25,7 @@ EOF
 ALPHA=alpha-key-000001
 BETA=beta-key-0000001
 
-mkdir -p "$tmp/uploads"
-"$BIN" serve --model "$SHARED/models/aidreams-260k" --adapter-dir "$SHARED/adapters/aidreams-260k" \
-  --grpc-port 0 --http-port 0 --api-keys "$tmp/keys" --threads 1 --kv-cache-bytes $((16 << 20)) \
-  --upload-dir "$tmp/uploads" >"$tmp/loraserve.log" 2>&1 &
-SERVER_PID=$!
-pids+=("$SERVER_PID")
-http_port=""
-for _ in $(seq 600); do
-  http_port="$(sed -nE 's/.*HTTP listening on 127\.0\.0\.1:([0-9]+).*/\1/p' "$tmp/loraserve.log")"
-  [ -n "$http_port" ] && break
-  kill -0 "$SERVER_PID" 2>/dev/null || fail "loraserve exited before listening"
-  sleep 0.1
-done
-[ -n "$http_port" ] || fail "loraserve did not print its HTTP port within 60 s"
-HTTP="http://127.0.0.1:$http_port"
+start_server loraserve
 
 # complete KEY MODEL WANT_STATUS: one greedy completion; appends
 # "tenant adapter status prompt_tokens completion_tokens" to $tmp/sent.
@@ -259,7 +214,7 @@ global:
 scrape_configs:
   - job_name: loraserve
     static_configs:
-      - targets: ["127.0.0.1:$http_port"]
+      - targets: ["${HTTP#http://}"]
 EOF
   prometheus --config.file="$tmp/prometheus.yml" --storage.tsdb.path="$tmp/tsdb" \
     --web.listen-address="127.0.0.1:$prom_port" >"$tmp/prometheus.log" 2>&1 &
