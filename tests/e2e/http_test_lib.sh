@@ -4,6 +4,7 @@
 # `fail`, and `start_server`.
 # The sourcing script is called as: SCRIPT LORASERVE_BINARY SHARED_DIR
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # BASE_MODEL, HTTP, GRPC_PORT are read by the sourcing scripts
 
 if [ "$#" -ne 2 ]; then
   echo "usage: $0 LORASERVE_BINARY SHARED_DIR" >&2
