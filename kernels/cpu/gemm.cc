@@ -43,6 +43,8 @@ void GemmColumnsAvx2(const Problem& p, int64_t j0, int64_t j1, const Scratch& sc
   GemmColumns<Avx2>(p, j0, j1, scratch);
 }
 
+bool PackAllXAvx2(const Problem& p, float* out) { return PackAllX<Avx2>(p, out); }
+
 }  // namespace gemm_internal
 
 namespace {
@@ -51,8 +53,9 @@ namespace {
 // waking the pool costs more than it saves.
 constexpr int64_t kParallelMinMacs = int64_t{1} << 17;
 
-// The calling thread's scratch for the kernels, packed w sized for k.
-gemm_internal::Scratch ThreadScratch(int64_t k) {
+// The calling thread's scratch for the kernels, packed w sized for k, and
+// room for all of x when it has few rows (PackAllX*) after the kernels' part.
+gemm_internal::Scratch ThreadScratch(int64_t k, float** all_x) {
   using gemm_internal::kMaxLanes;
   constexpr int64_t kAccFloats = gemm_internal::kBlockRows * gemm_internal::kBlockCols * kMaxLanes;
   constexpr int64_t kPackedXFloats = gemm_internal::kMaxTileRows * gemm_internal::kBlockK;
@@ -60,12 +63,22 @@ gemm_internal::Scratch ThreadScratch(int64_t k) {
   const int64_t packed_w_floats =
       gemm_internal::ColumnsPerCall(k) * ((k + kMaxLanes - 1) / kMaxLanes * kMaxLanes);
   thread_local std::vector<float> buffer;
+  const int64_t all_x_floats = gemm_internal::PackedAllXFloats(2 * gemm_internal::kMaxTileRows, k);
   const auto floats = static_cast<size_t>(kAccFloats + kPackedXFloats + packed_w_floats +
-                                          kAlignFloats);
+                                          all_x_floats + kAlignFloats);
   if (buffer.size() < floats) buffer.resize(floats);
   const auto address = reinterpret_cast<uintptr_t>(buffer.data());
   float* aligned = buffer.data() + (-address / sizeof(float)) % kAlignFloats;
+  *all_x = aligned + kAccFloats + kPackedXFloats + packed_w_floats;
   return {aligned, aligned + kAccFloats, aligned + kAccFloats + kPackedXFloats};
+}
+
+// `p` with x packed once into `all_x` when the kernels read w in place.
+gemm_internal::Problem WithPackedX(GemmIsa isa, gemm_internal::Problem p, float* all_x) {
+  const bool packed = isa == GemmIsa::kAvx512 ? gemm_internal::PackAllXAvx512(p, all_x)
+                                              : gemm_internal::PackAllXAvx2(p, all_x);
+  if (packed) p.packed_x = all_x;
+  return p;
 }
 
 }  // namespace
@@ -83,19 +96,21 @@ void MatMulTransposedSerial(GemmIsa isa, const float* x, const float* w, int64_t
                             int64_t k, float alpha, bool accumulate, float* y, int64_t ldy) {
   if (m <= 0 || n <= 0) return;
   const gemm_internal::Problem p{x, w, m, n, k, alpha, accumulate, y, ldy};
-  const auto columns = isa == GemmIsa::kAvx512 ? gemm_internal::GemmColumnsAvx512
-                                               : gemm_internal::GemmColumnsAvx2;
+  const auto columns =
+      isa == GemmIsa::kAvx512 ? gemm_internal::GemmColumnsAvx512 : gemm_internal::GemmColumnsAvx2;
   const int64_t block = gemm_internal::ColumnsPerCall(k);
-  const gemm_internal::Scratch scratch = ThreadScratch(k);
-  for (int64_t j = 0; j < n; j += block) columns(p, j, std::min(j + block, n), scratch);
+  float* all_x = nullptr;
+  const gemm_internal::Scratch scratch = ThreadScratch(k, &all_x);
+  const gemm_internal::Problem packed = WithPackedX(isa, p, all_x);
+  for (int64_t j = 0; j < n; j += block) columns(packed, j, std::min(j + block, n), scratch);
 }
 
 void MatMulTransposed(GemmIsa isa, ThreadPool& pool, const float* x, const float* w, int64_t m,
                       int64_t n, int64_t k, float alpha, bool accumulate, float* y, int64_t ldy) {
   if (m <= 0 || n <= 0) return;
   const gemm_internal::Problem p{x, w, m, n, k, alpha, accumulate, y, ldy};
-  const auto columns = isa == GemmIsa::kAvx512 ? gemm_internal::GemmColumnsAvx512
-                                               : gemm_internal::GemmColumnsAvx2;
+  const auto columns =
+      isa == GemmIsa::kAvx512 ? gemm_internal::GemmColumnsAvx512 : gemm_internal::GemmColumnsAvx2;
   // Threads split the rows of w (each streams its share of w once and reuses
   // it for every row of x), in blocks that fit the packed-w budget.
   const int64_t block = gemm_internal::ColumnsPerCall(k);
@@ -103,9 +118,11 @@ void MatMulTransposed(GemmIsa isa, ThreadPool& pool, const float* x, const float
   const int64_t block_macs = m * std::min(n, block) * k;
   pool.ParallelFor(blocks, std::max<int64_t>(1, kParallelMinMacs / block_macs),
                    [&](int64_t begin, int64_t end) {
-                     const gemm_internal::Scratch scratch = ThreadScratch(k);
+                     float* all_x = nullptr;
+                     const gemm_internal::Scratch scratch = ThreadScratch(k, &all_x);
+                     const gemm_internal::Problem packed = WithPackedX(isa, p, all_x);
                      for (int64_t b = begin; b < end; ++b) {
-                       columns(p, b * block, std::min((b + 1) * block, n), scratch);
+                       columns(packed, b * block, std::min((b + 1) * block, n), scratch);
                      }
                    });
 }

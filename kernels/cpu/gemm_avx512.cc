@@ -48,4 +48,6 @@ void GemmColumnsAvx512(const Problem& p, int64_t j0, int64_t j1, const Scratch& 
   GemmColumns<Avx512>(p, j0, j1, scratch);
 }
 
+bool PackAllXAvx512(const Problem& p, float* out) { return PackAllX<Avx512>(p, out); }
+
 }  // namespace loraserve::kernels::gemm_internal

@@ -34,6 +34,9 @@ struct Problem {
   bool accumulate;
   float* y;
   int64_t ldy;
+  // x packed for all of k (PackAllX) when the kernel reads w in place, or
+  // null: then each call packs x block by block itself.
+  const float* packed_x = nullptr;
 };
 
 // Rows of x whose partial sums are kept between k blocks; the lanes of the
@@ -80,6 +83,17 @@ struct Scratch {
 void GemmColumnsAvx2(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch);
 void GemmColumnsAvx512(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch);
 
+// Floats PackAllX may write for m rows of k.
+inline int64_t PackedAllXFloats(int64_t m, int64_t k) {
+  return m * ((k + kMaxLanes - 1) / kMaxLanes * kMaxLanes);
+}
+// When the kernel reads w in place (few rows of x: decode), packs all of x
+// once to `out` (PackedAllXFloats) and returns true, so that the calls of one
+// thread share it instead of each packing x again between its tiles, which
+// stalls the stream of w. Returns false (and writes nothing) otherwise.
+bool PackAllXAvx2(const Problem& p, float* out);
+bool PackAllXAvx512(const Problem& p, float* out);
+
 // Copies rows [0, rows) x columns [0, len) of a matrix with rows `ld` floats
 // apart to `packed` as [ceil(len / lanes)][rows][lanes], zero-padded, so that
 // a tile reads them as one stream. Rows of x and w are often a multiple of
@@ -104,17 +118,17 @@ inline void Pack(const float* src, int64_t ld, int rows, int64_t len, float* pac
 // One register tile over one k block of `len` floats (a multiple of the lanes
 // except in the last block).
 struct TileArgs {
-  const float* x;       // M rows of x over this k block, packed (see Pack)
-  const float* w;       // R rows of w over this k block: row r, floats c.. at
-  int64_t w_row;        //   w + r · w_row + c / lanes · w_step
+  const float* x;  // M rows of x over this k block, packed (see Pack)
+  const float* w;  // R rows of w over this k block: row r, floats c.. at
+  int64_t w_row;   //   w + r · w_row + c / lanes · w_step
   int64_t w_step;
   const float* w_next;  // w of a later tile to prefetch (laid out as w), or null
   int64_t len;          // floats of this k block
-  float* acc;           // lanes of output (i, j); (i + a, j + b) at acc + (a · acc_ld + b) · lanes
+  float* acc;  // lanes of output (i, j); (i + a, j + b) at acc + (a · acc_ld + b) · lanes
   int64_t acc_ld;
-  bool first;           // start from zero instead of acc
-  bool last;            // finish into y instead of acc
-  float* y;             // y[i, j]
+  bool first;  // start from zero instead of acc
+  bool last;   // finish into y instead of acc
+  float* y;    // y[i, j]
   int64_t ldy;
   float alpha;
   bool accumulate;
@@ -190,6 +204,27 @@ inline void TileOf(int cols, int rows, const TileArgs& t) {
   TileOfRows<Isa, R>(rows, t);
 }
 
+// With one or two row tiles each element of w is used once or twice:
+// reading it in place beats copying it. With more, w is packed once and
+// reused by all rows.
+template <class Isa>
+bool PacksW(int64_t m) {
+  return m > 2 * Isa::kTileRows;
+}
+
+// Row tile i of x (a multiple of kTileRows) packed over all of k starts at
+// out + i · padded k; its k block at c0 then starts c0 · rows floats later.
+template <class Isa>
+bool PackAllX(const Problem& p, float* out) {
+  if (PacksW<Isa>(p.m)) return false;
+  const int64_t padded_k = PackedAllXFloats(1, p.k);
+  for (int64_t i = 0; i < p.m; i += Isa::kTileRows) {
+    const int rows = static_cast<int>(p.m - i < Isa::kTileRows ? p.m - i : Isa::kTileRows);
+    Pack<Isa>(p.x + i * p.k, p.k, rows, p.k, out + i * padded_k);
+  }
+  return true;
+}
+
 template <class Isa>
 void GemmColumns(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch) {
   constexpr int64_t kLanes = Isa::kLanes;
@@ -198,9 +233,7 @@ void GemmColumns(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratc
   static_assert(kLanes <= kMaxLanes && kBlockK % kLanes == 0, "k blocks must hold whole vectors");
   static_assert(kRows <= kMaxTileRows, "a packed row tile must fit Scratch::packed_x");
   static_assert(kBlockCols % kCols == 0 && 4 % kCols == 0, "column blocks must be whole tiles");
-  // With one row tile each element of w is used once: reading it in place
-  // beats copying it. With more, w is packed once and reused by all rows.
-  const bool pack_w = p.m > 2 * kRows;
+  const bool pack_w = PacksW<Isa>(p.m);
   const int64_t cols_total = j1 - j0;
   // Packed w of column tile j in the k block at c0.
   const auto packed_w = [&](int64_t c0, int64_t j, int64_t steps) {
@@ -230,8 +263,12 @@ void GemmColumns(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratc
       t.accumulate = p.accumulate;
       for (int64_t i = i0; i < i1; i += kRows) {
         const int rows = static_cast<int>(i1 - i < kRows ? i1 - i : kRows);
-        Pack<Isa>(p.x + i * p.k + c0, p.k, rows, t.len, scratch.packed_x);
-        t.x = scratch.packed_x;
+        if (p.packed_x != nullptr) {
+          t.x = p.packed_x + i * PackedAllXFloats(1, p.k) + c0 * rows;
+        } else {
+          Pack<Isa>(p.x + i * p.k + c0, p.k, rows, t.len, scratch.packed_x);
+          t.x = scratch.packed_x;
+        }
         for (int64_t j = j0; j < j1; j += kCols) {
           const int cols = static_cast<int>(j1 - j < kCols ? j1 - j : kCols);
           if (pack_w) {
