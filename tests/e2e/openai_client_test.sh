@@ -10,11 +10,5 @@ if [ "$#" -ne 3 ]; then
 fi
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="$1"
-requirements="$here/requirements-openai.txt"
-if ! cmp -s "$requirements" "$venv/requirements.txt"; then
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
-  cp "$requirements" "$venv/requirements.txt"
-fi
+"$here/pinned_venv.sh" "$venv" "$here/requirements-openai.txt"
 exec "$venv/bin/python" "$here/openai_client_test.py" --binary "$2" --shared "$3"

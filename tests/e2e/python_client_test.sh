@@ -6,12 +6,6 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="$1"
-requirements="$here/requirements.txt"
-if ! cmp -s "$requirements" "$venv/requirements.txt"; then
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
-  cp "$requirements" "$venv/requirements.txt"
-fi
+"$here/pinned_venv.sh" "$venv" "$here/requirements.txt"
 exec "$venv/bin/python" "$here/python_client_test.py" --binary "$2" --shared "$3" \
   --proto-dir "$here/../../proto"
