@@ -3,7 +3,6 @@
 #include <httplib.h>
 
 #include <cmath>
-#include <cstring>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -24,6 +23,7 @@
 #include "server/api/choice_streams.h"
 #include "server/api/gateway_metrics.h"
 #include "server/api/grpc_services.h"
+#include "server/model/safetensors.h"
 
 namespace loraserve::api {
 namespace {
@@ -63,7 +63,7 @@ json AdapterJson(const v1::AdapterInfo& info) {
   return json{{"id", DisplayAdapterId(info.id())},
               {"object", "adapter"},
               {"canonical_id", info.id()},
-              {"owner", info.id().substr(0, info.id().find('/'))},
+              {"owner", std::string(TenantOf(info.id()).value_or(""))},
               {"version", info.version()},
               {"content_hash", info.content_hash()},
               {"ranks", std::vector<int32_t>(info.ranks().begin(), info.ranks().end())},
@@ -75,47 +75,14 @@ json AdapterJson(const v1::AdapterInfo& info) {
 }
 
 // The float32 bytes an uploaded adapter_model.safetensors will take once
-// loaded, from its header alone: what the quota counts before the upload
-// goes anywhere. The server validates the whole file later.
+// loaded: what the quota counts before the upload goes anywhere. The file
+// gets the loader's own header checks here (a header that lies about sizes
+// is refused before any byte is sent); the server validates the adapter.
 absl::StatusOr<int64_t> Float32BytesOfSafetensors(const std::string& file) {
-  constexpr absl::string_view kFile = "adapter_model.safetensors";
-  uint64_t header_size = 0;
-  if (file.size() < 8) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(kFile, ": ", file.size(), " bytes, shorter than a safetensors header"));
-  }
-  std::memcpy(&header_size, file.data(), 8);  // little-endian, as on every host we build for
-  if (header_size > file.size() - 8) {
-    return absl::InvalidArgumentError(absl::StrCat(kFile, ": the header claims ", header_size,
-                                                   " bytes but the file has ", file.size()));
-  }
-  const json header =
-      json::parse(file.begin() + 8, file.begin() + 8 + static_cast<int64_t>(header_size), nullptr,
-                  /*allow_exceptions=*/false);
-  if (!header.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(kFile, ": the header is not a JSON object"));
-  }
+  ASSIGN_OR_RETURN(std::unique_ptr<model::SafetensorsFile> parsed,
+                   model::SafetensorsFile::FromBuffer(file, "adapter_model.safetensors"));
   int64_t elements = 0;
-  for (const auto& [name, tensor] : header.items()) {
-    if (name == "__metadata__") continue;
-    if (!tensor.is_object() || !tensor.contains("shape") || !tensor["shape"].is_array()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(kFile, ": tensor \"", name, "\" has no shape"));
-    }
-    int64_t count = 1;
-    for (const json& dim : tensor["shape"]) {
-      if (!dim.is_number_unsigned() || dim.get<uint64_t>() > (uint64_t{1} << 31)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            kFile, ": tensor \"", name, "\" has a bad shape ", tensor["shape"].dump()));
-      }
-      count *= static_cast<int64_t>(dim.get<uint64_t>());
-      if (count > (int64_t{1} << 40)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(kFile, ": tensor \"", name, "\" is implausibly large"));
-      }
-    }
-    elements += count;
-  }
+  for (const auto& [name, tensor] : parsed->tensors()) elements += tensor.NumElements();
   return elements * 4;
 }
 
@@ -133,7 +100,7 @@ json ModelJson(const v1::ServerInfo& info, const v1::AdapterInfo* adapter) {
   return json{{"id", DisplayAdapterId(adapter->id())},
               {"object", "model"},
               {"created", 0},
-              {"owned_by", adapter->id().substr(0, adapter->id().find('/'))},
+              {"owned_by", std::string(TenantOf(adapter->id()).value_or(""))},
               {"root", adapter->id()},
               {"parent", info.model()},
               {"max_model_len", info.max_context_tokens()}};
@@ -146,8 +113,7 @@ struct ChoiceState {
   ChoiceResult result;
   int64_t prompt_tokens = 0;
   int64_t tokens = 0;
-  bool started = false;  // has a token or has ended
-  bool ended = false;
+  bool started = false;  // has had an event (its first streamed chunk names the role)
   absl::Time last_token;
 };
 
@@ -540,20 +506,18 @@ absl::StatusOr<std::vector<v1::GenerateRequest>> HttpGateway::Impl::BuildRequest
 // server refuses (bad field, unknown adapter, full queue) gets its HTTP error
 // code instead of a 200 stream that fails at once.
 absl::Status HttpGateway::Impl::AwaitFirstEvents(Generation& generation) {
-  int waiting = static_cast<int>(generation.choices.size());
+  std::vector<bool> heard(generation.choices.size(), false);
+  size_t waiting = heard.size();
   while (waiting > 0) {
     ChoiceEvent event = generation.streams->Next();
     if (event.done) break;
-    ChoiceState& choice = generation.choices[event.choice];
-    if (!event.has_token && !event.status.ok() && !choice.started) return event.status;
-    if (!choice.started) {
-      choice.started = true;
+    if (!heard[event.choice]) {
+      if (!event.has_token && !event.status.ok()) return event.status;
+      heard[event.choice] = true;
       --waiting;
     }
     generation.buffered.push_back(std::move(event));
   }
-  // Apply() re-derives `started`; these were only markers for the wait.
-  for (ChoiceState& choice : generation.choices) choice.started = false;
   return absl::OkStatus();
 }
 
@@ -608,10 +572,7 @@ std::string HttpGateway::Impl::Generation::Apply(const ChoiceEvent& event,
                                                  std::optional<TokenLogprobs>* logprobs) {
   ChoiceState& choice = choices[event.choice];
   choice.started = true;
-  if (!event.has_token) {
-    choice.ended = true;
-    return "";
-  }
+  if (!event.has_token) return "";
   const v1::GenerateResponse& token = event.token;
   if (!first_token) first_token = event.received;
   choice.last_token = event.received;

@@ -25,13 +25,6 @@ bool ValidTenant(absl::string_view tenant) {
   return adapters::CanonicalAdapterId("x", tenant).ok();
 }
 
-// The tenant of a well-formed "tenant/name", or nullopt. An empty default
-// tenant makes a bare name fail, so only full ids pass.
-std::optional<absl::string_view> TenantOf(absl::string_view canonical_id) {
-  if (!adapters::CanonicalAdapterId(canonical_id, "").ok()) return std::nullopt;
-  return canonical_id.substr(0, canonical_id.find('/'));
-}
-
 Sha256::Digest DigestOf(absl::string_view key) {
   Sha256 hash;
   hash.Update(key);
@@ -124,6 +117,12 @@ absl::StatusOr<std::vector<std::string>> AdapterAccess::Candidates(const Princip
   if (bare && own_tenant != kOperatorTenant)
     ids.push_back(absl::StrCat(kOperatorTenant, "/", name));
   return ids;
+}
+
+// An empty default tenant makes a bare name fail, so only full ids pass.
+std::optional<absl::string_view> TenantOf(absl::string_view canonical_id) {
+  if (!adapters::CanonicalAdapterId(canonical_id, "").ok()) return std::nullopt;
+  return canonical_id.substr(0, canonical_id.find('/'));
 }
 
 bool AdapterAccess::CanUse(const Principal& who, absl::string_view canonical_id) {

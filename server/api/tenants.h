@@ -97,6 +97,9 @@ class ApiKeys {
   std::vector<Entry> entries_;
 };
 
+// The tenant of a well-formed canonical id "tenant/name", or nullopt.
+std::optional<absl::string_view> TenantOf(absl::string_view canonical_id);
+
 // Who may see, use and change which adapter:
 //   tenant T: sees and uses "T/*" and "default/*"; changes only "T/*".
 //   admin: sees, uses and changes everything; a bare name means "default/name".

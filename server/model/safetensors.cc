@@ -1,13 +1,13 @@
 #include "server/model/safetensors.h"
 
 #include <fcntl.h>
-#include <cstring>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -172,6 +172,13 @@ absl::Status CheckNoOverlap(const std::string& path, std::vector<const Entry*> e
   return absl::OkStatus();
 }
 
+absl::Status CheckHeaderLength(const std::string& path, uint64_t file_bytes) {
+  if (file_bytes >= 8) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("safetensors file ", path, " is ", file_bytes,
+                                                 " bytes; expected at least the 8-byte header "
+                                                 "length"));
+}
+
 absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) {
@@ -250,11 +257,9 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     return status;
   }
   const uint64_t file_bytes = static_cast<uint64_t>(st.st_size);
-  if (file_bytes < 8) {
+  if (absl::Status status = CheckHeaderLength(path, file_bytes); !status.ok()) {
     ::close(fd);
-    return absl::InvalidArgumentError(
-        absl::StrCat("safetensors file ", path, " is ", file_bytes,
-                     " bytes; expected at least the 8-byte header length"));
+    return status;
   }
   void* mapping = ::mmap(nullptr, file_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
   int mmap_errno = errno;
@@ -267,8 +272,24 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   file->path_ = path;
   file->mapping_ = mapping;
   file->mapping_bytes_ = file_bytes;
-  const uint8_t* base = static_cast<const uint8_t*>(mapping);
+  // The loader copies every tensor right after Open: start reading ahead now.
+  ::madvise(mapping, file_bytes, MADV_WILLNEED);
+  RETURN_IF_ERROR(file->Index(static_cast<const uint8_t*>(mapping), file_bytes));
+  return file;
+}
 
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBuffer(
+    absl::string_view bytes, std::string name) {
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = std::move(name);
+  RETURN_IF_ERROR(CheckHeaderLength(file->path_, bytes.size()));
+  RETURN_IF_ERROR(file->Index(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+  return file;
+}
+
+absl::Status SafetensorsFile::Index(const uint8_t* base, uint64_t file_bytes) {
+  const std::string& path = path_;
+  SafetensorsFile* file = this;
   uint64_t header_bytes = 0;
   for (int i = 7; i >= 0; --i) header_bytes = (header_bytes << 8) | base[i];
   if (header_bytes > kMaxHeaderBytes || header_bytes > file_bytes - 8) {
@@ -279,8 +300,6 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   }
   const uint64_t data_offset = 8 + header_bytes;
   const uint64_t data_bytes = file_bytes - data_offset;
-  // The loader copies every tensor right after Open: start reading ahead now.
-  ::madvise(mapping, file_bytes, MADV_WILLNEED);
 
   json header;
   try {
@@ -335,7 +354,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     info.file = path;
     file->tensors_.emplace(entry.name, std::move(info));
   }
-  return file;
+  return absl::OkStatus();
 }
 
 SafetensorsFile::~SafetensorsFile() {
@@ -352,8 +371,7 @@ absl::StatusOr<const TensorInfo*> SafetensorsFile::Get(const std::string& name) 
   auto it = unexposed_.find(name);
   if (it != unexposed_.end()) {
     return absl::InvalidArgumentError(absl::StrCat("unsupported dtype ", it->second.dtype,
-                                                   " for tensor ",
-                                                   name, " in file ", path_,
+                                                   " for tensor ", name, " in file ", path_,
                                                    "; expected F32, F16 or BF16"));
   }
   return absl::NotFoundError(absl::StrCat("tensor ", name, " not in file ", path_));

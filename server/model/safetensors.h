@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "kernels/backend.h"
 
 namespace loraserve::model {
@@ -50,6 +51,10 @@ struct TensorInfo {
 class SafetensorsFile {
  public:
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+  // The same checks on bytes already in memory (an upload), which must
+  // outlive the result; `name` stands for the path in messages.
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromBuffer(absl::string_view bytes,
+                                                                     std::string name);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -71,6 +76,10 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  // Parses the header of the `file_bytes` at `base` (at least 8) and indexes
+  // the tensors, whose data then point into `base`.
+  absl::Status Index(const uint8_t* base, uint64_t file_bytes);
+
   std::string path_;
   void* mapping_ = nullptr;
   size_t mapping_bytes_ = 0;

@@ -101,7 +101,8 @@ TEST(SafetensorsFileTest, ReadsTensorsAndMetadata) {
 
 TEST(SafetensorsFileTest, IntegerTensorsAreValidatedButNotExposed) {
   std::string path = TestDir() + "/x.safetensors";
-  WriteSafetensorsOrFail(path, {{"w", "F32", {2}, Bytes(8)}, {"position_ids", "I64", {1, 3}, Bytes(24)}});
+  WriteSafetensorsOrFail(path,
+                         {{"w", "F32", {2}, Bytes(8)}, {"position_ids", "I64", {1, 3}, Bytes(24)}});
   auto file = SafetensorsFile::Open(path);
   ASSERT_TRUE(file.ok()) << file.status();
   EXPECT_EQ((*file)->tensors().size(), 1u);
@@ -207,6 +208,30 @@ TEST(SafetensorsFileTest, RejectsMalformedFilesWithNamedErrors) {
   }
 }
 
+// An upload in memory gets the same index and the same errors as a file.
+TEST(SafetensorsFileTest, FromBufferMatchesOpen) {
+  const std::string bytes = SafetensorsBytes(SampleTensors());
+  auto file = SafetensorsFile::FromBuffer(bytes, "upload.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ((*file)->tensors().size(), 5u);
+  for (const TestTensor& t : SampleTensors()) {
+    const TensorInfo* info = (*file)->Find(t.name);
+    ASSERT_NE(info, nullptr) << t.name;
+    EXPECT_EQ(info->shape, t.shape);
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(info->data), info->bytes), t.bytes);
+  }
+  for (const BadCase& c : BadCases()) {
+    SCOPED_TRACE(c.label);
+    auto bad = SafetensorsFile::FromBuffer(c.bytes, "upload.safetensors");
+    ASSERT_FALSE(bad.ok());
+    EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(bad.status().message(), HasSubstr("upload.safetensors"));
+    for (const std::string& part : c.expected) {
+      EXPECT_THAT(bad.status().message(), HasSubstr(part));
+    }
+  }
+}
+
 TEST(SafetensorsFileTest, MissingFileIsNotFound) {
   std::string path = TestDir() + "/absent.safetensors";
   auto file = SafetensorsFile::Open(path);
@@ -287,8 +312,9 @@ void WriteIndex(const std::string& dir, const json& weight_map) {
 TEST(CheckpointTest, OpensShardsFromIndex) {
   std::string dir = TestDir();
   WriteSafetensorsOrFail(dir + "/model-00001-of-00002.safetensors",
-                   {{"x", "F32", {2}, Bytes(8)}, {"ids", "I32", {2}, Bytes(8)}});
-  WriteSafetensorsOrFail(dir + "/model-00002-of-00002.safetensors", {{"y", "BF16", {3}, Bytes(6, 9)}});
+                         {{"x", "F32", {2}, Bytes(8)}, {"ids", "I32", {2}, Bytes(8)}});
+  WriteSafetensorsOrFail(dir + "/model-00002-of-00002.safetensors",
+                         {{"y", "BF16", {3}, Bytes(6, 9)}});
   // The index wins over a stale single file beside it.
   WriteSafetensorsOrFail(dir + "/model.safetensors", {{"stale", "F32", {1}, Bytes(4)}});
   WriteIndex(dir, {{"x", "model-00001-of-00002.safetensors"},
@@ -311,7 +337,7 @@ TEST(CheckpointTest, ShardErrors) {
   const std::string index = dir + "/model.safetensors.index.json";
   WriteSafetensorsOrFail(dir + "/a.safetensors", {{"x", "F32", {1}, Bytes(4)}});
   WriteSafetensorsOrFail(dir + "/b.safetensors",
-                   {{"y", "F32", {1}, Bytes(4)}, {"x", "F32", {1}, Bytes(4)}});
+                         {{"y", "F32", {1}, Bytes(4)}, {"x", "F32", {1}, Bytes(4)}});
 
   WriteIndex(dir, {{"x", "a.safetensors"}, {"z", "missing.safetensors"}});
   auto status = Checkpoint::Open(dir).status();
