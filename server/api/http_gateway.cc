@@ -427,7 +427,7 @@ absl::Status HttpGateway::Impl::StartGeneration(Generation& generation, const ht
 absl::StatusOr<std::vector<v1::GenerateRequest>> HttpGateway::Impl::BuildRequests(
     Api api, const std::string& body, Generation& generation) {
   std::vector<Prompt> prompts;
-  std::vector<std::string> template_stops;
+  std::vector<ChatMessage> messages;
   if (api == Api::kCompletions) {
     ASSIGN_OR_RETURN(CompletionRequest request,
                      ParseCompletionRequest(body, options_.parse_limits));
@@ -435,21 +435,24 @@ absl::StatusOr<std::vector<v1::GenerateRequest>> HttpGateway::Impl::BuildRequest
     generation.sampling = std::move(request.sampling);
   } else {
     ASSIGN_OR_RETURN(ChatRequest request, ParseChatRequest(body, options_.parse_limits));
+    messages = std::move(request.messages);
     generation.sampling = std::move(request.sampling);
-    ASSIGN_OR_RETURN(v1::ServerInfo info, Info());
+  }
+  ASSIGN_OR_RETURN(v1::ServerInfo info, Info());
+  std::vector<std::string> template_stops;
+  if (api == Api::kChat) {
     if (info.chat_template().empty()) {
       return absl::InvalidArgumentError(
           absl::StrCat("chat is not available for model \"", info.model(),
                        "\": ", info.chat_template_error(), "; /v1/completions works without one"));
     }
     ASSIGN_OR_RETURN(ChatTemplate chat_template, ChatTemplate::FromName(info.chat_template()));
-    ASSIGN_OR_RETURN(std::string prompt, chat_template.Render(request.messages));
+    ASSIGN_OR_RETURN(std::string prompt, chat_template.Render(messages));
     prompts.push_back(std::move(prompt));
     template_stops = chat_template.stop_strings();
   }
   const SamplingOptions& sampling = generation.sampling;
   generation.model = sampling.model;
-  ASSIGN_OR_RETURN(v1::ServerInfo info, Info());
   ASSIGN_OR_RETURN(std::string adapter, ResolveModel(generation.who, sampling.model, info));
   generation.record.adapter = adapter;
 
