@@ -35,6 +35,8 @@ constexpr int64_t kUploadChunkBytes = int64_t{1} << 20;
 // read files and may take longer).
 constexpr absl::Duration kUnaryDeadline = absl::Seconds(10);
 constexpr absl::Duration kAdapterChangeDeadline = absl::Minutes(5);
+// /ready and /metrics: a probe must answer quickly either way.
+constexpr absl::Duration kProbeDeadline = absl::Seconds(2);
 
 void ReplyJson(httplib::Response& res, int status, const json& body) {
   res.status = status;
@@ -166,6 +168,8 @@ class HttpGateway::Impl {
   void Route();
   absl::StatusOr<Principal> Authenticate(const httplib::Request& req) const;
   absl::StatusOr<v1::ServerInfo> Info();
+  absl::StatusOr<v1::StatsResponse> UpstreamStats(absl::Duration deadline);
+  absl::StatusOr<v1::ListAdaptersResponse> UpstreamAdapters(absl::Duration deadline);
   // The canonical adapter id the client's `model` names ("" = the base model).
   absl::StatusOr<std::string> ResolveModel(const Principal& who, const std::string& model,
                                            const v1::ServerInfo& info);
@@ -279,17 +283,13 @@ void HttpGateway::Impl::Route() {
     ReplyJson(res, 200, {{"status", "ok"}});
   });
   server_.Get("/ready", [this](const httplib::Request&, httplib::Response& res) {
-    v1::StatsResponse stats;
-    absl::Status status = CallUpstream(absl::Seconds(2), [&](grpc::ClientContext* context) {
-      return inference_->Stats(context, v1::StatsRequest(), &stats);
-    });
-    if (status.ok() && stats.draining()) {
-      status = absl::UnavailableError("the server is draining");
-    }
+    absl::StatusOr<v1::StatsResponse> stats = UpstreamStats(kProbeDeadline);
+    absl::Status status = stats.status();
+    if (stats.ok() && stats->draining()) status = absl::UnavailableError("the server is draining");
     if (!status.ok()) {
       return ReplyError(res, absl::UnavailableError(absl::StrCat("not ready: ", status.message())));
     }
-    ReplyJson(res, 200, {{"status", "ready"}, {"model", stats.server().model()}});
+    ReplyJson(res, 200, {{"status", "ready"}, {"model", stats->server().model()}});
   });
   server_.Get("/metrics",
               [this](const httplib::Request&, httplib::Response& res) { HandleMetrics(res); });
@@ -312,17 +312,31 @@ absl::StatusOr<v1::ServerInfo> HttpGateway::Impl::Info() {
     std::lock_guard<std::mutex> lock(info_mu_);
     if (info_) return *info_;
   }
-  v1::StatsResponse stats;
-  absl::Status status = CallUpstream(kUnaryDeadline, [&](grpc::ClientContext* context) {
-    return inference_->Stats(context, v1::StatsRequest(), &stats);
-  });
-  if (!status.ok()) {
+  absl::StatusOr<v1::StatsResponse> stats = UpstreamStats(kUnaryDeadline);
+  if (!stats.ok()) {
     return absl::UnavailableError(
-        absl::StrCat("the inference server is not reachable: ", status.message()));
+        absl::StrCat("the inference server is not reachable: ", stats.status().message()));
   }
   std::lock_guard<std::mutex> lock(info_mu_);
-  info_ = stats.server();
+  info_ = stats->server();
   return *info_;
+}
+
+absl::StatusOr<v1::StatsResponse> HttpGateway::Impl::UpstreamStats(absl::Duration deadline) {
+  v1::StatsResponse stats;
+  RETURN_IF_ERROR(CallUpstream(deadline, [&](grpc::ClientContext* context) {
+    return inference_->Stats(context, v1::StatsRequest(), &stats);
+  }));
+  return stats;
+}
+
+absl::StatusOr<v1::ListAdaptersResponse> HttpGateway::Impl::UpstreamAdapters(
+    absl::Duration deadline) {
+  v1::ListAdaptersResponse list;
+  RETURN_IF_ERROR(CallUpstream(deadline, [&](grpc::ClientContext* context) {
+    return adapters_->List(context, v1::ListAdaptersRequest(), &list);
+  }));
+  return list;
 }
 
 absl::StatusOr<v1::AdapterInfo> HttpGateway::Impl::GetAdapter(const std::string& canonical_id) {
@@ -350,10 +364,7 @@ absl::StatusOr<v1::AdapterInfo> HttpGateway::Impl::FindVisible(const Principal& 
 }
 
 absl::StatusOr<std::vector<v1::AdapterInfo>> HttpGateway::Impl::ListVisible(const Principal& who) {
-  v1::ListAdaptersResponse list;
-  RETURN_IF_ERROR(CallUpstream(kUnaryDeadline, [&](grpc::ClientContext* context) {
-    return adapters_->List(context, v1::ListAdaptersRequest(), &list);
-  }));
+  ASSIGN_OR_RETURN(v1::ListAdaptersResponse list, UpstreamAdapters(kUnaryDeadline));
   std::vector<v1::AdapterInfo> visible;
   for (const v1::AdapterInfo& info : list.adapters()) {
     if (AdapterAccess::CanUse(who, info.id())) visible.push_back(info);
@@ -857,19 +868,12 @@ void HttpGateway::Impl::HandleUnloadLora(const httplib::Request& req, httplib::R
 }
 
 void HttpGateway::Impl::HandleMetrics(httplib::Response& res) {
-  v1::StatsResponse stats;
-  v1::ListAdaptersResponse adapters;
-  absl::Status status = CallUpstream(absl::Seconds(2), [&](grpc::ClientContext* context) {
-    return inference_->Stats(context, v1::StatsRequest(), &stats);
-  });
-  if (status.ok()) {
-    status = CallUpstream(absl::Seconds(2), [&](grpc::ClientContext* context) {
-      return adapters_->List(context, v1::ListAdaptersRequest(), &adapters);
-    });
-  }
-  res.set_content(
-      metrics_.Render(status.ok() ? &stats : nullptr, status.ok() ? &adapters : nullptr),
-      "text/plain; version=0.0.4; charset=utf-8");
+  absl::StatusOr<v1::StatsResponse> stats = UpstreamStats(kProbeDeadline);
+  absl::StatusOr<v1::ListAdaptersResponse> adapters =
+      stats.ok() ? UpstreamAdapters(kProbeDeadline) : stats.status();
+  const bool answered = adapters.ok();
+  res.set_content(metrics_.Render(answered ? &*stats : nullptr, answered ? &*adapters : nullptr),
+                  "text/plain; version=0.0.4; charset=utf-8");
 }
 
 HttpGateway::HttpGateway(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
