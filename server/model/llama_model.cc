@@ -452,6 +452,14 @@ absl::Status LlamaModel::EnsureScratch(int64_t num_tokens, int64_t num_logit_row
 
 absl::Status LlamaModel::Forward(const ForwardInput& in, const KvCacheView& kv,
                                  std::vector<float>* logits) {
+  ASSIGN_OR_RETURN(const float* device_logits, ForwardOnDevice(in, kv));
+  logits->resize(in.logit_rows.size() * static_cast<size_t>(config_.vocab_size));
+  if (logits->empty()) return absl::OkStatus();
+  return backend_->CopyToHost(logits->data(), device_logits, logits->size() * sizeof(float));
+}
+
+absl::StatusOr<const float*> LlamaModel::ForwardOnDevice(const ForwardInput& in,
+                                                         const KvCacheView& kv) {
   const ModelConfig& c = config_;
   const int64_t num_tokens = static_cast<int64_t>(in.tokens.size());
   const int64_t num_seqs = static_cast<int64_t>(in.context_lens.size());
@@ -503,10 +511,7 @@ absl::Status LlamaModel::Forward(const ForwardInput& in, const KvCacheView& kv,
     RETURN_IF_ERROR(RunLayer(static_cast<int64_t>(l), layers_[l], num_tokens, batch, kv.layout,
                              in.merged, lora, kv.k[l], kv.v[l]));
   }
-  if (num_rows == 0) {
-    logits->clear();
-    return absl::OkStatus();
-  }
+  if (num_rows == 0) return s.logits.as<float>();
   // Only the rows whose logits are wanted go through the final norm and lm_head.
   const WeightView hidden_states{s.x.data(), DType::kF32, num_tokens, c.hidden_size};
   RETURN_IF_ERROR(backend_->Embedding(dev + rows_at, num_rows, hidden_states, s.rows.as<float>()));
@@ -514,8 +519,7 @@ absl::Status LlamaModel::Forward(const ForwardInput& in, const KvCacheView& kv,
                                     static_cast<float>(c.rms_norm_eps), s.rows.as<float>()));
   RETURN_IF_ERROR(backend_->Linear(s.rows.as<float>(), lm_head_, num_rows, s.logits.as<float>(),
                                    /*accumulate=*/false));
-  logits->resize(static_cast<size_t>(num_rows * c.vocab_size));
-  return backend_->CopyToHost(logits->data(), s.logits.data(), logits->size() * sizeof(float));
+  return s.logits.as<float>();
 }
 
 absl::Status LlamaModel::ApplyLora(int64_t layer_index, adapters::LoraModule module,

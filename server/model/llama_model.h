@@ -122,6 +122,10 @@ class LlamaModel {
   // cache, and returns logits for `input.logit_rows`: [rows, vocab] row-major.
   absl::Status Forward(const ForwardInput& input, const KvCacheView& kv,
                        std::vector<float>* logits);
+  // As Forward, but the logits stay on the backend: [rows, vocab] in device
+  // memory, valid until the next forward pass (so that sampling can run there
+  // and only token ids cross to the host).
+  absl::StatusOr<const float*> ForwardOnDevice(const ForwardInput& input, const KvCacheView& kv);
 
   // Builds W' = W + s·B·A for every matrix `choice.adapter` adapts (s its
   // scale times choice.scale); matrices it leaves alone are shared with the
