@@ -1,5 +1,7 @@
 #include "adapters/device_adapter.h"
 
+#include <algorithm>
+
 #include "base/status_macros.h"
 
 namespace loraserve::adapters {
@@ -38,6 +40,7 @@ absl::StatusOr<std::unique_ptr<DeviceAdapter>> DeviceAdapter::Upload(kernels::Ba
       ASSIGN_OR_RETURN(d.bt, upload(bt));
       d.rank = w.rank;
       d.scale = w.scale;
+      device->max_rank_ = std::max(device->max_rank_, w.rank);
     }
   }
   return device;

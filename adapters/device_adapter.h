@@ -24,10 +24,10 @@
 namespace loraserve::adapters {
 
 struct DeviceLoraWeights {
-  const float* a = nullptr;  // [rank, in] device memory
+  const float* a = nullptr;   // [rank, in] device memory
   const float* bt = nullptr;  // [rank, out] device memory (Bᵀ, see kernels::LoraSegment)
-  int32_t rank = 0;          // 0: module not adapted
-  float scale = 0.0f;        // lora_alpha / r (or / sqrt(r) for rsLoRA)
+  int32_t rank = 0;           // 0: module not adapted
+  float scale = 0.0f;         // lora_alpha / r (or / sqrt(r) for rsLoRA)
 };
 
 class DeviceAdapter {
@@ -40,11 +40,14 @@ class DeviceAdapter {
   }
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   int64_t bytes() const { return static_cast<int64_t>(buffer_.bytes()); }
+  // The largest rank over every adapted (layer, module).
+  int32_t max_rank() const { return max_rank_; }
 
  private:
   DeviceAdapter() = default;
   kernels::DeviceBuffer buffer_;
   std::vector<std::array<DeviceLoraWeights, kNumLoraModules>> layers_;
+  int32_t max_rank_ = 0;
 };
 
 }  // namespace loraserve::adapters

@@ -14,8 +14,10 @@
 // "moved" counts the bytes a step must read or write at least once: weights
 // (the embedding table only for the gathered rows), the KV cache read by
 // attention, the distinct adapters' A and B, and the logits; "ceiling" is
-// moved / copy bandwidth (a device-to-device copy, read + write). Prints one
-// table (and nothing else on stdout).
+// moved / copy bandwidth (a device-to-device copy, read + write). step_ms is
+// with decode steps launched as CUDA graphs (the server's default), eager_ms
+// the same steps launched operation by operation. Prints one table (and
+// nothing else on stdout).
 #include <unistd.h>
 
 #include <algorithm>
@@ -135,10 +137,12 @@ model::ForwardInput MakeStep(int32_t batch, int32_t first, int32_t count, int32_
   return in;
 }
 
-// Median wall time (ms) of a decode step, after a prefill and warm-up steps.
+// Median wall time (ms) of a decode step, after a prefill and warm-up steps,
+// with or without step graphs.
 absl::StatusOr<double> DecodeStepMs(model::LlamaModel& model, const KvCache& cache, int32_t batch,
                                     const std::vector<model::AdapterChoice>& adapters,
-                                    const model::MergedWeights* merged) {
+                                    const model::MergedWeights* merged, bool graphs) {
+  model.set_step_graphs(graphs);
   const int32_t context = absl::GetFlag(FLAGS_context);
   const int32_t vocab = static_cast<int32_t>(model.config().vocab_size);
   std::vector<float> logits;
@@ -229,20 +233,28 @@ absl::Status Run() {
     return weights + kv_bytes + distinct * adapter_bytes + logits;
   };
 
-  std::printf("%-6s %-10s %10s %10s %10s %11s %8s %9s\n", "batch", "scenario", "step_ms", "tok/s",
-              "moved_GB", "ceiling_ms", "of_ceil", "vs_base");
+  std::printf("%-6s %-10s %10s %10s %10s %11s %8s %9s %9s\n", "batch", "scenario", "step_ms",
+              "tok/s", "moved_GB", "ceiling_ms", "of_ceil", "vs_base", "eager_ms");
   for (const int32_t batch : batches) {
     double base_ms = 0.0;
-    const auto row = [&](const char* scenario, double ms, int32_t distinct) {
+    // Measures one scenario with and without step graphs and prints its row.
+    const auto row = [&](const std::string& scenario,
+                         const std::vector<model::AdapterChoice>& adapters,
+                         const model::MergedWeights* merged, int32_t distinct) -> absl::Status {
+      ASSIGN_OR_RETURN(const double ms,
+                       DecodeStepMs(*model, cache, batch, adapters, merged, /*graphs=*/true));
+      ASSIGN_OR_RETURN(const double eager_ms,
+                       DecodeStepMs(*model, cache, batch, adapters, merged, /*graphs=*/false));
       const double bytes = moved(batch, distinct);
       const double ceiling_ms = bytes / copy_bw * 1e3;
       if (base_ms == 0.0) base_ms = ms;
-      std::printf("%-6d %-10s %10.3f %10.1f %10.2f %11.3f %7.0f%% %8.2fx\n", batch, scenario, ms,
-                  batch * 1e3 / ms, bytes / 1e9, ceiling_ms, 100.0 * ceiling_ms / ms, ms / base_ms);
+      std::printf("%-6d %-10s %10.3f %10.1f %10.2f %11.3f %7.0f%% %8.2fx %9.3f\n", batch,
+                  scenario.c_str(), ms, batch * 1e3 / ms, bytes / 1e9, ceiling_ms,
+                  100.0 * ceiling_ms / ms, ms / base_ms, eager_ms);
       std::fflush(stdout);
+      return absl::OkStatus();
     };
-    ASSIGN_OR_RETURN(double ms, DecodeStepMs(*model, cache, batch, {}, nullptr));
-    row("base", ms, 0);
+    RETURN_IF_ERROR(row("base", {}, nullptr, 0));
     if (device_adapters.empty()) continue;
     std::vector<model::AdapterChoice> spread, hot;
     for (int32_t i = 0; i < batch; ++i) {
@@ -250,11 +262,12 @@ absl::Status Run() {
       hot.push_back({device_adapters[0].get(), 1.0f});
     }
     const int32_t distinct = std::min(batch, num_adapters);
-    ASSIGN_OR_RETURN(ms, DecodeStepMs(*model, cache, batch, spread, nullptr));
-    row(absl::StrCat("lora/", distinct).c_str(), ms, distinct);
-    ASSIGN_OR_RETURN(ms, DecodeStepMs(*model, cache, batch, hot, merged.get()));
-    row("merged", ms, 0);
+    RETURN_IF_ERROR(row(absl::StrCat("lora/", distinct), spread, nullptr, distinct));
+    RETURN_IF_ERROR(row("merged", hot, merged.get(), 0));
   }
+  std::fprintf(stderr, "step graphs: %lld steps launched as graphs, %lld fell back to eager\n",
+               static_cast<long long>(model->step_graph_stats().graph_steps),
+               static_cast<long long>(model->step_graph_stats().eager_fallbacks));
   return absl::OkStatus();
 }
 

@@ -4,6 +4,8 @@
 #include <cstring>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
+
 namespace loraserve::kernels {
 
 size_t DTypeSize(DType dtype) {
@@ -83,6 +85,14 @@ int64_t LoraIntermediateSize(const LoraSegment* segments, int32_t num_segments) 
     floats += static_cast<int64_t>(segments[s].end - segments[s].start) * segments[s].rank;
   }
   return floats;
+}
+
+absl::Status Backend::BeginStep(uint64_t key, int32_t max_segments) {
+  return absl::UnimplementedError(absl::StrCat(name(), " does not record step graphs"));
+}
+
+absl::Status Backend::EndStep() {
+  return absl::FailedPreconditionError(absl::StrCat(name(), ": EndStep without a step"));
 }
 
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {

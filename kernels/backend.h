@@ -82,17 +82,23 @@ struct WeightView {
   int64_t cols = 0;
 };
 
+// slot_mapping value of a padding token (a decode step padded up to the batch
+// size of a recorded step graph): WriteKv writes nothing for it, and its
+// sequence's outputs are never read.
+inline constexpr int32_t kPaddingSlot = -1;
+
 // Describes the sequences of one step for attention over the paged KV cache.
 // Tokens of one sequence are contiguous in the batch.
 struct AttentionBatch {
   int32_t num_seqs = 0;
   int32_t num_tokens = 0;
-  const int32_t* query_start = nullptr;    // [num_seqs + 1] first token of each sequence
-  const int32_t* context_lens = nullptr;   // [num_seqs] tokens in the KV cache after this step
-  const int32_t* block_tables = nullptr;   // [num_seqs, max_blocks_per_seq] block ids
+  const int32_t* query_start = nullptr;   // [num_seqs + 1] first token of each sequence
+  const int32_t* context_lens = nullptr;  // [num_seqs] tokens in the KV cache after this step
+  const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks_per_seq] block ids
   int32_t max_blocks_per_seq = 0;
-  const int32_t* slot_mapping = nullptr;   // [num_tokens] block * block_size + offset
-  const int32_t* positions = nullptr;      // [num_tokens] absolute position of each token
+  const int32_t* slot_mapping = nullptr;  // [num_tokens] block * block_size + offset,
+                                          // or kPaddingSlot
+  const int32_t* positions = nullptr;     // [num_tokens] absolute position of each token
 };
 
 // Shapes of one layer's paged KV cache: [num_blocks, block_size, kv_heads, head_dim].
@@ -108,7 +114,7 @@ struct KvLayout {
 struct RopeParams {
   const float* inv_freq = nullptr;  // [head_dim / 2] device memory
   int32_t head_dim = 0;
-  float attention_scaling = 1.0f;   // multiplies cos and sin (1 for default and llama3)
+  float attention_scaling = 1.0f;  // multiplies cos and sin (1 for default and llama3)
 };
 
 // One run of tokens that share a LoRA adapter (and scale) in a segmented
@@ -143,8 +149,7 @@ class Backend {
   virtual absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
   // Converts `count` elements of `src_dtype` on the host into the backend's
   // storage dtype for weights of that source (see WeightDType) at `dst`.
-  virtual absl::Status UploadWeight(void* dst, const void* src, DType src_dtype,
-                                    int64_t count) = 0;
+  virtual absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t count) = 0;
   // The dtype in which this backend stores a weight that arrives as `source`.
   virtual DType WeightDType(DType source) const = 0;
   // Waits for all queued work (a no-op on the CPU).
@@ -154,13 +159,13 @@ class Backend {
 
   // --- dense --------------------------------------------------------------
   // y = x · Wᵀ (+ y when accumulate).
-  virtual absl::Status Linear(const float* x,      // [m, w.cols]
+  virtual absl::Status Linear(const float* x,       // [m, w.cols]
                               const WeightView& w,  // [n = w.rows, w.cols]
                               int64_t m,
-                              float* y,             // [m, n]
+                              float* y,  // [m, n]
                               bool accumulate) = 0;
   // y[i, :] = table[ids[i], :] (converted to f32).
-  virtual absl::Status Embedding(const int32_t* ids,       // [n]
+  virtual absl::Status Embedding(const int32_t* ids,  // [n]
                                  int64_t n,
                                  const WeightView& table,  // [vocab, hidden]
                                  float* y) = 0;            // [n, hidden]
@@ -168,29 +173,29 @@ class Backend {
   virtual absl::Status RmsNorm(const float* x,       // [n, dim]
                                const float* weight,  // [dim]
                                int64_t n, int64_t dim, float eps,
-                               float* y) = 0;        // [n, dim]; may alias x
+                               float* y) = 0;  // [n, dim]; may alias x
   // x += y
   virtual absl::Status Add(float* x, const float* y, int64_t count) = 0;
   // x[i, :] += bias for every row (q/k/v biases of Qwen2).
-  virtual absl::Status AddBias(float* x,              // [n, dim]
-                               const float* bias,     // [dim]
+  virtual absl::Status AddBias(float* x,           // [n, dim]
+                               const float* bias,  // [dim]
                                int64_t n, int64_t dim) = 0;
   // out = silu(gate) * up, where gate_up holds [gate | up] per row.
   virtual absl::Status SiluMul(const float* gate_up,  // [n, 2 * dim]
                                int64_t n, int64_t dim,
-                               float* out) = 0;       // [n, dim]
+                               float* out) = 0;  // [n, dim]
 
   // --- LoRA ---------------------------------------------------------------
   // Segmented shrink: t_s = x[start_s:end_s] · a_sᵀ for every segment.
   // `segments` is a host array.
   virtual absl::Status LoraShrink(const float* x,  // [tokens, in]
                                   int64_t in, const LoraSegment* segments, int32_t num_segments,
-                                  float* t) = 0;   // packed, LoraIntermediateSize floats
+                                  float* t) = 0;  // packed, LoraIntermediateSize floats
   // Segmented expand: y[start_s:end_s, 0:out] += scale_s · t_s · bt_s, where
   // rows of y are `ldy` floats apart (y may be a column slice of a wider
   // output, e.g. the gate half of a fused gate/up activation).
-  virtual absl::Status LoraExpand(const float* t, const LoraSegment* segments,
-                                  int32_t num_segments, int64_t out,
+  virtual absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
+                                  int64_t out,
                                   float* y,  // [tokens, ldy], columns [0, out) updated
                                   int64_t ldy) = 0;
   // out = base + scale · btᵀ · a, a merged copy of one weight matrix; `base`
@@ -201,14 +206,35 @@ class Backend {
                                  int32_t rank, float scale,
                                  void* out) = 0;  // [base.rows, base.cols]
 
+  // --- step graphs --------------------------------------------------------
+  // A backend that supports them (CUDA graphs) records a step's operations
+  // the first time it sees the step's `key` and, on later steps with that
+  // key, launches the recording as a whole instead of each operation. The
+  // caller still calls every operation, in the same order with the same
+  // arguments; only the host-side inputs the backend copies per call (LoRA
+  // segment tables, at most `max_segments` segments each) may differ.
+  // Per-step data in device memory (positions, slots, block tables, ...) is
+  // uploaded before BeginStep, into the same buffers each time.
+  //
+  // Between BeginStep and EndStep only operations may be called: no
+  // allocation, copy or synchronisation. If BeginStep, an operation or
+  // EndStep fails (for instance a call that differs from the recording), the
+  // caller calls AbortStep and runs the step's operations again without a
+  // step: nothing of the step has run. EndStep queues the whole step.
+  virtual bool SupportsStepGraphs() const { return false; }
+  virtual absl::Status BeginStep(uint64_t key, int32_t max_segments);
+  virtual absl::Status EndStep();
+  virtual void AbortStep() {}
+
   // --- attention ----------------------------------------------------------
   // Rotates q and k in place (Hugging Face's rotate-half layout).
-  virtual absl::Status Rope(float* q,  // [tokens, num_heads, head_dim]
-                            float* k,  // [tokens, num_kv_heads, head_dim]
+  virtual absl::Status Rope(float* q,                  // [tokens, num_heads, head_dim]
+                            float* k,                  // [tokens, num_kv_heads, head_dim]
                             const int32_t* positions,  // [tokens]
                             int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
                             const RopeParams& rope) = 0;
-  // Writes each token's k and v into its slot of the paged cache.
+  // Writes each token's k and v into its slot of the paged cache (none for a
+  // kPaddingSlot token).
   virtual absl::Status WriteKv(const float* k,  // [tokens, kv_heads, head_dim]
                                const float* v,  // [tokens, kv_heads, head_dim]
                                const AttentionBatch& batch, const KvLayout& layout,
@@ -218,8 +244,7 @@ class Backend {
   // (positions 0 .. its own), with grouped-query heads.
   virtual absl::Status PagedAttention(const float* q,  // [tokens, num_heads, head_dim]
                                       const AttentionBatch& batch, const KvLayout& layout,
-                                      int32_t num_heads,
-                                      const float* k_cache, const float* v_cache,
+                                      int32_t num_heads, const float* k_cache, const float* v_cache,
                                       float* out) = 0;  // [tokens, num_heads * head_dim]
 };
 

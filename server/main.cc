@@ -49,6 +49,9 @@ ABSL_FLAG(std::string, tokenizer, "",
           "Directory with tokenizer.json (default: the model directory)");
 ABSL_FLAG(std::string, device, "cpu",
           "Compute device: cpu, or cuda (fails with a clear message without a GPU)");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "On --device cuda, run decode steps as recorded CUDA graphs (batches padded to "
+          "1, 2, 4, 8, then multiples of 8 up to 256)");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for GEMM and kernels (0 = all cores)");
 ABSL_FLAG(int64_t, kv_cache_bytes, int64_t{1} << 30, "Bytes of KV cache");
 ABSL_FLAG(int32_t, block_size, 16, "Tokens per KV cache block");
@@ -178,6 +181,7 @@ absl::StatusOr<std::unique_ptr<model::LlamaModel>> LoadModel(kernels::Backend* b
   }
   if (last_percent >= 0) absl::FPrintF(stderr, "\n");
   if (loaded.ok()) {
+    (*loaded)->set_step_graphs(absl::GetFlag(FLAGS_cuda_graphs));
     absl::FPrintF(stderr, "loaded %s: %d layers, hidden %d, %.2f GB of weights in %.1fs\n", model,
                   (*loaded)->config().num_hidden_layers, (*loaded)->config().hidden_size,
                   (*loaded)->weight_bytes() / 1e9, absl::ToDoubleSeconds(absl::Now() - start));

@@ -564,6 +564,7 @@ class CpuBackend final : public Backend {
     const int64_t num_slots = static_cast<int64_t>(layout.num_blocks) * layout.block_size;
     for (int32_t t = 0; t < batch.num_tokens; ++t) {
       const int32_t slot = batch.slot_mapping[t];
+      if (slot == kPaddingSlot) continue;
       if (slot < 0 || slot >= num_slots) {
         return absl::OutOfRangeError(absl::StrCat("CpuBackend::WriteKv: slot_mapping[", t, "] is ",
                                                   slot, ", outside the cache's ", num_slots,
@@ -573,6 +574,7 @@ class CpuBackend final : public Backend {
     const int64_t token_floats = static_cast<int64_t>(layout.num_kv_heads) * layout.head_dim;
     for (int32_t t = 0; t < batch.num_tokens; ++t) {
       const int64_t slot = batch.slot_mapping[t];
+      if (slot == kPaddingSlot) continue;
       std::memcpy(k_cache + slot * token_floats, k + t * token_floats,
                   token_floats * sizeof(float));
       std::memcpy(v_cache + slot * token_floats, v + t * token_floats,

@@ -9,6 +9,15 @@
 // Backend); each call makes the backend's device current on that thread, so
 // the engine loop may run on another thread than the one that created it.
 //
+// Step graphs: between BeginStep and EndStep the operations are captured into
+// a CUDA graph (first time a key is seen) or only checked against the
+// captured calls (later times), and EndStep launches the graph. Each call's
+// launch-relevant arguments are hashed into a signature; a replay launches the
+// graph only when every signature matches, so a graph never runs with
+// pointers or sizes other than those it was captured with. LoRA segment
+// tables, the one per-call host input, go to a pinned arena whose device twin
+// the captured kernels read; its used part is copied before each launch.
+//
 // Errors: every CUDA and cuBLAS result becomes a Status naming the call.
 // Indices read on the device (token ids, slots, positions, block tables) are
 // checked there; a bad one is reported by the next Synchronize or CopyToHost.
@@ -19,8 +28,10 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -34,12 +45,70 @@ namespace loraserve::kernels {
 namespace {
 
 using cuda::DeviceLoraSegment;
+using cuda::DeviceLoraTable;
 
 // Elements converted per chunk when weights are uploaded in another dtype.
 constexpr int64_t kUploadChunk = int64_t{16} << 20;
 // LoRA segment tables in flight: a table's pinned host copy is reused only
 // after its upload finished, which is long done after this many later calls.
 constexpr int kSegmentSlots = 16;
+// cuBLAS gets its workspace from us: it must not allocate while a step graph
+// is captured. 32 MiB is what cuBLAS itself takes on Hopper.
+constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+// In a step graph the shrink kernel's grid cannot follow each step's work;
+// it is sized for this many (row, rank) products per segment and strides
+// over more (decode: one row per request, rank <= 64 at full speed).
+constexpr int64_t kStepShrinkWork = 512;
+// A key whose replays keep failing is recaptured this often, then runs
+// without a graph.
+constexpr int kMaxCaptures = 4;
+// Recorded graphs kept at once; past this all are dropped and recaptured.
+constexpr size_t kMaxStepGraphs = 256;
+// First size of the LoRA table arena; doubled when a capture runs out.
+constexpr size_t kInitialArenaBytes = size_t{1} << 20;
+
+uint64_t MixWord(uint64_t h, uint64_t word) {
+  // splitmix64 of the running value and the word: a 64-bit signature per call.
+  uint64_t x = h ^ (word + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2));
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+uint64_t SignatureWord(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+uint64_t SignatureWord(int64_t v) { return static_cast<uint64_t>(v); }
+uint64_t SignatureWord(int32_t v) { return static_cast<uint64_t>(static_cast<int64_t>(v)); }
+uint64_t SignatureWord(bool v) { return v ? 1 : 0; }
+uint64_t SignatureWord(DType v) { return static_cast<uint64_t>(v); }
+uint64_t SignatureWord(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
+
+template <typename... Args>
+uint64_t CallSignature(const char* op, const Args&... args) {
+  uint64_t h = SignatureWord(static_cast<const void*>(op));
+  ((h = MixWord(h, SignatureWord(args))), ...);
+  return h;
+}
+
+// Writes `segments` (host) as a device-layout table into `table` (host
+// memory with room for them), with each segment's offset into the packed
+// intermediate.
+void FillTable(const LoraSegment* segments, int32_t num_segments, DeviceLoraTable* table) {
+  table->count = num_segments;
+  DeviceLoraSegment* out = const_cast<DeviceLoraSegment*>(cuda::TableSegments(table));
+  int64_t offset = 0;
+  for (int32_t i = 0; i < num_segments; ++i) {
+    const LoraSegment& seg = segments[i];
+    out[i] = {seg.start, seg.end, seg.rank, seg.scale, seg.a, seg.bt, offset};
+    offset += static_cast<int64_t>(seg.end - seg.start) * seg.rank;
+  }
+}
+
+size_t AlignUp(size_t bytes, size_t alignment) {
+  return (bytes + alignment - 1) / alignment * alignment;
+}
 
 absl::Status Invalid(const char* op, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat("CudaBackend::", op, ": ", what));
@@ -131,6 +200,14 @@ class CudaBackend final : public Backend {
       cudaFreeHost(slot.host);
       cudaFree(slot.device);
     }
+    AbortStep();
+    for (auto& [key, graph] : graphs_) {
+      if (graph.exec != nullptr) cudaGraphExecDestroy(graph.exec);
+    }
+    if (arena_copied_ != nullptr) cudaEventDestroy(arena_copied_);
+    cudaFreeHost(arena_host_);
+    cudaFree(arena_device_);
+    cudaFree(cublas_workspace_);
     cudaFree(scratch_);
     cudaFree(staging_);
     cudaFree(error_);
@@ -152,6 +229,9 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
     // Float32 GEMMs stay float32: no TF32 unless the environment forces it.
     CUDA_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
+    CUDA_RETURN_IF_ERROR(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
+    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&arena_copied_, cudaEventDisableTiming));
     CUDA_RETURN_IF_ERROR(cudaMalloc(&error_, sizeof(int32_t)));
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(error_, 0, sizeof(int32_t), stream_));
     CUDA_RETURN_IF_ERROR(cudaMallocHost(&error_host_, sizeof(int32_t)));
@@ -166,6 +246,7 @@ class CudaBackend final : public Backend {
   // --- memory ---------------------------------------------------------------
 
   absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
+    CUDA_RETURN_IF_ERROR(RefuseInStep("Allocate"));
     CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     void* data = nullptr;
     // Never hand out null, even for zero bytes.
@@ -188,6 +269,7 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+    CUDA_RETURN_IF_ERROR(RefuseInStep("CopyToDevice"));
     CUDA_RETURN_IF_ERROR(Begin("CopyToDevice"));
     if (bytes == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull("CopyToDevice", "dst", dst));
@@ -199,6 +281,7 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    CUDA_RETURN_IF_ERROR(RefuseInStep("CopyToHost"));
     CUDA_RETURN_IF_ERROR(Begin("CopyToHost"));
     if (bytes != 0) {
       CUDA_RETURN_IF_ERROR(CheckNotNull("CopyToHost", "dst", dst));
@@ -210,6 +293,7 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override {
+    CUDA_RETURN_IF_ERROR(RefuseInStep("CopyOnDevice"));
     CUDA_RETURN_IF_ERROR(Begin("CopyOnDevice"));
     if (bytes == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull("CopyOnDevice", "dst", dst));
@@ -225,6 +309,7 @@ class CudaBackend final : public Backend {
 
   absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t count) override {
     constexpr const char* kOp = "UploadWeight";
+    CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "count", count));
     if (count == 0) return absl::OkStatus();
@@ -252,6 +337,7 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status Synchronize() override {
+    CUDA_RETURN_IF_ERROR(RefuseInStep("Synchronize"));
     CUDA_RETURN_IF_ERROR(Begin("Synchronize"));
     CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(error_host_, error_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
@@ -281,26 +367,34 @@ class CudaBackend final : public Backend {
                      absl::StrCat("sizes beyond cuBLAS's int: m ", m, ", w ", w.rows, "x", w.cols));
     }
     // cuBLAS wants both operands in one type: x goes to the weight's dtype.
-    const void* operand = x;
+    void* converted = nullptr;
     if (w.dtype != DType::kF32) {
-      const int64_t count = m * w.cols;
-      absl::StatusOr<void*> converted = Scratch(count * DTypeSize(w.dtype));
-      if (!converted.ok()) return converted.status();
-      CUDA_RETURN_IF_ERROR(
-          cuda::ConvertElements(x, DType::kF32, *converted, w.dtype, count, stream_));
-      operand = *converted;
+      absl::StatusOr<void*> scratch = Scratch(m * w.cols * DTypeSize(w.dtype));
+      if (!scratch.ok()) return scratch.status();
+      converted = *scratch;
     }
-    // Column-major view: y[m, n] row-major is yᶜ [n, m] = Wᶜᵀ · xᶜ with
-    // Wᶜ = W as [k, n] and xᶜ = x as [k, m].
-    const float alpha = 1.0f;
-    const float beta = accumulate ? 1.0f : 0.0f;
-    const cudaDataType_t type = CudaDataType(w.dtype);
-    CUDA_RETURN_IF_ERROR(cublasGemmEx(
-        cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.rows), static_cast<int>(m),
-        static_cast<int>(w.cols), &alpha, w.data, type, static_cast<int>(w.cols), operand, type,
-        static_cast<int>(w.cols), &beta, y, CUDA_R_32F, static_cast<int>(w.rows),
-        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    return absl::OkStatus();
+    return Launch(
+        kOp,
+        [&]() -> absl::Status {
+          const void* operand = x;
+          if (converted != nullptr) {
+            CUDA_RETURN_IF_ERROR(
+                cuda::ConvertElements(x, DType::kF32, converted, w.dtype, m * w.cols, stream_));
+            operand = converted;
+          }
+          // Column-major view: y[m, n] row-major is yᶜ [n, m] = Wᶜᵀ · xᶜ with
+          // Wᶜ = W as [k, n] and xᶜ = x as [k, m].
+          const float alpha = 1.0f;
+          const float beta = accumulate ? 1.0f : 0.0f;
+          const cudaDataType_t type = CudaDataType(w.dtype);
+          CUDA_RETURN_IF_ERROR(cublasGemmEx(
+              cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.rows), static_cast<int>(m),
+              static_cast<int>(w.cols), &alpha, w.data, type, static_cast<int>(w.cols), operand,
+              type, static_cast<int>(w.cols), &beta, y, CUDA_R_32F, static_cast<int>(w.rows),
+              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+          return absl::OkStatus();
+        },
+        x, w.data, w.dtype, w.rows, w.cols, m, y, accumulate, static_cast<const void*>(converted));
   }
 
   absl::Status Embedding(const int32_t* ids, int64_t n, const WeightView& table,
@@ -312,9 +406,13 @@ class CudaBackend final : public Backend {
     if (n == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "ids", ids));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
-    CUDA_RETURN_IF_ERROR(cuda::EmbeddingGather(ids, n, table.data, table.dtype, table.rows,
-                                               table.cols, y, error_, stream_));
-    return absl::OkStatus();
+    return Launch(
+        kOp,
+        [&] {
+          return cuda::EmbeddingGather(ids, n, table.data, table.dtype, table.rows, table.cols, y,
+                                       error_, stream_);
+        },
+        ids, n, table.data, table.dtype, table.rows, table.cols, y);
   }
 
   absl::Status RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
@@ -327,8 +425,9 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "weight", weight));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
-    CUDA_RETURN_IF_ERROR(cuda::RmsNormRows(x, weight, n, dim, eps, y, stream_));
-    return absl::OkStatus();
+    return Launch(
+        kOp, [&] { return cuda::RmsNormRows(x, weight, n, dim, eps, y, stream_); }, x, weight, n,
+        dim, eps, y);
   }
 
   absl::Status Add(float* x, const float* y, int64_t count) override {
@@ -338,8 +437,8 @@ class CudaBackend final : public Backend {
     if (count == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
-    CUDA_RETURN_IF_ERROR(cuda::AddInPlace(x, y, count, stream_));
-    return absl::OkStatus();
+    return Launch(
+        kOp, [&] { return cuda::AddInPlace(x, y, count, stream_); }, x, y, count);
   }
 
   absl::Status AddBias(float* x, const float* bias, int64_t n, int64_t dim) override {
@@ -350,8 +449,8 @@ class CudaBackend final : public Backend {
     if (n == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "bias", bias));
-    CUDA_RETURN_IF_ERROR(cuda::AddBiasRows(x, bias, n, dim, stream_));
-    return absl::OkStatus();
+    return Launch(
+        kOp, [&] { return cuda::AddBiasRows(x, bias, n, dim, stream_); }, x, bias, n, dim);
   }
 
   absl::Status SiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) override {
@@ -362,8 +461,9 @@ class CudaBackend final : public Backend {
     if (n == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "gate_up", gate_up));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "out", out));
-    CUDA_RETURN_IF_ERROR(cuda::SiluMulRows(gate_up, n, dim, out, stream_));
-    return absl::OkStatus();
+    return Launch(
+        kOp, [&] { return cuda::SiluMulRows(gate_up, n, dim, out, stream_); }, gate_up, n, dim,
+        out);
   }
 
   // --- LoRA -----------------------------------------------------------------
@@ -374,15 +474,18 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     absl::StatusOr<SegmentStats> stats = CheckSegments(kOp, segments, num_segments);
     if (!stats.ok()) return stats.status();
-    if (num_segments == 0) return absl::OkStatus();
+    // In a step an empty table is still a call: the next step's may not be.
+    if (num_segments == 0 && mode_ == StepMode::kEager) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "t", t));
     CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "in", in));
-    absl::StatusOr<const DeviceLoraSegment*> table = StageSegments(segments, num_segments);
+    absl::StatusOr<const DeviceLoraTable*> table = StageTable(kOp, segments, num_segments);
     if (!table.ok()) return table.status();
-    CUDA_RETURN_IF_ERROR(
-        cuda::LoraShrinkSegments(x, in, *table, num_segments, stats->max_work, t, stream_));
-    return absl::OkStatus();
+    const int32_t grid = mode_ == StepMode::kEager ? num_segments : step_max_segments_;
+    const int64_t max_work = mode_ == StepMode::kEager ? stats->max_work : kStepShrinkWork;
+    return Launch(
+        kOp, [&] { return cuda::LoraShrinkSegments(x, in, *table, grid, max_work, t, stream_); }, x,
+        in, static_cast<const void*>(*table), grid, max_work, t);
   }
 
   absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
@@ -390,15 +493,17 @@ class CudaBackend final : public Backend {
     constexpr const char* kOp = "LoraExpand";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     CUDA_RETURN_IF_ERROR(CheckSegments(kOp, segments, num_segments).status());
-    if (num_segments == 0) return absl::OkStatus();
+    if (num_segments == 0 && mode_ == StepMode::kEager) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "t", t));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
     CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "out", out));
     if (ldy < out) return Invalid(kOp, absl::StrCat("ldy (", ldy, ") must be >= out (", out, ")"));
-    absl::StatusOr<const DeviceLoraSegment*> table = StageSegments(segments, num_segments);
+    absl::StatusOr<const DeviceLoraTable*> table = StageTable(kOp, segments, num_segments);
     if (!table.ok()) return table.status();
-    CUDA_RETURN_IF_ERROR(cuda::LoraExpandSegments(t, *table, num_segments, out, y, ldy, stream_));
-    return absl::OkStatus();
+    const int32_t grid = mode_ == StepMode::kEager ? num_segments : step_max_segments_;
+    return Launch(
+        kOp, [&] { return cuda::LoraExpandSegments(t, *table, grid, out, y, ldy, stream_); }, t,
+        static_cast<const void*>(*table), grid, out, y, ldy);
   }
 
   absl::Status MergeLora(const WeightView& base, const float* a, const float* bt, int32_t rank,
@@ -410,9 +515,111 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "bt", bt));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "out", out));
     CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "rank", rank));
-    CUDA_RETURN_IF_ERROR(cuda::MergeLoraWeights(base.data, base.dtype, base.rows, base.cols, a, bt,
-                                                rank, scale, out, stream_));
+    return Launch(
+        kOp,
+        [&] {
+          return cuda::MergeLoraWeights(base.data, base.dtype, base.rows, base.cols, a, bt, rank,
+                                        scale, out, stream_);
+        },
+        base.data, base.dtype, base.rows, base.cols, a, bt, rank, scale, out);
+  }
+
+  // --- step graphs ----------------------------------------------------------
+
+  bool SupportsStepGraphs() const override { return true; }
+
+  absl::Status BeginStep(uint64_t key, int32_t max_segments) override {
+    constexpr const char* kOp = "BeginStep";
+    CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "max_segments", max_segments));
+    // The host arena is rewritten below: the last step's copy must be done.
+    CUDA_RETURN_IF_ERROR(cudaEventSynchronize(arena_copied_));
+    StepGraph& graph = graphs_[key];
+    if (graph.max_segments != max_segments) {
+      if (graph.exec != nullptr) cudaGraphExecDestroy(graph.exec);
+      graph = StepGraph{};
+      graph.max_segments = max_segments;
+    }
+    step_key_ = key;
+    step_max_segments_ = max_segments;
+    table_stride_ = AlignUp(cuda::LoraTableBytes(max_segments), 256);
+    tables_used_ = 0;
+    call_index_ = 0;
+    if (graph.exec != nullptr) {
+      replaying_ = &graph;
+      mode_ = StepMode::kReplay;
+      return absl::OkStatus();
+    }
+    if (graph.captures >= kMaxCaptures) {
+      return absl::FailedPreconditionError(absl::StrCat("CudaBackend: step key ", key,
+                                                        " changed after each of ", kMaxCaptures,
+                                                        " captures; it runs without a graph"));
+    }
+    // Dropping graphs (too many, or the arena moves) keeps this key's count.
+    const int captures = graph.captures;
+    if (graphs_.size() > kMaxStepGraphs) DropGraphs();
+    CUDA_RETURN_IF_ERROR(GrowArena(arena_wanted_bytes_));
+    StepGraph& entry = graphs_[key];
+    entry.max_segments = max_segments;
+    entry.captures = captures + 1;
+    recording_ = StepGraph{};
+    CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    mode_ = StepMode::kCapture;
     return absl::OkStatus();
+  }
+
+  absl::Status EndStep() override {
+    constexpr const char* kOp = "EndStep";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    if (mode_ == StepMode::kReplay) {
+      if (call_index_ != replaying_->calls.size()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("CudaBackend::EndStep: the step made ", call_index_,
+                         " calls; its recorded graph has ", replaying_->calls.size()));
+      }
+      const cudaGraphExec_t exec = replaying_->exec;
+      mode_ = StepMode::kEager;
+      replaying_ = nullptr;
+      return LaunchStep(exec);
+    }
+    if (mode_ != StepMode::kCapture) {
+      return absl::FailedPreconditionError("CudaBackend::EndStep without BeginStep");
+    }
+    mode_ = StepMode::kEager;
+    cudaGraph_t captured = nullptr;
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &captured);
+    if (ended != cudaSuccess) cudaGetLastError();  // an invalidated capture: not sticky
+    CUDA_RETURN_IF_ERROR(ended);
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t instantiated = cudaGraphInstantiate(&exec, captured, 0);
+    cudaGraphDestroy(captured);
+    CUDA_RETURN_IF_ERROR(instantiated);
+    StepGraph& graph = graphs_[step_key_];
+    graph.exec = exec;
+    graph.calls = std::move(recording_.calls);
+    graph.max_segments = step_max_segments_;
+    return LaunchStep(exec);
+  }
+
+  void AbortStep() override {
+    if (mode_ == StepMode::kCapture) {
+      cudaGraph_t captured = nullptr;
+      cudaStreamEndCapture(stream_, &captured);  // fails when the capture was invalidated
+      if (captured != nullptr) cudaGraphDestroy(captured);
+      cudaGetLastError();  // the capture's errors are not the next call's
+    } else if (mode_ == StepMode::kReplay) {
+      // The recording no longer fits the caller's steps: capture it again.
+      auto it = graphs_.find(step_key_);
+      if (it != graphs_.end() && it->second.exec != nullptr) {
+        cudaGraphExecDestroy(it->second.exec);
+        it->second.exec = nullptr;
+        it->second.calls.clear();
+      }
+    }
+    mode_ = StepMode::kEager;
+    replaying_ = nullptr;
+    recording_ = StepGraph{};
   }
 
   // --- attention ------------------------------------------------------------
@@ -433,10 +640,14 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "k", k));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "positions", positions));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "rope.inv_freq", rope.inv_freq));
-    CUDA_RETURN_IF_ERROR(cuda::RopeInPlace(q, k, positions, tokens, num_heads, num_kv_heads,
-                                           rope.inv_freq, rope.head_dim, rope.attention_scaling,
-                                           error_, stream_));
-    return absl::OkStatus();
+    return Launch(
+        kOp,
+        [&] {
+          return cuda::RopeInPlace(q, k, positions, tokens, num_heads, num_kv_heads, rope.inv_freq,
+                                   rope.head_dim, rope.attention_scaling, error_, stream_);
+        },
+        q, k, positions, tokens, num_heads, num_kv_heads, rope.inv_freq, rope.head_dim,
+        rope.attention_scaling);
   }
 
   absl::Status WriteKv(const float* k, const float* v, const AttentionBatch& batch,
@@ -451,12 +662,16 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "k_cache", k_cache));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "v_cache", v_cache));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.slot_mapping", batch.slot_mapping));
-    CUDA_RETURN_IF_ERROR(
-        cuda::WriteKvSlots(k, v, batch.slot_mapping, batch.num_tokens,
-                           static_cast<int64_t>(layout.num_kv_heads) * layout.head_dim,
-                           static_cast<int64_t>(layout.num_blocks) * layout.block_size, k_cache,
-                           v_cache, error_, stream_));
-    return absl::OkStatus();
+    return Launch(
+        kOp,
+        [&] {
+          return cuda::WriteKvSlots(k, v, batch.slot_mapping, batch.num_tokens,
+                                    static_cast<int64_t>(layout.num_kv_heads) * layout.head_dim,
+                                    static_cast<int64_t>(layout.num_blocks) * layout.block_size,
+                                    k_cache, v_cache, error_, stream_);
+        },
+        k, v, batch.slot_mapping, batch.num_tokens, k_cache, v_cache, layout.num_blocks,
+        layout.block_size, layout.num_kv_heads, layout.head_dim);
   }
 
   absl::Status PagedAttention(const float* q, const AttentionBatch& batch, const KvLayout& layout,
@@ -492,12 +707,19 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.context_lens", batch.context_lens));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.block_tables", batch.block_tables));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.positions", batch.positions));
-    CUDA_RETURN_IF_ERROR(cuda::PagedAttentionForward(
+    return Launch(
+        kOp,
+        [&] {
+          return cuda::PagedAttentionForward(
+              q, batch.num_tokens, batch.num_seqs, batch.query_start, batch.context_lens,
+              batch.block_tables, batch.max_blocks_per_seq, batch.positions, num_heads,
+              layout.num_kv_heads, layout.head_dim, layout.block_size, layout.num_blocks, k_cache,
+              v_cache, out, error_, stream_);
+        },
         q, batch.num_tokens, batch.num_seqs, batch.query_start, batch.context_lens,
         batch.block_tables, batch.max_blocks_per_seq, batch.positions, num_heads,
         layout.num_kv_heads, layout.head_dim, layout.block_size, layout.num_blocks, k_cache,
-        v_cache, out, error_, stream_));
-    return absl::OkStatus();
+        v_cache, out);
   }
 
  private:
@@ -505,8 +727,8 @@ class CudaBackend final : public Backend {
   // end of the upload from `host`; the device copy is reused safely because
   // the next upload into it is queued after the kernels that read it.
   struct SegmentSlot {
-    DeviceLoraSegment* host = nullptr;
-    DeviceLoraSegment* device = nullptr;
+    DeviceLoraTable* host = nullptr;
+    DeviceLoraTable* device = nullptr;
     int32_t capacity = 0;
     cudaEvent_t done = nullptr;
   };
@@ -521,9 +743,11 @@ class CudaBackend final : public Backend {
   }
 
   // A device buffer of at least `bytes` for converted activations; contents
-  // are not kept when it grows.
+  // are not kept when it grows. Recorded graphs that use the old buffer are
+  // never launched again: their Linear calls' signatures hold its address.
   absl::StatusOr<void*> Scratch(size_t bytes) {
     if (bytes > scratch_bytes_) {
+      CUDA_RETURN_IF_ERROR(RefuseInStep("Linear (growing its conversion buffer)"));
       const size_t grown = std::max(bytes, scratch_bytes_ + scratch_bytes_ / 2);
       CUDA_RETURN_IF_ERROR(cudaFree(scratch_));  // synchronises: earlier users are done
       scratch_ = nullptr;
@@ -534,10 +758,58 @@ class CudaBackend final : public Backend {
     return scratch_;
   }
 
-  // Copies `segments` (a host array) to device memory, asynchronously on the
-  // stream, with each segment's offset into the packed intermediate.
-  absl::StatusOr<const DeviceLoraSegment*> StageSegments(const LoraSegment* segments,
-                                                         int32_t num_segments) {
+  // Fails inside a step, where only operations may be called.
+  absl::Status RefuseInStep(const char* what) const {
+    if (mode_ == StepMode::kEager) return absl::OkStatus();
+    return absl::FailedPreconditionError(
+        absl::StrCat("CudaBackend: ", what, " inside a step (between BeginStep and EndStep)"));
+  }
+
+  // Runs `launch`, which queues kernels on stream_, as the step mode says:
+  // now, into the graph being captured, or (replaying) not at all once the
+  // call's signature is checked against the recording. `args` are every
+  // argument that shapes the launch (pointers, sizes, scalars).
+  template <typename Fn, typename... Args>
+  absl::Status Launch(const char* op, Fn launch, const Args&... args) {
+    if (mode_ != StepMode::kEager) {
+      const uint64_t signature = CallSignature(op, args...);
+      if (mode_ == StepMode::kReplay) {
+        const std::vector<uint64_t>& calls = replaying_->calls;
+        if (call_index_ >= calls.size() || calls[call_index_] != signature) {
+          return absl::FailedPreconditionError(
+              absl::StrCat("CudaBackend::", op, ": call ", call_index_,
+                           " of the step differs from its recorded graph"));
+        }
+        ++call_index_;
+        return absl::OkStatus();
+      }
+      recording_.calls.push_back(signature);
+    }
+    return cuda::ToStatus(launch(), op);
+  }
+
+  // A segment table in device memory for one LoRA call. Outside a step it
+  // goes through a ring of pinned slots, copied asynchronously on the stream;
+  // inside a step it takes the next table of the arena, which EndStep copies
+  // in one piece before the graph runs.
+  absl::StatusOr<const DeviceLoraTable*> StageTable(const char* op, const LoraSegment* segments,
+                                                    int32_t num_segments) {
+    if (mode_ != StepMode::kEager) {
+      if (num_segments > step_max_segments_) {
+        return Invalid(
+            op, absl::StrCat(num_segments, " segments; the step allows ", step_max_segments_));
+      }
+      const size_t offset = static_cast<size_t>(tables_used_) * table_stride_;
+      if (offset + table_stride_ > arena_bytes_) {
+        arena_wanted_bytes_ = std::max(arena_wanted_bytes_, 2 * arena_bytes_);
+        return absl::ResourceExhaustedError(
+            absl::StrCat("CudaBackend::", op, ": the step's LoRA tables outgrew the arena of ",
+                         arena_bytes_, " bytes (it grows before the next capture)"));
+      }
+      FillTable(segments, num_segments, reinterpret_cast<DeviceLoraTable*>(arena_host_ + offset));
+      ++tables_used_;
+      return reinterpret_cast<const DeviceLoraTable*>(arena_device_ + offset);
+    }
     SegmentSlot& slot = segment_slots_[next_slot_];
     next_slot_ = (next_slot_ + 1) % kSegmentSlots;
     CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done));  // its last upload has finished
@@ -548,21 +820,52 @@ class CudaBackend final : public Backend {
       slot.host = nullptr;
       slot.device = nullptr;
       slot.capacity = 0;
-      CUDA_RETURN_IF_ERROR(cudaMallocHost(&slot.host, capacity * sizeof(DeviceLoraSegment)));
-      CUDA_RETURN_IF_ERROR(cudaMalloc(&slot.device, capacity * sizeof(DeviceLoraSegment)));
+      CUDA_RETURN_IF_ERROR(cudaMallocHost(&slot.host, cuda::LoraTableBytes(capacity)));
+      CUDA_RETURN_IF_ERROR(cudaMalloc(&slot.device, cuda::LoraTableBytes(capacity)));
       slot.capacity = capacity;
     }
-    int64_t offset = 0;
-    for (int32_t i = 0; i < num_segments; ++i) {
-      const LoraSegment& s = segments[i];
-      slot.host[i] = {s.start, s.end, s.rank, s.scale, s.a, s.bt, offset};
-      offset += static_cast<int64_t>(s.end - s.start) * s.rank;
-    }
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.device, slot.host,
-                                         num_segments * sizeof(DeviceLoraSegment),
+    FillTable(segments, num_segments, slot.host);
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.device, slot.host, cuda::LoraTableBytes(num_segments),
                                          cudaMemcpyHostToDevice, stream_));
     CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, stream_));
     return slot.device;
+  }
+
+  // Makes the arena at least `bytes`; recorded graphs point into the old one,
+  // so they are all dropped when it moves.
+  absl::Status GrowArena(size_t bytes) {
+    if (bytes <= arena_bytes_) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    DropGraphs();
+    CUDA_RETURN_IF_ERROR(cudaFreeHost(arena_host_));
+    CUDA_RETURN_IF_ERROR(cudaFree(arena_device_));
+    arena_host_ = nullptr;
+    arena_device_ = nullptr;
+    arena_bytes_ = 0;
+    CUDA_RETURN_IF_ERROR(cudaMallocHost(&arena_host_, bytes));
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&arena_device_, bytes));
+    arena_bytes_ = bytes;
+    return absl::OkStatus();
+  }
+
+  void DropGraphs() {
+    for (auto& [key, graph] : graphs_) {
+      if (graph.exec != nullptr) cudaGraphExecDestroy(graph.exec);
+    }
+    graphs_.clear();
+  }
+
+  // Copies the step's LoRA tables and launches `exec` after them.
+  absl::Status LaunchStep(cudaGraphExec_t exec) {
+    if (tables_used_ > 0) {
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(arena_device_, arena_host_,
+                                           static_cast<size_t>(tables_used_) * table_stride_,
+                                           cudaMemcpyHostToDevice, stream_));
+    }
+    // The next step writes the host arena only after this copy is done.
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(arena_copied_, stream_));
+    CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, stream_));
+    return absl::OkStatus();
   }
 
   const int device_;
@@ -577,6 +880,30 @@ class CudaBackend final : public Backend {
   void* staging_ = nullptr;  // kUploadChunk floats for UploadWeight
   std::array<SegmentSlot, kSegmentSlots> segment_slots_;
   int next_slot_ = 0;
+  void* cublas_workspace_ = nullptr;
+
+  // Step graphs (see the file comment).
+  enum class StepMode { kEager, kCapture, kReplay };
+  struct StepGraph {
+    cudaGraphExec_t exec = nullptr;  // null: not recorded (or given up on)
+    std::vector<uint64_t> calls;     // signature of every operation call, in order
+    int32_t max_segments = 0;
+    int captures = 0;  // how often this key was captured
+  };
+  StepMode mode_ = StepMode::kEager;
+  std::unordered_map<uint64_t, StepGraph> graphs_;
+  uint64_t step_key_ = 0;
+  StepGraph recording_;                   // the calls of the step being captured
+  const StepGraph* replaying_ = nullptr;  // the graph of the step being replayed
+  size_t call_index_ = 0;                 // calls checked so far in a replay
+  int32_t step_max_segments_ = 0;
+  size_t table_stride_ = 0;       // bytes per LoRA table in the arena
+  int32_t tables_used_ = 0;       // LoRA tables of this step so far
+  char* arena_host_ = nullptr;    // pinned
+  char* arena_device_ = nullptr;  // what the captured kernels read
+  size_t arena_bytes_ = 0;
+  size_t arena_wanted_bytes_ = kInitialArenaBytes;
+  cudaEvent_t arena_copied_ = nullptr;  // the last step's arena copy is done
 };
 
 }  // namespace

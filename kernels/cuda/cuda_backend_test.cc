@@ -624,5 +624,66 @@ TEST_F(CudaLoraTest, MergedMatchesUnmerged) {
   }
 }
 
+// Decode steps as step graphs (CUDA graphs): captured once per padded shape,
+// then replayed with other tokens, positions and adapter mixes, and a smaller
+// batch in another bucket. Each step equals the same step run operation by
+// operation on a twin cache; most steps must have been replays.
+TEST_F(CudaLoraTest, DecodeStepGraphsMatchEagerSteps) {
+  constexpr int kSteps = 8;
+  for (CudaCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    auto model = model::LlamaModel::Load(c.backend.get(), SharedModel(), {});
+    ASSERT_TRUE(model.ok()) << model.status();
+    auto adapters = UploadAdapters(*c.backend, **model);
+    ASSERT_GE(adapters.size(), 4u);
+    std::vector<std::vector<int32_t>> prompts = Prompts((*model)->config().vocab_size);
+    const auto more = Prompts(100);
+    prompts.insert(prompts.end(), more.begin(), more.end());
+    const size_t n = prompts.size();
+    size_t longest = 0;
+    for (const auto& p : prompts) longest = std::max(longest, p.size());
+    testing::PagedTestCache eager_cache(c.backend.get(), (*model)->kv_shape(), n, longest + kSteps);
+    testing::PagedTestCache graph_cache(c.backend.get(), (*model)->kv_shape(), n, longest + kSteps);
+    (*model)->set_step_graphs(false);
+    for (auto* cache : {&eager_cache, &graph_cache}) {
+      model::ForwardInput prefill = testing::PrefillAll(prompts, *cache);
+      prefill.adapters = Choices(adapters, n);
+      std::vector<float> logits;
+      ASSERT_TRUE((*model)->Forward(prefill, cache->view(), &logits).ok());
+    }
+    const int64_t graph_steps_before = (*model)->step_graph_stats().graph_steps;
+    for (int step = 0; step < kSteps; ++step) {
+      SCOPED_TRACE(step);
+      // From step 5 on the last sequence is done: a smaller padded batch.
+      const size_t active = step < 5 ? n : n - 1;
+      std::vector<int32_t> tokens, positions;
+      std::vector<model::AdapterChoice> choices = Choices(adapters, n + step);
+      choices.erase(choices.begin(), choices.begin() + step);  // another mix each step
+      choices.resize(active);
+      for (size_t s = 0; s < active; ++s) {
+        tokens.push_back(prompts[s][(step * 7 + s) % prompts[s].size()]);
+        positions.push_back(static_cast<int32_t>(prompts[s].size()) + step);
+      }
+      std::vector<float> eager, graphed;
+      model::ForwardInput in = testing::DecodeOne(tokens, positions, eager_cache);
+      in.adapters = choices;
+      (*model)->set_step_graphs(false);
+      ASSERT_TRUE((*model)->Forward(in, eager_cache.view(), &eager).ok());
+      in = testing::DecodeOne(tokens, positions, graph_cache);
+      in.adapters = choices;
+      (*model)->set_step_graphs(true);
+      absl::Status status = (*model)->Forward(in, graph_cache.view(), &graphed);
+      ASSERT_TRUE(status.ok()) << status;
+      // Only the GEMMs' batch size differs (padding): summation order.
+      EXPECT_LE(RelativeError(graphed, eager), c.bf16 ? kBf16Bound : kF32ModelBound);
+    }
+    const model::LlamaModel::StepGraphStats& stats = (*model)->step_graph_stats();
+    // Two shapes, each captured (perhaps after one try that had to allocate
+    // first) and replayed on the other steps.
+    EXPECT_GE(stats.graph_steps - graph_steps_before, kSteps - 4)
+        << stats.eager_fallbacks << " steps fell back to eager";
+  }
+}
+
 }  // namespace
 }  // namespace loraserve::kernels

@@ -188,6 +188,7 @@ __global__ void WriteKvKernel(const float* k, const float* v, const int32_t* slo
     const int64_t t = i / slot_floats;
     const int64_t e = i - t * slot_floats;
     const int64_t slot = slot_mapping[t];
+    if (slot == kPaddingSlot) continue;
     if (slot < 0 || slot >= num_slots) {
       RecordError(error, kWriteKvSlotOutOfRange);
       continue;
@@ -325,10 +326,11 @@ constexpr int kShrinkWarps = kThreads / kWarp;
 
 // Block (segment, y): warps take the segment's (row, r) dot products in turn;
 // work item w is row start + w / rank, rank row w % rank, and lands at
-// t[t_offset + w].
-__global__ void LoraShrinkKernel(const float* x, int64_t in, const DeviceLoraSegment* segments,
+// t[t_offset + w]. Blocks past the table's count have nothing to do.
+__global__ void LoraShrinkKernel(const float* x, int64_t in, const DeviceLoraTable* table,
                                  float* t) {
-  const DeviceLoraSegment seg = segments[blockIdx.x];
+  if (static_cast<int32_t>(blockIdx.x) >= table->count) return;
+  const DeviceLoraSegment seg = TableSegments(table)[blockIdx.x];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int64_t work = static_cast<int64_t>(seg.end - seg.start) * seg.rank;
@@ -345,9 +347,10 @@ __global__ void LoraShrinkKernel(const float* x, int64_t in, const DeviceLoraSeg
 
 // Block (segment, column tile): each thread owns one output column and sums
 // over r in order for every row of the segment.
-__global__ void LoraExpandKernel(const float* t, const DeviceLoraSegment* segments, int64_t out,
+__global__ void LoraExpandKernel(const float* t, const DeviceLoraTable* table, int64_t out,
                                  float* y, int64_t ldy) {
-  const DeviceLoraSegment seg = segments[blockIdx.x];
+  if (static_cast<int32_t>(blockIdx.x) >= table->count) return;
+  const DeviceLoraSegment seg = TableSegments(table)[blockIdx.x];
   const int64_t col = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (col >= out) return;
   for (int32_t row = seg.start; row < seg.end; ++row) {
@@ -489,24 +492,23 @@ cudaError_t PagedAttentionForward(const float* q, int32_t tokens, int32_t num_se
   return launch(PagedAttentionKernel<8>);
 }
 
-cudaError_t LoraShrinkSegments(const float* x, int64_t in, const DeviceLoraSegment* segments,
-                               int32_t num_segments, int64_t max_work, float* t,
+cudaError_t LoraShrinkSegments(const float* x, int64_t in, const DeviceLoraTable* table,
+                               int32_t grid_segments, int64_t max_work, float* t,
                                cudaStream_t stream) {
-  if (num_segments == 0 || max_work == 0) return cudaSuccess;
+  if (grid_segments == 0 || max_work == 0) return cudaSuccess;
   const int64_t y = std::min<int64_t>(65535, (max_work + kShrinkWarps - 1) / kShrinkWarps);
-  LoraShrinkKernel<<<dim3(num_segments, static_cast<unsigned>(y)), kThreads, 0, stream>>>(
-      x, in, segments, t);
+  LoraShrinkKernel<<<dim3(grid_segments, static_cast<unsigned>(y)), kThreads, 0, stream>>>(
+      x, in, table, t);
   return cudaGetLastError();
 }
 
-cudaError_t LoraExpandSegments(const float* t, const DeviceLoraSegment* segments,
-                               int32_t num_segments, int64_t out, float* y, int64_t ldy,
-                               cudaStream_t stream) {
-  if (num_segments == 0) return cudaSuccess;
+cudaError_t LoraExpandSegments(const float* t, const DeviceLoraTable* table, int32_t grid_segments,
+                               int64_t out, float* y, int64_t ldy, cudaStream_t stream) {
+  if (grid_segments == 0) return cudaSuccess;
   const int64_t tiles = (out + kThreads - 1) / kThreads;
   if (tiles > 65535) return cudaErrorInvalidValue;
-  LoraExpandKernel<<<dim3(num_segments, static_cast<unsigned>(tiles)), kThreads, 0, stream>>>(
-      t, segments, out, y, ldy);
+  LoraExpandKernel<<<dim3(grid_segments, static_cast<unsigned>(tiles)), kThreads, 0, stream>>>(
+      t, table, out, y, ldy);
   return cudaGetLastError();
 }
 

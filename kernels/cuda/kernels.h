@@ -41,6 +41,26 @@ struct DeviceLoraSegment {
   int64_t t_offset;  // floats before this segment's part of the packed t
 };
 
+// A segment table in device memory: this header, then `count` segments
+// (DeviceLoraSegment, 16-byte aligned right after it). The count lives on the
+// device so that a recorded step graph can be launched again with another
+// table of the same capacity: kernels launched over more blocks than `count`
+// leave the extra blocks idle.
+struct DeviceLoraTable {
+  int32_t count;
+  int32_t reserved[3];
+};
+
+// The segments of `table`.
+__host__ __device__ inline const DeviceLoraSegment* TableSegments(const DeviceLoraTable* table) {
+  return reinterpret_cast<const DeviceLoraSegment*>(table + 1);
+}
+
+// Bytes of a table with room for `capacity` segments.
+inline size_t LoraTableBytes(int32_t capacity) {
+  return sizeof(DeviceLoraTable) + static_cast<size_t>(capacity) * sizeof(DeviceLoraSegment);
+}
+
 // Largest head_dim PagedAttention supports (registers per lane: head_dim / 32).
 inline constexpr int32_t kMaxAttentionHeadDim = 256;
 
@@ -89,7 +109,8 @@ cudaError_t RopeInPlace(float* q,                  // [tokens, num_heads, head_d
                         int32_t head_dim, float attention_scaling, int32_t* error,
                         cudaStream_t stream);
 
-// k_cache[slot_mapping[t]] = k[t] and likewise for v.
+// k_cache[slot_mapping[t]] = k[t] and likewise for v; tokens whose slot is
+// kPaddingSlot are skipped.
 cudaError_t WriteKvSlots(const float* k,                       // [tokens, kv_heads, head_dim]
                          const float* v,                       // [tokens, kv_heads, head_dim]
                          const int32_t* slot_mapping,          // [tokens]
@@ -116,21 +137,23 @@ cudaError_t PagedAttentionForward(
     float* out,            // [tokens, num_heads * head_dim]
     int32_t* error, cudaStream_t stream);
 
-// Segmented shrink, one launch over all segments:
+// Segmented shrink, one launch over segment blocks [0, grid_segments) of
+// which the first table->count work:
 // t[seg.t_offset + (row - seg.start) * seg.rank + r] = x[row, :] · seg.a[r, :].
-// `max_work` is the largest (end - start) * rank over the segments.
+// `max_work` bounds (end - start) * rank over the segments; it only sizes the
+// grid (the kernel strides over whatever work a segment has).
 cudaError_t LoraShrinkSegments(const float* x,  // [tokens, in]
                                int64_t in,
-                               const DeviceLoraSegment* segments,  // [num_segments] device
-                               int32_t num_segments, int64_t max_work,
+                               const DeviceLoraTable* table,  // device
+                               int32_t grid_segments, int64_t max_work,
                                float* t,  // packed intermediate
                                cudaStream_t stream);
 
-// Segmented expand, one launch over (segment, column tile):
+// Segmented expand, one launch over (segment block, column tile):
 // y[row, 0:out] += seg.scale * Σ_r t_seg[row, r] * seg.bt[r, 0:out].
-cudaError_t LoraExpandSegments(const float* t,                     // packed intermediate
-                               const DeviceLoraSegment* segments,  // [num_segments] device
-                               int32_t num_segments, int64_t out,
+cudaError_t LoraExpandSegments(const float* t,                // packed intermediate
+                               const DeviceLoraTable* table,  // device
+                               int32_t grid_segments, int64_t out,
                                float* y,  // [tokens, ldy], columns [0, out)
                                int64_t ldy, cudaStream_t stream);
 

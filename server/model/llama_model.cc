@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <set>
 
@@ -9,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
+#include "server/model/decode_padding.h"
 #include "server/model/safetensors.h"
 
 namespace loraserve::model {
@@ -19,24 +21,24 @@ using kernels::DType;
 using kernels::WeightView;
 
 struct LlamaModel::Layer {
-  const float* input_norm = nullptr;          // [hidden]
+  const float* input_norm = nullptr;           // [hidden]
   const float* post_attention_norm = nullptr;  // [hidden]
-  WeightView q, k, v, o;                      // [out, in]
-  const float* q_bias = nullptr;              // [heads * head_dim] or null
-  const float* k_bias = nullptr;              // [kv_heads * head_dim] or null
+  WeightView q, k, v, o;                       // [out, in]
+  const float* q_bias = nullptr;               // [heads * head_dim] or null
+  const float* k_bias = nullptr;               // [kv_heads * head_dim] or null
   const float* v_bias = nullptr;
-  WeightView gate_up;                         // [2 * intermediate, hidden]: gate rows, then up
-  WeightView down;                            // [hidden, intermediate]
+  WeightView gate_up;  // [2 * intermediate, hidden]: gate rows, then up
+  WeightView down;     // [hidden, intermediate]
 };
 
 // Activations of one step, grown to the largest batch seen.
 struct LlamaModel::Scratch {
   int64_t token_capacity = 0;
   int64_t row_capacity = 0;
-  DeviceBuffer x, h, q, k, v, attn, gate_up, act;  // per token
-  DeviceBuffer rows, logits;                       // per logit row
-  DeviceBuffer ints;                               // step metadata
-  DeviceBuffer lora_t;                             // packed LoRA intermediate
+  DeviceBuffer x, h, q, k, v, attn, gate_up, act;   // per token
+  DeviceBuffer rows, logits;                        // per logit row
+  DeviceBuffer ints;                                // step metadata
+  DeviceBuffer lora_t;                              // packed LoRA intermediate
   std::vector<kernels::LoraSegment> lora_segments;  // host, rebuilt per projection
 };
 
@@ -109,8 +111,7 @@ class CheckpointSource : public LlamaModel::WeightSource {
   explicit CheckpointSource(std::unique_ptr<Checkpoint> checkpoint)
       : checkpoint_(std::move(checkpoint)) {}
 
-  absl::StatusOr<Tensor> Get(const std::string& name,
-                             const std::vector<int64_t>& shape) override {
+  absl::StatusOr<Tensor> Get(const std::string& name, const std::vector<int64_t>& shape) override {
     const TensorInfo* info = checkpoint_->Find(name);
     if (info == nullptr) {
       return absl::NotFoundError(absl::StrCat("checkpoint is missing tensor ", name,
@@ -129,9 +130,9 @@ class CheckpointSource : public LlamaModel::WeightSource {
     for (const std::string& name : checkpoint_->Names()) {
       // Old conversions store the rotary table; it is recomputed from config.
       if (consumed_.count(name) || absl::EndsWith(name, ".rotary_emb.inv_freq")) continue;
-      return absl::InvalidArgumentError(absl::StrCat(
-          "unexpected tensor ", name, " in ", checkpoint_->Find(name)->file,
-          ": not part of a Llama-family model with this config.json"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unexpected tensor ", name, " in ", checkpoint_->Find(name)->file,
+                       ": not part of a Llama-family model with this config.json"));
     }
     return absl::OkStatus();
   }
@@ -146,8 +147,7 @@ class DummySource : public LlamaModel::WeightSource {
  public:
   explicit DummySource(uint64_t seed) : rng_(seed) {}
 
-  absl::StatusOr<Tensor> Get(const std::string& name,
-                             const std::vector<int64_t>& shape) override {
+  absl::StatusOr<Tensor> Get(const std::string& name, const std::vector<int64_t>& shape) override {
     int64_t count = 1;
     for (int64_t d : shape) count *= d;
     values_.resize(count);
@@ -364,12 +364,12 @@ absl::Status LlamaModel::LoadWeights(WeightSource& source, const LoadOptions& op
     ASSIGN_OR_RETURN(void* data, allocate(part_bytes * parts.size()));
     for (size_t i = 0; i < parts.size(); ++i) {
       if (backend_->WeightDType(tensors[i].dtype) != stored) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "tensor ", parts[i], " has dtype ", kernels::DTypeName(tensors[i].dtype),
-            " unlike ", parts[0], " (", kernels::DTypeName(tensors[0].dtype), ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensor ", parts[i], " has dtype ", kernels::DTypeName(tensors[i].dtype),
+                         " unlike ", parts[0], " (", kernels::DTypeName(tensors[0].dtype), ")"));
       }
-      RETURN_IF_ERROR(upload(static_cast<char*>(data) + i * part_bytes, tensors[i],
-                             part_rows * cols));
+      RETURN_IF_ERROR(
+          upload(static_cast<char*>(data) + i * part_bytes, tensors[i], part_rows * cols));
     }
     return WeightView{data, stored, rows, cols};
   };
@@ -403,8 +403,7 @@ absl::Status LlamaModel::LoadWeights(WeightSource& source, const LoadOptions& op
     // Gate and up share one GEMM: their rows are stacked at load.
     ASSIGN_OR_RETURN(layer.gate_up, matrix({p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"},
                                            c.intermediate_size, hidden));
-    ASSIGN_OR_RETURN(layer.down, matrix({p + "mlp.down_proj.weight"}, hidden,
-                                        c.intermediate_size));
+    ASSIGN_OR_RETURN(layer.down, matrix({p + "mlp.down_proj.weight"}, hidden, c.intermediate_size));
   }
   ASSIGN_OR_RETURN(final_norm_, vector("model.norm.weight", hidden));
   if (c.tie_word_embeddings) {
@@ -416,8 +415,7 @@ absl::Status LlamaModel::LoadWeights(WeightSource& source, const LoadOptions& op
 
   const std::vector<float> inv_freq = RopeInverseFrequencies(c);
   ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(inv_freq.size() * sizeof(float)));
-  return backend_->CopyToDevice(inv_freq_.data(), inv_freq.data(),
-                                inv_freq.size() * sizeof(float));
+  return backend_->CopyToDevice(inv_freq_.data(), inv_freq.data(), inv_freq.size() * sizeof(float));
 }
 
 absl::Status LlamaModel::EnsureScratch(int64_t num_tokens, int64_t num_logit_rows) {
@@ -460,10 +458,8 @@ absl::Status LlamaModel::Forward(const ForwardInput& in, const KvCacheView& kv,
 
 absl::StatusOr<const float*> LlamaModel::ForwardOnDevice(const ForwardInput& in,
                                                          const KvCacheView& kv) {
-  const ModelConfig& c = config_;
   const int64_t num_tokens = static_cast<int64_t>(in.tokens.size());
   const int64_t num_seqs = static_cast<int64_t>(in.context_lens.size());
-  const int64_t num_rows = static_cast<int64_t>(in.logit_rows.size());
   if (num_tokens == 0 || num_seqs == 0 || in.positions.size() != in.tokens.size() ||
       in.slot_mapping.size() != in.tokens.size() ||
       in.query_start.size() != in.context_lens.size() + 1 ||
@@ -472,6 +468,19 @@ absl::StatusOr<const float*> LlamaModel::ForwardOnDevice(const ForwardInput& in,
       (!in.adapters.empty() && in.adapters.size() != static_cast<size_t>(num_seqs))) {
     return absl::InvalidArgumentError("forward batch: inconsistent sizes");
   }
+  if (step_graphs_ && backend_->SupportsStepGraphs()) {
+    if (std::optional<DecodeShape> shape = DecodeStepShape(in)) {
+      return RunStep(PadDecodeStep(in, *shape), kv, /*as_graph=*/true);
+    }
+  }
+  return RunStep(in, kv, /*as_graph=*/false);
+}
+
+absl::StatusOr<const float*> LlamaModel::RunStep(const ForwardInput& in, const KvCacheView& kv,
+                                                 bool as_graph) {
+  const int64_t num_tokens = static_cast<int64_t>(in.tokens.size());
+  const int64_t num_seqs = static_cast<int64_t>(in.context_lens.size());
+  const int64_t num_rows = static_cast<int64_t>(in.logit_rows.size());
   const LoraPlan lora = LoraPlan::Build(in);
   RETURN_IF_ERROR(EnsureScratch(num_tokens, num_rows));
   Scratch& s = *scratch_;
@@ -505,26 +514,73 @@ absl::StatusOr<const float*> LlamaModel::ForwardOnDevice(const ForwardInput& in,
   batch.max_blocks_per_seq = in.max_blocks_per_seq;
   batch.slot_mapping = dev + slots_at;
   batch.positions = dev + positions_at;
+  const StepOperands step{&in, &kv, &lora, batch, dev + tokens_at, dev + rows_at};
 
-  RETURN_IF_ERROR(backend_->Embedding(dev + tokens_at, num_tokens, embed_tokens_, s.x.as<float>()));
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    RETURN_IF_ERROR(RunLayer(static_cast<int64_t>(l), layers_[l], num_tokens, batch, kv.layout,
-                             in.merged, lora, kv.k[l], kv.v[l]));
+  if (as_graph) {
+    // Everything the step's operations use is allocated before the step.
+    RETURN_IF_ERROR(ReserveLoraIntermediate(lora));
+    // One graph per padded shape, adapter use and weight set; the backend
+    // checks every call against the recording, so a key that collides or a
+    // buffer that moved only costs a new capture.
+    const uint64_t shape = static_cast<uint64_t>(num_tokens) |
+                           (static_cast<uint64_t>(in.max_blocks_per_seq) << 20) |
+                           (static_cast<uint64_t>(!lora.segments.empty()) << 40);
+    const uint64_t key = shape ^ (reinterpret_cast<uintptr_t>(in.merged) * 0x9E3779B97F4A7C15ull);
+    // Each sequence may bring its own segment and a correction.
+    absl::Status status = backend_->BeginStep(key, static_cast<int32_t>(2 * num_seqs));
+    in_step_graph_ = status.ok();
+    if (status.ok()) status = Encode(step);
+    if (status.ok()) status = backend_->EndStep();
+    in_step_graph_ = false;
+    if (status.ok()) {
+      ++step_graph_stats_.graph_steps;
+      return s.logits.as<float>();
+    }
+    // Nothing of the step has run: run it operation by operation.
+    backend_->AbortStep();
+    ++step_graph_stats_.eager_fallbacks;
   }
-  if (num_rows == 0) return s.logits.as<float>();
-  // Only the rows whose logits are wanted go through the final norm and lm_head.
-  const WeightView hidden_states{s.x.data(), DType::kF32, num_tokens, c.hidden_size};
-  RETURN_IF_ERROR(backend_->Embedding(dev + rows_at, num_rows, hidden_states, s.rows.as<float>()));
-  RETURN_IF_ERROR(backend_->RmsNorm(s.rows.as<float>(), final_norm_, num_rows, c.hidden_size,
-                                    static_cast<float>(c.rms_norm_eps), s.rows.as<float>()));
-  RETURN_IF_ERROR(backend_->Linear(s.rows.as<float>(), lm_head_, num_rows, s.logits.as<float>(),
-                                   /*accumulate=*/false));
+  RETURN_IF_ERROR(Encode(step));
   return s.logits.as<float>();
 }
 
-absl::Status LlamaModel::ApplyLora(int64_t layer_index, adapters::LoraModule module,
-                                   const float* x, int64_t in, const LoraPlan& lora, int64_t out,
-                                   float* y, int64_t ldy) {
+absl::Status LlamaModel::ReserveLoraIntermediate(const LoraPlan& lora) {
+  int64_t floats = 1;  // never null, even with no segment
+  for (const LoraPlan::Segment& seg : lora.segments) {
+    floats += static_cast<int64_t>(seg.end - seg.start) * seg.adapter->max_rank();
+  }
+  const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
+  if (scratch_->lora_t.bytes() < bytes) {
+    ASSIGN_OR_RETURN(scratch_->lora_t, backend_->Allocate(2 * bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::Encode(const StepOperands& step) {
+  const ModelConfig& c = config_;
+  const ForwardInput& in = *step.input;
+  const int64_t num_tokens = static_cast<int64_t>(in.tokens.size());
+  const int64_t num_rows = static_cast<int64_t>(in.logit_rows.size());
+  Scratch& s = *scratch_;
+  RETURN_IF_ERROR(backend_->Embedding(step.tokens, num_tokens, embed_tokens_, s.x.as<float>()));
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    RETURN_IF_ERROR(RunLayer(static_cast<int64_t>(l), layers_[l], num_tokens, step.batch,
+                             step.kv->layout, in.merged, *step.lora, step.kv->k[l], step.kv->v[l]));
+  }
+  if (num_rows == 0) return absl::OkStatus();
+  // Only the rows whose logits are wanted go through the final norm and lm_head.
+  const WeightView hidden_states{s.x.data(), DType::kF32, num_tokens, c.hidden_size};
+  RETURN_IF_ERROR(
+      backend_->Embedding(step.logit_rows, num_rows, hidden_states, s.rows.as<float>()));
+  RETURN_IF_ERROR(backend_->RmsNorm(s.rows.as<float>(), final_norm_, num_rows, c.hidden_size,
+                                    static_cast<float>(c.rms_norm_eps), s.rows.as<float>()));
+  return backend_->Linear(s.rows.as<float>(), lm_head_, num_rows, s.logits.as<float>(),
+                          /*accumulate=*/false);
+}
+
+absl::Status LlamaModel::ApplyLora(int64_t layer_index, adapters::LoraModule module, const float* x,
+                                   int64_t in, const LoraPlan& lora, int64_t out, float* y,
+                                   int64_t ldy) {
   std::vector<kernels::LoraSegment>& segments = scratch_->lora_segments;
   segments.clear();
   for (const LoraPlan::Segment& seg : lora.segments) {
@@ -532,7 +588,9 @@ absl::Status LlamaModel::ApplyLora(int64_t layer_index, adapters::LoraModule mod
     if (w.rank == 0) continue;
     segments.push_back({seg.start, seg.end, w.a, w.bt, w.rank, w.scale * seg.scale});
   }
-  if (segments.empty()) return absl::OkStatus();
+  // Inside a step graph a module no segment adapts is still a call: another
+  // step replaying the graph may adapt it.
+  if (lora.segments.empty() || (segments.empty() && !in_step_graph_)) return absl::OkStatus();
   const int32_t count = static_cast<int32_t>(segments.size());
   const size_t t_bytes =
       static_cast<size_t>(kernels::LoraIntermediateSize(segments.data(), count)) * sizeof(float);
@@ -546,8 +604,8 @@ absl::Status LlamaModel::ApplyLora(int64_t layer_index, adapters::LoraModule mod
 
 absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64_t num_tokens,
                                   const AttentionBatch& batch, const kernels::KvLayout& layout,
-                                  const MergedWeights* merged, const LoraPlan& lora,
-                                  float* k_cache, float* v_cache) {
+                                  const MergedWeights* merged, const LoraPlan& lora, float* k_cache,
+                                  float* v_cache) {
   using adapters::LoraModule;
   const ModelConfig& c = config_;
   Scratch& s = *scratch_;

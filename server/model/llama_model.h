@@ -127,6 +127,16 @@ class LlamaModel {
   // and only token ids cross to the host).
   absl::StatusOr<const float*> ForwardOnDevice(const ForwardInput& input, const KvCacheView& kv);
 
+  // Decode steps (one token per sequence) are padded and run as step graphs
+  // on a backend that records them (see decode_padding.h and
+  // Backend::BeginStep); on by default. Results are the same either way.
+  void set_step_graphs(bool enabled) { step_graphs_ = enabled; }
+  struct StepGraphStats {
+    int64_t graph_steps = 0;      // steps launched as a recorded graph
+    int64_t eager_fallbacks = 0;  // steps a graph could not take (run op by op)
+  };
+  const StepGraphStats& step_graph_stats() const { return step_graph_stats_; }
+
   // Builds W' = W + s·B·A for every matrix `choice.adapter` adapts (s its
   // scale times choice.scale); matrices it leaves alone are shared with the
   // base. The base weights are not modified. The result must not outlive
@@ -149,6 +159,24 @@ class LlamaModel {
   absl::Status LoadWeights(WeightSource& source, const LoadOptions& options);
   absl::Status EnsureScratch(int64_t num_tokens, int64_t num_logit_rows);
   struct LoraPlan;
+  // Device operands of one step, shared by its eager and graph runs.
+  struct StepOperands {
+    const ForwardInput* input;
+    const KvCacheView* kv;
+    const LoraPlan* lora;
+    kernels::AttentionBatch batch;
+    const int32_t* tokens;      // [num_tokens] device
+    const int32_t* logit_rows;  // [rows] device
+  };
+  // Uploads the metadata of `input` and runs it, recorded as a step graph
+  // when `as_graph` and the backend takes it, else operation by operation.
+  absl::StatusOr<const float*> RunStep(const ForwardInput& input, const KvCacheView& kv,
+                                       bool as_graph);
+  // Queues the step's operations: embedding, layers, final norm and lm_head.
+  absl::Status Encode(const StepOperands& step);
+  // Grows the LoRA intermediate to the most `lora` can need (no allocation
+  // may happen inside a step graph).
+  absl::Status ReserveLoraIntermediate(const LoraPlan& lora);
   absl::Status RunLayer(int64_t layer_index, const Layer& layer, int64_t num_tokens,
                         const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
                         const MergedWeights* merged, const LoraPlan& lora, float* k_cache,
@@ -167,6 +195,9 @@ class LlamaModel {
   std::vector<Layer> layers_;
   kernels::DeviceBuffer inv_freq_;  // [head_dim / 2]
   std::unique_ptr<Scratch> scratch_;
+  bool step_graphs_ = true;
+  bool in_step_graph_ = false;  // between BeginStep and EndStep
+  StepGraphStats step_graph_stats_;
 };
 
 }  // namespace loraserve::model

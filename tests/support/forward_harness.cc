@@ -43,6 +43,27 @@ model::ForwardInput PrefillAll(const std::vector<std::vector<int32_t>>& seqs,
   return in;
 }
 
+model::ForwardInput DecodeOne(const std::vector<int32_t>& next_tokens,
+                              const std::vector<int32_t>& positions, const PagedTestCache& cache) {
+  model::ForwardInput in;
+  in.max_blocks_per_seq = cache.blocks_per_seq();
+  in.query_start.push_back(0);
+  for (int32_t s = 0; s < static_cast<int32_t>(next_tokens.size()); ++s) {
+    const int32_t pos = positions[s];
+    in.logit_rows.push_back(s);
+    in.tokens.push_back(next_tokens[s]);
+    in.positions.push_back(pos);
+    in.slot_mapping.push_back(cache.Block(s, pos / kTestBlockSize) * kTestBlockSize +
+                              pos % kTestBlockSize);
+    in.query_start.push_back(s + 1);
+    in.context_lens.push_back(pos + 1);
+    for (int32_t b = 0; b < cache.blocks_per_seq(); ++b) {
+      in.block_tables.push_back(cache.Block(s, b));
+    }
+  }
+  return in;
+}
+
 float MaxAbsDiff(const float* a, const float* b, size_t n) {
   float worst = 0.0f;
   for (size_t i = 0; i < n; ++i) {

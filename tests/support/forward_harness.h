@@ -42,6 +42,11 @@ class PagedTestCache {
 model::ForwardInput PrefillAll(const std::vector<std::vector<int32_t>>& seqs,
                                const PagedTestCache& cache);
 
+// A decode step: sequence s appends next_tokens[s] at positions[s] (its
+// positions before are cached), with logits for every sequence.
+model::ForwardInput DecodeOne(const std::vector<int32_t>& next_tokens,
+                              const std::vector<int32_t>& positions, const PagedTestCache& cache);
+
 // Largest |a[i] - b[i]|; NaN anywhere gives NaN (which fails any <= check).
 float MaxAbsDiff(const float* a, const float* b, size_t n);
 

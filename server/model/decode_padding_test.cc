@@ -1,0 +1,153 @@
+// Padding decode steps for step graphs: the shapes chosen, the padded input,
+// and (on the CPU backend) that a padded step computes exactly what the
+// unpadded one does and writes nothing for its padding.
+#include "server/model/decode_padding.h"
+
+#include <map>
+
+#include "adapters/device_adapter.h"
+#include "adapters/lora_adapter.h"
+#include "gtest/gtest.h"
+#include "tests/support/forward_harness.h"
+#include "tests/support/golden_cases.h"
+
+namespace loraserve::model {
+namespace {
+
+TEST(DecodePaddingTest, BatchSizes) {
+  const std::map<int32_t, int32_t> expected = {{1, 1},   {2, 2},   {3, 4},    {5, 8},
+                                               {8, 8},   {9, 16},  {16, 16},  {17, 24},
+                                               {64, 64}, {65, 72}, {256, 256}};
+  for (const auto& [n, batch] : expected) EXPECT_EQ(PaddedDecodeBatch(n), batch) << n;
+}
+
+ForwardInput Decode(int32_t num_seqs, int32_t max_blocks) {
+  ForwardInput in;
+  in.max_blocks_per_seq = max_blocks;
+  in.query_start.push_back(0);
+  for (int32_t s = 0; s < num_seqs; ++s) {
+    in.tokens.push_back(10 + s);
+    in.positions.push_back(3 + s);
+    in.slot_mapping.push_back(100 + s);
+    in.logit_rows.push_back(s);
+    in.query_start.push_back(s + 1);
+    in.context_lens.push_back(4 + s);
+    for (int32_t b = 0; b < max_blocks; ++b) in.block_tables.push_back(7 * s + b + 1);
+  }
+  return in;
+}
+
+TEST(DecodePaddingTest, OnlyDecodeStepsArePadded) {
+  std::optional<DecodeShape> shape = DecodeStepShape(Decode(3, 3));
+  ASSERT_TRUE(shape.has_value());
+  EXPECT_EQ(shape->batch, 4);
+  EXPECT_EQ(shape->max_blocks, 4);
+
+  ForwardInput prefill = Decode(2, 1);  // the second sequence brings two tokens
+  prefill.tokens.push_back(1);
+  prefill.positions.push_back(5);
+  prefill.slot_mapping.push_back(9);
+  prefill.query_start.back() = 3;
+  prefill.logit_rows = {1, 2};
+  EXPECT_FALSE(DecodeStepShape(prefill).has_value());
+
+  ForwardInput some_rows = Decode(3, 1);
+  some_rows.logit_rows = {0, 2};
+  EXPECT_FALSE(DecodeStepShape(some_rows).has_value());
+
+  EXPECT_FALSE(DecodeStepShape(Decode(kMaxPaddedDecodeBatch + 1, 1)).has_value());
+  EXPECT_TRUE(DecodeStepShape(Decode(kMaxPaddedDecodeBatch, 1)).has_value());
+}
+
+TEST(DecodePaddingTest, PaddingTokensWriteNothingAndNeedNoSegment) {
+  const ForwardInput in = Decode(3, 3);
+  const ForwardInput padded = PadDecodeStep(in, {.batch = 4, .max_blocks = 4});
+  EXPECT_EQ(padded.tokens, (std::vector<int32_t>{10, 11, 12, 0}));
+  EXPECT_EQ(padded.positions, (std::vector<int32_t>{3, 4, 5, 0}));
+  EXPECT_EQ(padded.slot_mapping, (std::vector<int32_t>{100, 101, 102, kernels::kPaddingSlot}));
+  EXPECT_EQ(padded.query_start, (std::vector<int32_t>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(padded.context_lens, (std::vector<int32_t>{4, 5, 6, 1}));
+  EXPECT_EQ(padded.logit_rows, (std::vector<int32_t>{0, 1, 2, 3}));
+  EXPECT_EQ(padded.max_blocks_per_seq, 4);
+  EXPECT_EQ(padded.block_tables,
+            (std::vector<int32_t>{1, 2, 3, 0, 8, 9, 10, 0, 15, 16, 17, 0, 0, 0, 0, 0}));
+  EXPECT_TRUE(padded.adapters.empty());  // all on the base, padding too
+
+  ForwardInput with_adapter = in;
+  const auto* adapter = reinterpret_cast<const adapters::DeviceAdapter*>(&in);  // identity only
+  with_adapter.adapters = {{adapter, 1.0f}, {}, {adapter, 0.5f}};
+  const ForwardInput padded_adapter = PadDecodeStep(with_adapter, {.batch = 8, .max_blocks = 4});
+  ASSERT_EQ(padded_adapter.adapters.size(), 8u);
+  EXPECT_TRUE(padded_adapter.adapters[2] == (AdapterChoice{adapter, 0.5f}));
+  for (size_t i = 3; i < 8; ++i) EXPECT_TRUE(padded_adapter.adapters[i] == AdapterChoice{});
+}
+
+// Loads the shared tiny model and its adapters on the CPU backend.
+class PaddedForwardTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    backend_ = std::move(*kernels::CreateCpuBackend({}));
+    auto models = testing::LoadModelCases();
+    ASSERT_TRUE(models.ok()) << models.status();
+    for (const auto& c : *models) {
+      if (c.name == "aidreams-260k") model_dir_ = c.model_dir;
+    }
+    auto model = LlamaModel::Load(backend_.get(), model_dir_, {});
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::move(*model);
+    auto cases = testing::LoadAdapterCases();
+    ASSERT_TRUE(cases.ok()) << cases.status();
+    for (const auto& c : *cases) {
+      if (c.name != "ocean" && c.name != "attn-r8") continue;
+      auto host = adapters::LoadLoraAdapter(c.adapter_dir, model_->adapter_shape(), {});
+      ASSERT_TRUE(host.ok()) << host.status();
+      auto device = adapters::DeviceAdapter::Upload(backend_.get(), *host);
+      ASSERT_TRUE(device.ok()) << device.status();
+      adapters_[c.name] = std::move(*device);
+    }
+    ASSERT_EQ(adapters_.size(), 2u);
+  }
+
+  std::unique_ptr<kernels::Backend> backend_;
+  std::string model_dir_;
+  std::unique_ptr<LlamaModel> model_;
+  std::map<std::string, std::unique_ptr<adapters::DeviceAdapter>> adapters_;
+};
+
+TEST_F(PaddedForwardTest, PaddedDecodeStepEqualsUnpadded) {
+  const std::vector<std::vector<int32_t>> prompts = {
+      {1, 72, 305, 41}, {1, 9, 18}, {1, 400, 2, 33, 87}};
+  const std::vector<AdapterChoice> choices = {
+      {adapters_["ocean"].get(), 1.0f}, {}, {adapters_["attn-r8"].get(), 0.5f}};
+  const int64_t vocab = model_->config().vocab_size;
+  // Two caches with the same prompts: one runs padded decode steps, the other not.
+  std::vector<std::unique_ptr<testing::PagedTestCache>> caches;
+  for (int i = 0; i < 2; ++i) {
+    caches.push_back(
+        std::make_unique<testing::PagedTestCache>(backend_.get(), model_->kv_shape(), 3, 40));
+    ForwardInput prefill = testing::PrefillAll(prompts, *caches.back());
+    prefill.adapters = choices;
+    std::vector<float> logits;
+    ASSERT_TRUE(model_->Forward(prefill, caches.back()->view(), &logits).ok());
+  }
+  std::vector<int32_t> positions = {4, 3, 5};
+  for (int step = 0; step < 3; ++step) {
+    ForwardInput in = testing::DecodeOne({20 + step, 30 + step, 40 + step}, positions, *caches[0]);
+    in.adapters = choices;
+    std::optional<DecodeShape> shape = DecodeStepShape(in);
+    ASSERT_TRUE(shape.has_value());
+    const ForwardInput padded = PadDecodeStep(in, *shape);
+    std::vector<float> plain, padded_logits;
+    ASSERT_TRUE(model_->Forward(in, caches[0]->view(), &plain).ok());
+    ASSERT_TRUE(model_->Forward(padded, caches[1]->view(), &padded_logits).ok());
+    ASSERT_EQ(padded_logits.size(), static_cast<size_t>(shape->batch * vocab));
+    // The CPU GEMMs are batch-invariant: the real rows match exactly, and
+    // the next step (which reads the cache the padded step wrote) too.
+    EXPECT_EQ(testing::MaxAbsDiff(plain.data(), padded_logits.data(), plain.size()), 0.0f)
+        << "step " << step;
+    for (int32_t& p : positions) ++p;
+  }
+}
+
+}  // namespace
+}  // namespace loraserve::model
