@@ -1,5 +1,6 @@
 #include "server/model/llama_model.h"
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -526,8 +527,10 @@ absl::StatusOr<const float*> LlamaModel::RunStep(const ForwardInput& in, const K
                            (static_cast<uint64_t>(in.max_blocks_per_seq) << 20) |
                            (static_cast<uint64_t>(!lora.segments.empty()) << 40);
     const uint64_t key = shape ^ (reinterpret_cast<uintptr_t>(in.merged) * 0x9E3779B97F4A7C15ull);
-    // Each sequence may bring its own segment and a correction.
-    absl::Status status = backend_->BeginStep(key, static_cast<int32_t>(2 * num_seqs));
+    // Each sequence may bring its own segment and a correction, for each
+    // target of a fused LoRA call.
+    absl::Status status =
+        backend_->BeginStep(key, static_cast<int32_t>(2 * kMaxFusedLoraTargets * num_seqs));
     in_step_graph_ = status.ok();
     if (status.ok()) status = Encode(step);
     if (status.ok()) status = backend_->EndStep();
@@ -547,7 +550,8 @@ absl::StatusOr<const float*> LlamaModel::RunStep(const ForwardInput& in, const K
 absl::Status LlamaModel::ReserveLoraIntermediate(const LoraPlan& lora) {
   int64_t floats = 1;  // never null, even with no segment
   for (const LoraPlan::Segment& seg : lora.segments) {
-    floats += static_cast<int64_t>(seg.end - seg.start) * seg.adapter->max_rank();
+    floats +=
+        static_cast<int64_t>(seg.end - seg.start) * seg.adapter->max_rank() * kMaxFusedLoraTargets;
   }
   const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
   if (scratch_->lora_t.bytes() < bytes) {
@@ -578,19 +582,28 @@ absl::Status LlamaModel::Encode(const StepOperands& step) {
                           /*accumulate=*/false);
 }
 
-absl::Status LlamaModel::ApplyLora(int64_t layer_index, adapters::LoraModule module, const float* x,
-                                   int64_t in, const LoraPlan& lora, int64_t out, float* y,
-                                   int64_t ldy) {
+absl::Status LlamaModel::ApplyLora(int64_t layer_index, std::initializer_list<LoraTarget> targets,
+                                   const float* x, int64_t in, const LoraPlan& lora) {
+  if (lora.segments.empty()) return absl::OkStatus();
+  // The segments of every target, target after target: one shrink launch
+  // reads x once for all of them, and each target's part of the packed
+  // intermediate then expands into its own output.
   std::vector<kernels::LoraSegment>& segments = scratch_->lora_segments;
   segments.clear();
-  for (const LoraPlan::Segment& seg : lora.segments) {
-    const adapters::DeviceLoraWeights& w = seg.adapter->weights(layer_index, module);
-    if (w.rank == 0) continue;
-    segments.push_back({seg.start, seg.end, w.a, w.bt, w.rank, w.scale * seg.scale});
+  std::array<int32_t, kMaxFusedLoraTargets> counts{};
+  size_t i = 0;
+  for (const LoraTarget& target : targets) {
+    for (const LoraPlan::Segment& seg : lora.segments) {
+      const adapters::DeviceLoraWeights& w = seg.adapter->weights(layer_index, target.module);
+      if (w.rank == 0) continue;
+      segments.push_back({seg.start, seg.end, w.a, w.bt, w.rank, w.scale * seg.scale});
+      ++counts[i];
+    }
+    ++i;
   }
   // Inside a step graph a module no segment adapts is still a call: another
   // step replaying the graph may adapt it.
-  if (lora.segments.empty() || (segments.empty() && !in_step_graph_)) return absl::OkStatus();
+  if (segments.empty() && !in_step_graph_) return absl::OkStatus();
   const int32_t count = static_cast<int32_t>(segments.size());
   const size_t t_bytes =
       static_cast<size_t>(kernels::LoraIntermediateSize(segments.data(), count)) * sizeof(float);
@@ -599,7 +612,17 @@ absl::Status LlamaModel::ApplyLora(int64_t layer_index, adapters::LoraModule mod
   }
   float* t = scratch_->lora_t.as<float>();
   RETURN_IF_ERROR(backend_->LoraShrink(x, in, segments.data(), count, t));
-  return backend_->LoraExpand(t, segments.data(), count, out, y, ldy);
+  const kernels::LoraSegment* first = segments.data();
+  i = 0;
+  for (const LoraTarget& target : targets) {
+    const int32_t n = counts[i++];
+    if (n > 0 || in_step_graph_) {
+      RETURN_IF_ERROR(backend_->LoraExpand(t, first, n, target.out, target.y, target.ldy));
+    }
+    t += kernels::LoraIntermediateSize(first, n);
+    first += n;
+  }
+  return absl::OkStatus();
 }
 
 absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64_t num_tokens,
@@ -630,14 +653,20 @@ absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64
   auto project = [&](const float* in, int64_t in_dim, const WeightView& w, LoraModule module,
                      float* out, bool accumulate) -> absl::Status {
     RETURN_IF_ERROR(backend_->Linear(in, w, num_tokens, out, accumulate));
-    return ApplyLora(layer_index, module, in, in_dim, lora, w.rows, out, w.rows);
+    return ApplyLora(layer_index, {{module, w.rows, out, w.rows}}, in, in_dim, lora);
   };
 
   // Attention block; the residual add is the GEMM's accumulation into x.
+  // q, k and v read the same input: one LoRA shrink serves all three.
   RETURN_IF_ERROR(backend_->RmsNorm(x, layer.input_norm, num_tokens, hidden, eps, h));
-  RETURN_IF_ERROR(project(h, hidden, wq, LoraModule::kQProj, q, false));
-  RETURN_IF_ERROR(project(h, hidden, wk, LoraModule::kKProj, k, false));
-  RETURN_IF_ERROR(project(h, hidden, wv, LoraModule::kVProj, v, false));
+  RETURN_IF_ERROR(backend_->Linear(h, wq, num_tokens, q, false));
+  RETURN_IF_ERROR(backend_->Linear(h, wk, num_tokens, k, false));
+  RETURN_IF_ERROR(backend_->Linear(h, wv, num_tokens, v, false));
+  RETURN_IF_ERROR(ApplyLora(layer_index,
+                            {{LoraModule::kQProj, wq.rows, q, wq.rows},
+                             {LoraModule::kKProj, wk.rows, k, wk.rows},
+                             {LoraModule::kVProj, wv.rows, v, wv.rows}},
+                            h, hidden, lora));
   if (layer.q_bias != nullptr) {
     RETURN_IF_ERROR(backend_->AddBias(q, layer.q_bias, num_tokens, wq.rows));
     RETURN_IF_ERROR(backend_->AddBias(k, layer.k_bias, num_tokens, wk.rows));
@@ -655,10 +684,10 @@ absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64
   RETURN_IF_ERROR(backend_->RmsNorm(x, layer.post_attention_norm, num_tokens, hidden, eps, h));
   float* gate_up = s.gate_up.as<float>();
   RETURN_IF_ERROR(backend_->Linear(h, w_gate_up, num_tokens, gate_up, false));
-  RETURN_IF_ERROR(
-      ApplyLora(layer_index, LoraModule::kGateProj, h, hidden, lora, inter, gate_up, 2 * inter));
-  RETURN_IF_ERROR(ApplyLora(layer_index, LoraModule::kUpProj, h, hidden, lora, inter,
-                            gate_up + inter, 2 * inter));
+  RETURN_IF_ERROR(ApplyLora(layer_index,
+                            {{LoraModule::kGateProj, inter, gate_up, 2 * inter},
+                             {LoraModule::kUpProj, inter, gate_up + inter, 2 * inter}},
+                            h, hidden, lora));
   RETURN_IF_ERROR(backend_->SiluMul(gate_up, num_tokens, inter, s.act.as<float>()));
   return project(s.act.as<float>(), inter, w_down, LoraModule::kDownProj, x, true);
 }

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -181,9 +182,19 @@ class LlamaModel {
                         const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
                         const MergedWeights* merged, const LoraPlan& lora, float* k_cache,
                         float* v_cache);
-  // y[:, 0:out] += the LoRA terms of `module` for every segment of `lora`.
-  absl::Status ApplyLora(int64_t layer_index, adapters::LoraModule module, const float* x,
-                         int64_t in, const LoraPlan& lora, int64_t out, float* y, int64_t ldy);
+  // Where one module's LoRA terms go: y[:, 0:out], rows ldy floats apart.
+  struct LoraTarget {
+    adapters::LoraModule module;
+    int64_t out;
+    float* y;
+    int64_t ldy;
+  };
+  // Modules of one layer that read the same input (q, k, v; gate, up).
+  static constexpr size_t kMaxFusedLoraTargets = 3;
+  // Adds the LoRA terms of every target for every segment of `lora`: one
+  // shrink launch over x for all targets, one expand per target.
+  absl::Status ApplyLora(int64_t layer_index, std::initializer_list<LoraTarget> targets,
+                         const float* x, int64_t in, const LoraPlan& lora);
 
   kernels::Backend* backend_;
   ModelConfig config_;
