@@ -33,6 +33,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/sampling.h"
 
 namespace loraserve::kernels {
 
@@ -246,6 +247,19 @@ class Backend {
                                       const AttentionBatch& batch, const KvLayout& layout,
                                       int32_t num_heads, const float* k_cache, const float* v_cache,
                                       float* out) = 0;  // [tokens, num_heads * head_dim]
+
+  // --- sampling -----------------------------------------------------------
+  // Samples the next token of every row as `params[row]` says, with the
+  // results of SampleRow (kernels/sampling.h), and writes them to `out[row]`.
+  // Only the results cross to the host, never the logits. A backend that sums
+  // probabilities in another order may differ from SampleRow only where a
+  // draw or top_p falls within rounding of a boundary, and in the last bits
+  // of logprobs. Parameters are checked first (ValidateSamplingRow); `vocab`
+  // must be in [1, INT32_MAX].
+  virtual absl::Status Sample(const float* logits,  // [rows, vocab] device memory
+                              int64_t rows, int64_t vocab,
+                              const SamplingRow* params,  // [rows] host memory
+                              SampledToken* out) = 0;     // [rows] host memory
 };
 
 struct CpuBackendOptions {

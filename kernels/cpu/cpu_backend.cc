@@ -28,6 +28,7 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
+#include "kernels/sampling.h"
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
 #error "kernels/cpu needs AVX2, FMA and F16C: compile with -march=x86-64-v3 or newer"
@@ -646,6 +647,36 @@ class CpuBackend final : public Backend {
         const int32_t chunks = (batch.positions[token] + kAttentionChunk) / kAttentionChunk;
         MergePartials(partials_.data() + first * partial_floats, chunks, num_heads, head_dim,
                       out + static_cast<int64_t>(token) * num_heads * head_dim);
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  // --- sampling -------------------------------------------------------------
+
+  absl::Status Sample(const float* logits, int64_t rows, int64_t vocab, const SamplingRow* params,
+                      SampledToken* out) override {
+    constexpr const char* kOp = "Sample";
+    if (rows < 0) return NegativeArgument(kOp, "rows", rows);
+    if (vocab <= 0) return NonPositiveArgument(kOp, "vocab", vocab);
+    if (vocab > std::numeric_limits<int32_t>::max()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CpuBackend::Sample: vocab must fit token ids (int32), got ", vocab));
+    }
+    if (rows == 0) return absl::OkStatus();
+    if (logits == nullptr) return NullArgument(kOp, "logits");
+    if (params == nullptr) return NullArgument(kOp, "params");
+    if (out == nullptr) return NullArgument(kOp, "out");
+    for (int64_t row = 0; row < rows; ++row) {
+      if (absl::Status status = ValidateSamplingRow(params[row], row); !status.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("CpuBackend::Sample: ", status.message()));
+      }
+    }
+    // Device memory is host memory here: the reference runs in place, one
+    // row per work item (rows are independent, so threads change nothing).
+    pool_.ParallelFor(rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        out[row] = SampleRow(logits + row * vocab, vocab, params[row]);
       }
     });
     return absl::OkStatus();

@@ -212,6 +212,8 @@ class CudaBackend final : public Backend {
     cudaFree(staging_);
     cudaFree(error_);
     cudaFreeHost(error_host_);
+    cudaFreeHost(sample_host_);
+    cudaFree(sample_device_);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
@@ -722,6 +724,85 @@ class CudaBackend final : public Backend {
         v_cache, out);
   }
 
+  // --- sampling -------------------------------------------------------------
+
+  // One launch samples every row; the parameters go up and the results come
+  // back in one copy each, through one pinned buffer.
+  absl::Status Sample(const float* logits, int64_t rows, int64_t vocab, const SamplingRow* params,
+                      SampledToken* out) override {
+    constexpr const char* kOp = "Sample";
+    CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "rows", rows));
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "vocab", vocab));
+    if (vocab > INT32_MAX) {
+      return Invalid(kOp, absl::StrCat("vocab must fit token ids (int32), got ", vocab));
+    }
+    if (rows > INT32_MAX) return Invalid(kOp, absl::StrCat("rows ", rows, " > ", INT32_MAX));
+    if (rows == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "logits", logits));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "params", params));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "out", out));
+    int64_t num_top = 0;
+    for (int64_t row = 0; row < rows; ++row) {
+      if (absl::Status status = ValidateSamplingRow(params[row], row); !status.ok()) {
+        return Invalid(kOp, std::string(status.message()));
+      }
+      num_top += std::min<int64_t>(params[row].num_top_logprobs, vocab);
+    }
+    // Layout of the staging buffers (host and device alike): parameters,
+    // then results and top entries, which come back together.
+    const size_t params_bytes = rows * sizeof(cuda::DeviceSamplingRow);
+    const size_t results_bytes = rows * sizeof(cuda::DeviceSampledRow);
+    const size_t back_bytes = results_bytes + num_top * sizeof(cuda::DeviceTopEntry);
+    CUDA_RETURN_IF_ERROR(EnsureSampleStaging(params_bytes + back_bytes));
+    auto* host_params = reinterpret_cast<cuda::DeviceSamplingRow*>(sample_host_);
+    int64_t offset = 0;
+    for (int64_t row = 0; row < rows; ++row) {
+      const SamplingRow& p = params[row];
+      const int32_t n = static_cast<int32_t>(std::min<int64_t>(p.num_top_logprobs, vocab));
+      host_params[row] = {p.temperature, p.top_k, p.top_p, n, p.uniform, offset};
+      offset += n;
+    }
+    char* device = static_cast<char*>(sample_device_);
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(device, sample_host_, params_bytes, cudaMemcpyHostToDevice, stream_));
+    auto* device_results = reinterpret_cast<cuda::DeviceSampledRow*>(device + params_bytes);
+    auto* device_top =
+        reinterpret_cast<cuda::DeviceTopEntry*>(device + params_bytes + results_bytes);
+    CUDA_RETURN_IF_ERROR(cuda::SampleRows(logits, rows, vocab,
+                                          reinterpret_cast<const cuda::DeviceSamplingRow*>(device),
+                                          device_results, device_top, stream_));
+    char* back = static_cast<char*>(sample_host_) + params_bytes;
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(back, device_results, back_bytes, cudaMemcpyDeviceToHost, stream_));
+    CUDA_RETURN_IF_ERROR(Synchronize());
+
+    // Logprobs as the reference computes them, from the row's log_z; top
+    // entries were collected unordered and are ranked here.
+    const auto* results = reinterpret_cast<const cuda::DeviceSampledRow*>(back);
+    const auto* top = reinterpret_cast<const cuda::DeviceTopEntry*>(back + results_bytes);
+    for (int64_t row = 0; row < rows; ++row) {
+      const cuda::DeviceSampledRow& r = results[row];
+      SampledToken& token = out[row];
+      token.id = r.id;
+      token.logprob = static_cast<float>(r.logit - r.log_z);
+      std::vector<cuda::DeviceTopEntry> entries(
+          top + host_params[row].top_offset,
+          top + host_params[row].top_offset + host_params[row].num_top);
+      std::sort(entries.begin(), entries.end(),
+                [](const cuda::DeviceTopEntry& a, const cuda::DeviceTopEntry& b) {
+                  return SamplingOrderBefore(a.logit, a.id, b.logit, b.id);
+                });
+      token.top_logprobs.clear();
+      token.top_logprobs.reserve(entries.size());
+      for (const cuda::DeviceTopEntry& e : entries) {
+        token.top_logprobs.push_back({e.id, static_cast<float>(e.logit - r.log_z)});
+      }
+    }
+    return absl::OkStatus();
+  }
+
  private:
   // A segment table's pinned host copy and its device twin. `done` marks the
   // end of the upload from `host`; the device copy is reused safely because
@@ -756,6 +837,23 @@ class CudaBackend final : public Backend {
       scratch_bytes_ = grown;
     }
     return scratch_;
+  }
+
+  // Pinned host and device staging of at least `bytes` each for Sample;
+  // contents are not kept when they grow.
+  absl::Status EnsureSampleStaging(size_t bytes) {
+    if (bytes <= sample_bytes_) return absl::OkStatus();
+    const size_t grown = std::max(bytes, 2 * sample_bytes_);
+    // Sample synchronises before it returns: nothing still uses the old ones.
+    CUDA_RETURN_IF_ERROR(cudaFreeHost(sample_host_));
+    CUDA_RETURN_IF_ERROR(cudaFree(sample_device_));
+    sample_host_ = nullptr;
+    sample_device_ = nullptr;
+    sample_bytes_ = 0;
+    CUDA_RETURN_IF_ERROR(cudaMallocHost(&sample_host_, grown));
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&sample_device_, grown));
+    sample_bytes_ = grown;
+    return absl::OkStatus();
   }
 
   // Fails inside a step, where only operations may be called.
@@ -904,6 +1002,9 @@ class CudaBackend final : public Backend {
   size_t arena_bytes_ = 0;
   size_t arena_wanted_bytes_ = kInitialArenaBytes;
   cudaEvent_t arena_copied_ = nullptr;  // the last step's arena copy is done
+  void* sample_host_ = nullptr;         // pinned: Sample's parameters and results
+  void* sample_device_ = nullptr;       // their device twin
+  size_t sample_bytes_ = 0;             // size of each
 };
 
 }  // namespace

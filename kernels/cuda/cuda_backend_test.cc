@@ -685,5 +685,137 @@ TEST_F(CudaLoraTest, DecodeStepGraphsMatchEagerSteps) {
   }
 }
 
+// --- sampling ------------------------------------------------------------------
+
+// Rows of seeded logits, some with ties (logits on a 0.25 grid) and one with
+// NaNs, and a parameter mix covering greedy, top-k, top-p, both, top-n and
+// draws at the edges of [0, 1).
+struct SamplingBatch {
+  std::vector<float> logits;  // [rows, vocab]
+  std::vector<SamplingRow> params;
+};
+
+SamplingBatch MakeSamplingBatch(int64_t vocab, uint32_t seed) {
+  const double almost_one = std::nextafter(1.0, 0.0);
+  SamplingBatch b;
+  b.params = {
+      {.temperature = 0.0f, .num_top_logprobs = 5},
+      {.temperature = 1.0f, .uniform = 0.0},
+      {.temperature = 0.7f, .top_k = 50, .uniform = almost_one, .num_top_logprobs = 20},
+      {.temperature = 1.0f, .top_p = 0.9f, .uniform = 0.5},
+      {.temperature = 0.8f,
+       .top_k = 40,
+       .top_p = 0.95f,
+       .uniform = 0.999999,
+       .num_top_logprobs = 3},
+      {.temperature = 1.3f, .uniform = 0.3141592653589793},
+      {.temperature = 1.0f, .top_k = 1, .uniform = 0.7, .num_top_logprobs = 2},
+      {.temperature = 1.0f,
+       .top_k = static_cast<int32_t>(vocab),
+       .uniform = 0.25,
+       .num_top_logprobs = 1},
+      {.temperature = 0.5f, .top_p = 0.5f, .uniform = 1e-12},
+      {.temperature = 1.0f, .top_k = 100, .uniform = 0.3, .num_top_logprobs = 64},
+      {.temperature = 1.0f, .top_k = 20, .uniform = 0.9, .num_top_logprobs = 10},
+      {.temperature = 2.0f, .top_k = 1000, .top_p = 0.3f, .uniform = 0.77, .num_top_logprobs = 100},
+  };
+  const int64_t rows = static_cast<int64_t>(b.params.size());
+  b.logits = RandomVector(rows * vocab, seed, -6.0f, 6.0f);
+  std::mt19937 rng(seed + 1);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = b.logits.data() + r * vocab;
+    if (r % 2 == 0) {
+      for (int64_t i = 0; i < vocab; ++i) row[i] = normal(rng);  // a peakier distribution
+    }
+    if (r == 9) {
+      for (int64_t i = 0; i < vocab; ++i) row[i] = std::round(row[i] * 4.0f) / 4.0f;
+    }
+    if (r == 10) {
+      for (int64_t i = 0; i < vocab; i += 7) row[i] = kNaN;
+    }
+  }
+  return b;
+}
+
+// CUDA's results for `b` against the CPU backend's: the same tokens and top
+// ids in the same order, logprobs equal up to the summation order of log_z.
+void ExpectSameSamples(Backend& cuda, Backend& cpu, const SamplingBatch& b, int64_t vocab) {
+  const int64_t rows = static_cast<int64_t>(b.params.size());
+  DeviceBuffer on_gpu = Upload(cuda, b.logits), on_cpu = Upload(cpu, b.logits);
+  std::vector<SampledToken> got(rows), want(rows);
+  // Stale contents must be overwritten.
+  for (SampledToken& t : got) t = {.id = -1, .logprob = kNaN, .top_logprobs = {{-1, kNaN}}};
+  absl::Status status = cuda.Sample(on_gpu.as<float>(), rows, vocab, b.params.data(), got.data());
+  ASSERT_TRUE(status.ok()) << status;
+  status = cpu.Sample(on_cpu.as<float>(), rows, vocab, b.params.data(), want.data());
+  ASSERT_TRUE(status.ok()) << status;
+  for (int64_t r = 0; r < rows; ++r) {
+    SCOPED_TRACE("row " + std::to_string(r));
+    EXPECT_EQ(got[r].id, want[r].id);
+    EXPECT_NEAR(got[r].logprob, want[r].logprob, 1e-4);
+    ASSERT_EQ(got[r].top_logprobs.size(), want[r].top_logprobs.size());
+    for (size_t i = 0; i < want[r].top_logprobs.size(); ++i) {
+      EXPECT_EQ(got[r].top_logprobs[i].id, want[r].top_logprobs[i].id) << "top " << i;
+      EXPECT_NEAR(got[r].top_logprobs[i].logprob, want[r].top_logprobs[i].logprob, 1e-4)
+          << "top " << i;
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, SampleMatchesCpu) {
+  Backend& cuda = *cases_[0].backend;
+  for (const int64_t vocab : {int64_t{32000}, int64_t{128256}, int64_t{1000}}) {
+    for (const uint32_t seed : {11u, 12u}) {
+      SCOPED_TRACE("vocab " + std::to_string(vocab) + " seed " + std::to_string(seed));
+      ExpectSameSamples(cuda, *cpu_, MakeSamplingBatch(vocab, seed), vocab);
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, SampleDrawsFollowTheCpuOverManyUniforms) {
+  // One row, many draws: every uniform must land on the CPU's token.
+  Backend& cuda = *cases_[0].backend;
+  const int64_t vocab = 32000;
+  SamplingBatch b;
+  const std::vector<float> row = RandomVector(vocab, 21, -4.0f, 4.0f);
+  for (int i = 0; i < 64; ++i) {
+    b.logits.insert(b.logits.end(), row.begin(), row.end());
+    b.params.push_back({.temperature = 0.9f,
+                        .top_k = i % 2 == 0 ? 0 : 200,
+                        .top_p = i % 3 == 0 ? 0.8f : 1.0f,
+                        .uniform = (i + 0.5) / 64.0});
+  }
+  ExpectSameSamples(cuda, *cpu_, b, vocab);
+}
+
+TEST_F(CudaBackendTest, SampleEdgeShapes) {
+  Backend& cuda = *cases_[0].backend;
+  // A vocabulary of one, all-equal rows (ties everywhere) and a row of NaN.
+  SamplingBatch one{{-2.0f, 5.0f}, {{.uniform = 0.999, .num_top_logprobs = 3}, {.top_k = 3}}};
+  ExpectSameSamples(cuda, *cpu_, one, 1);
+  SamplingBatch flat;
+  flat.logits.assign(3 * 4096, 0.5f);
+  for (int64_t i = 2 * 4096; i < 3 * 4096; ++i) flat.logits[i] = kNaN;
+  flat.params = {{.uniform = 0.5, .num_top_logprobs = 8},
+                 {.top_k = 7, .top_p = 0.5f, .uniform = 0.99, .num_top_logprobs = 8},
+                 {.uniform = 0.5, .num_top_logprobs = 2}};
+  std::vector<SampledToken> got(3);
+  DeviceBuffer logits = Upload(cuda, flat.logits);
+  ASSERT_TRUE(cuda.Sample(logits.as<float>(), 3, 4096, flat.params.data(), got.data()).ok());
+  // Equal logits: the draw walks ids in order; top entries are the lowest ids.
+  EXPECT_EQ(got[0].id, 2048);
+  EXPECT_EQ(got[0].top_logprobs[7].id, 7);
+  EXPECT_EQ(got[1].id, 3);  // top_k 7 then top_p 0.5 keeps ids 0..3
+  // All NaN: no crash, a valid id.
+  EXPECT_GE(got[2].id, 0);
+  EXPECT_LT(got[2].id, 4096);
+  // Nothing to do, and bad parameters named before any work.
+  EXPECT_TRUE(cuda.Sample(nullptr, 0, 4096, nullptr, nullptr).ok());
+  flat.params[1].temperature = -1.0f;
+  absl::Status status = cuda.Sample(logits.as<float>(), 3, 4096, flat.params.data(), got.data());
+  EXPECT_NE(status.message().find("row 1: temperature"), std::string::npos) << status;
+}
+
 }  // namespace
 }  // namespace loraserve::kernels

@@ -523,4 +523,196 @@ cudaError_t MergeLoraWeights(const void* base, DType dtype, int64_t rows, int64_
   });
 }
 
+// ---- sampling ---------------------------------------------------------------
+
+namespace {
+
+constexpr int kSampleThreads = 512;
+
+// The logit as the sampler reads it (kernels/sampling.cc): NaN is -inf.
+__device__ __forceinline__ float SamplingLogit(float v) { return isnan(v) ? -INFINITY : v; }
+
+// A strict total order over a row's elements, larger = earlier in the
+// sampling order: the logit's bits mapped so that unsigned order is float
+// order (-0 folded into +0, as in kernels/sampling.cc), above the id
+// inverted so that a lower id of an equal logit ranks higher. Every key is
+// above 0 (the lowest logit, -inf, maps to 0x007FFFFF), so 0 can mean "none".
+struct SamplingKey {
+  int id_bits;      // bits that hold vocab - 1
+  int32_t last_id;  // vocab - 1
+
+  __device__ __forceinline__ uint64_t operator()(float v, int64_t id) const {
+    uint32_t bits = __float_as_uint(SamplingLogit(v));
+    if (bits == 0x80000000u) bits = 0;
+    bits = (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
+    return (static_cast<uint64_t>(bits) << id_bits) | static_cast<uint64_t>(last_id - id);
+  }
+  __device__ __forceinline__ int32_t Id(uint64_t key) const {
+    return last_id - static_cast<int32_t>(key & ((uint64_t{1} << id_bits) - 1));
+  }
+};
+
+// `op` over the block (blockDim.x a multiple of 32, at most 1024); every
+// thread gets the bitwise same result (the warp partials are combined in one
+// fixed order), which keeps the searches below in step across the block.
+// `scratch` holds 32 eight-byte values.
+template <typename T, typename Op>
+__device__ T BlockReduce(T v, Op op, uint64_t* scratch) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "scratch holds 8-byte values");
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  T* partials = reinterpret_cast<T*>(scratch);
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) partials[warp] = v;
+  __syncthreads();
+  T result = partials[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x) / kWarp; ++w) result = op(result, partials[w]);
+  return result;
+}
+
+struct MaxOp {
+  __device__ uint64_t operator()(uint64_t a, uint64_t b) const { return a > b ? a : b; }
+};
+struct MinOp {
+  __device__ uint64_t operator()(uint64_t a, uint64_t b) const { return a < b ? a : b; }
+};
+struct SumOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
+// The largest key value t (of `bits` bits) for which pred(t) holds, where
+// pred is monotone (true up to some point, false above it), built from the
+// top bit down; 0 when pred(t) holds for no t > 0. Every thread calls it
+// together (pred reduces over the block).
+template <typename Pred>
+__device__ uint64_t LargestKeyWhere(int bits, Pred pred) {
+  uint64_t t = 0;
+  for (int b = bits - 1; b >= 0; --b) {
+    const uint64_t candidate = t | (uint64_t{1} << b);
+    if (pred(candidate)) t = candidate;
+  }
+  return t;
+}
+
+// The key of the row's k-th element in sampling order (1 <= k <= vocab):
+// the largest t with at least k keys >= t (keys are distinct).
+__device__ uint64_t KthKey(const float* __restrict__ x, int64_t vocab, SamplingKey key, int bits,
+                           int32_t k, uint64_t* scratch) {
+  return LargestKeyWhere(bits, [&](uint64_t t) {
+    int32_t count = 0;
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) count += key(x[i], i) >= t;
+    return BlockReduce(count, SumOp{}, scratch) >= k;
+  });
+}
+
+// One block per row; see SampleRows. Greedy rows skip the searches.
+__global__ void __launch_bounds__(kSampleThreads)
+    SampleKernel(const float* __restrict__ logits, int64_t vocab, SamplingKey key, int bits,
+                 const DeviceSamplingRow* __restrict__ params, DeviceSampledRow* results,
+                 DeviceTopEntry* top) {
+  __shared__ uint64_t scratch[kWarp];
+  __shared__ int32_t top_count;
+  const int64_t row = blockIdx.x;
+  const float* __restrict__ x = logits + row * vocab;
+  const DeviceSamplingRow p = params[row];
+
+  // The first maximum, and log_softmax's normaliser around it.
+  uint64_t best = 0;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) best = MaxOp{}(best, key(x[i], i));
+  best = BlockReduce(best, MaxOp{}, scratch);
+  const int32_t best_id = key.Id(best);
+  const float max_logit = SamplingLogit(x[best_id]);
+  double sum = 0.0;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+    sum += exp(static_cast<double>(SamplingLogit(x[i])) - max_logit);
+  }
+  const double log_z = max_logit + log(BlockReduce(sum, SumOp{}, scratch));
+
+  int32_t chosen = best_id;
+  if (p.temperature != 0.0f && p.top_k != 1) {
+    // Kept elements are those with key >= floor (0 keeps all).
+    uint64_t floor = 0;
+    if (p.top_k > 0 && p.top_k < vocab) floor = KthKey(x, vocab, key, bits, p.top_k, scratch);
+    const double inv_t = 1.0 / static_cast<double>(p.temperature);
+    const double max_scaled = __dmul_rn(max_logit, inv_t);
+    // exp(logit / T - max / T) rounded step by step as the reference does
+    // (no fused multiply-add; exp itself may differ from glibc's in the last
+    // bit, which moves a draw only when it falls that close to a boundary).
+    const auto prob = [&](float v) {
+      return exp(__dsub_rn(__dmul_rn(SamplingLogit(v), inv_t), max_scaled));
+    };
+    // Probability mass of the kept elements with key >= t; each term divided
+    // by `divisor` when given (normalised mass, as the reference sums it).
+    const auto mass_from = [&](uint64_t t, const double* divisor) {
+      const uint64_t lowest = t > floor ? t : floor;
+      double m = 0.0;
+      for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float v = x[i];
+        if (key(v, i) >= lowest) m += divisor != nullptr ? prob(v) / *divisor : prob(v);
+      }
+      return BlockReduce(m, SumOp{}, scratch);
+    };
+    double total = mass_from(0, nullptr);
+    if (p.top_p < 1.0f) {
+      // The smallest prefix whose normalised mass reaches top_p ends at the
+      // largest key whose prefix mass does; none (rounding) keeps all.
+      const double top_p = p.top_p;
+      const double norm = total;
+      const uint64_t t =
+          LargestKeyWhere(bits, [&](uint64_t c) { return mass_from(c, &norm) >= top_p; });
+      if (t > floor) floor = t;
+      total = mass_from(0, nullptr);
+    }
+    // The draw: the first element whose prefix mass exceeds u * total, i.e.
+    // the largest key whose prefix mass does; the last kept one if rounding
+    // leaves none (or the row's mass is NaN).
+    const double target = p.uniform * total;
+    uint64_t t = LargestKeyWhere(bits, [&](uint64_t c) { return mass_from(c, nullptr) > target; });
+    if (t == 0) {
+      uint64_t lowest = ~uint64_t{0};
+      for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const uint64_t k = key(x[i], i);
+        if (k >= floor) lowest = MinOp{}(lowest, k);
+      }
+      t = BlockReduce(lowest, MinOp{}, scratch);
+    }
+    chosen = key.Id(t);
+  }
+
+  if (p.num_top > 0) {
+    const uint64_t t = p.num_top < vocab ? KthKey(x, vocab, key, bits, p.num_top, scratch) : 0;
+    if (threadIdx.x == 0) top_count = 0;
+    __syncthreads();
+    DeviceTopEntry* out = top + p.top_offset;
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+      const float v = x[i];
+      if (key(v, i) >= t) {
+        const int32_t slot = atomicAdd(&top_count, 1);
+        if (slot < p.num_top) out[slot] = {static_cast<int32_t>(i), SamplingLogit(v)};
+      }
+    }
+  }
+  if (threadIdx.x == 0) results[row] = {chosen, SamplingLogit(x[chosen]), log_z};
+}
+
+}  // namespace
+
+cudaError_t SampleRows(const float* logits, int64_t rows, int64_t vocab,
+                       const DeviceSamplingRow* params, DeviceSampledRow* results,
+                       DeviceTopEntry* top, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (vocab < 1 || vocab > INT32_MAX || rows > INT32_MAX) return cudaErrorInvalidValue;
+  SamplingKey key{0, static_cast<int32_t>(vocab - 1)};
+  while ((int64_t{1} << key.id_bits) < vocab) ++key.id_bits;
+  SampleKernel<<<static_cast<unsigned>(rows), kSampleThreads, 0, stream>>>(
+      logits, vocab, key, 32 + key.id_bits, params, results, top);
+  return cudaGetLastError();
+}
+
 }  // namespace loraserve::kernels::cuda

@@ -328,8 +328,9 @@ absl::Status Engine::Step() {
     in.block_tables.insert(in.block_tables.end(), table.begin(), table.end());
     ChargeTenant(seq.request.tenant, p.tokens);
   }
-  std::vector<float> logits;
-  if (absl::Status status = model_->Forward(in, cache_->View(), &logits); !status.ok()) {
+  // Logits stay on the backend; only the sampled tokens come back.
+  std::vector<SampledToken> tokens(sampled.size());
+  if (absl::Status status = ForwardAndSample(in, sampled, &tokens); !status.ok()) {
     // The step's requests fail with the error; everyone else keeps going.
     for (const Planned& p : plan) Finish(*p.seq, FinishReason::kError, status);
     RemoveFinished();
@@ -344,14 +345,25 @@ absl::Status Engine::Step() {
       cache_->Register(seq.blocks, cache_->BlockHashes(seq.adapter_key(), cached));
     }
   }
-  const int64_t vocab = model_->config().vocab_size;
-  for (size_t i = 0; i < sampled.size(); ++i) {
-    Sequence& seq = *sampled[i];
-    const absl::Span<const float> row(logits.data() + i * vocab, vocab);
-    Emit(seq, SampleToken(row, seq.request.sampling, seq.generated(), seq.request.top_logprobs));
-  }
+  for (size_t i = 0; i < sampled.size(); ++i) Emit(*sampled[i], tokens[i]);
   RemoveFinished();
   return absl::OkStatus();
+}
+
+absl::Status Engine::ForwardAndSample(const model::ForwardInput& in,
+                                      const std::vector<Sequence*>& sampled,
+                                      std::vector<SampledToken>* tokens) {
+  ASSIGN_OR_RETURN(const float* logits, model_->ForwardOnDevice(in, cache_->View()));
+  if (sampled.empty()) return absl::OkStatus();
+  std::vector<kernels::SamplingRow> rows;
+  rows.reserve(sampled.size());
+  for (const Sequence* seq : sampled) {
+    rows.push_back(
+        ToSamplingRow(seq->request.sampling, seq->generated(), seq->request.top_logprobs));
+  }
+  return model_->backend()->Sample(logits,  // [rows, vocab] on the backend
+                                   static_cast<int64_t>(rows.size()), model_->config().vocab_size,
+                                   rows.data(), tokens->data());
 }
 
 void Engine::Cancel(RequestId id) { cancel_requests_.insert(id); }

@@ -137,6 +137,11 @@ class Engine {
   struct Sequence;
   struct MergedEntry;
   void Emit(Sequence& seq, const SampledToken& sampled);
+  // Runs the forward pass of `in` and samples the next token of each of
+  // `sampled` (in the order of in.logit_rows) on the model's backend.
+  absl::Status ForwardAndSample(const model::ForwardInput& in,
+                                const std::vector<Sequence*>& sampled,
+                                std::vector<SampledToken>* tokens);  // [sampled.size()]
   // Ends a request with a final event carrying no token.
   void Finish(Sequence& seq, FinishReason reason, const absl::Status& error);
   void RemoveFinished();

@@ -10,21 +10,24 @@
 // (log_softmax(logits), before temperature and filtering), as vLLM reports
 // them by default.
 //
+// The sampling rules themselves live in kernels/sampling.h (SampleRow, the
+// reference every backend's Sample matches); this file adds the request-level
+// parameters, their validation and the counter-based draw.
+//
 // Thread-safety: free functions over caller-owned data.
 //
 // Example:
 //   SamplingParams params{.temperature = 0.7f, .top_p = 0.9f, .seed = 42};
-//   ASSIGN_OR_RETURN(SampledToken t, SampleToken(logits, params, step, 5));
+//   SampledToken t = SampleToken(logits, params, step, 5);
 #ifndef LORASERVE_SERVER_ENGINE_SAMPLER_H_
 #define LORASERVE_SERVER_ENGINE_SAMPLER_H_
 
 #include <cstdint>
-#include <utility>
-#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kernels/sampling.h"
 
 namespace loraserve::engine {
 
@@ -38,22 +41,20 @@ struct SamplingParams {
 // Checks ranges; the message names the field and the accepted range.
 absl::Status ValidateSamplingParams(const SamplingParams& params);
 
-struct TokenLogprob {
-  int32_t id = 0;
-  float logprob = 0.0f;
-};
+// The kernels layer defines what a sampled token is (kernels/sampling.h).
+using TokenLogprob = kernels::TokenLogprob;
+using SampledToken = kernels::SampledToken;
 
-struct SampledToken {
-  int32_t id = 0;
-  float logprob = 0.0f;                   // of the chosen token
-  std::vector<TokenLogprob> top_logprobs;  // the most likely alternatives, best first
-};
+// The backend's parameters for one row: `params` with the uniform draw of
+// (params.seed, step).
+kernels::SamplingRow ToSamplingRow(const SamplingParams& params, int64_t step,
+                                   int32_t num_top_logprobs);
 
 // `step` is the index of the token being generated within its request.
-// `num_top_logprobs` alternatives are reported (0 for none).
+// `num_top_logprobs` alternatives are reported (0 for none). Runs the host
+// reference (kernels::SampleRow); the engine samples on its backend instead.
 SampledToken SampleToken(absl::Span<const float> logits,  // [vocab]
-                         const SamplingParams& params, int64_t step,
-                         int32_t num_top_logprobs);
+                         const SamplingParams& params, int64_t step, int32_t num_top_logprobs);
 
 // Uniform double in [0, 1) for (seed, step); exposed for tests.
 double CounterUniform(uint64_t seed, int64_t step);

@@ -118,6 +118,8 @@ class LlamaModel {
   KvShape kv_shape() const;
   // Bytes of weights held on the backend.
   int64_t weight_bytes() const { return weight_bytes_; }
+  // The backend the weights and ForwardOnDevice's logits live on.
+  kernels::Backend* backend() const { return backend_; }
 
   // Runs the decoder over `input`, writing each token's K and V into the
   // cache, and returns logits for `input.logit_rows`: [rows, vocab] row-major.
