@@ -106,6 +106,42 @@ void FillTable(const LoraSegment* segments, int32_t num_segments, DeviceLoraTabl
   }
 }
 
+// A pinned host buffer and its device twin of the same size, for data the
+// host writes and kernels read (or the other way). Contents are not kept
+// when it grows; the caller makes sure no queued work still uses them.
+class PinnedMirror {
+ public:
+  PinnedMirror() = default;
+  PinnedMirror(const PinnedMirror&) = delete;
+  PinnedMirror& operator=(const PinnedMirror&) = delete;
+  ~PinnedMirror() {
+    cudaFreeHost(host_);
+    cudaFree(device_);
+  }
+
+  // Makes both at least `bytes`.
+  absl::Status Reserve(size_t bytes) {
+    if (bytes <= bytes_) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(cudaFreeHost(host_));
+    CUDA_RETURN_IF_ERROR(cudaFree(device_));
+    host_ = nullptr;
+    device_ = nullptr;
+    bytes_ = 0;
+    CUDA_RETURN_IF_ERROR(cudaMallocHost(&host_, bytes));
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&device_, bytes));
+    bytes_ = bytes;
+    return absl::OkStatus();
+  }
+  char* host() const { return host_; }
+  char* device() const { return device_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  char* host_ = nullptr;
+  char* device_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 size_t AlignUp(size_t bytes, size_t alignment) {
   return (bytes + alignment - 1) / alignment * alignment;
 }
@@ -197,23 +233,17 @@ class CudaBackend final : public Backend {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     for (SegmentSlot& slot : segment_slots_) {
       if (slot.done != nullptr) cudaEventDestroy(slot.done);
-      cudaFreeHost(slot.host);
-      cudaFree(slot.device);
     }
     AbortStep();
     for (auto& [key, graph] : graphs_) {
       if (graph.exec != nullptr) cudaGraphExecDestroy(graph.exec);
     }
     if (arena_copied_ != nullptr) cudaEventDestroy(arena_copied_);
-    cudaFreeHost(arena_host_);
-    cudaFree(arena_device_);
     cudaFree(cublas_workspace_);
     cudaFree(scratch_);
     cudaFree(staging_);
     cudaFree(error_);
     cudaFreeHost(error_host_);
-    cudaFreeHost(sample_host_);
-    cudaFree(sample_device_);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
@@ -755,8 +785,11 @@ class CudaBackend final : public Backend {
     const size_t params_bytes = rows * sizeof(cuda::DeviceSamplingRow);
     const size_t results_bytes = rows * sizeof(cuda::DeviceSampledRow);
     const size_t back_bytes = results_bytes + num_top * sizeof(cuda::DeviceTopEntry);
-    CUDA_RETURN_IF_ERROR(EnsureSampleStaging(params_bytes + back_bytes));
-    auto* host_params = reinterpret_cast<cuda::DeviceSamplingRow*>(sample_host_);
+    // Sample synchronises before it returns: nothing still uses the staging.
+    const size_t staging_bytes = params_bytes + back_bytes;
+    CUDA_RETURN_IF_ERROR(
+        sample_staging_.Reserve(std::max(staging_bytes, 2 * sample_staging_.bytes())));
+    auto* host_params = reinterpret_cast<cuda::DeviceSamplingRow*>(sample_staging_.host());
     int64_t offset = 0;
     for (int64_t row = 0; row < rows; ++row) {
       const SamplingRow& p = params[row];
@@ -764,16 +797,16 @@ class CudaBackend final : public Backend {
       host_params[row] = {p.temperature, p.top_k, p.top_p, n, p.uniform, offset};
       offset += n;
     }
-    char* device = static_cast<char*>(sample_device_);
-    CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(device, sample_host_, params_bytes, cudaMemcpyHostToDevice, stream_));
+    char* device = sample_staging_.device();
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device, sample_staging_.host(), params_bytes,
+                                         cudaMemcpyHostToDevice, stream_));
     auto* device_results = reinterpret_cast<cuda::DeviceSampledRow*>(device + params_bytes);
     auto* device_top =
         reinterpret_cast<cuda::DeviceTopEntry*>(device + params_bytes + results_bytes);
     CUDA_RETURN_IF_ERROR(cuda::SampleRows(logits, rows, vocab,
                                           reinterpret_cast<const cuda::DeviceSamplingRow*>(device),
                                           device_results, device_top, stream_));
-    char* back = static_cast<char*>(sample_host_) + params_bytes;
+    char* back = sample_staging_.host() + params_bytes;
     CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(back, device_results, back_bytes, cudaMemcpyDeviceToHost, stream_));
     CUDA_RETURN_IF_ERROR(Synchronize());
@@ -808,9 +841,7 @@ class CudaBackend final : public Backend {
   // end of the upload from `host`; the device copy is reused safely because
   // the next upload into it is queued after the kernels that read it.
   struct SegmentSlot {
-    DeviceLoraTable* host = nullptr;
-    DeviceLoraTable* device = nullptr;
-    int32_t capacity = 0;
+    PinnedMirror table;
     cudaEvent_t done = nullptr;
   };
 
@@ -837,23 +868,6 @@ class CudaBackend final : public Backend {
       scratch_bytes_ = grown;
     }
     return scratch_;
-  }
-
-  // Pinned host and device staging of at least `bytes` each for Sample;
-  // contents are not kept when they grow.
-  absl::Status EnsureSampleStaging(size_t bytes) {
-    if (bytes <= sample_bytes_) return absl::OkStatus();
-    const size_t grown = std::max(bytes, 2 * sample_bytes_);
-    // Sample synchronises before it returns: nothing still uses the old ones.
-    CUDA_RETURN_IF_ERROR(cudaFreeHost(sample_host_));
-    CUDA_RETURN_IF_ERROR(cudaFree(sample_device_));
-    sample_host_ = nullptr;
-    sample_device_ = nullptr;
-    sample_bytes_ = 0;
-    CUDA_RETURN_IF_ERROR(cudaMallocHost(&sample_host_, grown));
-    CUDA_RETURN_IF_ERROR(cudaMalloc(&sample_device_, grown));
-    sample_bytes_ = grown;
-    return absl::OkStatus();
   }
 
   // Fails inside a step, where only operations may be called.
@@ -898,52 +912,35 @@ class CudaBackend final : public Backend {
             op, absl::StrCat(num_segments, " segments; the step allows ", step_max_segments_));
       }
       const size_t offset = static_cast<size_t>(tables_used_) * table_stride_;
-      if (offset + table_stride_ > arena_bytes_) {
-        arena_wanted_bytes_ = std::max(arena_wanted_bytes_, 2 * arena_bytes_);
+      if (offset + table_stride_ > arena_.bytes()) {
+        arena_wanted_bytes_ = std::max(arena_wanted_bytes_, 2 * arena_.bytes());
         return absl::ResourceExhaustedError(
             absl::StrCat("CudaBackend::", op, ": the step's LoRA tables outgrew the arena of ",
-                         arena_bytes_, " bytes (it grows before the next capture)"));
+                         arena_.bytes(), " bytes (it grows before the next capture)"));
       }
-      FillTable(segments, num_segments, reinterpret_cast<DeviceLoraTable*>(arena_host_ + offset));
+      FillTable(segments, num_segments, reinterpret_cast<DeviceLoraTable*>(arena_.host() + offset));
       ++tables_used_;
-      return reinterpret_cast<const DeviceLoraTable*>(arena_device_ + offset);
+      return reinterpret_cast<const DeviceLoraTable*>(arena_.device() + offset);
     }
     SegmentSlot& slot = segment_slots_[next_slot_];
     next_slot_ = (next_slot_ + 1) % kSegmentSlots;
     CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done));  // its last upload has finished
-    if (slot.capacity < num_segments) {
-      const int32_t capacity = std::max(num_segments, 2 * slot.capacity);
-      CUDA_RETURN_IF_ERROR(cudaFreeHost(slot.host));
-      CUDA_RETURN_IF_ERROR(cudaFree(slot.device));
-      slot.host = nullptr;
-      slot.device = nullptr;
-      slot.capacity = 0;
-      CUDA_RETURN_IF_ERROR(cudaMallocHost(&slot.host, cuda::LoraTableBytes(capacity)));
-      CUDA_RETURN_IF_ERROR(cudaMalloc(&slot.device, cuda::LoraTableBytes(capacity)));
-      slot.capacity = capacity;
-    }
-    FillTable(segments, num_segments, slot.host);
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.device, slot.host, cuda::LoraTableBytes(num_segments),
+    const size_t bytes = cuda::LoraTableBytes(num_segments);
+    CUDA_RETURN_IF_ERROR(slot.table.Reserve(std::max(bytes, 2 * slot.table.bytes())));
+    FillTable(segments, num_segments, reinterpret_cast<DeviceLoraTable*>(slot.table.host()));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.table.device(), slot.table.host(), bytes,
                                          cudaMemcpyHostToDevice, stream_));
     CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, stream_));
-    return slot.device;
+    return reinterpret_cast<const DeviceLoraTable*>(slot.table.device());
   }
 
   // Makes the arena at least `bytes`; recorded graphs point into the old one,
   // so they are all dropped when it moves.
   absl::Status GrowArena(size_t bytes) {
-    if (bytes <= arena_bytes_) return absl::OkStatus();
+    if (bytes <= arena_.bytes()) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     DropGraphs();
-    CUDA_RETURN_IF_ERROR(cudaFreeHost(arena_host_));
-    CUDA_RETURN_IF_ERROR(cudaFree(arena_device_));
-    arena_host_ = nullptr;
-    arena_device_ = nullptr;
-    arena_bytes_ = 0;
-    CUDA_RETURN_IF_ERROR(cudaMallocHost(&arena_host_, bytes));
-    CUDA_RETURN_IF_ERROR(cudaMalloc(&arena_device_, bytes));
-    arena_bytes_ = bytes;
-    return absl::OkStatus();
+    return arena_.Reserve(bytes);
   }
 
   void DropGraphs() {
@@ -956,7 +953,7 @@ class CudaBackend final : public Backend {
   // Copies the step's LoRA tables and launches `exec` after them.
   absl::Status LaunchStep(cudaGraphExec_t exec) {
     if (tables_used_ > 0) {
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(arena_device_, arena_host_,
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(arena_.device(), arena_.host(),
                                            static_cast<size_t>(tables_used_) * table_stride_,
                                            cudaMemcpyHostToDevice, stream_));
     }
@@ -995,16 +992,12 @@ class CudaBackend final : public Backend {
   const StepGraph* replaying_ = nullptr;  // the graph of the step being replayed
   size_t call_index_ = 0;                 // calls checked so far in a replay
   int32_t step_max_segments_ = 0;
-  size_t table_stride_ = 0;       // bytes per LoRA table in the arena
-  int32_t tables_used_ = 0;       // LoRA tables of this step so far
-  char* arena_host_ = nullptr;    // pinned
-  char* arena_device_ = nullptr;  // what the captured kernels read
-  size_t arena_bytes_ = 0;
+  size_t table_stride_ = 0;  // bytes per LoRA table in the arena
+  int32_t tables_used_ = 0;  // LoRA tables of this step so far
+  PinnedMirror arena_;       // LoRA tables of a step; the captured kernels read its device side
   size_t arena_wanted_bytes_ = kInitialArenaBytes;
   cudaEvent_t arena_copied_ = nullptr;  // the last step's arena copy is done
-  void* sample_host_ = nullptr;         // pinned: Sample's parameters and results
-  void* sample_device_ = nullptr;       // their device twin
-  size_t sample_bytes_ = 0;             // size of each
+  PinnedMirror sample_staging_;         // Sample's parameters up, results back
 };
 
 }  // namespace
