@@ -20,7 +20,9 @@ absl::StatusOr<std::unique_ptr<DeviceAdapter>> DeviceAdapter::Upload(kernels::Ba
   ASSIGN_OR_RETURN(device->buffer_, backend->Allocate(std::max<size_t>(floats, 1) * sizeof(float)));
   float* cursor = device->buffer_.as<float>();
   auto upload = [&](const std::vector<float>& host) -> absl::StatusOr<const float*> {
-    RETURN_IF_ERROR(backend->CopyToDevice(cursor, host.data(), host.size() * sizeof(float)));
+    // Asynchronous: the upload overlaps the step already queued, and the
+    // kernels that read the adapter are ordered after it.
+    RETURN_IF_ERROR(backend->CopyToDeviceAsync(cursor, host.data(), host.size() * sizeof(float)));
     const float* at = cursor;
     cursor += host.size();
     return at;

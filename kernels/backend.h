@@ -146,6 +146,14 @@ class Backend {
   // --- memory -------------------------------------------------------------
   virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
   virtual absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
+  // Starts a copy to the device without waiting for it to land: operations
+  // called afterwards see the data (they are ordered after the copy), and
+  // `src` may be reused as soon as this returns. The CUDA backend stages it
+  // through pinned memory and copies on a stream of its own, so an adapter
+  // upload overlaps the kernels already queued. The default is CopyToDevice.
+  virtual absl::Status CopyToDeviceAsync(void* dst, const void* src, size_t bytes) {
+    return CopyToDevice(dst, src, bytes);
+  }
   virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
   // Converts `count` elements of `src_dtype` on the host into the backend's

@@ -1,10 +1,13 @@
 // The CUDA backend: weights in GPU memory as bf16 (f16 kept as f16, or all
 // float32 on request), GEMMs through cuBLAS with float32 accumulation, every
 // other operation a kernel of kernels/cuda/kernels.cu. All work is queued on
-// one non-blocking stream owned by the backend.
+// one non-blocking stream owned by the backend; asynchronous uploads run on a
+// second one, and the first waits for them.
 //
-// Ownership: the backend owns its stream, cuBLAS handle, scratch buffers and
-// the pinned/device buffers that carry LoRA segment tables; DeviceBuffers it
+// Ownership: the backend owns its compute stream, a copy stream for
+// CopyToDeviceAsync (with pinned staging), its cuBLAS handle and workspace,
+// scratch buffers, recorded step graphs and the pinned/device buffers that
+// carry LoRA segment tables and sampling parameters; DeviceBuffers it
 // hands out own their cudaMalloc allocations. One thread at a time (see
 // Backend); each call makes the backend's device current on that thread, so
 // the engine loop may run on another thread than the one that created it.
@@ -52,6 +55,10 @@ constexpr int64_t kUploadChunk = int64_t{16} << 20;
 // LoRA segment tables in flight: a table's pinned host copy is reused only
 // after its upload finished, which is long done after this many later calls.
 constexpr int kSegmentSlots = 16;
+// CopyToDeviceAsync stages through this many pinned chunks of this size; a
+// chunk is refilled once its previous copy has landed.
+constexpr int kCopyChunks = 4;
+constexpr size_t kCopyChunkBytes = size_t{8} << 20;
 // cuBLAS gets its workspace from us: it must not allocate while a step graph
 // is captured. 32 MiB is what cuBLAS itself takes on Hopper.
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
@@ -246,12 +253,26 @@ class CudaBackend final : public Backend {
     cudaFreeHost(error_host_);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    if (copy_stream_ != nullptr) {
+      cudaStreamSynchronize(copy_stream_);
+      cudaStreamDestroy(copy_stream_);
+    }
+    for (cudaEvent_t done : copy_chunk_done_) {
+      if (done != nullptr) cudaEventDestroy(done);
+    }
+    if (copies_done_ != nullptr) cudaEventDestroy(copies_done_);
+    cudaFreeHost(copy_staging_);
   }
 
   absl::Status Init() {
     CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&properties_, device_));
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
+    for (cudaEvent_t& done : copy_chunk_done_) {
+      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    }
+    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&copies_done_, cudaEventDisableTiming));
     const cublasStatus_t created = cublasCreate(&cublas_);
     if (created == CUBLAS_STATUS_NOT_INITIALIZED) {
       return absl::FailedPreconditionError(
@@ -309,6 +330,36 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
     // The caller may free or reuse pageable `src` as soon as we return.
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status CopyToDeviceAsync(void* dst, const void* src, size_t bytes) override {
+    constexpr const char* kOp = "CopyToDeviceAsync";
+    CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    if (bytes == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "dst", dst));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "src", src));
+    if (copy_staging_ == nullptr) {
+      CUDA_RETURN_IF_ERROR(cudaMallocHost(&copy_staging_, kCopyChunks * kCopyChunkBytes));
+    }
+    // Pageable memory cannot be copied asynchronously: each chunk goes
+    // through pinned staging, then to the device on the copy stream.
+    for (size_t done = 0; done < bytes;) {
+      const size_t n = std::min(kCopyChunkBytes, bytes - done);
+      const int chunk = next_copy_chunk_;
+      next_copy_chunk_ = (next_copy_chunk_ + 1) % kCopyChunks;
+      CUDA_RETURN_IF_ERROR(cudaEventSynchronize(copy_chunk_done_[chunk]));  // its last copy landed
+      char* staging = copy_staging_ + chunk * kCopyChunkBytes;
+      std::memcpy(staging, static_cast<const char*>(src) + done, n);
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(static_cast<char*>(dst) + done, staging, n,
+                                           cudaMemcpyHostToDevice, copy_stream_));
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(copy_chunk_done_[chunk], copy_stream_));
+      done += n;
+    }
+    // Whatever is queued on the compute stream from now on waits for them.
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(copies_done_, copy_stream_));
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, copies_done_, 0));
     return absl::OkStatus();
   }
 
@@ -967,6 +1018,11 @@ class CudaBackend final : public Backend {
   const DType weight_dtype_;
   cudaDeviceProp properties_{};
   cudaStream_t stream_ = nullptr;
+  cudaStream_t copy_stream_ = nullptr;  // CopyToDeviceAsync's copies
+  char* copy_staging_ = nullptr;        // pinned: kCopyChunks chunks of kCopyChunkBytes
+  std::array<cudaEvent_t, kCopyChunks> copy_chunk_done_{};
+  int next_copy_chunk_ = 0;
+  cudaEvent_t copies_done_ = nullptr;  // the latest CopyToDeviceAsync has landed
   cublasHandle_t cublas_ = nullptr;
   int32_t* error_ = nullptr;       // device: first KernelError of the kernels since last check
   int32_t* error_host_ = nullptr;  // pinned: where Synchronize reads it

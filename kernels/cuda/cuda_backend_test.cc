@@ -192,6 +192,28 @@ TEST_F(CudaBackendTest, Bf16AndF16WeightsStayInTheirDtype) {
   EXPECT_LE(RelativeError(Download(*c.backend, y_gpu, m * n), Download(*cpu_, y_cpu, m * n)), 2e-3);
 }
 
+// An asynchronous upload (more than two staging chunks) is seen by the next
+// operation, and its source may be overwritten as soon as the call returns.
+TEST_F(CudaBackendTest, AsyncCopiesLandBeforeLaterOperations) {
+  for (CudaCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    Backend& be = *c.backend;
+    const size_t n = (size_t{20} << 20) / sizeof(float) + 123;
+    std::vector<float> host = RandomVector(n, 5);
+    const std::vector<float> expected = host;
+    absl::StatusOr<DeviceBuffer> dst = be.Allocate(n * sizeof(float));
+    ASSERT_TRUE(dst.ok()) << dst.status();
+    ASSERT_TRUE(be.CopyToDeviceAsync(dst->data(), host.data(), n * sizeof(float)).ok());
+    std::fill(host.begin(), host.end(), kNaN);
+    ASSERT_TRUE(be.Add(dst->as<float>(), dst->as<float>(), static_cast<int64_t>(n)).ok());
+    std::vector<float> back(n, kNaN);
+    ASSERT_TRUE(be.CopyToHost(back.data(), dst->data(), n * sizeof(float)).ok());
+    size_t wrong = 0;
+    for (size_t i = 0; i < n; ++i) wrong += back[i] != 2.0f * expected[i];
+    EXPECT_EQ(wrong, 0u);
+  }
+}
+
 TEST_F(CudaBackendTest, EmbeddingGathersStoredRows) {
   const int64_t vocab = 50, hidden = 72;
   const std::vector<float> table = RandomVector(vocab * hidden, 6);
