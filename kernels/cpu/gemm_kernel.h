@@ -249,11 +249,17 @@ void GemmColumns(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratc
       }
     }
   }
+  // With w read in place (few rows of x, all of x packed), a tile runs over
+  // all of k at once: each row of w then streams from memory in one run and
+  // the accumulators never leave the registers. x (a few rows) stays in L2.
+  // Measured on the 2-core VM, m = 8, w 11264 x 2048: 6.2 ms against 7.6 ms
+  // in k blocks of kBlockK. The summation order is the same either way.
+  const int64_t block_k = p.packed_x != nullptr ? p.k : kBlockK;
   for (int64_t i0 = 0; i0 < p.m; i0 += kBlockRows) {
     const int64_t i1 = p.m - i0 < kBlockRows ? p.m : i0 + kBlockRows;
-    for (int64_t c0 = 0; c0 < p.k; c0 += kBlockK) {
+    for (int64_t c0 = 0; c0 < p.k; c0 += block_k) {
       TileArgs t;
-      t.len = p.k - c0 < kBlockK ? p.k - c0 : kBlockK;
+      t.len = p.k - c0 < block_k ? p.k - c0 : block_k;
       const int64_t steps = (t.len + kLanes - 1) / kLanes;
       t.acc_ld = cols_total;
       t.first = c0 == 0;
