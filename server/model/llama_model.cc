@@ -519,7 +519,7 @@ absl::StatusOr<const float*> LlamaModel::RunStep(const ForwardInput& in, const K
 
   if (as_graph) {
     // Everything the step's operations use is allocated before the step.
-    RETURN_IF_ERROR(ReserveLoraIntermediate(lora));
+    RETURN_IF_ERROR(ReserveLoraIntermediate(lora, num_tokens));
     // One graph per padded shape, adapter use and weight set; the backend
     // checks every call against the recording, so a key that collides or a
     // buffer that moved only costs a new capture.
@@ -527,10 +527,8 @@ absl::StatusOr<const float*> LlamaModel::RunStep(const ForwardInput& in, const K
                            (static_cast<uint64_t>(in.max_blocks_per_seq) << 20) |
                            (static_cast<uint64_t>(!lora.segments.empty()) << 40);
     const uint64_t key = shape ^ (reinterpret_cast<uintptr_t>(in.merged) * 0x9E3779B97F4A7C15ull);
-    // Each sequence may bring its own segment and a correction, for each
-    // target of a fused LoRA call.
-    absl::Status status =
-        backend_->BeginStep(key, static_cast<int32_t>(2 * kMaxFusedLoraTargets * num_seqs));
+    // Each sequence may bring its own segment and a correction.
+    absl::Status status = backend_->BeginStep(key, static_cast<int32_t>(2 * num_seqs));
     in_step_graph_ = status.ok();
     if (status.ok()) status = Encode(step);
     if (status.ok()) status = backend_->EndStep();
@@ -547,12 +545,16 @@ absl::StatusOr<const float*> LlamaModel::RunStep(const ForwardInput& in, const K
   return s.logits.as<float>();
 }
 
-absl::Status LlamaModel::ReserveLoraIntermediate(const LoraPlan& lora) {
-  int64_t floats = 1;  // never null, even with no segment
+absl::Status LlamaModel::ReserveLoraIntermediate(const LoraPlan& lora, int64_t num_tokens) {
+  // A region per fused target (see ApplyLora). Sized for every token twice
+  // (own adapter and a correction) at rank 64 or the step's largest, so
+  // that the buffer, whose address the step's recording holds, rarely moves.
+  int32_t max_rank = kReservedLoraRank;
   for (const LoraPlan::Segment& seg : lora.segments) {
-    floats +=
-        static_cast<int64_t>(seg.end - seg.start) * seg.adapter->max_rank() * kMaxFusedLoraTargets;
+    max_rank = std::max(max_rank, seg.adapter->max_rank());
   }
+  const int64_t region = std::max<int64_t>(1, 2 * num_tokens * max_rank);
+  const int64_t floats = region * static_cast<int64_t>(kMaxFusedLoraTargets);
   const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
   if (scratch_->lora_t.bytes() < bytes) {
     ASSIGN_OR_RETURN(scratch_->lora_t, backend_->Allocate(2 * bytes));
@@ -601,9 +603,24 @@ absl::Status LlamaModel::ApplyLora(int64_t layer_index, std::initializer_list<Lo
     }
     ++i;
   }
-  // Inside a step graph a module no segment adapts is still a call: another
-  // step replaying the graph may adapt it.
-  if (segments.empty() && !in_step_graph_) return absl::OkStatus();
+  if (in_step_graph_) {
+    // A recorded graph's pointers must not depend on this step's adapters:
+    // each target gets its own shrink into a fixed region of the
+    // intermediate (ReserveLoraIntermediate sized it), and a target no
+    // segment adapts is still a call, since a replay may adapt it.
+    const size_t region = scratch_->lora_t.bytes() / sizeof(float) / kMaxFusedLoraTargets;
+    const kernels::LoraSegment* first = segments.data();
+    i = 0;
+    for (const LoraTarget& target : targets) {
+      const int32_t n = counts[i];
+      float* t = scratch_->lora_t.as<float>() + i++ * region;
+      RETURN_IF_ERROR(backend_->LoraShrink(x, in, first, n, t));
+      RETURN_IF_ERROR(backend_->LoraExpand(t, first, n, target.out, target.y, target.ldy));
+      first += n;
+    }
+    return absl::OkStatus();
+  }
+  if (segments.empty()) return absl::OkStatus();
   const int32_t count = static_cast<int32_t>(segments.size());
   const size_t t_bytes =
       static_cast<size_t>(kernels::LoraIntermediateSize(segments.data(), count)) * sizeof(float);
@@ -616,9 +633,7 @@ absl::Status LlamaModel::ApplyLora(int64_t layer_index, std::initializer_list<Lo
   i = 0;
   for (const LoraTarget& target : targets) {
     const int32_t n = counts[i++];
-    if (n > 0 || in_step_graph_) {
-      RETURN_IF_ERROR(backend_->LoraExpand(t, first, n, target.out, target.y, target.ldy));
-    }
+    if (n > 0) RETURN_IF_ERROR(backend_->LoraExpand(t, first, n, target.out, target.y, target.ldy));
     t += kernels::LoraIntermediateSize(first, n);
     first += n;
   }

@@ -177,9 +177,11 @@ class LlamaModel {
                                        bool as_graph);
   // Queues the step's operations: embedding, layers, final norm and lm_head.
   absl::Status Encode(const StepOperands& step);
-  // Grows the LoRA intermediate to the most `lora` can need (no allocation
-  // may happen inside a step graph).
-  absl::Status ReserveLoraIntermediate(const LoraPlan& lora);
+  // Grows the LoRA intermediate to the most `lora` over `num_tokens` can
+  // need inside a step graph (where nothing may be allocated).
+  absl::Status ReserveLoraIntermediate(const LoraPlan& lora, int64_t num_tokens);
+  // The rank ReserveLoraIntermediate plans for at least.
+  static constexpr int32_t kReservedLoraRank = 64;
   absl::Status RunLayer(int64_t layer_index, const Layer& layer, int64_t num_tokens,
                         const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
                         const MergedWeights* merged, const LoraPlan& lora, float* k_cache,
@@ -194,7 +196,8 @@ class LlamaModel {
   // Modules of one layer that read the same input (q, k, v; gate, up).
   static constexpr size_t kMaxFusedLoraTargets = 3;
   // Adds the LoRA terms of every target for every segment of `lora`: one
-  // shrink launch over x for all targets, one expand per target.
+  // shrink launch over x for all targets, one expand per target (inside a
+  // step graph a shrink per target, into fixed regions of the intermediate).
   absl::Status ApplyLora(int64_t layer_index, std::initializer_list<LoraTarget> targets,
                          const float* x, int64_t in, const LoraPlan& lora);
 

@@ -7,9 +7,9 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/model/safetensors.h"
 #include "tests/support/forward_harness.h"
 #include "tests/support/golden_cases.h"
-#include "server/model/safetensors.h"
 
 namespace loraserve::model {
 namespace {
@@ -119,10 +119,9 @@ TEST(LlamaModelDummyTest, PresetBuildsAndRuns) {
 class MalformedModelTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() / absl::StrCat("loraserve_malformed_", ::getpid(), "_",
-                                                   ::testing::UnitTest::GetInstance()
-                                                       ->current_test_info()
-                                                       ->name());
+    dir_ = fs::temp_directory_path() /
+           absl::StrCat("loraserve_malformed_", ::getpid(), "_",
+                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::create_directories(dir_);
     fs::copy_file(fs::path(LORASERVE_SHARED_DIR) / "models/aidreams-260k/config.json",
                   dir_ / "config.json", fs::copy_options::overwrite_existing);
@@ -190,7 +189,8 @@ TEST_F(MalformedModelTest, UnexpectedTensorIsNamed) {
   tensors.push_back({"model.layers.9.mlp.extra.weight", "F32", {2}, std::string(8, '\0')});
   absl::Status s = LoadWith(tensors);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("unexpected tensor model.layers.9.mlp.extra.weight"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("unexpected tensor model.layers.9.mlp.extra.weight"));
 }
 
 TEST_F(MalformedModelTest, MissingConfigIsNamed) {

@@ -59,8 +59,8 @@ class LoraForwardTest : public ::testing::Test {
   const adapters::DeviceAdapter& Adapter(const testing::GoldenCase& c) {
     auto it = device_.find(c.name);
     if (it == device_.end()) {
-      auto host = adapters::LoadLoraAdapter(c.adapter_dir, Model(c.base).adapter_shape(),
-                                            {.max_rank = 64});
+      auto host =
+          adapters::LoadLoraAdapter(c.adapter_dir, Model(c.base).adapter_shape(), {.max_rank = 64});
       EXPECT_TRUE(host.ok()) << c.name << ": " << host.status();
       auto device = adapters::DeviceAdapter::Upload(backend_.get(), *host);
       EXPECT_TRUE(device.ok()) << device.status();

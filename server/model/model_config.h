@@ -43,19 +43,18 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
-  bool attention_bias = false;      // q/k/v biases (true for qwen2)
+  bool attention_bias = false;  // q/k/v biases (true for qwen2)
   int64_t max_position_embeddings = 2048;
-  int64_t bos_token_id = -1;        // -1 when absent
+  int64_t bos_token_id = -1;           // -1 when absent
   std::vector<int64_t> eos_token_ids;  // int or list in config.json
-  std::string torch_dtype;          // informative only
+  std::string torch_dtype;             // informative only
 };
 
 // Parses config.json text; `source` names the file in error messages.
 // Every missing required field or impossible value (heads not dividing hidden
 // size, kv heads not dividing heads, unknown model_type, unknown rope_scaling
 // type...) is an InvalidArgument naming the field and what was expected.
-absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text,
-                                             absl::string_view source);
+absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::string_view source);
 
 // Reads and parses `<model_dir>/config.json`; generation_config.json, when
 // present, supplies eos_token_id/bos_token_id that config.json lacks.

@@ -1,0 +1,316 @@
+// The model's side of the step-graph contract (Backend::BeginStep), checked
+// on the CPU: a backend that says it records step graphs, with the CUDA
+// backend's rules, wraps the CPU backend. Inside a step only operations may be
+// called, and a later step with the same key must make exactly the calls the
+// first one made (LoRA segment tables aside), or the CUDA backend would throw
+// the recording away and run the step operation by operation. Operations
+// still run on the CPU, so the logits are compared with a plain CPU model.
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "adapters/device_adapter.h"
+#include "adapters/lora_adapter.h"
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "server/model/llama_model.h"
+#include "tests/support/forward_harness.h"
+#include "tests/support/golden_cases.h"
+
+namespace loraserve::model {
+namespace {
+
+using kernels::Backend;
+using kernels::DeviceBuffer;
+using kernels::LoraSegment;
+
+uintptr_t Address(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+
+// Runs every operation on `inner` and checks the step rules; see the file
+// comment. A replay is a step whose calls equal its key's first step.
+class StepCheckingBackend : public Backend {
+ public:
+  explicit StepCheckingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
+
+  int64_t captures() const { return captures_; }
+  int64_t replays() const { return replays_; }
+  int64_t mismatches() const { return mismatches_; }
+  int64_t refusals() const { return refusals_; }
+
+  std::string name() const override { return "step-checking " + inner_->name(); }
+
+  absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
+    if (absl::Status s = Refuse("Allocate"); !s.ok()) return s;
+    absl::StatusOr<DeviceBuffer> buffer = inner_->Allocate(bytes);
+    if (!buffer.ok()) return buffer.status();
+    void* data = buffer->data();
+    buffers_[data] = std::move(*buffer);
+    return DeviceBuffer(this, data, bytes);
+  }
+  void Free(void* data, size_t bytes) override { buffers_.erase(data); }
+  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+    if (absl::Status s = Refuse("CopyToDevice"); !s.ok()) return s;
+    return inner_->CopyToDevice(dst, src, bytes);
+  }
+  absl::Status CopyToDeviceAsync(void* dst, const void* src, size_t bytes) override {
+    if (absl::Status s = Refuse("CopyToDeviceAsync"); !s.ok()) return s;
+    return inner_->CopyToDeviceAsync(dst, src, bytes);
+  }
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    if (absl::Status s = Refuse("CopyToHost"); !s.ok()) return s;
+    return inner_->CopyToHost(dst, src, bytes);
+  }
+  absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override {
+    if (absl::Status s = Refuse("CopyOnDevice"); !s.ok()) return s;
+    return inner_->CopyOnDevice(dst, src, bytes);
+  }
+  absl::Status UploadWeight(void* dst, const void* src, kernels::DType src_dtype,
+                            int64_t count) override {
+    if (absl::Status s = Refuse("UploadWeight"); !s.ok()) return s;
+    return inner_->UploadWeight(dst, src, src_dtype, count);
+  }
+  kernels::DType WeightDType(kernels::DType source) const override {
+    return inner_->WeightDType(source);
+  }
+  absl::Status Synchronize() override {
+    if (absl::Status s = Refuse("Synchronize"); !s.ok()) return s;
+    return inner_->Synchronize();
+  }
+  absl::Status Sample(const float* logits, int64_t rows, int64_t vocab,
+                      const kernels::SamplingRow* params, kernels::SampledToken* out) override {
+    if (absl::Status s = Refuse("Sample"); !s.ok()) return s;
+    return inner_->Sample(logits, rows, vocab, params, out);
+  }
+
+  absl::Status Linear(const float* x, const kernels::WeightView& w, int64_t m, float* y,
+                      bool accumulate) override {
+    Record("Linear", Address(x), Address(w.data), w.rows, w.cols, m, Address(y),
+           accumulate ? 1 : 0);
+    return inner_->Linear(x, w, m, y, accumulate);
+  }
+  absl::Status Embedding(const int32_t* ids, int64_t n, const kernels::WeightView& table,
+                         float* y) override {
+    Record("Embedding", Address(ids), n, Address(table.data), table.rows, Address(y));
+    return inner_->Embedding(ids, n, table, y);
+  }
+  absl::Status RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
+                       float* y) override {
+    Record("RmsNorm", Address(x), Address(weight), n, dim, eps, Address(y));
+    return inner_->RmsNorm(x, weight, n, dim, eps, y);
+  }
+  absl::Status Add(float* x, const float* y, int64_t count) override {
+    Record("Add", Address(x), Address(y), count);
+    return inner_->Add(x, y, count);
+  }
+  absl::Status AddBias(float* x, const float* bias, int64_t n, int64_t dim) override {
+    Record("AddBias", Address(x), Address(bias), n, dim);
+    return inner_->AddBias(x, bias, n, dim);
+  }
+  absl::Status SiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) override {
+    Record("SiluMul", Address(gate_up), n, dim, Address(out));
+    return inner_->SiluMul(gate_up, n, dim, out);
+  }
+  // The segments are the per-step input of a LoRA call: only their number
+  // is bounded, by BeginStep's max_segments.
+  absl::Status LoraShrink(const float* x, int64_t in, const LoraSegment* segments,
+                          int32_t num_segments, float* t) override {
+    CheckSegments(num_segments);
+    Record("LoraShrink", Address(x), in, Address(t));
+    return inner_->LoraShrink(x, in, segments, num_segments, t);
+  }
+  absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
+                          int64_t out, float* y, int64_t ldy) override {
+    CheckSegments(num_segments);
+    Record("LoraExpand", Address(t), out, Address(y), ldy);
+    return inner_->LoraExpand(t, segments, num_segments, out, y, ldy);
+  }
+  absl::Status MergeLora(const kernels::WeightView& base, const float* a, const float* bt,
+                         int32_t rank, float scale, void* out) override {
+    Record("MergeLora", Address(base.data), Address(a), Address(bt), rank, scale, Address(out));
+    return inner_->MergeLora(base, a, bt, rank, scale, out);
+  }
+  absl::Status Rope(float* q, float* k, const int32_t* positions, int64_t tokens, int32_t num_heads,
+                    int32_t num_kv_heads, const kernels::RopeParams& rope) override {
+    Record("Rope", Address(q), Address(k), Address(positions), tokens, num_heads, num_kv_heads,
+           Address(rope.inv_freq), rope.head_dim, rope.attention_scaling);
+    return inner_->Rope(q, k, positions, tokens, num_heads, num_kv_heads, rope);
+  }
+  absl::Status WriteKv(const float* k, const float* v, const kernels::AttentionBatch& batch,
+                       const kernels::KvLayout& layout, float* k_cache, float* v_cache) override {
+    Record("WriteKv", Address(k), Address(v), Address(batch.slot_mapping), batch.num_tokens,
+           layout.num_blocks, Address(k_cache), Address(v_cache));
+    return inner_->WriteKv(k, v, batch, layout, k_cache, v_cache);
+  }
+  absl::Status PagedAttention(const float* q, const kernels::AttentionBatch& batch,
+                              const kernels::KvLayout& layout, int32_t num_heads,
+                              const float* k_cache, const float* v_cache, float* out) override {
+    Record("PagedAttention", Address(q), batch.num_tokens, batch.num_seqs,
+           Address(batch.query_start), Address(batch.context_lens), Address(batch.block_tables),
+           batch.max_blocks_per_seq, Address(batch.positions), num_heads, Address(k_cache),
+           Address(v_cache), Address(out));
+    return inner_->PagedAttention(q, batch, layout, num_heads, k_cache, v_cache, out);
+  }
+
+  bool SupportsStepGraphs() const override { return true; }
+  absl::Status BeginStep(uint64_t key, int32_t max_segments) override {
+    EXPECT_FALSE(in_step_) << "BeginStep inside a step";
+    in_step_ = true;
+    key_ = key;
+    max_segments_ = max_segments;
+    calls_.clear();
+    return absl::OkStatus();
+  }
+  absl::Status EndStep() override {
+    EXPECT_TRUE(in_step_) << "EndStep without BeginStep";
+    in_step_ = false;
+    auto [it, first] = recorded_.emplace(key_, calls_);
+    if (first) {
+      ++captures_;
+    } else if (it->second == calls_) {
+      ++replays_;
+    } else {
+      ++mismatches_;
+      ADD_FAILURE() << "a step with key " << key_ << " made other calls than its recording: "
+                    << FirstDifference(it->second, calls_);
+      it->second = calls_;
+    }
+    return absl::OkStatus();
+  }
+  void AbortStep() override { in_step_ = false; }
+
+ private:
+  absl::Status Refuse(const char* what) {
+    if (!in_step_) return absl::OkStatus();
+    ++refusals_;
+    ADD_FAILURE() << what << " inside a step";
+    return absl::FailedPreconditionError(absl::StrCat(what, " inside a step"));
+  }
+  void CheckSegments(int32_t num_segments) const {
+    if (in_step_) EXPECT_LE(num_segments, max_segments_);
+  }
+  template <typename... Args>
+  void Record(const char* op, const Args&... args) {
+    if (in_step_)
+      calls_.push_back(absl::StrCat(op, "(", absl::StrJoin({absl::StrCat(args)...}, ","), ")"));
+  }
+  static std::string FirstDifference(const std::vector<std::string>& a,
+                                     const std::vector<std::string>& b) {
+    for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+      if (a[i] != b[i]) return absl::StrCat("call ", i, ": ", a[i], " then ", b[i]);
+    }
+    return absl::StrCat(a.size(), " calls then ", b.size());
+  }
+
+  std::unique_ptr<Backend> inner_;
+  std::map<void*, DeviceBuffer> buffers_;  // inner allocations handed out as ours
+  bool in_step_ = false;
+  uint64_t key_ = 0;
+  int32_t max_segments_ = 0;
+  std::vector<std::string> calls_;
+  std::map<uint64_t, std::vector<std::string>> recorded_;
+  int64_t captures_ = 0;
+  int64_t replays_ = 0;
+  int64_t mismatches_ = 0;
+  int64_t refusals_ = 0;
+};
+
+// The shared tiny model and four of its adapters on one backend.
+struct ModelWithAdapters {
+  std::unique_ptr<LlamaModel> model;
+  std::vector<std::unique_ptr<adapters::DeviceAdapter>> adapters;
+};
+
+ModelWithAdapters Load(Backend* backend) {
+  ModelWithAdapters out;
+  auto models = testing::LoadModelCases();
+  EXPECT_TRUE(models.ok()) << models.status();
+  for (const auto& c : *models) {
+    if (c.name != "aidreams-260k") continue;
+    auto model = LlamaModel::Load(backend, c.model_dir, {});
+    EXPECT_TRUE(model.ok()) << model.status();
+    out.model = std::move(*model);
+  }
+  auto cases = testing::LoadAdapterCases();
+  EXPECT_TRUE(cases.ok()) << cases.status();
+  for (const std::string name : {"ocean", "robot", "qv-r4", "mlp-r16-rslora"}) {
+    for (const auto& c : *cases) {
+      if (c.name != name) continue;
+      auto host = adapters::LoadLoraAdapter(c.adapter_dir, out.model->adapter_shape(), {});
+      EXPECT_TRUE(host.ok()) << name << ": " << host.status();
+      auto device = adapters::DeviceAdapter::Upload(backend, *host);
+      EXPECT_TRUE(device.ok()) << device.status();
+      out.adapters.push_back(std::move(*device));
+    }
+  }
+  EXPECT_EQ(out.adapters.size(), 4u);
+  return out;
+}
+
+// Decode steps with another adapter mix each time (adapters that touch
+// different modules, base requests, a half-scale one), then fewer requests:
+// every step after the first of its shape replays its recording, no
+// operation is refused, and the logits equal a plain CPU model's.
+TEST(StepGraphContractTest, DecodeStepsReplayTheirRecording) {
+  auto checking = std::make_unique<StepCheckingBackend>(std::move(*kernels::CreateCpuBackend({})));
+  StepCheckingBackend& backend = *checking;
+  std::unique_ptr<Backend> plain_backend = std::move(*kernels::CreateCpuBackend({}));
+  ModelWithAdapters graphed = Load(&backend);
+  ModelWithAdapters plain = Load(plain_backend.get());
+  ASSERT_TRUE(graphed.model && plain.model);
+  plain.model->set_step_graphs(false);
+
+  const std::vector<std::vector<int32_t>> prompts = {
+      {1, 72, 305, 41}, {1, 9, 18}, {1, 400, 2, 33, 87}, {1, 5}, {1, 61, 62, 63, 64, 65}};
+  const size_t n = prompts.size();
+  // Choice i of step s: adapter (i + s) % 5, where 4 is the base; request 1
+  // at half scale.
+  const auto choices = [&](ModelWithAdapters& m, int step, size_t count) {
+    std::vector<AdapterChoice> out;
+    for (size_t i = 0; i < count; ++i) {
+      const size_t a = (i + step) % 5;
+      out.push_back(a == 4 ? AdapterChoice{}
+                           : AdapterChoice{m.adapters[a].get(), i == 1 ? 0.5f : 1.0f});
+    }
+    return out;
+  };
+  constexpr int kSteps = 8;
+  testing::PagedTestCache graphed_cache(&backend, graphed.model->kv_shape(), n, 16 + kSteps);
+  testing::PagedTestCache plain_cache(plain_backend.get(), plain.model->kv_shape(), n, 16 + kSteps);
+  for (auto [m, cache] : {std::pair{&graphed, &graphed_cache}, std::pair{&plain, &plain_cache}}) {
+    ForwardInput prefill = testing::PrefillAll(prompts, *cache);
+    prefill.adapters = choices(*m, 0, n);
+    std::vector<float> logits;
+    ASSERT_TRUE(m->model->Forward(prefill, cache->view(), &logits).ok());
+  }
+  for (int step = 0; step < kSteps; ++step) {
+    SCOPED_TRACE(step);
+    const size_t active = step < 5 ? n : n - 1;  // 5 requests pad to 8, then 4 to 4
+    std::vector<int32_t> tokens, positions;
+    for (size_t s = 0; s < active; ++s) {
+      tokens.push_back(10 + step * 7 + static_cast<int32_t>(s));
+      positions.push_back(static_cast<int32_t>(prompts[s].size()) + step);
+    }
+    std::vector<float> graphed_logits, plain_logits;
+    ForwardInput in = testing::DecodeOne(tokens, positions, graphed_cache);
+    in.adapters = choices(graphed, step, active);
+    ASSERT_TRUE(graphed.model->Forward(in, graphed_cache.view(), &graphed_logits).ok());
+    in = testing::DecodeOne(tokens, positions, plain_cache);
+    in.adapters = choices(plain, step, active);
+    ASSERT_TRUE(plain.model->Forward(in, plain_cache.view(), &plain_logits).ok());
+    EXPECT_EQ(testing::MaxAbsDiff(graphed_logits.data(), plain_logits.data(), plain_logits.size()),
+              0.0f);
+  }
+  EXPECT_EQ(graphed.model->step_graph_stats().graph_steps, kSteps);
+  EXPECT_EQ(graphed.model->step_graph_stats().eager_fallbacks, 0);
+  EXPECT_EQ(backend.captures(), 2);  // two padded shapes
+  EXPECT_EQ(backend.replays(), kSteps - 2);
+  EXPECT_EQ(backend.mismatches(), 0);
+  EXPECT_EQ(backend.refusals(), 0);
+}
+
+}  // namespace
+}  // namespace loraserve::model
