@@ -251,7 +251,8 @@ ModelWithAdapters Load(Backend* backend) {
 }
 
 // Decode steps with another adapter mix each time (adapters that touch
-// different modules, base requests, a half-scale one), then fewer requests:
+// different modules, base requests, a half-scale one), then fewer requests,
+// then merged weights with corrections for the other adapters:
 // every step after the first of its shape replays its recording, no
 // operation is refused, and the logits equal a plain CPU model's.
 TEST(StepGraphContractTest, DecodeStepsReplayTheirRecording) {
@@ -304,10 +305,35 @@ TEST(StepGraphContractTest, DecodeStepsReplayTheirRecording) {
     EXPECT_EQ(testing::MaxAbsDiff(graphed_logits.data(), plain_logits.data(), plain_logits.size()),
               0.0f);
   }
-  EXPECT_EQ(graphed.model->step_graph_stats().graph_steps, kSteps);
+  // Then on merged weights of adapter 0: the others get corrections.
+  auto graphed_merged = graphed.model->Merge({graphed.adapters[0].get(), 1.0f});
+  auto plain_merged = plain.model->Merge({plain.adapters[0].get(), 1.0f});
+  ASSERT_TRUE(graphed_merged.ok() && plain_merged.ok());
+  constexpr int kMergedSteps = 3;
+  for (int step = kSteps; step < kSteps + kMergedSteps; ++step) {
+    SCOPED_TRACE(step);
+    const size_t active = n - 1;
+    std::vector<int32_t> tokens, positions;
+    for (size_t s = 0; s < active; ++s) {
+      tokens.push_back(10 + step * 7 + static_cast<int32_t>(s));
+      positions.push_back(static_cast<int32_t>(prompts[s].size()) + step);
+    }
+    std::vector<float> graphed_logits, plain_logits;
+    ForwardInput in = testing::DecodeOne(tokens, positions, graphed_cache);
+    in.adapters = choices(graphed, step, active);
+    in.merged = graphed_merged->get();
+    ASSERT_TRUE(graphed.model->Forward(in, graphed_cache.view(), &graphed_logits).ok());
+    in = testing::DecodeOne(tokens, positions, plain_cache);
+    in.adapters = choices(plain, step, active);
+    in.merged = plain_merged->get();
+    ASSERT_TRUE(plain.model->Forward(in, plain_cache.view(), &plain_logits).ok());
+    EXPECT_EQ(testing::MaxAbsDiff(graphed_logits.data(), plain_logits.data(), plain_logits.size()),
+              0.0f);
+  }
+  EXPECT_EQ(graphed.model->step_graph_stats().graph_steps, kSteps + kMergedSteps);
   EXPECT_EQ(graphed.model->step_graph_stats().eager_fallbacks, 0);
-  EXPECT_EQ(backend.captures(), 2);  // two padded shapes
-  EXPECT_EQ(backend.replays(), kSteps - 2);
+  EXPECT_EQ(backend.captures(), 3);  // two padded shapes, and the merged weights
+  EXPECT_EQ(backend.replays(), kSteps + kMergedSteps - 3);
   EXPECT_EQ(backend.mismatches(), 0);
   EXPECT_EQ(backend.refusals(), 0);
 }
