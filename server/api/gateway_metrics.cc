@@ -75,6 +75,11 @@ GatewayMetrics::GatewayMetrics(GatewayMetricsOptions options)
                                    {})),
       merged_steps_(registry_.AddCounter("loraserve_merged_steps_total",
                                          "Engine steps that ran on merged weights", {})),
+      graph_steps_(registry_.AddCounter("loraserve_graph_steps_total",
+                                        "Decode steps launched as a recorded CUDA graph", {})),
+      graph_fallbacks_(registry_.AddCounter(
+          "loraserve_graph_fallbacks_total",
+          "Decode steps a recorded CUDA graph could not take (run operation by operation)", {})),
       preemptions_(registry_.AddCounter("loraserve_preemptions_total",
                                         "Requests preempted for KV blocks (recomputed later)", {})),
       prefix_cached_tokens_(
@@ -150,6 +155,8 @@ void GatewayMetrics::Mirror(const v1::StatsResponse& stats,
   }
   merges_.Set({}, static_cast<double>(stats.merges()));
   merged_steps_.Set({}, static_cast<double>(stats.merged_steps()));
+  graph_steps_.Set({}, static_cast<double>(stats.graph_steps()));
+  graph_fallbacks_.Set({}, static_cast<double>(stats.graph_fallbacks()));
   preemptions_.Set({}, static_cast<double>(stats.preemptions()));
   prefix_cached_tokens_.Set({}, static_cast<double>(stats.prefix_cached_tokens()));
 }

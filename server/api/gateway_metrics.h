@@ -89,6 +89,8 @@ class GatewayMetrics {
   prometheus::HistogramFamily& adapter_load_seconds_;
   prometheus::CounterFamily& merges_;
   prometheus::CounterFamily& merged_steps_;
+  prometheus::CounterFamily& graph_steps_;
+  prometheus::CounterFamily& graph_fallbacks_;
   prometheus::CounterFamily& preemptions_;
   prometheus::CounterFamily& prefix_cached_tokens_;
 };

@@ -57,6 +57,8 @@ TEST(GatewayMetricsTest, MirrorsTheServersStateAndDeviceResidencyByContentHash) 
   stats.add_device_resident_hashes("h1");
   stats.set_host_adapter_loads(4);
   stats.set_merges(2);
+  stats.set_graph_steps(7);
+  stats.set_graph_fallbacks(1);
   BucketCounts loads;
   loads.Observe(0.003);
   stats.mutable_host_load_seconds()->mutable_upper_bounds()->Assign(loads.upper_bounds.begin(),
@@ -84,6 +86,8 @@ TEST(GatewayMetricsTest, MirrorsTheServersStateAndDeviceResidencyByContentHash) 
   EXPECT_THAT(text, HasSubstr(R"(loraserve_adapter_loads_total{tier="host"} 4)"));
   EXPECT_THAT(text, HasSubstr(R"(loraserve_adapter_load_seconds_count{tier="host"} 1)"));
   EXPECT_THAT(text, HasSubstr("loraserve_merges_total 2"));
+  EXPECT_THAT(text, HasSubstr("loraserve_graph_steps_total 7"));
+  EXPECT_THAT(text, HasSubstr("loraserve_graph_fallbacks_total 1"));
 
   // An unloaded adapter disappears from the residency gauge at the next scrape.
   adapters.mutable_adapters()->RemoveLast();

@@ -340,6 +340,8 @@ grpc::ServerUnaryReactor* InferenceService::Stats(grpc::CallbackServerContext* c
   response->set_device_adapter_bytes(snapshot.device_adapters.resident_bytes);
   response->set_device_adapter_uploads(snapshot.device_adapters.misses);
   response->set_merged_steps(snapshot.stats.merged_steps);
+  response->set_graph_steps(snapshot.stats.graph_steps);
+  response->set_graph_fallbacks(snapshot.stats.graph_fallbacks);
   response->set_draining(snapshot.draining);
   response->set_device_adapter_evictions(snapshot.device_adapters.evictions);
   response->set_device_adapter_budget_bytes(snapshot.device_adapter_budget_bytes);

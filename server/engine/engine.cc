@@ -61,9 +61,9 @@ struct Engine::Sequence {
   RequestId id;
   GenerationRequest request;
   TokenCallback callback;
-  std::vector<int32_t> tokens;  // prompt, then generated tokens
-  int64_t num_cached = 0;       // tokens whose K and V are in the cache
-  std::vector<int32_t> blocks;  // block table
+  std::vector<int32_t> tokens;                              // prompt, then generated tokens
+  int64_t num_cached = 0;                                   // tokens whose K and V are in the cache
+  std::vector<int32_t> blocks;                              // block table
   const adapters::DeviceAdapter* device_adapter = nullptr;  // while admitted
   bool preempted = false;  // waiting again after preemption: admitted first
   std::optional<model::IncrementalDecoder> decoder;
@@ -151,9 +151,9 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
         absl::StrCat("max_tokens: must be >= 1, got ", request.max_tokens));
   }
   if (prompt + request.max_tokens > context) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "max_tokens: prompt (", prompt, " tokens) + max_tokens (", request.max_tokens,
-        ") exceeds the model's context of ", context, " tokens"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens: prompt (", prompt, " tokens) + max_tokens (", request.max_tokens,
+                     ") exceeds the model's context of ", context, " tokens"));
   }
   if (cache_->BlocksFor(prompt + request.max_tokens) > cache_->num_blocks()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -174,13 +174,13 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
         " bytes exceed --adapter-device-bytes (", device_adapters_->budget_bytes(), ")"));
   }
   if (!std::isfinite(request.adapter_scale) || request.adapter_scale < 0.0f) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "adapter_scale: must be a finite number >= 0, got ", request.adapter_scale));
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter_scale: must be a finite number >= 0, got ", request.adapter_scale));
   }
   for (int32_t id : request.stop_token_ids) {
     if (id < 0 || id >= vocab) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "stop_token_ids: ", id, " is outside the vocabulary [0, ", vocab, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("stop_token_ids: ", id, " is outside the vocabulary [0, ", vocab, ")"));
     }
   }
   return ValidateSamplingParams(request.sampling);
@@ -330,7 +330,10 @@ absl::Status Engine::Step() {
   }
   // Logits stay on the backend; only the sampled tokens come back.
   std::vector<SampledToken> tokens(sampled.size());
-  if (absl::Status status = ForwardAndSample(in, sampled, &tokens); !status.ok()) {
+  const absl::Status status = ForwardAndSample(in, sampled, &tokens);
+  stats_.graph_steps = model_->step_graph_stats().graph_steps;
+  stats_.graph_fallbacks = model_->step_graph_stats().eager_fallbacks;
+  if (!status.ok()) {
     // The step's requests fail with the error; everyone else keeps going.
     for (const Planned& p : plan) Finish(*p.seq, FinishReason::kError, status);
     RemoveFinished();
@@ -494,8 +497,8 @@ void Engine::Emit(Sequence& seq, const SampledToken& sampled) {
   seq.tokens.push_back(sampled.id);
 
   const std::vector<int64_t>& eos = model_->config().eos_token_ids;
-  const bool is_eos = !seq.request.ignore_eos &&
-                      std::find(eos.begin(), eos.end(), sampled.id) != eos.end();
+  const bool is_eos =
+      !seq.request.ignore_eos && std::find(eos.begin(), eos.end(), sampled.id) != eos.end();
   const auto& stop_ids = seq.request.stop_token_ids;
   if (is_eos || std::find(stop_ids.begin(), stop_ids.end(), sampled.id) != stop_ids.end()) {
     // The stop token ends the request; its text is not part of the output.

@@ -65,7 +65,7 @@ struct TokenEvent {
   float logprob = 0.0f;
   std::vector<TokenLogprob> top_logprobs;
   FinishReason finish = FinishReason::kNone;  // set on the last event
-  absl::Status error;  // why, when finish is kError
+  absl::Status error;                         // why, when finish is kError
 };
 
 using RequestId = int64_t;
@@ -102,6 +102,8 @@ struct EngineStats {
   int64_t merged_bytes = 0;  // held now
   int64_t preemptions = 0;
   int64_t prefix_cached_tokens = 0;  // prompt tokens whose KV came from the prefix cache
+  int64_t graph_steps = 0;           // decode steps launched as a recorded step graph (CUDA)
+  int64_t graph_fallbacks = 0;       // decode steps a recorded graph could not take
 };
 
 class Engine {
@@ -174,7 +176,7 @@ class Engine {
   EngineOptions options_;
   EngineStats stats_;
   RequestId next_id_ = 1;
-  std::deque<std::map<std::string, int64_t>> window_;  // per step: content hash -> tokens
+  std::deque<std::map<std::string, int64_t>> window_;           // per step: content hash -> tokens
   std::map<std::string, std::unique_ptr<MergedEntry>> merged_;  // content hash -> weights
   std::vector<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
