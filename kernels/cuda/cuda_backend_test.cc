@@ -20,6 +20,7 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "server/model/llama_model.h"
+#include "server/model/model_config.h"
 #include "tests/support/forward_harness.h"
 #include "tests/support/golden_cases.h"
 
@@ -547,6 +548,28 @@ TEST_F(CudaBackendTest, SharedModelLogitsMatchCpu) {
 
 // The seeded HF models of the golden set (GQA, biases, llama3 rope, f16/bf16
 // checkpoints, explicit head_dim) on the float32 CUDA backend.
+// Dummy presets (random weights with the shapes of real models: GQA, llama3
+// rope, a 128k vocabulary), cut to two layers so the CPU reference is quick.
+TEST_F(CudaBackendTest, DummyPresetLogitsMatchCpu) {
+  for (const char* preset : {"tiny", "llama-3.2-1b"}) {
+    SCOPED_TRACE(preset);
+    absl::StatusOr<model::ModelConfig> config = model::DummyPreset(preset);
+    ASSERT_TRUE(config.ok()) << config.status();
+    config->num_hidden_layers = std::min<int64_t>(config->num_hidden_layers, 2);
+    auto cpu_model = model::LlamaModel::CreateDummy(cpu_.get(), *config, /*seed=*/7, {});
+    ASSERT_TRUE(cpu_model.ok()) << cpu_model.status();
+    const auto prompts = Prompts(config->vocab_size);
+    const std::vector<float> ref = PrefillAndDecode(*cpu_, **cpu_model, prompts, {});
+    for (CudaCase& c : cases_) {
+      SCOPED_TRACE(c.name);
+      auto cuda_model = model::LlamaModel::CreateDummy(c.backend.get(), *config, /*seed=*/7, {});
+      ASSERT_TRUE(cuda_model.ok()) << cuda_model.status();
+      const std::vector<float> logits = PrefillAndDecode(*c.backend, **cuda_model, prompts, {});
+      EXPECT_LE(RelativeError(logits, ref), c.bf16 ? kBf16ModelBound : kF32ModelBound);
+    }
+  }
+}
+
 TEST_F(CudaBackendTest, GoldenModelsMatchCpu) {
   auto cases = testing::LoadModelCases();
   ASSERT_TRUE(cases.ok()) << cases.status();
@@ -618,6 +641,39 @@ TEST_F(CudaLoraTest, MixedAdapterBatchMatchesCpu) {
     const std::vector<float> logits =
         PrefillAndDecode(*c.backend, **cuda_model, prompts, Choices(cuda_adapters, prompts.size()));
     EXPECT_LE(RelativeError(logits, ref), c.bf16 ? kBf16ModelBound : kF32ModelBound);
+  }
+}
+
+// On the GPU too, each request of a batch that mixes adapters (and the base,
+// and a half-scale request) gets the logits it gets alone: prefill rows and
+// its decode row. cuBLAS is not batch-invariant, so only summation order may
+// differ.
+TEST_F(CudaLoraTest, MixedBatchEqualsEachRequestAlone) {
+  for (CudaCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    auto model = model::LlamaModel::Load(c.backend.get(), SharedModel(), {});
+    ASSERT_TRUE(model.ok()) << model.status();
+    auto adapters = UploadAdapters(*c.backend, **model);
+    ASSERT_GE(adapters.size(), 4u);
+    const int64_t vocab = (*model)->config().vocab_size;
+    const auto prompts = Prompts(vocab);
+    const std::vector<model::AdapterChoice> choices = Choices(adapters, prompts.size());
+    const std::vector<float> batched = PrefillAndDecode(*c.backend, **model, prompts, choices);
+    size_t total_tokens = 0;
+    for (const auto& p : prompts) total_tokens += p.size();
+    size_t prefill_offset = 0;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      SCOPED_TRACE(i);
+      const std::vector<float> alone =
+          PrefillAndDecode(*c.backend, **model, {prompts[i]}, {choices[i]});
+      // The batch's rows of request i, laid out as alone: prefill, then decode.
+      std::vector<float> mine(batched.begin() + prefill_offset,
+                              batched.begin() + prefill_offset + prompts[i].size() * vocab);
+      const auto decode_row = batched.begin() + (total_tokens + i) * vocab;
+      mine.insert(mine.end(), decode_row, decode_row + vocab);
+      EXPECT_LE(RelativeError(mine, alone), c.bf16 ? kBf16Bound : kF32ModelBound);
+      prefill_offset += prompts[i].size() * vocab;
+    }
   }
 }
 
