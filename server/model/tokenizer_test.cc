@@ -267,7 +267,8 @@ TEST_F(SharedTokenizerTest, ConcurrentEncodeAgrees) {
   const std::string text = "Echoes of vectors unfold, a gentle hum of precision. 😀 中文";
   const std::vector<int32_t> expected = *tokenizer_->Encode(text, true);
   std::vector<std::thread> threads;
-  std::vector<bool> ok(4, false);
+  // Not vector<bool>: its elements share words, so the threads' writes would race.
+  std::vector<int> ok(4, 0);
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {
       bool all = true;
@@ -276,7 +277,7 @@ TEST_F(SharedTokenizerTest, ConcurrentEncodeAgrees) {
     });
   }
   for (std::thread& thread : threads) thread.join();
-  for (bool b : ok) EXPECT_TRUE(b);
+  for (int b : ok) EXPECT_TRUE(b);
 }
 
 TEST(ByteLevelTokenizerTest, ChatTemplate) {
