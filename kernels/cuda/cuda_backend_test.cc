@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "adapters/device_adapter.h"
-#include "adapters/lora_adapter.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "server/model/llama_model.h"
@@ -589,22 +588,15 @@ TEST_F(CudaBackendTest, GoldenModelsMatchCpu) {
 
 class CudaLoraTest : public CudaBackendTest {
  protected:
-  // The shared adapters on `backend`, in the order of adapter cases.
-  std::vector<std::unique_ptr<adapters::DeviceAdapter>> UploadAdapters(
-      Backend& backend, const model::LlamaModel& model) {
-    std::vector<std::unique_ptr<adapters::DeviceAdapter>> out;
-    auto cases = testing::LoadAdapterCases();
-    EXPECT_TRUE(cases.ok()) << cases.status();
-    if (!cases.ok()) return out;
-    for (const testing::GoldenCase& g : *cases) {
-      if (g.base != "aidreams-260k") continue;
-      auto host = adapters::LoadLoraAdapter(g.adapter_dir, model.adapter_shape(), {.max_rank = 64});
-      EXPECT_TRUE(host.ok()) << g.name << ": " << host.status();
-      auto device = adapters::DeviceAdapter::Upload(&backend, *host);
-      EXPECT_TRUE(device.ok()) << device.status();
-      out.push_back(std::move(*device));
-    }
-    return out;
+  // The shared model with every shared adapter, on `backend`.
+  static testing::SharedModel Load(Backend& backend) {
+    absl::StatusOr<std::vector<std::string>> names = testing::SharedAdapterNames();
+    EXPECT_TRUE(names.ok()) << names.status();
+    if (!names.ok()) return {};
+    absl::StatusOr<testing::SharedModel> shared = testing::LoadSharedModel(&backend, *names);
+    EXPECT_TRUE(shared.ok()) << shared.status();
+    if (!shared.ok()) return {};
+    return std::move(*shared);
   }
 
   // A batch of the prompts, each with an adapter in turn (every third on the
@@ -624,22 +616,20 @@ class CudaLoraTest : public CudaBackendTest {
 };
 
 TEST_F(CudaLoraTest, MixedAdapterBatchMatchesCpu) {
-  auto cpu_model = model::LlamaModel::Load(cpu_.get(), SharedModel(), {});
-  ASSERT_TRUE(cpu_model.ok()) << cpu_model.status();
-  auto cpu_adapters = UploadAdapters(*cpu_, **cpu_model);
-  ASSERT_GE(cpu_adapters.size(), 4u);
-  std::vector<std::vector<int32_t>> prompts = Prompts((*cpu_model)->config().vocab_size);
+  testing::SharedModel cpu = Load(*cpu_);
+  ASSERT_NE(cpu.model, nullptr);
+  ASSERT_GE(cpu.adapters.size(), 4u);
+  std::vector<std::vector<int32_t>> prompts = Prompts(cpu.model->config().vocab_size);
   const auto more = Prompts(100);
   prompts.insert(prompts.end(), more.begin(), more.end());
   const std::vector<float> ref =
-      PrefillAndDecode(*cpu_, **cpu_model, prompts, Choices(cpu_adapters, prompts.size()));
+      PrefillAndDecode(*cpu_, *cpu.model, prompts, Choices(cpu.adapters, prompts.size()));
   for (CudaCase& c : cases_) {
     SCOPED_TRACE(c.name);
-    auto cuda_model = model::LlamaModel::Load(c.backend.get(), SharedModel(), {});
-    ASSERT_TRUE(cuda_model.ok()) << cuda_model.status();
-    auto cuda_adapters = UploadAdapters(*c.backend, **cuda_model);
+    testing::SharedModel cuda = Load(*c.backend);
+    ASSERT_NE(cuda.model, nullptr);
     const std::vector<float> logits =
-        PrefillAndDecode(*c.backend, **cuda_model, prompts, Choices(cuda_adapters, prompts.size()));
+        PrefillAndDecode(*c.backend, *cuda.model, prompts, Choices(cuda.adapters, prompts.size()));
     EXPECT_LE(RelativeError(logits, ref), c.bf16 ? kBf16ModelBound : kF32ModelBound);
   }
 }
@@ -651,21 +641,21 @@ TEST_F(CudaLoraTest, MixedAdapterBatchMatchesCpu) {
 TEST_F(CudaLoraTest, MixedBatchEqualsEachRequestAlone) {
   for (CudaCase& c : cases_) {
     SCOPED_TRACE(c.name);
-    auto model = model::LlamaModel::Load(c.backend.get(), SharedModel(), {});
-    ASSERT_TRUE(model.ok()) << model.status();
-    auto adapters = UploadAdapters(*c.backend, **model);
-    ASSERT_GE(adapters.size(), 4u);
-    const int64_t vocab = (*model)->config().vocab_size;
+    testing::SharedModel shared = Load(*c.backend);
+    ASSERT_NE(shared.model, nullptr);
+    ASSERT_GE(shared.adapters.size(), 4u);
+    const int64_t vocab = shared.model->config().vocab_size;
     const auto prompts = Prompts(vocab);
-    const std::vector<model::AdapterChoice> choices = Choices(adapters, prompts.size());
-    const std::vector<float> batched = PrefillAndDecode(*c.backend, **model, prompts, choices);
+    const std::vector<model::AdapterChoice> choices = Choices(shared.adapters, prompts.size());
+    const std::vector<float> batched =
+        PrefillAndDecode(*c.backend, *shared.model, prompts, choices);
     size_t total_tokens = 0;
     for (const auto& p : prompts) total_tokens += p.size();
     size_t prefill_offset = 0;
     for (size_t i = 0; i < prompts.size(); ++i) {
       SCOPED_TRACE(i);
       const std::vector<float> alone =
-          PrefillAndDecode(*c.backend, **model, {prompts[i]}, {choices[i]});
+          PrefillAndDecode(*c.backend, *shared.model, {prompts[i]}, {choices[i]});
       // The batch's rows of request i, laid out as alone: prefill, then decode.
       std::vector<float> mine(batched.begin() + prefill_offset,
                               batched.begin() + prefill_offset + prompts[i].size() * vocab);
@@ -680,22 +670,21 @@ TEST_F(CudaLoraTest, MixedBatchEqualsEachRequestAlone) {
 TEST_F(CudaLoraTest, MergedMatchesUnmerged) {
   for (CudaCase& c : cases_) {
     SCOPED_TRACE(c.name);
-    auto cuda_model = model::LlamaModel::Load(c.backend.get(), SharedModel(), {});
-    ASSERT_TRUE(cuda_model.ok()) << cuda_model.status();
-    auto adapters = UploadAdapters(*c.backend, **cuda_model);
-    ASSERT_GE(adapters.size(), 2u);
-    const auto prompts = Prompts((*cuda_model)->config().vocab_size);
-    const model::AdapterChoice hot{adapters[0].get(), 1.0f};
-    auto merged = (*cuda_model)->Merge(hot);
+    testing::SharedModel cuda = Load(*c.backend);
+    ASSERT_NE(cuda.model, nullptr);
+    ASSERT_GE(cuda.adapters.size(), 2u);
+    const auto prompts = Prompts(cuda.model->config().vocab_size);
+    const model::AdapterChoice hot{cuda.adapters[0].get(), 1.0f};
+    auto merged = cuda.model->Merge(hot);
     ASSERT_TRUE(merged.ok()) << merged.status();
     // All on the hot adapter, then a mix whose others get low-rank corrections.
     const std::vector<model::AdapterChoice> all_hot(prompts.size(), hot);
-    const std::vector<model::AdapterChoice> mixed = {hot, {adapters[1].get(), 1.0f}, {}, hot};
+    const std::vector<model::AdapterChoice> mixed = {hot, {cuda.adapters[1].get(), 1.0f}, {}, hot};
     for (const auto& choices : {all_hot, mixed}) {
       const std::vector<float> unmerged =
-          PrefillAndDecode(*c.backend, **cuda_model, prompts, choices);
+          PrefillAndDecode(*c.backend, *cuda.model, prompts, choices);
       const std::vector<float> on_merged =
-          PrefillAndDecode(*c.backend, **cuda_model, prompts, choices, merged->get());
+          PrefillAndDecode(*c.backend, *cuda.model, prompts, choices, merged->get());
       // bf16: the merged weights are rounded once more than base + LoRA.
       EXPECT_LE(RelativeError(on_merged, unmerged), c.bf16 ? kBf16ModelBound : kF32ModelBound);
     }
@@ -710,32 +699,33 @@ TEST_F(CudaLoraTest, DecodeStepGraphsMatchEagerSteps) {
   constexpr int kSteps = 8;
   for (CudaCase& c : cases_) {
     SCOPED_TRACE(c.name);
-    auto model = model::LlamaModel::Load(c.backend.get(), SharedModel(), {});
-    ASSERT_TRUE(model.ok()) << model.status();
-    auto adapters = UploadAdapters(*c.backend, **model);
-    ASSERT_GE(adapters.size(), 4u);
-    std::vector<std::vector<int32_t>> prompts = Prompts((*model)->config().vocab_size);
+    testing::SharedModel shared = Load(*c.backend);
+    ASSERT_NE(shared.model, nullptr);
+    ASSERT_GE(shared.adapters.size(), 4u);
+    std::vector<std::vector<int32_t>> prompts = Prompts(shared.model->config().vocab_size);
     const auto more = Prompts(100);
     prompts.insert(prompts.end(), more.begin(), more.end());
     const size_t n = prompts.size();
     size_t longest = 0;
     for (const auto& p : prompts) longest = std::max(longest, p.size());
-    testing::PagedTestCache eager_cache(c.backend.get(), (*model)->kv_shape(), n, longest + kSteps);
-    testing::PagedTestCache graph_cache(c.backend.get(), (*model)->kv_shape(), n, longest + kSteps);
-    (*model)->set_step_graphs(false);
+    testing::PagedTestCache eager_cache(c.backend.get(), shared.model->kv_shape(), n,
+                                        longest + kSteps);
+    testing::PagedTestCache graph_cache(c.backend.get(), shared.model->kv_shape(), n,
+                                        longest + kSteps);
+    shared.model->set_step_graphs(false);
     for (auto* cache : {&eager_cache, &graph_cache}) {
       model::ForwardInput prefill = testing::PrefillAll(prompts, *cache);
-      prefill.adapters = Choices(adapters, n);
+      prefill.adapters = Choices(shared.adapters, n);
       std::vector<float> logits;
-      ASSERT_TRUE((*model)->Forward(prefill, cache->view(), &logits).ok());
+      ASSERT_TRUE(shared.model->Forward(prefill, cache->view(), &logits).ok());
     }
-    const int64_t graph_steps_before = (*model)->step_graph_stats().graph_steps;
+    const int64_t graph_steps_before = shared.model->step_graph_stats().graph_steps;
     for (int step = 0; step < kSteps; ++step) {
       SCOPED_TRACE(step);
       // From step 5 on the last sequence is done: a smaller padded batch.
       const size_t active = step < 5 ? n : n - 1;
       std::vector<int32_t> tokens, positions;
-      std::vector<model::AdapterChoice> choices = Choices(adapters, n + step);
+      std::vector<model::AdapterChoice> choices = Choices(shared.adapters, n + step);
       choices.erase(choices.begin(), choices.begin() + step);  // another mix each step
       choices.resize(active);
       for (size_t s = 0; s < active; ++s) {
@@ -745,17 +735,17 @@ TEST_F(CudaLoraTest, DecodeStepGraphsMatchEagerSteps) {
       std::vector<float> eager, graphed;
       model::ForwardInput in = testing::DecodeOne(tokens, positions, eager_cache);
       in.adapters = choices;
-      (*model)->set_step_graphs(false);
-      ASSERT_TRUE((*model)->Forward(in, eager_cache.view(), &eager).ok());
+      shared.model->set_step_graphs(false);
+      ASSERT_TRUE(shared.model->Forward(in, eager_cache.view(), &eager).ok());
       in = testing::DecodeOne(tokens, positions, graph_cache);
       in.adapters = choices;
-      (*model)->set_step_graphs(true);
-      absl::Status status = (*model)->Forward(in, graph_cache.view(), &graphed);
+      shared.model->set_step_graphs(true);
+      absl::Status status = shared.model->Forward(in, graph_cache.view(), &graphed);
       ASSERT_TRUE(status.ok()) << status;
       // Only the GEMMs' batch size differs (padding): summation order.
       EXPECT_LE(RelativeError(graphed, eager), c.bf16 ? kBf16Bound : kF32ModelBound);
     }
-    const model::LlamaModel::StepGraphStats& stats = (*model)->step_graph_stats();
+    const model::LlamaModel::StepGraphStats& stats = shared.model->step_graph_stats();
     // Two shapes, each captured (perhaps after one try that had to allocate
     // first) and replayed on the other steps.
     EXPECT_GE(stats.graph_steps - graph_steps_before, kSteps - 4)

@@ -6,10 +6,8 @@
 #include <map>
 
 #include "adapters/device_adapter.h"
-#include "adapters/lora_adapter.h"
 #include "gtest/gtest.h"
 #include "tests/support/forward_harness.h"
-#include "tests/support/golden_cases.h"
 
 namespace loraserve::model {
 namespace {
@@ -82,53 +80,26 @@ TEST(DecodePaddingTest, PaddingTokensWriteNothingAndNeedNoSegment) {
   for (size_t i = 3; i < 8; ++i) EXPECT_TRUE(padded_adapter.adapters[i] == AdapterChoice{});
 }
 
-// Loads the shared tiny model and its adapters on the CPU backend.
-class PaddedForwardTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    backend_ = std::move(*kernels::CreateCpuBackend({}));
-    auto models = testing::LoadModelCases();
-    ASSERT_TRUE(models.ok()) << models.status();
-    for (const auto& c : *models) {
-      if (c.name == "aidreams-260k") model_dir_ = c.model_dir;
-    }
-    auto model = LlamaModel::Load(backend_.get(), model_dir_, {});
-    ASSERT_TRUE(model.ok()) << model.status();
-    model_ = std::move(*model);
-    auto cases = testing::LoadAdapterCases();
-    ASSERT_TRUE(cases.ok()) << cases.status();
-    for (const auto& c : *cases) {
-      if (c.name != "ocean" && c.name != "attn-r8") continue;
-      auto host = adapters::LoadLoraAdapter(c.adapter_dir, model_->adapter_shape(), {});
-      ASSERT_TRUE(host.ok()) << host.status();
-      auto device = adapters::DeviceAdapter::Upload(backend_.get(), *host);
-      ASSERT_TRUE(device.ok()) << device.status();
-      adapters_[c.name] = std::move(*device);
-    }
-    ASSERT_EQ(adapters_.size(), 2u);
-  }
-
-  std::unique_ptr<kernels::Backend> backend_;
-  std::string model_dir_;
-  std::unique_ptr<LlamaModel> model_;
-  std::map<std::string, std::unique_ptr<adapters::DeviceAdapter>> adapters_;
-};
-
-TEST_F(PaddedForwardTest, PaddedDecodeStepEqualsUnpadded) {
+TEST(PaddedForwardTest, PaddedDecodeStepEqualsUnpadded) {
+  std::unique_ptr<kernels::Backend> backend = std::move(*kernels::CreateCpuBackend({}));
+  absl::StatusOr<testing::SharedModel> shared =
+      testing::LoadSharedModel(backend.get(), {"ocean", "attn-r8"});
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  LlamaModel* model = shared->model.get();
   const std::vector<std::vector<int32_t>> prompts = {
       {1, 72, 305, 41}, {1, 9, 18}, {1, 400, 2, 33, 87}};
   const std::vector<AdapterChoice> choices = {
-      {adapters_["ocean"].get(), 1.0f}, {}, {adapters_["attn-r8"].get(), 0.5f}};
-  const int64_t vocab = model_->config().vocab_size;
+      {shared->adapters[0].get(), 1.0f}, {}, {shared->adapters[1].get(), 0.5f}};
+  const int64_t vocab = model->config().vocab_size;
   // Two caches with the same prompts: one runs padded decode steps, the other not.
   std::vector<std::unique_ptr<testing::PagedTestCache>> caches;
   for (int i = 0; i < 2; ++i) {
     caches.push_back(
-        std::make_unique<testing::PagedTestCache>(backend_.get(), model_->kv_shape(), 3, 40));
+        std::make_unique<testing::PagedTestCache>(backend.get(), model->kv_shape(), 3, 40));
     ForwardInput prefill = testing::PrefillAll(prompts, *caches.back());
     prefill.adapters = choices;
     std::vector<float> logits;
-    ASSERT_TRUE(model_->Forward(prefill, caches.back()->view(), &logits).ok());
+    ASSERT_TRUE(model->Forward(prefill, caches.back()->view(), &logits).ok());
   }
   std::vector<int32_t> positions = {4, 3, 5};
   for (int step = 0; step < 3; ++step) {
@@ -138,8 +109,8 @@ TEST_F(PaddedForwardTest, PaddedDecodeStepEqualsUnpadded) {
     ASSERT_TRUE(shape.has_value());
     const ForwardInput padded = PadDecodeStep(in, *shape);
     std::vector<float> plain, padded_logits;
-    ASSERT_TRUE(model_->Forward(in, caches[0]->view(), &plain).ok());
-    ASSERT_TRUE(model_->Forward(padded, caches[1]->view(), &padded_logits).ok());
+    ASSERT_TRUE(model->Forward(in, caches[0]->view(), &plain).ok());
+    ASSERT_TRUE(model->Forward(padded, caches[1]->view(), &padded_logits).ok());
     ASSERT_EQ(padded_logits.size(), static_cast<size_t>(shape->batch * vocab));
     // The CPU GEMMs are batch-invariant: the real rows match exactly, and
     // the next step (which reads the cache the padded step wrote) too.

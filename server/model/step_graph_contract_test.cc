@@ -14,12 +14,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "adapters/device_adapter.h"
-#include "adapters/lora_adapter.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "server/model/llama_model.h"
 #include "tests/support/forward_harness.h"
-#include "tests/support/golden_cases.h"
 
 namespace loraserve::model {
 namespace {
@@ -218,38 +216,6 @@ class StepCheckingBackend : public Backend {
   int64_t refusals_ = 0;
 };
 
-// The shared tiny model and four of its adapters on one backend.
-struct ModelWithAdapters {
-  std::unique_ptr<LlamaModel> model;
-  std::vector<std::unique_ptr<adapters::DeviceAdapter>> adapters;
-};
-
-ModelWithAdapters Load(Backend* backend) {
-  ModelWithAdapters out;
-  auto models = testing::LoadModelCases();
-  EXPECT_TRUE(models.ok()) << models.status();
-  for (const auto& c : *models) {
-    if (c.name != "aidreams-260k") continue;
-    auto model = LlamaModel::Load(backend, c.model_dir, {});
-    EXPECT_TRUE(model.ok()) << model.status();
-    out.model = std::move(*model);
-  }
-  auto cases = testing::LoadAdapterCases();
-  EXPECT_TRUE(cases.ok()) << cases.status();
-  for (const std::string name : {"ocean", "robot", "qv-r4", "mlp-r16-rslora"}) {
-    for (const auto& c : *cases) {
-      if (c.name != name) continue;
-      auto host = adapters::LoadLoraAdapter(c.adapter_dir, out.model->adapter_shape(), {});
-      EXPECT_TRUE(host.ok()) << name << ": " << host.status();
-      auto device = adapters::DeviceAdapter::Upload(backend, *host);
-      EXPECT_TRUE(device.ok()) << device.status();
-      out.adapters.push_back(std::move(*device));
-    }
-  }
-  EXPECT_EQ(out.adapters.size(), 4u);
-  return out;
-}
-
 // Decode steps with another adapter mix each time (adapters that touch
 // different modules, base requests, a half-scale one), then fewer requests,
 // then merged weights with corrections for the other adapters:
@@ -259,9 +225,15 @@ TEST(StepGraphContractTest, DecodeStepsReplayTheirRecording) {
   auto checking = std::make_unique<StepCheckingBackend>(std::move(*kernels::CreateCpuBackend({})));
   StepCheckingBackend& backend = *checking;
   std::unique_ptr<Backend> plain_backend = std::move(*kernels::CreateCpuBackend({}));
-  ModelWithAdapters graphed = Load(&backend);
-  ModelWithAdapters plain = Load(plain_backend.get());
-  ASSERT_TRUE(graphed.model && plain.model);
+  const std::vector<std::string> adapter_names = {"ocean", "robot", "qv-r4", "mlp-r16-rslora"};
+  absl::StatusOr<testing::SharedModel> graphed_model =
+      testing::LoadSharedModel(&backend, adapter_names);
+  absl::StatusOr<testing::SharedModel> plain_model =
+      testing::LoadSharedModel(plain_backend.get(), adapter_names);
+  ASSERT_TRUE(graphed_model.ok()) << graphed_model.status();
+  ASSERT_TRUE(plain_model.ok()) << plain_model.status();
+  testing::SharedModel& graphed = *graphed_model;
+  testing::SharedModel& plain = *plain_model;
   plain.model->set_step_graphs(false);
 
   const std::vector<std::vector<int32_t>> prompts = {
@@ -269,7 +241,7 @@ TEST(StepGraphContractTest, DecodeStepsReplayTheirRecording) {
   const size_t n = prompts.size();
   // Choice i of step s: adapter (i + s) % 5, where 4 is the base; request 1
   // at half scale.
-  const auto choices = [&](ModelWithAdapters& m, int step, size_t count) {
+  const auto choices = [&](testing::SharedModel& m, int step, size_t count) {
     std::vector<AdapterChoice> out;
     for (size_t i = 0; i < count; ++i) {
       const size_t a = (i + step) % 5;

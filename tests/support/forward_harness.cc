@@ -3,6 +3,11 @@
 #include <cmath>
 #include <limits>
 
+#include "absl/strings/str_cat.h"
+#include "adapters/lora_adapter.h"
+#include "base/status_macros.h"
+#include "tests/support/golden_cases.h"
+
 namespace loraserve::testing {
 
 PagedTestCache::PagedTestCache(kernels::Backend* backend, const model::KvShape& shape,
@@ -62,6 +67,48 @@ model::ForwardInput DecodeOne(const std::vector<int32_t>& next_tokens,
     }
   }
   return in;
+}
+
+namespace {
+constexpr const char* kSharedModelCase = "aidreams-260k";
+}  // namespace
+
+absl::StatusOr<std::vector<std::string>> SharedAdapterNames() {
+  ASSIGN_OR_RETURN(std::vector<GoldenCase> cases, LoadAdapterCases());
+  std::vector<std::string> names;
+  for (const GoldenCase& c : cases) {
+    if (c.base == kSharedModelCase) names.push_back(c.name);
+  }
+  return names;
+}
+
+absl::StatusOr<SharedModel> LoadSharedModel(kernels::Backend* backend,
+                                            const std::vector<std::string>& adapter_names) {
+  ASSIGN_OR_RETURN(std::vector<GoldenCase> models, LoadModelCases());
+  ASSIGN_OR_RETURN(std::vector<GoldenCase> cases, LoadAdapterCases());
+  SharedModel out;
+  for (const GoldenCase& c : models) {
+    if (c.name == kSharedModelCase) {
+      ASSIGN_OR_RETURN(out.model, model::LlamaModel::Load(backend, c.model_dir, {}));
+    }
+  }
+  if (out.model == nullptr) {
+    return absl::NotFoundError(absl::StrCat("no model case ", kSharedModelCase));
+  }
+  for (const std::string& name : adapter_names) {
+    const GoldenCase* found = nullptr;
+    for (const GoldenCase& c : cases) {
+      if (c.name == name && c.base == kSharedModelCase) found = &c;
+    }
+    if (found == nullptr) return absl::NotFoundError(absl::StrCat("no adapter case ", name));
+    ASSIGN_OR_RETURN(adapters::LoraAdapter host,
+                     adapters::LoadLoraAdapter(found->adapter_dir, out.model->adapter_shape(),
+                                               {.max_rank = 64}));
+    ASSIGN_OR_RETURN(std::unique_ptr<adapters::DeviceAdapter> device,
+                     adapters::DeviceAdapter::Upload(backend, host));
+    out.adapters.push_back(std::move(device));
+  }
+  return out;
 }
 
 float MaxAbsDiff(const float* a, const float* b, size_t n) {

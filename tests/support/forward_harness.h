@@ -11,8 +11,12 @@
 #define LORASERVE_TESTS_SUPPORT_FORWARD_HARNESS_H_
 
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
+#include "adapters/device_adapter.h"
 #include "kernels/backend.h"
 #include "server/model/llama_model.h"
 
@@ -46,6 +50,21 @@ model::ForwardInput PrefillAll(const std::vector<std::vector<int32_t>>& seqs,
 // positions before are cached), with logits for every sequence.
 model::ForwardInput DecodeOne(const std::vector<int32_t>& next_tokens,
                               const std::vector<int32_t>& positions, const PagedTestCache& cache);
+
+// The shared tiny model (aidreams-260k) and some of its shared adapters, all
+// on one backend.
+struct SharedModel {
+  std::unique_ptr<model::LlamaModel> model;
+  std::vector<std::unique_ptr<adapters::DeviceAdapter>> adapters;  // in the order asked for
+};
+
+// Names of the shared model's adapter cases, in the order of the goldens.
+absl::StatusOr<std::vector<std::string>> SharedAdapterNames();
+
+// Loads the shared model on `backend` with the adapters `adapter_names`
+// (adapter cases of the goldens) uploaded to it.
+absl::StatusOr<SharedModel> LoadSharedModel(kernels::Backend* backend,
+                                            const std::vector<std::string>& adapter_names);
 
 // Largest |a[i] - b[i]|; NaN anywhere gives NaN (which fails any <= check).
 float MaxAbsDiff(const float* a, const float* b, size_t n);
