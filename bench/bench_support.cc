@@ -1,7 +1,10 @@
 #include "bench/bench_support.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdint>
 #include <cstdio>
+#include <thread>
 
 #include "absl/flags/parse.h"
 #include "base/flag_names.h"
@@ -21,6 +24,51 @@ absl::StatusOr<BenchModel> LoadBenchModel(kernels::Backend* backend, const std::
     ASSIGN_OR_RETURN(loaded.model, model::LlamaModel::Load(backend, dir, {}));
   }
   return loaded;
+}
+
+double DecodeStepBytes(const kernels::Backend& backend, const model::LlamaModel& model,
+                       int32_t batch, int32_t context, double adapter_bytes) {
+  const model::ModelConfig& config = model.config();
+  const model::KvShape kv = model.kv_shape();
+  const double weight_dtype =
+      static_cast<double>(kernels::DTypeSize(backend.WeightDType(kernels::DType::kF32)));
+  const double embedding = config.tie_word_embeddings ? 0.0
+                                                      : static_cast<double>(config.vocab_size) *
+                                                            config.hidden_size * weight_dtype;
+  const double kv_bytes = static_cast<double>(kv.num_layers) * batch * context *
+                          kv.num_kv_heads * kv.head_dim * 2 * sizeof(float);
+  const double logits = static_cast<double>(batch) * config.vocab_size * sizeof(float);
+  return static_cast<double>(model.weight_bytes()) - embedding + kv_bytes + adapter_bytes + logits;
+}
+
+double HostReadBandwidth(int threads) {
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  constexpr size_t kWords = (size_t{1} << 30) / sizeof(uint64_t);
+  std::vector<uint64_t> buffer(kWords, 1);
+  std::vector<double> passes;
+  for (int pass = 0; pass < 3; ++pass) {
+    std::vector<uint64_t> sums(threads);
+    std::vector<std::thread> workers;
+    const auto start = std::chrono::steady_clock::now();
+    for (int t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        const size_t begin = kWords / threads * t;
+        const size_t end = t + 1 == threads ? kWords : kWords / threads * (t + 1);
+        uint64_t sum = 0;
+        for (size_t i = begin; i < end; ++i) sum += buffer[i];
+        sums[t] = sum;
+      });
+    }
+    for (std::thread& worker : workers) worker.join();
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    // The sums are checked so that the reads cannot be optimised away.
+    uint64_t total = 0;
+    for (uint64_t sum : sums) total += sum;
+    if (total != kWords) return 0.0;
+    passes.push_back(static_cast<double>(kWords * sizeof(uint64_t)) / seconds);
+  }
+  return Median(passes);
 }
 
 double Median(std::vector<double> values) {

@@ -1,5 +1,7 @@
 // Pieces every benchmark binary shares: the model under test (a checkpoint
-// directory or a dummy preset), medians, and flag parsing with dashes.
+// directory or a dummy preset), the bytes a decode step must move and the
+// host's read bandwidth (a step's floor), medians, and flag parsing with
+// dashes.
 #ifndef LORASERVE_BENCH_BENCH_SUPPORT_H_
 #define LORASERVE_BENCH_BENCH_SUPPORT_H_
 
@@ -21,6 +23,20 @@ struct BenchModel {
 // `preset` (random weights, seed 0) when non-empty, else the checkpoint in `dir`.
 absl::StatusOr<BenchModel> LoadBenchModel(kernels::Backend* backend, const std::string& preset,
                                           const std::string& dir);
+
+// Bytes one decode step of `batch` requests must read or write at least once:
+// every weight (the untied embedding table only for its gathered rows), the
+// KV cache of `context` positions per request read by attention, the
+// adapters' A and B (`adapter_bytes` in all), and the logits. Weights are in
+// `backend`'s weight dtype.
+double DecodeStepBytes(const kernels::Backend& backend, const model::LlamaModel& model,
+                       int32_t batch, int32_t context, double adapter_bytes);
+
+// Host memory read bandwidth in bytes/s: `threads` threads (0 = one per core)
+// each summing its share of a 1 GiB buffer, the median of 3 passes. A CPU
+// decode step streams its weights from memory, so moved bytes over this is
+// the step's floor.
+double HostReadBandwidth(int threads);
 
 double Median(std::vector<double> values);
 

@@ -219,18 +219,8 @@ absl::Status Run() {
                                               context + kWarmupSteps + absl::GetFlag(FLAGS_steps)));
 
   // Bytes a decode step must move, per the header comment.
-  const double weight_dtype =
-      static_cast<double>(kernels::DTypeSize(backend->WeightDType(kernels::DType::kF32)));
-  const double embedding = config.tie_word_embeddings ? 0.0
-                                                      : static_cast<double>(config.vocab_size) *
-                                                            config.hidden_size * weight_dtype;
-  const double weights = static_cast<double>(model->weight_bytes()) - embedding;
-  const model::KvShape kv = model->kv_shape();
   const auto moved = [&](int32_t batch, int32_t distinct) {
-    const double kv_bytes = static_cast<double>(kv.num_layers) * batch * (context + 1) *
-                            kv.num_kv_heads * kv.head_dim * 2 * sizeof(float);
-    const double logits = static_cast<double>(batch) * config.vocab_size * sizeof(float);
-    return weights + kv_bytes + distinct * adapter_bytes + logits;
+    return bench::DecodeStepBytes(*backend, *model, batch, context + 1, distinct * adapter_bytes);
   };
 
   std::printf("%-6s %-10s %10s %10s %10s %11s %8s %9s %9s\n", "batch", "scenario", "step_ms",
