@@ -236,24 +236,31 @@ class Backend {
   virtual void AbortStep() {}
 
   // --- attention ----------------------------------------------------------
+  // q, k and v are read (and q and k rotated) row by row, rows `*_ld` floats
+  // apart, at least a row's width: each may be a column slice of the fused
+  // q|k|v projection of every token.
+  //
   // Rotates q and k in place (Hugging Face's rotate-half layout).
-  virtual absl::Status Rope(float* q,                  // [tokens, num_heads, head_dim]
-                            float* k,                  // [tokens, num_kv_heads, head_dim]
+  virtual absl::Status Rope(float* q,  // [tokens, q_ld]: num_heads heads of head_dim
+                            int64_t q_ld,
+                            float* k,  // [tokens, k_ld]: num_kv_heads heads of head_dim
+                            int64_t k_ld,
                             const int32_t* positions,  // [tokens]
                             int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
                             const RopeParams& rope) = 0;
   // Writes each token's k and v into its slot of the paged cache (none for a
   // kPaddingSlot token).
-  virtual absl::Status WriteKv(const float* k,  // [tokens, kv_heads, head_dim]
-                               const float* v,  // [tokens, kv_heads, head_dim]
-                               const AttentionBatch& batch, const KvLayout& layout,
+  virtual absl::Status WriteKv(const float* k,  // [tokens, kv_ld]: kv_heads heads of head_dim
+                               const float* v,  // [tokens, kv_ld]: likewise
+                               int64_t kv_ld, const AttentionBatch& batch, const KvLayout& layout,
                                float* k_cache,  // [num_blocks, block_size, kv_heads, head_dim]
                                float* v_cache) = 0;
   // Causal attention of each token over its sequence's cached keys and values
   // (positions 0 .. its own), with grouped-query heads.
-  virtual absl::Status PagedAttention(const float* q,  // [tokens, num_heads, head_dim]
-                                      const AttentionBatch& batch, const KvLayout& layout,
-                                      int32_t num_heads, const float* k_cache, const float* v_cache,
+  virtual absl::Status PagedAttention(const float* q,  // [tokens, q_ld]: num_heads heads
+                                      int64_t q_ld, const AttentionBatch& batch,
+                                      const KvLayout& layout, int32_t num_heads,
+                                      const float* k_cache, const float* v_cache,
                                       float* out) = 0;  // [tokens, num_heads * head_dim]
 
   // --- sampling -----------------------------------------------------------

@@ -62,6 +62,13 @@ absl::Status NonPositiveArgument(const char* op, const char* arg, int64_t value)
       absl::StrCat("CpuBackend::", op, ": ", arg, " must be positive, got ", value));
 }
 
+// A row stride must hold a row: `ld` >= `row_floats`.
+absl::Status CheckRowStride(const char* op, const char* arg, int64_t ld, int64_t row_floats) {
+  if (ld >= row_floats) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("CpuBackend::", op, ": ", arg, " is ", ld,
+                                                 ", less than a row of ", row_floats, " floats"));
+}
+
 absl::Status CheckF32Weight(const char* op, const char* arg, const WeightView& w) {
   if (w.data == nullptr) return NullArgument(op, arg);
   if (w.dtype != DType::kF32) {
@@ -505,8 +512,9 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Rope(float* q, float* k, const int32_t* positions, int64_t tokens, int32_t num_heads,
-                    int32_t num_kv_heads, const RopeParams& rope) override {
+  absl::Status Rope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
+                    int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
+                    const RopeParams& rope) override {
     constexpr const char* kOp = "Rope";
     if (tokens < 0) return NegativeArgument(kOp, "tokens", tokens);
     if (num_heads <= 0) return NonPositiveArgument(kOp, "num_heads", num_heads);
@@ -514,6 +522,14 @@ class CpuBackend final : public Backend {
     if (rope.head_dim <= 0 || rope.head_dim % 2 != 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "CpuBackend::Rope: rope.head_dim must be positive and even, got ", rope.head_dim));
+    }
+    if (absl::Status s = CheckRowStride(kOp, "q_ld", q_ld, int64_t{num_heads} * rope.head_dim);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = CheckRowStride(kOp, "k_ld", k_ld, int64_t{num_kv_heads} * rope.head_dim);
+        !s.ok()) {
+      return s;
     }
     if (tokens == 0) return absl::OkStatus();
     if (q == nullptr) return NullArgument(kOp, "q");
@@ -543,18 +559,19 @@ class CpuBackend final : public Backend {
                             cos[i] = std::cos(angle) * rope.attention_scaling;
                             sin[i] = std::sin(angle) * rope.attention_scaling;
                           }
-                          RotateHeads(q + t * num_heads * head_dim, num_heads, half, cos, sin);
-                          RotateHeads(k + t * num_kv_heads * head_dim, num_kv_heads, half, cos,
-                                      sin);
+                          RotateHeads(q + t * q_ld, num_heads, half, cos, sin);
+                          RotateHeads(k + t * k_ld, num_kv_heads, half, cos, sin);
                         }
                       });
     return absl::OkStatus();
   }
 
-  absl::Status WriteKv(const float* k, const float* v, const AttentionBatch& batch,
+  absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld, const AttentionBatch& batch,
                        const KvLayout& layout, float* k_cache, float* v_cache) override {
     constexpr const char* kOp = "WriteKv";
     if (absl::Status s = CheckLayout(kOp, layout); !s.ok()) return s;
+    const int64_t token_floats = static_cast<int64_t>(layout.num_kv_heads) * layout.head_dim;
+    if (absl::Status s = CheckRowStride(kOp, "kv_ld", kv_ld, token_floats); !s.ok()) return s;
     if (batch.num_tokens < 0) return NegativeArgument(kOp, "batch.num_tokens", batch.num_tokens);
     if (batch.num_tokens == 0) return absl::OkStatus();
     if (k == nullptr) return NullArgument(kOp, "k");
@@ -572,25 +589,26 @@ class CpuBackend final : public Backend {
                                                   " slots"));
       }
     }
-    const int64_t token_floats = static_cast<int64_t>(layout.num_kv_heads) * layout.head_dim;
     for (int32_t t = 0; t < batch.num_tokens; ++t) {
       const int64_t slot = batch.slot_mapping[t];
       if (slot == kPaddingSlot) continue;
-      std::memcpy(k_cache + slot * token_floats, k + t * token_floats,
-                  token_floats * sizeof(float));
-      std::memcpy(v_cache + slot * token_floats, v + t * token_floats,
-                  token_floats * sizeof(float));
+      std::memcpy(k_cache + slot * token_floats, k + t * kv_ld, token_floats * sizeof(float));
+      std::memcpy(v_cache + slot * token_floats, v + t * kv_ld, token_floats * sizeof(float));
     }
     return absl::OkStatus();
   }
 
-  absl::Status PagedAttention(const float* q, const AttentionBatch& batch, const KvLayout& layout,
-                              int32_t num_heads, const float* k_cache, const float* v_cache,
-                              float* out) override {
+  absl::Status PagedAttention(const float* q, int64_t q_ld, const AttentionBatch& batch,
+                              const KvLayout& layout, int32_t num_heads, const float* k_cache,
+                              const float* v_cache, float* out) override {
     absl::StatusOr<std::vector<int32_t>> token_seq = CheckAttentionBatch(batch, layout, num_heads);
     if (!token_seq.ok()) return token_seq.status();
-    if (batch.num_tokens == 0) return absl::OkStatus();
     constexpr const char* kOp = "PagedAttention";
+    if (absl::Status s = CheckRowStride(kOp, "q_ld", q_ld, int64_t{num_heads} * layout.head_dim);
+        !s.ok()) {
+      return s;
+    }
+    if (batch.num_tokens == 0) return absl::OkStatus();
     if (q == nullptr) return NullArgument(kOp, "q");
     if (k_cache == nullptr) return NullArgument(kOp, "k_cache");
     if (v_cache == nullptr) return NullArgument(kOp, "v_cache");
@@ -618,7 +636,7 @@ class CpuBackend final : public Backend {
     pool_.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const AttentionItem& item = items[i];
-        const float* q_token = q + static_cast<int64_t>(item.token) * num_heads * head_dim;
+        const float* q_token = q + static_cast<int64_t>(item.token) * q_ld;
         if (item.partial < 0) {
           float* acc = out + static_cast<int64_t>(item.token) * num_heads * head_dim;
           float* stats = Scratch<kStatsScratch>(2 * num_heads);  // [max | sum] per head

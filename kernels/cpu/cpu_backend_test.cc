@@ -26,6 +26,7 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
+#include "tests/support/side_by_side.h"
 
 namespace loraserve::kernels {
 namespace {
@@ -684,7 +685,8 @@ TEST_P(CpuBackendTest, RopeMatchesReference) {
     DeviceBuffer dq = Upload(q), dk = Upload(k), dpos = Upload(positions), dfreq = Upload(inv_freq);
     const RopeParams params{dfreq.as<float>(), c.head_dim, c.scaling};
     ASSERT_TRUE(backend_
-                    ->Rope(dq.as<float>(), dk.as<float>(), dpos.as<int32_t>(), c.tokens, c.heads,
+                    ->Rope(dq.as<float>(), c.heads * c.head_dim, dk.as<float>(),
+                           c.kv_heads * c.head_dim, dpos.as<int32_t>(), c.tokens, c.heads,
                            c.kv_heads, params)
                     .ok());
     std::vector<double> ref, scale;
@@ -703,15 +705,22 @@ TEST_P(CpuBackendTest, RopeRejectsBadArguments) {
   DeviceBuffer good_pos = Upload(std::vector<int32_t>{3});
   float* p = d.as<float>();
   absl::Status status =
-      backend_->Rope(p, p, good_pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 7, 1.0f});
+      backend_->Rope(p, 16, p, 16, good_pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 7, 1.0f});
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("head_dim"));
-  status = backend_->Rope(p, p, pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 8, 1.0f});
+  status = backend_->Rope(p, 16, p, 16, pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 8, 1.0f});
   EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange);
   EXPECT_THAT(status.message(), HasSubstr("positions[0]"));
-  status = backend_->Rope(p, p, good_pos.as<int32_t>(), 1, 2, 2, {nullptr, 8, 1.0f});
+  status = backend_->Rope(p, 16, p, 16, good_pos.as<int32_t>(), 1, 2, 2, {nullptr, 8, 1.0f});
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("inv_freq"));
+  // Rows closer together than a row of heads.
+  status = backend_->Rope(p, 15, p, 16, good_pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 8, 1.0f});
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("q_ld is 15, less than a row of 16 floats"));
+  status = backend_->Rope(p, 16, p, 8, good_pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 8, 1.0f});
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("k_ld"));
 }
 
 // ---- paged attention ------------------------------------------------------
@@ -817,11 +826,13 @@ class AttentionScenario {
       hist.num_tokens = static_cast<int32_t>(hist_slots.size());
       hist.slot_mapping = dslots.as<int32_t>();
       ASSERT_TRUE(
-          backend.WriteKv(dk.as<float>(), dv.as<float>(), hist, layout_, k_cache, v_cache).ok());
+          backend.WriteKv(dk.as<float>(), dv.as<float>(), kv_floats, hist, layout_, k_cache, v_cache)
+              .ok());
     }
     DeviceBuffer dk = test->Upload(k_step), dv = test->Upload(v_step);
     ASSERT_TRUE(
-        backend.WriteKv(dk.as<float>(), dv.as<float>(), Batch(), layout_, k_cache, v_cache).ok());
+        backend.WriteKv(dk.as<float>(), dv.as<float>(), kv_floats, Batch(), layout_, k_cache, v_cache)
+            .ok());
   }
 
   // Causal softmax attention in double, with scale = Σ_j p_j |v_j| per output.
@@ -907,8 +918,9 @@ TEST_P(CpuBackendTest, PagedAttentionMatchesReference) {
     const size_t out_floats = static_cast<size_t>(scenario.num_tokens()) * c.num_heads * c.head_dim;
     DeviceBuffer dout = Poisoned(out_floats);
     absl::Status status =
-        backend_->PagedAttention(dq.as<float>(), scenario.Batch(), layout, c.num_heads,
-                                 k_cache.as<float>(), v_cache.as<float>(), dout.as<float>());
+        backend_->PagedAttention(dq.as<float>(), c.num_heads * c.head_dim, scenario.Batch(), layout,
+                                 c.num_heads, k_cache.as<float>(), v_cache.as<float>(),
+                                 dout.as<float>());
     ASSERT_TRUE(status.ok()) << c.name << ": " << status;
     std::vector<double> ref, scale;
     scenario.Reference(ref, scale);
@@ -924,8 +936,8 @@ TEST_P(CpuBackendTest, PagedAttentionAndWriteKvRejectBadArguments) {
   DeviceBuffer dq = Upload(scenario.q());
   DeviceBuffer dout = Poisoned(scenario.num_tokens() * 8 * 16);
   const auto attend = [&](const AttentionBatch& batch, const KvLayout& l, int32_t heads) {
-    return backend_->PagedAttention(dq.as<float>(), batch, l, heads, k_cache.as<float>(),
-                                    v_cache.as<float>(), dout.as<float>());
+    return backend_->PagedAttention(dq.as<float>(), int64_t{heads} * l.head_dim, batch, l, heads,
+                                    k_cache.as<float>(), v_cache.as<float>(), dout.as<float>());
   };
 
   absl::Status status = attend(scenario.Batch(), {8, 16, 4, 16}, 6);
@@ -936,10 +948,14 @@ TEST_P(CpuBackendTest, PagedAttentionAndWriteKvRejectBadArguments) {
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("block_size"));
 
-  status = backend_->PagedAttention(nullptr, scenario.Batch(), layout, 8, k_cache.as<float>(),
-                                    v_cache.as<float>(), dout.as<float>());
+  status = backend_->PagedAttention(nullptr, 8 * 16, scenario.Batch(), layout, 8,
+                                    k_cache.as<float>(), v_cache.as<float>(), dout.as<float>());
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("q is null"));
+  status = backend_->PagedAttention(dq.as<float>(), 8 * 16 - 1, scenario.Batch(), layout, 8,
+                                    k_cache.as<float>(), v_cache.as<float>(), dout.as<float>());
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("q_ld is 127, less than a row of 128 floats"));
 
   // A block id beyond the cache.
   DeviceBuffer bad_tables = Upload(std::vector<int32_t>(scenario.block_tables().size(), 8));
@@ -977,15 +993,98 @@ TEST_P(CpuBackendTest, PagedAttentionAndWriteKvRejectBadArguments) {
   DeviceBuffer bad_slots = Upload(std::vector<int32_t>{0, 128, 1});
   batch = scenario.Batch();
   batch.slot_mapping = bad_slots.as<int32_t>();
-  status = backend_->WriteKv(kv.as<float>(), kv.as<float>(), batch, layout, k_cache.as<float>(),
-                             v_cache.as<float>());
+  status = backend_->WriteKv(kv.as<float>(), kv.as<float>(), 32, batch, layout,
+                             k_cache.as<float>(), v_cache.as<float>());
   EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange);
   EXPECT_THAT(status.message(), HasSubstr("slot_mapping[1] is 128"));
-  status = backend_->WriteKv(kv.as<float>(), kv.as<float>(), scenario.Batch(), layout, nullptr,
+  status = backend_->WriteKv(kv.as<float>(), kv.as<float>(), 32, scenario.Batch(), layout, nullptr,
                              v_cache.as<float>());
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("k_cache"));
+  status = backend_->WriteKv(kv.as<float>(), kv.as<float>(), 31, scenario.Batch(), layout,
+                             k_cache.as<float>(), v_cache.as<float>());
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("kv_ld is 31, less than a row of 32 floats"));
 }
 
 }  // namespace
+// The model keeps each token's q, k and v side by side in one row of its
+// fused projection: read through row strides, Rope, WriteKv and
+// PagedAttention give exactly what they give on separate buffers, and leave
+// the rest of each row alone.
+TEST_P(CpuBackendTest, FusedQkvRowsGiveWhatSeparateBuffersGive) {
+  const int32_t heads = 4, kv_heads = 2, head_dim = 16;
+  const int64_t q_width = heads * head_dim, kv_width = kv_heads * head_dim;
+  const KvLayout layout{4, 16, kv_heads, head_dim};
+  // One sequence of 5 tokens, all in this step (a prefill), in cache block 2.
+  const int64_t tokens = 5;
+  const std::vector<float> q = RandomFloats(tokens * q_width, 71);
+  const std::vector<float> k = RandomFloats(tokens * kv_width, 72);
+  const std::vector<float> v = RandomFloats(tokens * kv_width, 73);
+  const std::vector<int32_t> positions = {0, 1, 2, 3, 4};
+  DeviceBuffer pos = Upload(positions), freq = Upload(InvFreq(head_dim, 10000.0f));
+  DeviceBuffer query_start = Upload(std::vector<int32_t>{0, 5});
+  DeviceBuffer context_lens = Upload(std::vector<int32_t>{5});
+  DeviceBuffer block_tables = Upload(std::vector<int32_t>{2});
+  DeviceBuffer slots = Upload(std::vector<int32_t>{32, 33, 34, 35, 36});
+  const AttentionBatch batch{1,  5, query_start.as<int32_t>(), context_lens.as<int32_t>(),
+                             block_tables.as<int32_t>(), 1, slots.as<int32_t>(), pos.as<int32_t>()};
+  const size_t cache_floats = 4 * 16 * kv_width;
+  const size_t out_floats = static_cast<size_t>(tokens * q_width);
+  const RopeParams rope{freq.as<float>(), head_dim, 1.0f};
+
+  // Separate buffers.
+  DeviceBuffer dq = Upload(q), dk = Upload(k), dv = Upload(v);
+  DeviceBuffer k_cache = Poisoned(cache_floats), v_cache = Poisoned(cache_floats);
+  DeviceBuffer out = Poisoned(out_floats);
+  ASSERT_TRUE(backend_
+                  ->Rope(dq.as<float>(), q_width, dk.as<float>(), kv_width, pos.as<int32_t>(),
+                         tokens, heads, kv_heads, rope)
+                  .ok());
+  ASSERT_TRUE(backend_
+                  ->WriteKv(dk.as<float>(), dv.as<float>(), kv_width, batch, layout,
+                            k_cache.as<float>(), v_cache.as<float>())
+                  .ok());
+  ASSERT_TRUE(backend_
+                  ->PagedAttention(dq.as<float>(), q_width, batch, layout, heads,
+                                   k_cache.as<float>(), v_cache.as<float>(), out.as<float>())
+                  .ok());
+
+  // One fused buffer, with NaN padding at the end of every row.
+  const std::vector<float> fused =
+      testing::SideBySide(tokens, {{&q, q_width}, {&k, kv_width}, {&v, kv_width}}, 3);
+  const int64_t ld = q_width + 2 * kv_width + 3;
+  DeviceBuffer dqkv = Upload(fused);
+  float* fq = dqkv.as<float>();
+  float* fk = fq + q_width;
+  float* fv = fk + kv_width;
+  DeviceBuffer fk_cache = Poisoned(cache_floats), fv_cache = Poisoned(cache_floats);
+  DeviceBuffer fout = Poisoned(out_floats);
+  ASSERT_TRUE(
+      backend_->Rope(fq, ld, fk, ld, pos.as<int32_t>(), tokens, heads, kv_heads, rope).ok());
+  ASSERT_TRUE(backend_
+                  ->WriteKv(fk, fv, ld, batch, layout, fk_cache.as<float>(), fv_cache.as<float>())
+                  .ok());
+  ASSERT_TRUE(backend_
+                  ->PagedAttention(fq, ld, batch, layout, heads, fk_cache.as<float>(),
+                                   fv_cache.as<float>(), fout.as<float>())
+                  .ok());
+
+  const auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  const std::vector<float> after = Download(dqkv, fused.size());
+  EXPECT_TRUE(same(testing::ColumnSlice(after, tokens, ld, 0, q_width),
+                   Download(dq, q.size())));
+  EXPECT_TRUE(same(testing::ColumnSlice(after, tokens, ld, q_width, kv_width),
+                   Download(dk, k.size())));
+  EXPECT_TRUE(same(testing::ColumnSlice(after, tokens, ld, q_width + kv_width, kv_width), v));
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t c = ld - 3; c < ld; ++c) EXPECT_TRUE(std::isnan(after[t * ld + c]));
+  }
+  EXPECT_TRUE(same(Download(fk_cache, cache_floats), Download(k_cache, cache_floats)));
+  EXPECT_TRUE(same(Download(fv_cache, cache_floats), Download(v_cache, cache_floats)));
+  EXPECT_TRUE(same(Download(fout, out_floats), Download(out, out_floats)));
+}
+
 }  // namespace loraserve::kernels

@@ -172,6 +172,14 @@ absl::Status CheckPositive(const char* op, const char* arg, int64_t value) {
   return absl::OkStatus();
 }
 
+// A row stride must hold a row: `ld` >= `row_floats`.
+absl::Status CheckRowStride(const char* op, const char* arg, int64_t ld, int64_t row_floats) {
+  if (ld < row_floats) {
+    return Invalid(op, absl::StrCat(arg, " is ", ld, ", less than a row of ", row_floats, " floats"));
+  }
+  return absl::OkStatus();
+}
+
 cudaDataType_t CudaDataType(DType dtype) {
   switch (dtype) {
     case DType::kF32:
@@ -707,8 +715,9 @@ class CudaBackend final : public Backend {
 
   // --- attention ------------------------------------------------------------
 
-  absl::Status Rope(float* q, float* k, const int32_t* positions, int64_t tokens, int32_t num_heads,
-                    int32_t num_kv_heads, const RopeParams& rope) override {
+  absl::Status Rope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
+                    int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
+                    const RopeParams& rope) override {
     constexpr const char* kOp = "Rope";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "tokens", tokens));
@@ -718,6 +727,10 @@ class CudaBackend final : public Backend {
       return Invalid(kOp,
                      absl::StrCat("rope.head_dim must be positive and even, got ", rope.head_dim));
     }
+    CUDA_RETURN_IF_ERROR(
+        CheckRowStride(kOp, "q_ld", q_ld, static_cast<int64_t>(num_heads) * rope.head_dim));
+    CUDA_RETURN_IF_ERROR(
+        CheckRowStride(kOp, "k_ld", k_ld, static_cast<int64_t>(num_kv_heads) * rope.head_dim));
     if (tokens == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "q", q));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "k", k));
@@ -726,18 +739,21 @@ class CudaBackend final : public Backend {
     return Launch(
         kOp,
         [&] {
-          return cuda::RopeInPlace(q, k, positions, tokens, num_heads, num_kv_heads, rope.inv_freq,
-                                   rope.head_dim, rope.attention_scaling, error_, stream_);
+          return cuda::RopeInPlace(q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads,
+                                   rope.inv_freq, rope.head_dim, rope.attention_scaling, error_,
+                                   stream_);
         },
-        q, k, positions, tokens, num_heads, num_kv_heads, rope.inv_freq, rope.head_dim,
-        rope.attention_scaling);
+        q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads, rope.inv_freq,
+        rope.head_dim, rope.attention_scaling);
   }
 
-  absl::Status WriteKv(const float* k, const float* v, const AttentionBatch& batch,
+  absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld, const AttentionBatch& batch,
                        const KvLayout& layout, float* k_cache, float* v_cache) override {
     constexpr const char* kOp = "WriteKv";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     CUDA_RETURN_IF_ERROR(CheckLayout(kOp, layout));
+    CUDA_RETURN_IF_ERROR(CheckRowStride(
+        kOp, "kv_ld", kv_ld, static_cast<int64_t>(layout.num_kv_heads) * layout.head_dim));
     CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "batch.num_tokens", batch.num_tokens));
     if (batch.num_tokens == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "k", k));
@@ -748,22 +764,24 @@ class CudaBackend final : public Backend {
     return Launch(
         kOp,
         [&] {
-          return cuda::WriteKvSlots(k, v, batch.slot_mapping, batch.num_tokens,
+          return cuda::WriteKvSlots(k, v, kv_ld, batch.slot_mapping, batch.num_tokens,
                                     static_cast<int64_t>(layout.num_kv_heads) * layout.head_dim,
                                     static_cast<int64_t>(layout.num_blocks) * layout.block_size,
                                     k_cache, v_cache, error_, stream_);
         },
-        k, v, batch.slot_mapping, batch.num_tokens, k_cache, v_cache, layout.num_blocks,
+        k, v, kv_ld, batch.slot_mapping, batch.num_tokens, k_cache, v_cache, layout.num_blocks,
         layout.block_size, layout.num_kv_heads, layout.head_dim);
   }
 
-  absl::Status PagedAttention(const float* q, const AttentionBatch& batch, const KvLayout& layout,
-                              int32_t num_heads, const float* k_cache, const float* v_cache,
-                              float* out) override {
+  absl::Status PagedAttention(const float* q, int64_t q_ld, const AttentionBatch& batch,
+                              const KvLayout& layout, int32_t num_heads, const float* k_cache,
+                              const float* v_cache, float* out) override {
     constexpr const char* kOp = "PagedAttention";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     CUDA_RETURN_IF_ERROR(CheckLayout(kOp, layout));
     CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "num_heads", num_heads));
+    CUDA_RETURN_IF_ERROR(
+        CheckRowStride(kOp, "q_ld", q_ld, static_cast<int64_t>(num_heads) * layout.head_dim));
     if (num_heads % layout.num_kv_heads != 0) {
       return Invalid(kOp, absl::StrCat("num_heads (", num_heads,
                                        ") must be a multiple of layout.num_kv_heads (",
@@ -794,12 +812,12 @@ class CudaBackend final : public Backend {
         kOp,
         [&] {
           return cuda::PagedAttentionForward(
-              q, batch.num_tokens, batch.num_seqs, batch.query_start, batch.context_lens,
+              q, q_ld, batch.num_tokens, batch.num_seqs, batch.query_start, batch.context_lens,
               batch.block_tables, batch.max_blocks_per_seq, batch.positions, num_heads,
               layout.num_kv_heads, layout.head_dim, layout.block_size, layout.num_blocks, k_cache,
               v_cache, out, error_, stream_);
         },
-        q, batch.num_tokens, batch.num_seqs, batch.query_start, batch.context_lens,
+        q, q_ld, batch.num_tokens, batch.num_seqs, batch.query_start, batch.context_lens,
         batch.block_tables, batch.max_blocks_per_seq, batch.positions, num_heads,
         layout.num_kv_heads, layout.head_dim, layout.block_size, layout.num_blocks, k_cache,
         v_cache, out);

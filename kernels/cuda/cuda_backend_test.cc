@@ -22,6 +22,7 @@
 #include "server/model/model_config.h"
 #include "tests/support/forward_harness.h"
 #include "tests/support/golden_cases.h"
+#include "tests/support/side_by_side.h"
 
 namespace loraserve::kernels {
 namespace {
@@ -308,20 +309,35 @@ TEST_F(CudaBackendTest, RopeMatchesCpu) {
   for (int i = 0; i < head_dim / 2; ++i) {
     inv_freq[i] = 1.0f / std::pow(500000.0f, 2.0f * i / head_dim);
   }
-  const std::vector<float> q = RandomVector(tokens * heads * head_dim, 12);
-  const std::vector<float> k = RandomVector(tokens * kv_heads * head_dim, 13);
+  const int64_t q_width = heads * head_dim, k_width = kv_heads * head_dim;
+  const std::vector<float> q = RandomVector(tokens * q_width, 12);
+  const std::vector<float> k = RandomVector(tokens * k_width, 13);
+  // The GPU reads q and k side by side in one buffer, as the model's fused
+  // q|k|v rows hold them (with NaN columns after); the CPU separately.
+  const std::vector<float> fused = testing::SideBySide(tokens, {{&q, q_width}, {&k, k_width}}, 5);
+  const int64_t ld = q_width + k_width + 5;
   for (const float scaling : {1.0f, 0.75f}) {
     std::vector<float> out_q[2], out_k[2];
-    Backend* backends[2] = {cases_[0].backend.get(), cpu_.get()};
-    for (int b = 0; b < 2; ++b) {
-      Backend& be = *backends[b];
+    {
+      Backend& be = *cases_[0].backend;
+      DeviceBuffer bqk = Upload(be, fused), bp = Upload(be, positions), bf = Upload(be, inv_freq);
+      ASSERT_TRUE(be.Rope(bqk.as<float>(), ld, bqk.as<float>() + q_width, ld, bp.as<int32_t>(),
+                          tokens, heads, kv_heads, {bf.as<float>(), head_dim, scaling})
+                      .ok());
+      const std::vector<float> rotated = Download(be, bqk, fused.size());
+      out_q[0] = testing::ColumnSlice(rotated, tokens, ld, 0, q_width);
+      out_k[0] = testing::ColumnSlice(rotated, tokens, ld, q_width, k_width);
+      for (int64_t t = 0; t < tokens; ++t) EXPECT_TRUE(std::isnan(rotated[t * ld + ld - 1]));
+    }
+    {
+      Backend& be = *cpu_;
       DeviceBuffer bq = Upload(be, q), bk = Upload(be, k), bp = Upload(be, positions),
                    bf = Upload(be, inv_freq);
-      ASSERT_TRUE(be.Rope(bq.as<float>(), bk.as<float>(), bp.as<int32_t>(), tokens, heads, kv_heads,
-                          {bf.as<float>(), head_dim, scaling})
+      ASSERT_TRUE(be.Rope(bq.as<float>(), q_width, bk.as<float>(), k_width, bp.as<int32_t>(),
+                          tokens, heads, kv_heads, {bf.as<float>(), head_dim, scaling})
                       .ok());
-      out_q[b] = Download(be, bq, q.size());
-      out_k[b] = Download(be, bk, k.size());
+      out_q[1] = Download(be, bq, q.size());
+      out_k[1] = Download(be, bk, k.size());
     }
     // Angles up to 32000 rad: cos/sin of the same float32 angle, both accurate.
     EXPECT_LE(RelativeError(out_q[0], out_q[1]), kF32Bound);
@@ -331,6 +347,8 @@ TEST_F(CudaBackendTest, RopeMatchesCpu) {
 
 // Three sequences in one step: a fresh prefill, a decode over a long cached
 // context, and a chunk of a prefill whose start is cached; grouped-query heads.
+// The GPU reads q, k and v from fused q|k|v rows, the CPU from separate
+// buffers.
 TEST_F(CudaBackendTest, WriteKvAndPagedAttentionMatchCpu) {
   for (const int32_t head_dim : {32, 64, 128, 256}) {
     SCOPED_TRACE("head_dim " + std::to_string(head_dim));
@@ -362,6 +380,10 @@ TEST_F(CudaBackendTest, WriteKvAndPagedAttentionMatchCpu) {
     const std::vector<float> q = RandomVector(tokens * heads * head_dim, 16, -2.0f, 2.0f);
     const std::vector<float> k = RandomVector(tokens * kv_heads * head_dim, 17, -2.0f, 2.0f);
     const std::vector<float> v = RandomVector(tokens * kv_heads * head_dim, 18);
+    const int64_t q_width = heads * head_dim, kv_width = kv_heads * head_dim;
+    const std::vector<float> qkv =
+        testing::SideBySide(tokens, {{&q, q_width}, {&k, kv_width}, {&v, kv_width}}, 3);
+    const int64_t fused_ld = q_width + 2 * kv_width + 3;
     std::vector<float> out[2], kc[2];
     Backend* backends[2] = {cases_[0].backend.get(), cpu_.get()};
     for (int b = 0; b < 2; ++b) {
@@ -370,15 +392,28 @@ TEST_F(CudaBackendTest, WriteKvAndPagedAttentionMatchCpu) {
                    bbt = Upload(be, block_tables), bsm = Upload(be, slot_mapping),
                    bpos = Upload(be, positions);
       DeviceBuffer bkc = Upload(be, k_cache), bvc = Upload(be, v_cache);
-      DeviceBuffer bq = Upload(be, q), bk = Upload(be, k), bv = Upload(be, v);
+      DeviceBuffer bq, bk, bv;
+      const float *dq, *dk, *dv;
+      int64_t q_ld, kv_ld;
+      if (b == 0) {
+        bq = Upload(be, qkv);
+        dq = bq.as<float>();
+        dk = dq + q_width;
+        dv = dk + kv_width;
+        q_ld = kv_ld = fused_ld;
+      } else {
+        bq = Upload(be, q), bk = Upload(be, k), bv = Upload(be, v);
+        dq = bq.as<float>(), dk = bk.as<float>(), dv = bv.as<float>();
+        q_ld = q_width;
+        kv_ld = kv_width;
+      }
       DeviceBuffer bout = Poisoned(be, tokens * heads * head_dim);
       const AttentionBatch batch{
           num_seqs,          tokens,         bqs.as<int32_t>(), bcl.as<int32_t>(),
           bbt.as<int32_t>(), blocks_per_seq, bsm.as<int32_t>(), bpos.as<int32_t>()};
-      ASSERT_TRUE(be.WriteKv(bk.as<float>(), bv.as<float>(), batch, layout, bkc.as<float>(),
-                             bvc.as<float>())
-                      .ok());
-      ASSERT_TRUE(be.PagedAttention(bq.as<float>(), batch, layout, heads, bkc.as<float>(),
+      ASSERT_TRUE(
+          be.WriteKv(dk, dv, kv_ld, batch, layout, bkc.as<float>(), bvc.as<float>()).ok());
+      ASSERT_TRUE(be.PagedAttention(dq, q_ld, batch, layout, heads, bkc.as<float>(),
                                     bvc.as<float>(), bout.as<float>())
                       .ok());
       out[b] = Download(be, bout, tokens * heads * head_dim);

@@ -149,7 +149,8 @@ __global__ void SiluMulKernel(const float* gate_up, int64_t n, int64_t dim, floa
 }
 
 // One thread per (token, head of q then k, rotation pair i).
-__global__ void RopeKernel(float* q, float* k, const int32_t* positions, int64_t tokens,
+__global__ void RopeKernel(float* q, int64_t q_ld, float* k, int64_t k_ld,
+                           const int32_t* positions, int64_t tokens,
                            int32_t num_heads, int32_t num_kv_heads, const float* inv_freq,
                            int32_t half, float attention_scaling, int32_t* error) {
   const int64_t heads = num_heads + num_kv_heads;
@@ -159,8 +160,8 @@ __global__ void RopeKernel(float* q, float* k, const int32_t* positions, int64_t
     const int64_t i = idx % half;
     const int64_t head = (idx / half) % heads;
     const int64_t t = idx / (half * heads);
-    float* x = head < num_heads ? q + (t * num_heads + head) * 2 * half
-                                : k + (t * num_kv_heads + (head - num_heads)) * 2 * half;
+    float* x = head < num_heads ? q + t * q_ld + head * 2 * half
+                                : k + t * k_ld + (head - num_heads) * 2 * half;
     const int32_t position = positions[t];
     if (position < 0) {
       RecordError(error, kRopePositionNegative);
@@ -179,7 +180,8 @@ __global__ void RopeKernel(float* q, float* k, const int32_t* positions, int64_t
   }
 }
 
-__global__ void WriteKvKernel(const float* k, const float* v, const int32_t* slot_mapping,
+__global__ void WriteKvKernel(const float* k, const float* v, int64_t kv_ld,
+                              const int32_t* slot_mapping,
                               int64_t tokens, int64_t slot_floats, int64_t num_slots,
                               float* k_cache, float* v_cache, int32_t* error) {
   const int64_t count = tokens * slot_floats;
@@ -193,8 +195,8 @@ __global__ void WriteKvKernel(const float* k, const float* v, const int32_t* slo
       RecordError(error, kWriteKvSlotOutOfRange);
       continue;
     }
-    k_cache[slot * slot_floats + e] = k[i];
-    v_cache[slot * slot_floats + e] = v[i];
+    k_cache[slot * slot_floats + e] = k[t * kv_ld + e];
+    v_cache[slot * slot_floats + e] = v[t * kv_ld + e];
   }
 }
 
@@ -209,7 +211,8 @@ constexpr int kAttentionWarps = 4;
 // coalesced.
 template <int kDimsPerLane>
 __global__ void __launch_bounds__(kAttentionWarps* kWarp)
-    PagedAttentionKernel(const float* q, int32_t num_seqs, const int32_t* query_start,
+    PagedAttentionKernel(const float* q, int64_t q_ld, int32_t num_seqs,
+                         const int32_t* query_start,
                          const int32_t* context_lens, const int32_t* block_tables,
                          int32_t max_blocks_per_seq, const int32_t* positions, int32_t num_heads,
                          int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
@@ -249,7 +252,7 @@ __global__ void __launch_bounds__(kAttentionWarps* kWarp)
   if (threadIdx.x == 0) bad_block = 0;
 
   const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
-  const float* q_row = q + (static_cast<int64_t>(token) * num_heads + head) * head_dim;
+  const float* q_row = q + token * q_ld + static_cast<int64_t>(head) * head_dim;
   float qv[kDimsPerLane];
   float acc[kDimsPerLane];
 #pragma unroll
@@ -449,27 +452,29 @@ cudaError_t SiluMulRows(const float* gate_up, int64_t n, int64_t dim, float* out
   return cudaGetLastError();
 }
 
-cudaError_t RopeInPlace(float* q, float* k, const int32_t* positions, int64_t tokens,
-                        int32_t num_heads, int32_t num_kv_heads, const float* inv_freq,
-                        int32_t head_dim, float attention_scaling, int32_t* error,
-                        cudaStream_t stream) {
+cudaError_t RopeInPlace(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
+                        int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
+                        const float* inv_freq, int32_t head_dim, float attention_scaling,
+                        int32_t* error, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
   const int32_t half = head_dim / 2;
   RopeKernel<<<GridFor(tokens * (num_heads + num_kv_heads) * half), kThreads, 0, stream>>>(
-      q, k, positions, tokens, num_heads, num_kv_heads, inv_freq, half, attention_scaling, error);
+      q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads, inv_freq, half,
+      attention_scaling, error);
   return cudaGetLastError();
 }
 
-cudaError_t WriteKvSlots(const float* k, const float* v, const int32_t* slot_mapping,
-                         int64_t tokens, int64_t slot_floats, int64_t num_slots, float* k_cache,
-                         float* v_cache, int32_t* error, cudaStream_t stream) {
+cudaError_t WriteKvSlots(const float* k, const float* v, int64_t kv_ld,
+                         const int32_t* slot_mapping, int64_t tokens, int64_t slot_floats,
+                         int64_t num_slots, float* k_cache, float* v_cache, int32_t* error,
+                         cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
   WriteKvKernel<<<GridFor(tokens * slot_floats), kThreads, 0, stream>>>(
-      k, v, slot_mapping, tokens, slot_floats, num_slots, k_cache, v_cache, error);
+      k, v, kv_ld, slot_mapping, tokens, slot_floats, num_slots, k_cache, v_cache, error);
   return cudaGetLastError();
 }
 
-cudaError_t PagedAttentionForward(const float* q, int32_t tokens, int32_t num_seqs,
+cudaError_t PagedAttentionForward(const float* q, int64_t q_ld, int32_t tokens, int32_t num_seqs,
                                   const int32_t* query_start, const int32_t* context_lens,
                                   const int32_t* block_tables, int32_t max_blocks_per_seq,
                                   const int32_t* positions, int32_t num_heads, int32_t num_kv_heads,
@@ -481,8 +486,9 @@ cudaError_t PagedAttentionForward(const float* q, int32_t tokens, int32_t num_se
   const dim3 grid(tokens, num_heads);
   const auto launch = [&](auto kernel) {
     kernel<<<grid, kAttentionWarps * kWarp, 0, stream>>>(
-        q, num_seqs, query_start, context_lens, block_tables, max_blocks_per_seq, positions,
-        num_heads, num_kv_heads, head_dim, block_size, num_blocks, k_cache, v_cache, out, error);
+        q, q_ld, num_seqs, query_start, context_lens, block_tables, max_blocks_per_seq,
+        positions, num_heads, num_kv_heads, head_dim, block_size, num_blocks, k_cache, v_cache,
+        out, error);
     return cudaGetLastError();
   };
   // Registers per lane follow head_dim: 32, 64, 128 or 256 dimensions.

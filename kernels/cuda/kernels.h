@@ -101,8 +101,10 @@ cudaError_t SiluMulRows(const float* gate_up,  // [n, 2 * dim]: gate | up per ro
                         cudaStream_t stream);
 
 // Rotate-half rotary embedding in place, angle = float(position) * inv_freq[i].
-cudaError_t RopeInPlace(float* q,                  // [tokens, num_heads, head_dim]
-                        float* k,                  // [tokens, num_kv_heads, head_dim]
+cudaError_t RopeInPlace(float* q,  // [tokens, q_ld]: num_heads heads of head_dim
+                        int64_t q_ld,
+                        float* k,  // [tokens, k_ld]: num_kv_heads heads of head_dim
+                        int64_t k_ld,
                         const int32_t* positions,  // [tokens]
                         int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
                         const float* inv_freq,  // [head_dim / 2]
@@ -111,8 +113,9 @@ cudaError_t RopeInPlace(float* q,                  // [tokens, num_heads, head_d
 
 // k_cache[slot_mapping[t]] = k[t] and likewise for v; tokens whose slot is
 // kPaddingSlot are skipped.
-cudaError_t WriteKvSlots(const float* k,                       // [tokens, kv_heads, head_dim]
-                         const float* v,                       // [tokens, kv_heads, head_dim]
+cudaError_t WriteKvSlots(const float* k,              // [tokens, kv_ld]: slot_floats used
+                         const float* v,              // [tokens, kv_ld]: slot_floats used
+                         int64_t kv_ld,
                          const int32_t* slot_mapping,          // [tokens]
                          int64_t tokens, int64_t slot_floats,  // kv_heads * head_dim
                          int64_t num_slots,                    // num_blocks * block_size
@@ -123,8 +126,8 @@ cudaError_t WriteKvSlots(const float* k,                       // [tokens, kv_he
 // Causal attention of every token over cache positions 0 .. positions[t] of
 // its sequence, one block per (token, head), online softmax in float32.
 cudaError_t PagedAttentionForward(
-    const float* q,  // [tokens, num_heads, head_dim]
-    int32_t tokens, int32_t num_seqs,
+    const float* q,  // [tokens, q_ld]: num_heads heads of head_dim
+    int64_t q_ld, int32_t tokens, int32_t num_seqs,
     const int32_t* query_start,   // [num_seqs + 1]
     const int32_t* context_lens,  // [num_seqs]
     const int32_t* block_tables,  // [num_seqs, max_blocks_per_seq]

@@ -24,10 +24,11 @@ using kernels::WeightView;
 struct LlamaModel::Layer {
   const float* input_norm = nullptr;           // [hidden]
   const float* post_attention_norm = nullptr;  // [hidden]
-  WeightView q, k, v, o;                       // [out, in]
-  const float* q_bias = nullptr;               // [heads * head_dim] or null
-  const float* k_bias = nullptr;               // [kv_heads * head_dim] or null
-  const float* v_bias = nullptr;
+  // q, k and v share one GEMM: [q_dim + 2 * kv_dim, hidden], q rows, then k,
+  // then v (q_dim = heads * head_dim, kv_dim = kv_heads * head_dim).
+  WeightView qkv;
+  const float* qkv_bias = nullptr;  // [q_dim + 2 * kv_dim], stacked likewise, or null
+  WeightView o;                     // [hidden, q_dim]
   WeightView gate_up;  // [2 * intermediate, hidden]: gate rows, then up
   WeightView down;     // [hidden, intermediate]
 };
@@ -36,7 +37,7 @@ struct LlamaModel::Layer {
 struct LlamaModel::Scratch {
   int64_t token_capacity = 0;
   int64_t row_capacity = 0;
-  DeviceBuffer x, h, q, k, v, attn, gate_up, act;   // per token
+  DeviceBuffer x, h, qkv, attn, gate_up, act;       // per token
   DeviceBuffer rows, logits;                        // per logit row
   DeviceBuffer ints;                                // step metadata
   DeviceBuffer lora_t;                              // packed LoRA intermediate
@@ -253,9 +254,7 @@ int64_t LlamaModel::MergeBytes(const adapters::DeviceAdapter& adapter) const {
         }
       }
     };
-    add_if(layer.q, {LoraModule::kQProj});
-    add_if(layer.k, {LoraModule::kKProj});
-    add_if(layer.v, {LoraModule::kVProj});
+    add_if(layer.qkv, {LoraModule::kQProj, LoraModule::kKProj, LoraModule::kVProj});
     add_if(layer.o, {LoraModule::kOProj});
     add_if(layer.gate_up, {LoraModule::kGateProj, LoraModule::kUpProj});
     add_if(layer.down, {LoraModule::kDownProj});
@@ -298,33 +297,39 @@ absl::StatusOr<std::unique_ptr<MergedWeights>> LlamaModel::Merge(
   auto adapted = [&](int64_t layer, LoraModule module) {
     return choice.adapter->weights(layer, module).rank > 0;
   };
-  // One matrix (or the stacked gate/up pair): merged when any part is adapted.
+  // One matrix, or modules' matrices stacked by rows (q/k/v, gate/up), each
+  // part (module, rows) in turn: merged when any part is adapted.
+  using Part = std::pair<LoraModule, int64_t>;
   auto matrix = [&](const WeightView& base, int64_t layer,
-                    std::initializer_list<LoraModule> modules) -> absl::StatusOr<WeightView> {
+                    std::initializer_list<Part> parts) -> absl::StatusOr<WeightView> {
     bool any = false;
-    for (LoraModule m : modules) any = any || adapted(layer, m);
+    for (const auto& [module, rows] : parts) any = any || adapted(layer, module);
     if (!any) return base;
     ASSIGN_OR_RETURN(WeightView out, allocate(base));
-    const int64_t part_rows = base.rows / static_cast<int64_t>(modules.size());
     int64_t row = 0;
-    for (LoraModule m : modules) {
-      RETURN_IF_ERROR(fold(base, row, part_rows, layer, m, out));
-      row += part_rows;
+    for (const auto& [module, rows] : parts) {
+      RETURN_IF_ERROR(fold(base, row, rows, layer, module, out));
+      row += rows;
     }
     return out;
   };
+  const int64_t q_dim = config_.num_attention_heads * config_.head_dim;
+  const int64_t kv_dim = config_.num_key_value_heads * config_.head_dim;
+  const int64_t inter = config_.intermediate_size;
   merged->layers_.resize(layers_.size());
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& base = layers_[l];
     MergedWeights::Layer& out = merged->layers_[l];
     const int64_t layer = static_cast<int64_t>(l);
-    ASSIGN_OR_RETURN(out.q, matrix(base.q, layer, {LoraModule::kQProj}));
-    ASSIGN_OR_RETURN(out.k, matrix(base.k, layer, {LoraModule::kKProj}));
-    ASSIGN_OR_RETURN(out.v, matrix(base.v, layer, {LoraModule::kVProj}));
-    ASSIGN_OR_RETURN(out.o, matrix(base.o, layer, {LoraModule::kOProj}));
-    ASSIGN_OR_RETURN(out.gate_up,
-                     matrix(base.gate_up, layer, {LoraModule::kGateProj, LoraModule::kUpProj}));
-    ASSIGN_OR_RETURN(out.down, matrix(base.down, layer, {LoraModule::kDownProj}));
+    ASSIGN_OR_RETURN(out.qkv, matrix(base.qkv, layer,
+                                     {{LoraModule::kQProj, q_dim},
+                                      {LoraModule::kKProj, kv_dim},
+                                      {LoraModule::kVProj, kv_dim}}));
+    ASSIGN_OR_RETURN(out.o, matrix(base.o, layer, {{LoraModule::kOProj, base.o.rows}}));
+    ASSIGN_OR_RETURN(out.gate_up, matrix(base.gate_up, layer,
+                                         {{LoraModule::kGateProj, inter},
+                                          {LoraModule::kUpProj, inter}}));
+    ASSIGN_OR_RETURN(out.down, matrix(base.down, layer, {{LoraModule::kDownProj, base.down.rows}}));
   }
   return merged;
 }
@@ -351,66 +356,80 @@ absl::Status LlamaModel::LoadWeights(WeightSource& source, const LoadOptions& op
     buffers_.push_back(std::move(buffer));
     return data;
   };
-  // A matrix made of `parts` stacked by rows ([sum rows, cols]).
-  auto matrix = [&](const std::vector<std::string>& parts, int64_t part_rows,
-                    int64_t cols) -> absl::StatusOr<WeightView> {
-    const int64_t rows = part_rows * static_cast<int64_t>(parts.size());
+  // Tensors (name, rows) stacked by rows into one matrix ([sum of rows, cols])
+  // or one vector (cols = 0).
+  using Parts = std::vector<std::pair<std::string, int64_t>>;
+  // A matrix of `parts` in the backend's weight dtype.
+  auto matrix = [&](const Parts& parts, int64_t cols) -> absl::StatusOr<WeightView> {
     std::vector<WeightSource::Tensor> tensors;
-    for (const std::string& name : parts) {
+    int64_t rows = 0;
+    for (const auto& [name, part_rows] : parts) {
       ASSIGN_OR_RETURN(WeightSource::Tensor t, source.Get(name, {part_rows, cols}));
       tensors.push_back(t);
+      rows += part_rows;
     }
     const DType stored = backend_->WeightDType(tensors[0].dtype);
-    const size_t part_bytes = static_cast<size_t>(part_rows * cols) * kernels::DTypeSize(stored);
-    ASSIGN_OR_RETURN(void* data, allocate(part_bytes * parts.size()));
+    const size_t elem = kernels::DTypeSize(stored);
+    ASSIGN_OR_RETURN(void* data, allocate(static_cast<size_t>(rows * cols) * elem));
+    size_t offset = 0;
     for (size_t i = 0; i < parts.size(); ++i) {
       if (backend_->WeightDType(tensors[i].dtype) != stored) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("tensor ", parts[i], " has dtype ", kernels::DTypeName(tensors[i].dtype),
-                         " unlike ", parts[0], " (", kernels::DTypeName(tensors[0].dtype), ")"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor ", parts[i].first, " has dtype ", kernels::DTypeName(tensors[i].dtype),
+            " unlike ", parts[0].first, " (", kernels::DTypeName(tensors[0].dtype), ")"));
       }
-      RETURN_IF_ERROR(
-          upload(static_cast<char*>(data) + i * part_bytes, tensors[i], part_rows * cols));
+      const int64_t count = parts[i].second * cols;
+      RETURN_IF_ERROR(upload(static_cast<char*>(data) + offset, tensors[i], count));
+      offset += static_cast<size_t>(count) * elem;
     }
     return WeightView{data, stored, rows, cols};
   };
-  // A float32 vector (norm weights, biases).
-  auto vector = [&](const std::string& name, int64_t size) -> absl::StatusOr<const float*> {
-    ASSIGN_OR_RETURN(WeightSource::Tensor t, source.Get(name, {size}));
-    std::vector<float> host(size);
-    kernels::ConvertToFloat32(t.data, t.dtype, size, host.data());
-    ASSIGN_OR_RETURN(void* data, allocate(size * sizeof(float)));
-    RETURN_IF_ERROR(backend_->CopyToDevice(data, host.data(), size * sizeof(float)));
+  // A float32 vector of `parts` (norm weights, biases).
+  auto vector = [&](const Parts& parts) -> absl::StatusOr<const float*> {
+    std::vector<float> host;
+    for (const auto& [name, size] : parts) {
+      ASSIGN_OR_RETURN(WeightSource::Tensor t, source.Get(name, {size}));
+      host.resize(host.size() + size);
+      kernels::ConvertToFloat32(t.data, t.dtype, size, host.data() + host.size() - size);
+    }
+    const size_t bytes = host.size() * sizeof(float);
+    ASSIGN_OR_RETURN(void* data, allocate(bytes));
+    RETURN_IF_ERROR(backend_->CopyToDevice(data, host.data(), bytes));
     return static_cast<const float*>(data);
   };
 
-  ASSIGN_OR_RETURN(embed_tokens_, matrix({"model.embed_tokens.weight"}, c.vocab_size, hidden));
+  ASSIGN_OR_RETURN(embed_tokens_, matrix({{"model.embed_tokens.weight", c.vocab_size}}, hidden));
   layers_.resize(c.num_hidden_layers);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = absl::StrCat("model.layers.", l, ".");
     Layer& layer = layers_[l];
-    ASSIGN_OR_RETURN(layer.input_norm, vector(p + "input_layernorm.weight", hidden));
+    ASSIGN_OR_RETURN(layer.input_norm, vector({{p + "input_layernorm.weight", hidden}}));
     ASSIGN_OR_RETURN(layer.post_attention_norm,
-                     vector(p + "post_attention_layernorm.weight", hidden));
-    ASSIGN_OR_RETURN(layer.q, matrix({p + "self_attn.q_proj.weight"}, q_dim, hidden));
-    ASSIGN_OR_RETURN(layer.k, matrix({p + "self_attn.k_proj.weight"}, kv_dim, hidden));
-    ASSIGN_OR_RETURN(layer.v, matrix({p + "self_attn.v_proj.weight"}, kv_dim, hidden));
-    ASSIGN_OR_RETURN(layer.o, matrix({p + "self_attn.o_proj.weight"}, hidden, q_dim));
+                     vector({{p + "post_attention_layernorm.weight", hidden}}));
+    // q, k and v share one GEMM, and gate and up another: their rows are
+    // stacked at load.
+    const std::string attn = p + "self_attn.";
+    ASSIGN_OR_RETURN(layer.qkv, matrix({{attn + "q_proj.weight", q_dim},
+                                        {attn + "k_proj.weight", kv_dim},
+                                        {attn + "v_proj.weight", kv_dim}},
+                                       hidden));
+    ASSIGN_OR_RETURN(layer.o, matrix({{attn + "o_proj.weight", hidden}}, q_dim));
     if (c.attention_bias) {
-      ASSIGN_OR_RETURN(layer.q_bias, vector(p + "self_attn.q_proj.bias", q_dim));
-      ASSIGN_OR_RETURN(layer.k_bias, vector(p + "self_attn.k_proj.bias", kv_dim));
-      ASSIGN_OR_RETURN(layer.v_bias, vector(p + "self_attn.v_proj.bias", kv_dim));
+      ASSIGN_OR_RETURN(layer.qkv_bias, vector({{attn + "q_proj.bias", q_dim},
+                                               {attn + "k_proj.bias", kv_dim},
+                                               {attn + "v_proj.bias", kv_dim}}));
     }
-    // Gate and up share one GEMM: their rows are stacked at load.
-    ASSIGN_OR_RETURN(layer.gate_up, matrix({p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"},
-                                           c.intermediate_size, hidden));
-    ASSIGN_OR_RETURN(layer.down, matrix({p + "mlp.down_proj.weight"}, hidden, c.intermediate_size));
+    ASSIGN_OR_RETURN(layer.gate_up, matrix({{p + "mlp.gate_proj.weight", c.intermediate_size},
+                                            {p + "mlp.up_proj.weight", c.intermediate_size}},
+                                           hidden));
+    ASSIGN_OR_RETURN(layer.down,
+                     matrix({{p + "mlp.down_proj.weight", hidden}}, c.intermediate_size));
   }
-  ASSIGN_OR_RETURN(final_norm_, vector("model.norm.weight", hidden));
+  ASSIGN_OR_RETURN(final_norm_, vector({{"model.norm.weight", hidden}}));
   if (c.tie_word_embeddings) {
     lm_head_ = embed_tokens_;
   } else {
-    ASSIGN_OR_RETURN(lm_head_, matrix({"lm_head.weight"}, c.vocab_size, hidden));
+    ASSIGN_OR_RETURN(lm_head_, matrix({{"lm_head.weight", c.vocab_size}}, hidden));
   }
   RETURN_IF_ERROR(source.CheckAllConsumed());
 
@@ -432,9 +451,7 @@ absl::Status LlamaModel::EnsureScratch(int64_t num_tokens, int64_t num_logit_row
     const int64_t kv_dim = c.num_key_value_heads * c.head_dim;
     RETURN_IF_ERROR(grow(s.x, n * c.hidden_size));
     RETURN_IF_ERROR(grow(s.h, n * c.hidden_size));
-    RETURN_IF_ERROR(grow(s.q, n * q_dim));
-    RETURN_IF_ERROR(grow(s.k, n * kv_dim));
-    RETURN_IF_ERROR(grow(s.v, n * kv_dim));
+    RETURN_IF_ERROR(grow(s.qkv, n * (q_dim + 2 * kv_dim)));
     RETURN_IF_ERROR(grow(s.attn, n * q_dim));
     RETURN_IF_ERROR(grow(s.gate_up, n * 2 * c.intermediate_size));
     RETURN_IF_ERROR(grow(s.act, n * c.intermediate_size));
@@ -652,18 +669,20 @@ absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64
   const int32_t kv_heads = static_cast<int32_t>(c.num_key_value_heads);
   const int64_t hidden = c.hidden_size;
   const int64_t inter = c.intermediate_size;
+  const int64_t q_dim = int64_t{heads} * c.head_dim;
+  const int64_t kv_dim = int64_t{kv_heads} * c.head_dim;
+  const int64_t qkv_dim = q_dim + 2 * kv_dim;
   const MergedWeights::Layer* m = merged != nullptr ? &merged->layers_[layer_index] : nullptr;
-  const WeightView& wq = m ? m->q : layer.q;
-  const WeightView& wk = m ? m->k : layer.k;
-  const WeightView& wv = m ? m->v : layer.v;
+  const WeightView& w_qkv = m ? m->qkv : layer.qkv;
   const WeightView& wo = m ? m->o : layer.o;
   const WeightView& w_gate_up = m ? m->gate_up : layer.gate_up;
   const WeightView& w_down = m ? m->down : layer.down;
   float* x = s.x.as<float>();
   float* h = s.h.as<float>();
-  float* q = s.q.as<float>();
-  float* k = s.k.as<float>();
-  float* v = s.v.as<float>();
+  // Each token's q, k and v side by side in one row of the fused projection.
+  float* q = s.qkv.as<float>();
+  float* k = q + q_dim;
+  float* v = k + kv_dim;
   // One projection: the base GEMM, then the batch's LoRA segments on top.
   auto project = [&](const float* in, int64_t in_dim, const WeightView& w, LoraModule module,
                      float* out, bool accumulate) -> absl::Status {
@@ -672,26 +691,23 @@ absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64
   };
 
   // Attention block; the residual add is the GEMM's accumulation into x.
-  // q, k and v read the same input: one LoRA shrink serves all three.
+  // q, k and v are one GEMM, and one LoRA shrink serves all three.
   RETURN_IF_ERROR(backend_->RmsNorm(x, layer.input_norm, num_tokens, hidden, eps, h));
-  RETURN_IF_ERROR(backend_->Linear(h, wq, num_tokens, q, false));
-  RETURN_IF_ERROR(backend_->Linear(h, wk, num_tokens, k, false));
-  RETURN_IF_ERROR(backend_->Linear(h, wv, num_tokens, v, false));
+  RETURN_IF_ERROR(backend_->Linear(h, w_qkv, num_tokens, q, false));
   RETURN_IF_ERROR(ApplyLora(layer_index,
-                            {{LoraModule::kQProj, wq.rows, q, wq.rows},
-                             {LoraModule::kKProj, wk.rows, k, wk.rows},
-                             {LoraModule::kVProj, wv.rows, v, wv.rows}},
+                            {{LoraModule::kQProj, q_dim, q, qkv_dim},
+                             {LoraModule::kKProj, kv_dim, k, qkv_dim},
+                             {LoraModule::kVProj, kv_dim, v, qkv_dim}},
                             h, hidden, lora));
-  if (layer.q_bias != nullptr) {
-    RETURN_IF_ERROR(backend_->AddBias(q, layer.q_bias, num_tokens, wq.rows));
-    RETURN_IF_ERROR(backend_->AddBias(k, layer.k_bias, num_tokens, wk.rows));
-    RETURN_IF_ERROR(backend_->AddBias(v, layer.v_bias, num_tokens, wv.rows));
+  if (layer.qkv_bias != nullptr) {
+    RETURN_IF_ERROR(backend_->AddBias(q, layer.qkv_bias, num_tokens, qkv_dim));
   }
   const kernels::RopeParams rope{inv_freq_.as<float>(), static_cast<int32_t>(c.head_dim), 1.0f};
-  RETURN_IF_ERROR(backend_->Rope(q, k, batch.positions, num_tokens, heads, kv_heads, rope));
-  RETURN_IF_ERROR(backend_->WriteKv(k, v, batch, layout, k_cache, v_cache));
   RETURN_IF_ERROR(
-      backend_->PagedAttention(q, batch, layout, heads, k_cache, v_cache, s.attn.as<float>()));
+      backend_->Rope(q, qkv_dim, k, qkv_dim, batch.positions, num_tokens, heads, kv_heads, rope));
+  RETURN_IF_ERROR(backend_->WriteKv(k, v, qkv_dim, batch, layout, k_cache, v_cache));
+  RETURN_IF_ERROR(backend_->PagedAttention(q, qkv_dim, batch, layout, heads, k_cache, v_cache,
+                                           s.attn.as<float>()));
   RETURN_IF_ERROR(project(s.attn.as<float>(), wo.cols, wo, LoraModule::kOProj, x, true));
 
   // MLP block: gate and up share one GEMM; their LoRA terms land in their

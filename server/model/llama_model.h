@@ -91,7 +91,7 @@ class MergedWeights {
  private:
   friend class LlamaModel;
   struct Layer {
-    kernels::WeightView q, k, v, o, gate_up, down;
+    kernels::WeightView qkv, o, gate_up, down;
   };
   AdapterChoice choice_;
   std::vector<Layer> layers_;

@@ -131,26 +131,28 @@ class StepCheckingBackend : public Backend {
     Record("MergeLora", Address(base.data), Address(a), Address(bt), rank, scale, Address(out));
     return inner_->MergeLora(base, a, bt, rank, scale, out);
   }
-  absl::Status Rope(float* q, float* k, const int32_t* positions, int64_t tokens, int32_t num_heads,
-                    int32_t num_kv_heads, const kernels::RopeParams& rope) override {
-    Record("Rope", Address(q), Address(k), Address(positions), tokens, num_heads, num_kv_heads,
-           Address(rope.inv_freq), rope.head_dim, rope.attention_scaling);
-    return inner_->Rope(q, k, positions, tokens, num_heads, num_kv_heads, rope);
+  absl::Status Rope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
+                    int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
+                    const kernels::RopeParams& rope) override {
+    Record("Rope", Address(q), q_ld, Address(k), k_ld, Address(positions), tokens, num_heads,
+           num_kv_heads, Address(rope.inv_freq), rope.head_dim, rope.attention_scaling);
+    return inner_->Rope(q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads, rope);
   }
-  absl::Status WriteKv(const float* k, const float* v, const kernels::AttentionBatch& batch,
-                       const kernels::KvLayout& layout, float* k_cache, float* v_cache) override {
-    Record("WriteKv", Address(k), Address(v), Address(batch.slot_mapping), batch.num_tokens,
-           layout.num_blocks, Address(k_cache), Address(v_cache));
-    return inner_->WriteKv(k, v, batch, layout, k_cache, v_cache);
+  absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld,
+                       const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
+                       float* k_cache, float* v_cache) override {
+    Record("WriteKv", Address(k), Address(v), kv_ld, Address(batch.slot_mapping),
+           batch.num_tokens, layout.num_blocks, Address(k_cache), Address(v_cache));
+    return inner_->WriteKv(k, v, kv_ld, batch, layout, k_cache, v_cache);
   }
-  absl::Status PagedAttention(const float* q, const kernels::AttentionBatch& batch,
+  absl::Status PagedAttention(const float* q, int64_t q_ld, const kernels::AttentionBatch& batch,
                               const kernels::KvLayout& layout, int32_t num_heads,
                               const float* k_cache, const float* v_cache, float* out) override {
-    Record("PagedAttention", Address(q), batch.num_tokens, batch.num_seqs,
+    Record("PagedAttention", Address(q), q_ld, batch.num_tokens, batch.num_seqs,
            Address(batch.query_start), Address(batch.context_lens), Address(batch.block_tables),
            batch.max_blocks_per_seq, Address(batch.positions), num_heads, Address(k_cache),
            Address(v_cache), Address(out));
-    return inner_->PagedAttention(q, batch, layout, num_heads, k_cache, v_cache, out);
+    return inner_->PagedAttention(q, q_ld, batch, layout, num_heads, k_cache, v_cache, out);
   }
 
   bool SupportsStepGraphs() const override { return true; }
@@ -188,7 +190,9 @@ class StepCheckingBackend : public Backend {
     return absl::FailedPreconditionError(absl::StrCat(what, " inside a step"));
   }
   void CheckSegments(int32_t num_segments) const {
-    if (in_step_) EXPECT_LE(num_segments, max_segments_);
+    if (in_step_) {
+      EXPECT_LE(num_segments, max_segments_);
+    }
   }
   template <typename... Args>
   void Record(const char* op, const Args&... args) {
