@@ -36,7 +36,8 @@ double DecodeStepBytes(const kernels::Backend& backend, const model::LlamaModel&
                                                       : static_cast<double>(config.vocab_size) *
                                                             config.hidden_size * weight_dtype;
   const double kv_bytes = static_cast<double>(kv.num_layers) * batch * context *
-                          kv.num_kv_heads * kv.head_dim * 2 * sizeof(float);
+                          kv.num_kv_heads * kv.head_dim * 2 *
+                          static_cast<double>(kernels::DTypeSize(backend.KvCacheDType()));
   const double logits = static_cast<double>(batch) * config.vocab_size * sizeof(float);
   return static_cast<double>(model.weight_bytes()) - embedding + kv_bytes + adapter_bytes + logits;
 }

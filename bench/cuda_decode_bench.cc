@@ -98,14 +98,13 @@ absl::StatusOr<KvCache> MakeKvCache(kernels::Backend& backend, const model::KvSh
   cache.blocks_per_seq = (tokens_per_seq + kBlockSize - 1) / kBlockSize;
   const int32_t num_blocks = max_batch * cache.blocks_per_seq;
   cache.view.layout = {num_blocks, kBlockSize, static_cast<int32_t>(shape.num_kv_heads),
-                       static_cast<int32_t>(shape.head_dim)};
-  const size_t bytes = static_cast<size_t>(num_blocks) * kBlockSize * shape.num_kv_heads *
-                       shape.head_dim * sizeof(float);
+                       static_cast<int32_t>(shape.head_dim), backend.KvCacheDType()};
+  const auto bytes = static_cast<size_t>(kernels::KvPoolBytes(cache.view.layout));
   for (int64_t l = 0; l < shape.num_layers; ++l) {
     ASSIGN_OR_RETURN(kernels::DeviceBuffer k, backend.Allocate(bytes));
     ASSIGN_OR_RETURN(kernels::DeviceBuffer v, backend.Allocate(bytes));
-    cache.view.k.push_back(k.as<float>());
-    cache.view.v.push_back(v.as<float>());
+    cache.view.k.push_back(k.data());
+    cache.view.v.push_back(v.data());
     cache.buffers.push_back(std::move(k));
     cache.buffers.push_back(std::move(v));
   }

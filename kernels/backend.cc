@@ -31,6 +31,11 @@ const char* DTypeName(DType dtype) {
   return "?";
 }
 
+int64_t KvPoolBytes(const KvLayout& layout) {
+  return int64_t{layout.num_blocks} * layout.block_size * layout.num_kv_heads * layout.head_dim *
+         static_cast<int64_t>(DTypeSize(layout.dtype));
+}
+
 namespace {
 
 float BF16ToFloat(uint16_t h) {

@@ -102,13 +102,18 @@ struct AttentionBatch {
   const int32_t* positions = nullptr;     // [num_tokens] absolute position of each token
 };
 
-// Shapes of one layer's paged KV cache: [num_blocks, block_size, kv_heads, head_dim].
+// Shapes of one layer's paged KV cache: [num_blocks, block_size, kv_heads,
+// head_dim] elements of `dtype` (the backend's KvCacheDType).
 struct KvLayout {
   int32_t num_blocks = 0;
   int32_t block_size = 0;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
+  DType dtype = DType::kF32;
 };
+
+// Bytes of one layer's K pool (or V pool) of `layout`.
+int64_t KvPoolBytes(const KvLayout& layout);
 
 // Rotary embedding parameters; inv_freq already includes any scaling
 // (e.g. llama3), so the kernel only rotates.
@@ -161,6 +166,10 @@ class Backend {
   virtual absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t count) = 0;
   // The dtype in which this backend stores a weight that arrives as `source`.
   virtual DType WeightDType(DType source) const = 0;
+  // The element dtype of the KV caches WriteKv and PagedAttention take
+  // (KvLayout::dtype). Keys and values are computed in float32 and rounded to
+  // it when written.
+  virtual DType KvCacheDType() const { return DType::kF32; }
   // Waits for all queued work (a no-op on the CPU).
   virtual absl::Status Synchronize() = 0;
   // Returns memory from Allocate; called by DeviceBuffer only.
@@ -253,14 +262,14 @@ class Backend {
   virtual absl::Status WriteKv(const float* k,  // [tokens, kv_ld]: kv_heads heads of head_dim
                                const float* v,  // [tokens, kv_ld]: likewise
                                int64_t kv_ld, const AttentionBatch& batch, const KvLayout& layout,
-                               float* k_cache,  // [num_blocks, block_size, kv_heads, head_dim]
-                               float* v_cache) = 0;
+                               void* k_cache,  // [num_blocks, block_size, kv_heads, head_dim]
+                               void* v_cache) = 0;
   // Causal attention of each token over its sequence's cached keys and values
   // (positions 0 .. its own), with grouped-query heads.
   virtual absl::Status PagedAttention(const float* q,  // [tokens, q_ld]: num_heads heads
                                       int64_t q_ld, const AttentionBatch& batch,
                                       const KvLayout& layout, int32_t num_heads,
-                                      const float* k_cache, const float* v_cache,
+                                      const void* k_cache, const void* v_cache,
                                       float* out) = 0;  // [tokens, num_heads * head_dim]
 
   // --- sampling -----------------------------------------------------------

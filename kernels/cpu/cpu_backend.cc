@@ -90,6 +90,11 @@ absl::Status CheckLayout(const char* op, const KvLayout& layout) {
     return NonPositiveArgument(op, "layout.num_kv_heads", layout.num_kv_heads);
   }
   if (layout.head_dim <= 0) return NonPositiveArgument(op, "layout.head_dim", layout.head_dim);
+  if (layout.dtype != DType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat("CpuBackend::", op, ": layout.dtype is ",
+                                                   DTypeName(layout.dtype),
+                                                   "; this backend's KV cache is F32"));
+  }
   return absl::OkStatus();
 }
 
@@ -567,7 +572,9 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld, const AttentionBatch& batch,
-                       const KvLayout& layout, float* k_cache, float* v_cache) override {
+                       const KvLayout& layout, void* k_cache_data, void* v_cache_data) override {
+    float* k_cache = static_cast<float*>(k_cache_data);  // F32: CheckLayout
+    float* v_cache = static_cast<float*>(v_cache_data);
     constexpr const char* kOp = "WriteKv";
     if (absl::Status s = CheckLayout(kOp, layout); !s.ok()) return s;
     const int64_t token_floats = static_cast<int64_t>(layout.num_kv_heads) * layout.head_dim;
@@ -599,8 +606,10 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status PagedAttention(const float* q, int64_t q_ld, const AttentionBatch& batch,
-                              const KvLayout& layout, int32_t num_heads, const float* k_cache,
-                              const float* v_cache, float* out) override {
+                              const KvLayout& layout, int32_t num_heads, const void* k_cache_data,
+                              const void* v_cache_data, float* out) override {
+    const float* k_cache = static_cast<const float*>(k_cache_data);  // F32: CheckLayout
+    const float* v_cache = static_cast<const float*>(v_cache_data);
     absl::StatusOr<std::vector<int32_t>> token_seq = CheckAttentionBatch(batch, layout, num_heads);
     if (!token_seq.ok()) return token_seq.status();
     constexpr const char* kOp = "PagedAttention";

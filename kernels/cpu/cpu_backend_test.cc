@@ -948,6 +948,12 @@ TEST_P(CpuBackendTest, PagedAttentionAndWriteKvRejectBadArguments) {
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("block_size"));
 
+  // This backend's cache is float32 (KvCacheDType).
+  EXPECT_EQ(backend_->KvCacheDType(), DType::kF32);
+  status = attend(scenario.Batch(), {8, 16, 2, 16, DType::kBF16}, 8);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("layout.dtype is BF16"));
+
   status = backend_->PagedAttention(nullptr, 8 * 16, scenario.Batch(), layout, 8,
                                     k_cache.as<float>(), v_cache.as<float>(), dout.as<float>());
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);

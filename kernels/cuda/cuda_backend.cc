@@ -398,6 +398,11 @@ class CudaBackend final : public Backend {
     return source == DType::kF16 ? DType::kF16 : DType::kBF16;
   }
 
+  // bf16 keys and values by default: half the bytes of float32, both in the
+  // pool (twice the tokens fit) and in what attention reads every step. F32
+  // with F32 weights, for exact comparisons with the CPU.
+  DType KvCacheDType() const override { return weight_dtype_; }
+
   absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t count) override {
     constexpr const char* kOp = "UploadWeight";
     CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
@@ -748,7 +753,7 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld, const AttentionBatch& batch,
-                       const KvLayout& layout, float* k_cache, float* v_cache) override {
+                       const KvLayout& layout, void* k_cache, void* v_cache) override {
     constexpr const char* kOp = "WriteKv";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     CUDA_RETURN_IF_ERROR(CheckLayout(kOp, layout));
@@ -767,15 +772,15 @@ class CudaBackend final : public Backend {
           return cuda::WriteKvSlots(k, v, kv_ld, batch.slot_mapping, batch.num_tokens,
                                     static_cast<int64_t>(layout.num_kv_heads) * layout.head_dim,
                                     static_cast<int64_t>(layout.num_blocks) * layout.block_size,
-                                    k_cache, v_cache, error_, stream_);
+                                    layout.dtype, k_cache, v_cache, error_, stream_);
         },
         k, v, kv_ld, batch.slot_mapping, batch.num_tokens, k_cache, v_cache, layout.num_blocks,
-        layout.block_size, layout.num_kv_heads, layout.head_dim);
+        layout.block_size, layout.num_kv_heads, layout.head_dim, layout.dtype);
   }
 
   absl::Status PagedAttention(const float* q, int64_t q_ld, const AttentionBatch& batch,
-                              const KvLayout& layout, int32_t num_heads, const float* k_cache,
-                              const float* v_cache, float* out) override {
+                              const KvLayout& layout, int32_t num_heads, const void* k_cache,
+                              const void* v_cache, float* out) override {
     constexpr const char* kOp = "PagedAttention";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     CUDA_RETURN_IF_ERROR(CheckLayout(kOp, layout));
@@ -814,13 +819,13 @@ class CudaBackend final : public Backend {
           return cuda::PagedAttentionForward(
               q, q_ld, batch.num_tokens, batch.num_seqs, batch.query_start, batch.context_lens,
               batch.block_tables, batch.max_blocks_per_seq, batch.positions, num_heads,
-              layout.num_kv_heads, layout.head_dim, layout.block_size, layout.num_blocks, k_cache,
-              v_cache, out, error_, stream_);
+              layout.num_kv_heads, layout.head_dim, layout.block_size, layout.num_blocks,
+              layout.dtype, k_cache, v_cache, out, error_, stream_);
         },
         q, q_ld, batch.num_tokens, batch.num_seqs, batch.query_start, batch.context_lens,
         batch.block_tables, batch.max_blocks_per_seq, batch.positions, num_heads,
-        layout.num_kv_heads, layout.head_dim, layout.block_size, layout.num_blocks, k_cache,
-        v_cache, out);
+        layout.num_kv_heads, layout.head_dim, layout.block_size, layout.num_blocks, layout.dtype,
+        k_cache, v_cache, out);
   }
 
   // --- sampling -------------------------------------------------------------

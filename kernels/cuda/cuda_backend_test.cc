@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "adapters/device_adapter.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
@@ -69,6 +70,17 @@ std::vector<float> RoundToBf16(std::vector<float> v) {
   return v;
 }
 
+// The bfloat16 bits of values already rounded to bfloat16 (their upper halves).
+std::vector<uint16_t> Bf16Bits(const std::vector<float>& rounded) {
+  std::vector<uint16_t> bits(rounded.size());
+  for (size_t i = 0; i < rounded.size(); ++i) {
+    uint32_t word;
+    std::memcpy(&word, &rounded[i], sizeof(word));
+    bits[i] = static_cast<uint16_t>(word >> 16);
+  }
+  return bits;
+}
+
 // A buffer on `backend` holding `host`.
 template <typename T>
 DeviceBuffer Upload(Backend& backend, const std::vector<T>& host) {
@@ -87,6 +99,16 @@ std::vector<float> Download(Backend& backend, const DeviceBuffer& buffer, size_t
   std::vector<float> host(count);
   absl::Status status = backend.CopyToHost(host.data(), buffer.data(), count * sizeof(float));
   EXPECT_TRUE(status.ok()) << status;
+  return host;
+}
+
+// `count` bfloat16 values from `buffer`, widened to float32.
+std::vector<float> DownloadBf16(Backend& backend, const DeviceBuffer& buffer, size_t count) {
+  std::vector<uint16_t> bits(count);
+  absl::Status status = backend.CopyToHost(bits.data(), buffer.data(), count * sizeof(uint16_t));
+  EXPECT_TRUE(status.ok()) << status;
+  std::vector<float> host(count);
+  ConvertToFloat32(bits.data(), DType::kBF16, static_cast<int64_t>(count), host.data());
   return host;
 }
 
@@ -169,6 +191,9 @@ TEST_F(CudaBackendTest, Bf16AndF16WeightsStayInTheirDtype) {
   EXPECT_EQ(c.backend->WeightDType(DType::kBF16), DType::kBF16);
   EXPECT_EQ(c.backend->WeightDType(DType::kF16), DType::kF16);
   EXPECT_EQ(cases_[1].backend->WeightDType(DType::kBF16), DType::kF32);
+  // The KV cache follows: bf16, or float32 for exact comparisons.
+  EXPECT_EQ(c.backend->KvCacheDType(), DType::kBF16);
+  EXPECT_EQ(cases_[1].backend->KvCacheDType(), DType::kF32);
   // F16 source weights: upload halves, compare a GEMM with the CPU on the same halves.
   const int64_t n = 33, k = 70, m = 5;
   const std::vector<float> w_host = RandomVector(n * k, 4, -0.5f, 0.5f);
@@ -348,79 +373,92 @@ TEST_F(CudaBackendTest, RopeMatchesCpu) {
 // Three sequences in one step: a fresh prefill, a decode over a long cached
 // context, and a chunk of a prefill whose start is cached; grouped-query heads.
 // The GPU reads q, k and v from fused q|k|v rows, the CPU from separate
-// buffers.
+// buffers. With a bf16 cache on the GPU, the CPU gets the same values rounded
+// to bf16 (the history, and the keys and values WriteKv rounds): then both
+// caches hold the same numbers and attention agrees to float32 accuracy.
 TEST_F(CudaBackendTest, WriteKvAndPagedAttentionMatchCpu) {
-  for (const int32_t head_dim : {32, 64, 128, 256}) {
-    SCOPED_TRACE("head_dim " + std::to_string(head_dim));
-    const int32_t heads = 8, kv_heads = 2, block_size = 16, blocks_per_seq = 20;
-    const int32_t num_seqs = 3;
-    const std::vector<int32_t> query_start = {0, 5, 6, 10};
-    const std::vector<int32_t> context_lens = {5, 300, 24};
-    const std::vector<int32_t> positions = {0, 1, 2, 3, 4, 299, 20, 21, 22, 23};
-    const int32_t tokens = 10;
-    const KvLayout layout{num_seqs * blocks_per_seq, block_size, kv_heads, head_dim};
-    // Blocks of sequence s, in a shuffled order.
-    std::vector<int32_t> block_tables(num_seqs * blocks_per_seq);
-    for (int32_t i = 0; i < num_seqs * blocks_per_seq; ++i) {
-      block_tables[i] = (i * 37 + 11) % (num_seqs * blocks_per_seq);
-    }
-    std::vector<int32_t> slot_mapping(tokens);
-    for (int32_t s = 0; s < num_seqs; ++s) {
-      for (int32_t t = query_start[s]; t < query_start[s + 1]; ++t) {
-        slot_mapping[t] =
-            block_tables[s * blocks_per_seq + positions[t] / block_size] * block_size +
-            positions[t] % block_size;
+  for (const DType cache_dtype : {DType::kF32, DType::kBF16}) {
+    for (const int32_t head_dim : {32, 64, 128, 256}) {
+      SCOPED_TRACE(absl::StrCat(DTypeName(cache_dtype), " cache, head_dim ", head_dim));
+      const bool bf16 = cache_dtype == DType::kBF16;
+      const auto as_cached = [&](const std::vector<float>& v) {
+        return bf16 ? RoundToBf16(v) : v;
+      };
+      const int32_t heads = 8, kv_heads = 2, block_size = 16, blocks_per_seq = 20;
+      const int32_t num_seqs = 3;
+      const std::vector<int32_t> query_start = {0, 5, 6, 10};
+      const std::vector<int32_t> context_lens = {5, 300, 24};
+      const std::vector<int32_t> positions = {0, 1, 2, 3, 4, 299, 20, 21, 22, 23};
+      const int32_t tokens = 10;
+      const KvLayout cpu_layout{num_seqs * blocks_per_seq, block_size, kv_heads, head_dim};
+      KvLayout gpu_layout = cpu_layout;
+      gpu_layout.dtype = cache_dtype;
+      // Blocks of sequence s, in a shuffled order.
+      std::vector<int32_t> block_tables(num_seqs * blocks_per_seq);
+      for (int32_t i = 0; i < num_seqs * blocks_per_seq; ++i) {
+        block_tables[i] = (i * 37 + 11) % (num_seqs * blocks_per_seq);
       }
-    }
-    const size_t cache_floats =
-        static_cast<size_t>(layout.num_blocks) * block_size * kv_heads * head_dim;
-    // The cache starts full of random history (earlier steps' keys and values).
-    const std::vector<float> k_cache = RandomVector(cache_floats, 14);
-    const std::vector<float> v_cache = RandomVector(cache_floats, 15);
-    const std::vector<float> q = RandomVector(tokens * heads * head_dim, 16, -2.0f, 2.0f);
-    const std::vector<float> k = RandomVector(tokens * kv_heads * head_dim, 17, -2.0f, 2.0f);
-    const std::vector<float> v = RandomVector(tokens * kv_heads * head_dim, 18);
-    const int64_t q_width = heads * head_dim, kv_width = kv_heads * head_dim;
-    const std::vector<float> qkv =
-        testing::SideBySide(tokens, {{&q, q_width}, {&k, kv_width}, {&v, kv_width}}, 3);
-    const int64_t fused_ld = q_width + 2 * kv_width + 3;
-    std::vector<float> out[2], kc[2];
-    Backend* backends[2] = {cases_[0].backend.get(), cpu_.get()};
-    for (int b = 0; b < 2; ++b) {
-      Backend& be = *backends[b];
-      DeviceBuffer bqs = Upload(be, query_start), bcl = Upload(be, context_lens),
-                   bbt = Upload(be, block_tables), bsm = Upload(be, slot_mapping),
-                   bpos = Upload(be, positions);
-      DeviceBuffer bkc = Upload(be, k_cache), bvc = Upload(be, v_cache);
-      DeviceBuffer bq, bk, bv;
-      const float *dq, *dk, *dv;
-      int64_t q_ld, kv_ld;
-      if (b == 0) {
-        bq = Upload(be, qkv);
-        dq = bq.as<float>();
-        dk = dq + q_width;
-        dv = dk + kv_width;
-        q_ld = kv_ld = fused_ld;
-      } else {
-        bq = Upload(be, q), bk = Upload(be, k), bv = Upload(be, v);
-        dq = bq.as<float>(), dk = bk.as<float>(), dv = bv.as<float>();
-        q_ld = q_width;
-        kv_ld = kv_width;
+      std::vector<int32_t> slot_mapping(tokens);
+      for (int32_t s = 0; s < num_seqs; ++s) {
+        for (int32_t t = query_start[s]; t < query_start[s + 1]; ++t) {
+          slot_mapping[t] =
+              block_tables[s * blocks_per_seq + positions[t] / block_size] * block_size +
+              positions[t] % block_size;
+        }
       }
-      DeviceBuffer bout = Poisoned(be, tokens * heads * head_dim);
-      const AttentionBatch batch{
-          num_seqs,          tokens,         bqs.as<int32_t>(), bcl.as<int32_t>(),
-          bbt.as<int32_t>(), blocks_per_seq, bsm.as<int32_t>(), bpos.as<int32_t>()};
-      ASSERT_TRUE(
-          be.WriteKv(dk, dv, kv_ld, batch, layout, bkc.as<float>(), bvc.as<float>()).ok());
-      ASSERT_TRUE(be.PagedAttention(dq, q_ld, batch, layout, heads, bkc.as<float>(),
-                                    bvc.as<float>(), bout.as<float>())
-                      .ok());
-      out[b] = Download(be, bout, tokens * heads * head_dim);
-      kc[b] = Download(be, bkc, cache_floats);
+      const size_t cache_floats =
+          static_cast<size_t>(cpu_layout.num_blocks) * block_size * kv_heads * head_dim;
+      // The cache starts full of random history (earlier steps' keys and values).
+      const std::vector<float> k_cache = as_cached(RandomVector(cache_floats, 14));
+      const std::vector<float> v_cache = as_cached(RandomVector(cache_floats, 15));
+      const std::vector<float> q = RandomVector(tokens * heads * head_dim, 16, -2.0f, 2.0f);
+      const std::vector<float> k = RandomVector(tokens * kv_heads * head_dim, 17, -2.0f, 2.0f);
+      const std::vector<float> v = RandomVector(tokens * kv_heads * head_dim, 18);
+      const int64_t q_width = heads * head_dim, kv_width = kv_heads * head_dim;
+      const std::vector<float> qkv =
+          testing::SideBySide(tokens, {{&q, q_width}, {&k, kv_width}, {&v, kv_width}}, 3);
+      const int64_t ld = q_width + 2 * kv_width + 3;
+      std::vector<float> out[2], kc[2];
+      Backend* backends[2] = {cases_[0].backend.get(), cpu_.get()};
+      for (int b = 0; b < 2; ++b) {
+        Backend& be = *backends[b];
+        const bool gpu = b == 0;
+        DeviceBuffer bqs = Upload(be, query_start), bcl = Upload(be, context_lens),
+                     bbt = Upload(be, block_tables), bsm = Upload(be, slot_mapping),
+                     bpos = Upload(be, positions);
+        DeviceBuffer bkc = gpu && bf16 ? Upload(be, Bf16Bits(k_cache)) : Upload(be, k_cache);
+        DeviceBuffer bvc = gpu && bf16 ? Upload(be, Bf16Bits(v_cache)) : Upload(be, v_cache);
+        DeviceBuffer bq, bk, bv;
+        const float *dq, *dk, *dv;
+        int64_t q_ld, kv_ld;
+        if (gpu) {
+          bq = Upload(be, qkv);
+          dq = bq.as<float>();
+          dk = dq + q_width;
+          dv = dk + kv_width;
+          q_ld = kv_ld = ld;
+        } else {
+          bq = Upload(be, q), bk = Upload(be, as_cached(k)), bv = Upload(be, as_cached(v));
+          dq = bq.as<float>(), dk = bk.as<float>(), dv = bv.as<float>();
+          q_ld = q_width;
+          kv_ld = kv_width;
+        }
+        const KvLayout& layout = gpu ? gpu_layout : cpu_layout;
+        DeviceBuffer bout = Poisoned(be, tokens * heads * head_dim);
+        const AttentionBatch batch{
+            num_seqs,          tokens,         bqs.as<int32_t>(), bcl.as<int32_t>(),
+            bbt.as<int32_t>(), blocks_per_seq, bsm.as<int32_t>(), bpos.as<int32_t>()};
+        ASSERT_TRUE(be.WriteKv(dk, dv, kv_ld, batch, layout, bkc.data(), bvc.data()).ok());
+        ASSERT_TRUE(
+            be.PagedAttention(dq, q_ld, batch, layout, heads, bkc.data(), bvc.data(),
+                              bout.as<float>())
+                .ok());
+        out[b] = Download(be, bout, tokens * heads * head_dim);
+        kc[b] = gpu && bf16 ? DownloadBf16(be, bkc, cache_floats) : Download(be, bkc, cache_floats);
+      }
+      EXPECT_EQ(RelativeError(kc[0], kc[1]), 0.0);
+      EXPECT_LE(RelativeError(out[0], out[1]), kF32Bound);
     }
-    EXPECT_EQ(RelativeError(kc[0], kc[1]), 0.0);
-    EXPECT_LE(RelativeError(out[0], out[1]), kF32Bound);
   }
 }
 

@@ -180,10 +180,11 @@ __global__ void RopeKernel(float* q, int64_t q_ld, float* k, int64_t k_ld,
   }
 }
 
+template <typename T>
 __global__ void WriteKvKernel(const float* k, const float* v, int64_t kv_ld,
                               const int32_t* slot_mapping,
                               int64_t tokens, int64_t slot_floats, int64_t num_slots,
-                              float* k_cache, float* v_cache, int32_t* error) {
+                              T* k_cache, T* v_cache, int32_t* error) {
   const int64_t count = tokens * slot_floats;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -195,8 +196,8 @@ __global__ void WriteKvKernel(const float* k, const float* v, int64_t kv_ld,
       RecordError(error, kWriteKvSlotOutOfRange);
       continue;
     }
-    k_cache[slot * slot_floats + e] = k[t * kv_ld + e];
-    v_cache[slot * slot_floats + e] = v[t * kv_ld + e];
+    k_cache[slot * slot_floats + e] = FromFloat<T>(k[t * kv_ld + e]);
+    v_cache[slot * slot_floats + e] = FromFloat<T>(v[t * kv_ld + e]);
   }
 }
 
@@ -209,14 +210,14 @@ constexpr int kAttentionWarps = 4;
 // the head's dimensions, kDimsPerLane per lane), then the warps' partial
 // results are merged. Keys and values are read a whole head row per warp:
 // coalesced.
-template <int kDimsPerLane>
+template <int kDimsPerLane, typename T>
 __global__ void __launch_bounds__(kAttentionWarps* kWarp)
     PagedAttentionKernel(const float* q, int64_t q_ld, int32_t num_seqs,
                          const int32_t* query_start,
                          const int32_t* context_lens, const int32_t* block_tables,
                          int32_t max_blocks_per_seq, const int32_t* positions, int32_t num_heads,
                          int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
-                         int32_t num_blocks, const float* k_cache, const float* v_cache, float* out,
+                         int32_t num_blocks, const T* k_cache, const T* v_cache, float* out,
                          int32_t* error) {
   __shared__ float warp_max[kAttentionWarps];
   __shared__ float warp_sum[kAttentionWarps];
@@ -281,7 +282,7 @@ __global__ void __launch_bounds__(kAttentionWarps* kWarp)
 #pragma unroll
     for (int i = 0; i < kDimsPerLane; ++i) {
       const int d = lane + i * kWarp;
-      if (d < head_dim) dot = fmaf(qv[i], k_cache[base + d], dot);
+      if (d < head_dim) dot = fmaf(qv[i], ToFloat(k_cache[base + d]), dot);
     }
     const float s = WarpSum(dot) * scale;
     const float m_new = fmaxf(m, s);
@@ -291,7 +292,7 @@ __global__ void __launch_bounds__(kAttentionWarps* kWarp)
 #pragma unroll
     for (int i = 0; i < kDimsPerLane; ++i) {
       const int d = lane + i * kWarp;
-      const float value = d < head_dim ? v_cache[base + d] : 0.0f;
+      const float value = d < head_dim ? ToFloat(v_cache[base + d]) : 0.0f;
       acc[i] = fmaf(p, value, acc[i] * correction);
     }
     m = m_new;
@@ -466,12 +467,16 @@ cudaError_t RopeInPlace(float* q, int64_t q_ld, float* k, int64_t k_ld, const in
 
 cudaError_t WriteKvSlots(const float* k, const float* v, int64_t kv_ld,
                          const int32_t* slot_mapping, int64_t tokens, int64_t slot_floats,
-                         int64_t num_slots, float* k_cache, float* v_cache, int32_t* error,
-                         cudaStream_t stream) {
+                         int64_t num_slots, DType cache_dtype, void* k_cache, void* v_cache,
+                         int32_t* error, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
-  WriteKvKernel<<<GridFor(tokens * slot_floats), kThreads, 0, stream>>>(
-      k, v, kv_ld, slot_mapping, tokens, slot_floats, num_slots, k_cache, v_cache, error);
-  return cudaGetLastError();
+  return DispatchDType(cache_dtype, [&](auto element) {
+    using T = decltype(element);
+    WriteKvKernel<T><<<GridFor(tokens * slot_floats), kThreads, 0, stream>>>(
+        k, v, kv_ld, slot_mapping, tokens, slot_floats, num_slots, static_cast<T*>(k_cache),
+        static_cast<T*>(v_cache), error);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t PagedAttentionForward(const float* q, int64_t q_ld, int32_t tokens, int32_t num_seqs,
@@ -479,23 +484,26 @@ cudaError_t PagedAttentionForward(const float* q, int64_t q_ld, int32_t tokens, 
                                   const int32_t* block_tables, int32_t max_blocks_per_seq,
                                   const int32_t* positions, int32_t num_heads, int32_t num_kv_heads,
                                   int32_t head_dim, int32_t block_size, int32_t num_blocks,
-                                  const float* k_cache, const float* v_cache, float* out,
-                                  int32_t* error, cudaStream_t stream) {
+                                  DType cache_dtype, const void* k_cache, const void* v_cache,
+                                  float* out, int32_t* error, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
   if (head_dim > kMaxAttentionHeadDim || num_heads > 65535) return cudaErrorInvalidValue;
   const dim3 grid(tokens, num_heads);
-  const auto launch = [&](auto kernel) {
-    kernel<<<grid, kAttentionWarps * kWarp, 0, stream>>>(
-        q, q_ld, num_seqs, query_start, context_lens, block_tables, max_blocks_per_seq,
-        positions, num_heads, num_kv_heads, head_dim, block_size, num_blocks, k_cache, v_cache,
-        out, error);
-    return cudaGetLastError();
-  };
-  // Registers per lane follow head_dim: 32, 64, 128 or 256 dimensions.
-  if (head_dim <= 32) return launch(PagedAttentionKernel<1>);
-  if (head_dim <= 64) return launch(PagedAttentionKernel<2>);
-  if (head_dim <= 128) return launch(PagedAttentionKernel<4>);
-  return launch(PagedAttentionKernel<8>);
+  return DispatchDType(cache_dtype, [&](auto element) {
+    using T = decltype(element);
+    const auto launch = [&](auto kernel) {
+      kernel<<<grid, kAttentionWarps * kWarp, 0, stream>>>(
+          q, q_ld, num_seqs, query_start, context_lens, block_tables, max_blocks_per_seq,
+          positions, num_heads, num_kv_heads, head_dim, block_size, num_blocks,
+          static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), out, error);
+      return cudaGetLastError();
+    };
+    // Registers per lane follow head_dim: 32, 64, 128 or 256 dimensions.
+    if (head_dim <= 32) return launch(PagedAttentionKernel<1, T>);
+    if (head_dim <= 64) return launch(PagedAttentionKernel<2, T>);
+    if (head_dim <= 128) return launch(PagedAttentionKernel<4, T>);
+    return launch(PagedAttentionKernel<8, T>);
+  });
 }
 
 cudaError_t LoraShrinkSegments(const float* x, int64_t in, const DeviceLoraTable* table,

@@ -111,16 +111,17 @@ cudaError_t RopeInPlace(float* q,  // [tokens, q_ld]: num_heads heads of head_di
                         int32_t head_dim, float attention_scaling, int32_t* error,
                         cudaStream_t stream);
 
-// k_cache[slot_mapping[t]] = k[t] and likewise for v; tokens whose slot is
-// kPaddingSlot are skipped.
+// k_cache[slot_mapping[t]] = k[t] and likewise for v, rounded to the cache's
+// `cache_dtype`; tokens whose slot is kPaddingSlot are skipped.
 cudaError_t WriteKvSlots(const float* k,              // [tokens, kv_ld]: slot_floats used
                          const float* v,              // [tokens, kv_ld]: slot_floats used
                          int64_t kv_ld,
                          const int32_t* slot_mapping,          // [tokens]
                          int64_t tokens, int64_t slot_floats,  // kv_heads * head_dim
                          int64_t num_slots,                    // num_blocks * block_size
-                         float* k_cache,                       // [num_slots, slot_floats]
-                         float* v_cache,                       // [num_slots, slot_floats]
+                         DType cache_dtype,
+                         void* k_cache,                        // [num_slots, slot_floats]
+                         void* v_cache,                        // [num_slots, slot_floats]
                          int32_t* error, cudaStream_t stream);
 
 // Causal attention of every token over cache positions 0 .. positions[t] of
@@ -134,9 +135,9 @@ cudaError_t PagedAttentionForward(
     int32_t max_blocks_per_seq,
     const int32_t* positions,  // [tokens]
     int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
-    int32_t num_blocks,
-    const float* k_cache,  // [num_blocks, block_size, num_kv_heads, head_dim]
-    const float* v_cache,  // [num_blocks, block_size, num_kv_heads, head_dim]
+    int32_t num_blocks, DType cache_dtype,
+    const void* k_cache,  // [num_blocks, block_size, num_kv_heads, head_dim] of cache_dtype
+    const void* v_cache,  // [num_blocks, block_size, num_kv_heads, head_dim] of cache_dtype
     float* out,            // [tokens, num_heads * head_dim]
     int32_t* error, cudaStream_t stream);
 

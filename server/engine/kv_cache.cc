@@ -12,9 +12,10 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(kernels::Backend* backe
   if (block_size <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("KV block size must be > 0, got ", block_size));
   }
-  // K and V, every layer.
-  const int64_t block_bytes = int64_t{2} * shape.num_layers * block_size * shape.num_kv_heads *
-                              shape.head_dim * static_cast<int64_t>(sizeof(float));
+  // One block of one layer's pool, then K and V of every layer.
+  kernels::KvLayout layout{1, block_size, static_cast<int32_t>(shape.num_kv_heads),
+                           static_cast<int32_t>(shape.head_dim), backend->KvCacheDType()};
+  const int64_t block_bytes = int64_t{2} * shape.num_layers * kernels::KvPoolBytes(layout);
   const int64_t num_blocks = budget_bytes / block_bytes;
   if (num_blocks < 1) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -23,9 +24,9 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(kernels::Backend* backe
   }
   auto cache = std::unique_ptr<KvCache>(new KvCache());
   cache->block_size_ = block_size;
-  cache->layout_ = {static_cast<int32_t>(num_blocks), block_size,
-                    static_cast<int32_t>(shape.num_kv_heads), static_cast<int32_t>(shape.head_dim)};
-  const size_t pool_bytes = static_cast<size_t>(block_bytes / (2 * shape.num_layers)) * num_blocks;
+  layout.num_blocks = static_cast<int32_t>(num_blocks);
+  cache->layout_ = layout;
+  const auto pool_bytes = static_cast<size_t>(kernels::KvPoolBytes(layout));
   for (int64_t l = 0; l < shape.num_layers; ++l) {
     ASSIGN_OR_RETURN(kernels::DeviceBuffer k, backend->Allocate(pool_bytes));
     ASSIGN_OR_RETURN(kernels::DeviceBuffer v, backend->Allocate(pool_bytes));
@@ -124,8 +125,8 @@ model::KvCacheView KvCache::View() {
   model::KvCacheView view;
   view.layout = layout_;
   for (size_t l = 0; l < k_pools_.size(); ++l) {
-    view.k.push_back(k_pools_[l].as<float>());
-    view.v.push_back(v_pools_[l].as<float>());
+    view.k.push_back(k_pools_[l].data());
+    view.v.push_back(v_pools_[l].data());
   }
   return view;
 }

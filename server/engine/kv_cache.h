@@ -1,5 +1,6 @@
 // The paged KV cache: per layer, one K pool and one V pool of fixed-size
-// blocks ([num_blocks, block_size, kv_heads, head_dim] floats on the backend),
+// blocks ([num_blocks, block_size, kv_heads, head_dim] elements of the
+// backend's KvCacheDType),
 // and a free list of block ids shared by all layers.
 //
 // A sequence owns a list of blocks (its block table); block b of the table

@@ -659,8 +659,8 @@ absl::Status LlamaModel::ApplyLora(int64_t layer_index, std::initializer_list<Lo
 
 absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64_t num_tokens,
                                   const AttentionBatch& batch, const kernels::KvLayout& layout,
-                                  const MergedWeights* merged, const LoraPlan& lora, float* k_cache,
-                                  float* v_cache) {
+                                  const MergedWeights* merged, const LoraPlan& lora, void* k_cache,
+                                  void* v_cache) {
   using adapters::LoraModule;
   const ModelConfig& c = config_;
   Scratch& s = *scratch_;

@@ -38,11 +38,12 @@ struct KvShape {
   int64_t head_dim = 0;
 };
 
-// The paged cache as the forward pass sees it: one K and one V pool per layer.
+// The paged cache as the forward pass sees it: one K and one V pool per layer,
+// of layout.dtype (the backend's KvCacheDType).
 struct KvCacheView {
   kernels::KvLayout layout;
-  std::vector<float*> k;  // [num_layers] -> [num_blocks, block_size, kv_heads, head_dim]
-  std::vector<float*> v;
+  std::vector<void*> k;  // [num_layers] -> [num_blocks, block_size, kv_heads, head_dim]
+  std::vector<void*> v;
 };
 
 // The adapter a sequence runs with: none (base model), or an adapter on the
@@ -184,8 +185,8 @@ class LlamaModel {
   static constexpr int32_t kReservedLoraRank = 64;
   absl::Status RunLayer(int64_t layer_index, const Layer& layer, int64_t num_tokens,
                         const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
-                        const MergedWeights* merged, const LoraPlan& lora, float* k_cache,
-                        float* v_cache);
+                        const MergedWeights* merged, const LoraPlan& lora, void* k_cache,
+                        void* v_cache);
   // Where one module's LoRA terms go: y[:, 0:out], rows ldy floats apart.
   struct LoraTarget {
     adapters::LoraModule module;

@@ -74,6 +74,7 @@ class StepCheckingBackend : public Backend {
   kernels::DType WeightDType(kernels::DType source) const override {
     return inner_->WeightDType(source);
   }
+  kernels::DType KvCacheDType() const override { return inner_->KvCacheDType(); }
   absl::Status Synchronize() override {
     if (absl::Status s = Refuse("Synchronize"); !s.ok()) return s;
     return inner_->Synchronize();
@@ -140,14 +141,14 @@ class StepCheckingBackend : public Backend {
   }
   absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld,
                        const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
-                       float* k_cache, float* v_cache) override {
+                       void* k_cache, void* v_cache) override {
     Record("WriteKv", Address(k), Address(v), kv_ld, Address(batch.slot_mapping),
            batch.num_tokens, layout.num_blocks, Address(k_cache), Address(v_cache));
     return inner_->WriteKv(k, v, kv_ld, batch, layout, k_cache, v_cache);
   }
   absl::Status PagedAttention(const float* q, int64_t q_ld, const kernels::AttentionBatch& batch,
                               const kernels::KvLayout& layout, int32_t num_heads,
-                              const float* k_cache, const float* v_cache, float* out) override {
+                              const void* k_cache, const void* v_cache, float* out) override {
     Record("PagedAttention", Address(q), q_ld, batch.num_tokens, batch.num_seqs,
            Address(batch.query_start), Address(batch.context_lens), Address(batch.block_tables),
            batch.max_blocks_per_seq, Address(batch.positions), num_heads, Address(k_cache),

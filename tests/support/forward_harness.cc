@@ -15,14 +15,13 @@ PagedTestCache::PagedTestCache(kernels::Backend* backend, const model::KvShape& 
     : blocks_per_seq_((max_tokens + kTestBlockSize - 1) / kTestBlockSize) {
   const int32_t num_blocks = num_seqs * blocks_per_seq_;
   view_.layout = {num_blocks, kTestBlockSize, static_cast<int32_t>(shape.num_kv_heads),
-                  static_cast<int32_t>(shape.head_dim)};
-  const size_t bytes = static_cast<size_t>(num_blocks) * kTestBlockSize * shape.num_kv_heads *
-                       shape.head_dim * sizeof(float);
+                  static_cast<int32_t>(shape.head_dim), backend->KvCacheDType()};
+  const auto bytes = static_cast<size_t>(kernels::KvPoolBytes(view_.layout));
   for (int64_t l = 0; l < shape.num_layers; ++l) {
     buffers_.push_back(*backend->Allocate(bytes));
-    view_.k.push_back(buffers_.back().as<float>());
+    view_.k.push_back(buffers_.back().data());
     buffers_.push_back(*backend->Allocate(bytes));
-    view_.v.push_back(buffers_.back().as<float>());
+    view_.v.push_back(buffers_.back().data());
   }
 }
 
