@@ -83,8 +83,12 @@ class StreamTimer {
     last_ = Clock::now();
     if (sample_.tokens++ == 0) first_ = last_;
   }
+  // The server's own count of the stream's tokens, when it gave one: some
+  // streams carry several tokens in one event, or end with an event of none.
+  void ReportedTokens(int64_t tokens) { reported_ = tokens; }
   Sample Finish(bool ok) {
     sample_.ok = ok && sample_.tokens > 0;
+    if (reported_ > 0) sample_.tokens = reported_;
     if (sample_.ok) {
       sample_.ttft_s = std::chrono::duration<double>(first_ - start_).count();
       if (sample_.tokens > 1) {
@@ -97,6 +101,7 @@ class StreamTimer {
 
  private:
   Sample sample_;
+  int64_t reported_ = 0;
   Clock::time_point start_, first_, last_;
 };
 
@@ -107,7 +112,12 @@ class Load {
   Load(std::shared_ptr<grpc::Channel> channel, const std::string& http,
        const std::string& base_model)
       : stub_(v1::Inference::NewStub(channel)), base_model_(base_model) {
-    if (!http.empty()) http_ = std::make_unique<httplib::Client>(absl::StrCat("http://", http));
+    if (!http.empty()) {
+      http_ = std::make_unique<httplib::Client>(absl::StrCat("http://", http));
+      // A loaded server may take many seconds to its first byte (a round of
+      // prefills): the client's default of 5 s would drop the request.
+      http_->set_read_timeout(std::chrono::seconds(600));
+    }
   }
 
   // One streamed request; timings from the client's view.
@@ -136,8 +146,9 @@ class Load {
   }
 
  private:
-  // Each SSE event but the final [DONE] (and the usage event, not asked
-  // for) carries one token.
+  // An SSE event with a choice carries a token, unless it is a closing event
+  // (no text, a finish_reason) as some servers send; the usage event at the
+  // end gives the server's count of the tokens.
   Sample HttpRequest(const std::string& adapter, const std::vector<int32_t>& prompt,
                      int32_t max_tokens) {
     const nlohmann::json body = {{"model", adapter.empty() ? base_model_ : adapter},
@@ -145,7 +156,8 @@ class Load {
                                  {"max_tokens", max_tokens},
                                  {"temperature", 0},
                                  {"ignore_eos", true},
-                                 {"stream", true}};
+                                 {"stream", true},
+                                 {"stream_options", {{"include_usage", true}}}};
     httplib::Request request;
     request.method = "POST";
     request.path = "/v1/completions";
@@ -158,7 +170,7 @@ class Load {
       for (size_t end = pending.find("\n\n"); end != std::string::npos;
            end = pending.find("\n\n")) {
         if (pending.compare(0, 6, "data: ") == 0 && pending.compare(6, 6, "[DONE]") != 0) {
-          timer.Token();
+          CountEvent(nlohmann::json::parse(pending.substr(6, end - 6), nullptr, false), timer);
         }
         pending.erase(0, end + 2);
       }
@@ -166,6 +178,20 @@ class Load {
     };
     httplib::Result result = http_->send(request);
     return timer.Finish(result && result->status == 200);
+  }
+
+  static void CountEvent(const nlohmann::json& event, StreamTimer& timer) {
+    if (!event.is_object()) return;
+    const auto usage = event.find("usage");
+    if (usage != event.end() && usage->is_object()) {
+      timer.ReportedTokens(usage->value("completion_tokens", int64_t{0}));
+    }
+    const auto choices = event.find("choices");
+    if (choices == event.end() || !choices->is_array() || choices->empty()) return;
+    const nlohmann::json& choice = choices->front();
+    const bool closing = choice.value("text", std::string()).empty() &&
+                         choice.contains("finish_reason") && !choice["finish_reason"].is_null();
+    if (!closing) timer.Token();
   }
 
   std::unique_ptr<v1::Inference::Stub> stub_;
