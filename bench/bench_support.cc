@@ -35,8 +35,8 @@ double DecodeStepBytes(const kernels::Backend& backend, const model::LlamaModel&
   const double embedding = config.tie_word_embeddings ? 0.0
                                                       : static_cast<double>(config.vocab_size) *
                                                             config.hidden_size * weight_dtype;
-  const double kv_bytes = static_cast<double>(kv.num_layers) * batch * context *
-                          kv.num_kv_heads * kv.head_dim * 2 *
+  const double kv_bytes = static_cast<double>(kv.num_layers) * batch * context * kv.num_kv_heads *
+                          kv.head_dim * 2 *
                           static_cast<double>(kernels::DTypeSize(backend.KvCacheDType()));
   const double logits = static_cast<double>(batch) * config.vocab_size * sizeof(float);
   return static_cast<double>(model.weight_bytes()) - embedding + kv_bytes + adapter_bytes + logits;

@@ -91,8 +91,7 @@ absl::Status Run() {
       "\"results\": [\n  %s\n]}\n",
       name.c_str(), static_cast<long long>(model::ParameterCount(llama->config())),
       static_cast<long long>(llama->weight_bytes()), read_bandwidth / 1e9, prompt_tokens,
-      decode_tokens,
-      absl::StrJoin(rows, ",\n  ").c_str());
+      decode_tokens, absl::StrJoin(rows, ",\n  ").c_str());
   return absl::OkStatus();
 }
 

@@ -715,10 +715,12 @@ TEST_P(CpuBackendTest, RopeRejectsBadArguments) {
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("inv_freq"));
   // Rows closer together than a row of heads.
-  status = backend_->Rope(p, 15, p, 16, good_pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 8, 1.0f});
+  status =
+      backend_->Rope(p, 15, p, 16, good_pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 8, 1.0f});
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("q_ld is 15, less than a row of 16 floats"));
-  status = backend_->Rope(p, 16, p, 8, good_pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 8, 1.0f});
+  status =
+      backend_->Rope(p, 16, p, 8, good_pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 8, 1.0f});
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("k_ld"));
 }
@@ -826,12 +828,14 @@ class AttentionScenario {
       hist.num_tokens = static_cast<int32_t>(hist_slots.size());
       hist.slot_mapping = dslots.as<int32_t>();
       ASSERT_TRUE(
-          backend.WriteKv(dk.as<float>(), dv.as<float>(), kv_floats, hist, layout_, k_cache, v_cache)
+          backend
+              .WriteKv(dk.as<float>(), dv.as<float>(), kv_floats, hist, layout_, k_cache, v_cache)
               .ok());
     }
     DeviceBuffer dk = test->Upload(k_step), dv = test->Upload(v_step);
     ASSERT_TRUE(
-        backend.WriteKv(dk.as<float>(), dv.as<float>(), kv_floats, Batch(), layout_, k_cache, v_cache)
+        backend
+            .WriteKv(dk.as<float>(), dv.as<float>(), kv_floats, Batch(), layout_, k_cache, v_cache)
             .ok());
   }
 
@@ -917,10 +921,9 @@ TEST_P(CpuBackendTest, PagedAttentionMatchesReference) {
     DeviceBuffer dq = Upload(scenario.q());
     const size_t out_floats = static_cast<size_t>(scenario.num_tokens()) * c.num_heads * c.head_dim;
     DeviceBuffer dout = Poisoned(out_floats);
-    absl::Status status =
-        backend_->PagedAttention(dq.as<float>(), c.num_heads * c.head_dim, scenario.Batch(), layout,
-                                 c.num_heads, k_cache.as<float>(), v_cache.as<float>(),
-                                 dout.as<float>());
+    absl::Status status = backend_->PagedAttention(
+        dq.as<float>(), c.num_heads * c.head_dim, scenario.Batch(), layout, c.num_heads,
+        k_cache.as<float>(), v_cache.as<float>(), dout.as<float>());
     ASSERT_TRUE(status.ok()) << c.name << ": " << status;
     std::vector<double> ref, scale;
     scenario.Reference(ref, scale);
@@ -999,8 +1002,8 @@ TEST_P(CpuBackendTest, PagedAttentionAndWriteKvRejectBadArguments) {
   DeviceBuffer bad_slots = Upload(std::vector<int32_t>{0, 128, 1});
   batch = scenario.Batch();
   batch.slot_mapping = bad_slots.as<int32_t>();
-  status = backend_->WriteKv(kv.as<float>(), kv.as<float>(), 32, batch, layout,
-                             k_cache.as<float>(), v_cache.as<float>());
+  status = backend_->WriteKv(kv.as<float>(), kv.as<float>(), 32, batch, layout, k_cache.as<float>(),
+                             v_cache.as<float>());
   EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange);
   EXPECT_THAT(status.message(), HasSubstr("slot_mapping[1] is 128"));
   status = backend_->WriteKv(kv.as<float>(), kv.as<float>(), 32, scenario.Batch(), layout, nullptr,
@@ -1033,8 +1036,14 @@ TEST_P(CpuBackendTest, FusedQkvRowsGiveWhatSeparateBuffersGive) {
   DeviceBuffer context_lens = Upload(std::vector<int32_t>{5});
   DeviceBuffer block_tables = Upload(std::vector<int32_t>{2});
   DeviceBuffer slots = Upload(std::vector<int32_t>{32, 33, 34, 35, 36});
-  const AttentionBatch batch{1,  5, query_start.as<int32_t>(), context_lens.as<int32_t>(),
-                             block_tables.as<int32_t>(), 1, slots.as<int32_t>(), pos.as<int32_t>()};
+  const AttentionBatch batch{1,
+                             5,
+                             query_start.as<int32_t>(),
+                             context_lens.as<int32_t>(),
+                             block_tables.as<int32_t>(),
+                             1,
+                             slots.as<int32_t>(),
+                             pos.as<int32_t>()};
   const size_t cache_floats = 4 * 16 * kv_width;
   const size_t out_floats = static_cast<size_t>(tokens * q_width);
   const RopeParams rope{freq.as<float>(), head_dim, 1.0f};
@@ -1068,9 +1077,9 @@ TEST_P(CpuBackendTest, FusedQkvRowsGiveWhatSeparateBuffersGive) {
   DeviceBuffer fout = Poisoned(out_floats);
   ASSERT_TRUE(
       backend_->Rope(fq, ld, fk, ld, pos.as<int32_t>(), tokens, heads, kv_heads, rope).ok());
-  ASSERT_TRUE(backend_
-                  ->WriteKv(fk, fv, ld, batch, layout, fk_cache.as<float>(), fv_cache.as<float>())
-                  .ok());
+  ASSERT_TRUE(
+      backend_->WriteKv(fk, fv, ld, batch, layout, fk_cache.as<float>(), fv_cache.as<float>())
+          .ok());
   ASSERT_TRUE(backend_
                   ->PagedAttention(fq, ld, batch, layout, heads, fk_cache.as<float>(),
                                    fv_cache.as<float>(), fout.as<float>())
@@ -1080,10 +1089,9 @@ TEST_P(CpuBackendTest, FusedQkvRowsGiveWhatSeparateBuffersGive) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
   };
   const std::vector<float> after = Download(dqkv, fused.size());
-  EXPECT_TRUE(same(testing::ColumnSlice(after, tokens, ld, 0, q_width),
-                   Download(dq, q.size())));
-  EXPECT_TRUE(same(testing::ColumnSlice(after, tokens, ld, q_width, kv_width),
-                   Download(dk, k.size())));
+  EXPECT_TRUE(same(testing::ColumnSlice(after, tokens, ld, 0, q_width), Download(dq, q.size())));
+  EXPECT_TRUE(
+      same(testing::ColumnSlice(after, tokens, ld, q_width, kv_width), Download(dk, k.size())));
   EXPECT_TRUE(same(testing::ColumnSlice(after, tokens, ld, q_width + kv_width, kv_width), v));
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t c = ld - 3; c < ld; ++c) EXPECT_TRUE(std::isnan(after[t * ld + c]));

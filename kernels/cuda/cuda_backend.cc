@@ -175,7 +175,8 @@ absl::Status CheckPositive(const char* op, const char* arg, int64_t value) {
 // A row stride must hold a row: `ld` >= `row_floats`.
 absl::Status CheckRowStride(const char* op, const char* arg, int64_t ld, int64_t row_floats) {
   if (ld < row_floats) {
-    return Invalid(op, absl::StrCat(arg, " is ", ld, ", less than a row of ", row_floats, " floats"));
+    return Invalid(op,
+                   absl::StrCat(arg, " is ", ld, ", less than a row of ", row_floats, " floats"));
   }
   return absl::OkStatus();
 }
@@ -748,8 +749,8 @@ class CudaBackend final : public Backend {
                                    rope.inv_freq, rope.head_dim, rope.attention_scaling, error_,
                                    stream_);
         },
-        q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads, rope.inv_freq,
-        rope.head_dim, rope.attention_scaling);
+        q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads, rope.inv_freq, rope.head_dim,
+        rope.attention_scaling);
   }
 
   absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld, const AttentionBatch& batch,

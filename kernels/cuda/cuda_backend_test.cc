@@ -381,9 +381,7 @@ TEST_F(CudaBackendTest, WriteKvAndPagedAttentionMatchCpu) {
     for (const int32_t head_dim : {32, 64, 128, 256}) {
       SCOPED_TRACE(absl::StrCat(DTypeName(cache_dtype), " cache, head_dim ", head_dim));
       const bool bf16 = cache_dtype == DType::kBF16;
-      const auto as_cached = [&](const std::vector<float>& v) {
-        return bf16 ? RoundToBf16(v) : v;
-      };
+      const auto as_cached = [&](const std::vector<float>& v) { return bf16 ? RoundToBf16(v) : v; };
       const int32_t heads = 8, kv_heads = 2, block_size = 16, blocks_per_seq = 20;
       const int32_t num_seqs = 3;
       const std::vector<int32_t> query_start = {0, 5, 6, 10};
@@ -449,10 +447,9 @@ TEST_F(CudaBackendTest, WriteKvAndPagedAttentionMatchCpu) {
             num_seqs,          tokens,         bqs.as<int32_t>(), bcl.as<int32_t>(),
             bbt.as<int32_t>(), blocks_per_seq, bsm.as<int32_t>(), bpos.as<int32_t>()};
         ASSERT_TRUE(be.WriteKv(dk, dv, kv_ld, batch, layout, bkc.data(), bvc.data()).ok());
-        ASSERT_TRUE(
-            be.PagedAttention(dq, q_ld, batch, layout, heads, bkc.data(), bvc.data(),
-                              bout.as<float>())
-                .ok());
+        ASSERT_TRUE(be.PagedAttention(dq, q_ld, batch, layout, heads, bkc.data(), bvc.data(),
+                                      bout.as<float>())
+                        .ok());
         out[b] = Download(be, bout, tokens * heads * head_dim);
         kc[b] = gpu && bf16 ? DownloadBf16(be, bkc, cache_floats) : Download(be, bkc, cache_floats);
       }

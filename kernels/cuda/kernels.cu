@@ -149,10 +149,10 @@ __global__ void SiluMulKernel(const float* gate_up, int64_t n, int64_t dim, floa
 }
 
 // One thread per (token, head of q then k, rotation pair i).
-__global__ void RopeKernel(float* q, int64_t q_ld, float* k, int64_t k_ld,
-                           const int32_t* positions, int64_t tokens,
-                           int32_t num_heads, int32_t num_kv_heads, const float* inv_freq,
-                           int32_t half, float attention_scaling, int32_t* error) {
+__global__ void RopeKernel(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
+                           int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
+                           const float* inv_freq, int32_t half, float attention_scaling,
+                           int32_t* error) {
   const int64_t heads = num_heads + num_kv_heads;
   const int64_t count = tokens * heads * half;
   for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < count;
@@ -182,9 +182,8 @@ __global__ void RopeKernel(float* q, int64_t q_ld, float* k, int64_t k_ld,
 
 template <typename T>
 __global__ void WriteKvKernel(const float* k, const float* v, int64_t kv_ld,
-                              const int32_t* slot_mapping,
-                              int64_t tokens, int64_t slot_floats, int64_t num_slots,
-                              T* k_cache, T* v_cache, int32_t* error) {
+                              const int32_t* slot_mapping, int64_t tokens, int64_t slot_floats,
+                              int64_t num_slots, T* k_cache, T* v_cache, int32_t* error) {
   const int64_t count = tokens * slot_floats;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -212,8 +211,7 @@ constexpr int kAttentionWarps = 4;
 // coalesced.
 template <int kDimsPerLane, typename T>
 __global__ void __launch_bounds__(kAttentionWarps* kWarp)
-    PagedAttentionKernel(const float* q, int64_t q_ld, int32_t num_seqs,
-                         const int32_t* query_start,
+    PagedAttentionKernel(const float* q, int64_t q_ld, int32_t num_seqs, const int32_t* query_start,
                          const int32_t* context_lens, const int32_t* block_tables,
                          int32_t max_blocks_per_seq, const int32_t* positions, int32_t num_heads,
                          int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
@@ -465,10 +463,9 @@ cudaError_t RopeInPlace(float* q, int64_t q_ld, float* k, int64_t k_ld, const in
   return cudaGetLastError();
 }
 
-cudaError_t WriteKvSlots(const float* k, const float* v, int64_t kv_ld,
-                         const int32_t* slot_mapping, int64_t tokens, int64_t slot_floats,
-                         int64_t num_slots, DType cache_dtype, void* k_cache, void* v_cache,
-                         int32_t* error, cudaStream_t stream) {
+cudaError_t WriteKvSlots(const float* k, const float* v, int64_t kv_ld, const int32_t* slot_mapping,
+                         int64_t tokens, int64_t slot_floats, int64_t num_slots, DType cache_dtype,
+                         void* k_cache, void* v_cache, int32_t* error, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
   return DispatchDType(cache_dtype, [&](auto element) {
     using T = decltype(element);
@@ -493,9 +490,9 @@ cudaError_t PagedAttentionForward(const float* q, int64_t q_ld, int32_t tokens, 
     using T = decltype(element);
     const auto launch = [&](auto kernel) {
       kernel<<<grid, kAttentionWarps * kWarp, 0, stream>>>(
-          q, q_ld, num_seqs, query_start, context_lens, block_tables, max_blocks_per_seq,
-          positions, num_heads, num_kv_heads, head_dim, block_size, num_blocks,
-          static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), out, error);
+          q, q_ld, num_seqs, query_start, context_lens, block_tables, max_blocks_per_seq, positions,
+          num_heads, num_kv_heads, head_dim, block_size, num_blocks, static_cast<const T*>(k_cache),
+          static_cast<const T*>(v_cache), out, error);
       return cudaGetLastError();
     };
     // Registers per lane follow head_dim: 32, 64, 128 or 256 dimensions.

@@ -113,15 +113,15 @@ cudaError_t RopeInPlace(float* q,  // [tokens, q_ld]: num_heads heads of head_di
 
 // k_cache[slot_mapping[t]] = k[t] and likewise for v, rounded to the cache's
 // `cache_dtype`; tokens whose slot is kPaddingSlot are skipped.
-cudaError_t WriteKvSlots(const float* k,              // [tokens, kv_ld]: slot_floats used
-                         const float* v,              // [tokens, kv_ld]: slot_floats used
+cudaError_t WriteKvSlots(const float* k,  // [tokens, kv_ld]: slot_floats used
+                         const float* v,  // [tokens, kv_ld]: slot_floats used
                          int64_t kv_ld,
                          const int32_t* slot_mapping,          // [tokens]
                          int64_t tokens, int64_t slot_floats,  // kv_heads * head_dim
                          int64_t num_slots,                    // num_blocks * block_size
                          DType cache_dtype,
-                         void* k_cache,                        // [num_slots, slot_floats]
-                         void* v_cache,                        // [num_slots, slot_floats]
+                         void* k_cache,  // [num_slots, slot_floats]
+                         void* v_cache,  // [num_slots, slot_floats]
                          int32_t* error, cudaStream_t stream);
 
 // Causal attention of every token over cache positions 0 .. positions[t] of
@@ -138,7 +138,7 @@ cudaError_t PagedAttentionForward(
     int32_t num_blocks, DType cache_dtype,
     const void* k_cache,  // [num_blocks, block_size, num_kv_heads, head_dim] of cache_dtype
     const void* v_cache,  // [num_blocks, block_size, num_kv_heads, head_dim] of cache_dtype
-    float* out,            // [tokens, num_heads * head_dim]
+    float* out,           // [tokens, num_heads * head_dim]
     int32_t* error, cudaStream_t stream);
 
 // Segmented shrink, one launch over segment blocks [0, grid_segments) of

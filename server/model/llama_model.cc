@@ -326,9 +326,9 @@ absl::StatusOr<std::unique_ptr<MergedWeights>> LlamaModel::Merge(
                                       {LoraModule::kKProj, kv_dim},
                                       {LoraModule::kVProj, kv_dim}}));
     ASSIGN_OR_RETURN(out.o, matrix(base.o, layer, {{LoraModule::kOProj, base.o.rows}}));
-    ASSIGN_OR_RETURN(out.gate_up, matrix(base.gate_up, layer,
-                                         {{LoraModule::kGateProj, inter},
-                                          {LoraModule::kUpProj, inter}}));
+    ASSIGN_OR_RETURN(out.gate_up,
+                     matrix(base.gate_up, layer,
+                            {{LoraModule::kGateProj, inter}, {LoraModule::kUpProj, inter}}));
     ASSIGN_OR_RETURN(out.down, matrix(base.down, layer, {{LoraModule::kDownProj, base.down.rows}}));
   }
   return merged;

@@ -142,8 +142,8 @@ class StepCheckingBackend : public Backend {
   absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld,
                        const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
                        void* k_cache, void* v_cache) override {
-    Record("WriteKv", Address(k), Address(v), kv_ld, Address(batch.slot_mapping),
-           batch.num_tokens, layout.num_blocks, Address(k_cache), Address(v_cache));
+    Record("WriteKv", Address(k), Address(v), kv_ld, Address(batch.slot_mapping), batch.num_tokens,
+           layout.num_blocks, Address(k_cache), Address(v_cache));
     return inner_->WriteKv(k, v, kv_ld, batch, layout, k_cache, v_cache);
   }
   absl::Status PagedAttention(const float* q, int64_t q_ld, const kernels::AttentionBatch& batch,
