@@ -356,10 +356,9 @@ absl::Status LlamaModel::LoadWeights(WeightSource& source, const LoadOptions& op
     buffers_.push_back(std::move(buffer));
     return data;
   };
-  // Tensors (name, rows) stacked by rows into one matrix ([sum of rows, cols])
-  // or one vector (cols = 0).
+  // Tensors (name, rows) stacked by rows, in this order.
   using Parts = std::vector<std::pair<std::string, int64_t>>;
-  // A matrix of `parts` in the backend's weight dtype.
+  // A matrix of `parts` ([sum of rows, cols]) in the backend's weight dtype.
   auto matrix = [&](const Parts& parts, int64_t cols) -> absl::StatusOr<WeightView> {
     std::vector<WeightSource::Tensor> tensors;
     int64_t rows = 0;
