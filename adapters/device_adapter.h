@@ -23,17 +23,21 @@
 
 namespace loraserve::adapters {
 
+// A and Bᵀ hold elements of the backend's LoraDType().
 struct DeviceLoraWeights {
-  const float* a = nullptr;   // [rank, in] device memory
-  const float* bt = nullptr;  // [rank, out] device memory (Bᵀ, see kernels::LoraSegment)
-  int32_t rank = 0;           // 0: module not adapted
-  float scale = 0.0f;         // lora_alpha / r (or / sqrt(r) for rsLoRA)
+  const void* a = nullptr;   // [rank, in] device memory
+  const void* bt = nullptr;  // [rank, out] device memory (Bᵀ, see kernels::LoraSegment)
+  int32_t rank = 0;          // 0: module not adapted
+  float scale = 0.0f;        // lora_alpha / r (or / sqrt(r) for rsLoRA)
 };
 
 class DeviceAdapter {
  public:
+  // Copies A and Bᵀ in the backend's LoraDType() (rounded on the host).
   static absl::StatusOr<std::unique_ptr<DeviceAdapter>> Upload(kernels::Backend* backend,
                                                                const LoraAdapter& adapter);
+  // The device bytes Upload allocates for `adapter` on `backend`.
+  static int64_t UploadBytes(const kernels::Backend& backend, const LoraAdapter& adapter);
 
   const DeviceLoraWeights& weights(int64_t layer, LoraModule module) const {
     return layers_[layer][static_cast<int>(module)];

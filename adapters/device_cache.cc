@@ -44,7 +44,7 @@ absl::StatusOr<const DeviceAdapter*> DeviceAdapterCache::Acquire(const LoraAdapt
     lru_.splice(lru_.begin(), lru_, it->second.lru);
     return it->second.device.get();
   }
-  const int64_t bytes = static_cast<int64_t>(adapter.bytes());
+  const int64_t bytes = DeviceBytes(adapter);
   if (!MakeRoom(bytes)) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "adapter device memory: ", bytes, " bytes needed, ", budget_bytes_ - stats_.resident_bytes,

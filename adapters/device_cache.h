@@ -56,6 +56,10 @@ class DeviceAdapterCache {
   std::vector<std::string> ResidentHashes() const;
   const DeviceCacheStats& stats() const { return stats_; }
   int64_t budget_bytes() const { return budget_bytes_; }
+  // The device bytes `adapter` takes once resident.
+  int64_t DeviceBytes(const LoraAdapter& adapter) const {
+    return DeviceAdapter::UploadBytes(*backend_, adapter);
+  }
 
  private:
   struct Entry {

@@ -84,6 +84,22 @@ void ConvertToFloat32(const void* src, DType src_dtype, int64_t count, float* ds
   }
 }
 
+void ConvertFloat32ToBf16(const float* src, int64_t count, uint16_t* dst) {
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &src[i], sizeof(bits));
+    if (std::isnan(src[i])) {
+      dst[i] = static_cast<uint16_t>((bits >> 16) | 0x0040u);  // quiet, sign kept
+      continue;
+    }
+    // Adding 0x7FFF plus the kept part's lowest bit carries into the kept
+    // half exactly when the dropped half is over one half, or is one half
+    // and the kept part is odd; an overflow to infinity is the right result.
+    bits += 0x7FFFu + ((bits >> 16) & 1u);
+    dst[i] = static_cast<uint16_t>(bits >> 16);
+  }
+}
+
 int64_t LoraIntermediateSize(const LoraSegment* segments, int32_t num_segments) {
   int64_t floats = 0;
   for (int32_t s = 0; s < num_segments; ++s) {

@@ -45,6 +45,9 @@ const char* DTypeName(DType dtype);
 // Host-side conversion of `count` elements to float32 (exact for F16 and BF16,
 // subnormals, infinities and NaN included).
 void ConvertToFloat32(const void* src, DType src_dtype, int64_t count, float* dst);
+// Host-side rounding of `count` floats to bfloat16 bits, to nearest with ties
+// to even as __float2bfloat16_rn does; NaN stays NaN.
+void ConvertFloat32ToBf16(const float* src, int64_t count, uint16_t* dst);
 
 class Backend;
 
@@ -129,12 +132,13 @@ struct RopeParams {
 // Each segment runs at its own rank: nothing is padded to the largest.
 // The intermediate t of all segments is packed: segment s occupies
 // (end_s - start_s) · rank_s floats, segments in order.
+// `a` and `bt` hold elements of the backend's LoraDType().
 struct LoraSegment {
   int32_t start = 0;
   int32_t end = 0;
-  const float* a = nullptr;   // [rank, in] device memory
-  const float* bt = nullptr;  // [rank, out] device memory: Bᵀ, so the expand is
-                              // rank scaled rows added to each output row
+  const void* a = nullptr;   // [rank, in] device memory
+  const void* bt = nullptr;  // [rank, out] device memory: Bᵀ, so the expand is
+                             // rank scaled rows added to each output row
   int32_t rank = 0;
   float scale = 0.0f;
 };
@@ -170,6 +174,9 @@ class Backend {
   // (KvLayout::dtype). Keys and values are computed in float32 and rounded to
   // it when written.
   virtual DType KvCacheDType() const { return DType::kF32; }
+  // The element dtype of LoRA A and Bᵀ matrices (LoraSegment, MergeLora).
+  // Shrink, expand and merge compute in float32 whatever it is.
+  virtual DType LoraDType() const { return DType::kF32; }
   // Waits for all queued work (a no-op on the CPU).
   virtual absl::Status Synchronize() = 0;
   // Returns memory from Allocate; called by DeviceBuffer only.
@@ -219,8 +226,8 @@ class Backend {
   // out = base + scale · btᵀ · a, a merged copy of one weight matrix; `base`
   // stays untouched (it is the golden copy). `out` has base's dtype and shape.
   virtual absl::Status MergeLora(const WeightView& base,
-                                 const float* a,   // [rank, base.cols]
-                                 const float* bt,  // [rank, base.rows]
+                                 const void* a,   // [rank, base.cols] of LoraDType()
+                                 const void* bt,  // [rank, base.rows] of LoraDType()
                                  int32_t rank, float scale,
                                  void* out) = 0;  // [base.rows, base.cols]
 

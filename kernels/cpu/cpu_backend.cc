@@ -365,7 +365,7 @@ class CpuBackend final : public Backend {
     if (in <= 0) return NonPositiveArgument(kOp, "in", in);
     ForEachSegment(segments, num_segments, [&](const LoraSegment& seg, int64_t offset,
                                                bool serial) {
-      Product(serial, x + seg.start * in, seg.a, seg.end - seg.start, seg.rank, in, 1.0f, false,
+      Product(serial, x + seg.start * in, static_cast<const float*>(seg.a), seg.end - seg.start, seg.rank, in, 1.0f, false,
               t + offset, seg.rank);
     });
     return absl::OkStatus();
@@ -411,7 +411,7 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status MergeLora(const WeightView& base, const float* a, const float* bt, int32_t rank,
+  absl::Status MergeLora(const WeightView& base, const void* a, const void* bt, int32_t rank,
                          float scale, void* out) override {
     constexpr const char* kOp = "MergeLora";
     if (absl::Status s = CheckF32Weight(kOp, "base", base); !s.ok()) return s;
@@ -423,7 +423,8 @@ class CpuBackend final : public Backend {
     std::memcpy(merged, base.data, static_cast<size_t>(base.rows * base.cols) * sizeof(float));
     // merged[rows, cols] += scale · bt[rank, rows]ᵀ · a[rank, cols]
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<blasint>(base.rows),
-                static_cast<blasint>(base.cols), rank, scale, bt, static_cast<blasint>(base.rows), a,
+                static_cast<blasint>(base.cols), rank, scale, static_cast<const float*>(bt),
+                static_cast<blasint>(base.rows), static_cast<const float*>(a),
                 static_cast<blasint>(base.cols), 1.0f, merged, static_cast<blasint>(base.cols));
     return absl::OkStatus();
   }
@@ -734,7 +735,7 @@ class CpuBackend final : public Backend {
       float acc[kChunk] = {};
       for (int32_t r = 0; r < seg.rank; ++r) {
         const float tr = t[r];
-        const float* row = seg.bt + r * out + j0;
+        const float* row = static_cast<const float*>(seg.bt) + r * out + j0;
         for (int64_t j = 0; j < len; ++j) acc[j] = std::fma(tr, row[j], acc[j]);
       }
       for (int64_t j = 0; j < len; ++j) y[j0 + j] = std::fma(seg.scale, acc[j], y[j0 + j]);

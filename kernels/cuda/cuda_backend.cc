@@ -404,6 +404,14 @@ class CudaBackend final : public Backend {
   // with F32 weights, for exact comparisons with the CPU.
   DType KvCacheDType() const override { return weight_dtype_; }
 
+  // bf16 A and Bᵀ, as vLLM keeps adapters in the model's dtype: half the
+  // bytes a LoRA segment reads every step and twice the adapters a pool
+  // holds. bf16 even beside f16 weights: it has float32's range, so no
+  // tenant's adapter overflows. F32 with F32 weights, for exact comparisons.
+  DType LoraDType() const override {
+    return weight_dtype_ == DType::kF32 ? DType::kF32 : DType::kBF16;
+  }
+
   absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t count) override {
     constexpr const char* kOp = "UploadWeight";
     CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
@@ -581,8 +589,11 @@ class CudaBackend final : public Backend {
     const int32_t grid = mode_ == StepMode::kEager ? num_segments : step_max_segments_;
     const int64_t max_work = mode_ == StepMode::kEager ? stats->max_work : kStepShrinkWork;
     return Launch(
-        kOp, [&] { return cuda::LoraShrinkSegments(x, in, *table, grid, max_work, t, stream_); }, x,
-        in, static_cast<const void*>(*table), grid, max_work, t);
+        kOp,
+        [&] {
+          return cuda::LoraShrinkSegments(x, in, *table, LoraDType(), grid, max_work, t, stream_);
+        },
+        x, in, static_cast<const void*>(*table), grid, max_work, t);
   }
 
   absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
@@ -599,11 +610,14 @@ class CudaBackend final : public Backend {
     if (!table.ok()) return table.status();
     const int32_t grid = mode_ == StepMode::kEager ? num_segments : step_max_segments_;
     return Launch(
-        kOp, [&] { return cuda::LoraExpandSegments(t, *table, grid, out, y, ldy, stream_); }, t,
-        static_cast<const void*>(*table), grid, out, y, ldy);
+        kOp,
+        [&] {
+          return cuda::LoraExpandSegments(t, *table, LoraDType(), grid, out, y, ldy, stream_);
+        },
+        t, static_cast<const void*>(*table), grid, out, y, ldy);
   }
 
-  absl::Status MergeLora(const WeightView& base, const float* a, const float* bt, int32_t rank,
+  absl::Status MergeLora(const WeightView& base, const void* a, const void* bt, int32_t rank,
                          float scale, void* out) override {
     constexpr const char* kOp = "MergeLora";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
@@ -615,8 +629,8 @@ class CudaBackend final : public Backend {
     return Launch(
         kOp,
         [&] {
-          return cuda::MergeLoraWeights(base.data, base.dtype, base.rows, base.cols, a, bt, rank,
-                                        scale, out, stream_);
+          return cuda::MergeLoraWeights(base.data, base.dtype, base.rows, base.cols, a, bt,
+                                        LoraDType(), rank, scale, out, stream_);
         },
         base.data, base.dtype, base.rows, base.cols, a, bt, rank, scale, out);
   }

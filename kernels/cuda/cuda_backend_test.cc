@@ -59,26 +59,20 @@ std::vector<float> RandomVector(size_t n, uint32_t seed, float lo = -1.0f, float
   return v;
 }
 
-// Rounds to the nearest bfloat16 (ties to even), as the CUDA upload does.
-std::vector<float> RoundToBf16(std::vector<float> v) {
-  for (float& x : v) {
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof(bits));
-    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-    std::memcpy(&x, &bits, sizeof(bits));
-  }
-  return v;
+// The bfloat16 bits of `v`, rounded to nearest (ties to even) as the CUDA
+// uploads round.
+std::vector<uint16_t> Bf16Bits(const std::vector<float>& v) {
+  std::vector<uint16_t> bits(v.size());
+  ConvertFloat32ToBf16(v.data(), static_cast<int64_t>(v.size()), bits.data());
+  return bits;
 }
 
-// The bfloat16 bits of values already rounded to bfloat16 (their upper halves).
-std::vector<uint16_t> Bf16Bits(const std::vector<float>& rounded) {
-  std::vector<uint16_t> bits(rounded.size());
-  for (size_t i = 0; i < rounded.size(); ++i) {
-    uint32_t word;
-    std::memcpy(&word, &rounded[i], sizeof(word));
-    bits[i] = static_cast<uint16_t>(word >> 16);
-  }
-  return bits;
+// `v` rounded to bfloat16 and widened back: what the GPU holds, for the CPU.
+std::vector<float> RoundToBf16(const std::vector<float>& v) {
+  const std::vector<uint16_t> bits = Bf16Bits(v);
+  std::vector<float> rounded(v.size());
+  ConvertToFloat32(bits.data(), DType::kBF16, static_cast<int64_t>(v.size()), rounded.data());
+  return rounded;
 }
 
 // A buffer on `backend` holding `host`.
@@ -151,9 +145,16 @@ class CudaBackendTest : public ::testing::Test {
     cpu_ = std::move(*cpu);
   }
 
-  // Weights as the CUDA case stores them, in float32 for the CPU reference.
+  // Weights (or LoRA matrices) as the CUDA case stores them, in float32 for
+  // the CPU reference.
   static std::vector<float> AsStored(const CudaCase& c, const std::vector<float>& w) {
     return c.bf16 ? RoundToBf16(w) : w;
+  }
+
+  // LoRA matrices on `backend` in its LoraDType().
+  static DeviceBuffer UploadLora(Backend& backend, const std::vector<float>& host) {
+    return backend.LoraDType() == DType::kBF16 ? Upload(backend, Bf16Bits(host))
+                                               : Upload(backend, host);
   }
 
   std::vector<CudaCase> cases_;
@@ -194,6 +195,9 @@ TEST_F(CudaBackendTest, Bf16AndF16WeightsStayInTheirDtype) {
   // The KV cache follows: bf16, or float32 for exact comparisons.
   EXPECT_EQ(c.backend->KvCacheDType(), DType::kBF16);
   EXPECT_EQ(cases_[1].backend->KvCacheDType(), DType::kF32);
+  // So do adapters.
+  EXPECT_EQ(c.backend->LoraDType(), DType::kBF16);
+  EXPECT_EQ(cases_[1].backend->LoraDType(), DType::kF32);
   // F16 source weights: upload halves, compare a GEMM with the CPU on the same halves.
   const int64_t n = 33, k = 70, m = 5;
   const std::vector<float> w_host = RandomVector(n * k, 4, -0.5f, 0.5f);
@@ -475,37 +479,41 @@ TEST_F(CudaBackendTest, LoraShrinkExpandMatchCpu) {
   }
   const std::vector<float> x = RandomVector(tokens * in, 19);
   const std::vector<float> y0 = RandomVector(tokens * ldy, 21);
-  std::vector<float> t_out[2], y_out[2];
-  Backend* backends[2] = {cases_[0].backend.get(), cpu_.get()};
-  for (int b = 0; b < 2; ++b) {
-    Backend& be = *backends[b];
-    std::vector<DeviceBuffer> keep;
-    std::vector<LoraSegment> segments;
-    for (size_t i = 0; i < specs.size(); ++i) {
-      keep.push_back(Upload(be, a_host[i]));
-      keep.push_back(Upload(be, bt_host[i]));
-      segments.push_back({specs[i].start, specs[i].end, keep[keep.size() - 2].as<float>(),
-                          keep.back().as<float>(), specs[i].rank, specs[i].scale});
+  for (CudaCase& c : cases_) {
+    SCOPED_TRACE(c.name);
+    std::vector<float> t_out[2], y_out[2];
+    Backend* backends[2] = {c.backend.get(), cpu_.get()};
+    for (int b = 0; b < 2; ++b) {
+      Backend& be = *backends[b];
+      std::vector<DeviceBuffer> keep;
+      std::vector<LoraSegment> segments;
+      for (size_t i = 0; i < specs.size(); ++i) {
+        // The CPU gets the values the GPU holds (bf16-rounded in the bf16 case).
+        keep.push_back(UploadLora(be, AsStored(c, a_host[i])));
+        keep.push_back(UploadLora(be, AsStored(c, bt_host[i])));
+        segments.push_back({specs[i].start, specs[i].end, keep[keep.size() - 2].data(),
+                            keep.back().data(), specs[i].rank, specs[i].scale});
+      }
+      const int64_t t_floats = LoraIntermediateSize(segments.data(), segments.size());
+      DeviceBuffer bx = Upload(be, x), by = Upload(be, y0), bt = Poisoned(be, t_floats);
+      ASSERT_TRUE(
+          be.LoraShrink(bx.as<float>(), in, segments.data(), segments.size(), bt.as<float>()).ok());
+      ASSERT_TRUE(
+          be.LoraExpand(bt.as<float>(), segments.data(), segments.size(), out, by.as<float>(), ldy)
+              .ok());
+      t_out[b] = Download(be, bt, t_floats);
+      y_out[b] = Download(be, by, tokens * ldy);
     }
-    const int64_t t_floats = LoraIntermediateSize(segments.data(), segments.size());
-    DeviceBuffer bx = Upload(be, x), by = Upload(be, y0), bt = Poisoned(be, t_floats);
-    ASSERT_TRUE(
-        be.LoraShrink(bx.as<float>(), in, segments.data(), segments.size(), bt.as<float>()).ok());
-    ASSERT_TRUE(
-        be.LoraExpand(bt.as<float>(), segments.data(), segments.size(), out, by.as<float>(), ldy)
-            .ok());
-    t_out[b] = Download(be, bt, t_floats);
-    y_out[b] = Download(be, by, tokens * ldy);
-  }
-  EXPECT_LE(RelativeError(t_out[0], t_out[1]), kF32Bound);
-  EXPECT_LE(RelativeError(y_out[0], y_out[1]), kF32Bound);
-  // Columns beyond `out` and rows without a segment are untouched.
-  for (int64_t row = 0; row < tokens; ++row) {
-    for (int64_t col = out; col < ldy; ++col) {
-      ASSERT_EQ(y_out[0][row * ldy + col], y0[row * ldy + col]);
+    EXPECT_LE(RelativeError(t_out[0], t_out[1]), kF32Bound);
+    EXPECT_LE(RelativeError(y_out[0], y_out[1]), kF32Bound);
+    // Columns beyond `out` and rows without a segment are untouched.
+    for (int64_t row = 0; row < tokens; ++row) {
+      for (int64_t col = out; col < ldy; ++col) {
+        ASSERT_EQ(y_out[0][row * ldy + col], y0[row * ldy + col]);
+      }
     }
+    for (int64_t i = 30 * ldy; i < tokens * ldy; ++i) ASSERT_EQ(y_out[0][i], y0[i]);
   }
-  for (int64_t i = 30 * ldy; i < tokens * ldy; ++i) ASSERT_EQ(y_out[0][i], y0[i]);
 }
 
 TEST_F(CudaBackendTest, MergeLoraMatchesCpuAndKeepsBase) {
@@ -519,16 +527,16 @@ TEST_F(CudaBackendTest, MergeLoraMatchesCpuAndKeepsBase) {
     Backend& cuda = *c.backend;
     const Weight w_gpu = UploadWeight(cuda, base, rows, cols);
     const Weight w_cpu = UploadWeight(*cpu_, AsStored(c, base), rows, cols);
-    DeviceBuffer a_gpu = Upload(cuda, a), bt_gpu = Upload(cuda, bt);
-    DeviceBuffer a_cpu = Upload(*cpu_, a), bt_cpu = Upload(*cpu_, bt);
+    DeviceBuffer a_gpu = UploadLora(cuda, a), bt_gpu = UploadLora(cuda, bt);
+    DeviceBuffer a_cpu = Upload(*cpu_, AsStored(c, a)), bt_cpu = Upload(*cpu_, AsStored(c, bt));
     DeviceBuffer merged_gpu = *cuda.Allocate(rows * cols * DTypeSize(w_gpu.view.dtype));
     DeviceBuffer merged_cpu = Poisoned(*cpu_, rows * cols);
-    ASSERT_TRUE(cuda.MergeLora(w_gpu.view, a_gpu.as<float>(), bt_gpu.as<float>(), rank, 0.7f,
-                               merged_gpu.data())
-                    .ok());
-    ASSERT_TRUE(cpu_->MergeLora(w_cpu.view, a_cpu.as<float>(), bt_cpu.as<float>(), rank, 0.7f,
-                                merged_cpu.data())
-                    .ok());
+    ASSERT_TRUE(
+        cuda.MergeLora(w_gpu.view, a_gpu.data(), bt_gpu.data(), rank, 0.7f, merged_gpu.data())
+            .ok());
+    ASSERT_TRUE(
+        cpu_->MergeLora(w_cpu.view, a_cpu.data(), bt_cpu.data(), rank, 0.7f, merged_cpu.data())
+            .ok());
     // Read both (stored dtype) back through an identity GEMM: y = I · Wᵀ.
     const auto read_back = [&](Backend& be, const WeightView& w) {
       std::vector<float> eye(cols * cols, 0.0f);

@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kAttentionWarps* kWarp)
   const int32_t position = positions[token];
   const int32_t context = position + 1;
   if (position < 0 || position >= context_lens[seq] ||
-      position >= max_blocks_per_seq * block_size) {
+      position >= static_cast<int64_t>(max_blocks_per_seq) * block_size) {
     if (threadIdx.x == 0) RecordError(error, kAttentionPositionOutOfRange);
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) out_row[d] = NAN;
     return;
@@ -329,6 +329,8 @@ constexpr int kShrinkWarps = kThreads / kWarp;
 // Block (segment, y): warps take the segment's (row, r) dot products in turn;
 // work item w is row start + w / rank, rank row w % rank, and lands at
 // t[t_offset + w]. Blocks past the table's count have nothing to do.
+// L is the dtype of the segments' A and Bᵀ.
+template <typename L>
 __global__ void LoraShrinkKernel(const float* x, int64_t in, const DeviceLoraTable* table,
                                  float* t) {
   if (static_cast<int32_t>(blockIdx.x) >= table->count) return;
@@ -339,9 +341,9 @@ __global__ void LoraShrinkKernel(const float* x, int64_t in, const DeviceLoraTab
   for (int64_t w = static_cast<int64_t>(blockIdx.y) * kShrinkWarps + warp; w < work;
        w += static_cast<int64_t>(gridDim.y) * kShrinkWarps) {
     const float* xr = x + (seg.start + w / seg.rank) * in;
-    const float* ar = seg.a + (w % seg.rank) * in;
+    const L* ar = static_cast<const L*>(seg.a) + (w % seg.rank) * in;
     float sum = 0.0f;
-    for (int64_t c = lane; c < in; c += kWarp) sum = fmaf(xr[c], ar[c], sum);
+    for (int64_t c = lane; c < in; c += kWarp) sum = fmaf(xr[c], ToFloat(ar[c]), sum);
     sum = WarpSum(sum);
     if (lane == 0) t[seg.t_offset + w] = sum;
   }
@@ -349,31 +351,35 @@ __global__ void LoraShrinkKernel(const float* x, int64_t in, const DeviceLoraTab
 
 // Block (segment, column tile): each thread owns one output column and sums
 // over r in order for every row of the segment.
+template <typename L>
 __global__ void LoraExpandKernel(const float* t, const DeviceLoraTable* table, int64_t out,
                                  float* y, int64_t ldy) {
   if (static_cast<int32_t>(blockIdx.x) >= table->count) return;
   const DeviceLoraSegment seg = TableSegments(table)[blockIdx.x];
   const int64_t col = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (col >= out) return;
+  const L* bt = static_cast<const L*>(seg.bt);
   for (int32_t row = seg.start; row < seg.end; ++row) {
     const float* tr = t + seg.t_offset + static_cast<int64_t>(row - seg.start) * seg.rank;
     float acc = 0.0f;
-    for (int32_t r = 0; r < seg.rank; ++r) acc = fmaf(tr[r], seg.bt[r * out + col], acc);
+    for (int32_t r = 0; r < seg.rank; ++r) acc = fmaf(tr[r], ToFloat(bt[r * out + col]), acc);
     float* yr = y + row * ldy + col;
     *yr = fmaf(seg.scale, acc, *yr);
   }
 }
 
-template <typename T>
-__global__ void MergeKernel(const T* base, int64_t rows, int64_t cols, const float* a,
-                            const float* bt, int32_t rank, float scale, T* out) {
+template <typename T, typename L>
+__global__ void MergeKernel(const T* base, int64_t rows, int64_t cols, const L* a, const L* bt,
+                            int32_t rank, float scale, T* out) {
   const int64_t count = rows * cols;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
        i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t row = i / cols;
     const int64_t col = i - row * cols;
     float acc = 0.0f;
-    for (int32_t r = 0; r < rank; ++r) acc = fmaf(bt[r * rows + row], a[r * cols + col], acc);
+    for (int32_t r = 0; r < rank; ++r) {
+      acc = fmaf(ToFloat(bt[r * rows + row]), ToFloat(a[r * cols + col]), acc);
+    }
     out[i] = FromFloat<T>(fmaf(scale, acc, ToFloat(base[i])));
   }
 }
@@ -504,33 +510,43 @@ cudaError_t PagedAttentionForward(const float* q, int64_t q_ld, int32_t tokens, 
 }
 
 cudaError_t LoraShrinkSegments(const float* x, int64_t in, const DeviceLoraTable* table,
-                               int32_t grid_segments, int64_t max_work, float* t,
+                               DType lora_dtype, int32_t grid_segments, int64_t max_work, float* t,
                                cudaStream_t stream) {
   if (grid_segments == 0 || max_work == 0) return cudaSuccess;
   const int64_t y = std::min<int64_t>(65535, (max_work + kShrinkWarps - 1) / kShrinkWarps);
-  LoraShrinkKernel<<<dim3(grid_segments, static_cast<unsigned>(y)), kThreads, 0, stream>>>(
-      x, in, table, t);
-  return cudaGetLastError();
+  return DispatchDType(lora_dtype, [&](auto tag) {
+    LoraShrinkKernel<decltype(tag)>
+        <<<dim3(grid_segments, static_cast<unsigned>(y)), kThreads, 0, stream>>>(x, in, table, t);
+    return cudaGetLastError();
+  });
 }
 
-cudaError_t LoraExpandSegments(const float* t, const DeviceLoraTable* table, int32_t grid_segments,
-                               int64_t out, float* y, int64_t ldy, cudaStream_t stream) {
+cudaError_t LoraExpandSegments(const float* t, const DeviceLoraTable* table, DType lora_dtype,
+                               int32_t grid_segments, int64_t out, float* y, int64_t ldy,
+                               cudaStream_t stream) {
   if (grid_segments == 0) return cudaSuccess;
   const int64_t tiles = (out + kThreads - 1) / kThreads;
   if (tiles > 65535) return cudaErrorInvalidValue;
-  LoraExpandKernel<<<dim3(grid_segments, static_cast<unsigned>(tiles)), kThreads, 0, stream>>>(
-      t, table, out, y, ldy);
-  return cudaGetLastError();
+  return DispatchDType(lora_dtype, [&](auto tag) {
+    LoraExpandKernel<decltype(tag)>
+        <<<dim3(grid_segments, static_cast<unsigned>(tiles)), kThreads, 0, stream>>>(t, table, out,
+                                                                                      y, ldy);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t MergeLoraWeights(const void* base, DType dtype, int64_t rows, int64_t cols,
-                             const float* a, const float* bt, int32_t rank, float scale, void* out,
-                             cudaStream_t stream) {
+                             const void* a, const void* bt, DType lora_dtype, int32_t rank,
+                             float scale, void* out, cudaStream_t stream) {
   return DispatchDType(dtype, [&](auto tag) {
     using T = decltype(tag);
-    MergeKernel<T><<<GridFor(rows * cols), kThreads, 0, stream>>>(
-        static_cast<const T*>(base), rows, cols, a, bt, rank, scale, static_cast<T*>(out));
-    return cudaGetLastError();
+    return DispatchDType(lora_dtype, [&](auto lora_tag) {
+      using L = decltype(lora_tag);
+      MergeKernel<T, L><<<GridFor(rows * cols), kThreads, 0, stream>>>(
+          static_cast<const T*>(base), rows, cols, static_cast<const L*>(a),
+          static_cast<const L*>(bt), rank, scale, static_cast<T*>(out));
+      return cudaGetLastError();
+    });
   });
 }
 

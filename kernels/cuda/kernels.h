@@ -36,8 +36,8 @@ struct DeviceLoraSegment {
   int32_t end;    // one past the last token row
   int32_t rank;
   float scale;
-  const float* a;    // [rank, in]
-  const float* bt;   // [rank, out]
+  const void* a;     // [rank, in] of the call's lora_dtype
+  const void* bt;    // [rank, out] of the call's lora_dtype
   int64_t t_offset;  // floats before this segment's part of the packed t
 };
 
@@ -149,6 +149,7 @@ cudaError_t PagedAttentionForward(
 cudaError_t LoraShrinkSegments(const float* x,  // [tokens, in]
                                int64_t in,
                                const DeviceLoraTable* table,  // device
+                               DType lora_dtype,              // of every segment's a and bt
                                int32_t grid_segments, int64_t max_work,
                                float* t,  // packed intermediate
                                cudaStream_t stream);
@@ -157,6 +158,7 @@ cudaError_t LoraShrinkSegments(const float* x,  // [tokens, in]
 // y[row, 0:out] += seg.scale * Σ_r t_seg[row, r] * seg.bt[r, 0:out].
 cudaError_t LoraExpandSegments(const float* t,                // packed intermediate
                                const DeviceLoraTable* table,  // device
+                               DType lora_dtype,              // of every segment's a and bt
                                int32_t grid_segments, int64_t out,
                                float* y,  // [tokens, ldy], columns [0, out)
                                int64_t ldy, cudaStream_t stream);
@@ -164,9 +166,9 @@ cudaError_t LoraExpandSegments(const float* t,                // packed intermed
 // out = base + scale * btᵀ · a, in base's dtype (sum in float32, one rounding).
 cudaError_t MergeLoraWeights(const void* base,  // [rows, cols] of dtype
                              DType dtype, int64_t rows, int64_t cols,
-                             const float* a,   // [rank, cols]
-                             const float* bt,  // [rank, rows]
-                             int32_t rank, float scale,
+                             const void* a,   // [rank, cols] of lora_dtype
+                             const void* bt,  // [rank, rows] of lora_dtype
+                             DType lora_dtype, int32_t rank, float scale,
                              void* out,  // [rows, cols] of dtype
                              cudaStream_t stream);
 

@@ -167,11 +167,14 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
   if (request.adapter != nullptr && device_adapters_ == nullptr) {
     return absl::FailedPreconditionError("adapter: this engine serves the base model only");
   }
-  if (request.adapter != nullptr &&
-      static_cast<int64_t>(request.adapter->adapter.bytes()) > device_adapters_->budget_bytes()) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "adapter ", request.adapter->id, ": ", request.adapter->adapter.bytes(),
-        " bytes exceed --adapter-device-bytes (", device_adapters_->budget_bytes(), ")"));
+  if (request.adapter != nullptr) {
+    const int64_t bytes = device_adapters_->DeviceBytes(request.adapter->adapter);
+    if (bytes > device_adapters_->budget_bytes()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("adapter ", request.adapter->id, ": ", bytes,
+                       " bytes exceed --adapter-device-bytes (", device_adapters_->budget_bytes(),
+                       ")"));
+    }
   }
   if (!std::isfinite(request.adapter_scale) || request.adapter_scale < 0.0f) {
     return absl::InvalidArgumentError(

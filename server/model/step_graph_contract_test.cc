@@ -75,6 +75,7 @@ class StepCheckingBackend : public Backend {
     return inner_->WeightDType(source);
   }
   kernels::DType KvCacheDType() const override { return inner_->KvCacheDType(); }
+  kernels::DType LoraDType() const override { return inner_->LoraDType(); }
   absl::Status Synchronize() override {
     if (absl::Status s = Refuse("Synchronize"); !s.ok()) return s;
     return inner_->Synchronize();
@@ -127,7 +128,7 @@ class StepCheckingBackend : public Backend {
     Record("LoraExpand", Address(t), out, Address(y), ldy);
     return inner_->LoraExpand(t, segments, num_segments, out, y, ldy);
   }
-  absl::Status MergeLora(const kernels::WeightView& base, const float* a, const float* bt,
+  absl::Status MergeLora(const kernels::WeightView& base, const void* a, const void* bt,
                          int32_t rank, float scale, void* out) override {
     Record("MergeLora", Address(base.data), Address(a), Address(bt), rank, scale, Address(out));
     return inner_->MergeLora(base, a, bt, rank, scale, out);
