@@ -14,10 +14,11 @@
 // "moved" counts the bytes a step must read or write at least once: weights
 // (the embedding table only for the gathered rows), the KV cache read by
 // attention, the distinct adapters' A and B, and the logits; "ceiling" is
-// moved / copy bandwidth (a device-to-device copy, read + write). step_ms is
-// with decode steps launched as CUDA graphs (the server's default), eager_ms
-// the same steps launched operation by operation. Prints one table (and
-// nothing else on stdout).
+// moved / copy bandwidth (a device-to-device copy, read + write). A step ends
+// as the engine's do: sampling on the device (--temperature, --top_p), only
+// token ids back to the host. step_ms is with decode steps launched as CUDA
+// graphs (the server's default), eager_ms the same steps launched operation
+// by operation. Prints one table (and nothing else on stdout).
 #include <unistd.h>
 
 #include <algorithm>
@@ -48,6 +49,8 @@ ABSL_FLAG(int32_t, rank, 16, "Rank of every adapter");
 ABSL_FLAG(int32_t, context, 128, "Prompt tokens of every request before the decode steps");
 ABSL_FLAG(int32_t, steps, 10, "Timed decode steps per scenario (after 2 warm-up steps)");
 ABSL_FLAG(int32_t, device, 0, "CUDA device");
+ABSL_FLAG(double, temperature, 0.8, "Sampling temperature of every request (0 = greedy)");
+ABSL_FLAG(double, top_p, 0.95, "Top-p of every request (1 = off)");
 
 namespace loraserve {
 namespace {
@@ -136,28 +139,37 @@ model::ForwardInput MakeStep(int32_t batch, int32_t first, int32_t count, int32_
   return in;
 }
 
-// Median wall time (ms) of a decode step, after a prefill and warm-up steps,
-// with or without step graphs.
+// Median wall time (ms) of a decode step and its sampling, after a prefill
+// and warm-up steps, with or without step graphs.
 absl::StatusOr<double> DecodeStepMs(model::LlamaModel& model, const KvCache& cache, int32_t batch,
                                     const std::vector<model::AdapterChoice>& adapters,
                                     const model::MergedWeights* merged, bool graphs) {
   model.set_step_graphs(graphs);
   const int32_t context = absl::GetFlag(FLAGS_context);
   const int32_t vocab = static_cast<int32_t>(model.config().vocab_size);
-  std::vector<float> logits;
   model::ForwardInput prefill = MakeStep(batch, 0, context, cache.blocks_per_seq, vocab, 1);
   prefill.adapters = adapters;
   prefill.merged = merged;
-  RETURN_IF_ERROR(model.Forward(prefill, cache.view, &logits));
+  RETURN_IF_ERROR(model.ForwardOnDevice(prefill, cache.view).status());
+  std::vector<kernels::SamplingRow> rows(batch);
+  for (kernels::SamplingRow& row : rows) {
+    row.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
+    row.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
+  }
+  std::vector<kernels::SampledToken> sampled(batch);
+  std::mt19937_64 rng(3);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
   std::vector<double> ms;
   const int32_t steps = absl::GetFlag(FLAGS_steps);
   for (int32_t i = 0; i < kWarmupSteps + steps; ++i) {
     model::ForwardInput step = MakeStep(batch, context + i, 1, cache.blocks_per_seq, vocab, 2 + i);
     step.adapters = adapters;
     step.merged = merged;
-    // Forward returns after the logits reached the host: the step is complete.
+    for (kernels::SamplingRow& row : rows) row.uniform = uniform(rng);
     const auto start = std::chrono::steady_clock::now();
-    RETURN_IF_ERROR(model.Forward(step, cache.view, &logits));
+    ASSIGN_OR_RETURN(const float* logits, model.ForwardOnDevice(step, cache.view));
+    // Sample returns once the token ids reached the host: the step is complete.
+    RETURN_IF_ERROR(model.backend()->Sample(logits, batch, vocab, rows.data(), sampled.data()));
     if (i >= kWarmupSteps) ms.push_back(Seconds(start) * 1e3);
   }
   return bench::Median(ms);
@@ -217,9 +229,12 @@ absl::Status Run() {
   ASSIGN_OR_RETURN(KvCache cache, MakeKvCache(*backend, model->kv_shape(), max_batch,
                                               context + kWarmupSteps + absl::GetFlag(FLAGS_steps)));
 
-  // Bytes a decode step must move, per the header comment.
+  // Bytes a decode step must move, per the header comment, with the KV
+  // cache a timed step reads halfway through the timed steps.
+  const int32_t timed_context = context + kWarmupSteps + absl::GetFlag(FLAGS_steps) / 2 + 1;
   const auto moved = [&](int32_t batch, int32_t distinct) {
-    return bench::DecodeStepBytes(*backend, *model, batch, context + 1, distinct * adapter_bytes);
+    return bench::DecodeStepBytes(*backend, *model, batch, timed_context,
+                                  distinct * adapter_bytes);
   };
 
   std::printf("%-6s %-10s %10s %10s %10s %11s %8s %9s %9s\n", "batch", "scenario", "step_ms",

@@ -218,7 +218,9 @@ class Backend {
                                   float* t) = 0;  // packed, LoraIntermediateSize floats
   // Segmented expand: y[start_s:end_s, 0:out] += scale_s · t_s · bt_s, where
   // rows of y are `ldy` floats apart (y may be a column slice of a wider
-  // output, e.g. the gate half of a fused gate/up activation).
+  // output, e.g. the gate half of a fused gate/up activation). Segments may
+  // cover the same rows (a sequence's adapter and the correction for merged
+  // weights); each row gets their terms in segment order.
   virtual absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
                                   int64_t out,
                                   float* y,  // [tokens, ldy], columns [0, out) updated

@@ -399,11 +399,21 @@ class CpuBackend final : public Backend {
         offset += segments[i].rank;
       }
     }
+    // A token that several segments cover (a sequence's adapter and the
+    // correction for merged weights) is one work item whose terms are added
+    // in segment order: no two threads update one row.
+    std::stable_sort(rows.begin(), rows.end(),
+                     [](const Row& a, const Row& b) { return a.token < b.token; });
+    std::vector<size_t> token_starts;  // index of each token's first Row, then rows.size()
+    for (size_t i = 0; i < rows.size(); ++i) {
+      if (i == 0 || rows[i].token != rows[i - 1].token) token_starts.push_back(i);
+    }
+    token_starts.push_back(rows.size());
     const int64_t row_work = std::max<int64_t>(1, out * segments[0].rank);
-    pool_.ParallelFor(static_cast<int64_t>(rows.size()),
+    pool_.ParallelFor(static_cast<int64_t>(token_starts.size() - 1),
                       std::max<int64_t>(1, kParallelMinElements / row_work),
                       [&](int64_t begin, int64_t end) {
-                        for (int64_t i = begin; i < end; ++i) {
+                        for (size_t i = token_starts[begin]; i < token_starts[end]; ++i) {
                           ExpandRow(t + rows[i].t_offset, *rows[i].segment, out,
                                     y + rows[i].token * ldy);
                         }

@@ -280,14 +280,16 @@ TEST_P(CpuBackendTest, LinearRejectsBadArguments) {
 }
 
 // Segments of different lengths (prefill-like and decode-like) and ranks,
-// with a gap of untouched rows and a column slice of a wider output.
+// with a gap of untouched rows and a column slice of a wider output. The last
+// covers rows of the second again, as the correction for merged weights does.
 TEST_P(CpuBackendTest, LoraShrinkExpandMatchReference) {
   const int64_t tokens = 40, in = 67, out = 53, ldy = 120;
   struct Spec {
     int32_t start, end, rank;
     float scale;
   };
-  const Spec specs[] = {{0, 1, 4, 2.0f}, {1, 21, 16, 0.5f}, {24, 25, 8, -1.5f}, {25, 40, 1, 3.0f}};
+  const Spec specs[] = {{0, 1, 4, 2.0f},   {1, 21, 16, 0.5f}, {24, 25, 8, -1.5f},
+                        {25, 40, 1, 3.0f}, {2, 20, 8, -0.75f}};
   const std::vector<float> x = RandomFloats(tokens * in, 401);
   const std::vector<float> y0 = RandomFloats(tokens * ldy, 402);
   std::vector<std::vector<float>> a, b;

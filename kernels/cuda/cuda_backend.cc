@@ -66,13 +66,17 @@ constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 // it is sized for this many (row, rank) products per segment and strides
 // over more (decode: one row per request, rank <= 64 at full speed).
 constexpr int64_t kStepShrinkWork = 512;
-// A key whose replays keep failing is recaptured this often, then runs
-// without a graph.
+// Likewise the expand grid: one slice of rows per segment, which strides
+// over all of them (decode: few rows per segment).
+constexpr int64_t kStepExpandRows = 1;
+// A key whose recordings keep failing before a replay runs is captured this
+// often in a row, then runs without a graph.
 constexpr int kMaxCaptures = 4;
 // Recorded graphs kept at once; past this all are dropped and recaptured.
 constexpr size_t kMaxStepGraphs = 256;
-// First size of the LoRA table arena; doubled when a capture runs out.
-constexpr size_t kInitialArenaBytes = size_t{1} << 20;
+// First size of the LoRA table arena; doubled when a capture runs out. 16 MiB
+// holds the 448 tables of an 8B model's step at 256 requests.
+constexpr size_t kInitialArenaBytes = size_t{16} << 20;
 
 uint64_t MixWord(uint64_t h, uint64_t word) {
   // splitmix64 of the running value and the word: a 64-bit signature per call.
@@ -126,9 +130,11 @@ class PinnedMirror {
     cudaFree(device_);
   }
 
-  // Makes both at least `bytes`.
+  // Makes both at least `bytes`, growing to at least twice the old size so
+  // that a slowly rising need reallocates rarely.
   absl::Status Reserve(size_t bytes) {
     if (bytes <= bytes_) return absl::OkStatus();
+    bytes = std::max(bytes, 2 * bytes_);
     CUDA_RETURN_IF_ERROR(cudaFreeHost(host_));
     CUDA_RETURN_IF_ERROR(cudaFree(device_));
     host_ = nullptr;
@@ -213,9 +219,10 @@ absl::Status CheckLayout(const char* op, const KvLayout& layout) {
   return absl::OkStatus();
 }
 
-// The largest per-segment work (rows · rank) of a segment list, after
-// checking every segment.
+// The largest per-segment rows and work (rows · rank) of a segment list,
+// after checking every segment.
 struct SegmentStats {
+  int64_t max_rows = 0;
   int64_t max_work = 0;
 };
 
@@ -234,7 +241,9 @@ absl::StatusOr<SegmentStats> CheckSegments(const char* op, const LoraSegment* se
       return Invalid(op, absl::StrCat("segment ", i, " needs rank > 0 (got ", seg.rank,
                                       ") and non-null a and bt"));
     }
-    stats.max_work = std::max(stats.max_work, static_cast<int64_t>(seg.end - seg.start) * seg.rank);
+    const int64_t rows = seg.end - seg.start;
+    stats.max_rows = std::max(stats.max_rows, rows);
+    stats.max_work = std::max(stats.max_work, rows * seg.rank);
   }
   return stats;
 }
@@ -600,7 +609,8 @@ class CudaBackend final : public Backend {
                           int64_t out, float* y, int64_t ldy) override {
     constexpr const char* kOp = "LoraExpand";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckSegments(kOp, segments, num_segments).status());
+    absl::StatusOr<SegmentStats> stats = CheckSegments(kOp, segments, num_segments);
+    if (!stats.ok()) return stats.status();
     if (num_segments == 0 && mode_ == StepMode::kEager) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "t", t));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
@@ -609,12 +619,14 @@ class CudaBackend final : public Backend {
     absl::StatusOr<const DeviceLoraTable*> table = StageTable(kOp, segments, num_segments);
     if (!table.ok()) return table.status();
     const int32_t grid = mode_ == StepMode::kEager ? num_segments : step_max_segments_;
+    const int64_t max_rows = mode_ == StepMode::kEager ? stats->max_rows : kStepExpandRows;
     return Launch(
         kOp,
         [&] {
-          return cuda::LoraExpandSegments(t, *table, LoraDType(), grid, out, y, ldy, stream_);
+          return cuda::LoraExpandSegments(t, *table, LoraDType(), grid, max_rows, out, y, ldy,
+                                          stream_);
         },
-        t, static_cast<const void*>(*table), grid, out, y, ldy);
+        t, static_cast<const void*>(*table), grid, max_rows, out, y, ldy);
   }
 
   absl::Status MergeLora(const WeightView& base, const void* a, const void* bt, int32_t rank,
@@ -656,6 +668,7 @@ class CudaBackend final : public Backend {
     step_max_segments_ = max_segments;
     table_stride_ = AlignUp(cuda::LoraTableBytes(max_segments), 256);
     tables_used_ = 0;
+    arena_overflowed_ = false;
     call_index_ = 0;
     if (graph.exec != nullptr) {
       replaying_ = &graph;
@@ -692,7 +705,11 @@ class CudaBackend final : public Backend {
       const cudaGraphExec_t exec = replaying_->exec;
       mode_ = StepMode::kEager;
       replaying_ = nullptr;
-      return LaunchStep(exec);
+      CUDA_RETURN_IF_ERROR(LaunchStep(exec));
+      // kMaxCaptures counts captures in a row that never replay: one that
+      // did (and later broke, e.g. when a buffer moved) starts afresh.
+      graphs_[step_key_].captures = 0;
+      return absl::OkStatus();
     }
     if (mode_ != StepMode::kCapture) {
       return absl::FailedPreconditionError("CudaBackend::EndStep without BeginStep");
@@ -700,8 +717,7 @@ class CudaBackend final : public Backend {
     mode_ = StepMode::kEager;
     cudaGraph_t captured = nullptr;
     const cudaError_t ended = cudaStreamEndCapture(stream_, &captured);
-    if (ended != cudaSuccess) cudaGetLastError();  // an invalidated capture: not sticky
-    CUDA_RETURN_IF_ERROR(ended);
+    CUDA_RETURN_IF_ERROR(ended);  // an invalidated capture (the error is cleared)
     cudaGraphExec_t exec = nullptr;
     const cudaError_t instantiated = cudaGraphInstantiate(&exec, captured, 0);
     cudaGraphDestroy(captured);
@@ -719,6 +735,9 @@ class CudaBackend final : public Backend {
       cudaStreamEndCapture(stream_, &captured);  // fails when the capture was invalidated
       if (captured != nullptr) cudaGraphDestroy(captured);
       cudaGetLastError();  // the capture's errors are not the next call's
+      // A capture that ran out of arena is retried with a larger one and
+      // does not count against the key.
+      if (arena_overflowed_) --graphs_[step_key_].captures;
     } else if (mode_ == StepMode::kReplay) {
       // The recording no longer fits the caller's steps: capture it again.
       auto it = graphs_.find(step_key_);
@@ -877,7 +896,7 @@ class CudaBackend final : public Backend {
     // Sample synchronises before it returns: nothing still uses the staging.
     const size_t staging_bytes = params_bytes + back_bytes;
     CUDA_RETURN_IF_ERROR(
-        sample_staging_.Reserve(std::max(staging_bytes, 2 * sample_staging_.bytes())));
+        sample_staging_.Reserve(staging_bytes));
     auto* host_params = reinterpret_cast<cuda::DeviceSamplingRow*>(sample_staging_.host());
     int64_t offset = 0;
     for (int64_t row = 0; row < rows; ++row) {
@@ -1003,6 +1022,7 @@ class CudaBackend final : public Backend {
       const size_t offset = static_cast<size_t>(tables_used_) * table_stride_;
       if (offset + table_stride_ > arena_.bytes()) {
         arena_wanted_bytes_ = std::max(arena_wanted_bytes_, 2 * arena_.bytes());
+        arena_overflowed_ = true;
         return absl::ResourceExhaustedError(
             absl::StrCat("CudaBackend::", op, ": the step's LoRA tables outgrew the arena of ",
                          arena_.bytes(), " bytes (it grows before the next capture)"));
@@ -1015,7 +1035,7 @@ class CudaBackend final : public Backend {
     next_slot_ = (next_slot_ + 1) % kSegmentSlots;
     CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done));  // its last upload has finished
     const size_t bytes = cuda::LoraTableBytes(num_segments);
-    CUDA_RETURN_IF_ERROR(slot.table.Reserve(std::max(bytes, 2 * slot.table.bytes())));
+    CUDA_RETURN_IF_ERROR(slot.table.Reserve(bytes));
     FillTable(segments, num_segments, reinterpret_cast<DeviceLoraTable*>(slot.table.host()));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.table.device(), slot.table.host(), bytes,
                                          cudaMemcpyHostToDevice, stream_));
@@ -1077,7 +1097,7 @@ class CudaBackend final : public Backend {
     cudaGraphExec_t exec = nullptr;  // null: not recorded (or given up on)
     std::vector<uint64_t> calls;     // signature of every operation call, in order
     int32_t max_segments = 0;
-    int captures = 0;  // how often this key was captured
+    int captures = 0;  // captures since this key's last replay that ran
   };
   StepMode mode_ = StepMode::kEager;
   std::unordered_map<uint64_t, StepGraph> graphs_;
@@ -1090,6 +1110,7 @@ class CudaBackend final : public Backend {
   int32_t tables_used_ = 0;  // LoRA tables of this step so far
   PinnedMirror arena_;       // LoRA tables of a step; the captured kernels read its device side
   size_t arena_wanted_bytes_ = kInitialArenaBytes;
+  bool arena_overflowed_ = false;  // this step's capture ran out of arena (not the key's fault)
   cudaEvent_t arena_copied_ = nullptr;  // the last step's arena copy is done
   PinnedMirror sample_staging_;         // Sample's parameters up, results back
 };

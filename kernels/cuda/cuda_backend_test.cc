@@ -465,13 +465,15 @@ TEST_F(CudaBackendTest, WriteKvAndPagedAttentionMatchCpu) {
 
 TEST_F(CudaBackendTest, LoraShrinkExpandMatchCpu) {
   const int64_t in = 200, out = 150, ldy = 170, tokens = 40;
-  // Ranks differ per segment; one segment is empty; rows 30..39 have no adapter.
+  // Ranks differ per segment; one segment is empty; rows 30..39 have no
+  // adapter. The last segment covers rows of two others again, as the
+  // correction for merged weights does.
   struct Spec {
     int32_t start, end, rank;
     float scale;
   };
-  const std::vector<Spec> specs = {
-      {0, 1, 16, 2.0f}, {1, 2, 4, 0.5f}, {2, 2, 8, 1.0f}, {2, 22, 8, 1.0f}, {22, 30, 64, -1.5f}};
+  const std::vector<Spec> specs = {{0, 1, 16, 2.0f},  {1, 2, 4, 0.5f},     {2, 2, 8, 1.0f},
+                                   {2, 22, 8, 1.0f},  {22, 30, 64, -1.5f}, {3, 25, 4, -0.75f}};
   std::vector<std::vector<float>> a_host, bt_host;
   for (size_t i = 0; i < specs.size(); ++i) {
     a_host.push_back(RandomVector(specs[i].rank * in, 20 + i));

@@ -6,6 +6,10 @@ namespace loraserve::kernels::cuda {
 
 absl::Status CudaStatus(cudaError_t error, const char* call) {
   if (error == cudaSuccess) return absl::OkStatus();
+  // The runtime also keeps the error as this thread's last one, which the
+  // next kernel launch's cudaGetLastError would report as its own. Reported
+  // here, it is cleared (a sticky error, which ends the context, stays).
+  cudaGetLastError();
   std::string message = absl::StrCat(call, " failed: ", cudaGetErrorName(error), " (",
                                      cudaGetErrorString(error), ")");
   if (error == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(message);
@@ -14,6 +18,7 @@ absl::Status CudaStatus(cudaError_t error, const char* call) {
 
 absl::Status CublasStatus(cublasStatus_t status, const char* call) {
   if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  cudaGetLastError();  // a failed launch inside cuBLAS: as in CudaStatus
   std::string message = absl::StrCat(call, " failed: ", cublasGetStatusName(status), " (",
                                      cublasGetStatusString(status), ")");
   if (status == CUBLAS_STATUS_ALLOC_FAILED) return absl::ResourceExhaustedError(message);

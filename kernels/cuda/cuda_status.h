@@ -14,7 +14,8 @@
 namespace loraserve::kernels::cuda {
 
 // Ok for cudaSuccess; otherwise an Internal error (ResourceExhausted for out
-// of memory) that quotes `call` and CUDA's name and description of `error`.
+// of memory) that quotes `call` and CUDA's name and description of `error`,
+// and the thread's last CUDA error is cleared (both functions).
 absl::Status CudaStatus(cudaError_t error, const char* call);
 // Ok for CUBLAS_STATUS_SUCCESS; otherwise an Internal error quoting `call`.
 absl::Status CublasStatus(cublasStatus_t status, const char* call);

@@ -325,6 +325,8 @@ __global__ void __launch_bounds__(kAttentionWarps* kWarp)
 // ---- LoRA -----------------------------------------------------------------
 
 constexpr int kShrinkWarps = kThreads / kWarp;
+// Rows an expand block takes of its segment (grid.z slices longer segments).
+constexpr int64_t kExpandRowsPerBlock = 16;
 
 // Block (segment, y): warps take the segment's (row, r) dot products in turn;
 // work item w is row start + w / rank, rank row w % rank, and lands at
@@ -349,22 +351,46 @@ __global__ void LoraShrinkKernel(const float* x, int64_t in, const DeviceLoraTab
   }
 }
 
-// Block (segment, column tile): each thread owns one output column and sums
-// over r in order for every row of the segment.
+// Whether segment `seg` covers token row `row`.
+__device__ __forceinline__ bool Covers(const DeviceLoraSegment& seg, int32_t row) {
+  return seg.start <= row && row < seg.end;
+}
+
+// Block (segment, column tile, row slice): each thread owns one output column
+// of rows start + z, start + z + gridDim.z, ... of its segment. A row that
+// several segments cover (a sequence's adapter and the correction for merged
+// weights) is written only by the block of the first of them, which adds every
+// covering segment's term in table order, summing over r in order: no two
+// blocks update one element, and the sums are the CPU's, in the CPU's order.
 template <typename L>
 __global__ void LoraExpandKernel(const float* t, const DeviceLoraTable* table, int64_t out,
                                  float* y, int64_t ldy) {
-  if (static_cast<int32_t>(blockIdx.x) >= table->count) return;
-  const DeviceLoraSegment seg = TableSegments(table)[blockIdx.x];
+  const int32_t count = table->count;
+  const int32_t index = static_cast<int32_t>(blockIdx.x);
+  if (index >= count) return;
+  const DeviceLoraSegment* segments = TableSegments(table);
   const int64_t col = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (col >= out) return;
-  const L* bt = static_cast<const L*>(seg.bt);
-  for (int32_t row = seg.start; row < seg.end; ++row) {
-    const float* tr = t + seg.t_offset + static_cast<int64_t>(row - seg.start) * seg.rank;
-    float acc = 0.0f;
-    for (int32_t r = 0; r < seg.rank; ++r) acc = fmaf(tr[r], ToFloat(bt[r * out + col]), acc);
-    float* yr = y + row * ldy + col;
-    *yr = fmaf(seg.scale, acc, *yr);
+  const DeviceLoraSegment own = segments[index];
+  for (int32_t row = own.start + static_cast<int32_t>(blockIdx.z); row < own.end;
+       row += static_cast<int32_t>(gridDim.z)) {
+    bool written_elsewhere = false;
+    for (int32_t j = 0; j < index && !written_elsewhere; ++j) {
+      written_elsewhere = Covers(segments[j], row);
+    }
+    if (written_elsewhere) continue;
+    float* yr = y + static_cast<int64_t>(row) * ldy + col;
+    float value = *yr;
+    for (int32_t j = index; j < count; ++j) {
+      const DeviceLoraSegment seg = segments[j];
+      if (!Covers(seg, row)) continue;
+      const float* tr = t + seg.t_offset + static_cast<int64_t>(row - seg.start) * seg.rank;
+      const L* bt = static_cast<const L*>(seg.bt);
+      float acc = 0.0f;
+      for (int32_t r = 0; r < seg.rank; ++r) acc = fmaf(tr[r], ToFloat(bt[r * out + col]), acc);
+      value = fmaf(seg.scale, acc, value);
+    }
+    *yr = value;
   }
 }
 
@@ -522,15 +548,19 @@ cudaError_t LoraShrinkSegments(const float* x, int64_t in, const DeviceLoraTable
 }
 
 cudaError_t LoraExpandSegments(const float* t, const DeviceLoraTable* table, DType lora_dtype,
-                               int32_t grid_segments, int64_t out, float* y, int64_t ldy,
-                               cudaStream_t stream) {
-  if (grid_segments == 0) return cudaSuccess;
+                               int32_t grid_segments, int64_t max_rows, int64_t out, float* y,
+                               int64_t ldy, cudaStream_t stream) {
+  if (grid_segments == 0 || max_rows == 0) return cudaSuccess;
   const int64_t tiles = (out + kThreads - 1) / kThreads;
   if (tiles > 65535) return cudaErrorInvalidValue;
+  // Long segments (prefill) are split into slices of rows, so that the grid
+  // fills the GPU even when one adapter serves a whole prompt.
+  const int64_t slices = std::min<int64_t>(65535, (max_rows + kExpandRowsPerBlock - 1) /
+                                                      kExpandRowsPerBlock);
   return DispatchDType(lora_dtype, [&](auto tag) {
-    LoraExpandKernel<decltype(tag)>
-        <<<dim3(grid_segments, static_cast<unsigned>(tiles)), kThreads, 0, stream>>>(t, table, out,
-                                                                                      y, ldy);
+    LoraExpandKernel<decltype(tag)><<<dim3(grid_segments, static_cast<unsigned>(tiles),
+                                           static_cast<unsigned>(slices)),
+                                      kThreads, 0, stream>>>(t, table, out, y, ldy);
     return cudaGetLastError();
   });
 }

@@ -154,12 +154,14 @@ cudaError_t LoraShrinkSegments(const float* x,  // [tokens, in]
                                float* t,  // packed intermediate
                                cudaStream_t stream);
 
-// Segmented expand, one launch over (segment block, column tile):
-// y[row, 0:out] += seg.scale * Σ_r t_seg[row, r] * seg.bt[r, 0:out].
+// Segmented expand, one launch over (segment block, column tile, row slice):
+// y[row, 0:out] += seg.scale * Σ_r t_seg[row, r] * seg.bt[r, 0:out]. Segments
+// may cover the same rows; each row gets their terms in table order.
+// `max_rows` bounds end - start over the segments; it only sizes the grid.
 cudaError_t LoraExpandSegments(const float* t,                // packed intermediate
                                const DeviceLoraTable* table,  // device
                                DType lora_dtype,              // of every segment's a and bt
-                               int32_t grid_segments, int64_t out,
+                               int32_t grid_segments, int64_t max_rows, int64_t out,
                                float* y,  // [tokens, ldy], columns [0, out)
                                int64_t ldy, cudaStream_t stream);
 

@@ -2,13 +2,15 @@
 # Runs HERE (the build machine, no GPU needed): builds the CUDA tests and the
 # decode benchmark with LORASERVE_CUDA=ON and packs what the GPU machine needs
 # into .gpu_pack/ at the repository root:
-#   pack.tar.xz  bin/ and lib/, compressed (OpenBLAS alone is 36 MB plain):
+#   pack.tar.gz  bin/ and lib/, compressed (OpenBLAS alone is 36 MB plain;
+#                gzip, which every image can unpack):
 #   bin/     cuda_backend_test, cuda_factory_test, cuda_decode_bench (stripped)
 #   lib/     the shared libraries they load that the GPU image lacks (Abseil,
 #            OpenBLAS, PCRE2, gtest, ...; found with ldd). Not glibc, libstdc++
 #            or libgcc (the GPU image has newer ones) and not the CUDA driver or
 #            cuBLAS (the GPU image has CUDA 13.0; cudart is linked statically).
 #   source_dir   the repository path compiled into the tests
+#   revision     the commit packed (git describe --dirty), which run.sh prints
 #   shared/  the small model and adapters of ../shared the tests read.
 # .gpu_pack/ is git-ignored through .git/info/exclude and travels with the
 # device tool's `carry`. It must stay under 64 MiB together with the tree.
@@ -48,7 +50,8 @@ done | sort -u | while read -r name path; do
 done
 strip --strip-unneeded "$STAGE"/lib/* 2>/dev/null || true
 
-tar -cJf "$PACK/pack.tar.xz" -C "$STAGE" bin lib
+tar -czf "$PACK/pack.tar.gz" -C "$STAGE" bin lib
+git -C "$ROOT" describe --always --dirty >"$PACK/revision"
 
 # Test binaries hold this path (LORASERVE_SOURCE_DIR); run.sh recreates it.
 echo "$ROOT" >"$PACK/source_dir"

@@ -11,10 +11,11 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PACK=$ROOT/.gpu_pack
 LOGS=${OUT:-/tmp/gpu_check}
 mkdir -p "$LOGS"
-[[ -f "$PACK/pack.tar.xz" ]] || { echo "run.sh: no $PACK/pack.tar.xz: run scripts/gpu_check/pack.sh here first and carry .gpu_pack" >&2; exit 2; }
+[[ -f "$PACK/pack.tar.gz" ]] || { echo "run.sh: no $PACK/pack.tar.gz: run scripts/gpu_check/pack.sh here first and carry .gpu_pack" >&2; exit 2; }
+echo "pack of $(cat "$PACK/revision" 2>/dev/null || echo '(unknown revision)')"
 # Binaries and libraries, unpacked outside the checkout.
 BIN=/tmp/loraserve_gpu_check
-rm -rf "$BIN" && mkdir -p "$BIN" && tar -xJf "$PACK/pack.tar.xz" -C "$BIN" || exit 2
+rm -rf "$BIN" && mkdir -p "$BIN" && tar -xzf "$PACK/pack.tar.gz" -C "$BIN" || exit 2
 
 # cuBLAS from the GPU image: the toolkit's folders, else the pip wheel's.
 cuda_libs=""
@@ -25,6 +26,12 @@ done
 export LD_LIBRARY_PATH="$BIN/lib${cuda_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
+# What the packed binaries need of this image (glibc, libstdc++, cuBLAS):
+# anything missing shows up here rather than as a bare load failure below.
+echo "image: $(. /etc/os-release 2>/dev/null && echo "${PRETTY_NAME:-?}"), $(ldd --version 2>&1 | head -n 1)"
+for binary in "$BIN"/bin/*; do
+  ldd "$binary" 2>&1 | grep -E 'not found' | sed "s|^|$(basename "$binary"): |"
+done
 
 # The tests read LORASERVE_SOURCE_DIR and ../shared as compiled in on the
 # build machine (pack.sh wrote that path): point them at this checkout and
@@ -37,29 +44,44 @@ if [[ "$(cd "$built_root" 2>/dev/null && pwd -P)" != "$(pwd -P)" ]]; then
     mkdir -p "$(dirname "$built_root")" && ln -s "$ROOT" "$built_root"
   fi
 fi
-shared_dir="$(dirname "$built_root")/shared"
-[[ -e "$shared_dir" ]] || ln -s "$PACK/shared" "$shared_dir"
+# "$built_root/../shared" resolves through the physical parent when
+# $built_root is a link: put shared/ beside both.
+for parent in "$(dirname "$built_root")" "$(dirname "$(pwd -P)")"; do
+  [[ -e "$parent/shared" ]] || ln -s "$PACK/shared" "$parent/shared"
+done
 
+# Each stage has its own time limit (seconds), so that a hang in the tests
+# still leaves the benchmark its time within the device tool's 540 s.
 status=0
-for test in cuda_factory_test cuda_backend_test; do
-  echo "=== $test"
-  "$BIN/bin/$test" --gtest_color=no 2>&1 | tee "$LOGS/$test.log" | grep -E '^\[  (FAILED|SKIPPED|PASSED) |Failure|error:|Skipped' -A3
-  rc=${PIPESTATUS[0]}
-  echo "=== $test exit $rc"
+run_tests() {  # name, limit, binary, gtest filter
+  local name=$1 limit=$2 binary=$3 filter=$4 start=$SECONDS
+  echo "=== $name"
+  timeout -k 5 "$limit" "$BIN/bin/$binary" --gtest_color=no --gtest_filter="$filter" 2>&1 |
+    tee "$LOGS/$name.log" | grep -E '^\[  (FAILED|SKIPPED|PASSED) |Failure|error:|Skipped' -A3
+  local rc=${PIPESTATUS[0]}
+  local note=""
+  ((rc == 124 || rc == 137)) && note=", timed out after ${limit} s"
+  echo "=== $name exit $rc ($((SECONDS - start)) s$note)"
   ((rc == 0)) || status=1
   # On the GPU machine a skip means the GPU was not usable: that fails the check.
-  if grep -q '^\[  SKIPPED \]' "$LOGS/$test.log"; then
-    echo "=== $test: cases were skipped: the GPU check did not run them" >&2
+  if grep -q '^\[  SKIPPED \]' "$LOGS/$name.log"; then
+    echo "=== $name: cases were skipped: the GPU check did not run them" >&2
     status=1
   fi
-done
+}
+# One process per suite: a crash in one leaves the other's results.
+run_tests cuda_factory_test 30 cuda_factory_test '*'
+run_tests cuda_backend_ops 150 cuda_backend_test 'CudaBackendTest.*'
+run_tests cuda_backend_lora 90 cuda_backend_test 'CudaLoraTest.*'
 
 echo "=== cuda_decode_bench ${BENCH_ARGS:-}"
 # Progress (stderr) as it comes; the table (stdout) last.
+start=$SECONDS
 # shellcheck disable=SC2086
-"$BIN/bin/cuda_decode_bench" ${BENCH_ARGS:-} >"$LOGS/bench.txt" 2> >(tee "$LOGS/bench.err" >&2)
+timeout -k 5 "${BENCH_LIMIT:-260}" "$BIN/bin/cuda_decode_bench" ${BENCH_ARGS:-} \
+  >"$LOGS/bench.txt" 2> >(tee "$LOGS/bench.err" >&2)
 rc=$?
 ((rc == 0)) || status=1
-echo "=== cuda_decode_bench exit $rc"
+echo "=== cuda_decode_bench exit $rc ($((SECONDS - start)) s)"
 cat "$LOGS/bench.txt"
 exit $status
