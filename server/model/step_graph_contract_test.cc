@@ -3,8 +3,12 @@
 // backend's rules, wraps the CPU backend. Inside a step only operations may be
 // called, and a later step with the same key must make exactly the calls the
 // first one made (LoRA segment tables aside), or the CUDA backend would throw
-// the recording away and run the step operation by operation. Operations
-// still run on the CPU, so the logits are compared with a plain CPU model.
+// the recording away and run the step operation by operation. As a graph's
+// kernels do, a step's operations run (on the CPU) only when EndStep
+// succeeds; a failed EndStep runs none of them, and the model must then run
+// the step operation by operation. The logits are compared with a plain CPU
+// model.
+#include <functional>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -28,8 +32,9 @@ using kernels::LoraSegment;
 
 uintptr_t Address(const void* p) { return reinterpret_cast<uintptr_t>(p); }
 
-// Runs every operation on `inner` and checks the step rules; see the file
-// comment. A replay is a step whose calls equal its key's first step.
+// Runs every operation on `inner` (a step's at EndStep) and checks the step
+// rules; see the file comment. A replay is a step whose calls equal its
+// key's first step.
 class StepCheckingBackend : public Backend {
  public:
   explicit StepCheckingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
@@ -38,6 +43,9 @@ class StepCheckingBackend : public Backend {
   int64_t replays() const { return replays_; }
   int64_t mismatches() const { return mismatches_; }
   int64_t refusals() const { return refusals_; }
+  // The next `count` EndSteps fail without running their steps, as a graph
+  // that cannot be instantiated or launched does.
+  void FailNextEndSteps(int count) { failing_end_steps_ = count; }
 
   std::string name() const override { return "step-checking " + inner_->name(); }
 
@@ -88,73 +96,78 @@ class StepCheckingBackend : public Backend {
 
   absl::Status Linear(const float* x, const kernels::WeightView& w, int64_t m, float* y,
                       bool accumulate) override {
-    Record("Linear", Address(x), Address(w.data), w.rows, w.cols, m, Address(y),
-           accumulate ? 1 : 0);
-    return inner_->Linear(x, w, m, y, accumulate);
+    return Run(Signature("Linear", Address(x), Address(w.data), w.rows, w.cols, m, Address(y),
+           accumulate ? 1 : 0),
+               [=, this] { return inner_->Linear(x, w, m, y, accumulate); });
   }
   absl::Status Embedding(const int32_t* ids, int64_t n, const kernels::WeightView& table,
                          float* y) override {
-    Record("Embedding", Address(ids), n, Address(table.data), table.rows, Address(y));
-    return inner_->Embedding(ids, n, table, y);
+    return Run(Signature("Embedding", Address(ids), n, Address(table.data), table.rows, Address(y)),
+               [=, this] { return inner_->Embedding(ids, n, table, y); });
   }
   absl::Status RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
                        float* y) override {
-    Record("RmsNorm", Address(x), Address(weight), n, dim, eps, Address(y));
-    return inner_->RmsNorm(x, weight, n, dim, eps, y);
+    return Run(Signature("RmsNorm", Address(x), Address(weight), n, dim, eps, Address(y)),
+               [=, this] { return inner_->RmsNorm(x, weight, n, dim, eps, y); });
   }
   absl::Status Add(float* x, const float* y, int64_t count) override {
-    Record("Add", Address(x), Address(y), count);
-    return inner_->Add(x, y, count);
+    return Run(Signature("Add", Address(x), Address(y), count),
+               [=, this] { return inner_->Add(x, y, count); });
   }
   absl::Status AddBias(float* x, const float* bias, int64_t n, int64_t dim) override {
-    Record("AddBias", Address(x), Address(bias), n, dim);
-    return inner_->AddBias(x, bias, n, dim);
+    return Run(Signature("AddBias", Address(x), Address(bias), n, dim),
+               [=, this] { return inner_->AddBias(x, bias, n, dim); });
   }
   absl::Status SiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) override {
-    Record("SiluMul", Address(gate_up), n, dim, Address(out));
-    return inner_->SiluMul(gate_up, n, dim, out);
+    return Run(Signature("SiluMul", Address(gate_up), n, dim, Address(out)),
+               [=, this] { return inner_->SiluMul(gate_up, n, dim, out); });
   }
   // The segments are the per-step input of a LoRA call: only their number
-  // is bounded, by BeginStep's max_segments.
+  // is bounded, by BeginStep's max_segments. They are copied at the call,
+  // as the CUDA backend stages them.
   absl::Status LoraShrink(const float* x, int64_t in, const LoraSegment* segments,
                           int32_t num_segments, float* t) override {
     CheckSegments(num_segments);
-    Record("LoraShrink", Address(x), in, Address(t));
-    return inner_->LoraShrink(x, in, segments, num_segments, t);
+    return Run(Signature("LoraShrink", Address(x), in, Address(t)),
+               [=, this, table = Table(segments, num_segments)] {
+                 return inner_->LoraShrink(x, in, table.data(), num_segments, t);
+               });
   }
   absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
                           int64_t out, float* y, int64_t ldy) override {
     CheckSegments(num_segments);
-    Record("LoraExpand", Address(t), out, Address(y), ldy);
-    return inner_->LoraExpand(t, segments, num_segments, out, y, ldy);
+    return Run(Signature("LoraExpand", Address(t), out, Address(y), ldy),
+               [=, this, table = Table(segments, num_segments)] {
+                 return inner_->LoraExpand(t, table.data(), num_segments, out, y, ldy);
+               });
   }
   absl::Status MergeLora(const kernels::WeightView& base, const void* a, const void* bt,
                          int32_t rank, float scale, void* out) override {
-    Record("MergeLora", Address(base.data), Address(a), Address(bt), rank, scale, Address(out));
-    return inner_->MergeLora(base, a, bt, rank, scale, out);
+    return Run(Signature("MergeLora", Address(base.data), Address(a), Address(bt), rank, scale, Address(out)),
+               [=, this] { return inner_->MergeLora(base, a, bt, rank, scale, out); });
   }
   absl::Status Rope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
                     int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
                     const kernels::RopeParams& rope) override {
-    Record("Rope", Address(q), q_ld, Address(k), k_ld, Address(positions), tokens, num_heads,
-           num_kv_heads, Address(rope.inv_freq), rope.head_dim, rope.attention_scaling);
-    return inner_->Rope(q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads, rope);
+    return Run(Signature("Rope", Address(q), q_ld, Address(k), k_ld, Address(positions), tokens, num_heads,
+           num_kv_heads, Address(rope.inv_freq), rope.head_dim, rope.attention_scaling),
+               [=, this] { return inner_->Rope(q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads, rope); });
   }
   absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld,
                        const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
                        void* k_cache, void* v_cache) override {
-    Record("WriteKv", Address(k), Address(v), kv_ld, Address(batch.slot_mapping), batch.num_tokens,
-           layout.num_blocks, Address(k_cache), Address(v_cache));
-    return inner_->WriteKv(k, v, kv_ld, batch, layout, k_cache, v_cache);
+    return Run(Signature("WriteKv", Address(k), Address(v), kv_ld, Address(batch.slot_mapping), batch.num_tokens,
+           layout.num_blocks, Address(k_cache), Address(v_cache)),
+               [=, this] { return inner_->WriteKv(k, v, kv_ld, batch, layout, k_cache, v_cache); });
   }
   absl::Status PagedAttention(const float* q, int64_t q_ld, const kernels::AttentionBatch& batch,
                               const kernels::KvLayout& layout, int32_t num_heads,
                               const void* k_cache, const void* v_cache, float* out) override {
-    Record("PagedAttention", Address(q), q_ld, batch.num_tokens, batch.num_seqs,
+    return Run(Signature("PagedAttention", Address(q), q_ld, batch.num_tokens, batch.num_seqs,
            Address(batch.query_start), Address(batch.context_lens), Address(batch.block_tables),
            batch.max_blocks_per_seq, Address(batch.positions), num_heads, Address(k_cache),
-           Address(v_cache), Address(out));
-    return inner_->PagedAttention(q, q_ld, batch, layout, num_heads, k_cache, v_cache, out);
+           Address(v_cache), Address(out)),
+               [=, this] { return inner_->PagedAttention(q, q_ld, batch, layout, num_heads, k_cache, v_cache, out); });
   }
 
   bool SupportsStepGraphs() const override { return true; }
@@ -169,6 +182,12 @@ class StepCheckingBackend : public Backend {
   absl::Status EndStep() override {
     EXPECT_TRUE(in_step_) << "EndStep without BeginStep";
     in_step_ = false;
+    std::vector<std::function<absl::Status()>> pending = std::move(pending_);
+    pending_.clear();
+    if (failing_end_steps_ > 0) {
+      --failing_end_steps_;
+      return absl::InternalError("StepCheckingBackend: this EndStep fails (test)");
+    }
     auto [it, first] = recorded_.emplace(key_, calls_);
     if (first) {
       ++captures_;
@@ -180,9 +199,15 @@ class StepCheckingBackend : public Backend {
                     << FirstDifference(it->second, calls_);
       it->second = calls_;
     }
+    for (const auto& op : pending) {
+      if (absl::Status s = op(); !s.ok()) return s;
+    }
     return absl::OkStatus();
   }
-  void AbortStep() override { in_step_ = false; }
+  void AbortStep() override {
+    in_step_ = false;
+    pending_.clear();
+  }
 
  private:
   absl::Status Refuse(const char* what) {
@@ -197,9 +222,19 @@ class StepCheckingBackend : public Backend {
     }
   }
   template <typename... Args>
-  void Record(const char* op, const Args&... args) {
-    if (in_step_)
-      calls_.push_back(absl::StrCat(op, "(", absl::StrJoin({absl::StrCat(args)...}, ","), ")"));
+  static std::string Signature(const char* op, const Args&... args) {
+    return absl::StrCat(op, "(", absl::StrJoin({absl::StrCat(args)...}, ","), ")");
+  }
+  static std::vector<LoraSegment> Table(const LoraSegment* segments, int32_t num_segments) {
+    return std::vector<LoraSegment>(segments, segments + num_segments);
+  }
+  // Runs `op` now, or inside a step records its signature and keeps it for
+  // EndStep.
+  absl::Status Run(std::string signature, std::function<absl::Status()> op) {
+    if (!in_step_) return op();
+    calls_.push_back(std::move(signature));
+    pending_.push_back(std::move(op));
+    return absl::OkStatus();
   }
   static std::string FirstDifference(const std::vector<std::string>& a,
                                      const std::vector<std::string>& b) {
@@ -215,6 +250,8 @@ class StepCheckingBackend : public Backend {
   uint64_t key_ = 0;
   int32_t max_segments_ = 0;
   std::vector<std::string> calls_;
+  std::vector<std::function<absl::Status()>> pending_;  // the step's operations
+  int failing_end_steps_ = 0;
   std::map<uint64_t, std::vector<std::string>> recorded_;
   int64_t captures_ = 0;
   int64_t replays_ = 0;
@@ -226,7 +263,9 @@ class StepCheckingBackend : public Backend {
 // different modules, base requests, a half-scale one), then fewer requests,
 // then merged weights with corrections for the other adapters:
 // every step after the first of its shape replays its recording, no
-// operation is refused, and the logits equal a plain CPU model's.
+// operation is refused, and the logits equal a plain CPU model's. Two
+// EndSteps fail (a replay and the first step on merged weights): those steps
+// run operation by operation, with the same logits.
 TEST(StepGraphContractTest, DecodeStepsReplayTheirRecording) {
   auto checking = std::make_unique<StepCheckingBackend>(std::move(*kernels::CreateCpuBackend({})));
   StepCheckingBackend& backend = *checking;
@@ -271,8 +310,10 @@ TEST(StepGraphContractTest, DecodeStepsReplayTheirRecording) {
   auto graphed_merged = graphed.model->Merge({graphed.adapters[0].get(), 1.0f});
   auto plain_merged = plain.model->Merge({plain.adapters[0].get(), 1.0f});
   ASSERT_TRUE(graphed_merged.ok() && plain_merged.ok());
+  constexpr int kFailedSteps = 2;
   for (int step = 0; step < kSteps + kMergedSteps; ++step) {
     SCOPED_TRACE(step);
+    if (step == 2 || step == kSteps) backend.FailNextEndSteps(1);
     const size_t active = step < 5 ? n : n - 1;  // 5 requests pad to 8, then 4 to 4
     const bool merged = step >= kSteps;
     std::vector<int32_t> tokens, positions;
@@ -292,10 +333,10 @@ TEST(StepGraphContractTest, DecodeStepsReplayTheirRecording) {
     EXPECT_EQ(testing::MaxAbsDiff(graphed_logits.data(), plain_logits.data(), plain_logits.size()),
               0.0f);
   }
-  EXPECT_EQ(graphed.model->step_graph_stats().graph_steps, kSteps + kMergedSteps);
-  EXPECT_EQ(graphed.model->step_graph_stats().eager_fallbacks, 0);
+  EXPECT_EQ(graphed.model->step_graph_stats().graph_steps, kSteps + kMergedSteps - kFailedSteps);
+  EXPECT_EQ(graphed.model->step_graph_stats().eager_fallbacks, kFailedSteps);
   EXPECT_EQ(backend.captures(), 3);  // two padded shapes, and the merged weights
-  EXPECT_EQ(backend.replays(), kSteps + kMergedSteps - 3);
+  EXPECT_EQ(backend.replays(), kSteps + kMergedSteps - 3 - kFailedSteps);
   EXPECT_EQ(backend.mismatches(), 0);
   EXPECT_EQ(backend.refusals(), 0);
 }
