@@ -8,8 +8,8 @@
 // succeeds; a failed EndStep runs none of them, and the model must then run
 // the step operation by operation. The logits are compared with a plain CPU
 // model.
-#include <functional>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
