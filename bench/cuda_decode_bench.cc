@@ -4,6 +4,7 @@
 //
 //   cuda_decode_bench                       # llama-3-8b preset, batches 1,16,64
 //   cuda_decode_bench --preset tinyllama-1.1b --batches 8 --adapters 8
+//   cuda_decode_bench --cpu_dry_run --preset tiny   # the bench's own logic, no GPU
 //
 // Scenarios for each batch size B (every request decodes one token per step
 // after a prefill of --context tokens):
@@ -51,6 +52,9 @@ ABSL_FLAG(int32_t, steps, 10, "Timed decode steps per scenario (after 2 warm-up 
 ABSL_FLAG(int32_t, device, 0, "CUDA device");
 ABSL_FLAG(double, temperature, 0.8, "Sampling temperature of every request (0 = greedy)");
 ABSL_FLAG(double, top_p, 0.95, "Top-p of every request (1 = off)");
+ABSL_FLAG(bool, cpu_dry_run, false,
+          "Run on the CPU backend: checks the benchmark itself on a machine without a GPU "
+          "(the times say nothing about the GPU)");
 
 namespace loraserve {
 namespace {
@@ -177,7 +181,9 @@ absl::StatusOr<double> DecodeStepMs(model::LlamaModel& model, const KvCache& cac
 
 absl::Status Run() {
   ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend,
-                   kernels::CreateCudaBackend({.device = absl::GetFlag(FLAGS_device)}));
+                   absl::GetFlag(FLAGS_cpu_dry_run)
+                       ? kernels::CreateCpuBackend({})
+                       : kernels::CreateCudaBackend({.device = absl::GetFlag(FLAGS_device)}));
   std::vector<int32_t> batches;
   for (const std::string& b : absl::GetFlag(FLAGS_batches)) batches.push_back(std::stoi(b));
   const int32_t max_batch = *std::max_element(batches.begin(), batches.end());
