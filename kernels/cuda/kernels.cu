@@ -643,16 +643,81 @@ struct SumOp {
   }
 };
 
-// The largest key value t (of `bits` bits) for which pred(t) holds, where
-// pred is monotone (true up to some point, false above it), built from the
-// top bit down; 0 when pred(t) holds for no t > 0. Every thread calls it
-// together (pred reduces over the block).
-template <typename Pred>
-__device__ uint64_t LargestKeyWhere(int bits, Pred pred) {
+// The sum over the block of each of `v`'s N values, in BlockReduce's order:
+// every thread gets the bitwise same results. `scratch` holds kWarp * N.
+template <typename T, int N>
+__device__ void BlockSumEach(T (&v)[N], T* scratch) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      v[j] += __shfl_xor_sync(0xffffffffu, v[j], offset);
+    }
+  }
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) scratch[warp * N + j] = v[j];
+  }
+  __syncthreads();
+  const int warps = static_cast<int>(blockDim.x) / kWarp;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    T result = scratch[j];
+    for (int w = 1; w < warps; ++w) result += scratch[w * N + j];
+    v[j] = result;
+  }
+}
+
+// Bits a search pass decides: a 49-bit key (vocab 128K) takes 13 passes over
+// the row rather than 49.
+constexpr int kDigitBits = 4;
+constexpr int kDigits = 1 << kDigitBits;
+
+// The largest key value t (of `bits` bits) for which pred(S(t)) holds, where
+// S(t) sums weight(v) over the row's elements with key >= max(t, lowest) and
+// pred(S(t)) is monotone (true up to some t, false above it); 0 when it holds
+// for no t > 0. Built from the top digit down (the top digit takes what is
+// left of `bits`): one pass sums S for every value of the next digit at once.
+// Each thread adds its elements in index order, skipping those below a
+// candidate (adding 0), so every S is the sum a bit-by-bit search would form,
+// and the result is the same. Every thread calls it together (the sums reduce
+// over the block). `scratch` holds kWarp * kDigits values.
+template <typename W, typename Weight, typename Pred>
+__device__ uint64_t LargestKeyWhere(const float* __restrict__ x, int64_t vocab, SamplingKey key,
+                                    int bits, uint64_t lowest, Weight weight, Pred pred,
+                                    W* scratch) {
   uint64_t t = 0;
-  for (int b = bits - 1; b >= 0; --b) {
-    const uint64_t candidate = t | (uint64_t{1} << b);
-    if (pred(candidate)) t = candidate;
+  for (int shift = bits; shift > 0;) {
+    const int width = shift % kDigitBits == 0 ? kDigitBits : shift % kDigitBits;
+    shift -= width;
+    // Candidates are t's bits above this digit, then digit d, then zeros.
+    const uint64_t prefix = t >> (shift + width);
+    W sums[kDigits];
+#pragma unroll
+    for (int d = 0; d < kDigits; ++d) sums[d] = W{0};
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+      const float v = x[i];
+      const uint64_t k = key(v, i);
+      const uint64_t high = k >> (shift + width);
+      if (k < lowest || high < prefix) continue;  // below every candidate
+      // An element above the prefix is at or above every candidate.
+      const int digit = high > prefix ? kDigits - 1
+                                      : static_cast<int>((k >> shift) & ((1u << width) - 1));
+      const W w = weight(v);
+#pragma unroll
+      for (int d = 0; d < kDigits; ++d) sums[d] += d <= digit ? w : W{0};
+    }
+    BlockSumEach(sums, scratch);
+    // The largest digit where pred holds; 0 keeps t (pred holds there, or t
+    // is 0). Unrolled, so that `sums` stays in registers.
+    int chosen = 0;
+#pragma unroll
+    for (int d = kDigits - 1; d > 0; --d) {
+      if (chosen == 0 && d < (1 << width) && pred(sums[d])) chosen = d;
+    }
+    t |= static_cast<uint64_t>(chosen) << shift;
   }
   return t;
 }
@@ -661,11 +726,9 @@ __device__ uint64_t LargestKeyWhere(int bits, Pred pred) {
 // the largest t with at least k keys >= t (keys are distinct).
 __device__ uint64_t KthKey(const float* __restrict__ x, int64_t vocab, SamplingKey key, int bits,
                            int32_t k, uint64_t* scratch) {
-  return LargestKeyWhere(bits, [&](uint64_t t) {
-    int32_t count = 0;
-    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) count += key(x[i], i) >= t;
-    return BlockReduce(count, SumOp{}, scratch) >= k;
-  });
+  return LargestKeyWhere(
+      x, vocab, key, bits, /*lowest=*/0, [](float) { return int32_t{1}; },
+      [&](int32_t count) { return count >= k; }, reinterpret_cast<int32_t*>(scratch));
 }
 
 // One block per row; see SampleRows. Greedy rows skip the searches.
@@ -673,7 +736,7 @@ __global__ void __launch_bounds__(kSampleThreads)
     SampleKernel(const float* __restrict__ logits, int64_t vocab, SamplingKey key, int bits,
                  const DeviceSamplingRow* __restrict__ params, DeviceSampledRow* results,
                  DeviceTopEntry* top) {
-  __shared__ uint64_t scratch[kWarp];
+  __shared__ uint64_t scratch[kWarp * kDigits];
   __shared__ int32_t top_count;
   const int64_t row = blockIdx.x;
   const float* __restrict__ x = logits + row * vocab;
@@ -704,33 +767,36 @@ __global__ void __launch_bounds__(kSampleThreads)
     const auto prob = [&](float v) {
       return exp(__dsub_rn(__dmul_rn(SamplingLogit(v), inv_t), max_scaled));
     };
-    // Probability mass of the kept elements with key >= t; each term divided
-    // by `divisor` when given (normalised mass, as the reference sums it).
-    const auto mass_from = [&](uint64_t t, const double* divisor) {
-      const uint64_t lowest = t > floor ? t : floor;
+    // Probability mass of the kept elements (key >= floor).
+    const auto kept_mass = [&] {
       double m = 0.0;
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         const float v = x[i];
-        if (key(v, i) >= lowest) m += divisor != nullptr ? prob(v) / *divisor : prob(v);
+        if (key(v, i) >= floor) m += prob(v);
       }
       return BlockReduce(m, SumOp{}, scratch);
     };
-    double total = mass_from(0, nullptr);
+    auto* mass_scratch = reinterpret_cast<double*>(scratch);
+    double total = kept_mass();
     if (p.top_p < 1.0f) {
-      // The smallest prefix whose normalised mass reaches top_p ends at the
-      // largest key whose prefix mass does; none (rounding) keeps all.
+      // The smallest prefix whose normalised mass (each term divided by the
+      // total, as the reference sums it) reaches top_p ends at the largest
+      // key whose prefix mass does; none (rounding) keeps all.
       const double top_p = p.top_p;
       const double norm = total;
-      const uint64_t t =
-          LargestKeyWhere(bits, [&](uint64_t c) { return mass_from(c, &norm) >= top_p; });
+      const uint64_t t = LargestKeyWhere(
+          x, vocab, key, bits, floor, [&](float v) { return prob(v) / norm; },
+          [&](double mass) { return mass >= top_p; }, mass_scratch);
       if (t > floor) floor = t;
-      total = mass_from(0, nullptr);
+      total = kept_mass();
     }
     // The draw: the first element whose prefix mass exceeds u * total, i.e.
     // the largest key whose prefix mass does; the last kept one if rounding
     // leaves none (or the row's mass is NaN).
     const double target = p.uniform * total;
-    uint64_t t = LargestKeyWhere(bits, [&](uint64_t c) { return mass_from(c, nullptr) > target; });
+    uint64_t t = LargestKeyWhere(
+        x, vocab, key, bits, floor, prob, [&](double mass) { return mass > target; },
+        mass_scratch);
     if (t == 0) {
       uint64_t lowest = ~uint64_t{0};
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
