@@ -63,9 +63,11 @@ constexpr size_t kCopyChunkBytes = size_t{8} << 20;
 // is captured. 32 MiB is what cuBLAS itself takes on Hopper.
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 // In a step graph the shrink kernel's grid cannot follow each step's work;
-// it is sized for this many (row, rank) products per segment and strides
-// over more (decode: one row per request, rank <= 64 at full speed).
-constexpr int64_t kStepShrinkWork = 512;
+// it is sized for this many (row, rank) products per segment (one decode row
+// at rank 16, a warp each) and strides over more. Every launch has this many
+// blocks per segment slot, used or not: a larger size would mostly launch
+// idle blocks (at 512, 64 per slot, all but two idle at rank 16).
+constexpr int64_t kStepShrinkWork = 16;
 // Likewise the expand grid: one slice of rows per segment, which strides
 // over all of them (decode: few rows per segment).
 constexpr int64_t kStepExpandRows = 1;
@@ -132,16 +134,22 @@ class PinnedMirror {
 
   // Makes both at least `bytes`, growing to at least twice the old size so
   // that a slowly rising need reallocates rarely.
+  // When allocation fails, the old pair stays.
   absl::Status Reserve(size_t bytes) {
     if (bytes <= bytes_) return absl::OkStatus();
     bytes = std::max(bytes, 2 * bytes_);
+    char* host = nullptr;
+    char* device = nullptr;
+    CUDA_RETURN_IF_ERROR(cudaMallocHost(&host, bytes));
+    if (absl::Status status = cuda::CudaStatus(cudaMalloc(&device, bytes), "cudaMalloc");
+        !status.ok()) {
+      cudaFreeHost(host);
+      return status;
+    }
     CUDA_RETURN_IF_ERROR(cudaFreeHost(host_));
     CUDA_RETURN_IF_ERROR(cudaFree(device_));
-    host_ = nullptr;
-    device_ = nullptr;
-    bytes_ = 0;
-    CUDA_RETURN_IF_ERROR(cudaMallocHost(&host_, bytes));
-    CUDA_RETURN_IF_ERROR(cudaMalloc(&device_, bytes));
+    host_ = host;
+    device_ = device;
     bytes_ = bytes;
     return absl::OkStatus();
   }

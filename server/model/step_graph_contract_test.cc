@@ -98,29 +98,29 @@ class StepCheckingBackend : public Backend {
                       bool accumulate) override {
     return Run(Signature("Linear", Address(x), Address(w.data), w.rows, w.cols, m, Address(y),
            accumulate ? 1 : 0),
-               [=, this] { return inner_->Linear(x, w, m, y, accumulate); });
+               [=] { return inner_->Linear(x, w, m, y, accumulate); });
   }
   absl::Status Embedding(const int32_t* ids, int64_t n, const kernels::WeightView& table,
                          float* y) override {
     return Run(Signature("Embedding", Address(ids), n, Address(table.data), table.rows, Address(y)),
-               [=, this] { return inner_->Embedding(ids, n, table, y); });
+               [=] { return inner_->Embedding(ids, n, table, y); });
   }
   absl::Status RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
                        float* y) override {
     return Run(Signature("RmsNorm", Address(x), Address(weight), n, dim, eps, Address(y)),
-               [=, this] { return inner_->RmsNorm(x, weight, n, dim, eps, y); });
+               [=] { return inner_->RmsNorm(x, weight, n, dim, eps, y); });
   }
   absl::Status Add(float* x, const float* y, int64_t count) override {
     return Run(Signature("Add", Address(x), Address(y), count),
-               [=, this] { return inner_->Add(x, y, count); });
+               [=] { return inner_->Add(x, y, count); });
   }
   absl::Status AddBias(float* x, const float* bias, int64_t n, int64_t dim) override {
     return Run(Signature("AddBias", Address(x), Address(bias), n, dim),
-               [=, this] { return inner_->AddBias(x, bias, n, dim); });
+               [=] { return inner_->AddBias(x, bias, n, dim); });
   }
   absl::Status SiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) override {
     return Run(Signature("SiluMul", Address(gate_up), n, dim, Address(out)),
-               [=, this] { return inner_->SiluMul(gate_up, n, dim, out); });
+               [=] { return inner_->SiluMul(gate_up, n, dim, out); });
   }
   // The segments are the per-step input of a LoRA call: only their number
   // is bounded, by BeginStep's max_segments. They are copied at the call,
@@ -144,21 +144,21 @@ class StepCheckingBackend : public Backend {
   absl::Status MergeLora(const kernels::WeightView& base, const void* a, const void* bt,
                          int32_t rank, float scale, void* out) override {
     return Run(Signature("MergeLora", Address(base.data), Address(a), Address(bt), rank, scale, Address(out)),
-               [=, this] { return inner_->MergeLora(base, a, bt, rank, scale, out); });
+               [=] { return inner_->MergeLora(base, a, bt, rank, scale, out); });
   }
   absl::Status Rope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
                     int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
                     const kernels::RopeParams& rope) override {
     return Run(Signature("Rope", Address(q), q_ld, Address(k), k_ld, Address(positions), tokens, num_heads,
            num_kv_heads, Address(rope.inv_freq), rope.head_dim, rope.attention_scaling),
-               [=, this] { return inner_->Rope(q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads, rope); });
+               [=] { return inner_->Rope(q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads, rope); });
   }
   absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld,
                        const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
                        void* k_cache, void* v_cache) override {
     return Run(Signature("WriteKv", Address(k), Address(v), kv_ld, Address(batch.slot_mapping), batch.num_tokens,
            layout.num_blocks, Address(k_cache), Address(v_cache)),
-               [=, this] { return inner_->WriteKv(k, v, kv_ld, batch, layout, k_cache, v_cache); });
+               [=] { return inner_->WriteKv(k, v, kv_ld, batch, layout, k_cache, v_cache); });
   }
   absl::Status PagedAttention(const float* q, int64_t q_ld, const kernels::AttentionBatch& batch,
                               const kernels::KvLayout& layout, int32_t num_heads,
@@ -167,7 +167,7 @@ class StepCheckingBackend : public Backend {
            Address(batch.query_start), Address(batch.context_lens), Address(batch.block_tables),
            batch.max_blocks_per_seq, Address(batch.positions), num_heads, Address(k_cache),
            Address(v_cache), Address(out)),
-               [=, this] { return inner_->PagedAttention(q, q_ld, batch, layout, num_heads, k_cache, v_cache, out); });
+               [=] { return inner_->PagedAttention(q, q_ld, batch, layout, num_heads, k_cache, v_cache, out); });
   }
 
   bool SupportsStepGraphs() const override { return true; }
