@@ -30,8 +30,8 @@ absl::StatusOr<std::unique_ptr<DeviceAdapter>> DeviceAdapter::Upload(kernels::Ba
                                                                      const LoraAdapter& adapter) {
   const kernels::DType dtype = backend->LoraDType();
   if (dtype != kernels::DType::kF32 && dtype != kernels::DType::kBF16) {
-    return absl::UnimplementedError(absl::StrCat("adapters in ", kernels::DTypeName(dtype), " on ",
-                                                 backend->name()));
+    return absl::UnimplementedError(
+        absl::StrCat("adapters in ", kernels::DTypeName(dtype), " on ", backend->name()));
   }
   auto device = std::unique_ptr<DeviceAdapter>(new DeviceAdapter());
   // One allocation for all matrices: one residency unit, one free.
@@ -43,8 +43,7 @@ absl::StatusOr<std::unique_ptr<DeviceAdapter>> DeviceAdapter::Upload(kernels::Ba
     const void* src = host.data();
     if (dtype == kernels::DType::kBF16) {
       rounded.resize(host.size());
-      kernels::ConvertFloat32ToBf16(host.data(), static_cast<int64_t>(host.size()),
-                                    rounded.data());
+      kernels::ConvertFloat32ToBf16(host.data(), static_cast<int64_t>(host.size()), rounded.data());
       src = rounded.data();
     }
     const size_t bytes = host.size() * kernels::DTypeSize(dtype);

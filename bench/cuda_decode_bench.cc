@@ -240,8 +240,7 @@ absl::Status Run() {
   // cache a timed step reads halfway through the timed steps.
   const int32_t timed_context = context + kWarmupSteps + absl::GetFlag(FLAGS_steps) / 2 + 1;
   const auto moved = [&](int32_t batch, int32_t distinct) {
-    return bench::DecodeStepBytes(*backend, *model, batch, timed_context,
-                                  distinct * adapter_bytes);
+    return bench::DecodeStepBytes(*backend, *model, batch, timed_context, distinct * adapter_bytes);
   };
 
   std::printf("%-6s %-10s %10s %10s %10s %11s %8s %9s %9s\n", "batch", "scenario", "step_ms",

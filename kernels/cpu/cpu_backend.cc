@@ -363,11 +363,11 @@ class CpuBackend final : public Backend {
     if (x == nullptr) return NullArgument(kOp, "x");
     if (t == nullptr) return NullArgument(kOp, "t");
     if (in <= 0) return NonPositiveArgument(kOp, "in", in);
-    ForEachSegment(segments, num_segments, [&](const LoraSegment& seg, int64_t offset,
-                                               bool serial) {
-      Product(serial, x + seg.start * in, static_cast<const float*>(seg.a), seg.end - seg.start, seg.rank, in, 1.0f, false,
-              t + offset, seg.rank);
-    });
+    ForEachSegment(segments, num_segments,
+                   [&](const LoraSegment& seg, int64_t offset, bool serial) {
+                     Product(serial, x + seg.start * in, static_cast<const float*>(seg.a),
+                             seg.end - seg.start, seg.rank, in, 1.0f, false, t + offset, seg.rank);
+                   });
     return absl::OkStatus();
   }
 

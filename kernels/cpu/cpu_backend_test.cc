@@ -288,8 +288,11 @@ TEST_P(CpuBackendTest, LoraShrinkExpandMatchReference) {
     int32_t start, end, rank;
     float scale;
   };
-  const Spec specs[] = {{0, 1, 4, 2.0f},   {1, 21, 16, 0.5f}, {24, 25, 8, -1.5f},
-                        {25, 40, 1, 3.0f}, {2, 20, 8, -0.75f}};
+  const Spec specs[] = {{0, 1, 4, 2.0f},
+                        {1, 21, 16, 0.5f},
+                        {24, 25, 8, -1.5f},
+                        {25, 40, 1, 3.0f},
+                        {2, 20, 8, -0.75f}};
   const std::vector<float> x = RandomFloats(tokens * in, 401);
   const std::vector<float> y0 = RandomFloats(tokens * ldy, 402);
   std::vector<std::vector<float>> a, b;

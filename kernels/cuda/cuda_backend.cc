@@ -903,8 +903,7 @@ class CudaBackend final : public Backend {
     const size_t back_bytes = results_bytes + num_top * sizeof(cuda::DeviceTopEntry);
     // Sample synchronises before it returns: nothing still uses the staging.
     const size_t staging_bytes = params_bytes + back_bytes;
-    CUDA_RETURN_IF_ERROR(
-        sample_staging_.Reserve(staging_bytes));
+    CUDA_RETURN_IF_ERROR(sample_staging_.Reserve(staging_bytes));
     auto* host_params = reinterpret_cast<cuda::DeviceSamplingRow*>(sample_staging_.host());
     int64_t offset = 0;
     for (int64_t row = 0; row < rows; ++row) {

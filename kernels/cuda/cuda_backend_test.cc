@@ -472,8 +472,8 @@ TEST_F(CudaBackendTest, LoraShrinkExpandMatchCpu) {
     int32_t start, end, rank;
     float scale;
   };
-  const std::vector<Spec> specs = {{0, 1, 16, 2.0f},  {1, 2, 4, 0.5f},     {2, 2, 8, 1.0f},
-                                   {2, 22, 8, 1.0f},  {22, 30, 64, -1.5f}, {3, 25, 4, -0.75f}};
+  const std::vector<Spec> specs = {{0, 1, 16, 2.0f}, {1, 2, 4, 0.5f},     {2, 2, 8, 1.0f},
+                                   {2, 22, 8, 1.0f}, {22, 30, 64, -1.5f}, {3, 25, 4, -0.75f}};
   std::vector<std::vector<float>> a_host, bt_host;
   for (size_t i = 0; i < specs.size(); ++i) {
     a_host.push_back(RandomVector(specs[i].rank * in, 20 + i));

@@ -555,12 +555,12 @@ cudaError_t LoraExpandSegments(const float* t, const DeviceLoraTable* table, DTy
   if (tiles > 65535) return cudaErrorInvalidValue;
   // Long segments (prefill) are split into slices of rows, so that the grid
   // fills the GPU even when one adapter serves a whole prompt.
-  const int64_t slices = std::min<int64_t>(65535, (max_rows + kExpandRowsPerBlock - 1) /
-                                                      kExpandRowsPerBlock);
+  const int64_t slices =
+      std::min<int64_t>(65535, (max_rows + kExpandRowsPerBlock - 1) / kExpandRowsPerBlock);
   return DispatchDType(lora_dtype, [&](auto tag) {
-    LoraExpandKernel<decltype(tag)><<<dim3(grid_segments, static_cast<unsigned>(tiles),
-                                           static_cast<unsigned>(slices)),
-                                      kThreads, 0, stream>>>(t, table, out, y, ldy);
+    LoraExpandKernel<decltype(tag)>
+        <<<dim3(grid_segments, static_cast<unsigned>(tiles), static_cast<unsigned>(slices)),
+           kThreads, 0, stream>>>(t, table, out, y, ldy);
     return cudaGetLastError();
   });
 }
@@ -703,8 +703,8 @@ __device__ uint64_t LargestKeyWhere(const float* __restrict__ x, int64_t vocab, 
       const uint64_t high = k >> (shift + width);
       if (k < lowest || high < prefix) continue;  // below every candidate
       // An element above the prefix is at or above every candidate.
-      const int digit = high > prefix ? kDigits - 1
-                                      : static_cast<int>((k >> shift) & ((1u << width) - 1));
+      const int digit =
+          high > prefix ? kDigits - 1 : static_cast<int>((k >> shift) & ((1u << width) - 1));
       const W w = weight(v);
 #pragma unroll
       for (int d = 0; d < kDigits; ++d) sums[d] += d <= digit ? w : W{0};
@@ -795,8 +795,7 @@ __global__ void __launch_bounds__(kSampleThreads)
     // leaves none (or the row's mass is NaN).
     const double target = p.uniform * total;
     uint64_t t = LargestKeyWhere(
-        x, vocab, key, bits, floor, prob, [&](double mass) { return mass > target; },
-        mass_scratch);
+        x, vocab, key, bits, floor, prob, [&](double mass) { return mass > target; }, mass_scratch);
     if (t == 0) {
       uint64_t lowest = ~uint64_t{0};
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {

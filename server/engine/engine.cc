@@ -170,10 +170,9 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
   if (request.adapter != nullptr) {
     const int64_t bytes = device_adapters_->DeviceBytes(request.adapter->adapter);
     if (bytes > device_adapters_->budget_bytes()) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("adapter ", request.adapter->id, ": ", bytes,
-                       " bytes exceed --adapter-device-bytes (", device_adapters_->budget_bytes(),
-                       ")"));
+      return absl::ResourceExhaustedError(absl::StrCat("adapter ", request.adapter->id, ": ", bytes,
+                                                       " bytes exceed --adapter-device-bytes (",
+                                                       device_adapters_->budget_bytes(), ")"));
     }
   }
   if (!std::isfinite(request.adapter_scale) || request.adapter_scale < 0.0f) {

@@ -97,7 +97,7 @@ class StepCheckingBackend : public Backend {
   absl::Status Linear(const float* x, const kernels::WeightView& w, int64_t m, float* y,
                       bool accumulate) override {
     return Run(Signature("Linear", Address(x), Address(w.data), w.rows, w.cols, m, Address(y),
-           accumulate ? 1 : 0),
+                         accumulate ? 1 : 0),
                [=] { return inner_->Linear(x, w, m, y, accumulate); });
   }
   absl::Status Embedding(const int32_t* ids, int64_t n, const kernels::WeightView& table,
@@ -143,31 +143,38 @@ class StepCheckingBackend : public Backend {
   }
   absl::Status MergeLora(const kernels::WeightView& base, const void* a, const void* bt,
                          int32_t rank, float scale, void* out) override {
-    return Run(Signature("MergeLora", Address(base.data), Address(a), Address(bt), rank, scale, Address(out)),
+    return Run(Signature("MergeLora", Address(base.data), Address(a), Address(bt), rank, scale,
+                         Address(out)),
                [=] { return inner_->MergeLora(base, a, bt, rank, scale, out); });
   }
   absl::Status Rope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
                     int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
                     const kernels::RopeParams& rope) override {
-    return Run(Signature("Rope", Address(q), q_ld, Address(k), k_ld, Address(positions), tokens, num_heads,
-           num_kv_heads, Address(rope.inv_freq), rope.head_dim, rope.attention_scaling),
-               [=] { return inner_->Rope(q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads, rope); });
+    return Run(
+        Signature("Rope", Address(q), q_ld, Address(k), k_ld, Address(positions), tokens, num_heads,
+                  num_kv_heads, Address(rope.inv_freq), rope.head_dim, rope.attention_scaling),
+        [=] {
+          return inner_->Rope(q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads, rope);
+        });
   }
   absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld,
                        const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
                        void* k_cache, void* v_cache) override {
-    return Run(Signature("WriteKv", Address(k), Address(v), kv_ld, Address(batch.slot_mapping), batch.num_tokens,
-           layout.num_blocks, Address(k_cache), Address(v_cache)),
+    return Run(Signature("WriteKv", Address(k), Address(v), kv_ld, Address(batch.slot_mapping),
+                         batch.num_tokens, layout.num_blocks, Address(k_cache), Address(v_cache)),
                [=] { return inner_->WriteKv(k, v, kv_ld, batch, layout, k_cache, v_cache); });
   }
   absl::Status PagedAttention(const float* q, int64_t q_ld, const kernels::AttentionBatch& batch,
                               const kernels::KvLayout& layout, int32_t num_heads,
                               const void* k_cache, const void* v_cache, float* out) override {
-    return Run(Signature("PagedAttention", Address(q), q_ld, batch.num_tokens, batch.num_seqs,
-           Address(batch.query_start), Address(batch.context_lens), Address(batch.block_tables),
-           batch.max_blocks_per_seq, Address(batch.positions), num_heads, Address(k_cache),
-           Address(v_cache), Address(out)),
-               [=] { return inner_->PagedAttention(q, q_ld, batch, layout, num_heads, k_cache, v_cache, out); });
+    return Run(
+        Signature("PagedAttention", Address(q), q_ld, batch.num_tokens, batch.num_seqs,
+                  Address(batch.query_start), Address(batch.context_lens),
+                  Address(batch.block_tables), batch.max_blocks_per_seq, Address(batch.positions),
+                  num_heads, Address(k_cache), Address(v_cache), Address(out)),
+        [=] {
+          return inner_->PagedAttention(q, q_ld, batch, layout, num_heads, k_cache, v_cache, out);
+        });
   }
 
   bool SupportsStepGraphs() const override { return true; }
