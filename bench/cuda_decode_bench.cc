@@ -11,6 +11,7 @@
 //   base      no adapter
 //   lora      request i on adapter i % --adapters (min(B, adapters) distinct),
 //             rank --rank, all seven projections, unmerged (segmented kernels)
+//   hot       every request on adapter 0, unmerged (one segment of B rows)
 //   merged    every request on adapter 0, run on its merged weights
 // "moved" counts the bytes a step must read or write at least once: weights
 // (the embedding table only for the gathered rows), the KV cache read by
@@ -273,6 +274,7 @@ absl::Status Run() {
     }
     const int32_t distinct = std::min(batch, num_adapters);
     RETURN_IF_ERROR(row(absl::StrCat("lora/", distinct), spread, nullptr, distinct));
+    if (distinct > 1) RETURN_IF_ERROR(row("hot", hot, nullptr, 1));
     RETURN_IF_ERROR(row("merged", hot, merged.get(), 0));
   }
   std::fprintf(stderr, "step graphs: %lld steps launched as graphs, %lld fell back to eager\n",
