@@ -327,6 +327,10 @@ __global__ void __launch_bounds__(kAttentionWarps* kWarp)
 constexpr int kShrinkWarps = kThreads / kWarp;
 // Rows an expand block takes of its segment (grid.z slices longer segments).
 constexpr int64_t kExpandRowsPerBlock = 16;
+// Output columns each expand thread owns: a 4096-wide output is 4 blocks per
+// segment row rather than 16, fewer blocks for the many one-row segments of a
+// decode step, and the segment lookups serve four columns.
+constexpr int kExpandColumns = 4;
 
 // Block (segment, y): warps take the segment's (row, r) dot products in turn;
 // work item w is row start + w / rank, rank row w % rank, and lands at
@@ -356,12 +360,13 @@ __device__ __forceinline__ bool Covers(const DeviceLoraSegment& seg, int32_t row
   return seg.start <= row && row < seg.end;
 }
 
-// Block (segment, column tile, row slice): each thread owns one output column
-// of rows start + z, start + z + gridDim.z, ... of its segment. A row that
-// several segments cover (a sequence's adapter and the correction for merged
-// weights) is written only by the block of the first of them, which adds every
-// covering segment's term in table order, summing over r in order: no two
-// blocks update one element, and the sums are the CPU's, in the CPU's order.
+// Block (segment, column tile, row slice): each thread owns kExpandColumns
+// output columns, blockDim.x apart, of rows start + z, start + z + gridDim.z,
+// ... of its segment. A row that several segments cover (a sequence's adapter
+// and the correction for merged weights) is written only by the block of the
+// first of them, which adds every covering segment's term in table order,
+// summing over r in order: no two blocks update one element, and the sums are
+// the CPU's, in the CPU's order.
 template <typename L>
 __global__ void LoraExpandKernel(const float* t, const DeviceLoraTable* table, int64_t out,
                                  float* y, int64_t ldy) {
@@ -369,8 +374,8 @@ __global__ void LoraExpandKernel(const float* t, const DeviceLoraTable* table, i
   const int32_t index = static_cast<int32_t>(blockIdx.x);
   if (index >= count) return;
   const DeviceLoraSegment* segments = TableSegments(table);
-  const int64_t col = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (col >= out) return;
+  const int64_t first_col =
+      static_cast<int64_t>(blockIdx.y) * blockDim.x * kExpandColumns + threadIdx.x;
   const DeviceLoraSegment own = segments[index];
   for (int32_t row = own.start + static_cast<int32_t>(blockIdx.z); row < own.end;
        row += static_cast<int32_t>(gridDim.z)) {
@@ -379,18 +384,35 @@ __global__ void LoraExpandKernel(const float* t, const DeviceLoraTable* table, i
       written_elsewhere = Covers(segments[j], row);
     }
     if (written_elsewhere) continue;
-    float* yr = y + static_cast<int64_t>(row) * ldy + col;
-    float value = *yr;
+    float* yr = y + static_cast<int64_t>(row) * ldy;
+    float value[kExpandColumns];
+#pragma unroll
+    for (int c = 0; c < kExpandColumns; ++c) {
+      const int64_t col = first_col + c * blockDim.x;
+      value[c] = col < out ? yr[col] : 0.0f;
+    }
     for (int32_t j = index; j < count; ++j) {
       const DeviceLoraSegment seg = segments[j];
       if (!Covers(seg, row)) continue;
       const float* tr = t + seg.t_offset + static_cast<int64_t>(row - seg.start) * seg.rank;
       const L* bt = static_cast<const L*>(seg.bt);
-      float acc = 0.0f;
-      for (int32_t r = 0; r < seg.rank; ++r) acc = fmaf(tr[r], ToFloat(bt[r * out + col]), acc);
-      value = fmaf(seg.scale, acc, value);
+      float acc[kExpandColumns] = {};
+      for (int32_t r = 0; r < seg.rank; ++r) {
+        const float tv = tr[r];
+#pragma unroll
+        for (int c = 0; c < kExpandColumns; ++c) {
+          const int64_t col = first_col + c * blockDim.x;
+          if (col < out) acc[c] = fmaf(tv, ToFloat(bt[r * out + col]), acc[c]);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < kExpandColumns; ++c) value[c] = fmaf(seg.scale, acc[c], value[c]);
     }
-    *yr = value;
+#pragma unroll
+    for (int c = 0; c < kExpandColumns; ++c) {
+      const int64_t col = first_col + c * blockDim.x;
+      if (col < out) yr[col] = value[c];
+    }
   }
 }
 
@@ -551,7 +573,8 @@ cudaError_t LoraExpandSegments(const float* t, const DeviceLoraTable* table, DTy
                                int32_t grid_segments, int64_t max_rows, int64_t out, float* y,
                                int64_t ldy, cudaStream_t stream) {
   if (grid_segments == 0 || max_rows == 0) return cudaSuccess;
-  const int64_t tiles = (out + kThreads - 1) / kThreads;
+  const int64_t tile_columns = int64_t{kThreads} * kExpandColumns;
+  const int64_t tiles = (out + tile_columns - 1) / tile_columns;
   if (tiles > 65535) return cudaErrorInvalidValue;
   // Long segments (prefill) are split into slices of rows, so that the grid
   // fills the GPU even when one adapter serves a whole prompt.
