@@ -108,6 +108,17 @@ int64_t LoraIntermediateSize(const LoraSegment* segments, int32_t num_segments) 
   return floats;
 }
 
+absl::Status Backend::RmsNormLinear(const float* x, const float* norm_weight, int64_t n,
+                                    int64_t dim, float eps, float* h, const WeightView& w,
+                                    float* y) {
+  if (w.cols != dim) {
+    return absl::InvalidArgumentError(absl::StrCat(name(), ": RmsNormLinear: w has ", w.cols,
+                                                   " columns for rows of ", dim));
+  }
+  if (absl::Status status = RmsNorm(x, norm_weight, n, dim, eps, h); !status.ok()) return status;
+  return Linear(h, w, n, y, /*accumulate=*/false);
+}
+
 absl::Status Backend::BeginStep(uint64_t key, int32_t max_segments) {
   return absl::UnimplementedError(absl::StrCat(name(), " does not record step graphs"));
 }

@@ -199,6 +199,16 @@ class Backend {
                                const float* weight,  // [dim]
                                int64_t n, int64_t dim, float eps,
                                float* y) = 0;  // [n, dim]; may alias x
+  // h = RmsNorm(x) and y = h · Wᵀ: a norm whose output feeds a projection
+  // (and the LoRA shrink, which reads h). The default runs RmsNorm, then
+  // Linear; the CUDA backend writes the GEMM's bf16 copy of h in the norm's
+  // own pass instead of converting h again.
+  virtual absl::Status RmsNormLinear(const float* x,            // [n, dim]
+                                     const float* norm_weight,  // [dim]
+                                     int64_t n, int64_t dim, float eps,
+                                     float* h,             // [n, dim]; may alias x
+                                     const WeightView& w,  // [rows, dim]
+                                     float* y);            // [n, w.rows]
   // x += y
   virtual absl::Status Add(float* x, const float* y, int64_t count) = 0;
   // x[i, :] += bias for every row (q/k/v biases of Qwen2).

@@ -279,6 +279,32 @@ TEST_P(CpuBackendTest, LinearRejectsBadArguments) {
   EXPECT_TRUE(backend_->Linear(x.as<float>(), view, 0, y.as<float>(), false).ok());
 }
 
+// The default RmsNormLinear is RmsNorm, then Linear, bit for bit; a weight
+// whose width is not the rows' is refused.
+TEST_P(CpuBackendTest, RmsNormLinearIsNormThenLinear) {
+  const int64_t n = 5, dim = 48, rows = 20;
+  const std::vector<float> x = RandomFloats(n * dim, 61);
+  DeviceBuffer dx = Upload(x);
+  DeviceBuffer norm = Upload(RandomFloats(dim, 62));
+  DeviceBuffer dw = Upload(RandomFloats(rows * dim, 63));
+  const WeightView w{dw.data(), DType::kF32, rows, dim};
+  DeviceBuffer h_fused = Poisoned(n * dim), y_fused = Poisoned(n * rows);
+  ASSERT_TRUE(backend_
+                  ->RmsNormLinear(dx.as<float>(), norm.as<float>(), n, dim, 1e-5f,
+                                  h_fused.as<float>(), w, y_fused.as<float>())
+                  .ok());
+  DeviceBuffer h = Poisoned(n * dim), y = Poisoned(n * rows);
+  ASSERT_TRUE(backend_->RmsNorm(dx.as<float>(), norm.as<float>(), n, dim, 1e-5f, h.as<float>()).ok());
+  ASSERT_TRUE(backend_->Linear(h.as<float>(), w, n, y.as<float>(), false).ok());
+  EXPECT_EQ(Download(h_fused, n * dim), Download(h, n * dim));
+  EXPECT_EQ(Download(y_fused, n * rows), Download(y, n * rows));
+  const absl::Status status =
+      backend_->RmsNormLinear(dx.as<float>(), norm.as<float>(), n, dim, 1e-5f, h.as<float>(),
+                              {dw.data(), DType::kF32, rows, dim - 1}, y.as<float>());
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("columns for rows of 48"));
+}
+
 // Segments of different lengths (prefill-like and decode-like) and ranks,
 // with a gap of untouched rows and a column slice of a wider output. The last
 // covers rows of the second again, as the correction for merged weights does.

@@ -479,44 +479,51 @@ class CudaBackend final : public Backend {
                       bool accumulate) override {
     constexpr const char* kOp = "Linear";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckWeight(kOp, "w", w));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "m", m));
+    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, m));
     if (m == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
-    if (m > INT32_MAX || w.rows > INT32_MAX || w.cols > INT32_MAX) {
-      return Invalid(kOp,
-                     absl::StrCat("sizes beyond cuBLAS's int: m ", m, ", w ", w.rows, "x", w.cols));
-    }
-    // cuBLAS wants both operands in one type: x goes to the weight's dtype.
-    void* converted = nullptr;
-    if (w.dtype != DType::kF32) {
-      absl::StatusOr<void*> scratch = Scratch(m * w.cols * DTypeSize(w.dtype));
-      if (!scratch.ok()) return scratch.status();
-      converted = *scratch;
-    }
+    absl::StatusOr<void*> converted = GemmOperandBuffer(w, m);
+    if (!converted.ok()) return converted.status();
     return Launch(
         kOp,
         [&]() -> absl::Status {
-          const void* operand = x;
-          if (converted != nullptr) {
+          if (*converted != nullptr) {
             CUDA_RETURN_IF_ERROR(
-                cuda::ConvertElements(x, DType::kF32, converted, w.dtype, m * w.cols, stream_));
-            operand = converted;
+                cuda::ConvertElements(x, DType::kF32, *converted, w.dtype, m * w.cols, stream_));
           }
-          // Column-major view: y[m, n] row-major is yᶜ [n, m] = Wᶜᵀ · xᶜ with
-          // Wᶜ = W as [k, n] and xᶜ = x as [k, m].
-          const float alpha = 1.0f;
-          const float beta = accumulate ? 1.0f : 0.0f;
-          const cudaDataType_t type = CudaDataType(w.dtype);
-          CUDA_RETURN_IF_ERROR(cublasGemmEx(
-              cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.rows), static_cast<int>(m),
-              static_cast<int>(w.cols), &alpha, w.data, type, static_cast<int>(w.cols), operand,
-              type, static_cast<int>(w.cols), &beta, y, CUDA_R_32F, static_cast<int>(w.rows),
-              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-          return absl::OkStatus();
+          return Gemm(*converted != nullptr ? *converted : x, w, m, y, accumulate);
         },
-        x, w.data, w.dtype, w.rows, w.cols, m, y, accumulate, static_cast<const void*>(converted));
+        x, w.data, w.dtype, w.rows, w.cols, m, y, accumulate, static_cast<const void*>(*converted));
+  }
+
+  // The norm writes the GEMM's operand (h in the weight's dtype) as it
+  // writes h: one pass over the row instead of RmsNorm's and a conversion's.
+  absl::Status RmsNormLinear(const float* x, const float* norm_weight, int64_t n, int64_t dim,
+                             float eps, float* h, const WeightView& w, float* y) override {
+    constexpr const char* kOp = "RmsNormLinear";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, n));
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "dim", dim));
+    if (w.cols != dim) {
+      return Invalid(kOp, absl::StrCat("w has ", w.cols, " columns for rows of ", dim));
+    }
+    if (n == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "norm_weight", norm_weight));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "h", h));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
+    absl::StatusOr<void*> converted = GemmOperandBuffer(w, n);
+    if (!converted.ok()) return converted.status();
+    return Launch(
+        kOp,
+        [&]() -> absl::Status {
+          CUDA_RETURN_IF_ERROR(
+              cuda::RmsNormRows(x, norm_weight, n, dim, eps, h, *converted, w.dtype, stream_));
+          return Gemm(*converted != nullptr ? *converted : h, w, n, y, /*accumulate=*/false);
+        },
+        x, norm_weight, n, dim, eps, h, w.data, w.dtype, w.rows, y,
+        static_cast<const void*>(*converted));
   }
 
   absl::Status Embedding(const int32_t* ids, int64_t n, const WeightView& table,
@@ -548,8 +555,12 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "weight", weight));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
     return Launch(
-        kOp, [&] { return cuda::RmsNormRows(x, weight, n, dim, eps, y, stream_); }, x, weight, n,
-        dim, eps, y);
+        kOp,
+        [&] {
+          return cuda::RmsNormRows(x, weight, n, dim, eps, y, /*converted=*/nullptr, DType::kF32,
+                                   stream_);
+        },
+        x, weight, n, dim, eps, y);
   }
 
   absl::Status Add(float* x, const float* y, int64_t count) override {
@@ -966,6 +977,42 @@ class CudaBackend final : public Backend {
     if (error != cudaSuccess) {
       return cuda::CudaStatus(error, absl::StrCat("CudaBackend::", op, ": cudaSetDevice").c_str());
     }
+    return absl::OkStatus();
+  }
+
+  // A weight and row count cuBLAS can take.
+  absl::Status CheckGemm(const char* op, const WeightView& w, int64_t m) const {
+    CUDA_RETURN_IF_ERROR(CheckWeight(op, "w", w));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(op, "m", m));
+    if (m > INT32_MAX || w.rows > INT32_MAX || w.cols > INT32_MAX) {
+      return Invalid(op,
+                     absl::StrCat("sizes beyond cuBLAS's int: m ", m, ", w ", w.rows, "x", w.cols));
+    }
+    return absl::OkStatus();
+  }
+
+  // Where m rows of a GEMM's input go in w's dtype (cuBLAS wants both
+  // operands in one type); null for float32 weights, which take the input as
+  // it is.
+  absl::StatusOr<void*> GemmOperandBuffer(const WeightView& w, int64_t m) {
+    if (w.dtype == DType::kF32) return nullptr;
+    return Scratch(m * w.cols * DTypeSize(w.dtype));
+  }
+
+  // y[m, w.rows] = operand · Wᵀ (+ y when accumulate), queued on stream_;
+  // `operand` holds m rows of w.cols elements of w's dtype.
+  absl::Status Gemm(const void* operand, const WeightView& w, int64_t m, float* y,
+                    bool accumulate) {
+    // Column-major view: y[m, n] row-major is yᶜ [n, m] = Wᶜᵀ · xᶜ with
+    // Wᶜ = W as [k, n] and xᶜ = x as [k, m].
+    const float alpha = 1.0f;
+    const float beta = accumulate ? 1.0f : 0.0f;
+    const cudaDataType_t type = CudaDataType(w.dtype);
+    CUDA_RETURN_IF_ERROR(cublasGemmEx(
+        cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.rows), static_cast<int>(m),
+        static_cast<int>(w.cols), &alpha, w.data, type, static_cast<int>(w.cols), operand, type,
+        static_cast<int>(w.cols), &beta, y, CUDA_R_32F, static_cast<int>(w.rows),
+        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return absl::OkStatus();
   }
 

@@ -186,6 +186,50 @@ TEST_F(CudaBackendTest, LinearMatchesCpu) {
   }
 }
 
+// The fused norm + projection equals RmsNorm then Linear on the same backend
+// exactly (the norm writes the same bf16 operand the conversion would), and
+// the CPU within the GEMM's bound.
+TEST_F(CudaBackendTest, RmsNormLinearMatchesNormThenLinear) {
+  const int64_t dim = 160, rows = 96;
+  const float eps = 1e-5f;
+  const std::vector<float> w_host = RandomVector(rows * dim, 5, -0.1f, 0.1f);
+  const std::vector<float> norm = RandomVector(dim, 6, 0.5f, 1.5f);
+  for (CudaCase& c : cases_) {
+    Backend& cuda = *c.backend;
+    const Weight w = UploadWeight(cuda, w_host, rows, dim);
+    const Weight w_cpu = UploadWeight(*cpu_, AsStored(c, w_host), rows, dim);
+    DeviceBuffer norm_gpu = Upload(cuda, norm), norm_cpu = Upload(*cpu_, norm);
+    for (const int64_t n : {1, 7, 64}) {
+      SCOPED_TRACE(c.name + " n=" + std::to_string(n));
+      const std::vector<float> x = RandomVector(n * dim, 7 + n);
+      DeviceBuffer x_gpu = Upload(cuda, x), x_cpu = Upload(*cpu_, x);
+      DeviceBuffer h_fused = Poisoned(cuda, n * dim), y_fused = Poisoned(cuda, n * rows);
+      ASSERT_TRUE(cuda.RmsNormLinear(x_gpu.as<float>(), norm_gpu.as<float>(), n, dim, eps,
+                                     h_fused.as<float>(), w.view, y_fused.as<float>())
+                      .ok());
+      DeviceBuffer h = Poisoned(cuda, n * dim), y = Poisoned(cuda, n * rows);
+      ASSERT_TRUE(
+          cuda.RmsNorm(x_gpu.as<float>(), norm_gpu.as<float>(), n, dim, eps, h.as<float>()).ok());
+      ASSERT_TRUE(cuda.Linear(h.as<float>(), w.view, n, y.as<float>(), false).ok());
+      const std::vector<float> fused = Download(cuda, y_fused, n * rows);
+      EXPECT_EQ(Download(cuda, h_fused, n * dim), Download(cuda, h, n * dim));
+      EXPECT_EQ(fused, Download(cuda, y, n * rows));
+      DeviceBuffer h_cpu = Poisoned(*cpu_, n * dim), y_cpu = Poisoned(*cpu_, n * rows);
+      ASSERT_TRUE(cpu_->RmsNormLinear(x_cpu.as<float>(), norm_cpu.as<float>(), n, dim, eps,
+                                      h_cpu.as<float>(), w_cpu.view, y_cpu.as<float>())
+                      .ok());
+      EXPECT_LE(RelativeError(Download(cuda, h_fused, n * dim), Download(*cpu_, h_cpu, n * dim)),
+                kF32Bound);
+      EXPECT_LE(RelativeError(fused, Download(*cpu_, y_cpu, n * rows)), c.bound);
+    }
+    DeviceBuffer x = Upload(cuda, std::vector<float>(dim, 1.0f)), out = Poisoned(cuda, dim + rows);
+    const absl::Status status =
+        cuda.RmsNormLinear(x.as<float>(), norm_gpu.as<float>(), 1, dim - 1, eps, out.as<float>(),
+                           w.view, out.as<float>() + dim);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  }
+}
+
 TEST_F(CudaBackendTest, Bf16AndF16WeightsStayInTheirDtype) {
   CudaCase& c = cases_[0];
   EXPECT_EQ(c.backend->WeightDType(DType::kF32), DType::kBF16);

@@ -106,8 +106,10 @@ __global__ void EmbeddingKernel(const int32_t* ids, int64_t n, const T* table, i
   }
 }
 
+// C is the dtype of `converted` (null: none).
+template <typename C>
 __global__ void RmsNormKernel(const float* x, const float* weight, int64_t n, int64_t dim,
-                              float eps, float* y) {
+                              float eps, float* y, C* converted) {
   __shared__ float scratch[kWarp];
   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
     const float* xr = x + row * dim;
@@ -117,7 +119,11 @@ __global__ void RmsNormKernel(const float* x, const float* weight, int64_t n, in
     sum = BlockSum(sum, scratch);
     const float inv_rms = 1.0f / sqrtf(sum / static_cast<float>(dim) + eps);
     // Each thread rewrites only the elements it read: y may alias x.
-    for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = weight[c] * (xr[c] * inv_rms);
+    for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
+      const float value = weight[c] * (xr[c] * inv_rms);
+      yr[c] = value;
+      if (converted != nullptr) converted[row * dim + c] = FromFloat<C>(value);
+    }
   }
 }
 
@@ -479,11 +485,19 @@ cudaError_t EmbeddingGather(const int32_t* ids, int64_t n, const void* table, DT
 }
 
 cudaError_t RmsNormRows(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
-                        float* y, cudaStream_t stream) {
+                        float* y, void* converted, DType converted_dtype, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  RmsNormKernel<<<static_cast<int>(std::min(n, kMaxBlocks)), kThreads, 0, stream>>>(x, weight, n,
-                                                                                    dim, eps, y);
-  return cudaGetLastError();
+  const int blocks = static_cast<int>(std::min(n, kMaxBlocks));
+  if (converted == nullptr) {
+    RmsNormKernel<float><<<blocks, kThreads, 0, stream>>>(x, weight, n, dim, eps, y, nullptr);
+    return cudaGetLastError();
+  }
+  return DispatchDType(converted_dtype, [&](auto tag) {
+    using C = decltype(tag);
+    RmsNormKernel<C><<<blocks, kThreads, 0, stream>>>(x, weight, n, dim, eps, y,
+                                                      static_cast<C*>(converted));
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t AddInPlace(float* x, const float* y, int64_t count, cudaStream_t stream) {

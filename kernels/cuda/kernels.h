@@ -77,12 +77,15 @@ cudaError_t EmbeddingGather(const int32_t* ids,  // [n]
                             float* y,  // [n, hidden]
                             int32_t* error, cudaStream_t stream);
 
-// y = weight * (x * rsqrt(mean(x²) + eps)) per row; y may alias x.
+// y = weight * (x * rsqrt(mean(x²) + eps)) per row; y may alias x. With
+// `converted` (else null), y also goes there in `converted_dtype`, rounded as
+// ConvertElements rounds: the operand of a GEMM in that dtype.
 cudaError_t RmsNormRows(const float* x,       // [n, dim]
                         const float* weight,  // [dim]
                         int64_t n, int64_t dim, float eps,
-                        float* y,  // [n, dim]
-                        cudaStream_t stream);
+                        float* y,         // [n, dim]
+                        void* converted,  // [n, dim] of converted_dtype, or null
+                        DType converted_dtype, cudaStream_t stream);
 
 // x += y
 cudaError_t AddInPlace(float* x,        // [count]

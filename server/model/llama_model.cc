@@ -594,10 +594,9 @@ absl::Status LlamaModel::Encode(const StepOperands& step) {
   const WeightView hidden_states{s.x.data(), DType::kF32, num_tokens, c.hidden_size};
   RETURN_IF_ERROR(
       backend_->Embedding(step.logit_rows, num_rows, hidden_states, s.rows.as<float>()));
-  RETURN_IF_ERROR(backend_->RmsNorm(s.rows.as<float>(), final_norm_, num_rows, c.hidden_size,
-                                    static_cast<float>(c.rms_norm_eps), s.rows.as<float>()));
-  return backend_->Linear(s.rows.as<float>(), lm_head_, num_rows, s.logits.as<float>(),
-                          /*accumulate=*/false);
+  return backend_->RmsNormLinear(s.rows.as<float>(), final_norm_, num_rows, c.hidden_size,
+                                 static_cast<float>(c.rms_norm_eps), s.rows.as<float>(), lm_head_,
+                                 s.logits.as<float>());
 }
 
 absl::Status LlamaModel::ApplyLora(int64_t layer_index, std::initializer_list<LoraTarget> targets,
@@ -691,8 +690,8 @@ absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64
 
   // Attention block; the residual add is the GEMM's accumulation into x.
   // q, k and v are one GEMM, and one LoRA shrink serves all three.
-  RETURN_IF_ERROR(backend_->RmsNorm(x, layer.input_norm, num_tokens, hidden, eps, h));
-  RETURN_IF_ERROR(backend_->Linear(h, w_qkv, num_tokens, q, false));
+  RETURN_IF_ERROR(
+      backend_->RmsNormLinear(x, layer.input_norm, num_tokens, hidden, eps, h, w_qkv, q));
   RETURN_IF_ERROR(ApplyLora(layer_index,
                             {{LoraModule::kQProj, q_dim, q, qkv_dim},
                              {LoraModule::kKProj, kv_dim, k, qkv_dim},
@@ -711,9 +710,9 @@ absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64
 
   // MLP block: gate and up share one GEMM; their LoRA terms land in their
   // halves of the stacked activation.
-  RETURN_IF_ERROR(backend_->RmsNorm(x, layer.post_attention_norm, num_tokens, hidden, eps, h));
   float* gate_up = s.gate_up.as<float>();
-  RETURN_IF_ERROR(backend_->Linear(h, w_gate_up, num_tokens, gate_up, false));
+  RETURN_IF_ERROR(backend_->RmsNormLinear(x, layer.post_attention_norm, num_tokens, hidden, eps, h,
+                                          w_gate_up, gate_up));
   RETURN_IF_ERROR(ApplyLora(layer_index,
                             {{LoraModule::kGateProj, inter, gate_up, 2 * inter},
                              {LoraModule::kUpProj, inter, gate_up + inter, 2 * inter}},
