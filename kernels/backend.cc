@@ -112,8 +112,8 @@ absl::Status Backend::RmsNormLinear(const float* x, const float* norm_weight, in
                                     int64_t dim, float eps, float* h, const WeightView& w,
                                     float* y) {
   if (w.cols != dim) {
-    return absl::InvalidArgumentError(absl::StrCat(name(), ": RmsNormLinear: w has ", w.cols,
-                                                   " columns for rows of ", dim));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name(), ": RmsNormLinear: w has ", w.cols, " columns for rows of ", dim));
   }
   if (absl::Status status = RmsNorm(x, norm_weight, n, dim, eps, h); !status.ok()) return status;
   return Linear(h, w, n, y, /*accumulate=*/false);

@@ -294,7 +294,8 @@ TEST_P(CpuBackendTest, RmsNormLinearIsNormThenLinear) {
                                   h_fused.as<float>(), w, y_fused.as<float>())
                   .ok());
   DeviceBuffer h = Poisoned(n * dim), y = Poisoned(n * rows);
-  ASSERT_TRUE(backend_->RmsNorm(dx.as<float>(), norm.as<float>(), n, dim, 1e-5f, h.as<float>()).ok());
+  ASSERT_TRUE(
+      backend_->RmsNorm(dx.as<float>(), norm.as<float>(), n, dim, 1e-5f, h.as<float>()).ok());
   ASSERT_TRUE(backend_->Linear(h.as<float>(), w, n, y.as<float>(), false).ok());
   EXPECT_EQ(Download(h_fused, n * dim), Download(h, n * dim));
   EXPECT_EQ(Download(y_fused, n * rows), Download(y, n * rows));

@@ -494,8 +494,8 @@ cudaError_t RmsNormRows(const float* x, const float* weight, int64_t n, int64_t 
   }
   return DispatchDType(converted_dtype, [&](auto tag) {
     using C = decltype(tag);
-    RmsNormKernel<C><<<blocks, kThreads, 0, stream>>>(x, weight, n, dim, eps, y,
-                                                      static_cast<C*>(converted));
+    RmsNormKernel<C>
+        <<<blocks, kThreads, 0, stream>>>(x, weight, n, dim, eps, y, static_cast<C*>(converted));
     return cudaGetLastError();
   });
 }
