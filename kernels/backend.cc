@@ -119,6 +119,16 @@ absl::Status Backend::RmsNormLinear(const float* x, const float* norm_weight, in
   return Linear(h, w, n, y, /*accumulate=*/false);
 }
 
+absl::Status Backend::SiluMulLinear(const float* gate_up, int64_t n, int64_t dim, float* act,
+                                    const WeightView& w, float* y, bool accumulate) {
+  if (w.cols != dim) {
+    return absl::InvalidArgumentError(absl::StrCat(name(), ": SiluMulLinear: w has ", w.cols,
+                                                   " columns for rows of ", dim));
+  }
+  if (absl::Status status = SiluMul(gate_up, n, dim, act); !status.ok()) return status;
+  return Linear(act, w, n, y, accumulate);
+}
+
 absl::Status Backend::BeginStep(uint64_t key, int32_t max_segments) {
   return absl::UnimplementedError(absl::StrCat(name(), " does not record step graphs"));
 }

@@ -209,6 +209,16 @@ class Backend {
                                      float* h,             // [n, dim]; may alias x
                                      const WeightView& w,  // [rows, dim]
                                      float* y);            // [n, w.rows]
+  // act = silu(gate) * up and y = act · Wᵀ (+ y when accumulate): the gate
+  // that feeds the down projection (and its LoRA shrink, which reads act).
+  // The default runs SiluMul, then Linear; the CUDA backend writes the GEMM's
+  // bf16 copy of act in the gate's own pass, as RmsNormLinear does.
+  virtual absl::Status SiluMulLinear(const float* gate_up,  // [n, 2 * dim]
+                                     int64_t n, int64_t dim,
+                                     float* act,           // [n, dim]
+                                     const WeightView& w,  // [rows, dim]
+                                     float* y,             // [n, w.rows]
+                                     bool accumulate);
   // x += y
   virtual absl::Status Add(float* x, const float* y, int64_t count) = 0;
   // x[i, :] += bias for every row (q/k/v biases of Qwen2).

@@ -306,6 +306,31 @@ TEST_P(CpuBackendTest, RmsNormLinearIsNormThenLinear) {
   EXPECT_THAT(status.message(), HasSubstr("columns for rows of 48"));
 }
 
+// The default SiluMulLinear is SiluMul, then Linear (accumulating here), bit
+// for bit; a weight whose width is not the rows' is refused.
+TEST_P(CpuBackendTest, SiluMulLinearIsGateThenLinear) {
+  const int64_t n = 5, dim = 48, rows = 20;
+  DeviceBuffer gate_up = Upload(RandomFloats(n * 2 * dim, 71));
+  DeviceBuffer dw = Upload(RandomFloats(rows * dim, 72));
+  const std::vector<float> y0 = RandomFloats(n * rows, 73);
+  const WeightView w{dw.data(), DType::kF32, rows, dim};
+  DeviceBuffer act_fused = Poisoned(n * dim), y_fused = Upload(y0);
+  ASSERT_TRUE(backend_
+                  ->SiluMulLinear(gate_up.as<float>(), n, dim, act_fused.as<float>(), w,
+                                  y_fused.as<float>(), /*accumulate=*/true)
+                  .ok());
+  DeviceBuffer act = Poisoned(n * dim), y = Upload(y0);
+  ASSERT_TRUE(backend_->SiluMul(gate_up.as<float>(), n, dim, act.as<float>()).ok());
+  ASSERT_TRUE(backend_->Linear(act.as<float>(), w, n, y.as<float>(), true).ok());
+  EXPECT_EQ(Download(act_fused, n * dim), Download(act, n * dim));
+  EXPECT_EQ(Download(y_fused, n * rows), Download(y, n * rows));
+  const absl::Status status =
+      backend_->SiluMulLinear(gate_up.as<float>(), n, dim, act.as<float>(),
+                              {dw.data(), DType::kF32, rows, dim + 1}, y.as<float>(), false);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("columns for rows of 48"));
+}
+
 // Segments of different lengths (prefill-like and decode-like) and ranks,
 // with a gap of untouched rows and a column slice of a wider output. The last
 // covers rows of the second again, as the correction for merged weights does.

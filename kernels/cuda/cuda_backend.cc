@@ -595,8 +595,39 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "gate_up", gate_up));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "out", out));
     return Launch(
-        kOp, [&] { return cuda::SiluMulRows(gate_up, n, dim, out, stream_); }, gate_up, n, dim,
-        out);
+        kOp,
+        [&] {
+          return cuda::SiluMulRows(gate_up, n, dim, out, /*converted=*/nullptr, DType::kF32,
+                                   stream_);
+        },
+        gate_up, n, dim, out);
+  }
+
+  // As RmsNormLinear: the gate writes the GEMM's operand as it writes act.
+  absl::Status SiluMulLinear(const float* gate_up, int64_t n, int64_t dim, float* act,
+                             const WeightView& w, float* y, bool accumulate) override {
+    constexpr const char* kOp = "SiluMulLinear";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, n));
+    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "dim", dim));
+    if (w.cols != dim) {
+      return Invalid(kOp, absl::StrCat("w has ", w.cols, " columns for rows of ", dim));
+    }
+    if (n == 0) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "gate_up", gate_up));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "act", act));
+    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
+    absl::StatusOr<void*> converted = GemmOperandBuffer(w, n);
+    if (!converted.ok()) return converted.status();
+    return Launch(
+        kOp,
+        [&]() -> absl::Status {
+          CUDA_RETURN_IF_ERROR(
+              cuda::SiluMulRows(gate_up, n, dim, act, *converted, w.dtype, stream_));
+          return Gemm(*converted != nullptr ? *converted : act, w, n, y, accumulate);
+        },
+        gate_up, n, dim, act, w.data, w.dtype, w.rows, y, accumulate,
+        static_cast<const void*>(*converted));
   }
 
   // --- LoRA -----------------------------------------------------------------

@@ -230,6 +230,43 @@ TEST_F(CudaBackendTest, RmsNormLinearMatchesNormThenLinear) {
   }
 }
 
+// The fused gate + down projection (accumulating, as the model uses it)
+// equals SiluMul then Linear on the same backend exactly, and the CPU within
+// the GEMM's bound.
+TEST_F(CudaBackendTest, SiluMulLinearMatchesGateThenLinear) {
+  const int64_t dim = 144, rows = 80;
+  const std::vector<float> w_host = RandomVector(rows * dim, 8, -0.1f, 0.1f);
+  for (CudaCase& c : cases_) {
+    Backend& cuda = *c.backend;
+    const Weight w = UploadWeight(cuda, w_host, rows, dim);
+    const Weight w_cpu = UploadWeight(*cpu_, AsStored(c, w_host), rows, dim);
+    for (const int64_t n : {1, 7, 64}) {
+      SCOPED_TRACE(c.name + " n=" + std::to_string(n));
+      const std::vector<float> gate_up = RandomVector(n * 2 * dim, 9 + n, -3.0f, 3.0f);
+      const std::vector<float> y0 = RandomVector(n * rows, 10 + n);
+      DeviceBuffer g_gpu = Upload(cuda, gate_up), g_cpu = Upload(*cpu_, gate_up);
+      DeviceBuffer act_fused = Poisoned(cuda, n * dim), y_fused = Upload(cuda, y0);
+      ASSERT_TRUE(cuda.SiluMulLinear(g_gpu.as<float>(), n, dim, act_fused.as<float>(), w.view,
+                                     y_fused.as<float>(), /*accumulate=*/true)
+                      .ok());
+      DeviceBuffer act = Poisoned(cuda, n * dim), y = Upload(cuda, y0);
+      ASSERT_TRUE(cuda.SiluMul(g_gpu.as<float>(), n, dim, act.as<float>()).ok());
+      ASSERT_TRUE(cuda.Linear(act.as<float>(), w.view, n, y.as<float>(), true).ok());
+      const std::vector<float> fused = Download(cuda, y_fused, n * rows);
+      EXPECT_EQ(Download(cuda, act_fused, n * dim), Download(cuda, act, n * dim));
+      EXPECT_EQ(fused, Download(cuda, y, n * rows));
+      DeviceBuffer act_cpu = Poisoned(*cpu_, n * dim), y_cpu = Upload(*cpu_, y0);
+      ASSERT_TRUE(cpu_->SiluMulLinear(g_cpu.as<float>(), n, dim, act_cpu.as<float>(), w_cpu.view,
+                                      y_cpu.as<float>(), true)
+                      .ok());
+      EXPECT_LE(
+          RelativeError(Download(cuda, act_fused, n * dim), Download(*cpu_, act_cpu, n * dim)),
+          kF32Bound);
+      EXPECT_LE(RelativeError(fused, Download(*cpu_, y_cpu, n * rows)), c.bound);
+    }
+  }
+}
+
 TEST_F(CudaBackendTest, Bf16AndF16WeightsStayInTheirDtype) {
   CudaCase& c = cases_[0];
   EXPECT_EQ(c.backend->WeightDType(DType::kF32), DType::kBF16);

@@ -142,7 +142,10 @@ __global__ void AddBiasKernel(float* x, const float* bias, int64_t n, int64_t di
   }
 }
 
-__global__ void SiluMulKernel(const float* gate_up, int64_t n, int64_t dim, float* out) {
+// C is the dtype of `converted` (null: none).
+template <typename C>
+__global__ void SiluMulKernel(const float* gate_up, int64_t n, int64_t dim, float* out,
+                              C* converted) {
   const int64_t count = n * dim;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -150,7 +153,9 @@ __global__ void SiluMulKernel(const float* gate_up, int64_t n, int64_t dim, floa
     const int64_t c = i - row * dim;
     const float gate = gate_up[row * 2 * dim + c];
     const float up = gate_up[row * 2 * dim + dim + c];
-    out[i] = gate / (1.0f + expf(-gate)) * up;
+    const float value = gate / (1.0f + expf(-gate)) * up;
+    out[i] = value;
+    if (converted != nullptr) converted[i] = FromFloat<C>(value);
   }
 }
 
@@ -512,11 +517,19 @@ cudaError_t AddBiasRows(float* x, const float* bias, int64_t n, int64_t dim, cud
   return cudaGetLastError();
 }
 
-cudaError_t SiluMulRows(const float* gate_up, int64_t n, int64_t dim, float* out,
-                        cudaStream_t stream) {
+cudaError_t SiluMulRows(const float* gate_up, int64_t n, int64_t dim, float* out, void* converted,
+                        DType converted_dtype, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  SiluMulKernel<<<GridFor(n * dim), kThreads, 0, stream>>>(gate_up, n, dim, out);
-  return cudaGetLastError();
+  if (converted == nullptr) {
+    SiluMulKernel<float><<<GridFor(n * dim), kThreads, 0, stream>>>(gate_up, n, dim, out, nullptr);
+    return cudaGetLastError();
+  }
+  return DispatchDType(converted_dtype, [&](auto tag) {
+    using C = decltype(tag);
+    SiluMulKernel<C><<<GridFor(n * dim), kThreads, 0, stream>>>(gate_up, n, dim, out,
+                                                                static_cast<C*>(converted));
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t RopeInPlace(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,

@@ -97,11 +97,13 @@ cudaError_t AddBiasRows(float* x,           // [n, dim]
                         const float* bias,  // [dim]
                         int64_t n, int64_t dim, cudaStream_t stream);
 
-// out = silu(gate) * up
+// out = silu(gate) * up. With `converted` (else null), out also goes there
+// in `converted_dtype`, as in RmsNormRows.
 cudaError_t SiluMulRows(const float* gate_up,  // [n, 2 * dim]: gate | up per row
                         int64_t n, int64_t dim,
-                        float* out,  // [n, dim]
-                        cudaStream_t stream);
+                        float* out,       // [n, dim]
+                        void* converted,  // [n, dim] of converted_dtype, or null
+                        DType converted_dtype, cudaStream_t stream);
 
 // Rotate-half rotary embedding in place, angle = float(position) * inv_freq[i].
 cudaError_t RopeInPlace(float* q,  // [tokens, q_ld]: num_heads heads of head_dim

@@ -681,13 +681,6 @@ absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64
   float* q = s.qkv.as<float>();
   float* k = q + q_dim;
   float* v = k + kv_dim;
-  // One projection: the base GEMM, then the batch's LoRA segments on top.
-  auto project = [&](const float* in, int64_t in_dim, const WeightView& w, LoraModule module,
-                     float* out, bool accumulate) -> absl::Status {
-    RETURN_IF_ERROR(backend_->Linear(in, w, num_tokens, out, accumulate));
-    return ApplyLora(layer_index, {{module, w.rows, out, w.rows}}, in, in_dim, lora);
-  };
-
   // Attention block; the residual add is the GEMM's accumulation into x.
   // q, k and v are one GEMM, and one LoRA shrink serves all three.
   RETURN_IF_ERROR(
@@ -704,9 +697,12 @@ absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64
   RETURN_IF_ERROR(
       backend_->Rope(q, qkv_dim, k, qkv_dim, batch.positions, num_tokens, heads, kv_heads, rope));
   RETURN_IF_ERROR(backend_->WriteKv(k, v, qkv_dim, batch, layout, k_cache, v_cache));
-  RETURN_IF_ERROR(backend_->PagedAttention(q, qkv_dim, batch, layout, heads, k_cache, v_cache,
-                                           s.attn.as<float>()));
-  RETURN_IF_ERROR(project(s.attn.as<float>(), wo.cols, wo, LoraModule::kOProj, x, true));
+  float* attn = s.attn.as<float>();
+  RETURN_IF_ERROR(
+      backend_->PagedAttention(q, qkv_dim, batch, layout, heads, k_cache, v_cache, attn));
+  RETURN_IF_ERROR(backend_->Linear(attn, wo, num_tokens, x, /*accumulate=*/true));
+  RETURN_IF_ERROR(
+      ApplyLora(layer_index, {{LoraModule::kOProj, wo.rows, x, wo.rows}}, attn, wo.cols, lora));
 
   // MLP block: gate and up share one GEMM; their LoRA terms land in their
   // halves of the stacked activation.
@@ -717,8 +713,11 @@ absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64
                             {{LoraModule::kGateProj, inter, gate_up, 2 * inter},
                              {LoraModule::kUpProj, inter, gate_up + inter, 2 * inter}},
                             h, hidden, lora));
-  RETURN_IF_ERROR(backend_->SiluMul(gate_up, num_tokens, inter, s.act.as<float>()));
-  return project(s.act.as<float>(), inter, w_down, LoraModule::kDownProj, x, true);
+  float* act = s.act.as<float>();
+  RETURN_IF_ERROR(backend_->SiluMulLinear(gate_up, num_tokens, inter, act, w_down, x,
+                                          /*accumulate=*/true));
+  return ApplyLora(layer_index, {{LoraModule::kDownProj, w_down.rows, x, w_down.rows}}, act, inter,
+                   lora);
 }
 
 }  // namespace loraserve::model
