@@ -201,8 +201,9 @@ class Backend {
                                float* y) = 0;  // [n, dim]; may alias x
   // h = RmsNorm(x) and y = h · Wᵀ: a norm whose output feeds a projection
   // (and the LoRA shrink, which reads h). The default runs RmsNorm, then
-  // Linear; the CUDA backend writes the GEMM's bf16 copy of h in the norm's
-  // own pass instead of converting h again.
+  // Linear; the CUDA backend writes the GEMM's copy of h in the weight's
+  // dtype (bf16, f16) in the norm's own pass instead of converting h again.
+  // y must not alias h.
   virtual absl::Status RmsNormLinear(const float* x,            // [n, dim]
                                      const float* norm_weight,  // [dim]
                                      int64_t n, int64_t dim, float eps,
@@ -212,7 +213,8 @@ class Backend {
   // act = silu(gate) * up and y = act · Wᵀ (+ y when accumulate): the gate
   // that feeds the down projection (and its LoRA shrink, which reads act).
   // The default runs SiluMul, then Linear; the CUDA backend writes the GEMM's
-  // bf16 copy of act in the gate's own pass, as RmsNormLinear does.
+  // copy of act in the weight's dtype in the gate's own pass, as
+  // RmsNormLinear does. y must not alias act.
   virtual absl::Status SiluMulLinear(const float* gate_up,  // [n, 2 * dim]
                                      int64_t n, int64_t dim,
                                      float* act,           // [n, dim]

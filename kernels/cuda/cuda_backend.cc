@@ -40,6 +40,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/kernels.h"
@@ -479,11 +480,11 @@ class CudaBackend final : public Backend {
                       bool accumulate) override {
     constexpr const char* kOp = "Linear";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, m));
+    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, "m", m));
     if (m == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
-    absl::StatusOr<void*> converted = GemmOperandBuffer(w, m);
+    absl::StatusOr<void*> converted = GemmOperandBuffer(kOp, w, m);
     if (!converted.ok()) return converted.status();
     return Launch(
         kOp,
@@ -503,7 +504,7 @@ class CudaBackend final : public Backend {
                              float eps, float* h, const WeightView& w, float* y) override {
     constexpr const char* kOp = "RmsNormLinear";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, n));
+    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, "n", n));
     CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "dim", dim));
     if (w.cols != dim) {
       return Invalid(kOp, absl::StrCat("w has ", w.cols, " columns for rows of ", dim));
@@ -513,7 +514,7 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "norm_weight", norm_weight));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "h", h));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
-    absl::StatusOr<void*> converted = GemmOperandBuffer(w, n);
+    absl::StatusOr<void*> converted = GemmOperandBuffer(kOp, w, n);
     if (!converted.ok()) return converted.status();
     return Launch(
         kOp,
@@ -608,7 +609,7 @@ class CudaBackend final : public Backend {
                              const WeightView& w, float* y, bool accumulate) override {
     constexpr const char* kOp = "SiluMulLinear";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, n));
+    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, "n", n));
     CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "dim", dim));
     if (w.cols != dim) {
       return Invalid(kOp, absl::StrCat("w has ", w.cols, " columns for rows of ", dim));
@@ -617,7 +618,7 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "gate_up", gate_up));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "act", act));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
-    absl::StatusOr<void*> converted = GemmOperandBuffer(w, n);
+    absl::StatusOr<void*> converted = GemmOperandBuffer(kOp, w, n);
     if (!converted.ok()) return converted.status();
     return Launch(
         kOp,
@@ -1011,23 +1012,37 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  // A weight and row count cuBLAS can take.
-  absl::Status CheckGemm(const char* op, const WeightView& w, int64_t m) const {
+  // A weight and a row count (named `rows_arg` in `op`) cuBLAS can take.
+  absl::Status CheckGemm(const char* op, const WeightView& w, const char* rows_arg,
+                         int64_t m) const {
     CUDA_RETURN_IF_ERROR(CheckWeight(op, "w", w));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(op, "m", m));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(op, rows_arg, m));
     if (m > INT32_MAX || w.rows > INT32_MAX || w.cols > INT32_MAX) {
-      return Invalid(op,
-                     absl::StrCat("sizes beyond cuBLAS's int: m ", m, ", w ", w.rows, "x", w.cols));
+      return Invalid(op, absl::StrCat("sizes beyond cuBLAS's int: ", rows_arg, " ", m, ", w ",
+                                      w.rows, "x", w.cols));
     }
     return absl::OkStatus();
   }
 
   // Where m rows of a GEMM's input go in w's dtype (cuBLAS wants both
   // operands in one type); null for float32 weights, which take the input as
-  // it is.
-  absl::StatusOr<void*> GemmOperandBuffer(const WeightView& w, int64_t m) {
+  // it is. One buffer serves every such call, so its contents are not kept
+  // when it grows. Recorded graphs that use the old buffer are never launched
+  // again: the signatures of their Linear, RmsNormLinear and SiluMulLinear
+  // calls hold its address.
+  absl::StatusOr<void*> GemmOperandBuffer(const char* op, const WeightView& w, int64_t m) {
     if (w.dtype == DType::kF32) return nullptr;
-    return Scratch(m * w.cols * DTypeSize(w.dtype));
+    const size_t bytes = m * w.cols * DTypeSize(w.dtype);
+    if (bytes > scratch_bytes_) {
+      CUDA_RETURN_IF_ERROR(RefuseInStep(absl::StrCat(op, " (growing its conversion buffer)")));
+      const size_t grown = std::max(bytes, scratch_bytes_ + scratch_bytes_ / 2);
+      CUDA_RETURN_IF_ERROR(cudaFree(scratch_));  // synchronises: earlier users are done
+      scratch_ = nullptr;
+      scratch_bytes_ = 0;
+      CUDA_RETURN_IF_ERROR(cudaMalloc(&scratch_, grown));
+      scratch_bytes_ = grown;
+    }
+    return scratch_;
   }
 
   // y[m, w.rows] = operand · Wᵀ (+ y when accumulate), queued on stream_;
@@ -1047,24 +1062,8 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  // A device buffer of at least `bytes` for converted activations; contents
-  // are not kept when it grows. Recorded graphs that use the old buffer are
-  // never launched again: their Linear calls' signatures hold its address.
-  absl::StatusOr<void*> Scratch(size_t bytes) {
-    if (bytes > scratch_bytes_) {
-      CUDA_RETURN_IF_ERROR(RefuseInStep("Linear (growing its conversion buffer)"));
-      const size_t grown = std::max(bytes, scratch_bytes_ + scratch_bytes_ / 2);
-      CUDA_RETURN_IF_ERROR(cudaFree(scratch_));  // synchronises: earlier users are done
-      scratch_ = nullptr;
-      scratch_bytes_ = 0;
-      CUDA_RETURN_IF_ERROR(cudaMalloc(&scratch_, grown));
-      scratch_bytes_ = grown;
-    }
-    return scratch_;
-  }
-
   // Fails inside a step, where only operations may be called.
-  absl::Status RefuseInStep(const char* what) const {
+  absl::Status RefuseInStep(absl::string_view what) const {
     if (mode_ == StepMode::kEager) return absl::OkStatus();
     return absl::FailedPreconditionError(
         absl::StrCat("CudaBackend: ", what, " inside a step (between BeginStep and EndStep)"));

@@ -221,8 +221,18 @@ TEST_F(CudaBackendTest, RmsNormLinearMatchesNormThenLinear) {
       EXPECT_LE(RelativeError(Download(cuda, h_fused, n * dim), Download(*cpu_, h_cpu, n * dim)),
                 kF32Bound);
       EXPECT_LE(RelativeError(fused, Download(*cpu_, y_cpu, n * rows)), c.bound);
+      // In place (h = x), as the model's final norm runs.
+      DeviceBuffer in_place = Upload(cuda, x), y_in_place = Poisoned(cuda, n * rows);
+      ASSERT_TRUE(cuda.RmsNormLinear(in_place.as<float>(), norm_gpu.as<float>(), n, dim, eps,
+                                     in_place.as<float>(), w.view, y_in_place.as<float>())
+                      .ok());
+      EXPECT_EQ(Download(cuda, in_place, n * dim), Download(cuda, h_fused, n * dim));
+      EXPECT_EQ(Download(cuda, y_in_place, n * rows), fused);
     }
     DeviceBuffer x = Upload(cuda, std::vector<float>(dim, 1.0f)), out = Poisoned(cuda, dim + rows);
+    EXPECT_TRUE(cuda.RmsNormLinear(x.as<float>(), norm_gpu.as<float>(), 0, dim, eps,
+                                   out.as<float>(), w.view, out.as<float>() + dim)
+                    .ok());
     const absl::Status status =
         cuda.RmsNormLinear(x.as<float>(), norm_gpu.as<float>(), 1, dim - 1, eps, out.as<float>(),
                            w.view, out.as<float>() + dim);
@@ -264,6 +274,11 @@ TEST_F(CudaBackendTest, SiluMulLinearMatchesGateThenLinear) {
           kF32Bound);
       EXPECT_LE(RelativeError(fused, Download(*cpu_, y_cpu, n * rows)), c.bound);
     }
+    DeviceBuffer g = Upload(cuda, std::vector<float>(2 * dim, 1.0f));
+    DeviceBuffer out = Poisoned(cuda, dim + rows);
+    const absl::Status status = cuda.SiluMulLinear(g.as<float>(), 1, dim - 2, out.as<float>(),
+                                                   w.view, out.as<float>() + dim, false);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
   }
 }
 
