@@ -504,11 +504,7 @@ class CudaBackend final : public Backend {
                              float eps, float* h, const WeightView& w, float* y) override {
     constexpr const char* kOp = "RmsNormLinear";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, "n", n));
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "dim", dim));
-    if (w.cols != dim) {
-      return Invalid(kOp, absl::StrCat("w has ", w.cols, " columns for rows of ", dim));
-    }
+    CUDA_RETURN_IF_ERROR(CheckRowsIntoGemm(kOp, w, n, dim));
     if (n == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "norm_weight", norm_weight));
@@ -609,11 +605,7 @@ class CudaBackend final : public Backend {
                              const WeightView& w, float* y, bool accumulate) override {
     constexpr const char* kOp = "SiluMulLinear";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, "n", n));
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "dim", dim));
-    if (w.cols != dim) {
-      return Invalid(kOp, absl::StrCat("w has ", w.cols, " columns for rows of ", dim));
-    }
+    CUDA_RETURN_IF_ERROR(CheckRowsIntoGemm(kOp, w, n, dim));
     if (n == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "gate_up", gate_up));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "act", act));
@@ -1020,6 +1012,18 @@ class CudaBackend final : public Backend {
     if (m > INT32_MAX || w.rows > INT32_MAX || w.cols > INT32_MAX) {
       return Invalid(op, absl::StrCat("sizes beyond cuBLAS's int: ", rows_arg, " ", m, ", w ",
                                       w.rows, "x", w.cols));
+    }
+    return absl::OkStatus();
+  }
+
+  // What RmsNormLinear and SiluMulLinear need: n rows of dim elements that w
+  // (dim wide) takes.
+  absl::Status CheckRowsIntoGemm(const char* op, const WeightView& w, int64_t n,
+                                 int64_t dim) const {
+    CUDA_RETURN_IF_ERROR(CheckGemm(op, w, "n", n));
+    CUDA_RETURN_IF_ERROR(CheckPositive(op, "dim", dim));
+    if (w.cols != dim) {
+      return Invalid(op, absl::StrCat("w has ", w.cols, " columns for rows of ", dim));
     }
     return absl::OkStatus();
   }
