@@ -510,17 +510,12 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "norm_weight", norm_weight));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "h", h));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
-    absl::StatusOr<void*> converted = GemmOperandBuffer(kOp, w, n);
-    if (!converted.ok()) return converted.status();
-    return Launch(
-        kOp,
-        [&]() -> absl::Status {
-          CUDA_RETURN_IF_ERROR(
-              cuda::RmsNormRows(x, norm_weight, n, dim, eps, h, *converted, w.dtype, stream_));
-          return Gemm(*converted != nullptr ? *converted : h, w, n, y, /*accumulate=*/false);
+    return LaunchIntoGemm(
+        kOp, w, n, h, y, /*accumulate=*/false,
+        [&](void* converted) {
+          return cuda::RmsNormRows(x, norm_weight, n, dim, eps, h, converted, w.dtype, stream_);
         },
-        x, norm_weight, n, dim, eps, h, w.data, w.dtype, w.rows, y,
-        static_cast<const void*>(*converted));
+        x, norm_weight, dim, eps);
   }
 
   absl::Status Embedding(const int32_t* ids, int64_t n, const WeightView& table,
@@ -610,17 +605,12 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "gate_up", gate_up));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "act", act));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
-    absl::StatusOr<void*> converted = GemmOperandBuffer(kOp, w, n);
-    if (!converted.ok()) return converted.status();
-    return Launch(
-        kOp,
-        [&]() -> absl::Status {
-          CUDA_RETURN_IF_ERROR(
-              cuda::SiluMulRows(gate_up, n, dim, act, *converted, w.dtype, stream_));
-          return Gemm(*converted != nullptr ? *converted : act, w, n, y, accumulate);
+    return LaunchIntoGemm(
+        kOp, w, n, act, y, accumulate,
+        [&](void* converted) {
+          return cuda::SiluMulRows(gate_up, n, dim, act, converted, w.dtype, stream_);
         },
-        gate_up, n, dim, act, w.data, w.dtype, w.rows, y, accumulate,
-        static_cast<const void*>(*converted));
+        gate_up, dim);
   }
 
   // --- LoRA -----------------------------------------------------------------
@@ -1047,6 +1037,26 @@ class CudaBackend final : public Backend {
       scratch_bytes_ = grown;
     }
     return scratch_;
+  }
+
+  // The fused ops' launch: `write_rows(converted)` queues the kernel that
+  // writes n float32 `rows` and, where `converted` is not null, their copy in
+  // w's dtype; the GEMM y = rows · Wᵀ (+ y) then reads that copy (or the
+  // rows). `args` are the op's own arguments that shape the launch.
+  template <typename WriteRows, typename... Args>
+  absl::Status LaunchIntoGemm(const char* op, const WeightView& w, int64_t n, const float* rows,
+                              float* y, bool accumulate, WriteRows write_rows,
+                              const Args&... args) {
+    absl::StatusOr<void*> converted = GemmOperandBuffer(op, w, n);
+    if (!converted.ok()) return converted.status();
+    return Launch(
+        op,
+        [&]() -> absl::Status {
+          CUDA_RETURN_IF_ERROR(write_rows(*converted));
+          return Gemm(*converted != nullptr ? *converted : rows, w, n, y, accumulate);
+        },
+        args..., n, rows, w.data, w.dtype, w.rows, y, accumulate,
+        static_cast<const void*>(*converted));
   }
 
   // y[m, w.rows] = operand · Wᵀ (+ y when accumulate), queued on stream_;
