@@ -108,12 +108,23 @@ int64_t LoraIntermediateSize(const LoraSegment* segments, int32_t num_segments) 
   return floats;
 }
 
+namespace {
+
+// Whether `w` takes rows of `dim` elements, for the default fused ops.
+absl::Status CheckProjectionWidth(const Backend& backend, const char* op, const WeightView& w,
+                                  int64_t dim) {
+  if (w.cols == dim) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(backend.name(), ": ", op, ": w has ", w.cols, " columns for rows of ", dim));
+}
+
+}  // namespace
+
 absl::Status Backend::RmsNormLinear(const float* x, const float* norm_weight, int64_t n,
                                     int64_t dim, float eps, float* h, const WeightView& w,
                                     float* y) {
-  if (w.cols != dim) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(name(), ": RmsNormLinear: w has ", w.cols, " columns for rows of ", dim));
+  if (absl::Status status = CheckProjectionWidth(*this, "RmsNormLinear", w, dim); !status.ok()) {
+    return status;
   }
   if (absl::Status status = RmsNorm(x, norm_weight, n, dim, eps, h); !status.ok()) return status;
   return Linear(h, w, n, y, /*accumulate=*/false);
@@ -121,9 +132,8 @@ absl::Status Backend::RmsNormLinear(const float* x, const float* norm_weight, in
 
 absl::Status Backend::SiluMulLinear(const float* gate_up, int64_t n, int64_t dim, float* act,
                                     const WeightView& w, float* y, bool accumulate) {
-  if (w.cols != dim) {
-    return absl::InvalidArgumentError(absl::StrCat(name(), ": SiluMulLinear: w has ", w.cols,
-                                                   " columns for rows of ", dim));
+  if (absl::Status status = CheckProjectionWidth(*this, "SiluMulLinear", w, dim); !status.ok()) {
+    return status;
   }
   if (absl::Status status = SiluMul(gate_up, n, dim, act); !status.ok()) return status;
   return Linear(act, w, n, y, accumulate);

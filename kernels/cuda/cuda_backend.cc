@@ -484,18 +484,11 @@ class CudaBackend final : public Backend {
     if (m == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
-    absl::StatusOr<void*> converted = GemmOperandBuffer(kOp, w, m);
-    if (!converted.ok()) return converted.status();
-    return Launch(
-        kOp,
-        [&]() -> absl::Status {
-          if (*converted != nullptr) {
-            CUDA_RETURN_IF_ERROR(
-                cuda::ConvertElements(x, DType::kF32, *converted, w.dtype, m * w.cols, stream_));
-          }
-          return Gemm(*converted != nullptr ? *converted : x, w, m, y, accumulate);
-        },
-        x, w.data, w.dtype, w.rows, w.cols, m, y, accumulate, static_cast<const void*>(*converted));
+    // x is already written: only its copy in w's dtype is left to make.
+    return LaunchIntoGemm(kOp, w, m, x, y, accumulate, [&](void* converted) {
+      if (converted == nullptr) return cudaSuccess;
+      return cuda::ConvertElements(x, DType::kF32, converted, w.dtype, m * w.cols, stream_);
+    });
   }
 
   // The norm writes the GEMM's operand (h in the weight's dtype) as it
@@ -1039,10 +1032,11 @@ class CudaBackend final : public Backend {
     return scratch_;
   }
 
-  // The fused ops' launch: `write_rows(converted)` queues the kernel that
-  // writes n float32 `rows` and, where `converted` is not null, their copy in
-  // w's dtype; the GEMM y = rows · Wᵀ (+ y) then reads that copy (or the
-  // rows). `args` are the op's own arguments that shape the launch.
+  // The launch of every GEMM op: `write_rows(converted)` queues what writes
+  // n float32 `rows` (a norm or gate kernel; nothing for Linear, whose input
+  // is given) and, where `converted` is not null, their copy in w's dtype;
+  // the GEMM y = rows · Wᵀ (+ y) then reads that copy (or the rows). `args`
+  // are the op's own arguments that shape the launch.
   template <typename WriteRows, typename... Args>
   absl::Status LaunchIntoGemm(const char* op, const WeightView& w, int64_t n, const float* rows,
                               float* y, bool accumulate, WriteRows write_rows,
@@ -1055,7 +1049,7 @@ class CudaBackend final : public Backend {
           CUDA_RETURN_IF_ERROR(write_rows(*converted));
           return Gemm(*converted != nullptr ? *converted : rows, w, n, y, accumulate);
         },
-        args..., n, rows, w.data, w.dtype, w.rows, y, accumulate,
+        args..., n, rows, w.data, w.dtype, w.rows, w.cols, y, accumulate,
         static_cast<const void*>(*converted));
   }
 
