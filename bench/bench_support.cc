@@ -9,19 +9,25 @@
 #include "absl/flags/parse.h"
 #include "base/flag_names.h"
 #include "base/status_macros.h"
+#include "server/model/weight_dtype.h"
 
 namespace loraserve::bench {
 
-absl::StatusOr<BenchModel> LoadBenchModel(kernels::Backend* backend, const std::string& preset,
-                                          const std::string& dir) {
+absl::StatusOr<BenchModel> LoadCpuBenchModel(const BenchModelOptions& options) {
   BenchModel loaded;
-  if (!preset.empty()) {
-    loaded.name = preset;
-    ASSIGN_OR_RETURN(model::ModelConfig config, model::DummyPreset(preset));
-    ASSIGN_OR_RETURN(loaded.model, model::LlamaModel::CreateDummy(backend, config, 0, {}));
+  loaded.name = options.preset.empty() ? options.dir : options.preset;
+  ASSIGN_OR_RETURN(const model::ModelConfig config, options.preset.empty()
+                                                        ? model::LoadModelConfig(options.dir)
+                                                        : model::DummyPreset(options.preset));
+  ASSIGN_OR_RETURN(const kernels::DType weight_dtype,
+                   model::ChooseWeightDType(options.dtype, options.quantization, config));
+  ASSIGN_OR_RETURN(loaded.backend, kernels::CreateCpuBackend({.num_threads = options.threads,
+                                                              .weight_dtype = weight_dtype}));
+  if (options.preset.empty()) {
+    ASSIGN_OR_RETURN(loaded.model, model::LlamaModel::Load(loaded.backend.get(), options.dir, {}));
   } else {
-    loaded.name = dir;
-    ASSIGN_OR_RETURN(loaded.model, model::LlamaModel::Load(backend, dir, {}));
+    ASSIGN_OR_RETURN(loaded.model,
+                     model::LlamaModel::CreateDummy(loaded.backend.get(), config, 0, {}));
   }
   return loaded;
 }
@@ -30,11 +36,11 @@ double DecodeStepBytes(const kernels::Backend& backend, const model::LlamaModel&
                        int32_t batch, int32_t context, double adapter_bytes) {
   const model::ModelConfig& config = model.config();
   const model::KvShape kv = model.kv_shape();
-  const double weight_dtype =
-      static_cast<double>(kernels::DTypeSize(backend.WeightDType(kernels::DType::kF32)));
-  const double embedding = config.tie_word_embeddings ? 0.0
-                                                      : static_cast<double>(config.vocab_size) *
-                                                            config.hidden_size * weight_dtype;
+  const double embedding =
+      config.tie_word_embeddings
+          ? 0.0
+          : static_cast<double>(kernels::WeightBytes(backend.WeightDType(kernels::DType::kF32),
+                                                     config.vocab_size, config.hidden_size));
   const double kv_bytes = static_cast<double>(kv.num_layers) * batch * context * kv.num_kv_heads *
                           kv.head_dim * 2 *
                           static_cast<double>(kernels::DTypeSize(backend.KvCacheDType()));

@@ -16,13 +16,23 @@
 namespace loraserve::bench {
 
 struct BenchModel {
+  std::unique_ptr<kernels::Backend> backend;  // declared first: outlives the model
   std::unique_ptr<model::LlamaModel> model;
   std::string name;  // the preset or directory
 };
 
-// `preset` (random weights, seed 0) when non-empty, else the checkpoint in `dir`.
-absl::StatusOr<BenchModel> LoadBenchModel(kernels::Backend* backend, const std::string& preset,
-                                          const std::string& dir);
+struct BenchModelOptions {
+  std::string preset;  // random weights (seed 0) of this preset when non-empty,
+  std::string dir;     // else the checkpoint in this directory
+  int threads = 0;     // CPU threads (0 = all cores)
+  // Weight storage as the server's --dtype and --quantization choose it
+  // (server/model/weight_dtype.h).
+  std::string dtype = "auto";
+  std::string quantization = "none";
+};
+
+// The model under test on a CPU backend.
+absl::StatusOr<BenchModel> LoadCpuBenchModel(const BenchModelOptions& options);
 
 // Bytes one decode step of `batch` requests must read or write at least once:
 // every weight (the untied embedding table only for its gathered rows), the

@@ -31,6 +31,8 @@ ABSL_FLAG(std::vector<std::string>, batch_sizes, std::vector<std::string>({"1", 
 ABSL_FLAG(int32_t, prompt_tokens, 32, "Prompt length of every request");
 ABSL_FLAG(int32_t, decode_tokens, 16, "Decode steps measured per batch size");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads (0 = all cores)");
+ABSL_FLAG(std::string, dtype, "auto", "Weight dtype: auto, float32, bfloat16 or float16");
+ABSL_FLAG(std::string, quantization, "none", "none, or int8 (weight-only)");
 ABSL_FLAG(int64_t, kv_cache_bytes, int64_t{2} << 30, "Bytes of KV cache");
 
 namespace loraserve {
@@ -38,13 +40,16 @@ namespace {
 
 absl::Status Run() {
   const double read_bandwidth = bench::HostReadBandwidth(absl::GetFlag(FLAGS_threads));
-  ASSIGN_OR_RETURN(auto backend, kernels::CreateCpuBackend({absl::GetFlag(FLAGS_threads)}));
   ASSIGN_OR_RETURN(bench::BenchModel loaded,
-                   bench::LoadBenchModel(backend.get(), absl::GetFlag(FLAGS_preset),
-                                         absl::GetFlag(FLAGS_model)));
-  std::unique_ptr<model::LlamaModel> llama = std::move(loaded.model);
+                   bench::LoadCpuBenchModel({.preset = absl::GetFlag(FLAGS_preset),
+                                             .dir = absl::GetFlag(FLAGS_model),
+                                             .threads = absl::GetFlag(FLAGS_threads),
+                                             .dtype = absl::GetFlag(FLAGS_dtype),
+                                             .quantization = absl::GetFlag(FLAGS_quantization)}));
+  kernels::Backend* backend = loaded.backend.get();
+  model::LlamaModel* llama = loaded.model.get();
   const std::string& name = loaded.name;
-  ASSIGN_OR_RETURN(auto cache, engine::KvCache::Create(backend.get(), llama->kv_shape(), 16,
+  ASSIGN_OR_RETURN(auto cache, engine::KvCache::Create(backend, llama->kv_shape(), 16,
                                                        absl::GetFlag(FLAGS_kv_cache_bytes)));
   const int32_t prompt_tokens = absl::GetFlag(FLAGS_prompt_tokens);
   const int32_t decode_tokens = absl::GetFlag(FLAGS_decode_tokens);
@@ -54,9 +59,9 @@ absl::Status Run() {
   std::vector<std::string> rows;
   for (const std::string& b : absl::GetFlag(FLAGS_batch_sizes)) {
     const int batch = std::stoi(b);
-    engine::Engine engine(llama.get(), nullptr, cache.get(), nullptr,
-                          {.max_batch_tokens = std::max(2048, batch * prompt_tokens),
-                           .max_running_requests = batch});
+    engine::Engine engine(
+        llama, nullptr, cache.get(), nullptr,
+        {.max_batch_tokens = std::max(2048, batch * prompt_tokens), .max_running_requests = batch});
     for (int i = 0; i < batch; ++i) {
       engine::GenerationRequest r;
       for (int t = 0; t < prompt_tokens; ++t) r.prompt_ids.push_back(token(rng));
@@ -86,10 +91,12 @@ absl::Status Run() {
         ", \"floor_ms\": ", floor_s * 1e3, ", \"of_floor\": ", floor_s / step_s, "}"));
   }
   std::printf(
-      "{\"bench\": \"engine\", \"model\": \"%s\", \"parameters\": %lld, \"weight_bytes\": %lld, "
+      "{\"bench\": \"engine\", \"model\": \"%s\", \"weight_dtype\": \"%s\", \"parameters\": %lld, "
+      "\"weight_bytes\": %lld, "
       "\"host_read_gb_per_s\": %.2f, \"prompt_tokens\": %d, \"decode_steps\": %d, "
       "\"results\": [\n  %s\n]}\n",
-      name.c_str(), static_cast<long long>(model::ParameterCount(llama->config())),
+      name.c_str(), kernels::DTypeName(backend->WeightDType(kernels::DType::kF32)),
+      static_cast<long long>(model::ParameterCount(llama->config())),
       static_cast<long long>(llama->weight_bytes()), read_bandwidth / 1e9, prompt_tokens,
       decode_tokens, absl::StrJoin(rows, ",\n  ").c_str());
   return absl::OkStatus();

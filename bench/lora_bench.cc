@@ -44,6 +44,8 @@ ABSL_FLAG(int32_t, batch, 32, "Requests decoding together");
 ABSL_FLAG(int32_t, prompt_tokens, 8, "Prompt length of every request");
 ABSL_FLAG(int32_t, decode_steps, 8, "Decode steps measured per scenario");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads (0 = all cores)");
+ABSL_FLAG(std::string, dtype, "auto", "Weight dtype: auto, float32, bfloat16 or float16");
+ABSL_FLAG(std::string, quantization, "none", "none, or int8 (weight-only)");
 
 namespace loraserve {
 namespace {
@@ -85,10 +87,13 @@ absl::StatusOr<double> DecodeStepMs(Setup& setup, const std::vector<adapters::Ad
 
 absl::Status Run() {
   Setup setup;
-  ASSIGN_OR_RETURN(setup.backend, kernels::CreateCpuBackend({absl::GetFlag(FLAGS_threads)}));
   ASSIGN_OR_RETURN(bench::BenchModel loaded,
-                   bench::LoadBenchModel(setup.backend.get(), absl::GetFlag(FLAGS_preset),
-                                         absl::GetFlag(FLAGS_model)));
+                   bench::LoadCpuBenchModel({.preset = absl::GetFlag(FLAGS_preset),
+                                             .dir = absl::GetFlag(FLAGS_model),
+                                             .threads = absl::GetFlag(FLAGS_threads),
+                                             .dtype = absl::GetFlag(FLAGS_dtype),
+                                             .quantization = absl::GetFlag(FLAGS_quantization)}));
+  setup.backend = std::move(loaded.backend);
   setup.model = std::move(loaded.model);
   const std::string& name = loaded.name;
   const int32_t batch = absl::GetFlag(FLAGS_batch);

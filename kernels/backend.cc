@@ -1,10 +1,13 @@
 #include "kernels/backend.h"
 
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/quantization.h"
 
 namespace loraserve::kernels {
 
@@ -15,6 +18,8 @@ size_t DTypeSize(DType dtype) {
     case DType::kF16:
     case DType::kBF16:
       return 2;
+    case DType::kQ8:
+      return 1;
   }
   return 0;
 }
@@ -27,8 +32,19 @@ const char* DTypeName(DType dtype) {
       return "F16";
     case DType::kBF16:
       return "BF16";
+    case DType::kQ8:
+      return "Q8";
   }
   return "?";
+}
+
+int64_t WeightRowBytes(DType dtype, int64_t cols) {
+  if (dtype != DType::kQ8) return cols * static_cast<int64_t>(DTypeSize(dtype));
+  return Q8RowLayout::For(cols).row_bytes;
+}
+
+int64_t WeightBytes(DType dtype, int64_t rows, int64_t cols) {
+  return rows * WeightRowBytes(dtype, cols);
 }
 
 int64_t KvPoolBytes(const KvLayout& layout) {
@@ -81,6 +97,9 @@ void ConvertToFloat32(const void* src, DType src_dtype, int64_t count, float* ds
       for (int64_t i = 0; i < count; ++i) dst[i] = F16ToFloat(in[i]);
       return;
     }
+    case DType::kQ8:
+      DequantizeQ8Row(src, count, dst);
+      return;
   }
 }
 
@@ -97,6 +116,23 @@ void ConvertFloat32ToBf16(const float* src, int64_t count, uint16_t* dst) {
     // and the kept part is odd; an overflow to infinity is the right result.
     bits += 0x7FFFu + ((bits >> 16) & 1u);
     dst[i] = static_cast<uint16_t>(bits >> 16);
+  }
+}
+
+void ConvertFloat32ToF16(const float* src, int64_t count, uint16_t* dst) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), kRound));
+  }
+  if (i < count) {
+    float padded[8] = {};
+    uint16_t out[8];
+    std::memcpy(padded, src + i, static_cast<size_t>(count - i) * sizeof(float));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(padded), kRound));
+    std::memcpy(dst + i, out, static_cast<size_t>(count - i) * sizeof(uint16_t));
   }
 }
 

@@ -37,17 +37,33 @@
 
 namespace loraserve::kernels {
 
-enum class DType { kF32, kF16, kBF16 };
+// Element types of tensors. kQ8 is a weight format, not an element type:
+// int8 values quantized symmetrically in groups of kQ8GroupSize along each
+// row, one float32 scale per group (see kernels/quantization.h).
+enum class DType { kF32, kF16, kBF16, kQ8 };
 
+// Columns of a weight row that share one kQ8 scale.
+inline constexpr int64_t kQ8GroupSize = 128;
+
+// Bytes of one element (1 for kQ8's values; its rows also hold their scales,
+// so size kQ8 weights with WeightRowBytes).
 size_t DTypeSize(DType dtype);
 const char* DTypeName(DType dtype);
+// Bytes of one row of `cols` weights stored as `dtype`; rows of a matrix lie
+// this many bytes apart.
+int64_t WeightRowBytes(DType dtype, int64_t cols);
+// Bytes of a [rows, cols] weight matrix stored as `dtype`.
+int64_t WeightBytes(DType dtype, int64_t rows, int64_t cols);
 
 // Host-side conversion of `count` elements to float32 (exact for F16 and BF16,
-// subnormals, infinities and NaN included).
+// subnormals, infinities and NaN included; kQ8: one row of `count` weights).
 void ConvertToFloat32(const void* src, DType src_dtype, int64_t count, float* dst);
 // Host-side rounding of `count` floats to bfloat16 bits, to nearest with ties
 // to even as __float2bfloat16_rn does; NaN stays NaN.
 void ConvertFloat32ToBf16(const float* src, int64_t count, uint16_t* dst);
+// Host-side rounding of `count` floats to IEEE half bits, to nearest with ties
+// to even (F16C's vcvtps2ph); beyond the half range gives infinity.
+void ConvertFloat32ToF16(const float* src, int64_t count, uint16_t* dst);
 
 class Backend;
 
@@ -78,7 +94,8 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
-// A weight matrix in device memory: [rows = out_features, cols = in_features].
+// A weight matrix in device memory: [rows = out_features, cols = in_features],
+// rows WeightRowBytes(dtype, cols) bytes apart.
 struct WeightView {
   const void* data = nullptr;
   DType dtype = DType::kF32;
@@ -165,9 +182,13 @@ class Backend {
   }
   virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
-  // Converts `count` elements of `src_dtype` on the host into the backend's
-  // storage dtype for weights of that source (see WeightDType) at `dst`.
-  virtual absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t count) = 0;
+  // Converts a [rows, cols] matrix of `src_dtype` on the host (rows
+  // contiguous) into the backend's storage dtype for weights of that source
+  // (see WeightDType) at `dst`: WeightBytes(WeightDType(src_dtype), rows,
+  // cols) bytes. Rows are what kQ8 quantizes in groups along; a weight that
+  // cannot be stored (a non-finite value to quantize) is INVALID_ARGUMENT.
+  virtual absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t rows,
+                                    int64_t cols) = 0;
   // The dtype in which this backend stores a weight that arrives as `source`.
   virtual DType WeightDType(DType source) const = 0;
   // The element dtype of the KV caches WriteKv and PagedAttention take
@@ -318,8 +339,15 @@ class Backend {
 };
 
 struct CpuBackendOptions {
-  // Threads for GEMM (OpenBLAS) and for the backend's own loops; 0 = all cores.
+  // Threads for GEMM and for the backend's own loops; 0 = all cores.
   int num_threads = 0;
+  // Storage dtype of every weight matrix, whatever the checkpoint holds:
+  // kF32 (exact float32 math, the reference), kBF16 or kF16 (half the bytes a
+  // decode step reads), or kQ8 (int8, about a quarter). GEMMs widen weights
+  // to float32 in registers and sum in float32 over float32 activations, so
+  // a narrower dtype only rounds the weights. Adapters are float32 beside
+  // kF32 weights and bf16 beside the others (LoraDType).
+  DType weight_dtype = DType::kF32;
 };
 
 // The CPU backend: always available.

@@ -39,6 +39,7 @@
 #include "server/engine/kv_cache.h"
 #include "server/model/llama_model.h"
 #include "server/model/tokenizer.h"
+#include "server/model/weight_dtype.h"
 
 ABSL_FLAG(std::string, model, "",
           "Hugging Face model directory, or a preset name with --load-format dummy");
@@ -53,6 +54,13 @@ ABSL_FLAG(bool, cuda_graphs, true,
           "On --device cuda, run decode steps as recorded CUDA graphs (batches padded to "
           "1, 2, 4, 8, then multiples of 8 up to 256)");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for GEMM and kernels (0 = all cores)");
+ABSL_FLAG(std::string, dtype, "auto",
+          "Weight dtype: auto (the checkpoint's torch_dtype; on --device cuda bfloat16, float16 "
+          "checkpoints staying float16), float32, bfloat16 or float16 (converted once at load; "
+          "activations stay float32)");
+ABSL_FLAG(std::string, quantization, "none",
+          "none, or int8: weight-only int8 quantized at load in groups of 128 along each row "
+          "(--device cpu; --dtype must stay auto)");
 ABSL_FLAG(int64_t, kv_cache_bytes, int64_t{1} << 30, "Bytes of KV cache");
 ABSL_FLAG(int32_t, block_size, 16, "Tokens per KV cache block");
 ABSL_FLAG(int32_t, max_batch_tokens, 2048, "Most tokens (prompt + decode) in one step");
@@ -145,9 +153,31 @@ constexpr char kUsage[] =
     "Try: loraserve generate --model ../shared/models/aidreams-260k --prompt \"\" "
     "--temperature 0";
 
-absl::StatusOr<std::unique_ptr<model::LlamaModel>> LoadModel(kernels::Backend* backend) {
+// The model's config.json: the checkpoint's, or with --load-format dummy a
+// preset's or a directory's whose shapes the random weights take.
+absl::StatusOr<model::ModelConfig> ModelConfigFromFlags() {
   const std::string model = absl::GetFlag(FLAGS_model);
   if (model.empty()) return absl::InvalidArgumentError("--model is required");
+  const std::string format = absl::GetFlag(FLAGS_load_format);
+  if (format == "auto") return model::LoadModelConfig(model);
+  if (format != "dummy") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--load-format must be auto or dummy, got ", format));
+  }
+  absl::StatusOr<model::ModelConfig> config = model::DummyPreset(model);
+  if (config.ok()) return config;
+  absl::StatusOr<model::ModelConfig> from_dir = model::LoadModelConfig(model);
+  if (!from_dir.ok()) {
+    return absl::NotFoundError(absl::StrCat("--model ", model, " is neither a dummy preset (",
+                                            config.status().message(), ") nor a model directory (",
+                                            from_dir.status().message(), ")"));
+  }
+  return from_dir;
+}
+
+absl::StatusOr<std::unique_ptr<model::LlamaModel>> LoadModel(kernels::Backend* backend,
+                                                             const model::ModelConfig& config) {
+  const std::string model = absl::GetFlag(FLAGS_model);
   model::LoadOptions options;
   const absl::Time start = absl::Now();
   int last_percent = -1;
@@ -159,43 +189,46 @@ absl::StatusOr<std::unique_ptr<model::LlamaModel>> LoadModel(kernels::Backend* b
       last_percent = percent;
     }
   };
-  absl::StatusOr<std::unique_ptr<model::LlamaModel>> loaded;
-  const std::string format = absl::GetFlag(FLAGS_load_format);
-  if (format == "dummy") {
-    absl::StatusOr<model::ModelConfig> config = model::DummyPreset(model);
-    if (!config.ok()) {
-      absl::StatusOr<model::ModelConfig> from_dir = model::LoadModelConfig(model);
-      if (!from_dir.ok()) {
-        return absl::NotFoundError(absl::StrCat(
-            "--model ", model, " is neither a dummy preset (", config.status().message(),
-            ") nor a model directory (", from_dir.status().message(), ")"));
-      }
-      config = std::move(from_dir);
-    }
-    loaded = model::LlamaModel::CreateDummy(backend, *config, /*seed=*/0, options);
-  } else if (format == "auto") {
-    loaded = model::LlamaModel::Load(backend, model, options);
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--load-format must be auto or dummy, got ", format));
-  }
+  absl::StatusOr<std::unique_ptr<model::LlamaModel>> loaded =
+      absl::GetFlag(FLAGS_load_format) == "dummy"
+          ? model::LlamaModel::CreateDummy(backend, config, /*seed=*/0, options)
+          : model::LlamaModel::Load(backend, model, options);
   if (last_percent >= 0) absl::FPrintF(stderr, "\n");
   if (loaded.ok()) {
     (*loaded)->set_step_graphs(absl::GetFlag(FLAGS_cuda_graphs));
-    absl::FPrintF(stderr, "loaded %s: %d layers, hidden %d, %.2f GB of weights in %.1fs\n", model,
-                  (*loaded)->config().num_hidden_layers, (*loaded)->config().hidden_size,
-                  (*loaded)->weight_bytes() / 1e9, absl::ToDoubleSeconds(absl::Now() - start));
+    absl::FPrintF(stderr, "loaded %s: %d layers, hidden %d, %.2f GB of %s weights in %.1fs\n",
+                  model, (*loaded)->config().num_hidden_layers, (*loaded)->config().hidden_size,
+                  (*loaded)->weight_bytes() / 1e9,
+                  kernels::DTypeName(backend->WeightDType(kernels::DType::kF32)),
+                  absl::ToDoubleSeconds(absl::Now() - start));
   }
   return loaded;
 }
 
-absl::StatusOr<std::unique_ptr<kernels::Backend>> CreateBackend() {
+absl::StatusOr<std::unique_ptr<kernels::Backend>> CreateBackend(const model::ModelConfig& config) {
   const std::string device = absl::GetFlag(FLAGS_device);
-  if (device == "cuda") return kernels::CreateCudaBackend({});
+  const std::string dtype = absl::GetFlag(FLAGS_dtype);
+  const std::string quantization = absl::GetFlag(FLAGS_quantization);
+  ASSIGN_OR_RETURN(const kernels::DType weight_dtype,
+                   model::ChooseWeightDType(dtype, quantization, config));
+  if (device == "cuda") {
+    // The CUDA backend stores bf16 (its default for auto, where f16
+    // checkpoints stay f16) or float32.
+    kernels::CudaBackendOptions options;
+    if (dtype == "auto" && quantization == "none") return kernels::CreateCudaBackend(options);
+    if (weight_dtype != kernels::DType::kBF16 && weight_dtype != kernels::DType::kF32) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--device cuda stores weights as bfloat16 or float32; --dtype ", dtype,
+                       " --quantization ", quantization, " runs on --device cpu only"));
+    }
+    options.weight_dtype = weight_dtype;
+    return kernels::CreateCudaBackend(options);
+  }
   if (device != "cpu") {
     return absl::InvalidArgumentError(absl::StrCat("--device must be cpu or cuda, got ", device));
   }
-  return kernels::CreateCpuBackend({absl::GetFlag(FLAGS_threads)});
+  return kernels::CreateCpuBackend(
+      {.num_threads = absl::GetFlag(FLAGS_threads), .weight_dtype = weight_dtype});
 }
 
 absl::StatusOr<std::unique_ptr<adapters::AdapterRegistry>> CreateRegistry(
@@ -234,8 +267,9 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromFlags() {
 }
 
 absl::Status Generate() {
-  ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, CreateBackend());
-  ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> llama, LoadModel(backend.get()));
+  ASSIGN_OR_RETURN(const model::ModelConfig config, ModelConfigFromFlags());
+  ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, CreateBackend(config));
+  ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> llama, LoadModel(backend.get(), config));
   ASSIGN_OR_RETURN(std::unique_ptr<adapters::AdapterRegistry> registry, CreateRegistry(*llama));
   adapters::DeviceAdapterCache device_adapters(backend.get(),
                                                absl::GetFlag(FLAGS_adapter_device_bytes));
@@ -383,8 +417,9 @@ absl::StatusOr<v1::ServerInfo> ServerInfoFor(const model::LlamaModel& llama,
 absl::Status Serve() {
   sigset_t signals = BlockStopSignals();
 
-  ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, CreateBackend());
-  ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> llama, LoadModel(backend.get()));
+  ASSIGN_OR_RETURN(const model::ModelConfig config, ModelConfigFromFlags());
+  ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, CreateBackend(config));
+  ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> llama, LoadModel(backend.get(), config));
   std::string tokenizer_dir = absl::GetFlag(FLAGS_tokenizer);
   if (tokenizer_dir.empty()) tokenizer_dir = absl::GetFlag(FLAGS_model);
   ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer,

@@ -3,8 +3,10 @@
 // threaded over a small persistent pool. OpenBLAS only merges LoRA weights, a
 // one-off outside the step.
 //
-// Weights are stored as float32 whatever their source dtype: float32 keeps the
-// math identical to float32 references.
+// Weights are stored in the one dtype the options name (CpuBackendOptions::
+// weight_dtype), converted once at load; the GEMM widens them to float32 as
+// it reads them. Activations, norms, attention, the KV cache and sampling
+// are float32 whatever the weights are.
 
 #include <cblas.h>
 #include <immintrin.h>
@@ -28,6 +30,7 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
+#include "kernels/quantization.h"
 #include "kernels/sampling.h"
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
@@ -69,12 +72,17 @@ absl::Status CheckRowStride(const char* op, const char* arg, int64_t ld, int64_t
                                                  ", less than a row of ", row_floats, " floats"));
 }
 
-absl::Status CheckF32Weight(const char* op, const char* arg, const WeightView& w) {
+absl::Status CheckWeight(const char* op, const char* arg, const WeightView& w) {
   if (w.data == nullptr) return NullArgument(op, arg);
-  if (w.dtype != DType::kF32) {
-    return absl::InvalidArgumentError(absl::StrCat("CpuBackend::", op, ": ", arg, " has dtype ",
-                                                   DTypeName(w.dtype),
-                                                   ", expected F32 (see WeightDType)"));
+  switch (w.dtype) {
+    case DType::kF32:
+    case DType::kBF16:
+    case DType::kF16:
+    case DType::kQ8:
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "CpuBackend::", op, ": ", arg, " has unknown dtype ", static_cast<int>(w.dtype)));
   }
   if (w.rows <= 0) return NonPositiveArgument(op, "weight rows", w.rows);
   if (w.cols <= 0) return NonPositiveArgument(op, "weight cols", w.cols);
@@ -251,11 +259,52 @@ void F16ToF32(const uint16_t* src, float* dst, int64_t count) {
 }
 
 // bfloat16 is the top half of a float32.
+inline float Bf16ToFloat(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
 void Bf16ToF32(const uint16_t* src, float* dst, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
-    std::memcpy(dst + i, &bits, sizeof(bits));
+  for (int64_t i = 0; i < count; ++i) dst[i] = Bf16ToFloat(src[i]);
+}
+
+// One row of `cols` weights stored as `dtype` (at `row`), widened to float32.
+void WidenRow(const void* row, DType dtype, int64_t cols, float* dst) {
+  switch (dtype) {
+    case DType::kF32:
+      std::memcpy(dst, row, static_cast<size_t>(cols) * sizeof(float));
+      return;
+    case DType::kF16:
+      return F16ToF32(static_cast<const uint16_t*>(row), dst, cols);
+    case DType::kBF16:
+      return Bf16ToF32(static_cast<const uint16_t*>(row), dst, cols);
+    case DType::kQ8:
+      return DequantizeQ8Row(row, cols, dst);
   }
+}
+
+// `rows` rows of `cols` floats stored as `dtype` at `dst` (WeightRowBytes
+// apart): exact for F32, rounded to nearest even for BF16 and F16, quantized
+// for kQ8 (which refuses a non-finite weight).
+absl::Status NarrowRows(const float* src, int64_t rows, int64_t cols, DType dtype, void* dst) {
+  const int64_t count = rows * cols;
+  switch (dtype) {
+    case DType::kF32:
+      std::memcpy(dst, src, static_cast<size_t>(count) * sizeof(float));
+      return absl::OkStatus();
+    case DType::kBF16:
+      ConvertFloat32ToBf16(src, count, static_cast<uint16_t*>(dst));
+      return absl::OkStatus();
+    case DType::kF16:
+      ConvertFloat32ToF16(src, count, static_cast<uint16_t*>(dst));
+      return absl::OkStatus();
+    case DType::kQ8:
+      return QuantizeQ8Rows(src, rows, cols, dst);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("CpuBackend: cannot store weights as dtype ", static_cast<int>(dtype)));
 }
 
 // ---- attention ------------------------------------------------------------
@@ -279,7 +328,8 @@ struct AttentionItem {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int num_threads) : pool_(num_threads), gemm_isa_(BestGemmIsa()) {}
+  CpuBackend(int num_threads, DType weight_dtype)
+      : pool_(num_threads), gemm_isa_(BestGemmIsa()), weight_dtype_(weight_dtype) {}
 
   std::string name() const override { return "cpu"; }
 
@@ -311,32 +361,61 @@ class CpuBackend final : public Backend {
     return Copy("CopyOnDevice", dst, src, bytes);
   }
 
-  absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t count) override {
+  absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t rows,
+                            int64_t cols) override {
     constexpr const char* kOp = "UploadWeight";
-    if (count < 0) return NegativeArgument(kOp, "count", count);
-    if (count == 0) return absl::OkStatus();
+    if (rows < 0) return NegativeArgument(kOp, "rows", rows);
+    if (cols < 0) return NegativeArgument(kOp, "cols", cols);
+    if (rows == 0 || cols == 0) return absl::OkStatus();
     if (dst == nullptr) return NullArgument(kOp, "dst");
     if (src == nullptr) return NullArgument(kOp, "src");
-    float* out = static_cast<float*>(dst);
-    switch (src_dtype) {
-      case DType::kF32:
-        std::memcpy(dst, src, count * sizeof(float));
-        return absl::OkStatus();
-      case DType::kF16:
-      case DType::kBF16: {
-        const auto* in = static_cast<const uint16_t*>(src);
-        const auto convert = src_dtype == DType::kF16 ? F16ToF32 : Bf16ToF32;
-        pool_.ParallelFor(count, kParallelMinElements, [&](int64_t begin, int64_t end) {
-          convert(in + begin, out + begin, end - begin);
-        });
-        return absl::OkStatus();
+    if (src_dtype != DType::kF32 && src_dtype != DType::kF16 && src_dtype != DType::kBF16) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CpuBackend::UploadWeight: src_dtype must be F32, F16 or BF16, got ",
+                       DTypeName(src_dtype)));
+    }
+    const int64_t src_row_bytes = cols * static_cast<int64_t>(DTypeSize(src_dtype));
+    if (src_dtype == weight_dtype_) {
+      std::memcpy(dst, src, static_cast<size_t>(rows * src_row_bytes));
+      return absl::OkStatus();
+    }
+    // Rows in chunks over the pool, each widened to float32 and stored.
+    const int64_t dst_row_bytes = WeightRowBytes(weight_dtype_, cols);
+    const int64_t rows_per_chunk = std::max<int64_t>(1, kParallelMinElements / cols);
+    const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+    std::vector<absl::Status> statuses(chunks);
+    pool_.ParallelFor(chunks, 1, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> wide;
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t r0 = chunk * rows_per_chunk;
+        const int64_t n = std::min(rows_per_chunk, rows - r0);
+        wide.resize(static_cast<size_t>(n * cols));
+        for (int64_t r = 0; r < n; ++r) {
+          WidenRow(static_cast<const char*>(src) + (r0 + r) * src_row_bytes, src_dtype, cols,
+                   wide.data() + r * cols);
+        }
+        statuses[chunk] = NarrowRows(wide.data(), n, cols, weight_dtype_,
+                                     static_cast<char*>(dst) + r0 * dst_row_bytes);
+      }
+    });
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      if (!statuses[chunk].ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("CpuBackend::UploadWeight: rows from ",
+                                                       chunk * rows_per_chunk, ": ",
+                                                       statuses[chunk].message()));
       }
     }
-    return absl::InvalidArgumentError(
-        absl::StrCat("CpuBackend::UploadWeight: unknown src_dtype ", static_cast<int>(src_dtype)));
+    return absl::OkStatus();
   }
 
-  DType WeightDType(DType source) const override { return DType::kF32; }
+  DType WeightDType(DType source) const override { return weight_dtype_; }
+
+  // Adapters in bf16 beside narrowed weights (half the bytes a LoRA segment
+  // reads every step; bf16 has float32's range, so no adapter overflows),
+  // float32 beside float32 weights (exact comparisons with references).
+  DType LoraDType() const override {
+    return weight_dtype_ == DType::kF32 ? DType::kF32 : DType::kBF16;
+  }
 
   absl::Status Synchronize() override { return absl::OkStatus(); }
 
@@ -345,13 +424,12 @@ class CpuBackend final : public Backend {
   absl::Status Linear(const float* x, const WeightView& w, int64_t m, float* y,
                       bool accumulate) override {
     constexpr const char* kOp = "Linear";
-    if (absl::Status s = CheckF32Weight(kOp, "w", w); !s.ok()) return s;
+    if (absl::Status s = CheckWeight(kOp, "w", w); !s.ok()) return s;
     if (m < 0) return NegativeArgument(kOp, "m", m);
     if (m == 0) return absl::OkStatus();
     if (x == nullptr) return NullArgument(kOp, "x");
     if (y == nullptr) return NullArgument(kOp, "y");
-    MatMulTransposed(x, static_cast<const float*>(w.data), m, w.rows, w.cols, 1.0f, accumulate,
-                     y, w.rows);
+    MatMulTransposed(x, w.data, w.dtype, m, w.rows, w.cols, 1.0f, accumulate, y, w.rows);
     return absl::OkStatus();
   }
 
@@ -365,8 +443,8 @@ class CpuBackend final : public Backend {
     if (in <= 0) return NonPositiveArgument(kOp, "in", in);
     ForEachSegment(segments, num_segments,
                    [&](const LoraSegment& seg, int64_t offset, bool serial) {
-                     Product(serial, x + seg.start * in, static_cast<const float*>(seg.a),
-                             seg.end - seg.start, seg.rank, in, 1.0f, false, t + offset, seg.rank);
+                     Product(serial, x + seg.start * in, seg.a, LoraDType(), seg.end - seg.start,
+                             seg.rank, in, 1.0f, false, t + offset, seg.rank);
                    });
     return absl::OkStatus();
   }
@@ -410,12 +488,13 @@ class CpuBackend final : public Backend {
     }
     token_starts.push_back(rows.size());
     const int64_t row_work = std::max<int64_t>(1, out * segments[0].rank);
+    const bool lora_bf16 = LoraDType() == DType::kBF16;
     pool_.ParallelFor(static_cast<int64_t>(token_starts.size() - 1),
                       std::max<int64_t>(1, kParallelMinElements / row_work),
                       [&](int64_t begin, int64_t end) {
                         for (size_t i = token_starts[begin]; i < token_starts[end]; ++i) {
                           ExpandRow(t + rows[i].t_offset, *rows[i].segment, out,
-                                    y + rows[i].token * ldy);
+                                    y + rows[i].token * ldy, lora_bf16);
                         }
                       });
     return absl::OkStatus();
@@ -424,25 +503,52 @@ class CpuBackend final : public Backend {
   absl::Status MergeLora(const WeightView& base, const void* a, const void* bt, int32_t rank,
                          float scale, void* out) override {
     constexpr const char* kOp = "MergeLora";
-    if (absl::Status s = CheckF32Weight(kOp, "base", base); !s.ok()) return s;
+    if (absl::Status s = CheckWeight(kOp, "base", base); !s.ok()) return s;
     if (a == nullptr) return NullArgument(kOp, "a");
     if (bt == nullptr) return NullArgument(kOp, "bt");
     if (out == nullptr) return NullArgument(kOp, "out");
     if (rank <= 0) return NonPositiveArgument(kOp, "rank", rank);
-    auto* merged = static_cast<float*>(out);
-    std::memcpy(merged, base.data, static_cast<size_t>(base.rows * base.cols) * sizeof(float));
-    // merged[rows, cols] += scale · bt[rank, rows]ᵀ · a[rank, cols]
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<blasint>(base.rows),
-                static_cast<blasint>(base.cols), rank, scale, static_cast<const float*>(bt),
-                static_cast<blasint>(base.rows), static_cast<const float*>(a),
-                static_cast<blasint>(base.cols), 1.0f, merged, static_cast<blasint>(base.cols));
+    // A and Bᵀ in float32, whatever LoraDType holds them in.
+    std::vector<float> a_wide(static_cast<size_t>(rank * base.cols));
+    std::vector<float> bt_wide(static_cast<size_t>(rank * base.rows));
+    WidenRow(a, LoraDType(), rank * base.cols, a_wide.data());
+    WidenRow(bt, LoraDType(), rank * base.rows, bt_wide.data());
+    // In blocks of rows: the base rows widened to float32 (in `out` itself
+    // for F32), += scale · bt[:, rows]ᵀ · a, then stored in base's dtype
+    // (rounded, or quantized again with the merged rows' own scales).
+    const int64_t row_bytes = WeightRowBytes(base.dtype, base.cols);
+    const int64_t block_rows = std::max<int64_t>(1, (int64_t{1} << 20) / base.cols);
+    std::vector<float> block;
+    for (int64_t r0 = 0; r0 < base.rows; r0 += block_rows) {
+      const int64_t n = std::min(block_rows, base.rows - r0);
+      float* rows = static_cast<float*>(out) + r0 * base.cols;
+      if (base.dtype != DType::kF32) {
+        block.resize(static_cast<size_t>(n * base.cols));
+        rows = block.data();
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        WidenRow(static_cast<const char*>(base.data) + (r0 + r) * row_bytes, base.dtype, base.cols,
+                 rows + r * base.cols);
+      }
+      // rows[n, cols] += scale · bt[rank, r0:r0+n]ᵀ · a[rank, cols]
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<blasint>(n),
+                  static_cast<blasint>(base.cols), rank, scale, bt_wide.data() + r0,
+                  static_cast<blasint>(base.rows), a_wide.data(), static_cast<blasint>(base.cols),
+                  1.0f, rows, static_cast<blasint>(base.cols));
+      if (base.dtype == DType::kF32) continue;
+      if (absl::Status s =
+              NarrowRows(rows, n, base.cols, base.dtype, static_cast<char*>(out) + r0 * row_bytes);
+          !s.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("CpuBackend::MergeLora: ", s.message()));
+      }
+    }
     return absl::OkStatus();
   }
 
   absl::Status Embedding(const int32_t* ids, int64_t n, const WeightView& table,
                          float* y) override {
     constexpr const char* kOp = "Embedding";
-    if (absl::Status s = CheckF32Weight(kOp, "table", table); !s.ok()) return s;
+    if (absl::Status s = CheckWeight(kOp, "table", table); !s.ok()) return s;
     if (n < 0) return NegativeArgument(kOp, "n", n);
     if (n == 0) return absl::OkStatus();
     if (ids == nullptr) return NullArgument(kOp, "ids");
@@ -454,9 +560,10 @@ class CpuBackend final : public Backend {
                          " is outside the vocabulary [0, ", table.rows, ")"));
       }
     }
-    const auto* rows = static_cast<const float*>(table.data);
+    const int64_t row_bytes = WeightRowBytes(table.dtype, table.cols);
     for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(y + i * table.cols, rows + ids[i] * table.cols, table.cols * sizeof(float));
+      WidenRow(static_cast<const char*>(table.data) + ids[i] * row_bytes, table.dtype, table.cols,
+               y + i * table.cols);
     }
     return absl::OkStatus();
   }
@@ -731,34 +838,43 @@ class CpuBackend final : public Backend {
 
   // y[m, 0:n] = alpha · x[m, k] · w[n, k]ᵀ (+ y), rows of y ldy floats apart;
   // batch-invariant (see kernels/cpu/gemm.h).
-  void MatMulTransposed(const float* x, const float* w, int64_t m, int64_t n, int64_t k,
-                        float alpha, bool accumulate, float* y, int64_t ldy) {
-    kernels::MatMulTransposed(gemm_isa_, pool_, x, w, m, n, k, alpha, accumulate, y, ldy);
+  void MatMulTransposed(const float* x, const void* w, DType w_dtype, int64_t m, int64_t n,
+                        int64_t k, float alpha, bool accumulate, float* y, int64_t ldy) {
+    kernels::MatMulTransposed(gemm_isa_, pool_, x, w, w_dtype, m, n, k, alpha, accumulate, y, ldy);
   }
 
-  // y[0:out] += scale · Σ_r t[r] · bt[r, 0:out], in chunks that stay in
-  // registers; the sum over r runs in order for every output.
-  static void ExpandRow(const float* t, const LoraSegment& seg, int64_t out, float* y) {
+  // y[0:out] += scale · Σ_r t[r] · bt[r, 0:out] (bt of LoraDType: float32,
+  // or bf16 when `bf16`), in chunks that stay in registers; the sum over r
+  // runs in order for every output.
+  static void ExpandRow(const float* t, const LoraSegment& seg, int64_t out, float* y, bool bf16) {
+    if (bf16) return ExpandRowOf(t, seg, static_cast<const uint16_t*>(seg.bt), out, y);
+    ExpandRowOf(t, seg, static_cast<const float*>(seg.bt), out, y);
+  }
+  static float Widen(float v) { return v; }
+  static float Widen(uint16_t bf16) { return Bf16ToFloat(bf16); }
+  template <typename T>
+  static void ExpandRowOf(const float* t, const LoraSegment& seg, const T* bt, int64_t out,
+                          float* y) {
     constexpr int64_t kChunk = 64;
     for (int64_t j0 = 0; j0 < out; j0 += kChunk) {
       const int64_t len = std::min(kChunk, out - j0);
       float acc[kChunk] = {};
       for (int32_t r = 0; r < seg.rank; ++r) {
         const float tr = t[r];
-        const float* row = static_cast<const float*>(seg.bt) + r * out + j0;
-        for (int64_t j = 0; j < len; ++j) acc[j] = std::fma(tr, row[j], acc[j]);
+        const T* row = bt + r * out + j0;
+        for (int64_t j = 0; j < len; ++j) acc[j] = std::fma(tr, Widen(row[j]), acc[j]);
       }
       for (int64_t j = 0; j < len; ++j) y[j0 + j] = std::fma(seg.scale, acc[j], y[j0 + j]);
     }
   }
 
   // A product on this thread alone (`serial`) or threaded over the pool.
-  void Product(bool serial, const float* x, const float* w, int64_t m, int64_t n, int64_t k,
-               float alpha, bool accumulate, float* y, int64_t ldy) {
+  void Product(bool serial, const float* x, const void* w, DType w_dtype, int64_t m, int64_t n,
+               int64_t k, float alpha, bool accumulate, float* y, int64_t ldy) {
     if (serial) {
-      kernels::MatMulTransposedSerial(gemm_isa_, x, w, m, n, k, alpha, accumulate, y, ldy);
+      kernels::MatMulTransposedSerial(gemm_isa_, x, w, w_dtype, m, n, k, alpha, accumulate, y, ldy);
     } else {
-      MatMulTransposed(x, w, m, n, k, alpha, accumulate, y, ldy);
+      MatMulTransposed(x, w, w_dtype, m, n, k, alpha, accumulate, y, ldy);
     }
   }
 
@@ -1005,6 +1121,7 @@ class CpuBackend final : public Backend {
 
   ThreadPool pool_;
   const GemmIsa gemm_isa_;
+  const DType weight_dtype_;
   // Partial attention results of split tokens; kept to avoid reallocating.
   std::vector<float> partials_;
 };
@@ -1019,10 +1136,20 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOption
   const int num_threads = options.num_threads > 0
                               ? options.num_threads
                               : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  switch (options.weight_dtype) {
+    case DType::kF32:
+    case DType::kBF16:
+    case DType::kF16:
+    case DType::kQ8:
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("CreateCpuBackend: unknown weight_dtype ",
+                                                     static_cast<int>(options.weight_dtype)));
+  }
   // OpenBLAS's thread count (MergeLora) is process-wide; its GEMMs and our
   // loops never run at the same time, so both use the same cores.
   openblas_set_num_threads(num_threads);
-  return std::make_unique<CpuBackend>(num_threads);
+  return std::make_unique<CpuBackend>(num_threads, options.weight_dtype);
 }
 
 }  // namespace loraserve::kernels

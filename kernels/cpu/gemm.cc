@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "kernels/cpu/gemm_kernel.h"
@@ -28,6 +29,30 @@ struct Avx2 {
   }
   static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V Set1(float f) { return _mm256_set1_ps(f); }
+  static V LoadBf16(const uint16_t* p) {
+    const __m256i wide =
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static V LoadF16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static V LoadI8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  // Tails go through a zero-padded copy: AVX2 has no masked 8- or 16-bit loads.
+  template <typename T>
+  static V LoadTailOf(const T* p, int64_t count, V (*load)(const T*)) {
+    T padded[kLanes] = {};
+    std::memcpy(padded, p, static_cast<size_t>(count) * sizeof(T));
+    return load(padded);
+  }
+  static V LoadBf16Tail(const uint16_t* p, int64_t count) { return LoadTailOf(p, count, LoadBf16); }
+  static V LoadF16Tail(const uint16_t* p, int64_t count) { return LoadTailOf(p, count, LoadF16); }
+  static V LoadI8Tail(const int8_t* p, int64_t count) { return LoadTailOf(p, count, LoadI8); }
   // Halves added pairwise down to one lane, always in this order.
   static float Sum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -40,7 +65,7 @@ struct Avx2 {
 }  // namespace
 
 void GemmColumnsAvx2(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch) {
-  GemmColumns<Avx2>(p, j0, j1, scratch);
+  GemmColumnsOfDType<Avx2>(p, j0, j1, scratch);
 }
 
 bool PackAllXAvx2(const Problem& p, float* out) { return PackAllX<Avx2>(p, out); }
@@ -92,10 +117,11 @@ GemmIsa BestGemmIsa() {
 
 const char* GemmIsaName(GemmIsa isa) { return isa == GemmIsa::kAvx512 ? "avx512" : "avx2"; }
 
-void MatMulTransposedSerial(GemmIsa isa, const float* x, const float* w, int64_t m, int64_t n,
-                            int64_t k, float alpha, bool accumulate, float* y, int64_t ldy) {
+void MatMulTransposedSerial(GemmIsa isa, const float* x, const void* w, DType w_dtype, int64_t m,
+                            int64_t n, int64_t k, float alpha, bool accumulate, float* y,
+                            int64_t ldy) {
   if (m <= 0 || n <= 0) return;
-  const gemm_internal::Problem p{x, w, m, n, k, alpha, accumulate, y, ldy};
+  const gemm_internal::Problem p{x, w, w_dtype, m, n, k, alpha, accumulate, y, ldy};
   const auto columns =
       isa == GemmIsa::kAvx512 ? gemm_internal::GemmColumnsAvx512 : gemm_internal::GemmColumnsAvx2;
   const int64_t block = gemm_internal::ColumnsPerCall(k);
@@ -105,10 +131,11 @@ void MatMulTransposedSerial(GemmIsa isa, const float* x, const float* w, int64_t
   for (int64_t j = 0; j < n; j += block) columns(packed, j, std::min(j + block, n), scratch);
 }
 
-void MatMulTransposed(GemmIsa isa, ThreadPool& pool, const float* x, const float* w, int64_t m,
-                      int64_t n, int64_t k, float alpha, bool accumulate, float* y, int64_t ldy) {
+void MatMulTransposed(GemmIsa isa, ThreadPool& pool, const float* x, const void* w, DType w_dtype,
+                      int64_t m, int64_t n, int64_t k, float alpha, bool accumulate, float* y,
+                      int64_t ldy) {
   if (m <= 0 || n <= 0) return;
-  const gemm_internal::Problem p{x, w, m, n, k, alpha, accumulate, y, ldy};
+  const gemm_internal::Problem p{x, w, w_dtype, m, n, k, alpha, accumulate, y, ldy};
   const auto columns =
       isa == GemmIsa::kAvx512 ? gemm_internal::GemmColumnsAvx512 : gemm_internal::GemmColumnsAvx2;
   // Threads split the rows of w (each streams its share of w once and reuses

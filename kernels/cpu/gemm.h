@@ -14,14 +14,20 @@
 // AVX2/FMA otherwise. They sum in different orders (16 lanes against 8), so
 // results are batch-invariant per machine, not across machines.
 //
+// w may be stored as F32, BF16, F16 or kQ8 (kernels/backend.h): its values
+// are widened to float32 exactly as they are read, so the product is the
+// float32 product over the widened weights, summed in the same order, and a
+// narrower dtype only reads fewer bytes. x, y and the sums stay float32.
+//
 // Example:
 //   const GemmIsa isa = BestGemmIsa();
-//   MatMulTransposed(isa, pool, x, w, m, n, k, 1.0f, false, y, n);
+//   MatMulTransposed(isa, pool, x, w, DType::kBF16, m, n, k, 1.0f, false, y, n);
 #ifndef LORASERVE_KERNELS_CPU_GEMM_H_
 #define LORASERVE_KERNELS_CPU_GEMM_H_
 
 #include <cstdint>
 
+#include "kernels/backend.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace loraserve::kernels {
@@ -32,16 +38,19 @@ enum class GemmIsa { kAvx2, kAvx512 };
 GemmIsa BestGemmIsa();
 const char* GemmIsaName(GemmIsa isa);
 
-// y[m, 0:n] = alpha · x[m, k] · w[n, k]ᵀ (+ y when accumulate), rows of x and
-// w k floats apart, rows of y ldy floats apart; threaded over `pool`.
-// `isa` must be one this CPU runs (BestGemmIsa() or kAvx2).
-void MatMulTransposed(GemmIsa isa, ThreadPool& pool, const float* x, const float* w, int64_t m,
-                      int64_t n, int64_t k, float alpha, bool accumulate, float* y, int64_t ldy);
+// y[m, 0:n] = alpha · x[m, k] · w[n, k]ᵀ (+ y when accumulate), rows of x k
+// floats apart, rows of w WeightRowBytes(w_dtype, k) bytes apart, rows of y
+// ldy floats apart; threaded over `pool`. `isa` must be one this CPU runs
+// (BestGemmIsa() or kAvx2).
+void MatMulTransposed(GemmIsa isa, ThreadPool& pool, const float* x, const void* w, DType w_dtype,
+                      int64_t m, int64_t n, int64_t k, float alpha, bool accumulate, float* y,
+                      int64_t ldy);
 
 // The same product on the calling thread alone (same summation order), for
 // callers that spread many small products over the pool themselves.
-void MatMulTransposedSerial(GemmIsa isa, const float* x, const float* w, int64_t m, int64_t n,
-                            int64_t k, float alpha, bool accumulate, float* y, int64_t ldy);
+void MatMulTransposedSerial(GemmIsa isa, const float* x, const void* w, DType w_dtype, int64_t m,
+                            int64_t n, int64_t k, float alpha, bool accumulate, float* y,
+                            int64_t ldy);
 
 }  // namespace loraserve::kernels
 

@@ -27,11 +27,34 @@ struct Avx512 {
 
   static V Zero() { return _mm512_setzero_ps(); }
   static V Load(const float* p) { return _mm512_loadu_ps(p); }
-  static V LoadTail(const float* p, int64_t count) {
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
-  }
+  static V LoadTail(const float* p, int64_t count) { return _mm512_maskz_loadu_ps(Mask(count), p); }
   static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V Set1(float f) { return _mm512_set1_ps(f); }
+  static V Bf16ToFloats(__m256i bits) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+  static __mmask16 Mask(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
+  static V LoadBf16(const uint16_t* p) {
+    return Bf16ToFloats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static V LoadBf16Tail(const uint16_t* p, int64_t count) {
+    return Bf16ToFloats(_mm256_maskz_loadu_epi16(Mask(count), p));
+  }
+  static V LoadF16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static V LoadF16Tail(const uint16_t* p, int64_t count) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(Mask(count), p));
+  }
+  static V LoadI8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static V LoadI8Tail(const int8_t* p, int64_t count) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(Mask(count), p)));
+  }
   // Halves added pairwise down to one lane, always in this order.
   static float Sum(V v) {
     const __m256 s8 = _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));
@@ -45,7 +68,7 @@ struct Avx512 {
 }  // namespace
 
 void GemmColumnsAvx512(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch) {
-  GemmColumns<Avx512>(p, j0, j1, scratch);
+  GemmColumnsOfDType<Avx512>(p, j0, j1, scratch);
 }
 
 bool PackAllXAvx512(const Problem& p, float* out) { return PackAllX<Avx512>(p, out); }

@@ -10,23 +10,37 @@
 //                             accumulators plus kTileRows x vectors and one w
 //                             vector fit the register file
 //   Zero(), Load(p), LoadTail(p, count) (lanes >= count read as 0),
-//   Store(p, v), Fma(a, b, c) = a · b + c, Sum(v) (a fixed tree over lanes)
+//   Store(p, v), Fma(a, b, c) = a · b + c, Mul(a, b), Set1(f),
+//   Sum(v) (a fixed tree over lanes), and kLanes elements widened to floats
+//   exactly: LoadBf16(p), LoadF16(p), LoadI8(p), each with a Tail(p, count)
+//   form as LoadTail.
 // Traits types live in an unnamed namespace, so every template here is
 // instantiated with internal linkage: no AVX-512 code can leak into the AVX2
 // translation unit through the linker.
+//
+// Weights of every storage dtype are widened to float32 as they are read
+// (in registers when the kernel reads w in place, into the packed copy
+// otherwise), and every product is then the float32 one over the widened
+// values in the same order: a narrower dtype changes what is read from
+// memory, never how an output is summed.
 #ifndef LORASERVE_KERNELS_CPU_GEMM_KERNEL_H_
 #define LORASERVE_KERNELS_CPU_GEMM_KERNEL_H_
 
 #include <xmmintrin.h>
 
 #include <cstdint>
+#include <cstring>
+
+#include "kernels/backend.h"
+#include "kernels/quantization.h"
 
 namespace loraserve::kernels::gemm_internal {
 
 // The whole product: y[m, 0:n] = alpha · x[m, k] · w[n, k]ᵀ (+ y).
 struct Problem {
   const float* x;
-  const float* w;
+  const void* w;  // rows of w_dtype, WeightRowBytes(w_dtype, k) bytes apart
+  DType w_dtype;
   int64_t m;
   int64_t n;
   int64_t k;
@@ -80,6 +94,7 @@ struct Scratch {
 };
 
 // Computes y[0:m, j0:j1] of `p`. Requires j1 - j0 <= ColumnsPerCall(p.k).
+// (The row bytes of w are WeightRowBytes(p.w_dtype, p.k).)
 void GemmColumnsAvx2(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch);
 void GemmColumnsAvx512(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch);
 
@@ -94,11 +109,11 @@ inline int64_t PackedAllXFloats(int64_t m, int64_t k) {
 bool PackAllXAvx2(const Problem& p, float* out);
 bool PackAllXAvx512(const Problem& p, float* out);
 
-// Copies rows [0, rows) x columns [0, len) of a matrix with rows `ld` floats
-// apart to `packed` as [ceil(len / lanes)][rows][lanes], zero-padded, so that
-// a tile reads them as one stream. Rows of x and w are often a multiple of
-// 4 KiB apart (hidden sizes are powers of two): read in place, a tile's rows
-// would all compete for the same L1 sets.
+// Copies rows [0, rows) x columns [0, len) of a float matrix with rows `ld`
+// floats apart to `packed` as [ceil(len / lanes)][rows][lanes], zero-padded,
+// so that a tile reads them as one stream. Rows of x and w are often a
+// multiple of 4 KiB apart (hidden sizes are powers of two): read in place, a
+// tile's rows would all compete for the same L1 sets.
 template <class Isa>
 inline void Pack(const float* src, int64_t ld, int rows, int64_t len, float* packed) {
   constexpr int64_t kLanes = Isa::kLanes;
@@ -115,15 +130,141 @@ inline void Pack(const float* src, int64_t ld, int rows, int64_t len, float* pac
   }
 }
 
+// Readers of one weight storage dtype: the columns [c, c + lanes) of a row as
+// floats (Load), the columns [c, c + count) with the rest 0 (LoadTail), and
+// the address of column c, to prefetch (At). kElementBytes is what one column
+// takes in the row's stream.
+template <class Isa>
+struct F32Reader {
+  static constexpr int64_t kElementBytes = 4;
+  explicit F32Reader(int64_t k) {}
+  typename Isa::V Load(const char* row, int64_t c) const {
+    return Isa::Load(reinterpret_cast<const float*>(row) + c);
+  }
+  typename Isa::V LoadTail(const char* row, int64_t c, int64_t count) const {
+    return Isa::LoadTail(reinterpret_cast<const float*>(row) + c, count);
+  }
+  const char* At(const char* row, int64_t c) const { return row + c * kElementBytes; }
+};
+
+template <class Isa>
+struct Bf16Reader {
+  static constexpr int64_t kElementBytes = 2;
+  explicit Bf16Reader(int64_t k) {}
+  typename Isa::V Load(const char* row, int64_t c) const {
+    return Isa::LoadBf16(reinterpret_cast<const uint16_t*>(row) + c);
+  }
+  typename Isa::V LoadTail(const char* row, int64_t c, int64_t count) const {
+    return Isa::LoadBf16Tail(reinterpret_cast<const uint16_t*>(row) + c, count);
+  }
+  const char* At(const char* row, int64_t c) const { return row + c * kElementBytes; }
+};
+
+template <class Isa>
+struct F16Reader {
+  static constexpr int64_t kElementBytes = 2;
+  explicit F16Reader(int64_t k) {}
+  typename Isa::V Load(const char* row, int64_t c) const {
+    return Isa::LoadF16(reinterpret_cast<const uint16_t*>(row) + c);
+  }
+  typename Isa::V LoadTail(const char* row, int64_t c, int64_t count) const {
+    return Isa::LoadF16Tail(reinterpret_cast<const uint16_t*>(row) + c, count);
+  }
+  const char* At(const char* row, int64_t c) const { return row + c * kElementBytes; }
+};
+
+// kQ8: float(q) · scale of the column's group, the dequantized weight
+// exactly. A vector never straddles two groups (kQ8GroupSize is a multiple
+// of the lanes, and vectors start at multiples of the lanes).
+template <class Isa>
+struct Q8Reader {
+  static_assert(kQ8GroupSize % Isa::kLanes == 0, "a vector must lie within one group");
+  static constexpr int64_t kElementBytes = 1;
+  explicit Q8Reader(int64_t k) : scales_offset(Q8RowLayout::For(k).scales_offset) {}
+  float Scale(const char* row, int64_t c) const {
+    float scale;
+    std::memcpy(&scale, row + scales_offset + c / kQ8GroupSize * int64_t{sizeof(float)},
+                sizeof(scale));
+    return scale;
+  }
+  typename Isa::V Load(const char* row, int64_t c) const {
+    return Isa::Mul(Isa::LoadI8(reinterpret_cast<const int8_t*>(row) + c),
+                    Isa::Set1(Scale(row, c)));
+  }
+  typename Isa::V LoadTail(const char* row, int64_t c, int64_t count) const {
+    return Isa::Mul(Isa::LoadI8Tail(reinterpret_cast<const int8_t*>(row) + c, count),
+                    Isa::Set1(Scale(row, c)));
+  }
+  const char* At(const char* row, int64_t c) const { return row + c; }
+  int64_t scales_offset;
+};
+
+// Rows [0, rows) x columns [c0, c0 + len) of w (rows `row_bytes` apart, read
+// by `reader`) widened to floats in `packed`, laid out as Pack lays them.
+template <class Isa, class Reader>
+inline void PackW(const Reader& reader, const char* w, int64_t row_bytes, int rows, int64_t c0,
+                  int64_t len, float* packed) {
+  constexpr int64_t kLanes = Isa::kLanes;
+  int64_t c = 0;
+  for (; c + kLanes <= len; c += kLanes) {
+    for (int i = 0; i < rows; ++i, packed += kLanes) {
+      Isa::Store(packed, reader.Load(w + i * row_bytes, c0 + c));
+    }
+  }
+  if (c < len) {
+    for (int i = 0; i < rows; ++i, packed += kLanes) {
+      Isa::Store(packed, reader.LoadTail(w + i * row_bytes, c0 + c, len - c));
+    }
+  }
+}
+
+// The w of one register tile over one k block, packed (PackW): vector s of
+// row r at w + (s · rows + r) · lanes, zero-padded.
+template <class Isa>
+struct PackedTileW {
+  const float* w;
+  int64_t step;  // rows · lanes
+  typename Isa::V Load(int r, int64_t s) const { return Isa::Load(w + s * step + r * Isa::kLanes); }
+  typename Isa::V LoadTail(int r, int64_t s, int64_t count) const { return Load(r, s); }
+  void Prefetch(int r, int64_t s) const {}
+};
+
+// The w of one register tile over one k block, read in place: vector s of row
+// r covers columns c0 + s · lanes.. of the row at w + r · row_bytes. `next`
+// (laid out as w, or null) is the w of a later tile, prefetched as this one
+// runs: w streams from memory in runs of one row, which the hardware
+// prefetcher alone follows late.
+template <class Isa, class Reader>
+struct InPlaceTileW {
+  const Reader* reader;
+  const char* w;
+  int64_t row_bytes;
+  int64_t c0;
+  const char* next;
+  // Steps of s per cache line of a row: one prefetch each.
+  static constexpr int64_t kStepsPerLine = 64 / (Isa::kLanes * Reader::kElementBytes) > 0
+                                               ? 64 / (Isa::kLanes * Reader::kElementBytes)
+                                               : 1;
+
+  typename Isa::V Load(int r, int64_t s) const {
+    return reader->Load(w + r * row_bytes, c0 + s * Isa::kLanes);
+  }
+  typename Isa::V LoadTail(int r, int64_t s, int64_t count) const {
+    return reader->LoadTail(w + r * row_bytes, c0 + s * Isa::kLanes, count);
+  }
+  void Prefetch(int r, int64_t s) const {
+    if (next != nullptr && s % kStepsPerLine == 0) {
+      _mm_prefetch(reader->At(next + r * row_bytes, c0 + s * Isa::kLanes), _MM_HINT_T0);
+    }
+  }
+};
+
 // One register tile over one k block of `len` floats (a multiple of the lanes
-// except in the last block).
+// except in the last block); its w comes separately (PackedTileW or
+// InPlaceTileW).
 struct TileArgs {
   const float* x;  // M rows of x over this k block, packed (see Pack)
-  const float* w;  // R rows of w over this k block: row r, floats c.. at
-  int64_t w_row;   //   w + r · w_row + c / lanes · w_step
-  int64_t w_step;
-  const float* w_next;  // w of a later tile to prefetch (laid out as w), or null
-  int64_t len;          // floats of this k block
+  int64_t len;     // floats of this k block
   float* acc;  // lanes of output (i, j); (i + a, j + b) at acc + (a · acc_ld + b) · lanes
   int64_t acc_ld;
   bool first;  // start from zero instead of acc
@@ -134,8 +275,8 @@ struct TileArgs {
   bool accumulate;
 };
 
-template <class Isa, int R, int M>
-inline void Tile(const TileArgs& t) {
+template <class Isa, int R, int M, class W>
+inline void Tile(const TileArgs& t, const W& w) {
   using V = typename Isa::V;
   constexpr int kLanes = Isa::kLanes;
   V a[R][M];
@@ -145,18 +286,13 @@ inline void Tile(const TileArgs& t) {
     }
   }
   const float* x = t.x;
-  const float* w = t.w;
-  const float* w_next = t.w_next;
   const int64_t full_steps = t.len / kLanes;
-  for (int64_t s = 0; s < full_steps; ++s, x += M * kLanes, w += t.w_step) {
+  for (int64_t s = 0; s < full_steps; ++s, x += M * kLanes) {
     V xv[M];
     for (int i = 0; i < M; ++i) xv[i] = Isa::Load(x + i * kLanes);
-    if (w_next != nullptr) {
-      for (int r = 0; r < R; ++r) _mm_prefetch(w_next + r * t.w_row, _MM_HINT_T0);
-      w_next += t.w_step;
-    }
+    for (int r = 0; r < R; ++r) w.Prefetch(r, s);
     for (int r = 0; r < R; ++r) {
-      const V wv = Isa::Load(w + r * t.w_row);
+      const V wv = w.Load(r, s);
       for (int i = 0; i < M; ++i) a[r][i] = Isa::Fma(wv, xv[i], a[r][i]);
     }
   }
@@ -165,7 +301,7 @@ inline void Tile(const TileArgs& t) {
     V xv[M];
     for (int i = 0; i < M; ++i) xv[i] = Isa::Load(x + i * kLanes);
     for (int r = 0; r < R; ++r) {
-      const V wv = Isa::LoadTail(w + r * t.w_row, tail);
+      const V wv = w.LoadTail(r, full_steps, tail);
       for (int i = 0; i < M; ++i) a[r][i] = Isa::Fma(wv, xv[i], a[r][i]);
     }
   }
@@ -187,21 +323,21 @@ inline void Tile(const TileArgs& t) {
 }
 
 // Tile<Isa, R, rows> for 1 <= rows <= M.
-template <class Isa, int R, int M = Isa::kTileRows>
-inline void TileOfRows(int rows, const TileArgs& t) {
+template <class Isa, int R, int M = Isa::kTileRows, class W>
+inline void TileOfRows(int rows, const TileArgs& t, const W& w) {
   if constexpr (M > 1) {
-    if (rows < M) return TileOfRows<Isa, R, M - 1>(rows, t);
+    if (rows < M) return TileOfRows<Isa, R, M - 1>(rows, t, w);
   }
-  Tile<Isa, R, M>(t);
+  Tile<Isa, R, M>(t, w);
 }
 
 // Tile<Isa, cols, rows> for 1 <= cols <= R.
-template <class Isa, int R = Isa::kTileCols>
-inline void TileOf(int cols, int rows, const TileArgs& t) {
+template <class Isa, int R = Isa::kTileCols, class W>
+inline void TileOf(int cols, int rows, const TileArgs& t, const W& w) {
   if constexpr (R > 1) {
-    if (cols < R) return TileOf<Isa, R - 1>(cols, rows, t);
+    if (cols < R) return TileOf<Isa, R - 1>(cols, rows, t, w);
   }
-  TileOfRows<Isa, R>(rows, t);
+  TileOfRows<Isa, R>(rows, t, w);
 }
 
 // With one or two row tiles each element of w is used once or twice:
@@ -225,7 +361,7 @@ bool PackAllX(const Problem& p, float* out) {
   return true;
 }
 
-template <class Isa>
+template <class Isa, class Reader>
 void GemmColumns(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch) {
   constexpr int64_t kLanes = Isa::kLanes;
   constexpr int64_t kRows = Isa::kTileRows;
@@ -235,6 +371,9 @@ void GemmColumns(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratc
   static_assert(kBlockCols % kCols == 0 && 4 % kCols == 0, "column blocks must be whole tiles");
   const bool pack_w = PacksW<Isa>(p.m);
   const int64_t cols_total = j1 - j0;
+  const Reader reader(p.k);
+  const int64_t row_bytes = WeightRowBytes(p.w_dtype, p.k);
+  const char* w_rows = static_cast<const char*>(p.w);
   // Packed w of column tile j in the k block at c0.
   const auto packed_w = [&](int64_t c0, int64_t j, int64_t steps) {
     return scratch.packed_w + c0 * cols_total + (j - j0) * steps * kLanes;
@@ -245,7 +384,8 @@ void GemmColumns(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratc
       const int64_t steps = (len + kLanes - 1) / kLanes;
       for (int64_t j = j0; j < j1; j += kCols) {
         const int cols = static_cast<int>(j1 - j < kCols ? j1 - j : kCols);
-        Pack<Isa>(p.w + j * p.k + c0, p.k, cols, len, packed_w(c0, j, steps));
+        PackW<Isa>(reader, w_rows + j * row_bytes, row_bytes, cols, c0, len,
+                   packed_w(c0, j, steps));
       }
     }
   }
@@ -277,24 +417,35 @@ void GemmColumns(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratc
         }
         for (int64_t j = j0; j < j1; j += kCols) {
           const int cols = static_cast<int>(j1 - j < kCols ? j1 - j : kCols);
-          if (pack_w) {
-            t.w = packed_w(c0, j, steps);
-            t.w_row = kLanes;
-            t.w_step = cols * kLanes;
-            t.w_next = nullptr;
-          } else {
-            t.w = p.w + j * p.k + c0;
-            t.w_row = p.k;
-            t.w_step = kLanes;
-            const int64_t j_next = j + kPrefetchTiles * kCols;
-            t.w_next = j_next + kCols <= p.n ? p.w + j_next * p.k + c0 : nullptr;
-          }
           t.acc = scratch.acc + ((i - i0) * t.acc_ld + (j - j0)) * kLanes;
           t.y = p.y + i * p.ldy + j;
-          TileOf<Isa>(cols, rows, t);
+          if (pack_w) {
+            TileOf<Isa>(cols, rows, t, PackedTileW<Isa>{packed_w(c0, j, steps), cols * kLanes});
+          } else {
+            const int64_t j_next = j + kPrefetchTiles * kCols;
+            const char* next = j_next + kCols <= p.n ? w_rows + j_next * row_bytes : nullptr;
+            TileOf<Isa>(
+                cols, rows, t,
+                InPlaceTileW<Isa, Reader>{&reader, w_rows + j * row_bytes, row_bytes, c0, next});
+          }
         }
       }
     }
+  }
+}
+
+// GemmColumns for the reader of p.w_dtype.
+template <class Isa>
+void GemmColumnsOfDType(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch) {
+  switch (p.w_dtype) {
+    case DType::kF32:
+      return GemmColumns<Isa, F32Reader<Isa>>(p, j0, j1, scratch);
+    case DType::kBF16:
+      return GemmColumns<Isa, Bf16Reader<Isa>>(p, j0, j1, scratch);
+    case DType::kF16:
+      return GemmColumns<Isa, F16Reader<Isa>>(p, j0, j1, scratch);
+    case DType::kQ8:
+      return GemmColumns<Isa, Q8Reader<Isa>>(p, j0, j1, scratch);
   }
 }
 

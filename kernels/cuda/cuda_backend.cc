@@ -204,6 +204,8 @@ cudaDataType_t CudaDataType(DType dtype) {
       return CUDA_R_16F;
     case DType::kBF16:
       return CUDA_R_16BF;
+    case DType::kQ8:  // refused by CheckWeight
+      break;
   }
   return CUDA_R_32F;
 }
@@ -214,6 +216,7 @@ absl::Status CheckWeight(const char* op, const char* arg, const WeightView& w) {
     return Invalid(
         op, absl::StrCat(arg, " must have positive rows and cols, got ", w.rows, "x", w.cols));
   }
+  if (w.dtype == DType::kQ8) return Invalid(op, absl::StrCat(arg, " is Q8: no int8 GEMMs on CUDA"));
   return absl::OkStatus();
 }
 
@@ -430,11 +433,15 @@ class CudaBackend final : public Backend {
     return weight_dtype_ == DType::kF32 ? DType::kF32 : DType::kBF16;
   }
 
-  absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t count) override {
+  absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t rows,
+                            int64_t cols) override {
     constexpr const char* kOp = "UploadWeight";
     CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "count", count));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "rows", rows));
+    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "cols", cols));
+    if (src_dtype == DType::kQ8) return Invalid(kOp, "src_dtype Q8 is not a checkpoint dtype");
+    const int64_t count = rows * cols;
     if (count == 0) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "dst", dst));
     CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "src", src));

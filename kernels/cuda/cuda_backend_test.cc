@@ -115,9 +115,8 @@ struct Weight {
 Weight UploadWeight(Backend& backend, const std::vector<float>& host, int64_t rows, int64_t cols) {
   const DType stored = backend.WeightDType(DType::kF32);
   Weight w;
-  w.buffer = *backend.Allocate(host.size() * DTypeSize(stored));
-  absl::Status status = backend.UploadWeight(w.buffer.data(), host.data(), DType::kF32,
-                                             static_cast<int64_t>(host.size()));
+  w.buffer = *backend.Allocate(WeightBytes(stored, rows, cols));
+  absl::Status status = backend.UploadWeight(w.buffer.data(), host.data(), DType::kF32, rows, cols);
   EXPECT_TRUE(status.ok()) << status;
   w.view = {w.buffer.data(), stored, rows, cols};
   return w;
@@ -304,7 +303,7 @@ TEST_F(CudaBackendTest, Bf16AndF16WeightsStayInTheirDtype) {
   std::vector<float> w_exact(halves.size());
   ConvertToFloat32(halves.data(), DType::kF16, static_cast<int64_t>(halves.size()), w_exact.data());
   DeviceBuffer w_gpu = *c.backend->Allocate(halves.size() * 2);
-  ASSERT_TRUE(c.backend->UploadWeight(w_gpu.data(), halves.data(), DType::kF16, n * k).ok());
+  ASSERT_TRUE(c.backend->UploadWeight(w_gpu.data(), halves.data(), DType::kF16, n, k).ok());
   const Weight w_cpu = UploadWeight(*cpu_, w_exact, n, k);
   const std::vector<float> x = RandomVector(m * k, 5);
   DeviceBuffer x_gpu = Upload(*c.backend, x), x_cpu = Upload(*cpu_, x);

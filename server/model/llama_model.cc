@@ -242,14 +242,13 @@ adapters::BaseModelShape LlamaModel::adapter_shape() const {
 
 int64_t LlamaModel::MergeBytes(const adapters::DeviceAdapter& adapter) const {
   using adapters::LoraModule;
-  const int64_t elem = static_cast<int64_t>(kernels::DTypeSize(embed_tokens_.dtype));
   int64_t bytes = 0;
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& layer = layers_[l];
     auto add_if = [&](const WeightView& w, std::initializer_list<LoraModule> modules) {
       for (LoraModule m : modules) {
         if (adapter.weights(static_cast<int64_t>(l), m).rank > 0) {
-          bytes += w.rows * w.cols * elem;
+          bytes += kernels::WeightBytes(w.dtype, w.rows, w.cols);
           return;
         }
       }
@@ -270,9 +269,8 @@ absl::StatusOr<std::unique_ptr<MergedWeights>> LlamaModel::Merge(
   }
   auto merged = std::make_unique<MergedWeights>();
   merged->choice_ = choice;
-  const size_t elem = kernels::DTypeSize(embed_tokens_.dtype);
   auto allocate = [&](const WeightView& like) -> absl::StatusOr<WeightView> {
-    const size_t bytes = static_cast<size_t>(like.rows * like.cols) * elem;
+    const auto bytes = static_cast<size_t>(kernels::WeightBytes(like.dtype, like.rows, like.cols));
     ASSIGN_OR_RETURN(DeviceBuffer buffer, backend_->Allocate(bytes));
     WeightView view = like;
     view.data = buffer.data();
@@ -284,13 +282,14 @@ absl::StatusOr<std::unique_ptr<MergedWeights>> LlamaModel::Merge(
   // `out`, with the module's LoRA folded in when it has one.
   auto fold = [&](const WeightView& base, int64_t row_offset, int64_t rows, int64_t layer,
                   LoraModule module, const WeightView& out) -> absl::Status {
-    const size_t offset = static_cast<size_t>(row_offset * base.cols) * elem;
+    const int64_t row_bytes = kernels::WeightRowBytes(base.dtype, base.cols);
+    const auto offset = static_cast<size_t>(row_offset * row_bytes);
     const WeightView part{static_cast<const char*>(base.data) + offset, base.dtype, rows,
                           base.cols};
     void* dst = static_cast<char*>(const_cast<void*>(out.data)) + offset;
     const adapters::DeviceLoraWeights& w = choice.adapter->weights(layer, module);
     if (w.rank == 0) {
-      return backend_->CopyOnDevice(dst, part.data, static_cast<size_t>(rows * base.cols) * elem);
+      return backend_->CopyOnDevice(dst, part.data, static_cast<size_t>(rows * row_bytes));
     }
     return backend_->MergeLora(part, w.a, w.bt, w.rank, w.scale * choice.scale, dst);
   };
@@ -342,10 +341,14 @@ absl::Status LlamaModel::LoadWeights(WeightSource& source, const LoadOptions& op
   const int64_t total_bytes = ParameterCount(c) * 4;  // for progress only
   int64_t done_bytes = 0;
 
-  // Uploads `count` elements of `tensor` at `dst` and accounts progress.
-  auto upload = [&](void* dst, const WeightSource::Tensor& tensor, int64_t count) {
-    RETURN_IF_ERROR(backend_->UploadWeight(dst, tensor.data, tensor.dtype, count));
-    done_bytes += count * 4;
+  // Uploads the [rows, cols] `tensor` at `dst` and accounts progress.
+  auto upload = [&](void* dst, const WeightSource::Tensor& tensor, const std::string& name,
+                    int64_t rows, int64_t cols) -> absl::Status {
+    if (absl::Status s = backend_->UploadWeight(dst, tensor.data, tensor.dtype, rows, cols);
+        !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("tensor ", name, ": ", s.message()));
+    }
+    done_bytes += rows * cols * 4;
     if (options.progress) options.progress(done_bytes, total_bytes);
     return absl::OkStatus();
   };
@@ -368,8 +371,8 @@ absl::Status LlamaModel::LoadWeights(WeightSource& source, const LoadOptions& op
       rows += part_rows;
     }
     const DType stored = backend_->WeightDType(tensors[0].dtype);
-    const size_t elem = kernels::DTypeSize(stored);
-    ASSIGN_OR_RETURN(void* data, allocate(static_cast<size_t>(rows * cols) * elem));
+    const int64_t row_bytes = kernels::WeightRowBytes(stored, cols);
+    ASSIGN_OR_RETURN(void* data, allocate(static_cast<size_t>(rows * row_bytes)));
     size_t offset = 0;
     for (size_t i = 0; i < parts.size(); ++i) {
       if (backend_->WeightDType(tensors[i].dtype) != stored) {
@@ -377,9 +380,10 @@ absl::Status LlamaModel::LoadWeights(WeightSource& source, const LoadOptions& op
             "tensor ", parts[i].first, " has dtype ", kernels::DTypeName(tensors[i].dtype),
             " unlike ", parts[0].first, " (", kernels::DTypeName(tensors[0].dtype), ")"));
       }
-      const int64_t count = parts[i].second * cols;
-      RETURN_IF_ERROR(upload(static_cast<char*>(data) + offset, tensors[i], count));
-      offset += static_cast<size_t>(count) * elem;
+      const int64_t part_rows = parts[i].second;
+      RETURN_IF_ERROR(
+          upload(static_cast<char*>(data) + offset, tensors[i], parts[i].first, part_rows, cols));
+      offset += static_cast<size_t>(part_rows * row_bytes);
     }
     return WeightView{data, stored, rows, cols};
   };

@@ -47,7 +47,7 @@ struct ModelConfig {
   int64_t max_position_embeddings = 2048;
   int64_t bos_token_id = -1;           // -1 when absent
   std::vector<int64_t> eos_token_ids;  // int or list in config.json
-  std::string torch_dtype;             // informative only
+  std::string torch_dtype;             // the checkpoint's dtype (--dtype auto keeps it)
 };
 
 // Parses config.json text; `source` names the file in error messages.

@@ -74,10 +74,10 @@ class StepCheckingBackend : public Backend {
     if (absl::Status s = Refuse("CopyOnDevice"); !s.ok()) return s;
     return inner_->CopyOnDevice(dst, src, bytes);
   }
-  absl::Status UploadWeight(void* dst, const void* src, kernels::DType src_dtype,
-                            int64_t count) override {
+  absl::Status UploadWeight(void* dst, const void* src, kernels::DType src_dtype, int64_t rows,
+                            int64_t cols) override {
     if (absl::Status s = Refuse("UploadWeight"); !s.ok()) return s;
-    return inner_->UploadWeight(dst, src, src_dtype, count);
+    return inner_->UploadWeight(dst, src, src_dtype, rows, cols);
   }
   kernels::DType WeightDType(kernels::DType source) const override {
     return inner_->WeightDType(source);
