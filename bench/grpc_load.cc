@@ -17,8 +17,13 @@
 // server must see the same file system; adapters are always loaded over
 // gRPC). With --http HOST:PORT the requests go to POST /v1/completions
 // (stream: true, prompts as token ids, single-user mode: no API key) and the
-// timings are those of the SSE events. Prints one JSON object: throughput,
-// TTFT and TPOT p50/p99, failures.
+// timings are those of the SSE events. --llama-lora N (with --http): the
+// server is llama.cpp's llama-server started with N adapters, best at scale
+// 0 (`--lora-scaled FILE:0`: a request without the field below gets every
+// adapter at its global scale, 1 even with --lora-init-without-apply);
+// requests pick adapter k as above and name it in llama-server's per-request
+// field "lora": [{"id": k, "scale": 1}] (the others get 0) on the base model.
+// Prints one JSON object: throughput, TTFT and TPOT p50/p99, failures.
 #include <grpcpp/grpcpp.h>
 #include <httplib.h>
 
@@ -62,6 +67,9 @@ ABSL_FLAG(int32_t, prompt_max, 16, "Longest prompt (tokens)");
 ABSL_FLAG(int32_t, output_min, 32, "Fewest generated tokens");
 ABSL_FLAG(int32_t, output_max, 32, "Most generated tokens");
 ABSL_FLAG(int32_t, vocab, 500, "Prompt token ids are drawn from [3, vocab)");
+ABSL_FLAG(int32_t, llama_lora, 0,
+          "With --http: spread requests over llama-server's first N --lora adapters, selected "
+          "per request by its \"lora\" field");
 
 namespace loraserve {
 namespace {
@@ -109,9 +117,10 @@ class Load {
  public:
   // `http` empty: requests over `channel`; else HOST:PORT of the HTTP API,
   // whose base model is `base_model`.
+  // `llama_lora`: the adapter ids are llama-server LoRA indices ("0", "1", ...).
   Load(std::shared_ptr<grpc::Channel> channel, const std::string& http,
-       const std::string& base_model)
-      : stub_(v1::Inference::NewStub(channel)), base_model_(base_model) {
+       const std::string& base_model, bool llama_lora = false)
+      : stub_(v1::Inference::NewStub(channel)), base_model_(base_model), llama_lora_(llama_lora) {
     if (!http.empty()) {
       http_ = std::make_unique<httplib::Client>(absl::StrCat("http://", http));
       // A loaded server may take many seconds to its first byte (a round of
@@ -151,13 +160,16 @@ class Load {
   // end gives the server's count of the tokens.
   Sample HttpRequest(const std::string& adapter, const std::vector<int32_t>& prompt,
                      int32_t max_tokens) {
-    const nlohmann::json body = {{"model", adapter.empty() ? base_model_ : adapter},
-                                 {"prompt", prompt},
-                                 {"max_tokens", max_tokens},
-                                 {"temperature", 0},
-                                 {"ignore_eos", true},
-                                 {"stream", true},
-                                 {"stream_options", {{"include_usage", true}}}};
+    nlohmann::json body = {{"model", adapter.empty() || llama_lora_ ? base_model_ : adapter},
+                           {"prompt", prompt},
+                           {"max_tokens", max_tokens},
+                           {"temperature", 0},
+                           {"ignore_eos", true},
+                           {"stream", true},
+                           {"stream_options", {{"include_usage", true}}}};
+    if (llama_lora_ && !adapter.empty()) {
+      body["lora"] = nlohmann::json::array({{{"id", std::stoi(adapter)}, {"scale", 1.0}}});
+    }
     httplib::Request request;
     request.method = "POST";
     request.path = "/v1/completions";
@@ -197,6 +209,7 @@ class Load {
   std::unique_ptr<v1::Inference::Stub> stub_;
   std::unique_ptr<httplib::Client> http_;
   std::string base_model_;
+  bool llama_lora_ = false;
 };
 
 // The HTTP API's base model name (the first entry of GET /v1/models).
@@ -255,9 +268,16 @@ absl::StatusOr<std::vector<std::string>> PrepareAdapters(std::shared_ptr<grpc::C
 absl::Status Run() {
   auto channel =
       grpc::CreateChannel(absl::GetFlag(FLAGS_target), grpc::InsecureChannelCredentials());
-  ASSIGN_OR_RETURN(std::vector<std::string> ids, PrepareAdapters(channel));
-  if (absl::GetFlag(FLAGS_base_only) || ids.empty()) ids = {""};
   const std::string http = absl::GetFlag(FLAGS_http);
+  const int32_t llama_lora = absl::GetFlag(FLAGS_llama_lora);
+  std::vector<std::string> ids;
+  if (llama_lora > 0) {
+    if (http.empty()) return absl::InvalidArgumentError("--llama_lora needs --http");
+    for (int32_t i = 0; i < llama_lora; ++i) ids.push_back(absl::StrCat(i));
+  } else {
+    ASSIGN_OR_RETURN(ids, PrepareAdapters(channel));
+  }
+  if (absl::GetFlag(FLAGS_base_only) || ids.empty()) ids = {""};
   std::string base_model;
   if (!http.empty()) {
     ASSIGN_OR_RETURN(base_model, HttpBaseModel(http));
@@ -277,7 +297,7 @@ absl::Status Run() {
   if (rate <= 0) {
     for (int32_t c = 0; c < absl::GetFlag(FLAGS_clients); ++c) {
       threads.emplace_back([&, c] {
-        Load load(channel, http, base_model);
+        Load load(channel, http, base_model, llama_lora > 0);
         std::mt19937 rng(c);
         while (Clock::now() < deadline) record(load.Request(ids[c % ids.size()], rng));
       });
@@ -297,7 +317,7 @@ absl::Status Run() {
       std::this_thread::sleep_until(next);
       const std::string adapter = ids[zipf(rng)];
       threads.emplace_back([&, adapter, s = ++seed] {
-        Load load(channel, http, base_model);
+        Load load(channel, http, base_model, llama_lora > 0);
         std::mt19937 request_rng(s);
         record(load.Request(adapter, request_rng));
       });
