@@ -144,7 +144,7 @@ num = lambda x: None if x in ("", "null", "None") else float(x)
 print(json.dumps({"engine": e, "format": f, "case": c, "tok_s": num(tok), "tpot_p50_ms": num(tpot),
                   "ttft_p50_ms": num(ttft), "load": load, "raw": json.loads(raw) if raw else None}))
 EOF
-  log "$1 $2 $3: $4 tok/s, TPOT p50 $5 ms (load $7)"
+  log "$1 $2 $3: $(printf '%.2f' "$4") tok/s, TPOT p50 $(printf '%.1f' "$5") ms (load $7)"
 }
 
 wait_http() {  # URL PID: until URL answers 200, or the server dies
@@ -197,10 +197,12 @@ llama_serve() {  # FORMAT CASE
               --cont-batching --host 127.0.0.1 --port "$LLAMA_PORT" --no-webui)
   local load_flags=(--base-only)
   if [[ $2 == serve-lora ]]; then
-    local i
+    local i scaled=
     # Loaded at scale 0 (a request without a "lora" field would otherwise get
     # every adapter at scale 1); each request selects its own at scale 1.
-    for ((i = 0; i < ADAPTERS; i++)); do args+=(--lora-scaled "$WORK/lora-gguf/a$i.gguf:0"); done
+    # One comma-separated flag: repeating it loads them all too, but warns.
+    for ((i = 0; i < ADAPTERS; i++)); do scaled+="${scaled:+,}$WORK/lora-gguf/a$i.gguf:0"; done
+    args+=(--lora-scaled "$scaled")
     load_flags=(--llama-lora "$ADAPTERS")
   fi
   wait_quiet
