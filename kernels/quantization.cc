@@ -23,8 +23,9 @@ absl::Status QuantizeQ8Rows(const float* src, int64_t rows, int64_t cols, void* 
   for (int64_t r = 0; r < rows; ++r) {
     const float* w = src + r * cols;
     char* row = static_cast<char*>(dst) + r * layout.row_bytes;
-    auto* values = reinterpret_cast<int8_t*>(row);
+    auto* values = reinterpret_cast<uint8_t*>(row);
     std::memset(row, 0, static_cast<size_t>(layout.row_bytes));
+    std::memset(row, Q8Byte(0), static_cast<size_t>(cols));
     for (int64_t g = 0; g < layout.groups; ++g) {
       const int64_t begin = g * kQ8GroupSize;
       const int64_t end = std::min(cols, begin + kQ8GroupSize);
@@ -41,7 +42,7 @@ absl::Status QuantizeQ8Rows(const float* src, int64_t rows, int64_t cols, void* 
       if (scale == 0.0f) continue;  // an all-zero group stays zero
       for (int64_t c = begin; c < end; ++c) {
         const float q = std::nearbyint(w[c] / scale);
-        values[c] = static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f));
+        values[c] = Q8Byte(static_cast<int>(std::clamp(q, -127.0f, 127.0f)));
       }
     }
   }
@@ -51,12 +52,13 @@ absl::Status QuantizeQ8Rows(const float* src, int64_t rows, int64_t cols, void* 
 void DequantizeQ8Row(const void* row, int64_t cols, float* dst) {
   const Q8RowLayout layout = Q8RowLayout::For(cols);
   const auto* bytes = static_cast<const char*>(row);
-  const auto* values = reinterpret_cast<const int8_t*>(bytes);
+  const auto* values = reinterpret_cast<const uint8_t*>(bytes);
   for (int64_t g = 0; g < layout.groups; ++g) {
     float scale;
     std::memcpy(&scale, bytes + layout.scales_offset + g * int64_t{sizeof(float)}, sizeof(scale));
     const int64_t end = std::min(cols, (g + 1) * kQ8GroupSize);
-    for (int64_t c = g * kQ8GroupSize; c < end; ++c) dst[c] = static_cast<float>(values[c]) * scale;
+    for (int64_t c = g * kQ8GroupSize; c < end; ++c)
+      dst[c] = static_cast<float>(values[c] - 128) * scale;
   }
 }
 

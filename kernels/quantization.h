@@ -4,14 +4,15 @@
 // any dtype at load.
 //
 // A group's scale is max|w| / 127 over its columns and its values are
-// round(w / scale) in [-127, 127], so a weight is off by at most scale / 2
-// (half a step) and dequantizes to exactly float(q) · scale; every GEMM over
-// kQ8 weights is a float32 GEMM over those dequantized values.
+// q = round(w / scale) in [-127, 127], so a weight is off by at most scale /
+// 2 (half a step) and dequantizes to exactly float(q) · scale.
 //
-// Layout of one row of `cols` weights (Q8RowLayout): the int8 values, padding
-// to a multiple of 4 bytes, the float32 scales of the ceil(cols / 128)
-// groups, then padding to a multiple of 64 bytes, so every row starts on a
-// cache line and a row slice of a matrix is a matrix again.
+// Layout of one row of `cols` weights (Q8RowLayout): the values as unsigned
+// bytes q + 128 (in [1, 255]: the unsigned operand of AVX-512 VNNI's
+// vpdpbusd, so an int8 GEMM needs no conversion of the weights), padding to
+// a multiple of 4 bytes, the float32 scales of the ceil(cols / 128) groups,
+// then padding to a multiple of 64 bytes, so every row starts on a cache line
+// and a row slice of a matrix is a matrix again.
 //
 // Example:
 //   std::vector<char> q(WeightBytes(DType::kQ8, rows, cols));
@@ -38,6 +39,9 @@ struct Q8RowLayout {
 // A non-finite weight has no int8 value: INVALID_ARGUMENT naming its row and
 // column.
 absl::Status QuantizeQ8Rows(const float* src, int64_t rows, int64_t cols, void* dst);
+
+// The byte that stores q.
+inline uint8_t Q8Byte(int q) { return static_cast<uint8_t>(q + 128); }
 
 // Writes the `cols` dequantized weights of the kQ8 row at `row`.
 void DequantizeQ8Row(const void* row, int64_t cols, float* dst);

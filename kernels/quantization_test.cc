@@ -66,12 +66,12 @@ TEST(QuantizeQ8RowsTest, EveryWeightIsWithinHalfAStepAndDequantizesExactly) {
       }
       EXPECT_EQ(scale, max_abs / 127.0f) << r << " " << g;
       for (int64_t c = g * 128; c < std::min<int64_t>(cols, (g + 1) * 128); ++c) {
-        const auto value = static_cast<int8_t>(q[r * row_bytes + c]);
+        const int value = static_cast<uint8_t>(q[r * row_bytes + c]) - 128;
         ASSERT_EQ(back[c], static_cast<float>(value) * scale) << r << " " << c;
         ASSERT_LE(std::fabs(back[c] - w[r * cols + c]), scale / 2 * (1 + 1e-6f)) << r << " " << c;
       }
     }
-    // Padding after the values and after the scales is zero.
+    // Padding after the values and after the scales is zero bytes.
     for (int64_t b = cols; b < Q8RowLayout::For(cols).scales_offset; ++b) {
       ASSERT_EQ(q[r * row_bytes + b], 0) << b;
     }
@@ -80,7 +80,7 @@ TEST(QuantizeQ8RowsTest, EveryWeightIsWithinHalfAStepAndDequantizesExactly) {
       ASSERT_EQ(q[r * row_bytes + b], 0) << b;
     }
   }
-  EXPECT_EQ(static_cast<int8_t>(q[7]), 127);  // the outlier is the group's maximum
+  EXPECT_EQ(static_cast<uint8_t>(q[7]), 255);  // the outlier is the group's maximum: q = 127
 }
 
 TEST(QuantizeQ8RowsTest, AnAllZeroGroupStaysZero) {

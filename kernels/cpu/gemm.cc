@@ -18,6 +18,8 @@ struct Avx2 {
   static constexpr int kLanes = 8;
   // 4 · 3 accumulators + 3 x vectors + 1 w vector: all 16 registers.
   static constexpr int kTileCols = 4;
+  // 4 · 2 accumulators + 2 x vectors + 1 w vector.
+  static constexpr int kDecodeTileCols = 4;
   static constexpr int kTileRows = 3;
 
   static V Zero() { return _mm256_setzero_ps(); }
@@ -39,9 +41,11 @@ struct Avx2 {
   static V LoadF16(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  static V LoadI8(const int8_t* p) {
-    return _mm256_cvtepi32_ps(
-        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  // q + 128 with the top bit flipped is q as a signed byte.
+  static V LoadQ8(const uint8_t* p) {
+    const __m128i q = _mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
+                                    _mm_set1_epi8(static_cast<char>(0x80)));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
   }
   // Tails go through a zero-padded copy: AVX2 has no masked 8- or 16-bit loads.
   template <typename T>
@@ -52,7 +56,12 @@ struct Avx2 {
   }
   static V LoadBf16Tail(const uint16_t* p, int64_t count) { return LoadTailOf(p, count, LoadBf16); }
   static V LoadF16Tail(const uint16_t* p, int64_t count) { return LoadTailOf(p, count, LoadF16); }
-  static V LoadI8Tail(const int8_t* p, int64_t count) { return LoadTailOf(p, count, LoadI8); }
+  static V LoadQ8Tail(const uint8_t* p, int64_t count) {
+    uint8_t padded[kLanes];
+    std::memset(padded, 128, sizeof(padded));  // q = 0
+    std::memcpy(padded, p, static_cast<size_t>(count));
+    return LoadQ8(padded);
+  }
   // Halves added pairwise down to one lane, always in this order.
   static float Sum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -100,8 +109,8 @@ gemm_internal::Scratch ThreadScratch(int64_t k, float** all_x) {
 
 // `p` with x packed once into `all_x` when the kernels read w in place.
 gemm_internal::Problem WithPackedX(GemmIsa isa, gemm_internal::Problem p, float* all_x) {
-  const bool packed = isa == GemmIsa::kAvx512 ? gemm_internal::PackAllXAvx512(p, all_x)
-                                              : gemm_internal::PackAllXAvx2(p, all_x);
+  const bool packed = isa != GemmIsa::kAvx2 ? gemm_internal::PackAllXAvx512(p, all_x)
+                                            : gemm_internal::PackAllXAvx2(p, all_x);
   if (packed) p.packed_x = all_x;
   return p;
 }
@@ -112,18 +121,32 @@ GemmIsa BestGemmIsa() {
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-  return avx512 ? GemmIsa::kAvx512 : GemmIsa::kAvx2;
+  if (!avx512) return GemmIsa::kAvx2;
+  return __builtin_cpu_supports("avx512vnni") ? GemmIsa::kAvx512Vnni : GemmIsa::kAvx512;
 }
 
-const char* GemmIsaName(GemmIsa isa) { return isa == GemmIsa::kAvx512 ? "avx512" : "avx2"; }
+const char* GemmIsaName(GemmIsa isa) {
+  switch (isa) {
+    case GemmIsa::kAvx2:
+      return "avx2";
+    case GemmIsa::kAvx512:
+      return "avx512";
+    case GemmIsa::kAvx512Vnni:
+      return "avx512-vnni";
+  }
+  return "?";
+}
 
 void MatMulTransposedSerial(GemmIsa isa, const float* x, const void* w, DType w_dtype, int64_t m,
                             int64_t n, int64_t k, float alpha, bool accumulate, float* y,
                             int64_t ldy) {
   if (m <= 0 || n <= 0) return;
   const gemm_internal::Problem p{x, w, w_dtype, m, n, k, alpha, accumulate, y, ldy};
+  if (w_dtype == DType::kQ8 && isa == GemmIsa::kAvx512Vnni) {
+    return gemm_internal::MatMulQ8Vnni(p, nullptr);
+  }
   const auto columns =
-      isa == GemmIsa::kAvx512 ? gemm_internal::GemmColumnsAvx512 : gemm_internal::GemmColumnsAvx2;
+      isa != GemmIsa::kAvx2 ? gemm_internal::GemmColumnsAvx512 : gemm_internal::GemmColumnsAvx2;
   const int64_t block = gemm_internal::ColumnsPerCall(k);
   float* all_x = nullptr;
   const gemm_internal::Scratch scratch = ThreadScratch(k, &all_x);
@@ -136,8 +159,11 @@ void MatMulTransposed(GemmIsa isa, ThreadPool& pool, const float* x, const void*
                       int64_t ldy) {
   if (m <= 0 || n <= 0) return;
   const gemm_internal::Problem p{x, w, w_dtype, m, n, k, alpha, accumulate, y, ldy};
+  if (w_dtype == DType::kQ8 && isa == GemmIsa::kAvx512Vnni) {
+    return gemm_internal::MatMulQ8Vnni(p, &pool);
+  }
   const auto columns =
-      isa == GemmIsa::kAvx512 ? gemm_internal::GemmColumnsAvx512 : gemm_internal::GemmColumnsAvx2;
+      isa != GemmIsa::kAvx2 ? gemm_internal::GemmColumnsAvx512 : gemm_internal::GemmColumnsAvx2;
   // Threads split the rows of w (each streams its share of w once and reuses
   // it for every row of x), in blocks that fit the packed-w budget.
   const int64_t block = gemm_internal::ColumnsPerCall(k);

@@ -18,6 +18,10 @@
 // are widened to float32 exactly as they are read, so the product is the
 // float32 product over the widened weights, summed in the same order, and a
 // narrower dtype only reads fewer bytes. x, y and the sums stay float32.
+// The one exception is kQ8 on kAvx512Vnni, which also rounds x to int8 (in
+// groups of 128 along k, as the weights; llama.cpp's q8_0 product rounds x
+// in groups of 32): four times the multiply-adds an instruction, which is
+// what lets a batch of decode steps over int8 weights keep up with memory.
 //
 // Example:
 //   const GemmIsa isa = BestGemmIsa();
@@ -32,7 +36,10 @@
 
 namespace loraserve::kernels {
 
-enum class GemmIsa { kAvx2, kAvx512 };
+// kAvx512Vnni is kAvx512 for float weights; kQ8 weights then run int8 x
+// int8 products with vpdpbusd over activations quantized per row in groups
+// of 128 (gemm_q8_vnni.cc) instead of float32 FMAs over dequantized weights.
+enum class GemmIsa { kAvx2, kAvx512, kAvx512Vnni };
 
 // The widest instruction set this CPU runs.
 GemmIsa BestGemmIsa();

@@ -23,6 +23,9 @@ struct Avx512 {
   // step of 16 floats loads 10 vectors for 16 FMAs. Eight rows make a decode
   // batch of 8 one tile, so w streams from memory exactly once.
   static constexpr int kTileCols = 2;
+  // 8 · 2 accumulators + 2 x vectors + 1 w vector: 8 rows of w stream at
+  // once in a decode step of one or two requests.
+  static constexpr int kDecodeTileCols = 8;
   static constexpr int kTileRows = 8;
 
   static V Zero() { return _mm512_setzero_ps(); }
@@ -48,12 +51,17 @@ struct Avx512 {
   static V LoadF16Tail(const uint16_t* p, int64_t count) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(Mask(count), p));
   }
-  static V LoadI8(const int8_t* p) {
+  // q + 128 with the top bit flipped is q as a signed byte; lanes past a
+  // tail read as 0x80, q = 0.
+  static V Q8ToFloats(__m128i bytes) {
     return _mm512_cvtepi32_ps(
-        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+        _mm512_cvtepi8_epi32(_mm_xor_si128(bytes, _mm_set1_epi8(static_cast<char>(0x80)))));
   }
-  static V LoadI8Tail(const int8_t* p, int64_t count) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(Mask(count), p)));
+  static V LoadQ8(const uint8_t* p) {
+    return Q8ToFloats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static V LoadQ8Tail(const uint8_t* p, int64_t count) {
+    return Q8ToFloats(_mm_mask_loadu_epi8(_mm_set1_epi8(static_cast<char>(0x80)), Mask(count), p));
   }
   // Halves added pairwise down to one lane, always in this order.
   static float Sum(V v) {

@@ -9,11 +9,13 @@
 //                             kTileRows rows of x, kTileCols · kTileRows
 //                             accumulators plus kTileRows x vectors and one w
 //                             vector fit the register file
+//   kDecodeTileCols           rows of w of the tile over one or two rows of
+//                             x read in place (2 · kDecodeTileCols + 3 fit)
 //   Zero(), Load(p), LoadTail(p, count) (lanes >= count read as 0),
 //   Store(p, v), Fma(a, b, c) = a · b + c, Mul(a, b), Set1(f),
 //   Sum(v) (a fixed tree over lanes), and kLanes elements widened to floats
-//   exactly: LoadBf16(p), LoadF16(p), LoadI8(p), each with a Tail(p, count)
-//   form as LoadTail.
+//   exactly: LoadBf16(p), LoadF16(p), LoadQ8(p) (kQ8 bytes q + 128 to
+//   float(q)), each with a Tail(p, count) form as LoadTail.
 // Traits types live in an unnamed namespace, so every template here is
 // instantiated with internal linkage: no AVX-512 code can leak into the AVX2
 // translation unit through the linker.
@@ -30,8 +32,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/thread_pool.h"
 #include "kernels/quantization.h"
 
 namespace loraserve::kernels::gemm_internal {
@@ -97,6 +101,10 @@ struct Scratch {
 // (The row bytes of w are WeightRowBytes(p.w_dtype, p.k).)
 void GemmColumnsAvx2(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch);
 void GemmColumnsAvx512(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratch);
+
+// The whole product `p` for kQ8 weights on AVX-512 VNNI (gemm_q8_vnni.cc),
+// threaded over `pool`, or on the calling thread when it is null.
+void MatMulQ8Vnni(const Problem& p, ThreadPool* pool);
 
 // Floats PackAllX may write for m rows of k.
 inline int64_t PackedAllXFloats(int64_t m, int64_t k) {
@@ -188,11 +196,11 @@ struct Q8Reader {
     return scale;
   }
   typename Isa::V Load(const char* row, int64_t c) const {
-    return Isa::Mul(Isa::LoadI8(reinterpret_cast<const int8_t*>(row) + c),
+    return Isa::Mul(Isa::LoadQ8(reinterpret_cast<const uint8_t*>(row) + c),
                     Isa::Set1(Scale(row, c)));
   }
   typename Isa::V LoadTail(const char* row, int64_t c, int64_t count) const {
-    return Isa::Mul(Isa::LoadI8Tail(reinterpret_cast<const int8_t*>(row) + c, count),
+    return Isa::Mul(Isa::LoadQ8Tail(reinterpret_cast<const uint8_t*>(row) + c, count),
                     Isa::Set1(Scale(row, c)));
   }
   const char* At(const char* row, int64_t c) const { return row + c; }
@@ -331,13 +339,13 @@ inline void TileOfRows(int rows, const TileArgs& t, const W& w) {
   Tile<Isa, R, M>(t, w);
 }
 
-// Tile<Isa, cols, rows> for 1 <= cols <= R.
-template <class Isa, int R = Isa::kTileCols, class W>
+// Tile<Isa, cols, rows> for 1 <= cols <= R and 1 <= rows <= M.
+template <class Isa, int R = Isa::kTileCols, int M = Isa::kTileRows, class W>
 inline void TileOf(int cols, int rows, const TileArgs& t, const W& w) {
   if constexpr (R > 1) {
-    if (cols < R) return TileOf<Isa, R - 1>(cols, rows, t, w);
+    if (cols < R) return TileOf<Isa, R - 1, M>(cols, rows, t, w);
   }
-  TileOfRows<Isa, R>(rows, t, w);
+  TileOfRows<Isa, R, M>(rows, t, w);
 }
 
 // With one or two row tiles each element of w is used once or twice:
@@ -415,19 +423,37 @@ void GemmColumns(const Problem& p, int64_t j0, int64_t j1, const Scratch& scratc
           Pack<Isa>(p.x + i * p.k + c0, p.k, rows, t.len, scratch.packed_x);
           t.x = scratch.packed_x;
         }
-        for (int64_t j = j0; j < j1; j += kCols) {
-          const int cols = static_cast<int>(j1 - j < kCols ? j1 - j : kCols);
-          t.acc = scratch.acc + ((i - i0) * t.acc_ld + (j - j0)) * kLanes;
-          t.y = p.y + i * p.ldy + j;
-          if (pack_w) {
+        if (pack_w) {
+          for (int64_t j = j0; j < j1; j += kCols) {
+            const int cols = static_cast<int>(j1 - j < kCols ? j1 - j : kCols);
+            t.acc = scratch.acc + ((i - i0) * t.acc_ld + (j - j0)) * kLanes;
+            t.y = p.y + i * p.ldy + j;
             TileOf<Isa>(cols, rows, t, PackedTileW<Isa>{packed_w(c0, j, steps), cols * kLanes});
-          } else {
-            const int64_t j_next = j + kPrefetchTiles * kCols;
-            const char* next = j_next + kCols <= p.n ? w_rows + j_next * row_bytes : nullptr;
-            TileOf<Isa>(
+          }
+          continue;
+        }
+        // In place, tiles of `tile_cols` rows of w (a compile-time constant)
+        // over at most `max_rows` rows of x; whole k, so no partial sums.
+        const auto in_place = [&](auto tile_cols, auto max_rows) {
+          constexpr int64_t kTile = decltype(tile_cols)::value;
+          for (int64_t j = j0; j < j1; j += kTile) {
+            const int cols = static_cast<int>(j1 - j < kTile ? j1 - j : kTile);
+            t.y = p.y + i * p.ldy + j;
+            const int64_t j_next = j + kPrefetchTiles * kTile;
+            const char* next = j_next + kTile <= p.n ? w_rows + j_next * row_bytes : nullptr;
+            TileOf<Isa, kTile, decltype(max_rows)::value>(
                 cols, rows, t,
                 InPlaceTileW<Isa, Reader>{&reader, w_rows + j * row_bytes, row_bytes, c0, next});
           }
+        };
+        // One or two rows of x (a decode step of one or two requests) run
+        // wider tiles: more rows of w stream at once, and more independent
+        // sums hide the FMA latency that a short tile waits on.
+        if (rows <= 2) {
+          in_place(std::integral_constant<int64_t, Isa::kDecodeTileCols>(),
+                   std::integral_constant<int, 2>());
+        } else {
+          in_place(std::integral_constant<int64_t, kCols>(), std::integral_constant<int, kRows>());
         }
       }
     }

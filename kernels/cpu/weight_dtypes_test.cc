@@ -197,8 +197,20 @@ struct GemmShape {
 constexpr GemmShape kGemmShapes[] = {
     {1, 37, 1100}, {8, 64, 256}, {3, 5, 13}, {17, 33, 300}, {40, 70, 640}};
 
+// Whether the backend's Q8 GEMM rounds x to int8 too (GemmIsa::kAvx512Vnni).
+bool Q8RoundsActivations() { return BestGemmIsa() == GemmIsa::kAvx512Vnni; }
+
+// The instruction sets this CPU runs, every one of them.
+std::vector<GemmIsa> Isas() {
+  std::vector<GemmIsa> isas = {GemmIsa::kAvx2};
+  if (BestGemmIsa() != GemmIsa::kAvx2) isas.push_back(GemmIsa::kAvx512);
+  if (BestGemmIsa() == GemmIsa::kAvx512Vnni) isas.push_back(GemmIsa::kAvx512Vnni);
+  return isas;
+}
+
 TEST(CpuWeightDTypeTest, LinearIsTheFloat32ProductOfTheStoredValues) {
   for (DType stored : kNarrowDTypes) {
+    if (stored == DType::kQ8 && Q8RoundsActivations()) continue;  // the GEMM test below
     std::unique_ptr<Backend> narrow = CpuBackendOf(stored);
     std::unique_ptr<Backend> f32 = CpuBackendOf(DType::kF32);
     uint32_t seed = 100;
@@ -221,6 +233,36 @@ TEST(CpuWeightDTypeTest, LinearIsTheFloat32ProductOfTheStoredValues) {
   }
 }
 
+// On every instruction set but kAvx512Vnni, the kQ8 GEMM is the float32
+// GEMM of the dequantized weights, bit for bit.
+TEST(CpuWeightDTypeTest, Q8GemmWithoutVnniIsTheFloat32ProductOfTheStoredValues) {
+  std::unique_ptr<Backend> backend = CpuBackendOf(DType::kQ8);
+  uint32_t seed = 150;
+  for (const auto& [m, n, k] : kGemmShapes) {
+    const Weight w = UploadWeight(*backend, RandomFloats(n * k, ++seed, 0.05f), n, k);
+    const std::vector<float> widened = Widened(*backend, w.view);
+    const std::vector<float> x = RandomFloats(m * k, ++seed);
+    for (const GemmIsa isa : Isas()) {
+      if (isa == GemmIsa::kAvx512Vnni) continue;
+      ThreadPool pool(2);
+      std::vector<float> y(m * n), y_f32(m * n);
+      MatMulTransposed(isa, pool, x.data(), w.view.data, DType::kQ8, m, n, k, 1.0f, false, y.data(),
+                       n);
+      MatMulTransposed(isa, pool, x.data(), widened.data(), DType::kF32, m, n, k, 1.0f, false,
+                       y_f32.data(), n);
+      EXPECT_TRUE(SameBits(y, y_f32)) << GemmIsaName(isa) << " m=" << m << " n=" << n;
+    }
+  }
+}
+
+// |x| / 2 of x's kQ8 step (its group's max / 127) for every element of
+// `x` ([m, k]): how far the VNNI GEMM's int8 rounding moves it at most.
+std::vector<double> ActivationRounding(const std::vector<float>& x, int64_t m, int64_t k) {
+  std::vector<double> half_steps = Q8Steps(x, m, k);
+  for (double& v : half_steps) v /= 2;
+  return half_steps;
+}
+
 TEST(CpuWeightDTypeTest, LinearIsWithinTheRoundingOfTheWeights) {
   for (DType stored : kNarrowDTypes) {
     std::unique_ptr<Backend> backend = CpuBackendOf(stored);
@@ -229,6 +271,8 @@ TEST(CpuWeightDTypeTest, LinearIsWithinTheRoundingOfTheWeights) {
       const std::vector<float> w_host = RandomFloats(n * k, ++seed, 0.05f);
       const std::vector<float> x_host = RandomFloats(m * k, ++seed);
       const std::vector<double> steps = Q8Steps(w_host, n, k);
+      const bool rounds_x = stored == DType::kQ8 && Q8RoundsActivations();
+      const std::vector<double> x_rounding = ActivationRounding(x_host, m, k);
       const Weight w = UploadWeight(*backend, w_host, n, k);
       DeviceBuffer x = Upload(*backend, x_host);
       DeviceBuffer y = Upload(*backend, std::vector<float>(m * n, NAN));
@@ -241,9 +285,13 @@ TEST(CpuWeightDTypeTest, LinearIsWithinTheRoundingOfTheWeights) {
             const double xv = x_host[i * k + c], wv = w_host[j * k + c];
             ref += xv * wv;
             magnitude += std::abs(xv * wv);
-            rounding += std::abs(xv) * WeightRoundingBound(stored, wv, steps[j * k + c]);
+            const double w_error = WeightRoundingBound(stored, wv, steps[j * k + c]);
+            rounding += std::abs(xv) * w_error;
+            // With x rounded as well: |x̃w̃ - xw| <= |x|δw + (|w| + δw)δx.
+            if (rounds_x) rounding += (std::abs(wv) + w_error) * x_rounding[i * k + c];
           }
-          // The weights' rounding, plus float32 summation over k terms.
+          // The rounding of the weights (and with VNNI of x), plus float32
+          // summation over k terms.
           const double bound = rounding + 1e-5 * magnitude;
           ASSERT_LE(std::abs(got[i * n + j] - ref), bound)
               << DTypeName(stored) << " m=" << m << " n=" << n << " k=" << k << " at " << i << ","
@@ -254,12 +302,12 @@ TEST(CpuWeightDTypeTest, LinearIsWithinTheRoundingOfTheWeights) {
   }
 }
 
-// A row's outputs are the same bits alone and in any batch, on either ISA
-// and any thread count, for every stored dtype.
+// A row's outputs are the same bits alone and in any batch, on every ISA
+// and any thread count, for every stored dtype (kQ8 on VNNI included: its
+// int8 sums are exact and its float sums run in group order).
 TEST(CpuWeightDTypeTest, GemmRowsDoNotDependOnTheBatch) {
   const int64_t n = 70, k = 700;
-  std::vector<GemmIsa> isas = {GemmIsa::kAvx2};
-  if (BestGemmIsa() != GemmIsa::kAvx2) isas.push_back(BestGemmIsa());
+  const std::vector<GemmIsa> isas = Isas();
   for (DType stored : kNarrowDTypes) {
     std::unique_ptr<Backend> backend = CpuBackendOf(stored);
     const Weight w = UploadWeight(*backend, RandomFloats(n * k, 300, 0.05f), n, k);

@@ -181,13 +181,14 @@ TEST_P(WeightDTypeAccuracyTest, AdaptersUnmergedAndMergedStayNearTheReference) {
 
 // Measured worst cases (x86-64 with AVX-512), model / adapter / merged vs
 // unmerged / greedy: bf16 0.034 / 0.035 / 0.021 / 0.977; f16 0.0026 /
-// 0.013 / 0.0031 / 0.996; int8 0.089 / 0.164 / 0.058 / 0.941. The shared
-// trained model picks every reference greedy token in every dtype (int8:
-// logits within 0.014).
+// 0.013 / 0.0031 / 0.996; int8 with AVX-512 VNNI (x rounded to int8 too)
+// 0.100 / 0.146 / 0.132 / 0.918, without (dequantized weights, float32 x)
+// 0.089 / 0.164 / 0.058 / 0.941. The shared trained model picks every
+// reference greedy token in every dtype (int8: logits within 0.03).
 INSTANTIATE_TEST_SUITE_P(DTypes, WeightDTypeAccuracyTest,
                          ::testing::Values(DTypeBounds{DType::kBF16, 0.07, 0.07, 0.05, 0.95},
                                            DTypeBounds{DType::kF16, 0.006, 0.03, 0.008, 0.98},
-                                           DTypeBounds{DType::kQ8, 0.18, 0.3, 0.12, 0.9}),
+                                           DTypeBounds{DType::kQ8, 0.2, 0.3, 0.26, 0.85}),
                          [](const auto& info) { return kernels::DTypeName(info.param.dtype); });
 
 }  // namespace
