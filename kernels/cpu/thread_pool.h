@@ -1,9 +1,12 @@
 // A small persistent thread pool for the CPU backend's own loops.
 //
 // The pool owns `num_threads - 1` worker threads; the thread that calls
-// ParallelFor works too, so `num_threads` cores are busy during a loop and
-// none between loops (idle workers sleep on a condition variable rather than
-// spin, leaving the cores to OpenBLAS's GEMM threads).
+// ParallelFor works too, so `num_threads` cores are busy during a loop.
+// Between loops a worker spins for a short while (kSpinMicros) before it
+// sleeps on a condition variable, and the caller likewise waits for the last
+// worker: a decode step runs a few hundred short loops (about 150 GEMMs of a
+// 1B model), and a futex wake-up per loop costs tens of microseconds in a
+// VM, a tenth of an int8 step. Idle longer than that, no core is held.
 //
 // Threading: ParallelFor may be called by one thread at a time (the backend's
 // user, the engine loop) and must not be called from inside `fn`.
@@ -49,15 +52,23 @@ class ThreadPool {
 
   std::vector<std::thread> workers_;
 
-  std::mutex mu_;
-  std::condition_variable work_cv_;  // a new job or stop_
-  std::condition_variable done_cv_;  // busy_workers_ reached 0
-  uint64_t generation_ = 0;          // guarded by mu_; bumped per job
-  int busy_workers_ = 0;             // guarded by mu_
-  bool stop_ = false;                // guarded by mu_
+  // How long a worker, or the caller, spins before it sleeps.
+  static constexpr int64_t kSpinMicros = 200;
 
-  // The current job; written under mu_ before generation_ is bumped, read by
-  // workers after they observe the bump.
+  // Sleeping and waking go through mu_ and the condition variables; the
+  // counts are atomics so that spinning needs no lock. A thread that sleeps
+  // checks its condition under mu_, and a thread that changes a count takes
+  // mu_ before it notifies, so no wake-up is lost.
+  std::mutex mu_;
+  std::condition_variable work_cv_;       // a new job or stop_
+  std::condition_variable done_cv_;       // busy_workers_ reached 0
+  std::atomic<uint64_t> generation_{0};   // bumped per job (release)
+  std::atomic<int> busy_workers_{0};      // workers still in the job
+  std::atomic<int> sleeping_workers_{0};  // workers waiting on work_cv_
+  std::atomic<bool> stop_{false};
+
+  // The current job; written before generation_ is bumped, read by workers
+  // after they observe the bump.
   const absl::FunctionRef<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t n_ = 0;
   int64_t chunk_ = 0;
