@@ -130,7 +130,7 @@ void QuantizeX(const float* x, int64_t m, int64_t k, QuantizedX* q) {
 // and stays in a register while each row of x meets it; the loops are
 // unrolled so that acc stays in registers too (GCC keeps it in memory
 // otherwise, and every FMA waits on a store).
-template <int R, int M, int C>
+template <int R, int M, int C, int kHint>
 __attribute__((always_inline)) inline void Group(const char* w, int64_t row_bytes,
                                                  int64_t scales_offset, const QuantizedX& qx,
                                                  int64_t i0, int64_t g, const char* next,
@@ -146,7 +146,9 @@ __attribute__((always_inline)) inline void Group(const char* w, int64_t row_byte
     sw[r] = _mm512_set1_ps(w_scale);
     for (int c = 0; c < C; ++c) {
       wv[r][c] = _mm512_loadu_si512(row + (c0 + c) * kChunk);
-      if (next != nullptr) _mm_prefetch(next + r * row_bytes + (c0 + c) * kChunk, _MM_HINT_T0);
+      if (next != nullptr) {
+        _mm_prefetch(next + r * row_bytes + (c0 + c) * kChunk, static_cast<_mm_hint>(kHint));
+      }
     }
   }
 #pragma GCC unroll 16
@@ -168,7 +170,7 @@ __attribute__((always_inline)) inline void Group(const char* w, int64_t row_byte
 
 // R rows of w (from `w`, rows `row_bytes` apart) times M rows of x (from row
 // `i0` of `qx`) over every group, into y.
-template <int R, int M>
+template <int R, int M, int kHint>
 void Tile(const char* w, int64_t row_bytes, int64_t scales_offset, const QuantizedX& qx, int64_t i0,
           const char* next, float alpha, bool accumulate, float* y, int64_t ldy) {
   __m512 acc[R][M];
@@ -177,11 +179,11 @@ void Tile(const char* w, int64_t row_bytes, int64_t scales_offset, const Quantiz
   }
   const int64_t full_groups = qx.chunks / kChunksPerGroup;
   for (int64_t g = 0; g < full_groups; ++g) {
-    Group<R, M, kChunksPerGroup>(w, row_bytes, scales_offset, qx, i0, g, next, acc);
+    Group<R, M, kChunksPerGroup, kHint>(w, row_bytes, scales_offset, qx, i0, g, next, acc);
   }
   if (full_groups < qx.groups) {  // a last group of one chunk
     static_assert(kChunksPerGroup == 2, "a partial group is one chunk");
-    Group<R, M, 1>(w, row_bytes, scales_offset, qx, i0, full_groups, next, acc);
+    Group<R, M, 1, kHint>(w, row_bytes, scales_offset, qx, i0, full_groups, next, acc);
   }
   for (int i = 0; i < M; ++i) {
     for (int r = 0; r < R; ++r) {
@@ -193,23 +195,23 @@ void Tile(const char* w, int64_t row_bytes, int64_t scales_offset, const Quantiz
 }
 
 // Tile<cols, rows> for 1 <= cols <= R, 1 <= rows <= M.
-template <int R, int M>
+template <int R, int M, int kHint>
 void TileOf(int cols, int rows, const char* w, int64_t row_bytes, int64_t scales_offset,
             const QuantizedX& qx, int64_t i0, const char* next, float alpha, bool accumulate,
             float* y, int64_t ldy) {
   if constexpr (M > 1) {
     if (rows < M) {
-      return TileOf<R, M - 1>(cols, rows, w, row_bytes, scales_offset, qx, i0, next, alpha,
-                              accumulate, y, ldy);
+      return TileOf<R, M - 1, kHint>(cols, rows, w, row_bytes, scales_offset, qx, i0, next, alpha,
+                                     accumulate, y, ldy);
     }
   }
   if constexpr (R > 1) {
     if (cols < R) {
-      return TileOf<R - 1, M>(cols, rows, w, row_bytes, scales_offset, qx, i0, next, alpha,
-                              accumulate, y, ldy);
+      return TileOf<R - 1, M, kHint>(cols, rows, w, row_bytes, scales_offset, qx, i0, next, alpha,
+                                     accumulate, y, ldy);
     }
   }
-  Tile<R, M>(w, row_bytes, scales_offset, qx, i0, next, alpha, accumulate, y, ldy);
+  Tile<R, M, kHint>(w, row_bytes, scales_offset, qx, i0, next, alpha, accumulate, y, ldy);
 }
 
 // Rows [j0, j1) of w against every row of x: tiles of kRows rows of w (8
@@ -219,25 +221,31 @@ void TileOf(int cols, int rows, const char* w, int64_t row_bytes, int64_t scales
 void Columns(const Problem& p, const QuantizedX& qx, int64_t j0, int64_t j1) {
   const Q8RowLayout layout = Q8RowLayout::For(p.k);
   const char* w = static_cast<const char*>(p.w);
-  const auto run = [&](auto tile_cols, auto tile_rows) {
+  // Tiles of kCols rows of w and kRows of x, prefetching w `ahead` tiles
+  // ahead with `hint` (kDecodePrefetchTiles and L2 for the decode tiles, as
+  // the float kernel).
+  const auto run = [&](auto tile_cols, auto tile_rows, int64_t ahead, auto hint) {
     constexpr int kCols = decltype(tile_cols)::value;
     constexpr int kRows = decltype(tile_rows)::value;
+    constexpr int kHint = decltype(hint)::value;
     for (int64_t j = j0; j < j1; j += kCols) {
       const int cols = static_cast<int>(std::min<int64_t>(kCols, j1 - j));
-      const int64_t j_next = j + 2 * kCols;
+      const int64_t j_next = j + ahead * kCols;
       const char* next = j_next + kCols <= p.n ? w + j_next * layout.row_bytes : nullptr;
       for (int64_t i = 0; i < p.m; i += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, p.m - i));
-        TileOf<kCols, kRows>(cols, rows, w + j * layout.row_bytes, layout.row_bytes,
-                             layout.scales_offset, qx, i, i == 0 ? next : nullptr, p.alpha,
-                             p.accumulate, p.y + i * p.ldy + j, p.ldy);
+        TileOf<kCols, kRows, kHint>(cols, rows, w + j * layout.row_bytes, layout.row_bytes,
+                                    layout.scales_offset, qx, i, i == 0 ? next : nullptr, p.alpha,
+                                    p.accumulate, p.y + i * p.ldy + j, p.ldy);
       }
     }
   };
   if (p.m <= 8) {
-    run(std::integral_constant<int, 8>(), std::integral_constant<int, 2>());
+    run(std::integral_constant<int, 8>(), std::integral_constant<int, 2>(), kDecodePrefetchTiles,
+        std::integral_constant<int, _MM_HINT_T1>());
   } else {
-    run(std::integral_constant<int, 4>(), std::integral_constant<int, 4>());
+    run(std::integral_constant<int, 4>(), std::integral_constant<int, 4>(), kPrefetchTiles,
+        std::integral_constant<int, _MM_HINT_T0>());
   }
 }
 
