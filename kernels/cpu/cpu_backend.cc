@@ -72,17 +72,23 @@ absl::Status CheckRowStride(const char* op, const char* arg, int64_t ld, int64_t
                                                  ", less than a row of ", row_floats, " floats"));
 }
 
-absl::Status CheckWeight(const char* op, const char* arg, const WeightView& w) {
-  if (w.data == nullptr) return NullArgument(op, arg);
-  switch (w.dtype) {
+// Whether the GEMM reads weights stored as `dtype`.
+bool IsWeightDType(DType dtype) {
+  switch (dtype) {
     case DType::kF32:
     case DType::kBF16:
     case DType::kF16:
     case DType::kQ8:
-      break;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "CpuBackend::", op, ": ", arg, " has unknown dtype ", static_cast<int>(w.dtype)));
+      return true;
+  }
+  return false;
+}
+
+absl::Status CheckWeight(const char* op, const char* arg, const WeightView& w) {
+  if (w.data == nullptr) return NullArgument(op, arg);
+  if (!IsWeightDType(w.dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CpuBackend::", op, ": ", arg, " has unknown dtype ", static_cast<int>(w.dtype)));
   }
   if (w.rows <= 0) return NonPositiveArgument(op, "weight rows", w.rows);
   if (w.cols <= 0) return NonPositiveArgument(op, "weight cols", w.cols);
@@ -1136,15 +1142,9 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOption
   const int num_threads = options.num_threads > 0
                               ? options.num_threads
                               : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-  switch (options.weight_dtype) {
-    case DType::kF32:
-    case DType::kBF16:
-    case DType::kF16:
-    case DType::kQ8:
-      break;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat("CreateCpuBackend: unknown weight_dtype ",
-                                                     static_cast<int>(options.weight_dtype)));
+  if (!IsWeightDType(options.weight_dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat("CreateCpuBackend: unknown weight_dtype ",
+                                                   static_cast<int>(options.weight_dtype)));
   }
   // OpenBLAS's thread count (MergeLora) is process-wide; its GEMMs and our
   // loops never run at the same time, so both use the same cores.

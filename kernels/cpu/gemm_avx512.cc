@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "kernels/cpu/avx512_sum.h"
 #include "kernels/cpu/gemm_kernel.h"
 
 #if !defined(__AVX512F__) || !defined(__AVX512VL__) || !defined(__AVX512BW__) || \
@@ -63,14 +64,7 @@ struct Avx512 {
   static V LoadQ8Tail(const uint8_t* p, int64_t count) {
     return Q8ToFloats(_mm_mask_loadu_epi8(_mm_set1_epi8(static_cast<char>(0x80)), Mask(count), p));
   }
-  // Halves added pairwise down to one lane, always in this order.
-  static float Sum(V v) {
-    const __m256 s8 = _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-    return _mm_cvtss_f32(s4);
-  }
+  static float Sum(V v) { return Avx512LaneSum(v); }
 };
 
 }  // namespace

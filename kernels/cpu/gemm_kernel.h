@@ -149,44 +149,28 @@ inline void Pack(const float* src, int64_t ld, int rows, int64_t len, float* pac
 // floats (Load), the columns [c, c + count) with the rest 0 (LoadTail), and
 // the address of column c, to prefetch (At). kElementBytes is what one column
 // takes in the row's stream.
-template <class Isa>
-struct F32Reader {
-  static constexpr int64_t kElementBytes = 4;
-  explicit F32Reader(int64_t k) {}
+//
+// A dtype of plain elements T, widened by Isa's `load` and `load_tail`.
+template <class Isa, typename T, typename Isa::V (*load)(const T*),
+          typename Isa::V (*load_tail)(const T*, int64_t)>
+struct ElementReader {
+  static constexpr int64_t kElementBytes = sizeof(T);
+  explicit ElementReader(int64_t k) {}
   typename Isa::V Load(const char* row, int64_t c) const {
-    return Isa::Load(reinterpret_cast<const float*>(row) + c);
+    return load(reinterpret_cast<const T*>(row) + c);
   }
   typename Isa::V LoadTail(const char* row, int64_t c, int64_t count) const {
-    return Isa::LoadTail(reinterpret_cast<const float*>(row) + c, count);
+    return load_tail(reinterpret_cast<const T*>(row) + c, count);
   }
   const char* At(const char* row, int64_t c) const { return row + c * kElementBytes; }
 };
 
 template <class Isa>
-struct Bf16Reader {
-  static constexpr int64_t kElementBytes = 2;
-  explicit Bf16Reader(int64_t k) {}
-  typename Isa::V Load(const char* row, int64_t c) const {
-    return Isa::LoadBf16(reinterpret_cast<const uint16_t*>(row) + c);
-  }
-  typename Isa::V LoadTail(const char* row, int64_t c, int64_t count) const {
-    return Isa::LoadBf16Tail(reinterpret_cast<const uint16_t*>(row) + c, count);
-  }
-  const char* At(const char* row, int64_t c) const { return row + c * kElementBytes; }
-};
-
+using F32Reader = ElementReader<Isa, float, &Isa::Load, &Isa::LoadTail>;
 template <class Isa>
-struct F16Reader {
-  static constexpr int64_t kElementBytes = 2;
-  explicit F16Reader(int64_t k) {}
-  typename Isa::V Load(const char* row, int64_t c) const {
-    return Isa::LoadF16(reinterpret_cast<const uint16_t*>(row) + c);
-  }
-  typename Isa::V LoadTail(const char* row, int64_t c, int64_t count) const {
-    return Isa::LoadF16Tail(reinterpret_cast<const uint16_t*>(row) + c, count);
-  }
-  const char* At(const char* row, int64_t c) const { return row + c * kElementBytes; }
-};
+using Bf16Reader = ElementReader<Isa, uint16_t, &Isa::LoadBf16, &Isa::LoadBf16Tail>;
+template <class Isa>
+using F16Reader = ElementReader<Isa, uint16_t, &Isa::LoadF16, &Isa::LoadF16Tail>;
 
 // kQ8: float(q) · scale of the column's group, the dequantized weight
 // exactly. A vector never straddles two groups (kQ8GroupSize is a multiple

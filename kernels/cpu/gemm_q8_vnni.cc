@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/avx512_sum.h"
 #include "kernels/cpu/gemm_kernel.h"
 #include "kernels/quantization.h"
 
@@ -37,15 +38,6 @@ namespace {
 constexpr int64_t kChunk = 64;  // bytes of k one vpdpbusd takes
 constexpr int64_t kChunksPerGroup = kQ8GroupSize / kChunk;
 static_assert(kQ8GroupSize % kChunk == 0, "a group must be whole chunks");
-
-// Fixed tree over the 16 lanes, as the float kernel's Sum.
-inline float Sum(__m512 v) {
-  const __m256 s8 = _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-  return _mm_cvtss_f32(s4);
-}
 
 // A grow-only buffer of T whose data is 64-byte aligned: every 64-byte load
 // of it then takes one cache line, not two.
@@ -187,7 +179,7 @@ void Tile(const char* w, int64_t row_bytes, int64_t scales_offset, const Quantiz
   }
   for (int i = 0; i < M; ++i) {
     for (int r = 0; r < R; ++r) {
-      const float sum = Sum(acc[r][i]);
+      const float sum = Avx512LaneSum(acc[r][i]);
       float& out = y[i * ldy + r];
       out = accumulate ? __builtin_fmaf(alpha, sum, out) : alpha * sum;
     }
