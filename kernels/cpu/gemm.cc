@@ -47,20 +47,19 @@ struct Avx2 {
                                     _mm_set1_epi8(static_cast<char>(0x80)));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
   }
-  // Tails go through a zero-padded copy: AVX2 has no masked 8- or 16-bit loads.
+  // Tails go through a padded copy (AVX2 has no masked 8- or 16-bit loads);
+  // `fill` is the element that widens to 0.
   template <typename T>
-  static V LoadTailOf(const T* p, int64_t count, V (*load)(const T*)) {
-    T padded[kLanes] = {};
+  static V LoadTailOf(const T* p, int64_t count, V (*load)(const T*), T fill = 0) {
+    T padded[kLanes];
+    std::fill(padded, padded + kLanes, fill);
     std::memcpy(padded, p, static_cast<size_t>(count) * sizeof(T));
     return load(padded);
   }
   static V LoadBf16Tail(const uint16_t* p, int64_t count) { return LoadTailOf(p, count, LoadBf16); }
   static V LoadF16Tail(const uint16_t* p, int64_t count) { return LoadTailOf(p, count, LoadF16); }
   static V LoadQ8Tail(const uint8_t* p, int64_t count) {
-    uint8_t padded[kLanes];
-    std::memset(padded, 128, sizeof(padded));  // q = 0
-    std::memcpy(padded, p, static_cast<size_t>(count));
-    return LoadQ8(padded);
+    return LoadTailOf(p, count, LoadQ8, Q8Byte(0));
   }
   // Halves added pairwise down to one lane, always in this order.
   static float Sum(V v) {
@@ -82,10 +81,6 @@ bool PackAllXAvx2(const Problem& p, float* out) { return PackAllX<Avx2>(p, out);
 }  // namespace gemm_internal
 
 namespace {
-
-// Products smaller than this many multiply-adds run on the calling thread:
-// waking the pool costs more than it saves.
-constexpr int64_t kParallelMinMacs = int64_t{1} << 17;
 
 // The calling thread's scratch for the kernels, packed w sized for k, and
 // room for all of x when it has few rows (PackAllX*) after the kernels' part.
@@ -169,7 +164,7 @@ void MatMulTransposed(GemmIsa isa, ThreadPool& pool, const float* x, const void*
   const int64_t block = gemm_internal::ColumnsPerCall(k);
   const int64_t blocks = (n + block - 1) / block;
   const int64_t block_macs = m * std::min(n, block) * k;
-  pool.ParallelFor(blocks, std::max<int64_t>(1, kParallelMinMacs / block_macs),
+  pool.ParallelFor(blocks, std::max<int64_t>(1, gemm_internal::kParallelMinMacs / block_macs),
                    [&](int64_t begin, int64_t end) {
                      float* all_x = nullptr;
                      const gemm_internal::Scratch scratch = ThreadScratch(k, &all_x);

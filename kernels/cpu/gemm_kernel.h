@@ -76,6 +76,9 @@ constexpr int64_t kMaxTileRows = 8;
 // memory in runs of one row, which the hardware prefetcher alone follows
 // late.
 constexpr int64_t kPrefetchTiles = 2;
+// Products smaller than this many multiply-adds run on the calling thread:
+// waking the pool costs more than it saves.
+constexpr int64_t kParallelMinMacs = int64_t{1} << 17;
 // The decode tiles (one or two rows of x, kDecodeTileCols rows of w) are
 // short, so they prefetch further ahead (this many tiles), into L2 rather
 // than L1, which the lines would leave before their turn: side by side on

@@ -77,14 +77,15 @@ inline __m512 LoadFloats(const float* row, int64_t c, int64_t count) {
 void QuantizeX(const float* x, int64_t m, int64_t k, QuantizedX* q) {
   q->chunks = (k + kChunk - 1) / kChunk;
   q->groups = (k + kQ8GroupSize - 1) / kQ8GroupSize;
-  int8_t* values = q->values.Resize(m * q->chunks * kChunk);
-  std::memset(values, 0, static_cast<size_t>(m * q->chunks * kChunk));
+  const int64_t row_bytes = q->chunks * kChunk;
+  int8_t* values = q->values.Resize(m * row_bytes);
   q->scales.resize(static_cast<size_t>(m * q->groups));
   int32_t* offsets = q->offsets.Resize(m * q->groups * 16);
   const __m512 sign = _mm512_set1_ps(-0.0f);
   for (int64_t i = 0; i < m; ++i) {
     const float* row = x + i * k;
-    int8_t* out = values + i * q->chunks * kChunk;
+    int8_t* out = values + i * row_bytes;
+    std::memset(out + k, 0, static_cast<size_t>(row_bytes - k));  // past k: x_q = 0
     for (int64_t g = 0; g < q->groups; ++g) {
       const int64_t begin = g * kQ8GroupSize;
       const int64_t end = std::min(k, begin + kQ8GroupSize);
@@ -95,7 +96,8 @@ void QuantizeX(const float* x, int64_t m, int64_t k, QuantizedX* q) {
       const float scale = _mm512_reduce_max_ps(max_abs) / 127.0f;
       q->scales[i * q->groups + g] = scale;
       int32_t* group_offsets = offsets + (i * q->groups + g) * 16;
-      if (!(scale > 0.0f)) {  // all zero (or NaN): x_q stays 0
+      if (!(scale > 0.0f)) {  // all zero (or NaN): x_q = 0
+        std::memset(out + begin, 0, static_cast<size_t>(end - begin));
         std::fill(group_offsets, group_offsets + 16, 0);
         continue;
       }
@@ -259,7 +261,7 @@ void MatMulQ8Vnni(const Problem& p, ThreadPool* pool) {
   };
   if (pool == nullptr) return blocks_fn(0, blocks);
   const int64_t block_macs = p.m * std::min(p.n, kBlock) * p.k;
-  pool->ParallelFor(blocks, std::max<int64_t>(1, (int64_t{1} << 17) / block_macs), blocks_fn);
+  pool->ParallelFor(blocks, std::max<int64_t>(1, kParallelMinMacs / block_macs), blocks_fn);
 }
 
 }  // namespace loraserve::kernels::gemm_internal
