@@ -43,7 +43,8 @@ double DecodeStepBytes(const kernels::Backend& backend, const model::LlamaModel&
                        int32_t batch, int32_t context, double adapter_bytes);
 
 // Host memory read bandwidth in bytes/s: `threads` threads (0 = one per core)
-// each summing its share of a 1 GiB buffer, the best of 5 passes (a ceiling:
+// each summing its share of a 1 GiB buffer in the widest vector loads
+// the CPU has (as the GEMM kernels read weights), the best of 5 passes (a ceiling:
 // on a shared machine slow passes are other tenants' traffic). A CPU decode
 // step streams its weights from memory, so moved bytes over this is the
 // step's floor.
