@@ -23,6 +23,10 @@
 // adapter at its global scale, 1 even with --lora-init-without-apply);
 // requests pick adapter k as above and name it in llama-server's per-request
 // field "lora": [{"id": k, "scale": 1}] (the others get 0) on the base model.
+// --scrape-every-ms N (with --http): one more thread GETs /metrics every N ms
+// while the load runs, as a Prometheus server or the inference gateway's
+// endpoint picker would, and the scrapes' p50/p99 time and size are reported
+// (run with and without it, side by side, for what scraping costs the engine).
 // Prints one JSON object: throughput, TTFT and TPOT p50/p99, failures.
 #include <grpcpp/grpcpp.h>
 #include <httplib.h>
@@ -67,6 +71,8 @@ ABSL_FLAG(int32_t, prompt_max, 16, "Longest prompt (tokens)");
 ABSL_FLAG(int32_t, output_min, 32, "Fewest generated tokens");
 ABSL_FLAG(int32_t, output_max, 32, "Most generated tokens");
 ABSL_FLAG(int32_t, vocab, 500, "Prompt token ids are drawn from [3, vocab)");
+ABSL_FLAG(int32_t, scrape_every_ms, 0,
+          "With --http: GET /metrics this often while the load runs (0 = never)");
 ABSL_FLAG(int32_t, llama_lora, 0,
           "With --http: spread requests over llama-server's first N --lora adapters, selected "
           "per request by its \"lora\" field");
@@ -291,6 +297,31 @@ absl::Status Run() {
     std::lock_guard<std::mutex> lock(mu);
     samples.push_back(s);
   };
+  const int32_t scrape_every_ms = absl::GetFlag(FLAGS_scrape_every_ms);
+  if (scrape_every_ms > 0 && http.empty()) {
+    return absl::InvalidArgumentError("--scrape_every_ms needs --http");
+  }
+  std::vector<double> scrape_seconds;
+  size_t scrape_bytes = 0;
+  int64_t failed_scrapes = 0;
+  std::thread scraper;
+  if (scrape_every_ms > 0) {
+    scraper = std::thread([&] {
+      httplib::Client client(absl::StrCat("http://", http));
+      for (Clock::time_point next = Clock::now(); next < deadline;
+           next += std::chrono::milliseconds(scrape_every_ms)) {
+        std::this_thread::sleep_until(next);
+        const Clock::time_point sent = Clock::now();
+        httplib::Result result = client.Get("/metrics");
+        if (!result || result->status != 200) {
+          ++failed_scrapes;
+          continue;
+        }
+        scrape_seconds.push_back(std::chrono::duration<double>(Clock::now() - sent).count());
+        scrape_bytes = result->body.size();
+      }
+    });
+  }
   std::vector<std::thread> threads;
   const Clock::time_point start = Clock::now();
   const double rate = absl::GetFlag(FLAGS_rate);
@@ -325,6 +356,7 @@ absl::Status Run() {
     }
   }
   for (auto& t : threads) t.join();
+  if (scraper.joinable()) scraper.join();
   const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
   std::vector<double> ttft, tpot;
   int64_t tokens = 0, failed = 0;
@@ -342,14 +374,16 @@ absl::Status Run() {
       "\"requests\": %zu, "
       "\"failed\": %lld, \"seconds\": %.1f, \"output_tokens_per_s\": %.2f, "
       "\"ttft_p50_ms\": %.1f, \"ttft_p99_ms\": %.1f, \"tpot_p50_ms\": %.1f, \"tpot_p99_ms\": "
-      "%.1f}\n",
+      "%.1f, \"scrapes\": %zu, \"failed_scrapes\": %lld, \"scrape_p50_ms\": %.2f, "
+      "\"scrape_p99_ms\": %.2f, \"scrape_bytes\": %zu}\n",
       http.empty() ? "grpc" : "http",
       rate > 0
           ? absl::StrFormat("poisson %.2f/s zipf %.2f", rate, absl::GetFlag(FLAGS_zipf)).c_str()
           : absl::StrCat("closed ", absl::GetFlag(FLAGS_clients), " clients").c_str(),
       ids.size(), samples.size(), static_cast<long long>(failed), elapsed, tokens / elapsed,
       Percentile(ttft, 0.5) * 1e3, Percentile(ttft, 0.99) * 1e3, Percentile(tpot, 0.5) * 1e3,
-      Percentile(tpot, 0.99) * 1e3);
+      Percentile(tpot, 0.99) * 1e3, scrape_seconds.size(), static_cast<long long>(failed_scrapes),
+      Percentile(scrape_seconds, 0.5) * 1e3, Percentile(scrape_seconds, 0.99) * 1e3, scrape_bytes);
   return absl::OkStatus();
 }
 

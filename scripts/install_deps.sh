@@ -8,7 +8,7 @@ PACKAGES=(
   libabsl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libopenblas-dev nlohmann-json3-dev libpcre2-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  libcpp-httplib-dev prometheus curl jq
+  libcpp-httplib-dev prometheus-cpp-dev prometheus curl jq
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

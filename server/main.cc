@@ -355,17 +355,20 @@ absl::StatusOr<api::HttpGatewayOptions> GatewayOptionsFromFlags() {
   if (options.parse_limits.max_choices < 1) {
     return absl::InvalidArgumentError("--max-choices must be >= 1");
   }
-  options.max_adapter_labels = static_cast<size_t>(absl::GetFlag(FLAGS_metrics_max_adapters));
   return options;
 }
 
+api::GatewayMetricsOptions MetricsOptionsFromFlags() {
+  return {.max_adapter_labels = static_cast<size_t>(absl::GetFlag(FLAGS_metrics_max_adapters))};
+}
+
 absl::StatusOr<std::unique_ptr<api::HttpGateway>> StartGateway(
-    std::shared_ptr<grpc::Channel> channel) {
+    std::shared_ptr<grpc::Channel> channel, api::GatewayMetrics* metrics) {
   ASSIGN_OR_RETURN(api::HttpGatewayOptions options, GatewayOptionsFromFlags());
   const bool open = !options.api_keys.has_value();
   const size_t keys = open ? 0 : options.api_keys->size();
   ASSIGN_OR_RETURN(std::unique_ptr<api::HttpGateway> gateway,
-                   api::HttpGateway::Start(std::move(channel), std::move(options)));
+                   api::HttpGateway::Start(std::move(channel), std::move(options), metrics));
   if (open) {
     absl::FPrintF(stderr,
                   "loraserve: HTTP API without --api-keys: single-user mode, every caller is an "
@@ -472,10 +475,11 @@ absl::Status Serve() {
                 absl::GetFlag(FLAGS_model), adapter_ids.size(), absl::StrJoin(adapter_ids, " "),
                 cache->num_blocks(), upload_dir);
   absl::FPrintF(stderr, "loraserve: listening on %s:%d\n", absl::GetFlag(FLAGS_host), port);
+  api::GatewayMetrics metrics(MetricsOptionsFromFlags());  // outlives the gateway
   std::unique_ptr<api::HttpGateway> gateway;
   if (absl::GetFlag(FLAGS_http_port) >= 0) {
     absl::StatusOr<std::unique_ptr<api::HttpGateway>> started =
-        StartGateway(server->InProcessChannel(grpc::ChannelArguments()));
+        StartGateway(server->InProcessChannel(grpc::ChannelArguments()), &metrics);
     if (!started.ok()) {
       server->Shutdown();
       loop.Drain(absl::ZeroDuration());
@@ -517,8 +521,10 @@ absl::Status Gateway() {
   if (absl::GetFlag(FLAGS_http_port) < 0) {
     return absl::InvalidArgumentError("--http-port is required (0 picks a free one)");
   }
-  ASSIGN_OR_RETURN(std::unique_ptr<api::HttpGateway> gateway,
-                   StartGateway(grpc::CreateChannel(upstream, grpc::InsecureChannelCredentials())));
+  api::GatewayMetrics metrics(MetricsOptionsFromFlags());  // outlives the gateway
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<api::HttpGateway> gateway,
+      StartGateway(grpc::CreateChannel(upstream, grpc::InsecureChannelCredentials()), &metrics));
   absl::FPrintF(stderr, "loraserve gateway: upstream %s\n", upstream);
   int signal = 0;
   sigwait(&signals, &signal);

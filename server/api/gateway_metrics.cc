@@ -1,11 +1,15 @@
 #include "server/api/gateway_metrics.h"
 
+#include <prometheus/text_serializer.h>
+
 #include <map>
 #include <set>
+#include <utility>
 #include <vector>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "base/bucket_counts.h"
 #include "server/api/openai_protocol.h"
 
@@ -15,101 +19,189 @@ namespace {
 constexpr char kBase[] = "base";
 constexpr char kUnresolved[] = "none";  // the request failed before its model was known
 
-std::vector<int64_t> Counts(const v1::Histogram& histogram) {
-  return {histogram.counts().begin(), histogram.counts().end()};
+// `count` upper bounds start, start·factor, start·factor², ...
+prometheus::Histogram::BucketBoundaries ExponentialBuckets(double start, double factor, int count) {
+  prometheus::Histogram::BucketBoundaries bounds;
+  for (double bound = start; static_cast<int>(bounds.size()) < count; bound *= factor) {
+    bounds.push_back(bound);
+  }
+  return bounds;
+}
+
+prometheus::Family<prometheus::Counter>& Counter(prometheus::Registry& registry,
+                                                 const std::string& name, const std::string& help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(registry);
+}
+
+prometheus::Family<prometheus::Gauge>& Gauge(prometheus::Registry& registry,
+                                             const std::string& name, const std::string& help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(registry);
+}
+
+prometheus::Family<prometheus::Histogram>& Histogram(prometheus::Registry& registry,
+                                                     const std::string& name,
+                                                     const std::string& help) {
+  return prometheus::BuildHistogram().Name(name).Help(help).Register(registry);
+}
+
+// A counter that mirrors a total the server keeps. A smaller total means the
+// server restarted behind a standalone gateway: the series starts again, as
+// a Prometheus counter reset.
+void MirrorCounter(prometheus::Family<prometheus::Counter>& family,
+                   const prometheus::Labels& labels, double total) {
+  prometheus::Counter* counter = &family.Add(labels);
+  if (total < counter->Value()) {
+    family.Remove(counter);
+    counter = &family.Add(labels);
+  }
+  counter->Increment(total - counter->Value());
+}
+
+// A histogram that mirrors one the server keeps (base/bucket_counts.h: counts
+// per bucket, then the overflow), replaced whole.
+void MirrorHistogram(prometheus::Family<prometheus::Histogram>& family,
+                     const prometheus::Labels& labels, const v1::Histogram& histogram) {
+  const std::vector<double>& bounds = LatencyBucketsSeconds();
+  // A server built with other bounds cannot be mirrored into these.
+  if (histogram.counts_size() != static_cast<int>(bounds.size()) + 1) return;
+  family.Remove(&family.Add(labels, bounds));
+  family.Add(labels, bounds)
+      .ObserveMultiple({histogram.counts().begin(), histogram.counts().end()}, histogram.sum());
+}
+
+// The gauge series of `family` with `labels`, replacing `*series` (the one
+// set before, or null).
+prometheus::Gauge& ReplaceSeries(prometheus::Family<prometheus::Gauge>& family,
+                                 const prometheus::Labels& labels, prometheus::Gauge** series) {
+  if (*series != nullptr) family.Remove(*series);
+  *series = &family.Add(labels);
+  return **series;
+}
+
+// Adapter ids as clients name them (the `model` of their requests), comma
+// separated as vLLM writes them.
+std::string AdapterList(const google::protobuf::RepeatedPtrField<std::string>& ids) {
+  std::vector<std::string> shown;
+  for (const std::string& id : ids) shown.push_back(DisplayAdapterId(id));
+  return absl::StrJoin(shown, ",");
 }
 
 }  // namespace
 
 GatewayMetrics::GatewayMetrics(GatewayMetricsOptions options)
     : label_limiter_(options.max_adapter_labels),
-      requests_(registry_.AddCounter("loraserve_requests_total",
-                                     "HTTP inference requests by adapter, tenant and HTTP status",
-                                     {"adapter", "tenant", "status"})),
-      prompt_tokens_(registry_.AddCounter("loraserve_prompt_tokens_total",
-                                          "Prompt tokens of finished requests",
-                                          {"adapter", "tenant"})),
-      generation_tokens_(registry_.AddCounter("loraserve_generation_tokens_total",
-                                              "Generated tokens of finished requests",
-                                              {"adapter", "tenant"})),
-      ttft_(registry_.AddHistogram("loraserve_time_to_first_token_seconds",
-                                   "From the request's arrival to its first token", {"adapter"},
-                                   prometheus::ExponentialBuckets(0.005, 2, 15))),
-      tpot_(registry_.AddHistogram("loraserve_time_per_output_token_seconds",
-                                   "Mean time between a request's tokens after the first",
-                                   {"adapter"}, prometheus::ExponentialBuckets(0.001, 2, 14))),
-      duration_(registry_.AddHistogram("loraserve_request_duration_seconds",
-                                       "From the request's arrival to its last byte", {"adapter"},
-                                       prometheus::ExponentialBuckets(0.01, 2, 15))),
-      up_(registry_.AddGauge("loraserve_up",
-                             "1 when the inference server answered this scrape's Stats call", {})),
-      running_(registry_.AddGauge("loraserve_requests_running", "Requests decoding now", {})),
-      waiting_(registry_.AddGauge("loraserve_requests_waiting",
-                                  "Requests queued for admission or waiting in the engine", {})),
-      kv_blocks_used_(registry_.AddGauge("loraserve_kv_blocks_used", "KV cache blocks in use", {})),
+      requests_(Counter(registry_, "loraserve_requests_total",
+                        "HTTP inference requests by adapter, tenant and HTTP status")),
+      prompt_tokens_(Counter(registry_, "loraserve_prompt_tokens_total",
+                             "Prompt tokens of finished requests")),
+      generation_tokens_(Counter(registry_, "loraserve_generation_tokens_total",
+                                 "Generated tokens of finished requests")),
+      ttft_(Histogram(registry_, "loraserve_time_to_first_token_seconds",
+                      "From the request's arrival to its first token")),
+      tpot_(Histogram(registry_, "loraserve_time_per_output_token_seconds",
+                      "Mean time between a request's tokens after the first")),
+      duration_(Histogram(registry_, "loraserve_request_duration_seconds",
+                          "From the request's arrival to its last byte")),
+      up_(Gauge(registry_, "loraserve_up",
+                "1 when the inference server answered this scrape's Stats call")),
+      running_(Gauge(registry_, "loraserve_requests_running", "Requests decoding now")),
+      waiting_(Gauge(registry_, "loraserve_requests_waiting",
+                     "Requests queued for admission or waiting in the engine")),
+      kv_blocks_used_(Gauge(registry_, "loraserve_kv_blocks_used", "KV cache blocks in use")),
       // Not "_total": promtool's lint reserves that suffix for counters.
       kv_blocks_total_(
-          registry_.AddGauge("loraserve_kv_blocks_capacity", "KV cache blocks in the pool", {})),
-      adapters_registered_(registry_.AddGauge("loraserve_adapters_registered",
-                                              "Adapter ids known to the server", {})),
-      adapter_resident_(registry_.AddGauge(
-          "loraserve_adapter_resident",
-          "Adapters resident in a tier (1 each; the \"other\" label counts adapters past the "
-          "label limit)",
-          {"adapter", "tier"})),
-      memory_(
-          registry_.AddGauge("loraserve_memory_bytes", "Bytes held now, by memory pool", {"pool"})),
-      memory_budget_(registry_.AddGauge("loraserve_memory_budget_bytes",
-                                        "Byte budget of each memory pool (0: unlimited)",
-                                        {"pool"})),
-      adapter_loads_(registry_.AddCounter(
-          "loraserve_adapter_loads_total",
-          "Adapter loads into a tier (host: from disk; device: uploads from host)", {"tier"})),
-      adapter_evictions_(registry_.AddCounter("loraserve_adapter_evictions_total",
-                                              "Adapters evicted from a tier for room", {"tier"})),
-      adapter_load_seconds_(registry_.AddHistogram("loraserve_adapter_load_seconds",
-                                                   "Duration of adapter loads into a tier",
-                                                   {"tier"}, LatencyBucketsSeconds())),
-      merges_(registry_.AddCounter("loraserve_merges_total",
-                                   "Merged weight sets built (an adapter folded into the base)",
-                                   {})),
-      merged_steps_(registry_.AddCounter("loraserve_merged_steps_total",
-                                         "Engine steps that ran on merged weights", {})),
-      graph_steps_(registry_.AddCounter("loraserve_graph_steps_total",
-                                        "Decode steps launched as a recorded CUDA graph", {})),
-      graph_fallbacks_(registry_.AddCounter(
-          "loraserve_graph_fallbacks_total",
-          "Decode steps a recorded CUDA graph could not take (run operation by operation)", {})),
-      preemptions_(registry_.AddCounter("loraserve_preemptions_total",
-                                        "Requests preempted for KV blocks (recomputed later)", {})),
-      prefix_cached_tokens_(
-          registry_.AddCounter("loraserve_prefix_cached_tokens_total",
-                               "Prompt tokens whose KV came from the prefix cache", {})) {}
+          Gauge(registry_, "loraserve_kv_blocks_capacity", "KV cache blocks in the pool")),
+      adapters_registered_(
+          Gauge(registry_, "loraserve_adapters_registered", "Adapter ids known to the server")),
+      adapter_resident_(Gauge(registry_, "loraserve_adapter_resident",
+                              "Adapters resident in a tier (1 each; the \"other\" label counts "
+                              "adapters past the label limit)")),
+      memory_(Gauge(registry_, "loraserve_memory_bytes", "Bytes held now, by memory pool")),
+      memory_budget_(Gauge(registry_, "loraserve_memory_budget_bytes",
+                           "Byte budget of each memory pool (0: unlimited)")),
+      adapter_loads_(
+          Counter(registry_, "loraserve_adapter_loads_total",
+                  "Adapter loads into a tier (host: from disk; device: uploads from host)")),
+      adapter_evictions_(Counter(registry_, "loraserve_adapter_evictions_total",
+                                 "Adapters evicted from a tier for room")),
+      adapter_load_seconds_(Histogram(registry_, "loraserve_adapter_load_seconds",
+                                      "Duration of adapter loads into a tier")),
+      merges_(Counter(registry_, "loraserve_merges_total",
+                      "Merged weight sets built (an adapter folded into the base)")),
+      merged_steps_(Counter(registry_, "loraserve_merged_steps_total",
+                            "Engine steps that ran on merged weights")),
+      graph_steps_(Counter(registry_, "loraserve_graph_steps_total",
+                           "Decode steps launched as a recorded CUDA graph")),
+      graph_fallbacks_(Counter(
+          registry_, "loraserve_graph_fallbacks_total",
+          "Decode steps a recorded CUDA graph could not take (run operation by operation)")),
+      preemptions_(Counter(registry_, "loraserve_preemptions_total",
+                           "Requests preempted for KV blocks (recomputed later)")),
+      prefix_cached_tokens_(Counter(registry_, "loraserve_prefix_cached_tokens_total",
+                                    "Prompt tokens whose KV came from the prefix cache")),
+      protocol_waiting_(Gauge(registry_, "vllm:num_requests_waiting",
+                              "Inference gateway protocol: requests waiting "
+                              "(loraserve_requests_waiting)")),
+      protocol_running_(Gauge(registry_, "vllm:num_requests_running",
+                              "Inference gateway protocol: requests running "
+                              "(loraserve_requests_running)")),
+      protocol_kv_usage_(Gauge(registry_, "vllm:kv_cache_usage_perc",
+                               "Inference gateway protocol: fraction of KV cache blocks in use "
+                               "(0 to 1)")),
+      protocol_gpu_cache_usage_(Gauge(registry_, "vllm:gpu_cache_usage_perc",
+                                      "The same fraction under vLLM's older name")),
+      protocol_lora_info_(Gauge(registry_, "vllm:lora_requests_info",
+                                "Inference gateway protocol: adapters of running and waiting "
+                                "requests and the most one batch can hold; the value is the "
+                                "Unix time of the snapshot")),
+      protocol_cache_config_(Gauge(registry_, "vllm:cache_config_info",
+                                   "Inference gateway protocol: KV cache block size in tokens "
+                                   "and blocks in the pool")) {
+  // Series without labels exist from the start, at zero.
+  for (GaugeFamily* family :
+       {&up_, &running_, &waiting_, &kv_blocks_used_, &kv_blocks_total_, &adapters_registered_,
+        &protocol_waiting_, &protocol_running_, &protocol_kv_usage_, &protocol_gpu_cache_usage_}) {
+    family->Add({});
+  }
+  for (CounterFamily* family : {&merges_, &merged_steps_, &graph_steps_, &graph_fallbacks_,
+                                &preemptions_, &prefix_cached_tokens_}) {
+    family->Add({});
+  }
+}
 
 std::string GatewayMetrics::AdapterLabel(const std::optional<std::string>& adapter) {
   if (!adapter) return kUnresolved;
   if (adapter->empty()) return kBase;
-  std::lock_guard<std::mutex> lock(mu_);
   return label_limiter_.Bound(DisplayAdapterId(*adapter));
 }
 
 void GatewayMetrics::RecordRequest(const RequestRecord& record) {
   const std::string adapter = AdapterLabel(record.adapter);
-  requests_.Add({adapter, record.tenant, absl::StrCat(record.http_status)});
-  prompt_tokens_.Add({adapter, record.tenant}, static_cast<double>(record.prompt_tokens));
-  generation_tokens_.Add({adapter, record.tenant}, static_cast<double>(record.generation_tokens));
-  if (record.ttft_seconds) ttft_.Observe({adapter}, *record.ttft_seconds);
-  if (record.tpot_seconds) tpot_.Observe({adapter}, *record.tpot_seconds);
-  duration_.Observe({adapter}, record.duration_seconds);
+  requests_
+      .Add({{"adapter", adapter},
+            {"tenant", record.tenant},
+            {"status", absl::StrCat(record.http_status)}})
+      .Increment();
+  const prometheus::Labels by_tenant = {{"adapter", adapter}, {"tenant", record.tenant}};
+  prompt_tokens_.Add(by_tenant).Increment(static_cast<double>(record.prompt_tokens));
+  generation_tokens_.Add(by_tenant).Increment(static_cast<double>(record.generation_tokens));
+  const prometheus::Labels by_adapter = {{"adapter", adapter}};
+  if (record.ttft_seconds) {
+    ttft_.Add(by_adapter, ExponentialBuckets(0.005, 2, 15)).Observe(*record.ttft_seconds);
+  }
+  if (record.tpot_seconds) {
+    tpot_.Add(by_adapter, ExponentialBuckets(0.001, 2, 14)).Observe(*record.tpot_seconds);
+  }
+  duration_.Add(by_adapter, ExponentialBuckets(0.01, 2, 15)).Observe(record.duration_seconds);
 }
 
 void GatewayMetrics::Mirror(const v1::StatsResponse& stats,
                             const v1::ListAdaptersResponse& adapters) {
-  running_.Set({}, static_cast<double>(stats.running()));
-  waiting_.Set({}, static_cast<double>(stats.waiting()));
-  kv_blocks_used_.Set({}, static_cast<double>(stats.kv_blocks_used()));
-  kv_blocks_total_.Set({}, static_cast<double>(stats.kv_blocks_total()));
-  adapters_registered_.Set({}, static_cast<double>(stats.host_adapters_registered()));
+  running_.Add({}).Set(static_cast<double>(stats.running()));
+  waiting_.Add({}).Set(static_cast<double>(stats.waiting()));
+  kv_blocks_used_.Add({}).Set(static_cast<double>(stats.kv_blocks_used()));
+  kv_blocks_total_.Add({}).Set(static_cast<double>(stats.kv_blocks_total()));
+  adapters_registered_.Add({}).Set(static_cast<double>(stats.host_adapters_registered()));
 
   // Residency per adapter label; a device copy is keyed by content hash, so
   // every id with that hash counts as resident there.
@@ -121,52 +213,78 @@ void GatewayMetrics::Mirror(const v1::StatsResponse& stats,
     resident[{label, "host"}] += info.resident_host() ? 1 : 0;
     resident[{label, "device"}] += device_hashes.count(info.content_hash()) > 0 ? 1 : 0;
   }
-  adapter_resident_.Clear();  // unloaded adapters disappear
+  for (prometheus::Gauge* series : resident_series_) adapter_resident_.Remove(series);
+  resident_series_.clear();
   for (const auto& [labels, count] : resident) {
-    adapter_resident_.Set({labels.first, labels.second}, count);
+    prometheus::Gauge& series =
+        adapter_resident_.Add({{"adapter", labels.first}, {"tier", labels.second}});
+    series.Set(count);
+    resident_series_.push_back(&series);
   }
 
   const v1::ServerInfo& server = stats.server();
-  memory_.Set({"weights"}, static_cast<double>(server.weight_bytes()));
-  memory_.Set({"kv_cache"}, stats.kv_blocks_total() > 0
-                                ? static_cast<double>(stats.kv_cache_bytes()) *
-                                      stats.kv_blocks_used() / stats.kv_blocks_total()
-                                : 0);
-  memory_.Set({"adapters_host"}, static_cast<double>(stats.host_adapter_bytes()));
-  memory_.Set({"adapters_device"}, static_cast<double>(stats.device_adapter_bytes()));
-  memory_.Set({"merged_weights"}, static_cast<double>(stats.merged_bytes()));
-  memory_budget_.Set({"weights"}, static_cast<double>(server.weight_bytes()));
-  memory_budget_.Set({"kv_cache"}, static_cast<double>(stats.kv_cache_bytes()));
-  memory_budget_.Set({"adapters_host"}, static_cast<double>(stats.host_adapter_budget_bytes()));
-  memory_budget_.Set({"adapters_device"}, static_cast<double>(stats.device_adapter_budget_bytes()));
-  memory_budget_.Set({"merged_weights"}, static_cast<double>(stats.merged_cache_budget_bytes()));
+  const auto set_pool = [this](const char* pool, int64_t bytes, int64_t budget) {
+    memory_.Add({{"pool", pool}}).Set(static_cast<double>(bytes));
+    memory_budget_.Add({{"pool", pool}}).Set(static_cast<double>(budget));
+  };
+  set_pool("weights", server.weight_bytes(), server.weight_bytes());
+  set_pool("kv_cache",
+           stats.kv_blocks_total() > 0
+               ? stats.kv_cache_bytes() * stats.kv_blocks_used() / stats.kv_blocks_total()
+               : 0,
+           stats.kv_cache_bytes());
+  set_pool("adapters_host", stats.host_adapter_bytes(), stats.host_adapter_budget_bytes());
+  set_pool("adapters_device", stats.device_adapter_bytes(), stats.device_adapter_budget_bytes());
+  set_pool("merged_weights", stats.merged_bytes(), stats.merged_cache_budget_bytes());
 
-  adapter_loads_.Set({"host"}, static_cast<double>(stats.host_adapter_loads()));
-  adapter_loads_.Set({"device"}, static_cast<double>(stats.device_adapter_uploads()));
-  adapter_evictions_.Set({"host"}, static_cast<double>(stats.host_adapter_evictions()));
-  adapter_evictions_.Set({"device"}, static_cast<double>(stats.device_adapter_evictions()));
-  for (const auto& [tier, histogram] :
-       {std::pair<const char*, const v1::Histogram*>{"host", &stats.host_load_seconds()},
-        {"device", &stats.device_upload_seconds()}}) {
-    // A server built with other bounds cannot be mirrored into these.
-    if (histogram->counts_size() == static_cast<int>(LatencyBucketsSeconds().size()) + 1) {
-      adapter_load_seconds_.Set({tier}, Counts(*histogram), histogram->sum());
-    }
+  for (const auto& [tier, loads, evictions, seconds] :
+       {std::tuple<const char*, int64_t, int64_t, const v1::Histogram*>{
+            "host", stats.host_adapter_loads(), stats.host_adapter_evictions(),
+            &stats.host_load_seconds()},
+        {"device", stats.device_adapter_uploads(), stats.device_adapter_evictions(),
+         &stats.device_upload_seconds()}}) {
+    MirrorCounter(adapter_loads_, {{"tier", tier}}, static_cast<double>(loads));
+    MirrorCounter(adapter_evictions_, {{"tier", tier}}, static_cast<double>(evictions));
+    MirrorHistogram(adapter_load_seconds_, {{"tier", tier}}, *seconds);
   }
-  merges_.Set({}, static_cast<double>(stats.merges()));
-  merged_steps_.Set({}, static_cast<double>(stats.merged_steps()));
-  graph_steps_.Set({}, static_cast<double>(stats.graph_steps()));
-  graph_fallbacks_.Set({}, static_cast<double>(stats.graph_fallbacks()));
-  preemptions_.Set({}, static_cast<double>(stats.preemptions()));
-  prefix_cached_tokens_.Set({}, static_cast<double>(stats.prefix_cached_tokens()));
+  MirrorCounter(merges_, {}, static_cast<double>(stats.merges()));
+  MirrorCounter(merged_steps_, {}, static_cast<double>(stats.merged_steps()));
+  MirrorCounter(graph_steps_, {}, static_cast<double>(stats.graph_steps()));
+  MirrorCounter(graph_fallbacks_, {}, static_cast<double>(stats.graph_fallbacks()));
+  MirrorCounter(preemptions_, {}, static_cast<double>(stats.preemptions()));
+  MirrorCounter(prefix_cached_tokens_, {}, static_cast<double>(stats.prefix_cached_tokens()));
+  MirrorProtocol(stats);
+}
+
+void GatewayMetrics::MirrorProtocol(const v1::StatsResponse& stats) {
+  protocol_waiting_.Add({}).Set(static_cast<double>(stats.waiting()));
+  protocol_running_.Add({}).Set(static_cast<double>(stats.running()));
+  const double kv_usage = stats.kv_blocks_total() > 0
+                              ? static_cast<double>(stats.kv_blocks_used()) /
+                                    static_cast<double>(stats.kv_blocks_total())
+                              : 0.0;
+  protocol_kv_usage_.Add({}).Set(kv_usage);
+  protocol_gpu_cache_usage_.Add({}).Set(kv_usage);
+  ReplaceSeries(protocol_lora_info_,
+                {{"running_lora_adapters", AdapterList(stats.running_adapters())},
+                 {"waiting_lora_adapters", AdapterList(stats.waiting_adapters())},
+                 {"max_lora", absl::StrCat(stats.max_adapters())}},
+                &lora_info_series_)
+      .Set(absl::ToDoubleSeconds(absl::Now() - absl::UnixEpoch()));
+  ReplaceSeries(protocol_cache_config_,
+                {{"block_size", absl::StrCat(stats.server().kv_block_tokens())},
+                 {"num_gpu_blocks", absl::StrCat(stats.kv_blocks_total())}},
+                &cache_config_series_)
+      .Set(1);
 }
 
 std::string GatewayMetrics::Render(const v1::StatsResponse* stats,
                                    const v1::ListAdaptersResponse* adapters) {
   std::lock_guard<std::mutex> lock(render_mu_);
-  up_.Set({}, stats != nullptr && adapters != nullptr ? 1 : 0);
-  if (stats != nullptr && adapters != nullptr) Mirror(*stats, *adapters);
-  return registry_.Render();
+  const bool answered = stats != nullptr && adapters != nullptr;
+  up_.Add({}).Set(answered ? 1 : 0);
+  if (answered) Mirror(*stats, *adapters);
+  return prometheus::TextSerializer().Serialize(registry_.Collect());
 }
 
 }  // namespace loraserve::api

@@ -1,4 +1,4 @@
-// The metrics of the HTTP gateway, exposed at GET /metrics.
+// The metrics of the HTTP gateway, exposed at GET /metrics, on prometheus-cpp.
 //
 // Two sources: the gateway records each HTTP request it serves (counts,
 // tokens, latencies), and at each scrape it mirrors the server's state from
@@ -7,13 +7,25 @@
 // whether the gateway runs inside `loraserve serve` or alone in front of a
 // replica (`loraserve gateway`).
 //
+// Beside loraserve's own names, the scrape carries the model-server protocol
+// of the Kubernetes Gateway API Inference Extension under the names its
+// endpoint picker reads by default for vLLM: vllm:num_requests_waiting,
+// vllm:num_requests_running, vllm:kv_cache_usage_perc (and the older
+// vllm:gpu_cache_usage_perc), vllm:lora_requests_info (labels
+// running_lora_adapters, waiting_lora_adapters, max_lora; value: the Unix
+// time of the snapshot) and vllm:cache_config_info (block_size,
+// num_gpu_blocks).
+//
 // Cardinality: tenants come from the operator's key file (bounded by it);
 // adapter label values go through a LabelLimiter: the first
 // `max_adapter_labels` distinct adapters get their own label value, later
-// ones share "other" (and loraserve_adapter_resident counts them there).
+// ones share "other" (and loraserve_adapter_resident counts them there). The
+// LoRA info gauge has one series, whose label values list at most the
+// adapters of max_running_requests requests.
 //
-// Ownership: one object made by the gateway's owner; thread-safe (request
-// threads record, the scrape thread renders).
+// Ownership: one object made by main and passed to the gateway, which must
+// not outlive it; thread-safe (request threads record, the scrape thread
+// renders).
 //
 // Example:
 //   GatewayMetrics metrics({.max_adapter_labels = 64});
@@ -22,14 +34,21 @@
 #ifndef LORASERVE_SERVER_API_GATEWAY_METRICS_H_
 #define LORASERVE_SERVER_API_GATEWAY_METRICS_H_
 
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
 #include <cstdint>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "loraserve/v1/adapters.pb.h"
 #include "loraserve/v1/inference.pb.h"
-#include "server/api/prometheus.h"
+#include "server/api/label_limiter.h"
 
 namespace loraserve::api {
 
@@ -54,45 +73,65 @@ struct RequestRecord {
 class GatewayMetrics {
  public:
   explicit GatewayMetrics(GatewayMetricsOptions options);
+  GatewayMetrics(const GatewayMetrics&) = delete;
+  GatewayMetrics& operator=(const GatewayMetrics&) = delete;
 
   void RecordRequest(const RequestRecord& record);
-  // The text exposition: request metrics, and the server's state from
-  // `stats` and `adapters` (null when the server could not be asked:
-  // loraserve_up is 0 then and the mirrored families keep their last values).
+  // The text exposition (format 0.0.4): request metrics, and the server's
+  // state from `stats` and `adapters` (null when the server could not be
+  // asked: loraserve_up is 0 then and the mirrored families keep their last
+  // values).
   std::string Render(const v1::StatsResponse* stats, const v1::ListAdaptersResponse* adapters);
 
  private:
+  using CounterFamily = prometheus::Family<prometheus::Counter>;
+  using GaugeFamily = prometheus::Family<prometheus::Gauge>;
+  using HistogramFamily = prometheus::Family<prometheus::Histogram>;
+
   std::string AdapterLabel(const std::optional<std::string>& adapter);
   void Mirror(const v1::StatsResponse& stats, const v1::ListAdaptersResponse& adapters);
+  void MirrorProtocol(const v1::StatsResponse& stats);
 
-  std::mutex mu_;         // guards label_limiter_
-  std::mutex render_mu_;  // one scrape at a time (Mirror clears and refills gauges)
-  prometheus::LabelLimiter label_limiter_;
+  std::mutex render_mu_;  // one scrape at a time (Mirror replaces series)
+  LabelLimiter label_limiter_;
   prometheus::Registry registry_;
-  prometheus::CounterFamily& requests_;
-  prometheus::CounterFamily& prompt_tokens_;
-  prometheus::CounterFamily& generation_tokens_;
-  prometheus::HistogramFamily& ttft_;
-  prometheus::HistogramFamily& tpot_;
-  prometheus::HistogramFamily& duration_;
-  prometheus::GaugeFamily& up_;
-  prometheus::GaugeFamily& running_;
-  prometheus::GaugeFamily& waiting_;
-  prometheus::GaugeFamily& kv_blocks_used_;
-  prometheus::GaugeFamily& kv_blocks_total_;
-  prometheus::GaugeFamily& adapters_registered_;
-  prometheus::GaugeFamily& adapter_resident_;
-  prometheus::GaugeFamily& memory_;
-  prometheus::GaugeFamily& memory_budget_;
-  prometheus::CounterFamily& adapter_loads_;
-  prometheus::CounterFamily& adapter_evictions_;
-  prometheus::HistogramFamily& adapter_load_seconds_;
-  prometheus::CounterFamily& merges_;
-  prometheus::CounterFamily& merged_steps_;
-  prometheus::CounterFamily& graph_steps_;
-  prometheus::CounterFamily& graph_fallbacks_;
-  prometheus::CounterFamily& preemptions_;
-  prometheus::CounterFamily& prefix_cached_tokens_;
+  CounterFamily& requests_;
+  CounterFamily& prompt_tokens_;
+  CounterFamily& generation_tokens_;
+  HistogramFamily& ttft_;
+  HistogramFamily& tpot_;
+  HistogramFamily& duration_;
+  GaugeFamily& up_;
+  GaugeFamily& running_;
+  GaugeFamily& waiting_;
+  GaugeFamily& kv_blocks_used_;
+  GaugeFamily& kv_blocks_total_;
+  GaugeFamily& adapters_registered_;
+  GaugeFamily& adapter_resident_;
+  GaugeFamily& memory_;
+  GaugeFamily& memory_budget_;
+  CounterFamily& adapter_loads_;
+  CounterFamily& adapter_evictions_;
+  HistogramFamily& adapter_load_seconds_;
+  CounterFamily& merges_;
+  CounterFamily& merged_steps_;
+  CounterFamily& graph_steps_;
+  CounterFamily& graph_fallbacks_;
+  CounterFamily& preemptions_;
+  CounterFamily& prefix_cached_tokens_;
+  // The inference gateway's model-server protocol (see the file comment).
+  GaugeFamily& protocol_waiting_;
+  GaugeFamily& protocol_running_;
+  GaugeFamily& protocol_kv_usage_;
+  GaugeFamily& protocol_gpu_cache_usage_;
+  GaugeFamily& protocol_lora_info_;
+  GaugeFamily& protocol_cache_config_;
+  // Series replaced wholesale at each scrape (guarded by render_mu_):
+  // unloaded adapters leave the residency gauge, and the info gauges keep
+  // only their current label values.
+  std::vector<prometheus::Gauge*> resident_series_;
+  prometheus::Gauge* lora_info_series_ = nullptr;
+  prometheus::Gauge* cache_config_series_ = nullptr;
 };
 
 }  // namespace loraserve::api

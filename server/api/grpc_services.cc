@@ -363,6 +363,11 @@ grpc::ServerUnaryReactor* InferenceService::Stats(grpc::CallbackServerContext* c
   response->set_host_adapter_evictions(host.host.evictions);
   CopyBucketCounts(host.host.load_seconds, response->mutable_host_load_seconds());
   *response->mutable_server() = options_.server;
+  response->mutable_running_adapters()->Add(snapshot.adapters.running.begin(),
+                                            snapshot.adapters.running.end());
+  response->mutable_waiting_adapters()->Add(snapshot.adapters.waiting.begin(),
+                                            snapshot.adapters.waiting.end());
+  response->set_max_adapters(snapshot.adapters.max_adapters);
   return FinishUnary(context, absl::OkStatus());
 }
 

@@ -123,12 +123,12 @@ struct ChoiceState {
 
 class HttpGateway::Impl {
  public:
-  Impl(std::shared_ptr<grpc::Channel> channel, HttpGatewayOptions options)
+  Impl(std::shared_ptr<grpc::Channel> channel, HttpGatewayOptions options, GatewayMetrics* metrics)
       : inference_(v1::Inference::NewStub(channel)),
         adapters_(v1::Adapters::NewStub(channel)),
         options_(std::move(options)),
         limiter_(options_.rate_limits),
-        metrics_({.max_adapter_labels = options_.max_adapter_labels}) {}
+        metrics_(*metrics) {}
 
   absl::Status Bind();
   void Serve() { server_.listen_after_bind(); }
@@ -200,7 +200,7 @@ class HttpGateway::Impl {
   std::unique_ptr<v1::Adapters::Stub> adapters_;
   const HttpGatewayOptions options_;
   RateLimiter limiter_;
-  GatewayMetrics metrics_;
+  GatewayMetrics& metrics_;
   httplib::Server server_;
   int port_ = 0;
   std::mutex info_mu_;
@@ -879,8 +879,8 @@ void HttpGateway::Impl::HandleMetrics(httplib::Response& res) {
 HttpGateway::HttpGateway(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 absl::StatusOr<std::unique_ptr<HttpGateway>> HttpGateway::Start(
-    std::shared_ptr<grpc::Channel> channel, HttpGatewayOptions options) {
-  auto impl = std::make_unique<Impl>(std::move(channel), std::move(options));
+    std::shared_ptr<grpc::Channel> channel, HttpGatewayOptions options, GatewayMetrics* metrics) {
+  auto impl = std::make_unique<Impl>(std::move(channel), std::move(options), metrics);
   RETURN_IF_ERROR(impl->Bind());
   std::unique_ptr<HttpGateway> gateway(new HttpGateway(std::move(impl)));
   gateway->thread_ = std::thread([impl = gateway->impl_.get()] { impl->Serve(); });

@@ -37,6 +37,7 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
+#include "server/api/gateway_metrics.h"
 #include "server/api/openai_protocol.h"
 #include "server/api/tenants.h"
 
@@ -52,16 +53,17 @@ struct HttpGatewayOptions {
   RateLimits rate_limits;  // per tenant; admins are not limited
   int64_t max_upload_bytes = int64_t{1} << 30;
   ParseLimits parse_limits;
-  size_t max_adapter_labels = 64;  // metrics: adapters with their own label value
 };
 
 class HttpGateway {
  public:
   // Binds and starts serving on its own thread; fails when it cannot bind.
   // `channel` reaches the Inference and Adapters services; the upstream need
-  // not be up yet (GET /ready says when it is).
+  // not be up yet (GET /ready says when it is). `metrics` records the
+  // requests and renders GET /metrics; it must outlive the gateway.
   static absl::StatusOr<std::unique_ptr<HttpGateway>> Start(std::shared_ptr<grpc::Channel> channel,
-                                                            HttpGatewayOptions options);
+                                                            HttpGatewayOptions options,
+                                                            GatewayMetrics* metrics);
   ~HttpGateway();  // Stop()
 
   int port() const;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
@@ -116,6 +117,34 @@ bool Engine::AcquireAdapter(Sequence& seq) {
   if (!device.ok()) return false;  // every resident adapter is in use: wait
   seq.device_adapter = *device;
   return true;
+}
+
+AdapterActivity Engine::adapter_activity() const {
+  AdapterActivity activity;
+  std::set<std::string> running;
+  std::set<std::string> waiting;
+  int64_t largest_device_bytes = 0;
+  for (const auto& seq : running_) {
+    if (seq->request.adapter == nullptr) continue;
+    // Each distinct adapter once: a batch holds many requests of few adapters.
+    if (!running.insert(seq->request.adapter->id).second) continue;
+    if (device_adapters_ != nullptr) {
+      largest_device_bytes = std::max(largest_device_bytes,
+                                      device_adapters_->DeviceBytes(seq->request.adapter->adapter));
+    }
+  }
+  for (const auto& seq : waiting_) {
+    if (seq->request.adapter != nullptr) waiting.insert(seq->request.adapter->id);
+  }
+  activity.running.assign(running.begin(), running.end());
+  activity.waiting.assign(waiting.begin(), waiting.end());
+  activity.max_adapters = options_.max_running_requests;
+  if (device_adapters_ != nullptr && device_adapters_->budget_bytes() > 0 &&
+      largest_device_bytes > 0) {
+    activity.max_adapters = std::min<int64_t>(
+        activity.max_adapters, device_adapters_->budget_bytes() / largest_device_bytes);
+  }
+  return activity;
 }
 
 void Engine::ReleaseAdapter(Sequence& seq) {

@@ -106,6 +106,17 @@ struct EngineStats {
   int64_t graph_fallbacks = 0;       // decode steps a recorded graph could not take
 };
 
+// Which adapters the engine is serving, in the terms of the Gateway API
+// Inference Extension's model-server protocol (vLLM's lora_requests_info).
+struct AdapterActivity {
+  std::vector<std::string> running;  // canonical ids of running requests' adapters, sorted, unique
+  std::vector<std::string> waiting;  // the same for requests waiting for admission
+  // Distinct adapters one batch can hold: one per running request, and no
+  // more than the device tier's budget holds at the size of the largest
+  // adapter running now (a router sends a new adapter elsewhere at this count).
+  int64_t max_adapters = 0;
+};
+
 class Engine {
  public:
   // `device_adapters` may be null when no request will name an adapter.
@@ -132,6 +143,7 @@ class Engine {
   const EngineStats& stats() const { return stats_; }
   int64_t num_running() const { return static_cast<int64_t>(running_.size()); }
   int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
+  AdapterActivity adapter_activity() const;
   const KvCache& kv_cache() const { return *cache_; }
   const adapters::DeviceAdapterCache* device_adapters() const { return device_adapters_; }
 

@@ -33,8 +33,8 @@ class Server {
     registry_ = std::move(*registry);
     device_ = std::make_unique<adapters::DeviceAdapterCache>(backend_.get(), device_bytes);
     cache_ = std::move(*KvCache::Create(backend_.get(), model_->kv_shape(), 16, 64 << 20));
-    engine_ = std::make_unique<Engine>(model_.get(), tokenizer_.get(), cache_.get(),
-                                       device_.get(), options);
+    engine_ = std::make_unique<Engine>(model_.get(), tokenizer_.get(), cache_.get(), device_.get(),
+                                       options);
   }
 
   adapters::AdapterHandle Adapter(const std::string& id, const std::string& dir) {
@@ -51,9 +51,8 @@ class Server {
   std::vector<std::vector<int32_t>> Run(const std::vector<GenerationRequest>& requests) {
     std::vector<std::vector<int32_t>> ids(requests.size());
     for (size_t i = 0; i < requests.size(); ++i) {
-      auto id = engine_->Add(requests[i], [&ids, i](const TokenEvent& e) {
-        ids[i].push_back(e.token_id);
-      });
+      auto id = engine_->Add(requests[i],
+                             [&ids, i](const TokenEvent& e) { ids[i].push_back(e.token_id); });
       EXPECT_TRUE(id.ok()) << id.status();
     }
     while (engine_->HasWork()) {
@@ -162,7 +161,7 @@ TEST(EngineAdapterTest, MixedBatchGivesEachRequestItsOwnTokens) {
     for (const std::string& name : names) {
       requests.push_back(Greedy(prompt, 20, server.Adapter(name, root + name)));
     }
-    requests.push_back(Greedy(prompt, 20));                                        // base
+    requests.push_back(Greedy(prompt, 20));  // base
     requests.push_back(Greedy(prompt, 20, server.Adapter("robot", root + "robot"), 0.5f));
     std::vector<std::vector<int32_t>> expected;
     for (const GenerationRequest& r : requests) {
@@ -203,10 +202,40 @@ TEST(EngineAdapterTest, AdapterWaitsForDeviceRoomAndFreesIt) {
   Server server(SharedModel(), {.lora_mode = LoraMode::kUnmerged}, 200 << 10);
   auto ocean = server.Adapter("ocean", root + "ocean");
   auto robot = server.Adapter("robot", root + "robot");
-  std::vector<std::vector<int32_t>> out = server.Run({Greedy({1}, 6, ocean), Greedy({1}, 6, robot)});
+  std::vector<std::vector<int32_t>> out =
+      server.Run({Greedy({1}, 6, ocean), Greedy({1}, 6, robot)});
   EXPECT_EQ(out[0].size(), 6u);
   EXPECT_EQ(out[1].size(), 6u);
   EXPECT_EQ(server.device().stats().evictions, 1);
+}
+
+// What the engine reports for the inference gateway's LoRA info: the
+// adapters of running and waiting requests, and how many one batch can hold.
+TEST(EngineAdapterTest, ReportsTheAdaptersOfRunningAndWaitingRequests) {
+  const std::string root = std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/";
+  // Room on the device for one of the ~160 KB adapters: robot waits for ocean.
+  Server server(SharedModel(), {.max_running_requests = 4, .lora_mode = LoraMode::kUnmerged},
+                200 << 10);
+  auto ocean = server.Adapter("default/ocean", root + "ocean");
+  auto robot = server.Adapter("default/robot", root + "robot");
+  EXPECT_EQ(server.engine().adapter_activity().max_adapters, 4);
+  for (const GenerationRequest& r :
+       {Greedy({1}, 4, ocean), Greedy({1}, 4), Greedy({1}, 4, robot)}) {
+    ASSERT_TRUE(server.engine().Add(r, [](const TokenEvent&) {}).ok());
+  }
+  AdapterActivity queued = server.engine().adapter_activity();
+  EXPECT_THAT(queued.running, ::testing::IsEmpty());
+  EXPECT_THAT(queued.waiting, ::testing::ElementsAre("default/ocean", "default/robot"));
+  ASSERT_TRUE(server.engine().Step().ok());
+  AdapterActivity stepping = server.engine().adapter_activity();
+  EXPECT_THAT(stepping.running, ::testing::ElementsAre("default/ocean"));
+  EXPECT_THAT(stepping.waiting, ::testing::ElementsAre("default/robot"));
+  // The budget holds one adapter of ocean's size.
+  EXPECT_EQ(stepping.max_adapters, 1);
+  while (server.engine().HasWork()) ASSERT_TRUE(server.engine().Step().ok());
+  AdapterActivity idle = server.engine().adapter_activity();
+  EXPECT_THAT(idle.running, ::testing::IsEmpty());
+  EXPECT_THAT(idle.waiting, ::testing::IsEmpty());
 }
 
 // Cached KV is keyed by the adapter's content hash and scale: other adapters,
@@ -234,9 +263,8 @@ TEST(EngineAdapterTest, PrefixCacheIsKeyedByAdapterContentAndScale) {
 TEST(EngineAdapterTest, InvalidAdapterScaleIsRejected) {
   const std::string root = std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/";
   Server server(SharedModel());
-  auto status =
-      server.engine().Add(Greedy({1}, 4, server.Adapter("ocean", root + "ocean"), -1.0f),
-                          [](const TokenEvent&) {});
+  auto status = server.engine().Add(Greedy({1}, 4, server.Adapter("ocean", root + "ocean"), -1.0f),
+                                    [](const TokenEvent&) {});
   EXPECT_EQ(status.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(status.status().message()), HasSubstr("adapter_scale"));
 }

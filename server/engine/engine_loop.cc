@@ -1,12 +1,18 @@
 #include "server/engine/engine_loop.h"
 
+#include <set>
+#include <string>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 
 namespace loraserve::engine {
 
 EngineLoop::EngineLoop(Engine* engine, EngineLoopOptions options)
-    : engine_(engine), options_(options) {}
+    : engine_(engine), options_(options) {
+  // Scrapes before the first step see the idle engine's bounds, not zeros.
+  snapshot_.adapters = engine_->adapter_activity();
+}
 
 EngineLoop::~EngineLoop() { Drain(absl::ZeroDuration()); }
 
@@ -68,6 +74,11 @@ EngineSnapshot EngineLoop::Snapshot() const {
   std::lock_guard<std::mutex> lock(mu_);
   EngineSnapshot snapshot = snapshot_;
   snapshot.waiting += static_cast<int64_t>(incoming_.size());
+  std::set<std::string> waiting(snapshot.adapters.waiting.begin(), snapshot.adapters.waiting.end());
+  for (const auto& [request, callback] : incoming_) {
+    if (request.adapter != nullptr) waiting.insert(request.adapter->id);
+  }
+  snapshot.adapters.waiting.assign(waiting.begin(), waiting.end());
   return snapshot;
 }
 
@@ -115,6 +126,7 @@ void EngineLoop::Run() {
       std::lock_guard<std::mutex> lock(mu_);
       snapshot_.running = engine_->num_running();
       snapshot_.waiting = engine_->num_waiting();
+      snapshot_.adapters = engine_->adapter_activity();
       snapshot_.kv_blocks_total = engine_->kv_cache().num_blocks();
       snapshot_.kv_blocks_used = snapshot_.kv_blocks_total - engine_->kv_cache().free_blocks();
       snapshot_.kv_cache_bytes = engine_->kv_cache().bytes();

@@ -57,6 +57,8 @@ struct EngineSnapshot {
   adapters::DeviceCacheStats device_adapters;
   int64_t device_adapter_budget_bytes = 0;
   std::vector<std::string> device_resident_hashes;  // content hashes, sorted
+  // Requests queued in the loop count as waiting, their adapters too.
+  AdapterActivity adapters;
   bool draining = false;
 };
 

@@ -4,7 +4,8 @@
 # that fails, then checks the scrape three ways:
 #   1. every required metric family is there with its type and label names,
 #      and the request and token counters equal what the test sent;
-#   2. `promtool check metrics` accepts it without a lint message;
+#   2. `promtool check metrics` accepts loraserve's families without a lint
+#      message (the protocol's vllm:* names draw only the colon lint);
 #   3. a real Prometheus server (Debian's `prometheus`) scraping every second
 #      sees the target up and the same counter values through its query API.
 # Parts 2 and 3 print "SKIP: reason" and pass when promtool or prometheus is
@@ -106,6 +107,14 @@ required = {
     "loraserve_adapter_evictions_total": ("counter", {"tier"}),
     "loraserve_merges_total": ("counter", set()),
     "loraserve_adapter_load_seconds": ("histogram", {"tier"}),
+    # The Gateway API Inference Extension's model-server protocol, under the
+    # names its endpoint picker reads by default (vLLM's).
+    "vllm:num_requests_waiting": ("gauge", set()),
+    "vllm:num_requests_running": ("gauge", set()),
+    "vllm:kv_cache_usage_perc": ("gauge", set()),
+    "vllm:gpu_cache_usage_perc": ("gauge", set()),
+    "vllm:lora_requests_info": ("gauge", {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}),
+    "vllm:cache_config_info": ("gauge", {"block_size", "num_gpu_blocks"}),
 }
 for family, (kind, labels) in required.items():
     if types.get(family) != kind:
@@ -179,11 +188,29 @@ checks = [
     ("loraserve_memory_bytes", {"pool": "adapters_host"}, lambda v: v > 0),
     ("loraserve_adapter_loads_total", {"tier": "host"}, lambda v: v >= 2),
     ("loraserve_adapter_load_seconds_count", {"tier": "host"}, lambda v: v >= 2),
+    ("vllm:num_requests_waiting", {}, lambda v: v == 0),
+    ("vllm:num_requests_running", {}, lambda v: v == 0),
+    ("vllm:kv_cache_usage_perc", {}, lambda v: 0 <= v <= 1),
 ]
 for name, labels, ok in checks:
     got = value(name, **labels)
     if got is None or not ok(got):
         errors.append(f"{name}{labels}: unexpected value {got}")
+
+# Idle: one LoRA info series with empty lists, a positive max_lora and a Unix
+# time as its value.
+info = samples.get("vllm:lora_requests_info", [])
+if len(info) != 1:
+    errors.append(f"vllm:lora_requests_info: expected one series, got {info}")
+else:
+    labels, stamp = info[0]
+    if labels.get("running_lora_adapters") != "" or labels.get("waiting_lora_adapters") != "":
+        errors.append(f"vllm:lora_requests_info: idle server lists adapters: {labels}")
+    if not labels.get("max_lora", "").isdigit() or int(labels["max_lora"]) < 1:
+        errors.append(f"vllm:lora_requests_info: max_lora {labels.get('max_lora')!r}")
+    import time
+    if abs(stamp - time.time()) > 120:
+        errors.append(f"vllm:lora_requests_info: value {stamp} is not the time now")
 
 for e in errors:
     print("  " + e, file=sys.stderr)
@@ -194,11 +221,21 @@ EOF
 skipped=()
 echo "== promtool check metrics"
 if command -v promtool >/dev/null; then
+  # loraserve's own families lint clean. The protocol's names are vLLM's,
+  # colons and all (the endpoint picker reads them so); promtool's lint says
+  # of each, as of vLLM's own scrape, that colons are for recording rules,
+  # and nothing else.
   lint_rc=0
-  promtool check metrics <"$tmp/metrics.txt" >"$tmp/promtool.out" 2>&1 || lint_rc=$?
+  grep -v '^\(# [A-Z]* \)\?vllm:' "$tmp/metrics.txt" | promtool check metrics >"$tmp/promtool.out" 2>&1 ||
+    lint_rc=$?
   if [ "$lint_rc" != 0 ] || [ -s "$tmp/promtool.out" ]; then
-    fail "promtool check metrics exited $lint_rc with: $(cat "$tmp/promtool.out")"
+    fail "promtool check metrics (loraserve_* families) exited $lint_rc with: $(cat "$tmp/promtool.out")"
   fi
+  promtool check metrics <"$tmp/metrics.txt" >"$tmp/promtool-all.out" 2>&1 || true
+  unexpected="$(grep -v "^vllm:[a-z_]* metric names should not contain ':'$" "$tmp/promtool-all.out" || true)"
+  [ -z "$unexpected" ] || fail "promtool check metrics (all) says more than the protocol names' colons: $unexpected"
+  [ "$(grep -c . "$tmp/promtool-all.out")" = 6 ] ||
+    fail "promtool check metrics (all): expected the six protocol names, got: $(cat "$tmp/promtool-all.out")"
 else
   skipped+=("promtool is not installed (Debian package prometheus)")
 fi
@@ -249,6 +286,31 @@ $want"
   health="$(curl -sS --max-time 10 "$PROM/api/v1/targets" |
     jq -r '.data.activeTargets[] | select(.labels.job == "loraserve") | "\(.health) \(.lastError)"')"
   [ "$health" = "up " ] || fail "Prometheus: the loraserve target reports '$health'"
+
+  # Traffic while Prometheus watches: the per-adapter request rate over the
+  # HTTP API's PromQL, and the protocol gauges as the endpoint picker reads them.
+  # (On series Prometheus has seen already: rate() does not count the first
+  # sample of a new series as an increase.)
+  for _ in 1 2 3; do
+    complete "$ALPHA" ocean 200
+    complete "$ALPHA" robot 200
+  done
+  rates=""
+  for _ in $(seq 15); do
+    rates="$(query 'sum by (adapter) (rate(loraserve_requests_total{job="loraserve",status="200"}[20s])) > 0' 2>/dev/null |
+      jq -r '[.[].metric.adapter] | sort | join(" ")' 2>/dev/null || true)"
+    [ "$rates" = "ocean robot" ] && break
+    sleep 1
+  done
+  [ "$rates" = "ocean robot" ] ||
+    fail "Prometheus: per-adapter rate(loraserve_requests_total) > 0 lists '$rates', expected 'ocean robot'; the query answered: $(curl -sS --max-time 10 -G --data-urlencode 'query=sum by (adapter) (rate(loraserve_requests_total{job="loraserve",status="200"}[20s])) > 0' "$PROM/api/v1/query" 2>&1 | head -c 2000)"
+  echo "Prometheus: adapters with a request rate > 0: $rates"
+  protocol="$(query '{__name__=~"vllm:num_requests_waiting|vllm:num_requests_running|vllm:kv_cache_usage_perc|vllm:lora_requests_info",job="loraserve"}' |
+    jq -r '[.[] | .metric.__name__] | sort | join(" ")')"
+  [ "$protocol" = "vllm:kv_cache_usage_perc vllm:lora_requests_info vllm:num_requests_running vllm:num_requests_waiting" ] ||
+    fail "Prometheus: the protocol gauges are '$protocol'"
+  max_lora="$(query 'vllm:lora_requests_info{job="loraserve"}' | jq -r '.[0].metric.max_lora')"
+  echo "Prometheus: protocol gauges $protocol (max_lora $max_lora)"
 else
   skipped+=("prometheus is not installed (Debian package prometheus)")
 fi
