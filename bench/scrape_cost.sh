@@ -12,7 +12,7 @@
 #
 # Environment (defaults): LORASERVE_BUILD (<repo>/build), SHARED (<repo>/../shared),
 # MODEL_FLAGS (the shared aidreams-260k with its adapters), ADAPTERS (ocean,robot,qv-r4,
-# attn-r8,all-r8-bf16,mlp-r16-rslora; empty: base only), CLIENTS (8), SECONDS (20),
+# attn-r8,all-r8-bf16,mlp-r16-rslora; empty: base only), CLIENTS (8), RUN_SECONDS (20),
 # SCRAPE_MS (100), REPEAT (3), THREADS (2), OUTPUT_TOKENS (32), VOCAB (500).
 set -euo pipefail
 
@@ -23,7 +23,7 @@ SHARED=${SHARED:-$REPO/../shared}
 MODEL_FLAGS=${MODEL_FLAGS:---model $SHARED/models/aidreams-260k --adapter-dir $SHARED/adapters/aidreams-260k}
 ADAPTERS=${ADAPTERS-ocean,robot,qv-r4,attn-r8,all-r8-bf16,mlp-r16-rslora}
 CLIENTS=${CLIENTS:-8}
-SECONDS_PER_RUN=${SECONDS:-20}
+SECONDS_PER_RUN=${RUN_SECONDS:-20}
 SCRAPE_MS=${SCRAPE_MS:-100}
 REPEAT=${REPEAT:-3}
 THREADS=${THREADS:-2}
