@@ -28,6 +28,27 @@ prometheus::Histogram::BucketBoundaries ExponentialBuckets(double start, double 
   return bounds;
 }
 
+// The request histograms' bounds, made once rather than at every request.
+const prometheus::Histogram::BucketBoundaries& TtftBuckets() {
+  static const prometheus::Histogram::BucketBoundaries bounds = ExponentialBuckets(0.005, 2, 15);
+  return bounds;
+}
+const prometheus::Histogram::BucketBoundaries& TpotBuckets() {
+  static const prometheus::Histogram::BucketBoundaries bounds = ExponentialBuckets(0.001, 2, 14);
+  return bounds;
+}
+const prometheus::Histogram::BucketBoundaries& DurationBuckets() {
+  static const prometheus::Histogram::BucketBoundaries bounds = ExponentialBuckets(0.01, 2, 15);
+  return bounds;
+}
+
+// The share of KV cache blocks in use, 0 to 1 (0 without a pool).
+double KvUsage(const v1::StatsResponse& stats) {
+  return stats.kv_blocks_total() > 0 ? static_cast<double>(stats.kv_blocks_used()) /
+                                           static_cast<double>(stats.kv_blocks_total())
+                                     : 0.0;
+}
+
 prometheus::Family<prometheus::Counter>& Counter(prometheus::Registry& registry,
                                                  const std::string& name, const std::string& help) {
   return prometheus::BuildCounter().Name(name).Help(help).Register(registry);
@@ -187,12 +208,12 @@ void GatewayMetrics::RecordRequest(const RequestRecord& record) {
   generation_tokens_.Add(by_tenant).Increment(static_cast<double>(record.generation_tokens));
   const prometheus::Labels by_adapter = {{"adapter", adapter}};
   if (record.ttft_seconds) {
-    ttft_.Add(by_adapter, ExponentialBuckets(0.005, 2, 15)).Observe(*record.ttft_seconds);
+    ttft_.Add(by_adapter, TtftBuckets()).Observe(*record.ttft_seconds);
   }
   if (record.tpot_seconds) {
-    tpot_.Add(by_adapter, ExponentialBuckets(0.001, 2, 14)).Observe(*record.tpot_seconds);
+    tpot_.Add(by_adapter, TpotBuckets()).Observe(*record.tpot_seconds);
   }
-  duration_.Add(by_adapter, ExponentialBuckets(0.01, 2, 15)).Observe(record.duration_seconds);
+  duration_.Add(by_adapter, DurationBuckets()).Observe(record.duration_seconds);
 }
 
 void GatewayMetrics::Mirror(const v1::StatsResponse& stats,
@@ -223,19 +244,19 @@ void GatewayMetrics::Mirror(const v1::StatsResponse& stats,
   }
 
   const v1::ServerInfo& server = stats.server();
-  const auto set_pool = [this](const char* pool, int64_t bytes, int64_t budget) {
-    memory_.Add({{"pool", pool}}).Set(static_cast<double>(bytes));
+  const auto set_pool = [this](const char* pool, double bytes, int64_t budget) {
+    memory_.Add({{"pool", pool}}).Set(bytes);
     memory_budget_.Add({{"pool", pool}}).Set(static_cast<double>(budget));
   };
-  set_pool("weights", server.weight_bytes(), server.weight_bytes());
-  set_pool("kv_cache",
-           stats.kv_blocks_total() > 0
-               ? stats.kv_cache_bytes() * stats.kv_blocks_used() / stats.kv_blocks_total()
-               : 0,
+  set_pool("weights", static_cast<double>(server.weight_bytes()), server.weight_bytes());
+  set_pool("kv_cache", static_cast<double>(stats.kv_cache_bytes()) * KvUsage(stats),
            stats.kv_cache_bytes());
-  set_pool("adapters_host", stats.host_adapter_bytes(), stats.host_adapter_budget_bytes());
-  set_pool("adapters_device", stats.device_adapter_bytes(), stats.device_adapter_budget_bytes());
-  set_pool("merged_weights", stats.merged_bytes(), stats.merged_cache_budget_bytes());
+  set_pool("adapters_host", static_cast<double>(stats.host_adapter_bytes()),
+           stats.host_adapter_budget_bytes());
+  set_pool("adapters_device", static_cast<double>(stats.device_adapter_bytes()),
+           stats.device_adapter_budget_bytes());
+  set_pool("merged_weights", static_cast<double>(stats.merged_bytes()),
+           stats.merged_cache_budget_bytes());
 
   for (const auto& [tier, loads, evictions, seconds] :
        {std::tuple<const char*, int64_t, int64_t, const v1::Histogram*>{
@@ -259,10 +280,7 @@ void GatewayMetrics::Mirror(const v1::StatsResponse& stats,
 void GatewayMetrics::MirrorProtocol(const v1::StatsResponse& stats) {
   protocol_waiting_.Add({}).Set(static_cast<double>(stats.waiting()));
   protocol_running_.Add({}).Set(static_cast<double>(stats.running()));
-  const double kv_usage = stats.kv_blocks_total() > 0
-                              ? static_cast<double>(stats.kv_blocks_used()) /
-                                    static_cast<double>(stats.kv_blocks_total())
-                              : 0.0;
+  const double kv_usage = KvUsage(stats);
   protocol_kv_usage_.Add({}).Set(kv_usage);
   protocol_gpu_cache_usage_.Add({}).Set(kv_usage);
   ReplaceSeries(protocol_lora_info_,
