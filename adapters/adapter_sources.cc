@@ -46,4 +46,26 @@ absl::Status LoadAdapterSpec(AdapterRegistry& registry, const std::string& spec)
   return absl::OkStatus();
 }
 
+std::function<absl::StatusOr<std::string>(const std::string&)> AdapterFolderResolver(
+    std::string root, std::string default_tenant) {
+  return [root = std::move(root),
+          default_tenant = std::move(default_tenant)](const std::string& canonical_id)
+             -> absl::StatusOr<std::string> {
+    const size_t slash = canonical_id.find('/');
+    const std::string tenant = canonical_id.substr(0, slash);
+    const std::string name = canonical_id.substr(slash + 1);
+    const std::filesystem::path folder = tenant == default_tenant
+                                             ? std::filesystem::path(root) / name
+                                             : std::filesystem::path(root) / tenant / name;
+    std::error_code error;
+    if (!std::filesystem::is_regular_file(folder / "adapter_config.json", error)) {
+      return absl::NotFoundError(absl::StrCat("adapter \"", canonical_id,
+                                              "\" is not loaded, and --adapter-resolver-dir has "
+                                              "no ",
+                                              (folder / "adapter_config.json").string()));
+    }
+    return folder.string();
+  };
+}
+
 }  // namespace loraserve::adapters

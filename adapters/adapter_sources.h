@@ -1,17 +1,21 @@
-// Where a server's adapters come from at start-up: `--adapter-dir DIR` (each
+// Where a server's adapters come from: at start-up `--adapter-dir DIR` (each
 // subfolder holding an adapter_config.json is an adapter named by the folder)
-// and `--adapter NAME=DIR` (repeatable). Both load through the registry, so
-// every adapter is validated before it becomes visible.
+// and `--adapter NAME=DIR` (repeatable); on first use `--adapter-resolver-dir
+// ROOT` (AdapterFolderResolver, for AdapterRegistryOptions::resolve). All load
+// through the registry, so every adapter is validated before it becomes visible.
 //
 // Example:
 //   RETURN_IF_ERROR(LoadAdapterDir(*registry, "/srv/adapters"));
 //   RETURN_IF_ERROR(LoadAdapterSpec(*registry, "support=/srv/support-bot"));
+//   options.resolve = AdapterFolderResolver("/srv/shared-adapters", "default");
 #ifndef LORASERVE_ADAPTERS_ADAPTER_SOURCES_H_
 #define LORASERVE_ADAPTERS_ADAPTER_SOURCES_H_
 
+#include <functional>
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "adapters/registry.h"
 
 namespace loraserve::adapters {
@@ -22,6 +26,14 @@ absl::Status LoadAdapterDir(AdapterRegistry& registry, const std::string& dir);
 
 // `spec` is NAME=DIR.
 absl::Status LoadAdapterSpec(AdapterRegistry& registry, const std::string& spec);
+
+// The folder of an adapter on its first request: ROOT/NAME for
+// "DEFAULT_TENANT/NAME", ROOT/TENANT/NAME for any other tenant's id, when it
+// holds an adapter_config.json; NotFound naming that path otherwise. Ids are
+// canonical (registry.h), so no id reaches outside ROOT. A folder that holds
+// an adapter but is not one (say, half-synced) fails its load, not this.
+std::function<absl::StatusOr<std::string>(const std::string& canonical_id)> AdapterFolderResolver(
+    std::string root, std::string default_tenant);
 
 }  // namespace loraserve::adapters
 

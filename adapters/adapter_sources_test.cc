@@ -10,6 +10,7 @@
 namespace loraserve::adapters {
 namespace {
 
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 std::unique_ptr<AdapterRegistry> Registry() {
@@ -51,6 +52,23 @@ TEST(AdapterSourcesTest, SpecIsNameEqualsDir) {
     absl::Status status = LoadAdapterSpec(*registry, bad);
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << bad;
     EXPECT_THAT(std::string(status.message()), HasSubstr("NAME=DIR"));
+  }
+}
+
+TEST(AdapterSourcesTest, ResolverFolderLayoutIsRootNameOrRootTenantName) {
+  const std::string root = testing::FreshDir("resolver");
+  testing::WriteSmallAdapter(root + "/bot");
+  testing::WriteSmallAdapter(root + "/acme/bot");
+  std::filesystem::create_directories(root + "/empty");
+  auto resolve = AdapterFolderResolver(root, "default");
+  EXPECT_EQ(*resolve("default/bot"), root + "/bot");
+  EXPECT_EQ(*resolve("acme/bot"), root + "/acme/bot");
+  for (const char* id : {"default/empty", "acme/other", "zeta/bot", "default/acme"}) {
+    absl::StatusOr<std::string> folder = resolve(id);
+    EXPECT_EQ(folder.status().code(), absl::StatusCode::kNotFound) << id;
+    EXPECT_THAT(std::string(folder.status().message()),
+                AllOf(HasSubstr(id), HasSubstr("adapter_config.json"),
+                      HasSubstr("--adapter-resolver-dir")));
   }
 }
 

@@ -140,9 +140,15 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Load(absl::string_view id, const st
   const auto start = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(LoraAdapter adapter, LoadLoraAdapter(dir, options_.base, options_.limits));
   const double seconds = SecondsSince(start);
-
   std::lock_guard<std::mutex> lock(mu_);
-  auto existing = entries_.find(canonical);
+  return InsertLocked(canonical, dir, std::move(adapter), seconds);
+}
+
+absl::StatusOr<AdapterInfo> AdapterRegistry::InsertLocked(const std::string& id,
+                                                          const std::string& dir,
+                                                          LoraAdapter adapter,
+                                                          double load_seconds) {
+  auto existing = entries_.find(id);
   int64_t version = 1;
   bool pinned = false;
   size_t freed = 0;  // the old version's bytes, when nobody else holds it
@@ -153,10 +159,10 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Load(absl::string_view id, const st
       freed = existing->second.info.bytes;
     }
   }
-  RETURN_IF_ERROR(MakeRoomLocked(adapter.bytes(), freed, canonical,
-                                 absl::StrCat("adapter \"", canonical, "\" (", dir, ")")));
+  RETURN_IF_ERROR(
+      MakeRoomLocked(adapter.bytes(), freed, id, absl::StrCat("adapter \"", id, "\" (", dir, ")")));
   Entry entry;
-  entry.info = {canonical,
+  entry.info = {id,
                 version,
                 adapter.content_hash(),
                 dir,
@@ -166,14 +172,43 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Load(absl::string_view id, const st
                 pinned,
                 /*resident=*/true};
   entry.last_used = ++clock_;
-  entry.resident = MakeHandle(canonical, version, dir, std::move(adapter));
+  entry.resident = MakeHandle(id, version, dir, std::move(adapter));
   // Replacing the entry drops the registry's reference to the old version
   // and clears any reload of it under way (that reload then discards its result).
-  entries_[canonical] = std::move(entry);
+  entries_[id] = std::move(entry);
   ++host_stats_.loads;
-  host_stats_.load_seconds.Observe(seconds);
+  host_stats_.load_seconds.Observe(load_seconds);
   load_done_.notify_all();
-  return entries_[canonical].info;
+  return entries_[id].info;
+}
+
+absl::Status AdapterRegistry::ResolveLocked(std::unique_lock<std::mutex>& lock,
+                                            const std::string& id) {
+  if (!options_.resolve) return NotLoadedError(id);
+  if (resolving_.count(id) != 0) {
+    load_done_.wait(lock, [&] { return !resolving_.count(id) != 0; });
+    return absl::OkStatus();
+  }
+  resolving_.insert(id);
+  lock.unlock();
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<std::string> dir = options_.resolve(id);
+  absl::StatusOr<LoraAdapter> adapter =
+      dir.ok() ? LoadLoraAdapter(*dir, options_.base, options_.limits)
+               : absl::StatusOr<LoraAdapter>(dir.status());
+  const double seconds = SecondsSince(start);
+  lock.lock();
+  resolving_.erase(id);
+  load_done_.notify_all();
+  if (!dir.ok()) return dir.status();
+  if (!adapter.ok()) {
+    return absl::Status(adapter.status().code(),
+                        absl::StrCat("adapter \"", id, "\" resolved to ", *dir, ": ",
+                                     adapter.status().message()));
+  }
+  // A Load of the same id while the files were read wins: it is newer.
+  if (entries_.count(id) != 0) return absl::OkStatus();
+  return InsertLocked(id, *dir, *std::move(adapter), seconds).status();
 }
 
 absl::Status AdapterRegistry::Unload(absl::string_view id) {
@@ -230,7 +265,15 @@ absl::StatusOr<AdapterHandle> AdapterRegistry::Acquire(absl::string_view id) {
   std::unique_lock<std::mutex> lock(mu_);
   bool counted = false;
   while (true) {
-    ASSIGN_OR_RETURN(Entry * entry, FindLocked(canonical));
+    if (entries_.count(canonical) == 0) {
+      if (!counted) {
+        ++host_stats_.misses;
+        counted = true;
+      }
+      RETURN_IF_ERROR(ResolveLocked(lock, canonical));
+      continue;
+    }
+    Entry* entry = &entries_.at(canonical);
     entry->last_used = ++clock_;
     if (entry->resident != nullptr) {
       if (!counted) ++host_stats_.hits;
@@ -303,6 +346,13 @@ absl::Status AdapterRegistry::Unpin(absl::string_view id) {
   ASSIGN_OR_RETURN(Entry * entry, FindLocked(canonical));
   entry->info.pinned = false;
   return absl::OkStatus();
+}
+
+absl::StatusOr<AdapterInfo> AdapterRegistry::Resolve(absl::string_view id) {
+  ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
+  std::unique_lock<std::mutex> lock(mu_);
+  while (entries_.count(canonical) == 0) RETURN_IF_ERROR(ResolveLocked(lock, canonical));
+  return entries_.at(canonical).info;
 }
 
 absl::StatusOr<AdapterInfo> AdapterRegistry::Get(absl::string_view id) const {

@@ -27,6 +27,12 @@
 // use on the device; a device copy outlives a host eviction (it is a copy).
 // Stats: `host` here, DeviceCacheStats there.
 //
+// Resolution (options.resolve, as vLLM's LoRA resolvers): an id that is not
+// registered is looked up once, on its first Acquire or Resolve: the resolver
+// names a folder and the adapter loads from it as version 1, validated as any
+// Load is; concurrent first requests wait for the one load. Get, List and the
+// changing calls never resolve.
+//
 // Threading: every method may be called from any thread (API threads); one
 // mutex guards the registry, and no file is read while it is held. This is
 // not the engine's hot path: the engine acquires a handle once per request.
@@ -46,9 +52,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -60,6 +68,9 @@
 #include "base/bucket_counts.h"
 
 namespace loraserve::adapters {
+
+// The tenant of bare names unless AdapterRegistryOptions says otherwise.
+inline constexpr char kDefaultTenant[] = "default";
 
 // "tenant/name" for a valid id ("name" gets `default_tenant`); InvalidArgument
 // naming the id and the expected form otherwise.
@@ -109,8 +120,11 @@ struct AdapterRegistryStats {
 struct AdapterRegistryOptions {
   BaseModelShape base;
   AdapterLimits limits;
-  std::string default_tenant = "default";
+  std::string default_tenant = kDefaultTenant;
   size_t host_budget_bytes = 0;  // --adapter-host-bytes; 0: unlimited
+  // The folder to load an unregistered canonical id from, or NotFound saying
+  // where it looked (AdapterFolderResolver); null: unknown ids are NotFound.
+  std::function<absl::StatusOr<std::string>(const std::string& canonical_id)> resolve;
 };
 
 class AdapterRegistry {
@@ -127,8 +141,11 @@ class AdapterRegistry {
   // Forgets `id`; requests holding a handle keep their version until done.
   absl::Status Unload(absl::string_view id);
   // The current version, reloading it from disk if it was evicted (the calling
-  // thread waits for that load, or for a prefetch already under way).
+  // thread waits for that load, or for a prefetch already under way), or
+  // resolving it if it is not registered.
   absl::StatusOr<AdapterHandle> Acquire(absl::string_view id);
+  // Get, resolving the id first if it is not registered.
+  absl::StatusOr<AdapterInfo> Resolve(absl::string_view id);
   // Starts loading an evicted adapter in the background; OK at once when it is
   // resident or already loading. A background failure shows at the next Acquire.
   absl::Status Prefetch(absl::string_view id);
@@ -160,6 +177,13 @@ class AdapterRegistry {
   // The entry of a canonical id, or NotFound naming it.
   absl::StatusOr<Entry*> FindLocked(const std::string& id);
   AdapterHandle MakeHandle(std::string id, int64_t version, std::string dir, LoraAdapter adapter);
+  // Registers a validated adapter as the next version of `id` (budget permitting).
+  absl::StatusOr<AdapterInfo> InsertLocked(const std::string& id, const std::string& dir,
+                                           LoraAdapter adapter, double load_seconds);
+  // Resolves an unregistered `id`, releasing the lock while reading files; OK
+  // once it is registered, or once another caller's resolution of it ended
+  // (the caller looks again either way).
+  absl::Status ResolveLocked(std::unique_lock<std::mutex>& lock, const std::string& id);
   // Evicts unpinned, unused adapters (LRU first, never `keep`) until `need`
   // more bytes fit in the budget, `freed` bytes being released anyway; or
   // returns ResourceExhausted and evicts nothing.
@@ -179,6 +203,7 @@ class AdapterRegistry {
   std::condition_variable load_done_;  // a reload finished (or the entry changed)
   std::condition_variable work_;       // prefetch queue or stop
   std::map<std::string, Entry> entries_;
+  std::set<std::string> resolving_;  // ids being resolved; load_done_ tells when one ends
   AdapterTierStats host_stats_;
   uint64_t clock_ = 0;
   std::deque<std::string> prefetch_queue_;

@@ -5,10 +5,12 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/time/clock.h"
 #include "adapters/testing.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -321,6 +323,95 @@ TEST(AdapterRegistryTest, ConcurrentUseFromManyThreads) {
   EXPECT_EQ(unexpected, 0);
   EXPECT_EQ(registry->List().size(), 4u);
   EXPECT_LE(registry->stats().host_bytes, 3 * kSmallBytes);
+}
+
+// A registry whose resolver maps canonical ids through `folders`, counting its calls.
+struct ResolvingRegistry {
+  explicit ResolvingRegistry(std::map<std::string, std::string> folders,
+                             absl::Duration delay = absl::ZeroDuration())
+      : folders(std::move(folders)) {
+    auto created = AdapterRegistry::Create(
+        {.base = SharedModelShape(), .limits = {.max_rank = 16}, .default_tenant = "default",
+         .resolve = [this, delay](const std::string& id) -> absl::StatusOr<std::string> {
+           ++calls;
+           absl::SleepFor(delay);
+           auto it = this->folders.find(id);
+           if (it == this->folders.end()) return absl::NotFoundError("no folder for " + id);
+           return it->second;
+         }});
+    EXPECT_TRUE(created.ok()) << created.status();
+    registry = std::move(created).value();
+  }
+  std::map<std::string, std::string> folders;
+  std::atomic<int> calls{0};
+  std::unique_ptr<AdapterRegistry> registry;
+};
+
+TEST(AdapterRegistryTest, AnUnknownIdResolvesOnItsFirstAcquire) {
+  ResolvingRegistry r({{"default/qv", SharedAdapter("qv-r4")}});
+  EXPECT_EQ(r.registry->Get("qv").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(r.registry->List().empty());
+  EXPECT_EQ(r.calls, 0) << "Get and List never resolve";
+
+  absl::StatusOr<AdapterHandle> first = r.registry->Acquire("qv");
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ((*first)->id, "default/qv");
+  EXPECT_EQ((*first)->version, 1);
+  EXPECT_EQ((*first)->dir, SharedAdapter("qv-r4"));
+  ASSERT_TRUE(r.registry->Acquire("default/qv").ok());
+  EXPECT_EQ(r.calls, 1);
+  const AdapterRegistryStats stats = r.registry->stats();
+  EXPECT_EQ(stats.host.misses, 1);
+  EXPECT_EQ(stats.host.hits, 1);
+  EXPECT_EQ(stats.host.loads, 1);
+  EXPECT_EQ(stats.registered, 1);
+
+  // Resolve is Get with resolution: a second id, by its info.
+  r.folders["acme/bot"] = SharedAdapter("attn-r8");
+  absl::StatusOr<AdapterInfo> info = r.registry->Resolve("acme/bot");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->version, 1);
+  EXPECT_THAT(info->ranks, ElementsAre(8));
+  EXPECT_EQ(r.calls, 2);
+}
+
+TEST(AdapterRegistryTest, ConcurrentFirstRequestsResolveOnce) {
+  ResolvingRegistry r({{"default/qv", SharedAdapter("qv-r4")}}, absl::Milliseconds(50));
+  std::vector<AdapterHandle> handles(8);
+  std::vector<std::thread> threads;
+  for (AdapterHandle& handle : handles) {
+    threads.emplace_back([&] {
+      absl::StatusOr<AdapterHandle> acquired = r.registry->Acquire("qv");
+      ASSERT_TRUE(acquired.ok()) << acquired.status();
+      handle = *acquired;
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(r.calls, 1);
+  for (const AdapterHandle& handle : handles) EXPECT_EQ(handle, handles[0]);
+  EXPECT_EQ(r.registry->stats().host.loads, 1);
+  EXPECT_EQ(r.registry->stats().live_adapters, 1);
+}
+
+TEST(AdapterRegistryTest, ResolutionFailuresReachTheCallerAndChangeNothing) {
+  const std::string broken = FreshDir("resolve-broken");
+  std::ofstream(broken + "/adapter_config.json") << "{not json";
+  ResolvingRegistry r({{"default/broken", broken}});
+  ASSERT_TRUE(r.registry->Load("qv", SharedAdapter("qv-r4")).ok());
+  const std::string before = Snapshot(*r.registry);
+
+  absl::StatusOr<AdapterHandle> missing = r.registry->Acquire("nobody");
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing.status().message(), HasSubstr("no folder for default/nobody"));
+  absl::StatusOr<AdapterInfo> invalid = r.registry->Resolve("broken");
+  EXPECT_EQ(invalid.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(invalid.status().message(),
+              AllOf(HasSubstr("\"default/broken\" resolved to " + broken), HasSubstr("json")));
+  EXPECT_EQ(Snapshot(*r.registry), before);
+  // The next request tries again: a folder fixed meanwhile (a sync that
+  // finished) loads then.
+  WriteSmallAdapter(broken);
+  EXPECT_TRUE(r.registry->Acquire("broken").ok());
 }
 
 }  // namespace

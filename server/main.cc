@@ -66,6 +66,9 @@ ABSL_FLAG(int32_t, block_size, 16, "Tokens per KV cache block");
 ABSL_FLAG(int32_t, max_batch_tokens, 2048, "Most tokens (prompt + decode) in one step");
 ABSL_FLAG(std::string, adapter_dir, "",
           "Directory whose subfolders are PEFT LoRA adapters, each named by its folder");
+ABSL_FLAG(std::string, adapter_resolver_dir, "",
+          "Folder an adapter that is not loaded is loaded from on its first request: "
+          "DIR/NAME for a bare name, DIR/TENANT/NAME for a tenant's (a volume that a sync fills)");
 ABSL_FLAG(std::vector<std::string>, adapter, {},
           "NAME=DIR of a PEFT LoRA adapter to load (repeatable)");
 ABSL_FLAG(std::vector<std::string>, pin_adapter, {},
@@ -233,12 +236,23 @@ absl::StatusOr<std::unique_ptr<kernels::Backend>> CreateBackend(const model::Mod
 
 absl::StatusOr<std::unique_ptr<adapters::AdapterRegistry>> CreateRegistry(
     const model::LlamaModel& llama) {
+  const std::string resolver_dir = absl::GetFlag(FLAGS_adapter_resolver_dir);
+  std::function<absl::StatusOr<std::string>(const std::string&)> resolve;
+  if (!resolver_dir.empty()) {
+    std::error_code error;
+    if (!std::filesystem::is_directory(resolver_dir, error)) {
+      return absl::NotFoundError(
+          absl::StrCat("--adapter-resolver-dir ", resolver_dir, " is not a directory"));
+    }
+    resolve = adapters::AdapterFolderResolver(resolver_dir, adapters::kDefaultTenant);
+  }
   ASSIGN_OR_RETURN(
       auto registry,
       adapters::AdapterRegistry::Create(
           {.base = llama.adapter_shape(),
            .limits = {.max_rank = absl::GetFlag(FLAGS_max_lora_rank)},
-           .host_budget_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_adapter_host_bytes))}));
+           .host_budget_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_adapter_host_bytes)),
+           .resolve = resolve}));
   if (!absl::GetFlag(FLAGS_adapter_dir).empty()) {
     RETURN_IF_ERROR(adapters::LoadAdapterDir(*registry, absl::GetFlag(FLAGS_adapter_dir)));
   }

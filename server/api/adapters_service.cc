@@ -269,7 +269,7 @@ grpc::ServerUnaryReactor* AdaptersService::List(grpc::CallbackServerContext* con
 grpc::ServerUnaryReactor* AdaptersService::Get(grpc::CallbackServerContext* context,
                                                const v1::GetAdapterRequest* request,
                                                v1::AdapterInfo* response) {
-  absl::StatusOr<adapters::AdapterInfo> info = registry_->Get(request->id());
+  absl::StatusOr<adapters::AdapterInfo> info = registry_->Resolve(request->id());
   if (info.ok()) FillInfo(*info, response);
   return FinishUnary(context, info.status());
 }

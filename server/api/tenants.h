@@ -56,6 +56,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "adapters/registry.h"
 #include "base/sha256.h"
 
 namespace loraserve::api {
@@ -70,7 +71,7 @@ struct Principal {
 };
 
 // The tenant of operator-loaded adapters: visible to all, changed by admins.
-inline constexpr char kOperatorTenant[] = "default";
+inline constexpr const char* kOperatorTenant = adapters::kDefaultTenant;
 
 class ApiKeys {
  public:

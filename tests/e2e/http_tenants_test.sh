@@ -36,45 +36,6 @@ chmod u+w "$tmp/ocean"/*
 CONFIG="$tmp/ocean/adapter_config.json"
 TENSORS="$tmp/ocean/adapter_model.safetensors"
 
-# req URL METHOD PATH KEY [CURL ARGS...]: one request; sets STATUS and BODY.
-# KEY "" sends no Authorization header.
-req() {
-  local url="$1" method="$2" path="$3" key="$4"
-  shift 4
-  local auth=()
-  [ -n "$key" ] && auth=(-H "Authorization: Bearer $key")
-  LAST="$method $path"
-  STATUS="$(curl -sS --max-time 60 -o "$tmp/body" -w '%{http_code}' \
-    -X "$method" "${auth[@]}" "$@" "$url$path")" || fail "$LAST: curl failed"
-  BODY="$(cat "$tmp/body")"
-}
-
-expect_status() {
-  local want="$1" what="$2"
-  [ "$STATUS" = "$want" ] || fail "$what ($LAST): expected HTTP $want, got $STATUS; body: $BODY"
-}
-
-# An OpenAI error object whose code is the HTTP status.
-expect_error_json() {
-  local what="$1"
-  jq -e --argjson code "$STATUS" '.error | (.message | type == "string" and length > 0)
-      and (.type | type == "string") and has("param") and .code == $code' <<<"$BODY" >/dev/null \
-    2>&1 || fail "$what ($LAST): HTTP $STATUS without an OpenAI error JSON: $BODY"
-}
-
-expect_error() {
-  expect_status "$1" "$2"
-  expect_error_json "$2"
-}
-
-# expect_jq FILTER WHAT [JQ ARGS...]: FILTER (jq -e) holds for BODY.
-expect_jq() {
-  local filter="$1" what="$2"
-  shift 2
-  jq -e "$@" "$filter" <<<"$BODY" >/dev/null 2>&1 ||
-    fail "$what ($LAST): '$filter' does not hold for: $BODY"
-}
-
 completion_body() {  # MODEL [MAX_TOKENS]
   jq -cn --arg model "$1" --argjson max "${2:-12}" \
     '{model: $model, prompt: "Once upon a time", max_tokens: $max, temperature: 0}'

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shared set-up of the HTTP e2e scripts (sourced, not run): arguments, tools,
 # a temporary directory removed at exit with every server the script started,
-# `fail`, and `start_server`.
+# `fail`, `start_server`, and requests with checks of their answers (`req`,
+# `expect_status`, `expect_error`, `expect_jq`).
 # The sourcing script is called as: SCRIPT LORASERVE_BINARY SHARED_DIR
 # shellcheck shell=bash
 # shellcheck disable=SC2034  # BASE_MODEL, HTTP, GRPC_PORT are read by the sourcing scripts
@@ -73,3 +74,41 @@ start_server() {
   GRPC_PORT="${grpc_line##*:}"
 }
 
+# req URL METHOD PATH KEY [CURL ARGS...]: one request; sets STATUS and BODY.
+# KEY "" sends no Authorization header.
+req() {
+  local url="$1" method="$2" path="$3" key="$4"
+  shift 4
+  local auth=()
+  [ -n "$key" ] && auth=(-H "Authorization: Bearer $key")
+  LAST="$method $path"
+  STATUS="$(curl -sS --max-time 60 -o "$tmp/body" -w '%{http_code}' \
+    -X "$method" "${auth[@]}" "$@" "$url$path")" || fail "$LAST: curl failed"
+  BODY="$(cat "$tmp/body")"
+}
+
+expect_status() {
+  local want="$1" what="$2"
+  [ "$STATUS" = "$want" ] || fail "$what ($LAST): expected HTTP $want, got $STATUS; body: $BODY"
+}
+
+# An OpenAI error object whose code is the HTTP status.
+expect_error_json() {
+  local what="$1"
+  jq -e --argjson code "$STATUS" '.error | (.message | type == "string" and length > 0)
+      and (.type | type == "string") and has("param") and .code == $code' <<<"$BODY" >/dev/null \
+    2>&1 || fail "$what ($LAST): HTTP $STATUS without an OpenAI error JSON: $BODY"
+}
+
+expect_error() {
+  expect_status "$1" "$2"
+  expect_error_json "$2"
+}
+
+# expect_jq FILTER WHAT [JQ ARGS...]: FILTER (jq -e) holds for BODY.
+expect_jq() {
+  local filter="$1" what="$2"
+  shift 2
+  jq -e "$@" "$filter" <<<"$BODY" >/dev/null 2>&1 ||
+    fail "$what ($LAST): '$filter' does not hold for: $BODY"
+}
