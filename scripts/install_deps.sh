@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Installs, from Debian 12 packages, everything loraserve needs to build, test and run.
+# Installs, from Debian 12 packages, everything loraserve needs to build, test
+# and run. `--build-only`: only what building the server needs (the container
+# images' build stage).
 set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
 PACKAGES=(
-  build-essential cmake ninja-build pkg-config git python3 python3-venv
+  build-essential cmake ninja-build pkg-config
   libabsl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  libopenblas-dev nlohmann-json3-dev libpcre2-dev
-  libgtest-dev libgmock-dev libbenchmark-dev
-  libcpp-httplib-dev prometheus-cpp-dev prometheus curl jq
+  libopenblas-dev nlohmann-json3-dev libpcre2-dev libcpp-httplib-dev prometheus-cpp-dev
 )
+if [ "${1:-}" != "--build-only" ]; then
+  PACKAGES+=(
+    git python3 python3-venv libgtest-dev libgmock-dev libbenchmark-dev prometheus curl jq
+    # The container images' build and run test (tests/deploy/image_test.sh).
+    buildah debootstrap
+  )
+fi
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
