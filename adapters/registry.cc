@@ -186,7 +186,7 @@ absl::Status AdapterRegistry::ResolveLocked(std::unique_lock<std::mutex>& lock,
                                             const std::string& id) {
   if (!options_.resolve) return NotLoadedError(id);
   if (resolving_.count(id) != 0) {
-    load_done_.wait(lock, [&] { return !resolving_.count(id) != 0; });
+    load_done_.wait(lock, [&] { return resolving_.count(id) == 0; });
     return absl::OkStatus();
   }
   resolving_.insert(id);
@@ -266,11 +266,11 @@ absl::StatusOr<AdapterHandle> AdapterRegistry::Acquire(absl::string_view id) {
   bool counted = false;
   while (true) {
     if (entries_.count(canonical) == 0) {
-      if (!counted) {
+      RETURN_IF_ERROR(ResolveLocked(lock, canonical));
+      if (!counted) {  // resolved: loaded into this tier for this call
         ++host_stats_.misses;
         counted = true;
       }
-      RETURN_IF_ERROR(ResolveLocked(lock, canonical));
       continue;
     }
     Entry* entry = &entries_.at(canonical);

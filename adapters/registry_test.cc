@@ -408,6 +408,7 @@ TEST(AdapterRegistryTest, ResolutionFailuresReachTheCallerAndChangeNothing) {
   EXPECT_THAT(invalid.status().message(),
               AllOf(HasSubstr("\"default/broken\" resolved to " + broken), HasSubstr("json")));
   EXPECT_EQ(Snapshot(*r.registry), before);
+  EXPECT_EQ(r.registry->stats().host.misses, 0) << "nothing was loaded";
   // The next request tries again: a folder fixed meanwhile (a sync that
   // finished) loads then.
   WriteSmallAdapter(broken);
