@@ -149,6 +149,9 @@ GatewayMetrics::GatewayMetrics(GatewayMetricsOptions options)
                                       "Duration of adapter loads into a tier")),
       merges_(Counter(registry_, "loraserve_merges_total",
                       "Merged weight sets built (an adapter folded into the base)")),
+      merge_failures_(Counter(registry_, "loraserve_merge_failures_total",
+                              "Merges that failed (no memory for the set): the unmerged path "
+                              "served those steps")),
       merged_steps_(Counter(registry_, "loraserve_merged_steps_total",
                             "Engine steps that ran on merged weights")),
       graph_steps_(Counter(registry_, "loraserve_graph_steps_total",
@@ -184,7 +187,7 @@ GatewayMetrics::GatewayMetrics(GatewayMetricsOptions options)
         &protocol_waiting_, &protocol_running_, &protocol_kv_usage_, &protocol_gpu_cache_usage_}) {
     family->Add({});
   }
-  for (CounterFamily* family : {&merges_, &merged_steps_, &graph_steps_, &graph_fallbacks_,
+  for (CounterFamily* family : {&merges_, &merge_failures_, &merged_steps_, &graph_steps_, &graph_fallbacks_,
                                 &preemptions_, &prefix_cached_tokens_}) {
     family->Add({});
   }
@@ -269,6 +272,7 @@ void GatewayMetrics::Mirror(const v1::StatsResponse& stats,
     MirrorHistogram(adapter_load_seconds_, {{"tier", tier}}, *seconds);
   }
   MirrorCounter(merges_, {}, static_cast<double>(stats.merges()));
+  MirrorCounter(merge_failures_, {}, static_cast<double>(stats.merge_failures()));
   MirrorCounter(merged_steps_, {}, static_cast<double>(stats.merged_steps()));
   MirrorCounter(graph_steps_, {}, static_cast<double>(stats.graph_steps()));
   MirrorCounter(graph_fallbacks_, {}, static_cast<double>(stats.graph_fallbacks()));

@@ -114,6 +114,7 @@ class GatewayMetrics {
   CounterFamily& adapter_evictions_;
   HistogramFamily& adapter_load_seconds_;
   CounterFamily& merges_;
+  CounterFamily& merge_failures_;
   CounterFamily& merged_steps_;
   CounterFamily& graph_steps_;
   CounterFamily& graph_fallbacks_;

@@ -64,6 +64,7 @@ TEST(GatewayMetricsTest, MirrorsTheServersStateAndDeviceResidencyByContentHash) 
   stats.add_device_resident_hashes("h1");
   stats.set_host_adapter_loads(4);
   stats.set_merges(2);
+  stats.set_merge_failures(1);
   stats.set_graph_steps(7);
   stats.set_graph_fallbacks(1);
   BucketCounts loads;
@@ -93,6 +94,7 @@ TEST(GatewayMetricsTest, MirrorsTheServersStateAndDeviceResidencyByContentHash) 
   EXPECT_THAT(text, HasSubstr(R"(loraserve_adapter_loads_total{tier="host"} 4)"));
   EXPECT_THAT(text, HasSubstr(R"(loraserve_adapter_load_seconds_count{tier="host"} 1)"));
   EXPECT_THAT(text, HasSubstr("loraserve_merges_total 2"));
+  EXPECT_THAT(text, HasSubstr("loraserve_merge_failures_total 1"));
   EXPECT_THAT(text, HasSubstr("loraserve_graph_steps_total 7"));
   EXPECT_THAT(text, HasSubstr("loraserve_graph_fallbacks_total 1"));
 
@@ -156,6 +158,7 @@ TEST(GatewayMetricsTest, ExposesEveryFamilyWithItsType) {
            {"loraserve_adapter_evictions_total", "counter"},
            {"loraserve_adapter_load_seconds", "histogram"},
            {"loraserve_merges_total", "counter"},
+           {"loraserve_merge_failures_total", "counter"},
            {"loraserve_merged_steps_total", "counter"},
            {"loraserve_graph_steps_total", "counter"},
            {"loraserve_graph_fallbacks_total", "counter"},

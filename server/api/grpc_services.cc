@@ -352,6 +352,7 @@ grpc::ServerUnaryReactor* InferenceService::Stats(grpc::CallbackServerContext* c
                    response->mutable_device_upload_seconds());
   response->set_merges(snapshot.stats.merges);
   response->set_merge_evictions(snapshot.stats.merge_evictions);
+  response->set_merge_failures(snapshot.stats.merge_failures);
   response->set_merged_bytes(snapshot.stats.merged_bytes);
   response->set_merged_cache_budget_bytes(options_.merged_cache_budget_bytes);
   const adapters::AdapterRegistryStats host = registry_->stats();

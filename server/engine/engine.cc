@@ -105,18 +105,24 @@ void Engine::DropMergedSets() {
   merged_.clear();
 }
 
-bool Engine::AcquireAdapter(Sequence& seq) {
-  if (seq.request.adapter == nullptr || seq.device_adapter != nullptr) return true;
+absl::Status Engine::AcquireAdapter(Sequence& seq) {
+  if (seq.request.adapter == nullptr || seq.device_adapter != nullptr) return absl::OkStatus();
   absl::StatusOr<const adapters::DeviceAdapter*> device =
       device_adapters_->Acquire(seq.request.adapter->adapter);
-  if (!device.ok() && !merged_.empty()) {
+  if (absl::IsResourceExhausted(device.status()) && !merged_.empty()) {
     // Merged sets hold their adapters' device copies; requests come first.
     DropMergedSets();
     device = device_adapters_->Acquire(seq.request.adapter->adapter);
   }
-  if (!device.ok()) return false;  // every resident adapter is in use: wait
+  if (absl::IsResourceExhausted(device.status())) return device.status();
+  if (!device.ok()) {
+    return absl::Status(device.status().code(),
+                        absl::StrCat("adapter \"", seq.request.adapter->id,
+                                     "\" could not be placed on the device: ",
+                                     device.status().message()));
+  }
   seq.device_adapter = *device;
-  return true;
+  return absl::OkStatus();
 }
 
 AdapterActivity Engine::adapter_activity() const {
@@ -239,6 +245,14 @@ void Engine::ReusePrefix(Sequence& seq) {
   seq.num_cached = static_cast<int64_t>(seq.blocks.size()) * cache_->block_size();
 }
 
+std::unique_ptr<Engine::Sequence> Engine::TakeWaiting(Sequence* seq) {
+  auto it = std::find_if(waiting_.begin(), waiting_.end(),
+                         [seq](const auto& w) { return w.get() == seq; });
+  std::unique_ptr<Sequence> taken = std::move(*it);
+  waiting_.erase(it);
+  return taken;
+}
+
 Engine::Sequence* Engine::NextToAdmit() {
   // Preempted sequences first: they already waited their turn.
   for (auto& seq : waiting_) {
@@ -303,19 +317,22 @@ absl::Status Engine::Step() {
     if (fresh) ReusePrefix(*seq);
     const int64_t n =
         std::min<int64_t>(static_cast<int64_t>(seq->tokens.size()) - seq->num_cached, budget);
-    if (!cache_->Reserve(seq->blocks, seq->num_cached + n).ok() || !AcquireAdapter(*seq)) {
+    const absl::Status room = cache_->Reserve(seq->blocks, seq->num_cached + n);
+    const absl::Status adapter = room.ok() ? AcquireAdapter(*seq) : room;
+    if (!adapter.ok()) {
       cache_->Release(seq->blocks);
       seq->num_cached = 0;
-      break;
+      if (absl::IsResourceExhausted(adapter)) break;  // no room now: it waits its turn
+      // Waiting cannot mend a failed upload: this request fails with it.
+      Finish(*seq, FinishReason::kError, adapter);
+      TakeWaiting(seq);
+      continue;
     }
     seq->preempted = false;
     if (fresh) stats_.prefix_cached_tokens += seq->num_cached;
     plan.push_back({seq, n});
     budget -= n;
-    auto it = std::find_if(waiting_.begin(), waiting_.end(),
-                           [seq](const auto& w) { return w.get() == seq; });
-    running_.push_back(std::move(*it));
-    waiting_.erase(it);
+    running_.push_back(TakeWaiting(seq));
   }
   if (plan.empty()) {
     if (running_.empty() && !waiting_.empty()) {
@@ -509,7 +526,8 @@ const model::MergedWeights* Engine::GetOrMerge(Sequence& rep) {
   absl::StatusOr<std::unique_ptr<model::MergedWeights>> weights =
       model_->Merge({rep.device_adapter, 1.0f});
   if (!weights.ok() || !device_adapters_->Acquire(rep.request.adapter->adapter).ok()) {
-    return nullptr;  // out of memory for a merged set: the unmerged path serves
+    ++stats_.merge_failures;  // out of memory for a merged set: the unmerged path serves
+    return nullptr;
   }
   auto entry = std::make_unique<MergedEntry>();
   entry->weights = std::move(*weights);

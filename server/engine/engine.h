@@ -99,6 +99,7 @@ struct EngineStats {
   int64_t merged_steps = 0;  // steps that ran on merged weights
   int64_t merges = 0;        // merged weight sets built
   int64_t merge_evictions = 0;
+  int64_t merge_failures = 0;  // merges that failed (the unmerged path served instead)
   int64_t merged_bytes = 0;  // held now
   int64_t preemptions = 0;
   int64_t prefix_cached_tokens = 0;  // prompt tokens whose KV came from the prefix cache
@@ -161,12 +162,16 @@ class Engine {
   void RemoveFinished();
   void DropCancelled();
   Sequence* NextToAdmit();
+  // Removes a sequence from the waiting queue, handing it over.
+  std::unique_ptr<Sequence> TakeWaiting(Sequence* seq);
   // Takes the cached KV blocks of the longest known prefix of a sequence
   // that has no blocks yet.
   void ReusePrefix(Sequence& seq);
   void ChargeTenant(const std::string& tenant, int64_t tokens);
-  // Makes the sequence's adapter resident on the device (false: no room now).
-  bool AcquireAdapter(Sequence& seq);
+  // Makes the sequence's adapter resident on the device: ResourceExhausted
+  // when there is no room now (the request waits), another error when the
+  // upload itself failed (the request fails with it).
+  absl::Status AcquireAdapter(Sequence& seq);
   void ReleaseAdapter(Sequence& seq);
   void DropMergedSets();
   // Takes a running sequence off the batch, freeing its KV for recompute.

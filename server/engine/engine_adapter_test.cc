@@ -11,6 +11,7 @@
 namespace loraserve::engine {
 namespace {
 
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 const std::string& SharedModel() {
@@ -21,8 +22,9 @@ const std::string& SharedModel() {
 // A model with its registry, device adapter cache, KV cache and engine.
 class Server {
  public:
+  // `device_backend`: where adapters are uploaded (default: the model's backend).
   Server(const std::string& model_dir, EngineOptions options = {},
-         int64_t device_bytes = int64_t{64} << 20) {
+         int64_t device_bytes = int64_t{64} << 20, kernels::Backend* device_backend = nullptr) {
     backend_ = std::move(*kernels::CreateCpuBackend({}));
     model_ = std::move(*model::LlamaModel::Load(backend_.get(), model_dir, {}));
     auto tokenizer = model::Tokenizer::Load(model_dir);
@@ -31,7 +33,8 @@ class Server {
         {.base = model_->adapter_shape(), .limits = {.max_rank = 64}});
     EXPECT_TRUE(registry.ok()) << registry.status();
     registry_ = std::move(*registry);
-    device_ = std::make_unique<adapters::DeviceAdapterCache>(backend_.get(), device_bytes);
+    device_ = std::make_unique<adapters::DeviceAdapterCache>(
+        device_backend != nullptr ? device_backend : backend_.get(), device_bytes);
     cache_ = std::move(*KvCache::Create(backend_.get(), model_->kv_shape(), 16, 64 << 20));
     engine_ = std::make_unique<Engine>(model_.get(), tokenizer_.get(), cache_.get(), device_.get(),
                                        options);
@@ -211,6 +214,96 @@ TEST(EngineAdapterTest, AdapterWaitsForDeviceRoomAndFreesIt) {
 
 // What the engine reports for the inference gateway's LoRA info: the
 // adapters of running and waiting requests, and how many one batch can hold.
+// A device that was lost: every call fails with the same Internal error.
+class LostDevice : public kernels::Backend {
+ public:
+  static absl::Status Lost() { return absl::InternalError("device lost (test)"); }
+  std::string name() const override { return "lost device"; }
+  absl::StatusOr<kernels::DeviceBuffer> Allocate(size_t) override { return Lost(); }
+  absl::Status CopyToDevice(void*, const void*, size_t) override { return Lost(); }
+  absl::Status CopyToHost(void*, const void*, size_t) override { return Lost(); }
+  absl::Status CopyOnDevice(void*, const void*, size_t) override { return Lost(); }
+  absl::Status UploadWeight(void*, const void*, kernels::DType, int64_t, int64_t) override {
+    return Lost();
+  }
+  kernels::DType WeightDType(kernels::DType source) const override { return source; }
+  absl::Status Synchronize() override { return Lost(); }
+  void Free(void*, size_t) override {}
+  absl::Status Linear(const float*, const kernels::WeightView&, int64_t, float*, bool) override {
+    return Lost();
+  }
+  absl::Status Embedding(const int32_t*, int64_t, const kernels::WeightView&, float*) override {
+    return Lost();
+  }
+  absl::Status RmsNorm(const float*, const float*, int64_t, int64_t, float, float*) override {
+    return Lost();
+  }
+  absl::Status Add(float*, const float*, int64_t) override { return Lost(); }
+  absl::Status AddBias(float*, const float*, int64_t, int64_t) override { return Lost(); }
+  absl::Status SiluMul(const float*, int64_t, int64_t, float*) override { return Lost(); }
+  absl::Status LoraShrink(const float*, int64_t, const kernels::LoraSegment*, int32_t,
+                          float*) override {
+    return Lost();
+  }
+  absl::Status LoraExpand(const float*, const kernels::LoraSegment*, int32_t, int64_t, float*,
+                          int64_t) override {
+    return Lost();
+  }
+  absl::Status MergeLora(const kernels::WeightView&, const void*, const void*, int32_t, float,
+                         void*) override {
+    return Lost();
+  }
+  absl::Status Rope(float*, int64_t, float*, int64_t, const int32_t*, int64_t, int32_t, int32_t,
+                    const kernels::RopeParams&) override {
+    return Lost();
+  }
+  absl::Status WriteKv(const float*, const float*, int64_t, const kernels::AttentionBatch&,
+                       const kernels::KvLayout&, void*, void*) override {
+    return Lost();
+  }
+  absl::Status PagedAttention(const float*, int64_t, const kernels::AttentionBatch&,
+                              const kernels::KvLayout&, int32_t, const void*, const void*,
+                              float*) override {
+    return Lost();
+  }
+  absl::Status Sample(const float*, int64_t, int64_t, const kernels::SamplingRow*,
+                      kernels::SampledToken*) override {
+    return Lost();
+  }
+};
+
+TEST(EngineAdapterTest, AFailedDeviceUploadFailsItsRequestAtOnce) {
+  const std::string root = std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/";
+  // Adapters go to a lost device; the base model still runs on the CPU.
+  LostDevice lost;
+  Server server(SharedModel(), {.lora_mode = LoraMode::kUnmerged}, int64_t{64} << 20, &lost);
+  std::vector<TokenEvent> adapted, base;
+  ASSERT_TRUE(server.engine()
+                  .Add(Greedy({1, 2, 3}, 8, server.Adapter("ocean", root + "ocean")),
+                       [&](const TokenEvent& e) { adapted.push_back(e); })
+                  .ok());
+  ASSERT_TRUE(server.engine()
+                  .Add(Greedy({1, 2, 3}, 8), [&](const TokenEvent& e) { base.push_back(e); })
+                  .ok());
+  // Not a wait for room that never comes: the adapter's request ends in the
+  // first step with the upload's error, and the base request runs to the end.
+  for (int step = 0; step < 50 && server.engine().HasWork(); ++step) {
+    ASSERT_TRUE(server.engine().Step().ok());
+    if (step == 0) {
+      ASSERT_EQ(adapted.size(), 1u);
+      EXPECT_EQ(adapted[0].finish, FinishReason::kError);
+      EXPECT_EQ(adapted[0].error.code(), absl::StatusCode::kInternal);
+      EXPECT_THAT(adapted[0].error.message(),
+                  AllOf(HasSubstr("\"default/ocean\" could not be placed on the device"),
+                        HasSubstr("device lost (test)")));
+    }
+  }
+  EXPECT_FALSE(server.engine().HasWork());
+  ASSERT_EQ(base.size(), 8u);
+  EXPECT_EQ(base.back().finish, FinishReason::kLength);
+  EXPECT_EQ(adapted.size(), 1u);
+}
+
 TEST(EngineAdapterTest, ReportsTheAdaptersOfRunningAndWaitingRequests) {
   const std::string root = std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/";
   // Room on the device for one of the ~160 KB adapters: robot waits for ocean.
