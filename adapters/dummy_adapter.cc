@@ -8,8 +8,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "formats/safetensors.h"
 #include "nlohmann/json.hpp"
-#include "server/model/safetensors.h"
 
 namespace loraserve::adapters {
 namespace {
@@ -31,7 +31,7 @@ absl::Status WriteDummyAdapter(const std::string& dir, const BaseModelShape& bas
   std::filesystem::create_directories(dir, error);
   if (error) return absl::InternalError(absl::StrCat("cannot create ", dir, ": ", error.message()));
   std::mt19937_64 rng(options.seed);
-  std::vector<model::SerializedTensor> tensors;
+  std::vector<formats::SerializedTensor> tensors;
   for (int64_t layer = 0; layer < base.num_layers; ++layer) {
     for (LoraModule module : kAllLoraModules) {
       const std::string name = LoraModuleName(module);
@@ -60,7 +60,7 @@ absl::Status WriteDummyAdapter(const std::string& dir, const BaseModelShape& bas
                                  {"bias", "none"},
                                  {"base_model_name_or_path", "dummy"}};
   std::ofstream(dir + "/adapter_config.json") << config.dump(2);
-  return model::WriteSafetensors(dir + "/adapter_model.safetensors", tensors);
+  return formats::WriteSafetensors(dir + "/adapter_model.safetensors", tensors);
 }
 
 }  // namespace loraserve::adapters

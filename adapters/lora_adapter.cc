@@ -17,14 +17,14 @@
 #include "absl/strings/strip.h"
 #include "base/sha256.h"
 #include "base/status_macros.h"
+#include "formats/safetensors.h"
 #include "kernels/backend.h"
-#include "server/model/safetensors.h"
 
 namespace loraserve::adapters {
 namespace {
 
 namespace fs = std::filesystem;
-using model::TensorInfo;
+using formats::TensorInfo;
 
 bool IsAttention(LoraModule module) {
   return module == LoraModule::kQProj || module == LoraModule::kKProj ||
@@ -80,15 +80,15 @@ void HashField(Sha256& hash, absl::string_view field) {
 
 // The A and B tensors found for one module.
 struct ModuleTensors {
-  const TensorInfo* a = nullptr;
-  const TensorInfo* b = nullptr;
+  const formats::TensorInfo* a = nullptr;
+  const formats::TensorInfo* b = nullptr;
 };
 
 // Checks one matrix's shape: [rows, cols] expected, where the base model
 // fixes `base_dim` (0: rows, 1: cols) and the rank fixes the other.
-absl::Status CheckShape(const TensorInfo& tensor, const std::string& module_path, int64_t rows,
-                        int64_t cols, int base_dim, const BaseModelShape& base,
-                        const PeftLoraConfig& config) {
+absl::Status CheckShape(const formats::TensorInfo& tensor, const std::string& module_path,
+                        int64_t rows, int64_t cols, int base_dim, const BaseModelShape& base,
+                        const formats::PeftLoraConfig& config) {
   const std::vector<int64_t> expected = {rows, cols};
   if (tensor.shape == expected) return absl::OkStatus();
   const std::string leaf = module_path.substr(module_path.rfind('.') + 1);
@@ -107,7 +107,7 @@ absl::Status CheckShape(const TensorInfo& tensor, const std::string& module_path
 }
 
 // Converts to float32 and refuses NaN and infinities.
-absl::StatusOr<std::vector<float>> ToFloat32(const TensorInfo& tensor) {
+absl::StatusOr<std::vector<float>> ToFloat32(const formats::TensorInfo& tensor) {
   std::vector<float> values(static_cast<size_t>(tensor.NumElements()));
   kernels::ConvertToFloat32(tensor.data, tensor.dtype, tensor.NumElements(), values.data());
   const auto bad = std::find_if(values.begin(), values.end(),
@@ -174,7 +174,8 @@ absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseMo
   const std::string config_path = (fs::path(dir) / "adapter_config.json").string();
   const std::string weights_path = (fs::path(dir) / "adapter_model.safetensors").string();
   ASSIGN_OR_RETURN(const std::string config_text, ReadFile(config_path));
-  ASSIGN_OR_RETURN(PeftLoraConfig config, PeftLoraConfig::Parse(config_text, config_path));
+  ASSIGN_OR_RETURN(formats::PeftLoraConfig config,
+                   formats::PeftLoraConfig::Parse(config_text, config_path));
   std::error_code error;
   if (!fs::exists(weights_path, error)) {
     const std::string bin_path = (fs::path(dir) / "adapter_model.bin").string();
@@ -187,8 +188,8 @@ absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseMo
     }
     return absl::NotFoundError(absl::StrCat(dir, ": no adapter_model.safetensors"));
   }
-  ASSIGN_OR_RETURN(std::unique_ptr<model::SafetensorsFile> file,
-                   model::SafetensorsFile::Open(weights_path));
+  ASSIGN_OR_RETURN(std::unique_ptr<formats::SafetensorsFile> file,
+                   formats::SafetensorsFile::Open(weights_path));
 
   for (const auto& [name, dtype] : file->UnexposedDtypes()) {
     return absl::InvalidArgumentError(absl::StrCat(weights_path, ": tensor \"", name,
@@ -221,8 +222,8 @@ absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseMo
           weights_path, ": tensor \"", name, "\" adapts ", path, ", which ", config_path,
           " does not target (target_modules / layers_to_transform / exclude_modules)"));
     }
-    const TensorInfo*& slot = key->is_a ? found[{key->layer, key->module}].a
-                                        : found[{key->layer, key->module}].b;
+    const formats::TensorInfo*& slot =
+        key->is_a ? found[{key->layer, key->module}].a : found[{key->layer, key->module}].b;
     if (slot != nullptr) {
       return absl::InvalidArgumentError(absl::StrCat(weights_path, ": tensors \"", slot->name,
                                                      "\" and \"", name, "\" are the same matrix"));
@@ -231,7 +232,7 @@ absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseMo
   }
 
   LoraAdapter adapter(std::move(config));
-  const PeftLoraConfig& cfg = adapter.config_;
+  const formats::PeftLoraConfig& cfg = adapter.config_;
   adapter.layers_.resize(base.num_layers);
   bool any_target = false;
   for (int64_t layer = 0; layer < base.num_layers; ++layer) {
@@ -249,7 +250,7 @@ absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseMo
       const auto [in, out] = base_module->second;
       const ModuleTensors& tensors = it->second;
       if (tensors.a == nullptr || tensors.b == nullptr) {
-        const TensorInfo& present = tensors.a != nullptr ? *tensors.a : *tensors.b;
+        const formats::TensorInfo& present = tensors.a != nullptr ? *tensors.a : *tensors.b;
         return absl::InvalidArgumentError(absl::StrCat(
             weights_path, ": tensor \"", present.name, "\" has no matching ",
             tensors.a != nullptr ? "lora_B" : "lora_A", " tensor for ", path));

@@ -44,7 +44,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "adapters/peft_config.h"
+#include "formats/peft_config.h"
 
 namespace loraserve::adapters {
 
@@ -103,7 +103,7 @@ class LoraAdapter {
   const LoraWeights& weights(int64_t layer, LoraModule module) const {
     return layers_[layer][static_cast<int>(module)];
   }
-  const PeftLoraConfig& config() const { return config_; }
+  const formats::PeftLoraConfig& config() const { return config_; }
   // sha256 (hex) of adapter_config.json's bytes and of every tensor's name,
   // dtype, shape and bytes as stored, in name order: equal hashes mean equal
   // adapters, whatever their names.
@@ -116,11 +116,11 @@ class LoraAdapter {
   std::vector<std::string> target_modules() const;
 
  private:
-  explicit LoraAdapter(PeftLoraConfig config) : config_(std::move(config)) {}
+  explicit LoraAdapter(formats::PeftLoraConfig config) : config_(std::move(config)) {}
   friend absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string&, const BaseModelShape&,
                                                      const AdapterLimits&);
 
-  PeftLoraConfig config_;
+  formats::PeftLoraConfig config_;
   std::vector<std::array<LoraWeights, kNumLoraModules>> layers_;  // [num_layers][module]
   std::string content_hash_;
   size_t bytes_ = 0;

@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "adapters/testing.h"
+#include "formats/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
-#include "server/model/safetensors.h"
 
 namespace loraserve::adapters {
 namespace {
@@ -97,10 +97,10 @@ TEST(LoraAdapterTest, WeightsAreTheFileValuesInFloat32) {
     SCOPED_TRACE(name);
     absl::StatusOr<LoraAdapter> adapter = Load(SharedAdapter(name));
     ASSERT_TRUE(adapter.ok()) << adapter.status();
-    auto file = model::SafetensorsFile::Open(SharedAdapter(name) + "/adapter_model.safetensors");
+    auto file = formats::SafetensorsFile::Open(SharedAdapter(name) + "/adapter_model.safetensors");
     ASSERT_TRUE(file.ok()) << file.status();
     for (const auto& [suffix, is_a] : {std::pair<std::string, bool>{"lora_A", true}, {"lora_B", false}}) {
-      const model::TensorInfo* tensor =
+      const formats::TensorInfo* tensor =
           (*file)->Find("base_model.model.model.layers.2.self_attn.k_proj." + suffix + ".weight");
       ASSERT_NE(tensor, nullptr);
       std::vector<float> expected(tensor->NumElements());
@@ -232,10 +232,13 @@ TEST(LoraAdapterTest, UnknownModule) {
 
 TEST(LoraAdapterTest, IntegerTensorIsRefusedByName) {
   const std::string dir = FreshDir("x");
-  ASSERT_TRUE(model::WriteSafetensors(dir + "/adapter_model.safetensors",
-                                      {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-                                        "I64", {4, 64}, std::string(4 * 64 * 8, '\0')}})
-                  .ok());
+  ASSERT_TRUE(
+      formats::WriteSafetensors(dir + "/adapter_model.safetensors",
+                                {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                                  "I64",
+                                  {4, 64},
+                                  std::string(4 * 64 * 8, '\0')}})
+          .ok());
   std::ofstream(dir + "/adapter_config.json") << LoraConfigJson(4, 8, {"q_proj"}).dump();
   EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),
               AllOf(HasSubstr("q_proj.lora_A.weight"), HasSubstr("dtype I64")));

@@ -4,8 +4,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include "formats/safetensors.h"
 #include "gtest/gtest.h"
-#include "server/model/safetensors.h"
 
 namespace loraserve::adapters::testing {
 
@@ -56,14 +56,14 @@ std::string WriteAdapter(const std::string& dir, const nlohmann::json& config,
                          const std::vector<TestTensor>& tensors) {
   std::filesystem::create_directories(dir);
   std::ofstream(dir + "/adapter_config.json") << config.dump(2);
-  std::vector<model::SerializedTensor> serialized;
+  std::vector<formats::SerializedTensor> serialized;
   for (const TestTensor& tensor : tensors) {
     serialized.push_back({tensor.name, "F32", tensor.shape,
                           std::string(reinterpret_cast<const char*>(tensor.values.data()),
                                       tensor.values.size() * sizeof(float))});
   }
   const absl::Status written =
-      model::WriteSafetensors(dir + "/adapter_model.safetensors", serialized, {{"format", "pt"}});
+      formats::WriteSafetensors(dir + "/adapter_model.safetensors", serialized, {{"format", "pt"}});
   EXPECT_TRUE(written.ok()) << written;
   return dir;
 }

@@ -19,9 +19,9 @@ namespace loraserve::bench {
 absl::StatusOr<BenchModel> LoadCpuBenchModel(const BenchModelOptions& options) {
   BenchModel loaded;
   loaded.name = options.preset.empty() ? options.dir : options.preset;
-  ASSIGN_OR_RETURN(const model::ModelConfig config, options.preset.empty()
-                                                        ? model::LoadModelConfig(options.dir)
-                                                        : model::DummyPreset(options.preset));
+  ASSIGN_OR_RETURN(const formats::ModelConfig config, options.preset.empty()
+                                                          ? formats::LoadModelConfig(options.dir)
+                                                          : formats::DummyPreset(options.preset));
   ASSIGN_OR_RETURN(const kernels::DType weight_dtype,
                    model::ChooseWeightDType(options.dtype, options.quantization, config));
   ASSIGN_OR_RETURN(loaded.backend, kernels::CreateCpuBackend({.num_threads = options.threads,
@@ -37,7 +37,7 @@ absl::StatusOr<BenchModel> LoadCpuBenchModel(const BenchModelOptions& options) {
 
 double DecodeStepBytes(const kernels::Backend& backend, const model::LlamaModel& model,
                        int32_t batch, int32_t context, double adapter_bytes) {
-  const model::ModelConfig& config = model.config();
+  const formats::ModelConfig& config = model.config();
   const model::KvShape kv = model.kv_shape();
   const double embedding =
       config.tie_word_embeddings

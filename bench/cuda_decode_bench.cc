@@ -39,9 +39,9 @@
 #include "adapters/lora_adapter.h"
 #include "base/status_macros.h"
 #include "bench/bench_support.h"
+#include "formats/model_config.h"
 #include "kernels/backend.h"
 #include "server/model/llama_model.h"
-#include "server/model/model_config.h"
 
 ABSL_FLAG(std::string, preset, "llama-3-8b", "Dummy model preset (random weights)");
 ABSL_FLAG(std::vector<std::string>, batches, std::vector<std::string>({"1", "16", "64"}),
@@ -197,7 +197,7 @@ absl::Status Run() {
   std::fprintf(stderr, "copy bandwidth %.0f GB/s (read + write)\n", copy_bw / 1e9);
 
   auto start = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(model::ModelConfig config, model::DummyPreset(absl::GetFlag(FLAGS_preset)));
+  ASSIGN_OR_RETURN(formats::ModelConfig config, formats::DummyPreset(absl::GetFlag(FLAGS_preset)));
   ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model,
                    model::LlamaModel::CreateDummy(backend.get(), config, 0, {}));
   std::fprintf(stderr, "model %s: %.2f GB of weights in %.1f s\n",

@@ -96,7 +96,7 @@ absl::Status Run() {
       "\"host_read_gb_per_s\": %.2f, \"prompt_tokens\": %d, \"decode_steps\": %d, "
       "\"results\": [\n  %s\n]}\n",
       name.c_str(), kernels::DTypeName(backend->WeightDType(kernels::DType::kF32)),
-      static_cast<long long>(model::ParameterCount(llama->config())),
+      static_cast<long long>(formats::ParameterCount(llama->config())),
       static_cast<long long>(llama->weight_bytes()), read_bandwidth / 1e9, prompt_tokens,
       decode_tokens, absl::StrJoin(rows, ",\n  ").c_str());
   return absl::OkStatus();

@@ -19,8 +19,8 @@
 #include "absl/time/clock.h"
 #include "base/status_macros.h"
 #include "bench/bench_support.h"
+#include "formats/model_config.h"
 #include "kernels/backend.h"
-#include "server/model/model_config.h"
 #include "server/model/weight_dtype.h"
 
 ABSL_FLAG(std::string, preset, "tinyllama-1.1b", "Dummy preset whose matrix shapes to use");
@@ -41,8 +41,8 @@ struct Matrix {
 };
 
 absl::Status Run() {
-  ASSIGN_OR_RETURN(const model::ModelConfig config,
-                   model::DummyPreset(absl::GetFlag(FLAGS_preset)));
+  ASSIGN_OR_RETURN(const formats::ModelConfig config,
+                   formats::DummyPreset(absl::GetFlag(FLAGS_preset)));
   const double read_bandwidth = bench::HostReadBandwidth(absl::GetFlag(FLAGS_threads));
   const int64_t hidden = config.hidden_size;
   const int64_t q_dim = config.num_attention_heads * config.head_dim;

@@ -49,10 +49,10 @@
 #include "adapters/lora_adapter.h"
 #include "base/status_macros.h"
 #include "bench/bench_support.h"
+#include "formats/model_config.h"
 #include "loraserve/v1/adapters.grpc.pb.h"
 #include "loraserve/v1/inference.grpc.pb.h"
 #include "nlohmann/json.hpp"
-#include "server/model/model_config.h"
 
 ABSL_FLAG(std::string, target, "127.0.0.1:50051", "Server address");
 ABSL_FLAG(std::string, http, "",
@@ -242,7 +242,7 @@ absl::StatusOr<std::vector<std::string>> PrepareAdapters(std::shared_ptr<grpc::C
   std::vector<std::string> ids = absl::GetFlag(FLAGS_adapters);
   const int32_t make = absl::GetFlag(FLAGS_make_adapters);
   if (make == 0) return ids;
-  ASSIGN_OR_RETURN(model::ModelConfig config, model::DummyPreset(absl::GetFlag(FLAGS_preset)));
+  ASSIGN_OR_RETURN(formats::ModelConfig config, formats::DummyPreset(absl::GetFlag(FLAGS_preset)));
   const adapters::BaseModelShape shape = adapters::LlamaBaseShape(
       config.num_hidden_layers, config.hidden_size, config.intermediate_size,
       config.num_attention_heads, config.num_key_value_heads, config.head_dim);

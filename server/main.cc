@@ -30,8 +30,8 @@
 #include "adapters/registry.h"
 #include "base/flag_names.h"
 #include "base/status_macros.h"
+#include "formats/chat_template.h"
 #include "kernels/backend.h"
-#include "server/api/chat_template.h"
 #include "server/api/grpc_services.h"
 #include "server/api/http_gateway.h"
 #include "server/engine/engine.h"
@@ -158,18 +158,18 @@ constexpr char kUsage[] =
 
 // The model's config.json: the checkpoint's, or with --load-format dummy a
 // preset's or a directory's whose shapes the random weights take.
-absl::StatusOr<model::ModelConfig> ModelConfigFromFlags() {
+absl::StatusOr<formats::ModelConfig> ModelConfigFromFlags() {
   const std::string model = absl::GetFlag(FLAGS_model);
   if (model.empty()) return absl::InvalidArgumentError("--model is required");
   const std::string format = absl::GetFlag(FLAGS_load_format);
-  if (format == "auto") return model::LoadModelConfig(model);
+  if (format == "auto") return formats::LoadModelConfig(model);
   if (format != "dummy") {
     return absl::InvalidArgumentError(
         absl::StrCat("--load-format must be auto or dummy, got ", format));
   }
-  absl::StatusOr<model::ModelConfig> config = model::DummyPreset(model);
+  absl::StatusOr<formats::ModelConfig> config = formats::DummyPreset(model);
   if (config.ok()) return config;
-  absl::StatusOr<model::ModelConfig> from_dir = model::LoadModelConfig(model);
+  absl::StatusOr<formats::ModelConfig> from_dir = formats::LoadModelConfig(model);
   if (!from_dir.ok()) {
     return absl::NotFoundError(absl::StrCat("--model ", model, " is neither a dummy preset (",
                                             config.status().message(), ") nor a model directory (",
@@ -179,7 +179,7 @@ absl::StatusOr<model::ModelConfig> ModelConfigFromFlags() {
 }
 
 absl::StatusOr<std::unique_ptr<model::LlamaModel>> LoadModel(kernels::Backend* backend,
-                                                             const model::ModelConfig& config) {
+                                                             const formats::ModelConfig& config) {
   const std::string model = absl::GetFlag(FLAGS_model);
   model::LoadOptions options;
   const absl::Time start = absl::Now();
@@ -208,7 +208,8 @@ absl::StatusOr<std::unique_ptr<model::LlamaModel>> LoadModel(kernels::Backend* b
   return loaded;
 }
 
-absl::StatusOr<std::unique_ptr<kernels::Backend>> CreateBackend(const model::ModelConfig& config) {
+absl::StatusOr<std::unique_ptr<kernels::Backend>> CreateBackend(
+    const formats::ModelConfig& config) {
   const std::string device = absl::GetFlag(FLAGS_device);
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
   const std::string quantization = absl::GetFlag(FLAGS_quantization);
@@ -281,7 +282,7 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromFlags() {
 }
 
 absl::Status Generate() {
-  ASSIGN_OR_RETURN(const model::ModelConfig config, ModelConfigFromFlags());
+  ASSIGN_OR_RETURN(const formats::ModelConfig config, ModelConfigFromFlags());
   ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, CreateBackend(config));
   ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> llama, LoadModel(backend.get(), config));
   ASSIGN_OR_RETURN(std::unique_ptr<adapters::AdapterRegistry> registry, CreateRegistry(*llama));
@@ -414,12 +415,12 @@ absl::StatusOr<v1::ServerInfo> ServerInfoFor(const model::LlamaModel& llama,
   info.set_weight_bytes(static_cast<int64_t>(llama.weight_bytes()));
   info.set_kv_block_tokens(absl::GetFlag(FLAGS_block_size));
   if (!absl::GetFlag(FLAGS_chat_template).empty()) {
-    ASSIGN_OR_RETURN(api::ChatTemplate chat_template,
-                     api::ChatTemplate::FromName(absl::GetFlag(FLAGS_chat_template)));
+    ASSIGN_OR_RETURN(formats::ChatTemplate chat_template,
+                     formats::ChatTemplate::FromName(absl::GetFlag(FLAGS_chat_template)));
     info.set_chat_template(chat_template.name());
   } else {
-    absl::StatusOr<api::ChatTemplate> chat_template =
-        api::ChatTemplate::FromTokenizerConfig(tokenizer_dir);
+    absl::StatusOr<formats::ChatTemplate> chat_template =
+        formats::ChatTemplate::FromTokenizerConfig(tokenizer_dir);
     if (chat_template.ok()) {
       info.set_chat_template(chat_template->name());
     } else {
@@ -434,7 +435,7 @@ absl::StatusOr<v1::ServerInfo> ServerInfoFor(const model::LlamaModel& llama,
 absl::Status Serve() {
   sigset_t signals = BlockStopSignals();
 
-  ASSIGN_OR_RETURN(const model::ModelConfig config, ModelConfigFromFlags());
+  ASSIGN_OR_RETURN(const formats::ModelConfig config, ModelConfigFromFlags());
   ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, CreateBackend(config));
   ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> llama, LoadModel(backend.get(), config));
   std::string tokenizer_dir = absl::GetFlag(FLAGS_tokenizer);

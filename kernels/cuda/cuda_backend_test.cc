@@ -17,10 +17,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "adapters/device_adapter.h"
+#include "formats/model_config.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "server/model/llama_model.h"
-#include "server/model/model_config.h"
 #include "tests/support/forward_harness.h"
 #include "tests/support/golden_cases.h"
 #include "tests/support/side_by_side.h"
@@ -727,7 +727,7 @@ TEST_F(CudaBackendTest, SharedModelLogitsMatchCpu) {
 TEST_F(CudaBackendTest, DummyPresetLogitsMatchCpu) {
   for (const char* preset : {"tiny", "llama-3.2-1b"}) {
     SCOPED_TRACE(preset);
-    absl::StatusOr<model::ModelConfig> config = model::DummyPreset(preset);
+    absl::StatusOr<formats::ModelConfig> config = formats::DummyPreset(preset);
     ASSERT_TRUE(config.ok()) << config.status();
     config->num_hidden_layers = std::min<int64_t>(config->num_hidden_layers, 2);
     auto cpu_model = model::LlamaModel::CreateDummy(cpu_.get(), *config, /*seed=*/7, {});

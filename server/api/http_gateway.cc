@@ -17,13 +17,13 @@
 #include "absl/time/time.h"
 #include "base/sha256.h"
 #include "base/status_macros.h"
+#include "formats/chat_template.h"
+#include "formats/safetensors.h"
 #include "loraserve/v1/adapters.grpc.pb.h"
 #include "loraserve/v1/inference.grpc.pb.h"
-#include "server/api/chat_template.h"
 #include "server/api/choice_streams.h"
 #include "server/api/gateway_metrics.h"
 #include "server/api/grpc_services.h"
-#include "server/model/safetensors.h"
 
 namespace loraserve::api {
 namespace {
@@ -81,8 +81,8 @@ json AdapterJson(const v1::AdapterInfo& info) {
 // gets the loader's own header checks here (a header that lies about sizes
 // is refused before any byte is sent); the server validates the adapter.
 absl::StatusOr<int64_t> Float32BytesOfSafetensors(const std::string& file) {
-  ASSIGN_OR_RETURN(std::unique_ptr<model::SafetensorsFile> parsed,
-                   model::SafetensorsFile::FromBuffer(file, "adapter_model.safetensors"));
+  ASSIGN_OR_RETURN(std::unique_ptr<formats::SafetensorsFile> parsed,
+                   formats::SafetensorsFile::FromBuffer(file, "adapter_model.safetensors"));
   int64_t elements = 0;
   for (const auto& [name, tensor] : parsed->tensors()) elements += tensor.NumElements();
   return elements * 4;
@@ -438,7 +438,7 @@ absl::Status HttpGateway::Impl::StartGeneration(Generation& generation, const ht
 absl::StatusOr<std::vector<v1::GenerateRequest>> HttpGateway::Impl::BuildRequests(
     Api api, const std::string& body, Generation& generation) {
   std::vector<Prompt> prompts;
-  std::vector<ChatMessage> messages;
+  std::vector<formats::ChatMessage> messages;
   if (api == Api::kCompletions) {
     ASSIGN_OR_RETURN(CompletionRequest request,
                      ParseCompletionRequest(body, options_.parse_limits));
@@ -457,7 +457,8 @@ absl::StatusOr<std::vector<v1::GenerateRequest>> HttpGateway::Impl::BuildRequest
           absl::StrCat("chat is not available for model \"", info.model(),
                        "\": ", info.chat_template_error(), "; /v1/completions works without one"));
     }
-    ASSIGN_OR_RETURN(ChatTemplate chat_template, ChatTemplate::FromName(info.chat_template()));
+    ASSIGN_OR_RETURN(formats::ChatTemplate chat_template,
+                     formats::ChatTemplate::FromName(info.chat_template()));
     ASSIGN_OR_RETURN(std::string prompt, chat_template.Render(messages));
     prompts.push_back(std::move(prompt));
     template_stops = chat_template.stop_strings();

@@ -353,7 +353,7 @@ absl::StatusOr<ChatRequest> ParseChatRequest(absl::string_view body, const Parse
       return FieldError(field + ".role", "\"system\", \"user\" or \"assistant\"",
                         role == message.end() ? json() : *role);
     }
-    ChatMessage out_message{role->get<std::string>(), ""};
+    formats::ChatMessage out_message{role->get<std::string>(), ""};
     if (content == message.end() || content->is_null()) {
       return FieldError(field + ".content", "a string", json());
     }

@@ -28,8 +28,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "formats/chat_template.h"
 #include "nlohmann/json.hpp"
-#include "server/api/chat_template.h"
 
 namespace loraserve::api {
 
@@ -71,7 +71,7 @@ struct CompletionRequest {
 };
 
 struct ChatRequest {
-  std::vector<ChatMessage> messages;
+  std::vector<formats::ChatMessage> messages;
   SamplingOptions sampling;
 };
 

@@ -11,8 +11,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
+#include "formats/safetensors.h"
 #include "server/model/decode_padding.h"
-#include "server/model/safetensors.h"
 
 namespace loraserve::model {
 
@@ -110,11 +110,11 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 
 class CheckpointSource : public LlamaModel::WeightSource {
  public:
-  explicit CheckpointSource(std::unique_ptr<Checkpoint> checkpoint)
+  explicit CheckpointSource(std::unique_ptr<formats::Checkpoint> checkpoint)
       : checkpoint_(std::move(checkpoint)) {}
 
   absl::StatusOr<Tensor> Get(const std::string& name, const std::vector<int64_t>& shape) override {
-    const TensorInfo* info = checkpoint_->Find(name);
+    const formats::TensorInfo* info = checkpoint_->Find(name);
     if (info == nullptr) {
       return absl::NotFoundError(absl::StrCat("checkpoint is missing tensor ", name,
                                               " (expected shape ", ShapeString(shape), ")"));
@@ -140,7 +140,7 @@ class CheckpointSource : public LlamaModel::WeightSource {
   }
 
  private:
-  std::unique_ptr<Checkpoint> checkpoint_;
+  std::unique_ptr<formats::Checkpoint> checkpoint_;
   std::set<std::string> consumed_;
 };
 
@@ -175,15 +175,15 @@ class DummySource : public LlamaModel::WeightSource {
 };
 
 // Hugging Face's rotary inverse frequencies, in float32 as transformers computes them.
-std::vector<float> RopeInverseFrequencies(const ModelConfig& config) {
+std::vector<float> RopeInverseFrequencies(const formats::ModelConfig& config) {
   const int64_t dim = config.head_dim;
   std::vector<float> inv_freq(dim / 2);
   for (int64_t i = 0; i < dim / 2; ++i) {
     const float exponent = static_cast<float>(2 * i) / static_cast<float>(dim);
     inv_freq[i] = 1.0f / std::pow(static_cast<float>(config.rope_theta), exponent);
   }
-  if (config.rope_scaling.type == RopeScalingType::kLlama3) {
-    const RopeScaling& s = config.rope_scaling;
+  if (config.rope_scaling.type == formats::RopeScalingType::kLlama3) {
+    const formats::RopeScaling& s = config.rope_scaling;
     const float factor = static_cast<float>(s.factor);
     const float old_context = static_cast<float>(s.original_max_position_embeddings);
     const float low_freq_wavelen = old_context / static_cast<float>(s.low_freq_factor);
@@ -204,7 +204,7 @@ std::vector<float> RopeInverseFrequencies(const ModelConfig& config) {
 
 }  // namespace
 
-LlamaModel::LlamaModel(kernels::Backend* backend, ModelConfig config)
+LlamaModel::LlamaModel(kernels::Backend* backend, formats::ModelConfig config)
     : backend_(backend), config_(std::move(config)), scratch_(std::make_unique<Scratch>()) {}
 
 LlamaModel::~LlamaModel() = default;
@@ -212,18 +212,18 @@ LlamaModel::~LlamaModel() = default;
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(kernels::Backend* backend,
                                                              const std::string& model_dir,
                                                              const LoadOptions& options) {
-  ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
-  ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint, Checkpoint::Open(model_dir));
+  ASSIGN_OR_RETURN(formats::ModelConfig config, formats::LoadModelConfig(model_dir));
+  ASSIGN_OR_RETURN(std::unique_ptr<formats::Checkpoint> checkpoint,
+                   formats::Checkpoint::Open(model_dir));
   auto model = std::unique_ptr<LlamaModel>(new LlamaModel(backend, std::move(config)));
   CheckpointSource source(std::move(checkpoint));
   RETURN_IF_ERROR(model->LoadWeights(source, options));
   return model;
 }
 
-absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::CreateDummy(kernels::Backend* backend,
-                                                                    const ModelConfig& config,
-                                                                    uint64_t seed,
-                                                                    const LoadOptions& options) {
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::CreateDummy(
+    kernels::Backend* backend, const formats::ModelConfig& config, uint64_t seed,
+    const LoadOptions& options) {
   auto model = std::unique_ptr<LlamaModel>(new LlamaModel(backend, config));
   DummySource source(seed);
   RETURN_IF_ERROR(model->LoadWeights(source, options));
@@ -334,11 +334,11 @@ absl::StatusOr<std::unique_ptr<MergedWeights>> LlamaModel::Merge(
 }
 
 absl::Status LlamaModel::LoadWeights(WeightSource& source, const LoadOptions& options) {
-  const ModelConfig& c = config_;
+  const formats::ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size;
   const int64_t q_dim = c.num_attention_heads * c.head_dim;
   const int64_t kv_dim = c.num_key_value_heads * c.head_dim;
-  const int64_t total_bytes = ParameterCount(c) * 4;  // for progress only
+  const int64_t total_bytes = formats::ParameterCount(c) * 4;  // for progress only
   int64_t done_bytes = 0;
 
   // Uploads the [rows, cols] `tensor` at `dst` and accounts progress.
@@ -443,7 +443,7 @@ absl::Status LlamaModel::LoadWeights(WeightSource& source, const LoadOptions& op
 
 absl::Status LlamaModel::EnsureScratch(int64_t num_tokens, int64_t num_logit_rows) {
   Scratch& s = *scratch_;
-  const ModelConfig& c = config_;
+  const formats::ModelConfig& c = config_;
   auto grow = [&](DeviceBuffer& buffer, int64_t floats) -> absl::Status {
     ASSIGN_OR_RETURN(buffer, backend_->Allocate(static_cast<size_t>(floats) * sizeof(float)));
     return absl::OkStatus();
@@ -583,7 +583,7 @@ absl::Status LlamaModel::ReserveLoraIntermediate(const LoraPlan& lora, int64_t n
 }
 
 absl::Status LlamaModel::Encode(const StepOperands& step) {
-  const ModelConfig& c = config_;
+  const formats::ModelConfig& c = config_;
   const ForwardInput& in = *step.input;
   const int64_t num_tokens = static_cast<int64_t>(in.tokens.size());
   const int64_t num_rows = static_cast<int64_t>(in.logit_rows.size());
@@ -664,7 +664,7 @@ absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64
                                   const MergedWeights* merged, const LoraPlan& lora, void* k_cache,
                                   void* v_cache) {
   using adapters::LoraModule;
-  const ModelConfig& c = config_;
+  const formats::ModelConfig& c = config_;
   Scratch& s = *scratch_;
   const float eps = static_cast<float>(c.rms_norm_eps);
   const int32_t heads = static_cast<int32_t>(c.num_attention_heads);

@@ -26,8 +26,8 @@
 
 #include "absl/status/statusor.h"
 #include "adapters/device_adapter.h"
+#include "formats/model_config.h"
 #include "kernels/backend.h"
-#include "server/model/model_config.h"
 
 namespace loraserve::model {
 
@@ -110,12 +110,12 @@ class LlamaModel {
                                                           const LoadOptions& options);
   // Seeded random weights with the shapes of `config` (benchmarks).
   static absl::StatusOr<std::unique_ptr<LlamaModel>> CreateDummy(kernels::Backend* backend,
-                                                                 const ModelConfig& config,
+                                                                 const formats::ModelConfig& config,
                                                                  uint64_t seed,
                                                                  const LoadOptions& options);
   ~LlamaModel();
 
-  const ModelConfig& config() const { return config_; }
+  const formats::ModelConfig& config() const { return config_; }
   KvShape kv_shape() const;
   // Bytes of weights held on the backend.
   int64_t weight_bytes() const { return weight_bytes_; }
@@ -159,7 +159,7 @@ class LlamaModel {
  private:
   struct Layer;
   struct Scratch;
-  explicit LlamaModel(kernels::Backend* backend, ModelConfig config);
+  explicit LlamaModel(kernels::Backend* backend, formats::ModelConfig config);
   absl::Status LoadWeights(WeightSource& source, const LoadOptions& options);
   absl::Status EnsureScratch(int64_t num_tokens, int64_t num_logit_rows);
   struct LoraPlan;
@@ -203,7 +203,7 @@ class LlamaModel {
                          const float* x, int64_t in, const LoraPlan& lora);
 
   kernels::Backend* backend_;
-  ModelConfig config_;
+  formats::ModelConfig config_;
   std::vector<kernels::DeviceBuffer> buffers_;  // owns every weight
   int64_t weight_bytes_ = 0;
   kernels::WeightView embed_tokens_;

@@ -5,9 +5,9 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "formats/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/model/safetensors.h"
 #include "tests/support/forward_harness.h"
 #include "tests/support/golden_cases.h"
 
@@ -103,7 +103,7 @@ TEST_F(LlamaModelGoldenTest, DecodeStepsReuseTheCache) {
 TEST(LlamaModelDummyTest, PresetBuildsAndRuns) {
   auto backend = kernels::CreateCpuBackend({});
   ASSERT_TRUE(backend.ok());
-  auto config = DummyPreset("tiny");
+  auto config = formats::DummyPreset("tiny");
   ASSERT_TRUE(config.ok()) << config.status();
   auto model = LlamaModel::CreateDummy(backend->get(), *config, 7, {});
   ASSERT_TRUE(model.ok()) << model.status();
@@ -132,8 +132,8 @@ class MalformedModelTest : public ::testing::Test {
   void TearDown() override { fs::remove_all(dir_); }
 
   // Every tensor of the shared model with its expected shape, as F32 zeros.
-  std::vector<SerializedTensor> ValidTensors() {
-    std::vector<SerializedTensor> t;
+  std::vector<formats::SerializedTensor> ValidTensors() {
+    std::vector<formats::SerializedTensor> t;
     auto add = [&t](const std::string& name, std::vector<int64_t> shape) {
       int64_t n = 1;
       for (int64_t d : shape) n *= d;
@@ -154,8 +154,8 @@ class MalformedModelTest : public ::testing::Test {
     add("model.norm.weight", {64});
     return t;
   }
-  absl::Status LoadWith(const std::vector<SerializedTensor>& tensors) {
-    EXPECT_TRUE(WriteSafetensors(dir_ / "model.safetensors", tensors).ok());
+  absl::Status LoadWith(const std::vector<formats::SerializedTensor>& tensors) {
+    EXPECT_TRUE(formats::WriteSafetensors(dir_ / "model.safetensors", tensors).ok());
     return LlamaModel::Load(backend_.get(), dir_, {}).status();
   }
 
@@ -201,7 +201,7 @@ TEST_F(MalformedModelTest, MissingConfigIsNamed) {
 }
 
 TEST_F(MalformedModelTest, TruncatedFileIsAnErrorNotACrash) {
-  const std::string bytes = SerializeSafetensors(ValidTensors());
+  const std::string bytes = formats::SerializeSafetensors(ValidTensors());
   std::ofstream(dir_ / "model.safetensors", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
   absl::Status s = LlamaModel::Load(backend_.get(), dir_, {}).status();
   EXPECT_FALSE(s.ok());

@@ -23,7 +23,7 @@ bool ParseFloatDType(absl::string_view name, kernels::DType* dtype) {
 
 absl::StatusOr<kernels::DType> ChooseWeightDType(absl::string_view dtype,
                                                  absl::string_view quantization,
-                                                 const ModelConfig& config) {
+                                                 const formats::ModelConfig& config) {
   if (quantization == "int8") {
     if (dtype != "auto") {
       return absl::InvalidArgumentError(

@@ -18,15 +18,15 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "formats/model_config.h"
 #include "kernels/backend.h"
-#include "server/model/model_config.h"
 
 namespace loraserve::model {
 
 // INVALID_ARGUMENT naming the flag for an unknown value or a contradiction.
 absl::StatusOr<kernels::DType> ChooseWeightDType(absl::string_view dtype,
                                                  absl::string_view quantization,
-                                                 const ModelConfig& config);
+                                                 const formats::ModelConfig& config);
 
 }  // namespace loraserve::model
 

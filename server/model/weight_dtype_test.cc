@@ -9,8 +9,8 @@ namespace {
 using kernels::DType;
 using ::testing::HasSubstr;
 
-ModelConfig WithTorchDType(const std::string& torch_dtype) {
-  ModelConfig config;
+formats::ModelConfig WithTorchDType(const std::string& torch_dtype) {
+  formats::ModelConfig config;
   config.torch_dtype = torch_dtype;
   return config;
 }
@@ -25,7 +25,7 @@ TEST(ChooseWeightDTypeTest, AutoKeepsTheCheckpointDType) {
 }
 
 TEST(ChooseWeightDTypeTest, AnExplicitDTypeConvertsWhateverTheCheckpointHolds) {
-  const ModelConfig bf16 = WithTorchDType("bfloat16");
+  const formats::ModelConfig bf16 = WithTorchDType("bfloat16");
   EXPECT_EQ(*ChooseWeightDType("float32", "none", bf16), DType::kF32);
   EXPECT_EQ(*ChooseWeightDType("float", "none", bf16), DType::kF32);
   EXPECT_EQ(*ChooseWeightDType("float16", "none", bf16), DType::kF16);
@@ -40,7 +40,7 @@ TEST(ChooseWeightDTypeTest, Int8QuantizesAnyCheckpoint) {
 }
 
 TEST(ChooseWeightDTypeTest, RefusesUnknownValuesAndContradictions) {
-  const ModelConfig config = WithTorchDType("bfloat16");
+  const formats::ModelConfig config = WithTorchDType("bfloat16");
   absl::StatusOr<DType> bad = ChooseWeightDType("fp8", "none", config);
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(bad.status().message(), HasSubstr("--dtype must be auto, float32"));

@@ -7,8 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "formats/safetensors.h"
 #include "nlohmann/json.hpp"
-#include "server/model/safetensors.h"
 
 namespace loraserve::testing {
 namespace {
@@ -30,7 +30,7 @@ absl::StatusOr<GoldenCase> ReadCase(const nlohmann::json& entry) {
   if (entry.contains("model_dir")) c.model_dir = RepoPath(entry["model_dir"]);
   if (entry.contains("adapter_dir")) c.adapter_dir = RepoPath(entry["adapter_dir"]);
   c.base = entry.value("base", "");
-  ASSIGN_OR_RETURN(auto golden, model::SafetensorsFile::Open(RepoPath(entry["golden"])));
+  ASSIGN_OR_RETURN(auto golden, formats::SafetensorsFile::Open(RepoPath(entry["golden"])));
   const int num_prompts = entry.value("num_prompts", 0);
   for (int i = 0; i < num_prompts; ++i) {
     GoldenPrompt p;
@@ -38,7 +38,7 @@ absl::StatusOr<GoldenCase> ReadCase(const nlohmann::json& entry) {
     if (text != golden->metadata().end()) p.text = text->second;
     ASSIGN_OR_RETURN(p.ids, golden->ReadInt32(absl::StrCat("prompt.", i)));
     ASSIGN_OR_RETURN(p.greedy, golden->ReadInt32(absl::StrCat("greedy.", i)));
-    ASSIGN_OR_RETURN(const model::TensorInfo* logits, golden->Get(absl::StrCat("logits.", i)));
+    ASSIGN_OR_RETURN(const formats::TensorInfo* logits, golden->Get(absl::StrCat("logits.", i)));
     p.logits.resize(logits->NumElements());
     std::memcpy(p.logits.data(), logits->data, logits->bytes);
     c.prompts.push_back(std::move(p));

@@ -1,4 +1,4 @@
-#include "server/model/safetensors.h"
+#include "formats/safetensors.h"
 
 #include <cmath>
 #include <cstring>
@@ -12,7 +12,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
-namespace loraserve::model {
+namespace loraserve::formats {
 namespace {
 
 using ::testing::AllOf;
@@ -398,4 +398,4 @@ TEST(CheckpointTest, ReadsSharedTinyModel) {
 }
 
 }  // namespace
-}  // namespace loraserve::model
+}  // namespace loraserve::formats

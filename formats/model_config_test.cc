@@ -1,4 +1,4 @@
-#include "server/model/model_config.h"
+#include "formats/model_config.h"
 
 #include <filesystem>
 #include <fstream>
@@ -8,7 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
-namespace loraserve::model {
+namespace loraserve::formats {
 namespace {
 
 using ::testing::AllOf;
@@ -331,4 +331,4 @@ TEST(ModelConfigTest, PresetsParseWithKnownParameterCounts) {
 }
 
 }  // namespace
-}  // namespace loraserve::model
+}  // namespace loraserve::formats

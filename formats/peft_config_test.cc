@@ -1,4 +1,4 @@
-#include "adapters/peft_config.h"
+#include "formats/peft_config.h"
 
 #include <cmath>
 #include <string>
@@ -6,7 +6,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
-namespace loraserve::adapters {
+namespace loraserve::formats {
 namespace {
 
 using ::testing::AllOf;
@@ -25,7 +25,8 @@ std::string Error(const std::string& fields) {
 }
 
 std::string Module(int layer, const std::string& leaf) {
-  const bool attention = leaf == "q_proj" || leaf == "k_proj" || leaf == "v_proj" || leaf == "o_proj";
+  const bool attention =
+      leaf == "q_proj" || leaf == "k_proj" || leaf == "v_proj" || leaf == "o_proj";
   return "model.layers." + std::to_string(layer) + (attention ? ".self_attn." : ".mlp.") + leaf;
 }
 
@@ -49,7 +50,8 @@ TEST(PeftConfigTest, TypicalConfigWithExtraKeys) {
 }
 
 TEST(PeftConfigTest, RsLoraScale) {
-  auto config = Parse(R"("r": 16, "lora_alpha": 16, "use_rslora": true, "target_modules": ["up_proj"])");
+  auto config =
+      Parse(R"("r": 16, "lora_alpha": 16, "use_rslora": true, "target_modules": ["up_proj"])");
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_DOUBLE_EQ(config->ScaleFor(Module(1, "up_proj")), 4.0);
 }
@@ -74,14 +76,16 @@ TEST(PeftConfigTest, DefaultsWhenFieldsAreMissing) {
 TEST(PeftConfigTest, AllLinear) {
   auto config = Parse(R"("target_modules": "all-linear")");
   ASSERT_TRUE(config.ok()) << config.status();
-  for (const char* leaf : {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}) {
+  for (const char* leaf :
+       {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}) {
     EXPECT_TRUE(config->TargetsModule(Module(2, leaf))) << leaf;
   }
 }
 
 TEST(PeftConfigTest, RegexTargetsMustMatchTheWholeName) {
   // The golden generator's regex-targets case.
-  auto config = Parse(R"("target_modules": ".*\\.layers\\.0\\.self_attn\\.(q_proj|v_proj)$|.*\\.layers\\.1\\.mlp\\.(gate_proj|down_proj)$")");
+  auto config = Parse(
+      R"("target_modules": ".*\\.layers\\.0\\.self_attn\\.(q_proj|v_proj)$|.*\\.layers\\.1\\.mlp\\.(gate_proj|down_proj)$")");
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_TRUE(config->TargetsModule(Module(0, "q_proj")));
   EXPECT_TRUE(config->TargetsModule(Module(0, "v_proj")));
@@ -96,7 +100,8 @@ TEST(PeftConfigTest, RegexTargetsMustMatchTheWholeName) {
 }
 
 TEST(PeftConfigTest, LayersToTransform) {
-  auto config = Parse(R"("target_modules": ["q_proj"], "layers_to_transform": [1, 3], "layers_pattern": "layers")");
+  auto config = Parse(
+      R"("target_modules": ["q_proj"], "layers_to_transform": [1, 3], "layers_pattern": "layers")");
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_FALSE(config->TargetsModule(Module(0, "q_proj")));
   EXPECT_TRUE(config->TargetsModule(Module(1, "q_proj")));
@@ -109,18 +114,21 @@ TEST(PeftConfigTest, LayersToTransform) {
   EXPECT_FALSE(single->TargetsModule(Module(12, "q_proj")));
 
   // A pattern naming no segment of the module selects nothing.
-  auto other = Parse(R"("target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": ["h", "blocks"])");
+  auto other = Parse(
+      R"("target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": ["h", "blocks"])");
   ASSERT_TRUE(other.ok()) << other.status();
   EXPECT_FALSE(other->TargetsModule(Module(0, "q_proj")));
 
   // An exact module name bypasses the layer filter, as in PEFT.
-  auto exact = Parse(R"("target_modules": ["model.layers.0.self_attn.q_proj"], "layers_to_transform": [1])");
+  auto exact =
+      Parse(R"("target_modules": ["model.layers.0.self_attn.q_proj"], "layers_to_transform": [1])");
   ASSERT_TRUE(exact.ok()) << exact.status();
   EXPECT_TRUE(exact->TargetsModule(Module(0, "q_proj")));
 }
 
 TEST(PeftConfigTest, ExcludeModules) {
-  auto config = Parse(R"("target_modules": ["q_proj", "v_proj"], "exclude_modules": ["model.layers.1.self_attn.q_proj"])");
+  auto config = Parse(
+      R"("target_modules": ["q_proj", "v_proj"], "exclude_modules": ["model.layers.1.self_attn.q_proj"])");
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_TRUE(config->TargetsModule(Module(0, "q_proj")));
   EXPECT_FALSE(config->TargetsModule(Module(1, "q_proj")));
@@ -155,7 +163,7 @@ TEST(PeftConfigTest, RankAndAlphaPatternsFirstKeyInFileOrderWins) {
 
 TEST(PeftConfigTest, RefusalsNameTheField) {
   EXPECT_THAT(Error(R"("use_dora": true)"), AllOf(HasSubstr(kPath), HasSubstr("use_dora"),
-                                                 HasSubstr("DoRA is not supported yet")));
+                                                  HasSubstr("DoRA is not supported yet")));
   EXPECT_THAT(Error(R"("fan_in_fan_out": true)"), HasSubstr("fan_in_fan_out"));
   EXPECT_THAT(Error(R"("bias": "all")"), AllOf(HasSubstr("\"bias\""), HasSubstr("\"all\"")));
   EXPECT_THAT(Error(R"("bias": "lora_only")"), HasSubstr("\"bias\""));
@@ -196,4 +204,4 @@ TEST(PeftConfigTest, MalformedFieldsNameTheFieldAndWhatWasExpected) {
 }
 
 }  // namespace
-}  // namespace loraserve::adapters
+}  // namespace loraserve::formats

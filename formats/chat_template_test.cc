@@ -1,4 +1,4 @@
-#include "server/api/chat_template.h"
+#include "formats/chat_template.h"
 
 #include <filesystem>
 #include <fstream>
@@ -12,7 +12,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
-namespace loraserve::api {
+namespace loraserve::formats {
 namespace {
 
 using json = nlohmann::json;
@@ -243,4 +243,4 @@ TEST(ChatTemplateSharedModelTest, AidreamsHasNoChatTemplate) {
 }
 
 }  // namespace
-}  // namespace loraserve::api
+}  // namespace loraserve::formats

@@ -1,4 +1,4 @@
-#include "adapters/peft_config.h"
+#include "formats/peft_config.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -15,7 +15,7 @@
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
-namespace loraserve::adapters {
+namespace loraserve::formats {
 
 // pcre2_code is read-only after compilation, so one PeftPattern may be matched
 // from many threads; each match gets its own match data.
@@ -31,10 +31,9 @@ class PeftPattern {
     if (code == nullptr) {
       PCRE2_UCHAR message[256];
       pcre2_get_error_message(error, message, sizeof(message));
-      return absl::InvalidArgumentError(absl::StrCat(what, ": \"", pattern,
-                                                     "\" is not a valid regular expression: ",
-                                                     reinterpret_cast<const char*>(message),
-                                                     " at offset ", offset));
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": \"", pattern, "\" is not a valid regular expression: ",
+                       reinterpret_cast<const char*>(message), " at offset ", offset));
     }
     return std::shared_ptr<const PeftPattern>(new PeftPattern(code));
   }
@@ -55,7 +54,8 @@ class PeftPattern {
     if (rc > group) {
       const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(data);
       if (ovector[2 * group] != PCRE2_UNSET) {
-        result = std::string(text.substr(ovector[2 * group], ovector[2 * group + 1] - ovector[2 * group]));
+        result = std::string(
+            text.substr(ovector[2 * group], ovector[2 * group + 1] - ovector[2 * group]));
       }
     }
     pcre2_match_data_free(data);
@@ -80,11 +80,16 @@ const std::vector<std::string> kAllLinearTargets = {"q_proj",    "k_proj",  "v_p
 // Fields that select a LoRA variant with a different forward pass (or one that
 // changes the base model); refused when set to anything but a null, false or
 // empty value.
-const char* const kUnsupportedVariants[] = {
-    "lora_bias",         "use_bdlora",      "use_qalora",
-    "kasa_config",       "monteclora_config", "arrow_config",
-    "alora_invocation_tokens", "layer_replication", "trainable_token_indices",
-    "target_parameters"};
+const char* const kUnsupportedVariants[] = {"lora_bias",
+                                            "use_bdlora",
+                                            "use_qalora",
+                                            "kasa_config",
+                                            "monteclora_config",
+                                            "arrow_config",
+                                            "alora_invocation_tokens",
+                                            "layer_replication",
+                                            "trainable_token_indices",
+                                            "target_parameters"};
 
 class FieldReader {
  public:
@@ -181,8 +186,8 @@ absl::StatusOr<std::vector<std::pair<std::shared_ptr<const PeftPattern>, T>>> Ke
   for (const auto& [key, value] : object->items()) {
     std::optional<T> parsed = parse_value(value);
     if (!parsed.has_value()) {
-      return reader.Error(field, absl::StrCat("key \"", key, "\": expected ", expected, ", got ",
-                                              value.dump()));
+      return reader.Error(
+          field, absl::StrCat("key \"", key, "\": expected ", expected, ", got ", value.dump()));
     }
     ASSIGN_OR_RETURN(auto pattern,
                      PeftPattern::Compile(absl::StrCat("(.*\\.)?(", key, ")$"),
@@ -229,8 +234,8 @@ absl::StatusOr<PeftLoraConfig> PeftLoraConfig::Parse(absl::string_view json_text
   }
   for (const char* field : kUnsupportedVariants) {
     if (const Json* value = reader.Find(field); value != nullptr && IsSet(*value)) {
-      return reader.Error(field, absl::StrCat("this LoRA variant is not supported, got ",
-                                              value->dump()));
+      return reader.Error(field,
+                          absl::StrCat("this LoRA variant is not supported, got ", value->dump()));
     }
   }
 
@@ -274,7 +279,8 @@ absl::StatusOr<PeftLoraConfig> PeftLoraConfig::Parse(absl::string_view json_text
       config.layers_to_transform_.push_back(layers->get<int64_t>());
     } else if (layers->is_array()) {
       for (const Json& item : *layers) {
-        if (!item.is_number_integer()) return reader.TypeError("layers_to_transform", expected, *layers);
+        if (!item.is_number_integer())
+          return reader.TypeError("layers_to_transform", expected, *layers);
         config.layers_to_transform_.push_back(item.get<int64_t>());
       }
     } else {
@@ -312,15 +318,15 @@ absl::StatusOr<PeftLoraConfig> PeftLoraConfig::Parse(absl::string_view json_text
                                       }
                                       return value.get<int>();
                                     }));
-  ASSIGN_OR_RETURN(config.alpha_pattern_,
-                   KeyPatterns<double>(reader, "alpha_pattern", "a finite number",
-                                       [](const Json& value) -> std::optional<double> {
-                                         if (!value.is_number() ||
-                                             !std::isfinite(value.get<double>())) {
-                                           return std::nullopt;
-                                         }
-                                         return value.get<double>();
-                                       }));
+  ASSIGN_OR_RETURN(
+      config.alpha_pattern_,
+      KeyPatterns<double>(reader, "alpha_pattern", "a finite number",
+                          [](const Json& value) -> std::optional<double> {
+                            if (!value.is_number() || !std::isfinite(value.get<double>())) {
+                              return std::nullopt;
+                            }
+                            return value.get<double>();
+                          }));
 
   for (const char* head : {"lm_head", "model.embed_tokens"}) {
     if (config.TargetsModule(head)) {
@@ -388,4 +394,4 @@ double PeftLoraConfig::ScaleFor(absl::string_view module_name) const {
   return AlphaFor(module_name) / (use_rslora_ ? std::sqrt(rank) : rank);
 }
 
-}  // namespace loraserve::adapters
+}  // namespace loraserve::formats

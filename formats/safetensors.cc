@@ -1,4 +1,4 @@
-#include "server/model/safetensors.h"
+#include "formats/safetensors.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -19,7 +19,7 @@
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
-namespace loraserve::model {
+namespace loraserve::formats {
 namespace {
 
 using json = nlohmann::json;
@@ -500,4 +500,4 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<Seriali
   return absl::OkStatus();
 }
 
-}  // namespace loraserve::model
+}  // namespace loraserve::formats

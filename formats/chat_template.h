@@ -34,8 +34,8 @@
 //   ASSIGN_OR_RETURN(std::string prompt, chat_template->Render(
 //       {{"system", "Answer briefly."}, {"user", "What is LoRA?"}}));
 //   for (const std::string& stop : chat_template->stop_strings()) request.stop.push_back(stop);
-#ifndef LORASERVE_SERVER_API_CHAT_TEMPLATE_H_
-#define LORASERVE_SERVER_API_CHAT_TEMPLATE_H_
+#ifndef LORASERVE_FORMATS_CHAT_TEMPLATE_H_
+#define LORASERVE_FORMATS_CHAT_TEMPLATE_H_
 
 #include <string>
 #include <utility>
@@ -44,7 +44,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
-namespace loraserve::api {
+namespace loraserve::formats {
 
 struct ChatMessage {
   std::string role;  // "system", "user" or "assistant"
@@ -88,6 +88,6 @@ class ChatTemplate {
   std::vector<std::string> stop_strings_;
 };
 
-}  // namespace loraserve::api
+}  // namespace loraserve::formats
 
-#endif  // LORASERVE_SERVER_API_CHAT_TEMPLATE_H_
+#endif  // LORASERVE_FORMATS_CHAT_TEMPLATE_H_

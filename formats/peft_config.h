@@ -39,8 +39,8 @@
 //   if (config.TargetsModule("model.layers.0.self_attn.q_proj")) {
 //     int rank = config.RankFor("model.layers.0.self_attn.q_proj");
 //   }
-#ifndef LORASERVE_ADAPTERS_PEFT_CONFIG_H_
-#define LORASERVE_ADAPTERS_PEFT_CONFIG_H_
+#ifndef LORASERVE_FORMATS_PEFT_CONFIG_H_
+#define LORASERVE_FORMATS_PEFT_CONFIG_H_
 
 #include <cstdint>
 #include <memory>
@@ -52,7 +52,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
-namespace loraserve::adapters {
+namespace loraserve::formats {
 
 // A compiled pattern; defined in peft_config.cc.
 class PeftPattern;
@@ -61,8 +61,7 @@ class PeftLoraConfig {
  public:
   // Parses `json_text`, the contents of adapter_config.json; `path` only
   // names the file in error messages.
-  static absl::StatusOr<PeftLoraConfig> Parse(absl::string_view json_text,
-                                              const std::string& path);
+  static absl::StatusOr<PeftLoraConfig> Parse(absl::string_view json_text, const std::string& path);
 
   // Whether PEFT would put a LoRA layer on the base module `module_name`.
   bool TargetsModule(absl::string_view module_name) const;
@@ -104,6 +103,6 @@ class PeftLoraConfig {
   std::vector<std::pair<Pattern, double>> alpha_pattern_;
 };
 
-}  // namespace loraserve::adapters
+}  // namespace loraserve::formats
 
-#endif  // LORASERVE_ADAPTERS_PEFT_CONFIG_H_
+#endif  // LORASERVE_FORMATS_PEFT_CONFIG_H_

@@ -7,8 +7,8 @@
 // Example:
 //   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig("/models/llama"));
 //   int head_dim = config.head_dim;
-#ifndef LORASERVE_SERVER_MODEL_MODEL_CONFIG_H_
-#define LORASERVE_SERVER_MODEL_MODEL_CONFIG_H_
+#ifndef LORASERVE_FORMATS_MODEL_CONFIG_H_
+#define LORASERVE_FORMATS_MODEL_CONFIG_H_
 
 #include <cstdint>
 #include <string>
@@ -17,7 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
-namespace loraserve::model {
+namespace loraserve::formats {
 
 enum class RopeScalingType { kNone, kLlama3 };
 
@@ -70,6 +70,6 @@ std::vector<std::string> DummyPresetNames();
 // lm_head counted once when tied).
 int64_t ParameterCount(const ModelConfig& config);
 
-}  // namespace loraserve::model
+}  // namespace loraserve::formats
 
-#endif  // LORASERVE_SERVER_MODEL_MODEL_CONFIG_H_
+#endif  // LORASERVE_FORMATS_MODEL_CONFIG_H_

@@ -22,8 +22,8 @@
 // Example:
 //   ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open("/models/llama"));
 //   const TensorInfo* t = ckpt->Find("model.norm.weight");
-#ifndef LORASERVE_SERVER_MODEL_SAFETENSORS_H_
-#define LORASERVE_SERVER_MODEL_SAFETENSORS_H_
+#ifndef LORASERVE_FORMATS_SAFETENSORS_H_
+#define LORASERVE_FORMATS_SAFETENSORS_H_
 
 #include <cstdint>
 #include <map>
@@ -35,7 +35,7 @@
 #include "absl/strings/string_view.h"
 #include "kernels/backend.h"
 
-namespace loraserve::model {
+namespace loraserve::formats {
 
 struct TensorInfo {
   std::string name;
@@ -134,6 +134,6 @@ std::string SerializeSafetensors(const std::vector<SerializedTensor>& tensors,
 absl::Status WriteSafetensors(const std::string& path, const std::vector<SerializedTensor>& tensors,
                               const std::map<std::string, std::string>& metadata = {});
 
-}  // namespace loraserve::model
+}  // namespace loraserve::formats
 
-#endif  // LORASERVE_SERVER_MODEL_SAFETENSORS_H_
+#endif  // LORASERVE_FORMATS_SAFETENSORS_H_

@@ -1,4 +1,4 @@
-#include "server/api/chat_template.h"
+#include "formats/chat_template.h"
 
 #include <cerrno>
 #include <fstream>
@@ -11,7 +11,7 @@
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
-namespace loraserve::api {
+namespace loraserve::formats {
 namespace {
 
 using json = nlohmann::json;
@@ -225,4 +225,4 @@ absl::StatusOr<std::string> ChatTemplate::Render(const std::vector<ChatMessage>&
   return absl::InternalError("unknown chat template family");
 }
 
-}  // namespace loraserve::api
+}  // namespace loraserve::formats

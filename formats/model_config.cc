@@ -1,4 +1,4 @@
-#include "server/model/model_config.h"
+#include "formats/model_config.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -14,7 +14,7 @@
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
-namespace loraserve::model {
+namespace loraserve::formats {
 namespace {
 
 using json = nlohmann::json;
@@ -399,4 +399,4 @@ int64_t ParameterCount(const ModelConfig& config) {
          (config.tie_word_embeddings ? 0 : embeddings);
 }
 
-}  // namespace loraserve::model
+}  // namespace loraserve::formats
