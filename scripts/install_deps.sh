@@ -15,6 +15,8 @@ if [ "${1:-}" != "--build-only" ]; then
     git python3 python3-venv libgtest-dev libgmock-dev libbenchmark-dev prometheus curl jq
     # The container images' build and run test (tests/deploy/image_test.sh).
     buildah debootstrap
+    # The libFuzzer targets (scripts/fuzz.sh): clang and its sanitizer/fuzzer runtimes.
+    clang clang-14 libclang-rt-14-dev
   )
 fi
 missing=()

@@ -4,13 +4,12 @@
 #include <filesystem>
 #include <fstream>
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
-#include "base/sha256.h"
 #include "base/status_macros.h"
 #include "server/api/grpc_services.h"
+#include "server/api/upload_assembler.h"
 
 namespace loraserve::api {
 namespace {
@@ -28,14 +27,6 @@ void FillInfo(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
   out->set_pinned(info.pinned);
 }
 
-bool IsHexDigest(const std::string& s) {
-  if (s.size() != 2 * Sha256::kDigestBytes) return false;
-  for (char c : s) {
-    if (!absl::ascii_isxdigit(static_cast<unsigned char>(c))) return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 // One Upload stream. Messages are consumed as they arrive (the file is
@@ -47,7 +38,10 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
  public:
   UploadReactor(AdaptersService* service, grpc::CallbackServerContext* context,
                 v1::AdapterInfo* response)
-      : service_(service), context_(context), response_(response) {
+      : service_(service),
+        context_(context),
+        response_(response),
+        upload_(service->options_.max_upload_bytes) {
     StartRead(&request_);
   }
 
@@ -73,60 +67,18 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   }
 
  private:
-  // gRPC thread: takes request_ in.
+  // gRPC thread: takes request_ in; the assembler checks it, this writes it.
   absl::Status Consume() {
-    switch (request_.part_case()) {
-      case v1::UploadAdapterRequest::kHeader:
-        if (has_header_) return absl::InvalidArgumentError("header: sent twice");
-        has_header_ = true;
-        return Begin(request_.header());
-      case v1::UploadAdapterRequest::kChunk: {
-        if (!has_header_) {
-          return absl::InvalidArgumentError("chunk: the first message must carry header");
-        }
-        if (saw_last_) {
-          return absl::InvalidArgumentError("chunk: received after the chunk marked last");
-        }
-        const std::string& data = request_.chunk().data();
-        const int64_t total = header_.total_bytes();
-        if (received_ + static_cast<int64_t>(data.size()) > total) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("chunk: ", received_ + static_cast<int64_t>(data.size()) - total,
-                           " bytes past header.total_bytes=", total));
-        }
-        tensors_.write(data.data(), static_cast<std::streamsize>(data.size()));
-        hash_.Update(data);
-        received_ += static_cast<int64_t>(data.size());
-        saw_last_ = request_.chunk().last();
-        return absl::OkStatus();
-      }
-      default:
-        return absl::InvalidArgumentError("part: set header or chunk");
-    }
+    RETURN_IF_ERROR(upload_.Feed(request_));
+    if (request_.has_header()) return Begin(upload_.header());
+    const std::string& data = request_.chunk().data();
+    tensors_.write(data.data(), static_cast<std::streamsize>(data.size()));
+    return absl::OkStatus();
   }
 
+  // The upload's directory with its adapter_config.json, and the open
+  // safetensors file the chunks go to.
   absl::Status Begin(const v1::UploadHeader& header) {
-    header_ = header;
-    RETURN_IF_ERROR(adapters::CanonicalAdapterId(header.id(), "default").status());
-    if (!IsHexDigest(header.sha256())) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("header.sha256: expected 64 hex digits, got \"", header.sha256(), "\""));
-    }
-    header_.set_sha256(absl::AsciiStrToLower(header.sha256()));
-    if (header.total_bytes() <= 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("header.total_bytes: must be positive, got ", header.total_bytes()));
-    }
-    const int64_t size =
-        header.total_bytes() + static_cast<int64_t>(header.adapter_config_json().size());
-    const int64_t limit = service_->options_.max_upload_bytes;
-    if (size > limit) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("upload of ", header.id(), ": ", size,
-                       " bytes (header.total_bytes + adapter_config_json) exceed "
-                       "--max-upload-bytes=",
-                       limit));
-    }
     std::string pattern = (fs::path(service_->options_.upload_dir) / "upload-XXXXXX").string();
     if (mkdtemp(pattern.data()) == nullptr) {
       return absl::InternalError(
@@ -147,21 +99,11 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   // Worker thread: the stream is complete; check it and load the adapter.
   absl::Status Commit() {
     if (context_->IsCancelled()) return absl::CancelledError("upload cancelled by the client");
-    if (!has_header_) return absl::InvalidArgumentError("header: the upload sent no messages");
-    if (received_ != header_.total_bytes()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("upload of ", header_.id(), " ended after ", received_,
-                       " of header.total_bytes=", header_.total_bytes(), " bytes"));
-    }
+    RETURN_IF_ERROR(upload_.Finish());
     tensors_.close();
     if (!tensors_) return absl::InternalError(absl::StrCat("cannot write ", tensors_path_));
-    const std::string digest = hash_.HexDigest();
-    if (digest != header_.sha256()) {
-      return absl::DataLossError(absl::StrCat("upload of ", header_.id(),
-                                              ": the bytes have sha256 ", digest,
-                                              ", header.sha256 is ", header_.sha256()));
-    }
-    absl::StatusOr<adapters::AdapterInfo> info = service_->LoadAndReplace(header_.id(), dir_);
+    const std::string& id = upload_.header().id();
+    absl::StatusOr<adapters::AdapterInfo> info = service_->LoadAndReplace(id, dir_);
     if (!info.ok()) {
       // The client sent files, not a directory: name the file alone.
       return absl::Status(info.status().code(),
@@ -176,15 +118,11 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   grpc::CallbackServerContext* const context_;
   v1::AdapterInfo* const response_;
   v1::UploadAdapterRequest request_;
-  v1::UploadHeader header_;
-  bool has_header_ = false;
-  bool saw_last_ = false;
+  UploadAssembler upload_;
   bool committed_ = false;
-  int64_t received_ = 0;
   std::string dir_;  // empty until the header arrives
   std::string tensors_path_;
   std::ofstream tensors_;
-  Sha256 hash_;
 };
 
 absl::StatusOr<std::unique_ptr<AdaptersService>> AdaptersService::Create(

@@ -24,6 +24,7 @@
 #include "server/api/choice_streams.h"
 #include "server/api/gateway_metrics.h"
 #include "server/api/grpc_services.h"
+#include "server/api/upload_form.h"
 
 namespace loraserve::api {
 namespace {
@@ -74,18 +75,6 @@ json AdapterJson(const v1::AdapterInfo& info) {
               {"bytes", info.bytes()},
               {"resident_host", info.resident_host()},
               {"pinned", info.pinned()}};
-}
-
-// The float32 bytes an uploaded adapter_model.safetensors will take once
-// loaded: what the quota counts before the upload goes anywhere. The file
-// gets the loader's own header checks here (a header that lies about sizes
-// is refused before any byte is sent); the server validates the adapter.
-absl::StatusOr<int64_t> Float32BytesOfSafetensors(const std::string& file) {
-  ASSIGN_OR_RETURN(std::unique_ptr<formats::SafetensorsFile> parsed,
-                   formats::SafetensorsFile::FromBuffer(file, "adapter_model.safetensors"));
-  int64_t elements = 0;
-  for (const auto& [name, tensor] : parsed->tensors()) elements += tensor.NumElements();
-  return elements * 4;
 }
 
 // An entry of GET /v1/models: the base model (`adapter` null) or an adapter.
@@ -745,28 +734,18 @@ void HttpGateway::Impl::HandleUpload(const httplib::Request& req, httplib::Respo
 
 absl::StatusOr<v1::AdapterInfo> HttpGateway::Impl::Upload(const Principal& who,
                                                           const httplib::Request& req) {
-  constexpr absl::string_view kForm =
-      "multipart/form-data with fields name, adapter_config.json, adapter_model.safetensors "
-      "(and optionally replace=true)";
   if (!req.is_multipart_form_data()) {
-    return absl::InvalidArgumentError(absl::StrCat("the body must be ", kForm));
+    return absl::InvalidArgumentError(absl::StrCat("the body must be ", kUploadFormFields));
   }
-  for (const char* field : {"name", "adapter_config.json", "adapter_model.safetensors"}) {
-    if (!req.has_file(field)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("missing field \"", field, "\": send ", kForm));
-    }
-  }
-  const std::string name = req.get_file_value("name").content;
-  const std::string& config = req.get_file_value("adapter_config.json").content;
-  const std::string& tensors = req.get_file_value("adapter_model.safetensors").content;
-  const bool replace = req.has_file("replace") && req.get_file_value("replace").content == "true";
-  ASSIGN_OR_RETURN(const std::string id, AdapterAccess::OwnedId(who, name));
-  ASSIGN_OR_RETURN(const int64_t new_bytes, Float32BytesOfSafetensors(tensors));
+  std::map<std::string, absl::string_view> fields;  // the first of each name
+  for (const auto& [name, part] : req.files) fields.emplace(name, part.content);
+  ASSIGN_OR_RETURN(const UploadForm form, ParseUploadForm(who, fields));
+  const std::string& id = form.id;
+  const absl::string_view tensors = form.adapter_model_safetensors;
 
   std::lock_guard<std::mutex> lock(uploads_mu_);
   absl::StatusOr<v1::AdapterInfo> existing = GetAdapter(id);
-  if (existing.ok() && !replace) {
+  if (existing.ok() && !form.replace) {
     return absl::AlreadyExistsError(
         absl::StrCat("adapter ", id, " exists (version ", existing->version(),
                      "); send replace=true to upload a new version, or DELETE it first"));
@@ -782,7 +761,7 @@ absl::StatusOr<v1::AdapterInfo> HttpGateway::Impl::Upload(const Principal& who,
         bytes += info.bytes();
       }
     }
-    RETURN_IF_ERROR(CheckQuota(options_.tenant_quota, who.tenant, count, bytes, new_bytes,
+    RETURN_IF_ERROR(CheckQuota(options_.tenant_quota, who.tenant, count, bytes, form.float32_bytes,
                                existing.ok(), existing.ok() ? existing->bytes() : 0));
   }
 
@@ -793,7 +772,7 @@ absl::StatusOr<v1::AdapterInfo> HttpGateway::Impl::Upload(const Principal& who,
       adapters_->Upload(&context, &info);
   v1::UploadAdapterRequest header;
   header.mutable_header()->set_id(id);
-  header.mutable_header()->set_adapter_config_json(config);
+  header.mutable_header()->set_adapter_config_json(std::string(form.adapter_config_json));
   header.mutable_header()->set_sha256(Sha256Hex(tensors));
   header.mutable_header()->set_total_bytes(static_cast<int64_t>(tensors.size()));
   bool ok = writer->Write(header);

@@ -1,0 +1,94 @@
+#include "server/api/upload_assembler.h"
+
+#include <string>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace loraserve::api {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int64_t kLimit = 1000;
+
+v1::UploadAdapterRequest Header(const std::string& id, absl::string_view data,
+                                const std::string& config = "{}") {
+  v1::UploadAdapterRequest request;
+  request.mutable_header()->set_id(id);
+  request.mutable_header()->set_adapter_config_json(config);
+  request.mutable_header()->set_sha256(Sha256Hex(data));
+  request.mutable_header()->set_total_bytes(static_cast<int64_t>(data.size()));
+  return request;
+}
+
+v1::UploadAdapterRequest Chunk(const std::string& data, bool last) {
+  v1::UploadAdapterRequest request;
+  request.mutable_chunk()->set_data(data);
+  request.mutable_chunk()->set_last(last);
+  return request;
+}
+
+TEST(UploadAssemblerTest, AcceptsAHeaderAndItsChunks) {
+  UploadAssembler upload(kLimit);
+  EXPECT_FALSE(upload.has_header());
+  v1::UploadAdapterRequest header = Header("acme/x", "hello world");
+  header.mutable_header()->set_sha256(absl::AsciiStrToUpper(header.header().sha256()));
+  ASSERT_TRUE(upload.Feed(header).ok());
+  EXPECT_TRUE(upload.has_header());
+  EXPECT_EQ(upload.header().sha256(), Sha256Hex("hello world"));  // lower-cased
+  ASSERT_TRUE(upload.Feed(Chunk("hello ", false)).ok());
+  ASSERT_TRUE(upload.Feed(Chunk("world", true)).ok());
+  EXPECT_EQ(upload.received_bytes(), 11);
+  EXPECT_TRUE(upload.Finish().ok());
+}
+
+TEST(UploadAssemblerTest, RefusesMessagesOutOfOrder) {
+  UploadAssembler no_header(kLimit);
+  EXPECT_THAT(no_header.Feed(Chunk("a", true)).message(), HasSubstr("must carry header"));
+  UploadAssembler empty(kLimit);
+  EXPECT_THAT(empty.Feed(v1::UploadAdapterRequest()).message(), HasSubstr("header or chunk"));
+  UploadAssembler twice(kLimit);
+  ASSERT_TRUE(twice.Feed(Header("x", "ab")).ok());
+  EXPECT_THAT(twice.Feed(Header("x", "ab")).message(), HasSubstr("sent twice"));
+  UploadAssembler after_last(kLimit);
+  ASSERT_TRUE(after_last.Feed(Header("x", "ab")).ok());
+  ASSERT_TRUE(after_last.Feed(Chunk("a", true)).ok());
+  EXPECT_THAT(after_last.Feed(Chunk("b", false)).message(),
+              HasSubstr("after the chunk marked last"));
+  UploadAssembler nothing(kLimit);
+  EXPECT_THAT(nothing.Finish().message(), HasSubstr("sent no messages"));
+}
+
+TEST(UploadAssemblerTest, RefusesBadHeaders) {
+  UploadAssembler bad_id(kLimit);
+  EXPECT_TRUE(absl::IsInvalidArgument(bad_id.Feed(Header("bad id", "ab"))));
+  v1::UploadAdapterRequest short_hash = Header("x", "ab");
+  short_hash.mutable_header()->set_sha256("abc");
+  UploadAssembler hash(kLimit);
+  EXPECT_THAT(hash.Feed(short_hash).message(), HasSubstr("64 hex digits"));
+  UploadAssembler empty(kLimit);
+  EXPECT_THAT(empty.Feed(Header("x", "")).message(), HasSubstr("must be positive"));
+  UploadAssembler big(kLimit);
+  EXPECT_TRUE(
+      absl::IsResourceExhausted(big.Feed(Header("x", std::string(kLimit - 1, 'a'), "{ }"))));
+}
+
+TEST(UploadAssemblerTest, CountsAndHashesTheBytes) {
+  UploadAssembler past(kLimit);
+  ASSERT_TRUE(past.Feed(Header("x", "abc")).ok());
+  EXPECT_THAT(past.Feed(Chunk("abcd", true)).message(), HasSubstr("1 bytes past"));
+  UploadAssembler short_stream(kLimit);
+  ASSERT_TRUE(short_stream.Feed(Header("x", "abc")).ok());
+  ASSERT_TRUE(short_stream.Feed(Chunk("ab", false)).ok());
+  EXPECT_THAT(short_stream.Finish().message(), HasSubstr("ended after 2 of"));
+  UploadAssembler wrong(kLimit);
+  ASSERT_TRUE(wrong.Feed(Header("x", "abc")).ok());
+  ASSERT_TRUE(wrong.Feed(Chunk("abd", true)).ok());
+  EXPECT_TRUE(absl::IsDataLoss(wrong.Finish()));
+}
+
+}  // namespace
+}  // namespace loraserve::api
