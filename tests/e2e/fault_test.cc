@@ -1,0 +1,459 @@
+// Faults over real sockets, each test on a server of its own and bounded in
+// time (ctest label `fault`, 120 s each): adapters loaded, replaced and
+// unloaded under streaming load; SIGTERM with streams in flight; clients that
+// disconnect, read slowly or send byte by byte; uploads cut off or filling
+// the disk; exhausted KV, adapter and queue budgets. Each asserts that
+// nothing is lost and prints a `FIGURES` line (requests sent and failed,
+// memory before and after, times) for tests/e2e/RELIABILITY_SECTION.md.
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/mount.h>
+#include <sys/statvfs.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "gtest/gtest.h"
+#include "tests/e2e/e2e_lib.h"
+
+namespace loraserve::e2e {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+constexpr char kBase[] = "aidreams-260k";  // the base model's name in the HTTP API
+
+// A temporary directory, removed with everything in it.
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern = (fs::temp_directory_path() / "loraserve-fault-XXXXXX").string();
+    EXPECT_NE(mkdtemp(pattern.data()), nullptr);
+    path_ = pattern;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    fs::remove_all(path_, ignored);
+  }
+  const std::string& path() const { return path_; }
+  std::string sub(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// One line a reader can quote: "FIGURES test: key=value ...".
+void Figures(const std::string& test, const std::vector<std::pair<std::string, std::string>>& kv) {
+  std::vector<std::string> parts;
+  for (const auto& [key, value] : kv) parts.push_back(key + "=" + value);
+  std::printf("FIGURES %s: %s\n", test.c_str(), absl::StrJoin(parts, " ").c_str());
+  std::fflush(stdout);
+}
+std::string Str(double value) { return absl::StrCat(value); }
+std::string Secs(double seconds) { return absl::StrFormat("%.2fs", seconds); }
+
+// Waits until `done` holds, polling; false at the timeout.
+template <typename Done>
+bool WaitUntil(Done done, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!done()) {
+    if (absl::Now() >= deadline) return false;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return true;
+}
+
+std::string HttpModel(const std::string& adapter) { return adapter.empty() ? kBase : adapter; }
+
+// The text of a non-streamed greedy completion (fails the test otherwise).
+std::string CompletionText(int port, const std::string& model, int max_tokens) {
+  const HttpReply reply =
+      HttpCall(port, "POST", "/v1/completions", CompletionBody(model, max_tokens, false));
+  EXPECT_EQ(reply.status, 200) << model << ": " << reply.body << reply.error;
+  const json body = reply.Json();
+  if (reply.status != 200 || !body.contains("choices")) return "";
+  return body["choices"][0].value("text", "");
+}
+
+std::string AdapterIds(int port) {
+  const json list = HttpCall(port, "GET", "/v1/adapters").Json();
+  std::vector<std::string> ids;
+  if (list.contains("data")) {
+    for (const json& adapter : list["data"]) ids.push_back(adapter.value("id", ""));
+  }
+  return absl::StrJoin(ids, ",");
+}
+
+grpc::Status GrpcLoad(v1::Adapters::Stub& stub, const std::string& id, const std::string& path) {
+  grpc::ClientContext context;
+  v1::LoadAdapterRequest request;
+  request.set_id(id);
+  request.set_path(path);
+  v1::AdapterInfo info;
+  return stub.Load(&context, request, &info);
+}
+
+grpc::Status GrpcUnload(v1::Adapters::Stub& stub, const std::string& id) {
+  grpc::ClientContext context;
+  v1::UnloadAdapterRequest request;
+  request.set_id(id);
+  v1::UnloadAdapterResponse response;
+  return stub.Unload(&context, request, &response);
+}
+
+double AdapterBytes(const std::map<std::string, double>& metrics, const std::string& pool) {
+  auto it = metrics.find(absl::StrCat("loraserve_memory_bytes{pool=\"", pool, "\"}"));
+  return it == metrics.end() ? -1 : it->second;
+}
+
+// The series loraserve_kv_blocks_used and loraserve_requests_running.
+std::pair<double, double> KvAndRunning(int port) {
+  const std::map<std::string, double> metrics = Metrics(port);
+  auto get = [&](const char* name) {
+    auto it = metrics.find(name);
+    return it == metrics.end() ? -1.0 : it->second;
+  };
+  return {get("loraserve_kv_blocks_used"), get("loraserve_requests_running")};
+}
+
+// Waits until no request runs and no KV block is held; returns how long it took.
+double WaitForIdleKv(int port, absl::Duration timeout) {
+  const absl::Time start = absl::Now();
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        const auto [kv, running] = KvAndRunning(port);
+        return kv == 0 && running == 0;
+      },
+      timeout))
+      << "KV blocks still held after " << timeout;
+  return SecondsSince(start);
+}
+
+// ---------------------------------------------------------------------------
+// Adapter churn under load.
+
+// Eight clients (four gRPC, four SSE) stream over the base model, three fixed
+// adapters and one id ("live") that another client loads, replaces and
+// unloads in a loop over every route: gRPC Load/Upload/Unload, HTTP upload
+// with replace=true, vLLM's load/unload_lora_adapter, DELETE. "live" holds
+// one of two adapters with different greedy outputs, so a stream is correct
+// when its text is the whole text of one of them (the version it started
+// on; a replace never mixes them). A request that names "live" while it is
+// unloaded may get 404 / NOT_FOUND (counted apart); nothing else may fail.
+TEST(FaultAdapterChurn, LoadReplaceUnloadUnderStreamingLoadLosesNothing) {
+  const absl::Time begin = absl::Now();
+  TempDir uploads;
+  ServerProcess server({"--adapter-dir=", "--adapter=ocean=" + AdapterDir("ocean"),
+                        "--adapter=robot=" + AdapterDir("robot"),
+                        "--adapter=qv-r4=" + AdapterDir("qv-r4"), "--http-port=0", "--threads=1",
+                        "--upload-dir=" + uploads.path()});
+  const int http = server.http_port();
+  auto inference = v1::Inference::NewStub(server.channel());
+  auto adapters = v1::Adapters::NewStub(server.channel());
+  constexpr int kTokens = 48;
+  const std::vector<std::string> fixed = {"", "ocean", "robot", "qv-r4"};
+  const std::string kLive = "live";
+  const std::string kFirst = "mlp-r16-rslora";  // the two contents of "live"
+  const std::string kSecond = "all-r8-bf16";
+
+  // Expected texts, per protocol (a gRPC stream's token texts and the
+  // OpenAI text are compared each with its own kind).
+  std::map<std::string, std::string> grpc_text, http_text;
+  for (const std::string& adapter : fixed) {
+    grpc_text[adapter] = Generate(*inference, Greedy("", kTokens, adapter)).text;
+    http_text[adapter] = CompletionText(http, HttpModel(adapter), kTokens);
+  }
+  const std::map<std::string, double> at_start = Metrics(http);
+  std::set<std::string> live_grpc, live_http;
+  for (const std::string& content : {kFirst, kSecond}) {
+    ASSERT_TRUE(GrpcLoad(*adapters, kLive, AdapterDir(content)).ok());
+    live_grpc.insert(Generate(*inference, Greedy("", kTokens, kLive)).text);
+    live_http.insert(CompletionText(http, kLive, kTokens));
+  }
+  ASSERT_EQ(live_grpc.size(), 2u) << "the two contents of \"live\" must differ";
+  ASSERT_EQ(live_http.size(), 2u);
+  ASSERT_TRUE(GrpcUnload(*adapters, kLive).ok());
+
+  // One churn cycle; every step must succeed.
+  std::atomic<int> churn_failures{0};
+  std::mutex churn_mu;
+  std::vector<std::string> churn_errors;
+  auto step = [&](bool ok, const std::string& what) {
+    if (ok) return;
+    ++churn_failures;
+    std::lock_guard<std::mutex> lock(churn_mu);
+    if (churn_errors.size() < 5) churn_errors.push_back(what);
+  };
+  auto pause = [] { absl::SleepFor(absl::Milliseconds(25)); };
+  auto cycle = [&](int i) {
+    grpc::Status status = GrpcLoad(*adapters, kLive, AdapterDir(kFirst));
+    step(status.ok(), "gRPC Load: " + status.error_message());
+    pause();
+    HttpReply reply = HttpUpload(http, kLive, kSecond, /*replace=*/true);
+    step(reply.status == 201, absl::StrCat("HTTP upload replace: ", reply.status, reply.body));
+    pause();
+    const Uploaded uploaded = Upload(*adapters, UploadMessages(kLive, kFirst));
+    step(uploaded.status.ok(), "gRPC Upload: " + uploaded.status.error_message());
+    pause();
+    reply = HttpCall(http, "POST", "/v1/unload_lora_adapter", json{{"lora_name", kLive}}.dump());
+    step(reply.status == 200, absl::StrCat("unload_lora_adapter: ", reply.status, reply.body));
+    pause();  // unloaded: requests naming it get 404
+    reply = HttpCall(http, "POST", "/v1/load_lora_adapter",
+                     json{{"lora_name", kLive}, {"lora_path", AdapterDir(kSecond)}}.dump());
+    step(reply.status == 200, absl::StrCat("load_lora_adapter: ", reply.status, reply.body));
+    pause();
+    if (i % 2 == 0) {
+      reply = HttpCall(http, "DELETE", "/v1/adapters/" + kLive);
+      step(reply.status == 200, absl::StrCat("DELETE: ", reply.status, reply.body));
+    } else {
+      status = GrpcUnload(*adapters, kLive);
+      step(status.ok(), "gRPC Unload: " + status.error_message());
+    }
+    pause();
+  };
+  // A first cycle warms every path (the device copies of both contents,
+  // httplib's and gRPC's threads) before the memory baseline for the flat
+  // checks is taken.
+  cycle(1);
+  ASSERT_EQ(churn_failures, 0) << absl::StrJoin(churn_errors, "; ");
+  WaitForIdleKv(http, absl::Seconds(10));
+  const std::map<std::string, double> after_warmup = Metrics(http);
+  const int64_t rss_before = RssKiB(server.pid());
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> sent{0}, failed{0}, live_ok{0}, live_not_found{0};
+  std::mutex failures_mu;
+  std::vector<std::string> failures;
+  auto failure = [&](const std::string& what) {
+    ++failed;
+    std::lock_guard<std::mutex> lock(failures_mu);
+    if (failures.size() < 8) failures.push_back(what);
+  };
+  std::vector<std::string> models = fixed;
+  models.push_back(kLive);
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 8; ++c) {
+    clients.emplace_back([&, c] {
+      const bool use_grpc = c % 2 == 0;
+      auto stub = v1::Inference::NewStub(server.channel());
+      for (int n = 0; !stop; ++n) {
+        const std::string& adapter = models[(c + n) % models.size()];
+        const bool live = adapter == kLive;
+        ++sent;
+        bool ok, not_found;
+        std::string text, detail;
+        if (use_grpc) {
+          const Streamed out = Generate(*stub, Greedy("", kTokens, adapter));
+          ok = out.status.ok() && out.finish == "length";
+          not_found = out.status.error_code() == grpc::StatusCode::NOT_FOUND;
+          text = out.text;
+          detail = absl::StrCat("gRPC ", out.status.error_code(), " ", out.status.error_message());
+        } else {
+          const SseResult out =
+              StreamCompletion(http, CompletionBody(HttpModel(adapter), kTokens, true));
+          ok = out.status == 200 && out.done && out.error.empty() && out.finish == "length";
+          not_found = out.status == 404;
+          text = out.text;
+          detail = absl::StrCat("HTTP ", out.status, " ", out.error);
+        }
+        if (live && not_found) {
+          ++live_not_found;
+          continue;
+        }
+        const bool correct =
+            live ? (use_grpc ? live_grpc : live_http).count(text) > 0
+                 : text == (use_grpc ? grpc_text : http_text)[adapter];
+        if (!ok || !correct) {
+          failure(absl::StrCat("client ", c, " adapter '", adapter, "': ", detail,
+                               ok ? " (wrong text: " + text + ")" : ""));
+        } else if (live) {
+          ++live_ok;
+        }
+      }
+    });
+  }
+  int cycles = 0;
+  const absl::Time churn_start = absl::Now();
+  // Five seconds of load first: the threads, connections and allocator
+  // arenas of a busy server exist after it (a 70 s run stays within 1 MiB
+  // from 12 s on), so growth past it would be a leak.
+  while (absl::Now() - churn_start < absl::Seconds(5)) cycle(cycles++);
+  const int64_t rss_loaded = RssKiB(server.pid());
+  const int sent_loaded = sent;
+  while (absl::Now() - churn_start < absl::Seconds(12)) cycle(cycles++);
+  stop = true;
+  for (std::thread& client : clients) client.join();
+  const double churn_seconds = SecondsSince(churn_start);
+
+  const double idle_after = WaitForIdleKv(http, absl::Seconds(10));
+  const std::map<std::string, double> at_end = Metrics(http);
+  const int64_t rss_after = RssKiB(server.pid());
+  const int left_in_store = CountFiles(uploads.path());
+
+  Figures("adapter_churn",
+          {{"clients", "8 (4 gRPC, 4 SSE)"},
+           {"churn_cycles", Str(cycles)},
+           {"requests_sent", Str(sent)},
+           {"failed", Str(failed)},
+           {"live_ok", Str(live_ok)},
+           {"live_404", Str(live_not_found)},
+           {"host_adapter_bytes_start", Str(AdapterBytes(at_start, "adapters_host"))},
+           {"host_adapter_bytes_end", Str(AdapterBytes(at_end, "adapters_host"))},
+           {"device_adapter_bytes_start", Str(AdapterBytes(at_start, "adapters_device"))},
+           {"device_adapter_bytes_after_warmup", Str(AdapterBytes(after_warmup, "adapters_device"))},
+           {"device_adapter_bytes_end", Str(AdapterBytes(at_end, "adapters_device"))},
+           {"kv_blocks_end", Str(at_end.at("loraserve_kv_blocks_used"))},
+           {"rss_kib_idle_before", Str(rss_before)},
+           {"rss_kib_after_5s_of_load", Str(rss_loaded)},
+           {"requests_after_5s", Str(sent_loaded)},
+           {"rss_kib_after", Str(rss_after)},
+           {"files_left_in_upload_dir", Str(left_in_store)},
+           {"churn_time", Secs(churn_seconds)},
+           {"idle_after", Secs(idle_after)},
+           {"wall", Secs(SecondsSince(begin))}});
+
+  EXPECT_EQ(failed, 0) << absl::StrJoin(failures, "\n");
+  EXPECT_EQ(churn_failures, 0) << absl::StrJoin(churn_errors, "\n");
+  EXPECT_GE(cycles, 3);
+  EXPECT_GT(live_ok, 0);
+  EXPECT_GT(sent, 8 * 10);
+  // The churned adapter is gone: host memory is back to what the fixed
+  // adapters hold; the device tier keeps copies by content hash until its
+  // LRU needs the room (README: Adapters), so it must only stay flat: no
+  // growth over the cycles after the first.
+  EXPECT_EQ(AdapterBytes(at_end, "adapters_host"), AdapterBytes(at_start, "adapters_host"));
+  EXPECT_EQ(AdapterBytes(at_end, "adapters_device"),
+            AdapterBytes(after_warmup, "adapters_device"));
+  EXPECT_EQ(at_end.at("loraserve_kv_blocks_used"), 0);
+  EXPECT_EQ(at_end.at("loraserve_adapters_registered"), 3) << AdapterIds(http);
+  EXPECT_EQ(left_in_store, 0) << "uploads of unloaded versions left in --upload-dir";
+  // Flat within 4 MiB over thousands more requests and dozens of adapter
+  // versions, once the server has been busy; 32 MiB from idle (threads).
+  EXPECT_LT(rss_after - rss_loaded, 4 << 10);
+  EXPECT_LT(rss_after - rss_before, 32 << 10);
+}
+
+// ---------------------------------------------------------------------------
+// Budgets exhausted.
+
+// A KV cache of 64 blocks (1024 tokens): a request that can never fit is
+// refused at once with the reason (400 / INVALID_ARGUMENT, as documented);
+// eight that fit one by one but not together all finish with their own
+// tokens (waiting and preemption), in bounded time; the server serves after.
+TEST(FaultBudgets, KvCacheExhaustedRefusesOrQueuesNeverHangs) {
+  const absl::Time begin = absl::Now();
+  TempDir uploads;
+  ServerProcess server({"--model=" + LongContextModel(), "--http-port=0", "--threads=1",
+                        "--kv-cache-bytes=2097152", "--upload-dir=" + uploads.path()});
+  const int http = server.http_port();
+  auto inference = v1::Inference::NewStub(server.channel());
+  const Streamed too_big = Generate(*inference, Greedy("", 2000));
+  const HttpReply too_big_http =
+      HttpCall(http, "POST", "/v1/completions", CompletionBody(kBase, 2000, false));
+  constexpr int kTokens = 600;  // 38 blocks: one at a time fits
+  const std::string expected_ocean = CompletionText(http, "ocean", kTokens);
+  const std::string expected_base = CompletionText(http, kBase, kTokens);
+  const double capacity = Metric(http, "loraserve_kv_blocks_capacity");
+  const double preemptions_before = Metric(http, "loraserve_preemptions_total");
+  const absl::Time burst_start = absl::Now();
+  std::vector<std::string> texts(8);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 8; ++i) {
+    clients.emplace_back([&, i] {
+      texts[i] = CompletionText(http, i % 2 ? "ocean" : kBase, kTokens);
+    });
+  }
+  for (std::thread& client : clients) client.join();
+  const double burst = SecondsSince(burst_start);
+  int correct = 0;
+  for (int i = 0; i < 8; ++i) correct += texts[i] == (i % 2 ? expected_ocean : expected_base);
+  const double preemptions = Metric(http, "loraserve_preemptions_total") - preemptions_before;
+  WaitForIdleKv(http, absl::Seconds(5));
+  const bool serving = CompletionText(http, "ocean", 24) == CompletionText(http, "ocean", 24);
+
+  Figures("kv_budget",
+          {{"kv_blocks", Str(capacity)},
+           {"too_big_grpc", Str(too_big.status.error_code())},
+           {"too_big_http", Str(too_big_http.status)},
+           {"burst_requests", "8 x 600 tokens (38 blocks each)"},
+           {"burst_correct", Str(correct)},
+           {"preemptions", Str(preemptions)},
+           {"burst_time", Secs(burst)},
+           {"wall", Secs(SecondsSince(begin))}});
+  EXPECT_EQ(capacity, 64);
+  EXPECT_EQ(too_big.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(too_big.status.error_message(), "the cache holds only"))
+      << too_big.status.error_message();
+  EXPECT_EQ(too_big_http.status, 400) << too_big_http.body;
+  EXPECT_EQ(correct, 8);
+  EXPECT_TRUE(serving);
+}
+
+// A queue of one (--max-queued-requests=1, one running): a burst of 16 HTTP
+// completions gets 429 with a message for some and the right text for the
+// rest; the server serves after. (gRPC: GrpcQueueTest in grpc_e2e_test.)
+TEST(FaultBudgets, FullQueueIs429OverHttpAndTheServerKeepsServing) {
+  const absl::Time begin = absl::Now();
+  TempDir uploads;
+  ServerProcess server({"--model=" + LongContextModel(), "--http-port=0", "--threads=1",
+                        "--max-queued-requests=1", "--max-running-requests=1",
+                        "--upload-dir=" + uploads.path()});
+  const int http = server.http_port();
+  constexpr int kTokens = 400;
+  const std::string expected = CompletionText(http, "ocean", kTokens);
+  std::vector<HttpReply> replies(16);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 16; ++i) {
+    clients.emplace_back([&, i] {
+      replies[i] = HttpCall(http, "POST", "/v1/completions", CompletionBody("ocean", kTokens, false));
+    });
+  }
+  for (std::thread& client : clients) client.join();
+  int ok = 0, limited = 0, other = 0;
+  std::string message;
+  for (const HttpReply& reply : replies) {
+    if (reply.status == 200 && reply.Json()["choices"][0].value("text", "") == expected) {
+      ++ok;
+    } else if (reply.status == 429) {
+      ++limited;
+      message = reply.Json()["error"].value("message", "");
+    } else {
+      ++other;
+    }
+  }
+  const bool serving = CompletionText(http, "ocean", kTokens) == expected;
+  Figures("queue_budget", {{"burst", "16"},
+                           {"ok", Str(ok)},
+                           {"429", Str(limited)},
+                           {"other", Str(other)},
+                           {"message", message},
+                           {"wall", Secs(SecondsSince(begin))}});
+  EXPECT_EQ(other, 0);
+  EXPECT_GT(ok, 0);
+  EXPECT_GT(limited, 0);
+  EXPECT_TRUE(absl::StrContains(message, "--max-queued-requests")) << message;
+  EXPECT_TRUE(serving);
+}
+
+}  // namespace
+}  // namespace loraserve::e2e
