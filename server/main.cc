@@ -8,8 +8,10 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <future>
 #include <iostream>
 #include <random>
 #include <string>
@@ -505,18 +507,42 @@ absl::Status Serve() {
   int signal = 0;
   sigwait(&signals, &signal);
   const absl::Duration drain = absl::Seconds(absl::GetFlag(FLAGS_drain_seconds));
+  const absl::Time deadline = absl::Now() + drain;
   absl::FPrintF(stderr, "loraserve: signal %d, draining for up to %s\n", signal,
                 absl::FormatDuration(drain));
-  // New calls are refused while in-flight streams finish (or are cancelled
-  // at the deadline); the engine keeps stepping for them meanwhile.
-  // HTTP stops accepting at once; its in-flight requests end with their gRPC
-  // streams.
+  // Both servers keep listening while in-flight streams finish (or are
+  // cancelled at the deadline), so that a new request hears why it is
+  // refused: the engine loop answers new Generate calls UNAVAILABLE (HTTP
+  // 503, through the in-process channel), /ready says 503 and the gRPC health
+  // check NOT_SERVING. Only then does HTTP stop (its handlers end with their
+  // streams), and then gRPC: shutting gRPC down first would close the
+  // in-process channel under the HTTP streams still running.
+  server->GetHealthCheckService()->SetServingStatus(false);
+  // A little of the time is kept for the last messages to go out.
+  const absl::Time drain_deadline = deadline - std::min(absl::Seconds(1), drain / 4);
+  std::promise<void> drained;
+  std::thread drain_thread([&] {
+    loop.Drain(drain_deadline - absl::Now());
+    drained.set_value();
+  });
+  bool shut_down = false;
+  if (drained.get_future().wait_until(absl::ToChronoTime(drain_deadline)) !=
+      std::future_status::ready) {
+    // Streams past the deadline: cancelling their calls ends them (and lets
+    // the engine loop's drain return; it does not stop a busy engine at its
+    // deadline by itself).
+    server->Shutdown(absl::ToChronoTime(absl::Now()));
+    shut_down = true;
+  }
+  drain_thread.join();
+  std::promise<void> http_stopped;
   std::thread http_shutdown([&] {
     if (gateway != nullptr) gateway->Stop();
+    http_stopped.set_value();
   });
-  std::thread shutdown([&] { server->Shutdown(absl::ToChronoTime(absl::Now() + drain)); });
-  loop.Drain(drain);
-  shutdown.join();
+  http_stopped.get_future().wait_until(absl::ToChronoTime(deadline));
+  // Whatever still runs now (an upload, a call past the deadline) is cancelled.
+  if (!shut_down) server->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now())));
   http_shutdown.join();
   if (own_upload_dir) {
     std::error_code ignored;

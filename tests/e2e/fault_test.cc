@@ -354,6 +354,197 @@ TEST(FaultAdapterChurn, LoadReplaceUnloadUnderStreamingLoadLosesNothing) {
 }
 
 // ---------------------------------------------------------------------------
+// SIGTERM with streams in flight.
+
+// Four gRPC and four SSE streams are running when SIGTERM arrives: all of
+// them finish whole (the same text as alone); meanwhile a new gRPC Generate
+// gets UNAVAILABLE, a new HTTP completion 503, /ready 503 and the gRPC health
+// check NOT_SERVING; the server exits 0 as soon as the streams are done, well
+// within --drain-seconds. (Extends GrpcShutdownTest, which this replaces:
+// HTTP streams, refusals, the exit time.)
+TEST(FaultSigterm, InFlightStreamsFinishNewRequestsAreRefusedExitZero) {
+  const absl::Time begin = absl::Now();
+  TempDir uploads;
+  constexpr int kDrainSeconds = 20;
+  ServerProcess server({"--model=" + LongContextModel(), "--http-port=0", "--threads=1",
+                        absl::StrCat("--drain-seconds=", kDrainSeconds),
+                        "--upload-dir=" + uploads.path()});
+  const int http = server.http_port();
+  auto inference = v1::Inference::NewStub(server.channel());
+  constexpr int kTokens = 1200;
+  const std::vector<std::string> adapters = {"", "ocean"};
+  std::map<std::string, std::string> grpc_text, http_text;
+  for (const std::string& adapter : adapters) {
+    grpc_text[adapter] = Generate(*inference, Greedy("", kTokens, adapter)).text;
+    http_text[adapter] = CompletionText(http, HttpModel(adapter), kTokens);
+  }
+
+  std::atomic<int> started{0};
+  std::vector<std::string> results(8);
+  std::vector<std::thread> streams;
+  for (int i = 0; i < 8; ++i) {
+    streams.emplace_back([&, i] {
+      const std::string& adapter = adapters[i % 2];
+      if (i < 4) {
+        grpc::ClientContext context;
+        auto reader = inference->Generate(&context, Greedy("", kTokens, adapter));
+        v1::GenerateResponse response;
+        std::string text;
+        int tokens = 0;
+        std::string finish;
+        while (reader->Read(&response)) {
+          if (tokens++ == 0) ++started;
+          text += response.text();
+          finish = response.finish_reason();
+        }
+        const grpc::Status status = reader->Finish();
+        if (tokens == 0) ++started;  // refused: do not hold the signal back
+        if (!status.ok()) {
+          results[i] = "gRPC " + status.error_message();
+        } else if (text != grpc_text[adapter] || finish != "length") {
+          results[i] = absl::StrCat("gRPC: ", tokens, " tokens, finish '", finish, "', wrong text");
+        }
+      } else {
+        bool first = true;
+        const SseResult out =
+            StreamCompletion(http, CompletionBody(HttpModel(adapter), kTokens, true),
+                             [&](const SseResult&) {
+                               if (first) ++started;
+                               first = false;
+                               return true;
+                             });
+        if (first) ++started;
+        if (out.status != 200 || !out.error.empty() || !out.done) {
+          results[i] = absl::StrCat("SSE ", out.status, " ", out.error, out.done ? "" : " no [DONE]");
+        } else if (out.text != http_text[adapter] || out.finish != "length") {
+          results[i] = absl::StrCat("SSE: finish '", out.finish, "', wrong text");
+        }
+      }
+    });
+  }
+  ASSERT_TRUE(WaitUntil([&] { return started == 8; }, absl::Seconds(30)));
+  const auto [kv_in_flight, running_in_flight] = KvAndRunning(http);
+  const absl::Time signalled = absl::Now();
+  server.Signal(SIGTERM);
+
+  // New requests are refused while the streams drain (the signal is handled
+  // asynchronously: a request sent before it took effect may still run).
+  grpc::Status refused_grpc;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        refused_grpc = Generate(*inference, Greedy("", 4)).status;
+        return !refused_grpc.ok();
+      },
+      absl::Seconds(5)));
+  EXPECT_EQ(refused_grpc.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << refused_grpc.error_message();
+  const HttpReply refused_http =
+      HttpCall(http, "POST", "/v1/completions", CompletionBody(kBase, 4, false));
+  EXPECT_EQ(refused_http.status, 503) << refused_http.body << refused_http.error;
+  const HttpReply ready = HttpCall(http, "GET", "/ready");
+  EXPECT_EQ(ready.status, 503) << ready.body;
+  grpc::Status health_status;
+  const std::optional<int> health = HealthStatus(server.channel(), &health_status);
+  EXPECT_EQ(health, 2) << "health: " << health_status.error_message();  // NOT_SERVING
+  const double refused_after = SecondsSince(signalled);
+
+  for (std::thread& stream : streams) stream.join();
+  const double streams_done = SecondsSince(signalled);
+  const std::optional<int> status = server.WaitExit(absl::Seconds(kDrainSeconds + 5));
+  const double exited = SecondsSince(signalled);
+  int completed = 0;
+  for (const std::string& result : results) completed += result.empty();
+
+  Figures("sigterm_drain",
+          {{"streams_in_flight", "8 (4 gRPC, 4 SSE)"},
+           {"tokens_each", Str(kTokens)},
+           {"running_at_signal", Str(running_in_flight)},
+           {"kv_blocks_at_signal", Str(kv_in_flight)},
+           {"streams_completed", Str(completed)},
+           {"new_grpc", absl::StrCat(refused_grpc.error_code() == grpc::StatusCode::UNAVAILABLE
+                                         ? "UNAVAILABLE"
+                                         : refused_grpc.error_message())},
+           {"new_http", Str(refused_http.status)},
+           {"ready", Str(ready.status)},
+           {"health", health ? Str(*health) : "failed"},
+           {"refusals_checked_after", Secs(refused_after)},
+           {"streams_done_after", Secs(streams_done)},
+           {"exit_after", Secs(exited)},
+           {"drain_seconds", Str(kDrainSeconds)},
+           {"wall", Secs(SecondsSince(begin))}});
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(results[i], "") << "stream " << i;
+  ASSERT_TRUE(status.has_value()) << "no exit within --drain-seconds + 5 s";
+  EXPECT_TRUE(WIFEXITED(*status));
+  EXPECT_EQ(WEXITSTATUS(*status), 0);
+  EXPECT_LT(exited, kDrainSeconds);
+  EXPECT_LT(exited - streams_done, 2.0) << "the server lingered after its streams were done";
+}
+
+// Streams that would outlast --drain-seconds end at the deadline (gRPC
+// UNAVAILABLE; SSE with an error event and [DONE]) and the server still
+// exits 0 on time.
+TEST(FaultSigterm, StreamsPastTheDrainDeadlineEndAndTheExitIsOnTime) {
+  const absl::Time begin = absl::Now();
+  TempDir uploads;
+  constexpr int kDrainSeconds = 2;
+  ServerProcess server({"--model=" + LongContextModel(), "--http-port=0", "--threads=1",
+                        absl::StrCat("--drain-seconds=", kDrainSeconds),
+                        "--upload-dir=" + uploads.path()});
+  const int http = server.http_port();
+  auto inference = v1::Inference::NewStub(server.channel());
+  constexpr int kTokens = 8000;  // about 5 s alone, more with company
+  std::atomic<int> started{0};
+  grpc::Status grpc_status;
+  int grpc_tokens = 0;
+  SseResult sse;
+  std::thread grpc_stream([&] {
+    grpc::ClientContext context;
+    auto reader = inference->Generate(&context, Greedy("", kTokens));
+    v1::GenerateResponse response;
+    while (reader->Read(&response)) {
+      if (grpc_tokens++ == 0) ++started;
+    }
+    grpc_status = reader->Finish();
+    if (grpc_tokens == 0) ++started;
+  });
+  std::thread sse_stream([&] {
+    bool first = true;
+    sse = StreamCompletion(http, CompletionBody("ocean", kTokens, true), [&](const SseResult&) {
+      if (first) ++started;
+      first = false;
+      return true;
+    });
+    if (first) ++started;
+  });
+  ASSERT_TRUE(WaitUntil([&] { return started == 2; }, absl::Seconds(30)));
+  const absl::Time signalled = absl::Now();
+  server.Signal(SIGTERM);
+  const std::optional<int> status = server.WaitExit(absl::Seconds(kDrainSeconds + 10));
+  const double exited = SecondsSince(signalled);
+  grpc_stream.join();
+  sse_stream.join();
+  Figures("sigterm_past_deadline",
+          {{"drain_seconds", Str(kDrainSeconds)},
+           {"exit_after", Secs(exited)},
+           {"grpc_tokens", Str(grpc_tokens)},
+           {"grpc_status", Str(grpc_status.error_code())},
+           {"sse_chunks", Str(sse.chunks)},
+           {"sse_error_event", sse.error},
+           {"wall", Secs(SecondsSince(begin))}});
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status));
+  EXPECT_EQ(WEXITSTATUS(*status), 0);
+  EXPECT_LT(exited, kDrainSeconds + 0.5);
+  EXPECT_LT(grpc_tokens, kTokens);
+  // Cut by the server's shutdown: UNAVAILABLE, retry elsewhere.
+  EXPECT_EQ(grpc_status.error_code(), grpc::StatusCode::UNAVAILABLE) << grpc_status.error_message();
+  EXPECT_EQ(sse.status, 200);
+  EXPECT_LT(sse.chunks, kTokens);
+  EXPECT_FALSE(sse.error.empty()) << "the cut SSE stream must say so";
+  EXPECT_TRUE(sse.done);
+}
+
+// ---------------------------------------------------------------------------
 // Budgets exhausted.
 
 // A KV cache of 64 blocks (1024 tokens): a request that can never fit is

@@ -511,26 +511,5 @@ TEST(GrpcHostBudgetTest, EvictedAdaptersReloadOnUse) {
   EXPECT_LT(resident, list.adapters_size());
 }
 
-// A separate server: SIGTERM lets a running stream finish, then exits 0.
-TEST(GrpcShutdownTest, SigtermDrainsAndExitsZero) {
-  ServerProcess server;
-  auto stub = v1::Inference::NewStub(server.channel());
-  Streamed streamed;
-  std::thread client([&] { streamed = Generate(*stub, Greedy("The", 60)); });
-  // Wait until the stream is running.
-  for (int i = 0; i < 500; ++i) {
-    grpc::ClientContext context;
-    v1::StatsResponse stats;
-    if (stub->Stats(&context, {}, &stats).ok() && stats.running() > 0) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  const int status = server.Terminate();
-  client.join();
-  EXPECT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0);
-  EXPECT_TRUE(streamed.status.ok()) << streamed.status.error_message();
-  EXPECT_EQ(streamed.finish, "length");
-}
-
 }  // namespace
 }  // namespace loraserve
