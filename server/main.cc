@@ -117,6 +117,23 @@ ABSL_FLAG(int32_t, http_port, -1,
           "serve: port of the OpenAI-compatible HTTP API (-1: off; 0 picks a free one); "
           "gateway: required");
 ABSL_FLAG(int32_t, http_threads, 64, "serve/gateway: HTTP connections served at once");
+ABSL_FLAG(int32_t, http_read_timeout_seconds, 5,
+          "serve/gateway: how long a read waits for a client's next bytes of a request");
+ABSL_FLAG(int32_t, http_write_timeout_seconds, 10,
+          "serve/gateway: how long a write waits for room in a client's receive window (a "
+          "stream whose client stops reading ends then)");
+ABSL_FLAG(int32_t, http_request_timeout_seconds, 30,
+          "serve/gateway: time a client has to send a request's line, headers and body, plus "
+          "1 s per MiB sent; slower clients get 408 and lose the connection");
+ABSL_FLAG(int32_t, http_keep_alive_seconds, 5,
+          "serve/gateway: how long an idle connection waits for its next request");
+ABSL_FLAG(int32_t, http_keep_alive_max_requests, 100,
+          "serve/gateway: requests on one connection before it is closed");
+ABSL_FLAG(int64_t, http_max_header_bytes, int64_t{64} << 10,
+          "serve/gateway: request line + headers of one request at most (431 above)");
+ABSL_FLAG(int64_t, http_max_body_bytes, int64_t{16} << 20,
+          "serve/gateway: body of a request other than an upload at most (413 above; uploads: "
+          "--max-upload-bytes)");
 ABSL_FLAG(std::string, api_keys, "",
           "serve/gateway: file of HTTP API keys, one 'KEY TENANT ROLE' per line (ROLE admin or "
           "tenant); without it the HTTP API is open to anyone who can reach it");
@@ -367,6 +384,28 @@ absl::StatusOr<api::HttpGatewayOptions> GatewayOptionsFromFlags() {
   options.rate_limits = {.requests_per_second = absl::GetFlag(FLAGS_tenant_requests_per_second),
                          .tokens_per_minute = absl::GetFlag(FLAGS_tenant_tokens_per_minute)};
   options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
+  const int32_t read_timeout = absl::GetFlag(FLAGS_http_read_timeout_seconds);
+  const int32_t write_timeout = absl::GetFlag(FLAGS_http_write_timeout_seconds);
+  const int32_t request_timeout = absl::GetFlag(FLAGS_http_request_timeout_seconds);
+  const int32_t keep_alive = absl::GetFlag(FLAGS_http_keep_alive_seconds);
+  if (read_timeout < 1 || write_timeout < 1 || request_timeout < 1 || keep_alive < 1) {
+    return absl::InvalidArgumentError(
+        "--http-read-timeout-seconds, --http-write-timeout-seconds, "
+        "--http-request-timeout-seconds and --http-keep-alive-seconds must be >= 1");
+  }
+  options.read_timeout = absl::Seconds(read_timeout);
+  options.write_timeout = absl::Seconds(write_timeout);
+  options.request_timeout = absl::Seconds(request_timeout);
+  options.keep_alive_timeout = absl::Seconds(keep_alive);
+  options.keep_alive_max_requests = absl::GetFlag(FLAGS_http_keep_alive_max_requests);
+  options.max_header_bytes = absl::GetFlag(FLAGS_http_max_header_bytes);
+  options.max_body_bytes = absl::GetFlag(FLAGS_http_max_body_bytes);
+  if (options.keep_alive_max_requests < 1 || options.max_header_bytes < 1024 ||
+      options.max_body_bytes < 1) {
+    return absl::InvalidArgumentError(
+        "--http-keep-alive-max-requests must be >= 1, --http-max-header-bytes >= 1024, "
+        "--http-max-body-bytes >= 1");
+  }
   options.parse_limits.max_choices = absl::GetFlag(FLAGS_max_choices);
   if (options.parse_limits.max_choices < 1) {
     return absl::InvalidArgumentError("--max-choices must be >= 1");

@@ -545,6 +545,269 @@ TEST(FaultSigterm, StreamsPastTheDrainDeadlineEndAndTheExitIsOnTime) {
 }
 
 // ---------------------------------------------------------------------------
+// Clients that disconnect, read slowly, or send slowly.
+
+// A raw HTTP/1.1 request.
+std::string RawRequest(const std::string& method, const std::string& path,
+                       const std::string& body, const std::string& extra_headers = "") {
+  return absl::StrCat(method, " ", path, " HTTP/1.1\r\nHost: 127.0.0.1\r\n", extra_headers,
+                      body.empty() ? "" : "Content-Type: application/json\r\n",
+                      body.empty() ? "" : absl::StrCat("Content-Length: ", body.size(), "\r\n"),
+                      "\r\n", body);
+}
+
+// Clients that leave in the middle of a long generation: an SSE client that
+// stops reading and closes after 20 chunks, a non-streamed client that closes
+// its socket while waiting, and one that resets it. Their KV blocks are
+// freed at once (not when the 6000 tokens would have been done), the
+// requests count as 499, and a client beside them gets its answers.
+TEST(FaultClients, DisconnectsMidGenerationFreeTheirKvBlocks) {
+  const absl::Time begin = absl::Now();
+  TempDir uploads;
+  ServerProcess server({"--model=" + LongContextModel(), "--http-port=0", "--threads=1",
+                        "--upload-dir=" + uploads.path()});
+  const int http = server.http_port();
+  const std::string expected = CompletionText(http, "ocean", 48);
+  WaitForIdleKv(http, absl::Seconds(5));
+  const auto [kv_start, running_start] = KvAndRunning(http);
+  const double cancelled_before =
+      std::max(0.0, Metric(http, "loraserve_requests_total{adapter=\"ocean\",status=\"499\","
+                                 "tenant=\"default\"}"));
+  constexpr int kTokens = 6000;
+  const absl::Time start = absl::Now();
+
+  std::thread sse_client([&] {
+    StreamCompletion(http, CompletionBody("ocean", kTokens, true),
+                     [](const SseResult& so_far) { return so_far.chunks < 20; });
+  });
+  RawConnection waiting(http);
+  ASSERT_TRUE(waiting.Send(
+      RawRequest("POST", "/v1/completions", CompletionBody("ocean", kTokens, false))));
+  RawConnection resetting(http);
+  ASSERT_TRUE(resetting.Send(
+      RawRequest("POST", "/v1/completions", CompletionBody("ocean", kTokens, false))));
+  ASSERT_TRUE(WaitUntil([&] { return KvAndRunning(http).second >= 2; }, absl::Seconds(10)));
+  const auto [kv_in_flight, running_in_flight] = KvAndRunning(http);
+  waiting.Close();
+  resetting.Abort();
+  sse_client.join();
+  int neighbour_ok = 0;
+  for (int i = 0; i < 5; ++i) neighbour_ok += CompletionText(http, "ocean", 48) == expected;
+  const double freed_after = SecondsSince(start);
+  WaitForIdleKv(http, absl::Seconds(5));
+  const double idle_after = SecondsSince(start);
+  const auto [kv_end, running_end] = KvAndRunning(http);
+  const double cancelled =
+      Metric(http, "loraserve_requests_total{adapter=\"ocean\",status=\"499\",tenant=\"default\"}") -
+      cancelled_before;
+
+  // How long one of them would have run to its end, alone.
+  const absl::Time alone_start = absl::Now();
+  CompletionText(http, "ocean", kTokens);
+  const double full_generation = SecondsSince(alone_start);
+
+  Figures("client_disconnects",
+          {{"disconnecting_clients", "3 (SSE close, non-streamed close, non-streamed reset)"},
+           {"tokens_asked", Str(kTokens)},
+           {"kv_blocks_start", Str(kv_start)},
+           {"kv_blocks_in_flight", Str(kv_in_flight)},
+           {"kv_blocks_end", Str(kv_end)},
+           {"running_in_flight", Str(running_in_flight)},
+           {"counted_499", Str(cancelled)},
+           {"neighbour_requests_ok", absl::StrCat(neighbour_ok, "/5")},
+           {"idle_after", Secs(idle_after)},
+           {"one_full_generation", Secs(full_generation)},
+           {"wall", Secs(SecondsSince(begin))}});
+  EXPECT_EQ(kv_end, kv_start);
+  EXPECT_EQ(running_end, 0);
+  EXPECT_EQ(neighbour_ok, 5);
+  EXPECT_EQ(cancelled, 3);
+  EXPECT_LT(idle_after, full_generation) << "a disconnected request ran to its end" << freed_after;
+}
+
+// Slow-loris clients (a header byte every 200 ms) and clients that send a
+// body byte by byte are cut off at --http-request-timeout-seconds with 408;
+// a client whose window stays full is dropped after --http-write-timeout-
+// seconds and its generation cancelled; headers above --http-max-header-bytes
+// get 431, bodies above --http-max-body-bytes 413 (declared or chunked).
+// Meanwhile normal requests keep their latency, and once every HTTP thread is
+// held by a slow client, a normal request waits at most about the request
+// timeout, not forever.
+TEST(FaultClients, SlowSendersAndReadersAreCutOffAndOthersAreUnaffected) {
+  const absl::Time begin = absl::Now();
+  TempDir uploads;
+  constexpr int kThreads = 12;
+  constexpr double kRequestTimeout = 2;
+  ServerProcess server({"--model=" + LongContextModel(), "--http-port=0", "--threads=1",
+                        absl::StrCat("--http-threads=", kThreads),
+                        "--http-request-timeout-seconds=2", "--http-read-timeout-seconds=1",
+                        "--http-write-timeout-seconds=1", "--http-max-body-bytes=65536",
+                        "--upload-dir=" + uploads.path()});
+  const int http = server.http_port();
+  const std::string expected = CompletionText(http, "ocean", 48);
+  auto timed_requests = [&](int count, int* ok) {
+    double worst = 0;
+    for (int i = 0; i < count; ++i) {
+      const absl::Time start = absl::Now();
+      *ok += CompletionText(http, "ocean", 48) == expected;
+      worst = std::max(worst, SecondsSince(start));
+    }
+    return worst;
+  };
+  int baseline_ok = 0;
+  const double baseline_worst = timed_requests(10, &baseline_ok);
+
+  // Slow clients, each on a thread: the time until the server closed on it
+  // and what it answered.
+  struct Slow {
+    double closed_after = -1;
+    std::string answer;
+  };
+  auto trickle = [&](const std::string& head, const std::string& trickled, Slow* out) {
+    RawConnection connection(http);
+    const absl::Time start = absl::Now();
+    connection.Send(head);
+    std::string received;
+    for (char byte : trickled) {
+      if (!connection.Send(std::string(1, byte)) ||
+          connection.WaitClosed(absl::Milliseconds(200), &received)) {
+        break;
+      }
+    }
+    if (connection.WaitClosed(absl::Seconds(10), &received)) out->closed_after = SecondsSince(start);
+    out->answer = received;
+  };
+  const std::string loris_head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n";
+  const std::string endless_header = "X-Slow: " + std::string(500, 'a');
+  const std::string body = CompletionBody("ocean", 8, false);
+  const std::string body_head = absl::StrCat(loris_head, "Content-Type: application/json\r\n",
+                                             "Content-Length: ", body.size(), "\r\n\r\n");
+  std::vector<Slow> slow(8);
+  std::vector<std::thread> slow_clients;
+  for (int i = 0; i < 6; ++i) {
+    slow_clients.emplace_back([&, i] { trickle(loris_head, endless_header, &slow[i]); });
+  }
+  for (int i = 6; i < 8; ++i) {
+    slow_clients.emplace_back([&, i] { trickle(body_head, body, &slow[i]); });
+  }
+  // A streamed completion whose client never reads, with a 4 KiB window:
+  // four choices of 7000 tokens with logprobs, far more than the sockets'
+  // buffers hold, so the server's writes stall.
+  const double cancelled_before = std::max(
+      0.0,
+      Metric(http, "loraserve_requests_total{adapter=\"ocean\",status=\"499\",tenant=\"default\"}"));
+  RawConnection stalled(http, /*receive_buffer=*/4096);
+  json big = json::parse(CompletionBody("ocean", 7000, true));
+  big["n"] = 4;
+  big["logprobs"] = 5;
+  const absl::Time stalled_start = absl::Now();
+  ASSERT_TRUE(stalled.Send(RawRequest("POST", "/v1/completions", big.dump())));
+
+  absl::SleepFor(absl::Milliseconds(300));
+  int under_attack_ok = 0;
+  const double under_attack_worst = timed_requests(10, &under_attack_ok);
+  for (std::thread& client : slow_clients) client.join();
+  // The stalled reader's stream is dropped by the write timeout long before
+  // its 7000 tokens are done; its KV blocks are freed while it stays connected.
+  WaitForIdleKv(http, absl::Seconds(30));
+  const double stalled_idle = SecondsSince(stalled_start);
+  const double stalled_cancelled =
+      Metric(http, "loraserve_requests_total{adapter=\"ocean\",status=\"499\",tenant=\"default\"}") -
+      cancelled_before;
+  stalled.Close();
+
+  // Every HTTP thread held by a slow-loris client: a normal request waits
+  // for one of them to be cut off.
+  std::vector<Slow> flood(kThreads);
+  std::vector<std::thread> flood_clients;
+  for (int i = 0; i < kThreads; ++i) {
+    flood_clients.emplace_back([&, i] { trickle(loris_head, endless_header, &flood[i]); });
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  const absl::Time flooded = absl::Now();
+  const bool flooded_ok = CompletionText(http, "ocean", 48) == expected;
+  const double flooded_wait = SecondsSince(flooded);
+  for (std::thread& client : flood_clients) client.join();
+
+  // Size limits.
+  RawConnection big_header(http);
+  big_header.Send(absl::StrCat("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                               std::string(2000, 'x'), ": 1\r\n"));
+  for (int i = 0; i < 40; ++i) big_header.Send(absl::StrCat("X-", i, ": ", std::string(2000, 'y'), "\r\n"));
+  big_header.Send("\r\n");
+  std::string header_answer;
+  big_header.WaitClosed(absl::Seconds(5), &header_answer);
+  RawConnection declared(http);
+  declared.Send(absl::StrCat(loris_head, "Content-Type: application/json\r\n",
+                             "Content-Length: 100000000\r\n\r\n{"));
+  const absl::Time declared_start = absl::Now();
+  std::string declared_answer;
+  declared.WaitClosed(absl::Seconds(5), &declared_answer);
+  const double declared_after = SecondsSince(declared_start);
+  RawConnection chunked(http);
+  chunked.Send(absl::StrCat(loris_head, "Content-Type: application/json\r\n",
+                            "Transfer-Encoding: chunked\r\n\r\n"));
+  for (int i = 0; i < 40 && chunked.connected(); ++i) {
+    if (!chunked.Send(absl::StrCat("1000\r\n", std::string(4096, ' '), "\r\n"))) break;
+  }
+  std::string chunked_answer;
+  chunked.WaitClosed(absl::Seconds(5), &chunked_answer);
+  int after_ok = 0;
+  timed_requests(3, &after_ok);
+
+  std::vector<std::string> loris_times, body_times, flood_times;
+  double worst_cut = 0;
+  for (int i = 0; i < 8; ++i) {
+    (i < 6 ? loris_times : body_times).push_back(Secs(slow[i].closed_after));
+    worst_cut = std::max(worst_cut, slow[i].closed_after);
+  }
+  for (const Slow& s : flood) {
+    flood_times.push_back(Secs(s.closed_after));
+    worst_cut = std::max(worst_cut, s.closed_after);
+  }
+  Figures("slow_clients",
+          {{"http_threads", Str(kThreads)},
+           {"request_timeout", Secs(kRequestTimeout)},
+           {"slowloris_cut_after", absl::StrJoin(loris_times, ",")},
+           {"byte_by_byte_body_cut_after", absl::StrJoin(body_times, ",")},
+           {"baseline_worst_latency", Secs(baseline_worst)},
+           {"under_attack_worst_latency", Secs(under_attack_worst)},
+           {"under_attack_ok", absl::StrCat(under_attack_ok, "/10")},
+           {"stalled_reader_freed_after", Secs(stalled_idle)},
+           {"stalled_reader_counted_499", Str(stalled_cancelled)},
+           {"all_threads_flooded_request_waited", Secs(flooded_wait)},
+           {"flood_cut_after", absl::StrJoin(flood_times, ",")},
+           {"header_limit_answer", header_answer.substr(0, 12)},
+           {"declared_100MB_body_answer", declared_answer.substr(0, 12)},
+           {"declared_answered_after", Secs(declared_after)},
+           {"chunked_body_answer", chunked_answer.substr(0, 12)},
+           {"wall", Secs(SecondsSince(begin))}});
+
+  EXPECT_EQ(baseline_ok, 10);
+  EXPECT_EQ(under_attack_ok, 10);
+  EXPECT_LT(under_attack_worst, baseline_worst + 0.5);
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_GT(slow[i].closed_after, kRequestTimeout - 0.3) << "slow client " << i;
+    EXPECT_LT(slow[i].closed_after, kRequestTimeout + 1.5) << "slow client " << i;
+    EXPECT_TRUE(absl::StartsWith(slow[i].answer, "HTTP/1.1 408")) << slow[i].answer;
+  }
+  for (const Slow& s : flood) {
+    EXPECT_GT(s.closed_after, 0);
+    EXPECT_LT(s.closed_after, kRequestTimeout + 1.5);
+  }
+  EXPECT_TRUE(flooded_ok);
+  EXPECT_GT(flooded_wait, 0.5) << "not every HTTP thread was held";
+  EXPECT_LT(flooded_wait, kRequestTimeout + 1.5);
+  EXPECT_EQ(stalled_cancelled, 1);
+  EXPECT_LT(stalled_idle, 10) << "28000 tokens with logprobs to a reader that never reads";
+  EXPECT_TRUE(absl::StartsWith(header_answer, "HTTP/1.1 431")) << header_answer;
+  EXPECT_TRUE(absl::StartsWith(declared_answer, "HTTP/1.1 413")) << declared_answer;
+  EXPECT_LT(declared_after, 1.0);
+  EXPECT_TRUE(absl::StartsWith(chunked_answer, "HTTP/1.1 413")) << chunked_answer;
+  EXPECT_EQ(after_ok, 3);
+}
+
+// ---------------------------------------------------------------------------
 // Budgets exhausted.
 
 // A KV cache of 64 blocks (1024 tokens): a request that can never fit is
