@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -42,6 +43,8 @@ namespace {
 using nlohmann::json;
 
 constexpr int64_t kUploadChunkBytes = int64_t{1} << 20;
+// Marks a RESOURCE_EXHAUSTED upload as the server's lack of room (507).
+constexpr absl::string_view kServerStoragePayload = "loraserve.dev/server-storage";
 // An upload's body may exceed --max-upload-bytes by its multipart framing.
 constexpr int64_t kMultipartSlackBytes = int64_t{1} << 20;
 // Unary calls to the upstream (Stats, List, Get, Tokenize; Load and Upload
@@ -1081,7 +1084,11 @@ void HttpGateway::Impl::HandleUpload(const httplib::Request& req, httplib::Respo
                                     options_.max_upload_bytes)));
   }
   absl::StatusOr<v1::AdapterInfo> info = Upload(*who, req);
-  if (absl::IsResourceExhausted(info.status())) {  // a quota or the server's adapter memory
+  if (absl::IsResourceExhausted(info.status()) &&
+      info.status().GetPayload(kServerStoragePayload).has_value()) {
+    return ReplyJson(res, 507, ErrorBody(507, info.status().message()));
+  }
+  if (absl::IsResourceExhausted(info.status())) {  // the tenant's quota
     json body = ErrorBody(info.status());
     body["error"]["type"] = "insufficient_quota";  // OpenAI's type for quotas
     return ReplyJson(res, 429, body);
@@ -1152,7 +1159,13 @@ absl::StatusOr<v1::AdapterInfo> HttpGateway::Impl::Upload(const Principal& who,
     ok = writer->Write(chunk);
   }
   writer->WritesDone();
-  RETURN_IF_ERROR(FromGrpcStatus(writer->Finish()));
+  absl::Status status = FromGrpcStatus(writer->Finish());
+  if (absl::IsResourceExhausted(status)) {
+    // The server's room (its upload store, its adapter memory), not the
+    // tenant's quota: HTTP 507 rather than 429.
+    status.SetPayload(kServerStoragePayload, absl::Cord("507"));
+  }
+  RETURN_IF_ERROR(status);
   return info;
 }
 

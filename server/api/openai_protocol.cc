@@ -271,7 +271,8 @@ nlohmann::json ErrorBody(int http_status, absl::string_view message) {
                                                     {499, "cancelled"},
                                                     {501, "not_implemented"},
                                                     {503, "service_unavailable"},
-                                                    {504, "timeout"}};
+                                                    {504, "timeout"},
+                                                    {507, "insufficient_storage"}};
   auto type = kTypes.find(http_status);
   return json{{"error",
                {{"message", std::string(message)},

@@ -808,6 +808,178 @@ TEST(FaultClients, SlowSendersAndReadersAreCutOffAndOthersAreUnaffected) {
 }
 
 // ---------------------------------------------------------------------------
+// Uploads cut off or filling the disk.
+
+// A multipart upload whose body ends half-way (the client closes, or stalls
+// past the read timeout), a gRPC Upload cancelled after its first chunk, and
+// one whose client goes away without closing the stream: none is listed and
+// nothing is left in --upload-dir; a whole upload afterwards works.
+TEST(FaultUploads, CutOffUploadsLeaveNothingBehind) {
+  const absl::Time begin = absl::Now();
+  TempDir uploads;
+  ServerProcess server({"--http-port=0", "--threads=1", "--http-read-timeout-seconds=1",
+                        "--upload-dir=" + uploads.path()});
+  const int http = server.http_port();
+  auto adapters = v1::Adapters::NewStub(server.channel());
+  const std::string listed_before = AdapterIds(http);
+
+  const std::string boundary = "loraserve-fault-boundary";
+  auto part = [&](const std::string& name, const std::string& content) {
+    return absl::StrCat("--", boundary, "\r\nContent-Disposition: form-data; name=\"", name,
+                        "\"; filename=\"", name, "\"\r\n\r\n", content, "\r\n");
+  };
+  const std::string form =
+      absl::StrCat(part("name", "cut"),
+                   part("adapter_config.json", ReadFile(AdapterDir("ocean") + "/adapter_config.json")),
+                   part("adapter_model.safetensors",
+                        ReadFile(AdapterDir("ocean") + "/adapter_model.safetensors")),
+                   "--", boundary, "--\r\n");
+  const std::string head = absl::StrCat(
+      "POST /v1/adapters HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+      "boundary=",
+      boundary, "\r\nContent-Length: ", form.size(), "\r\n\r\n");
+  {
+    RawConnection closing(http);
+    ASSERT_TRUE(closing.Send(head + form.substr(0, form.size() / 2)));
+    closing.Close();
+  }
+  RawConnection stalling(http);
+  ASSERT_TRUE(stalling.Send(head + form.substr(0, form.size() / 2)));
+  std::string stalled_answer;
+  const absl::Time stall_start = absl::Now();
+  const bool stall_cut = stalling.WaitClosed(absl::Seconds(10), &stalled_answer);
+  const double stall_cut_after = SecondsSince(stall_start);
+
+  grpc::Status cancelled_status;
+  {
+    const std::vector<v1::UploadAdapterRequest> messages = UploadMessages("cut-grpc", "ocean");
+    grpc::ClientContext context;
+    v1::AdapterInfo info;
+    auto writer = adapters->Upload(&context, &info);
+    ASSERT_TRUE(writer->Write(messages[0]));
+    ASSERT_TRUE(writer->Write(messages[1]));
+    absl::SleepFor(absl::Milliseconds(200));  // the server has written the first chunk
+    context.TryCancel();
+    cancelled_status = writer->Finish();
+  }
+  {
+    // A client that vanishes: its own channel, dropped mid-stream.
+    auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server.grpc_port()),
+                                       grpc::InsecureChannelCredentials());
+    auto stub = v1::Adapters::NewStub(channel);
+    const std::vector<v1::UploadAdapterRequest> messages = UploadMessages("cut-vanished", "ocean");
+    auto context = std::make_unique<grpc::ClientContext>();
+    v1::AdapterInfo info;
+    auto writer = stub->Upload(context.get(), &info);
+    ASSERT_TRUE(writer->Write(messages[0]));
+    ASSERT_TRUE(writer->Write(messages[1]));
+    absl::SleepFor(absl::Milliseconds(200));
+    context->TryCancel();  // what destroying an unfinished call does
+    writer->Finish();
+  }
+  const absl::Time cleanup_start = absl::Now();
+  const bool store_empty = WaitUntil([&] { return CountFiles(uploads.path()) == 0; },
+                                     absl::Seconds(5));
+  const double cleaned_after = SecondsSince(cleanup_start);
+  const std::string listed_after = AdapterIds(http);
+
+  const HttpReply whole = HttpUpload(http, "whole", "ocean");
+  const int files_with_one = CountFiles(uploads.path());
+  const std::string whole_text = CompletionText(http, "whole", 24);
+  const HttpReply deleted = HttpCall(http, "DELETE", "/v1/adapters/whole");
+  const int files_after_delete = CountFiles(uploads.path());
+
+  Figures("cut_uploads",
+          {{"cut_uploads", "4 (HTTP closed, HTTP stalled, gRPC cancelled, gRPC client gone)"},
+           {"http_stalled_cut_after", Secs(stall_cut_after)},
+           {"http_stalled_answer", stalled_answer.substr(0, 12)},
+           {"grpc_cancelled_status", Str(cancelled_status.error_code())},
+           {"files_left", Str(CountFiles(uploads.path()))},
+           {"store_emptied_after", Secs(cleaned_after)},
+           {"listed_before", listed_before},
+           {"listed_after", listed_after},
+           {"whole_upload", Str(whole.status)},
+           {"files_with_one_upload", Str(files_with_one)},
+           {"files_after_delete", Str(files_after_delete)},
+           {"wall", Secs(SecondsSince(begin))}});
+  EXPECT_TRUE(stall_cut);
+  EXPECT_TRUE(absl::StartsWith(stalled_answer, "HTTP/1.1 408")) << stalled_answer;
+  EXPECT_EQ(cancelled_status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(store_empty) << CountFiles(uploads.path()) << " files left in " << uploads.path();
+  EXPECT_EQ(listed_after, listed_before);
+  EXPECT_EQ(whole.status, 201) << whole.body;
+  EXPECT_EQ(files_with_one, 2);  // adapter_config.json, adapter_model.safetensors
+  EXPECT_EQ(whole_text, CompletionText(http, "ocean", 24));
+  EXPECT_EQ(deleted.status, 200);
+  EXPECT_EQ(files_after_delete, 0);
+}
+
+// --upload-dir on a 128 KiB tmpfs (root only; skipped otherwise): uploads of
+// a 160 KB adapter over gRPC and HTTP fail with RESOURCE_EXHAUSTED / 507
+// saying the store is full, leave no file and no adapter behind, and a small
+// upload still works after.
+TEST(FaultUploads, UploadThatFillsTheDiskFailsCleanly) {
+  if (geteuid() != 0) GTEST_SKIP() << "mounting a tmpfs needs root";
+  const absl::Time begin = absl::Now();
+  TempDir root;
+  const std::string mount_point = root.sub("small");
+  fs::create_directories(mount_point);
+  if (mount("tmpfs", mount_point.c_str(), "tmpfs", 0, "size=128k") != 0) {
+    GTEST_SKIP() << "cannot mount a tmpfs at " << mount_point << ": " << std::strerror(errno);
+  }
+  struct Unmount {
+    std::string path;
+    ~Unmount() { umount2(path.c_str(), MNT_DETACH); }
+  } unmount{mount_point};
+  const std::string store = mount_point + "/uploads";
+  auto free_bytes = [&] {
+    struct statvfs fs_stats;
+    return statvfs(mount_point.c_str(), &fs_stats) == 0
+               ? static_cast<double>(fs_stats.f_bavail) * fs_stats.f_frsize
+               : -1.0;
+  };
+  ServerProcess server({"--http-port=0", "--threads=1", "--upload-dir=" + store});
+  const int http = server.http_port();
+  auto adapters = v1::Adapters::NewStub(server.channel());
+  const std::string listed_before = AdapterIds(http);
+  const double free_before = free_bytes();
+
+  const Uploaded over_grpc = Upload(*adapters, UploadMessages("full-grpc", "ocean"));
+  const HttpReply over_http = HttpUpload(http, "full-http", "ocean");
+  const bool emptied = WaitUntil([&] { return CountFiles(store) == 0; }, absl::Seconds(3));
+  const int files_left = CountFiles(store);
+  const double free_after = free_bytes();
+  const std::string listed_after = AdapterIds(http);
+  const HttpReply small = HttpUpload(http, "small", "qv-r4");
+  const std::string small_text = CompletionText(http, "small", 16);
+
+  Figures("disk_full",
+          {{"store", "tmpfs size=128k"},
+           {"adapter_bytes", Str(fs::file_size(AdapterDir("ocean") + "/adapter_model.safetensors"))},
+           {"grpc_status", Str(over_grpc.status.error_code())},
+           {"grpc_message", over_grpc.status.error_message()},
+           {"http_status", Str(over_http.status)},
+           {"files_left", Str(files_left)},
+           {"free_bytes_before", Str(free_before)},
+           {"free_bytes_after", Str(free_after)},
+           {"small_upload_after", Str(small.status)},
+           {"wall", Secs(SecondsSince(begin))}});
+  EXPECT_EQ(over_grpc.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << over_grpc.status.error_message();
+  EXPECT_TRUE(absl::StrContains(over_grpc.status.error_message(), "upload store (--upload-dir) is full"))
+      << over_grpc.status.error_message();
+  EXPECT_FALSE(absl::StrContains(over_grpc.status.error_message(), store))
+      << "the message names the server's directory";
+  EXPECT_EQ(over_http.status, 507) << over_http.body;
+  EXPECT_EQ(over_http.Json()["error"].value("type", ""), "insufficient_storage") << over_http.body;
+  EXPECT_TRUE(emptied) << CountFiles(store) << " files left";
+  EXPECT_EQ(free_after, free_before);
+  EXPECT_EQ(listed_after, listed_before);
+  EXPECT_EQ(small.status, 201) << small.body;
+  EXPECT_FALSE(small_text.empty());
+}
+
+// ---------------------------------------------------------------------------
 // Budgets exhausted.
 
 // A KV cache of 64 blocks (1024 tokens): a request that can never fit is
@@ -861,6 +1033,114 @@ TEST(FaultBudgets, KvCacheExhaustedRefusesOrQueuesNeverHangs) {
   EXPECT_EQ(too_big_http.status, 400) << too_big_http.body;
   EXPECT_EQ(correct, 8);
   EXPECT_TRUE(serving);
+}
+
+// Adapter memory. A device budget that holds one of ocean and robot at a
+// time serves concurrent requests on both (each waits for the other's copy
+// to be free) and answers an adapter above the whole budget with 429 /
+// RESOURCE_EXHAUSTED naming the flag. A host budget mostly held by a pinned
+// adapter answers a request for an adapter that no longer fits beside it
+// the same way, and an upload that cannot fit 507 / RESOURCE_EXHAUSTED. Both
+// servers keep serving what fits.
+TEST(FaultBudgets, AdapterBudgetsExhaustedAnswerClearlyAndKeepServing) {
+  const absl::Time begin = absl::Now();
+  constexpr int kTokens = 64;
+  std::map<std::string, std::string> expected;
+  {
+    TempDir uploads;
+    ServerProcess server({"--adapter-dir=", "--adapter=ocean=" + AdapterDir("ocean"),
+                          "--adapter=robot=" + AdapterDir("robot"),
+                          "--adapter=qv-r4=" + AdapterDir("qv-r4"), "--http-port=0", "--threads=1",
+                          "--upload-dir=" + uploads.path()});
+    for (const char* adapter : {"ocean", "robot", "qv-r4"}) {
+      expected[adapter] = CompletionText(server.http_port(), adapter, kTokens);
+    }
+  }
+  TempDir device_uploads;
+  ServerProcess device({"--adapter-dir=", "--adapter=ocean=" + AdapterDir("ocean"),
+                        "--adapter=robot=" + AdapterDir("robot"),
+                        "--adapter=mlp=" + AdapterDir("mlp-r16-rslora"),
+                        "--adapter-device-bytes=170000", "--http-port=0", "--threads=1",
+                        "--upload-dir=" + device_uploads.path()});
+  const int http = device.http_port();
+  auto inference = v1::Inference::NewStub(device.channel());
+  // mlp takes 184 KB: above the whole device budget.
+  const Streamed mlp_grpc = Generate(*inference, Greedy("", 8, "mlp"));
+  const HttpReply mlp_http = HttpCall(http, "POST", "/v1/completions", CompletionBody("mlp", 8, false));
+  std::atomic<int> sent{0}, correct{0};
+  const absl::Time burst_start = absl::Now();
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 6; ++i) {
+    clients.emplace_back([&, i] {
+      for (int n = 0; n < 5; ++n) {
+        const std::string adapter = (i + n) % 2 ? "ocean" : "robot";
+        ++sent;
+        correct += CompletionText(http, adapter, kTokens) == expected[adapter];
+      }
+    });
+  }
+  for (std::thread& client : clients) client.join();
+  const double burst = SecondsSince(burst_start);
+  const std::map<std::string, double> device_metrics = Metrics(http);
+
+  TempDir host_uploads;
+  ServerProcess host({"--adapter-dir=", "--adapter=ocean=" + AdapterDir("ocean"),
+                      "--adapter=robot=" + AdapterDir("robot"),
+                      "--adapter=qv-r4=" + AdapterDir("qv-r4"), "--pin-adapter=ocean",
+                      "--adapter-host-bytes=190000", "--http-port=0", "--threads=1",
+                      "--upload-dir=" + host_uploads.path()});
+  const int host_http = host.http_port();
+  auto host_inference = v1::Inference::NewStub(host.channel());
+  auto host_adapters = v1::Adapters::NewStub(host.channel());
+  // A pinned adapter evicted by the loads after it at start is resident
+  // again from its first use on (registry Pin does not load it).
+  const bool pinned_ok = CompletionText(host_http, "ocean", kTokens) == expected["ocean"];
+  const Streamed robot_grpc = Generate(*host_inference, Greedy("", 8, "robot"));
+  const HttpReply robot_http =
+      HttpCall(host_http, "POST", "/v1/completions", CompletionBody("robot", 8, false));
+  const HttpReply upload_over_host = HttpUpload(host_http, "huge", "robot");
+  const Uploaded grpc_over_host = Upload(*host_adapters, UploadMessages("huge2", "robot"));
+  int host_ok = 0;
+  for (const char* adapter : {"ocean", "qv-r4"}) {
+    host_ok += CompletionText(host_http, adapter, kTokens) == expected[adapter];
+  }
+  const std::map<std::string, double> host_metrics = Metrics(host_http);
+
+  Figures("adapter_budgets",
+          {{"device_budget", "170000 (ocean, robot: 156160 each; mlp: 184 KB)"},
+           {"over_device_grpc", Str(mlp_grpc.status.error_code())},
+           {"over_device_http", Str(mlp_http.status)},
+           {"alternating_requests", Str(sent)},
+           {"alternating_correct", Str(correct)},
+           {"alternating_time", Secs(burst)},
+           {"device_bytes_end", Str(AdapterBytes(device_metrics, "adapters_device"))},
+           {"host_budget", "190000 (ocean pinned)"},
+           {"robot_request_grpc", Str(robot_grpc.status.error_code())},
+           {"robot_request_http", Str(robot_http.status)},
+           {"upload_over_host_http", Str(upload_over_host.status)},
+           {"upload_over_host_grpc", Str(grpc_over_host.status.error_code())},
+           {"host_bytes_end", Str(AdapterBytes(host_metrics, "adapters_host"))},
+           {"host_fitting_ok", absl::StrCat(host_ok, "/2")},
+           {"wall", Secs(SecondsSince(begin))}});
+  EXPECT_EQ(mlp_grpc.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << mlp_grpc.status.error_message();
+  EXPECT_TRUE(absl::StrContains(mlp_grpc.status.error_message(), "--adapter-device-bytes"))
+      << mlp_grpc.status.error_message();
+  EXPECT_EQ(mlp_http.status, 429) << mlp_http.body;
+  EXPECT_EQ(correct, sent.load());
+  EXPECT_LE(AdapterBytes(device_metrics, "adapters_device"), 170000);
+  EXPECT_EQ(robot_grpc.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << robot_grpc.status.error_message();
+  EXPECT_TRUE(absl::StrContains(robot_grpc.status.error_message(), "--adapter-host-bytes"))
+      << robot_grpc.status.error_message();
+  EXPECT_EQ(robot_http.status, 429) << robot_http.body;
+  EXPECT_EQ(upload_over_host.status, 507) << upload_over_host.body;
+  EXPECT_EQ(grpc_over_host.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << grpc_over_host.status.error_message();
+  EXPECT_EQ(CountFiles(host_uploads.path()), 0);
+  EXPECT_LE(AdapterBytes(host_metrics, "adapters_host"), 190000);
+  EXPECT_EQ(host_ok, 2);
+  EXPECT_TRUE(pinned_ok);
 }
 
 // A queue of one (--max-queued-requests=1, one running): a burst of 16 HTTP
