@@ -373,6 +373,8 @@ class HttpConnection final : public httplib::Stream {
 thread_local HttpConnection* current_connection = nullptr;
 
 constexpr int kListenBacklog = 1024;
+constexpr absl::Duration kLingerTime = absl::Seconds(1);
+constexpr int64_t kLingerBytes = int64_t{64} << 20;
 
 // httplib's server with HttpConnection in place of its socket stream: the
 // keep-alive loop is httplib's own (process_server_socket), written again
@@ -396,6 +398,7 @@ class BoundedHttpServer final : public httplib::Server {
  private:
   bool process_and_close_socket(socket_t sock) override {
     bool ret = false;
+    bool linger = false;
     {
       HttpConnection connection(sock, limits_, [this] { return svr_sock_ == INVALID_SOCKET; });
       current_connection = &connection;
@@ -406,19 +409,44 @@ class BoundedHttpServer final : public httplib::Server {
         bool connection_closed = false;
         ret = process_request(connection, /*close_connection=*/left == 1, connection_closed,
                               nullptr);
-        if (connection.failure() != HttpConnection::Failure::kNone) {
+        const HttpConnection::Failure failure = connection.failure();
+        if (failure != HttpConnection::Failure::kNone) {
           connection.ReplyFailure();
+          // A client still sending a body or headers past their limit.
+          linger = failure != HttpConnection::Failure::kTimeout;
           ret = false;
           break;
         }
+        if (connection.close_after_response()) linger = true;  // a 413 before the body
         if (!ret || connection_closed || connection.close_after_response()) break;
         --left;
       }
       current_connection = nullptr;
     }
+    if (linger) LingeringClose(sock);
     ::shutdown(sock, SHUT_RDWR);
     ::close(sock);
     return ret;
+  }
+
+  // Closing a socket with unread bytes resets the connection, and the client
+  // may lose the response it has not read yet (curl: "Send failure: Broken
+  // pipe" instead of the 413). So, after a response that left the request
+  // unread: stop sending, then read and drop what the client still sends,
+  // up to kLingerBytes and kLingerTime (nginx's lingering close).
+  static void LingeringClose(int fd) {
+    ::shutdown(fd, SHUT_WR);
+    const absl::Time deadline = absl::Now() + kLingerTime;
+    int64_t dropped = 0;
+    char buffer[16384];
+    while (dropped < kLingerBytes) {
+      const int64_t left = absl::ToInt64Milliseconds(deadline - absl::Now());
+      pollfd entry{fd, POLLIN, 0};
+      if (left <= 0 || poll(&entry, 1, static_cast<int>(left)) <= 0) return;
+      const ssize_t n = recv(fd, buffer, sizeof(buffer), 0);
+      if (n <= 0) return;
+      dropped += n;
+    }
   }
 
   const HttpConnectionLimits limits_;
@@ -488,6 +516,9 @@ class HttpGateway::Impl {
   };
 
   void Route();
+  // Answers 413 (and closes the connection after it) when the declared body
+  // is above its endpoint's limit; sets the limit for a chunked body.
+  bool RefuseLargeBody(const httplib::Request& req, httplib::Response& res);
   absl::StatusOr<Principal> Authenticate(const httplib::Request& req) const;
   absl::StatusOr<v1::ServerInfo> Info();
   absl::StatusOr<v1::StatsResponse> UpstreamStats(absl::Duration deadline);
@@ -530,6 +561,26 @@ class HttpGateway::Impl {
   std::mutex uploads_mu_;               // one adapter change at a time: quota checks see each other
 };
 
+bool HttpGateway::Impl::RefuseLargeBody(const httplib::Request& req, httplib::Response& res) {
+  const bool upload = req.method == "POST" && req.path == "/v1/adapters";
+  const int64_t limit =
+      upload ? options_.max_upload_bytes + kMultipartSlackBytes : options_.max_body_bytes;
+  if (current_connection != nullptr) current_connection->set_body_limit(limit);
+  if (!req.has_header("Content-Length")) return false;
+  const uint64_t length =
+      std::strtoull(req.get_header_value("Content-Length").c_str(), nullptr, 10);
+  if (length <= static_cast<uint64_t>(limit)) return false;
+  // The body stays unread: the connection cannot carry another request.
+  if (current_connection != nullptr) current_connection->CloseAfterResponse();
+  res.set_header("Connection", "close");
+  ReplyJson(res, 413,
+            ErrorBody(413, absl::StrCat("request body of ", length, " bytes exceeds ",
+                                        upload ? "--max-upload-bytes=" : "--http-max-body-bytes=",
+                                        upload ? options_.max_upload_bytes
+                                               : options_.max_body_bytes)));
+  return true;
+}
+
 absl::Status HttpGateway::Impl::Bind() {
   const int threads = options_.threads;
   server_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
@@ -538,24 +589,15 @@ absl::Status HttpGateway::Impl::Bind() {
   // exact limit.
   server_.set_payload_max_length(static_cast<size_t>(
       std::max(options_.max_upload_bytes + kMultipartSlackBytes, options_.max_body_bytes)));
+  // A client that sends "Expect: 100-continue" (curl does for large bodies)
+  // hears the 413 before it sends the body; httplib asks this handler first.
+  server_.set_expect_100_continue_handler(
+      [this](const httplib::Request& req, httplib::Response& res) {
+        return RefuseLargeBody(req, res) ? 413 : 100;
+      });
   server_.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    const bool upload = req.method == "POST" && req.path == "/v1/adapters";
-    const int64_t limit =
-        upload ? options_.max_upload_bytes + kMultipartSlackBytes : options_.max_body_bytes;
-    if (current_connection != nullptr) current_connection->set_body_limit(limit);
-    if (!req.has_header("Content-Length")) return httplib::Server::HandlerResponse::Unhandled;
-    const uint64_t length = std::strtoull(req.get_header_value("Content-Length").c_str(),
-                                          nullptr, 10);
-    if (length <= static_cast<uint64_t>(limit)) return httplib::Server::HandlerResponse::Unhandled;
-    // The body stays unread: the connection cannot carry another request.
-    if (current_connection != nullptr) current_connection->CloseAfterResponse();
-    res.set_header("Connection", "close");
-    ReplyJson(res, 413,
-              ErrorBody(413, absl::StrCat("request body of ", length, " bytes exceeds ",
-                                          upload ? "--max-upload-bytes=" : "--http-max-body-bytes=",
-                                          upload ? options_.max_upload_bytes
-                                                 : options_.max_body_bytes)));
-    return httplib::Server::HandlerResponse::Handled;
+    return RefuseLargeBody(req, res) ? httplib::Server::HandlerResponse::Handled
+                                     : httplib::Server::HandlerResponse::Unhandled;
   });
   server_.set_error_handler([](const httplib::Request&, httplib::Response& res) {
     // Errors httplib answers itself (no route, body too large, bad framing).

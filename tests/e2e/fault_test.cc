@@ -752,6 +752,23 @@ TEST(FaultClients, SlowSendersAndReadersAreCutOffAndOthersAreUnaffected) {
   }
   std::string chunked_answer;
   chunked.WaitClosed(absl::Seconds(5), &chunked_answer);
+  // A client that sends the whole of a 3 MB body it was refused still reads
+  // its 413 (the server drops the rest rather than resetting the
+  // connection); one that asks first (Expect: 100-continue, as curl does)
+  // hears the 413 instead of "100 Continue".
+  const std::string pushed_head = absl::StrCat(loris_head, "Content-Type: application/json\r\n",
+                                               "Content-Length: ", 3 << 20, "\r\n\r\n");
+  RawConnection pushing(http);
+  std::string pushed_answer;
+  bool pushed_all = false;  // curl gave up here ("Send failure: Broken pipe") on a reset
+  std::thread pusher([&] { pushed_all = pushing.Send(pushed_head + std::string(3 << 20, ' ')); });
+  pushing.WaitClosed(absl::Seconds(5), &pushed_answer);
+  pusher.join();
+  RawConnection asking(http);
+  asking.Send(absl::StrCat(loris_head, "Content-Type: application/json\r\n",
+                           "Content-Length: ", 3 << 20, "\r\nExpect: 100-continue\r\n\r\n"));
+  std::string asked_answer;
+  asking.WaitClosed(absl::Seconds(5), &asked_answer);
   int after_ok = 0;
   timed_requests(3, &after_ok);
 
@@ -781,6 +798,9 @@ TEST(FaultClients, SlowSendersAndReadersAreCutOffAndOthersAreUnaffected) {
            {"declared_100MB_body_answer", declared_answer.substr(0, 12)},
            {"declared_answered_after", Secs(declared_after)},
            {"chunked_body_answer", chunked_answer.substr(0, 12)},
+           {"refused_body_sent_anyway_answer", pushed_answer.substr(0, 12)},
+           {"refused_body_sent_whole", pushed_all ? "yes" : "no (reset)"},
+           {"expect_100_answer", asked_answer.substr(0, 12)},
            {"wall", Secs(SecondsSince(begin))}});
 
   EXPECT_EQ(baseline_ok, 10);
@@ -804,6 +824,9 @@ TEST(FaultClients, SlowSendersAndReadersAreCutOffAndOthersAreUnaffected) {
   EXPECT_TRUE(absl::StartsWith(declared_answer, "HTTP/1.1 413")) << declared_answer;
   EXPECT_LT(declared_after, 1.0);
   EXPECT_TRUE(absl::StartsWith(chunked_answer, "HTTP/1.1 413")) << chunked_answer;
+  EXPECT_TRUE(absl::StartsWith(pushed_answer, "HTTP/1.1 413")) << pushed_answer;
+  EXPECT_TRUE(pushed_all) << "the connection was reset under a client sending its body";
+  EXPECT_TRUE(absl::StartsWith(asked_answer, "HTTP/1.1 413")) << asked_answer;
   EXPECT_EQ(after_ok, 3);
 }
 
