@@ -221,17 +221,15 @@ class HttpConnection final : public httplib::Stream {
   }
 
   bool is_readable() const override {
-    return pos_ < len_ || const_cast<HttpConnection*>(this)->Poll(
-                              POLLIN, absl::Now() + limits_.read_timeout);
+    return pos_ < len_ || Poll(POLLIN, absl::Now() + limits_.read_timeout);
   }
   bool is_writable() const override {
-    return failure_ == Failure::kNone &&
-           const_cast<HttpConnection*>(this)->Poll(POLLOUT,
-                                                    absl::Now() + limits_.write_timeout);
+    return failure_ == Failure::kNone && Poll(POLLOUT, absl::Now() + limits_.write_timeout);
   }
 
   ssize_t read(char* ptr, size_t size) override {
-    if (failure_ != Failure::kNone || size == 0) return -1;
+    if (size == 0) return 0;
+    if (failure_ != Failure::kNone) return -1;
     if (pos_ == len_ && !Fill()) return -1;
     const size_t n = std::min(size, len_ - pos_);
     const char* data = buffer_ + pos_;
@@ -282,7 +280,7 @@ class HttpConnection final : public httplib::Stream {
   // A wait to read also ends when the server stops (false; checked in
   // slices): an idle or half-sent request is dropped then, while responses
   // being written finish.
-  bool Poll(short events, absl::Time deadline) {
+  bool Poll(short events, absl::Time deadline) const {
     while (events != POLLIN || !stopping_()) {
       const absl::Duration left = deadline - absl::Now();
       if (left <= absl::ZeroDuration()) return false;
