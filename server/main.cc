@@ -8,8 +8,10 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <future>
 #include <iostream>
 #include <random>
 #include <string>
@@ -115,6 +117,23 @@ ABSL_FLAG(int32_t, http_port, -1,
           "serve: port of the OpenAI-compatible HTTP API (-1: off; 0 picks a free one); "
           "gateway: required");
 ABSL_FLAG(int32_t, http_threads, 64, "serve/gateway: HTTP connections served at once");
+ABSL_FLAG(int32_t, http_read_timeout_seconds, 5,
+          "serve/gateway: how long a read waits for a client's next bytes of a request");
+ABSL_FLAG(int32_t, http_write_timeout_seconds, 10,
+          "serve/gateway: how long a write waits for room in a client's receive window (a "
+          "stream whose client stops reading ends then)");
+ABSL_FLAG(int32_t, http_request_timeout_seconds, 30,
+          "serve/gateway: time a client has to send a request's line, headers and body, plus "
+          "1 s per MiB sent; slower clients get 408 and lose the connection");
+ABSL_FLAG(int32_t, http_keep_alive_seconds, 5,
+          "serve/gateway: how long an idle connection waits for its next request");
+ABSL_FLAG(int32_t, http_keep_alive_max_requests, 100,
+          "serve/gateway: requests on one connection before it is closed");
+ABSL_FLAG(int64_t, http_max_header_bytes, int64_t{64} << 10,
+          "serve/gateway: request line + headers of one request at most (431 above)");
+ABSL_FLAG(int64_t, http_max_body_bytes, int64_t{16} << 20,
+          "serve/gateway: body of a request other than an upload at most (413 above; uploads: "
+          "--max-upload-bytes)");
 ABSL_FLAG(std::string, api_keys, "",
           "serve/gateway: file of HTTP API keys, one 'KEY TENANT ROLE' per line (ROLE admin or "
           "tenant); without it the HTTP API is open to anyone who can reach it");
@@ -366,6 +385,28 @@ absl::StatusOr<api::HttpGatewayOptions> GatewayOptionsFromFlags() {
   options.rate_limits = {.requests_per_second = absl::GetFlag(FLAGS_tenant_requests_per_second),
                          .tokens_per_minute = absl::GetFlag(FLAGS_tenant_tokens_per_minute)};
   options.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
+  const int32_t read_timeout = absl::GetFlag(FLAGS_http_read_timeout_seconds);
+  const int32_t write_timeout = absl::GetFlag(FLAGS_http_write_timeout_seconds);
+  const int32_t request_timeout = absl::GetFlag(FLAGS_http_request_timeout_seconds);
+  const int32_t keep_alive = absl::GetFlag(FLAGS_http_keep_alive_seconds);
+  if (read_timeout < 1 || write_timeout < 1 || request_timeout < 1 || keep_alive < 1) {
+    return absl::InvalidArgumentError(
+        "--http-read-timeout-seconds, --http-write-timeout-seconds, "
+        "--http-request-timeout-seconds and --http-keep-alive-seconds must be >= 1");
+  }
+  options.read_timeout = absl::Seconds(read_timeout);
+  options.write_timeout = absl::Seconds(write_timeout);
+  options.request_timeout = absl::Seconds(request_timeout);
+  options.keep_alive_timeout = absl::Seconds(keep_alive);
+  options.keep_alive_max_requests = absl::GetFlag(FLAGS_http_keep_alive_max_requests);
+  options.max_header_bytes = absl::GetFlag(FLAGS_http_max_header_bytes);
+  options.max_body_bytes = absl::GetFlag(FLAGS_http_max_body_bytes);
+  if (options.keep_alive_max_requests < 1 || options.max_header_bytes < 1024 ||
+      options.max_body_bytes < 1) {
+    return absl::InvalidArgumentError(
+        "--http-keep-alive-max-requests must be >= 1, --http-max-header-bytes >= 1024, "
+        "--http-max-body-bytes >= 1");
+  }
   options.parse_limits.max_choices = absl::GetFlag(FLAGS_max_choices);
   if (options.parse_limits.max_choices < 1) {
     return absl::InvalidArgumentError("--max-choices must be >= 1");
@@ -506,18 +547,42 @@ absl::Status Serve() {
   int signal = 0;
   sigwait(&signals, &signal);
   const absl::Duration drain = absl::Seconds(absl::GetFlag(FLAGS_drain_seconds));
+  const absl::Time deadline = absl::Now() + drain;
   absl::FPrintF(stderr, "loraserve: signal %d, draining for up to %s\n", signal,
                 absl::FormatDuration(drain));
-  // New calls are refused while in-flight streams finish (or are cancelled
-  // at the deadline); the engine keeps stepping for them meanwhile.
-  // HTTP stops accepting at once; its in-flight requests end with their gRPC
-  // streams.
+  // Both servers keep listening while in-flight streams finish (or are
+  // cancelled at the deadline), so that a new request hears why it is
+  // refused: the engine loop answers new Generate calls UNAVAILABLE (HTTP
+  // 503, through the in-process channel), /ready says 503 and the gRPC health
+  // check NOT_SERVING. Only then does HTTP stop (its handlers end with their
+  // streams), and then gRPC: shutting gRPC down first would close the
+  // in-process channel under the HTTP streams still running.
+  server->GetHealthCheckService()->SetServingStatus(false);
+  // A little of the time is kept for the last messages to go out.
+  const absl::Time drain_deadline = deadline - std::min(absl::Seconds(1), drain / 4);
+  std::promise<void> drained;
+  std::thread drain_thread([&] {
+    loop.Drain(drain_deadline - absl::Now());
+    drained.set_value();
+  });
+  bool shut_down = false;
+  if (drained.get_future().wait_until(absl::ToChronoTime(drain_deadline)) !=
+      std::future_status::ready) {
+    // Streams past the deadline: cancelling their calls ends them (and lets
+    // the engine loop's drain return; it does not stop a busy engine at its
+    // deadline by itself).
+    server->Shutdown(absl::ToChronoTime(absl::Now()));
+    shut_down = true;
+  }
+  drain_thread.join();
+  std::promise<void> http_stopped;
   std::thread http_shutdown([&] {
     if (gateway != nullptr) gateway->Stop();
+    http_stopped.set_value();
   });
-  std::thread shutdown([&] { server->Shutdown(absl::ToChronoTime(absl::Now() + drain)); });
-  loop.Drain(drain);
-  shutdown.join();
+  http_stopped.get_future().wait_until(absl::ToChronoTime(deadline));
+  // Whatever still runs now (an upload, a call past the deadline) is cancelled.
+  if (!shut_down) server->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now())));
   http_shutdown.join();
   if (own_upload_dir) {
     std::error_code ignored;

@@ -1,8 +1,12 @@
 // The Adapters service: Load, Upload, Unload, List, Get.
+#include <fcntl.h>
 #include <stdlib.h>  // mkdtemp
+#include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
-#include <fstream>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -25,6 +29,31 @@ void FillInfo(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
   out->set_bytes(static_cast<int64_t>(info.bytes));
   out->set_resident_host(info.resident);
   out->set_pinned(info.pinned);
+}
+
+// The status of a failed write of an upload's `file`: RESOURCE_EXHAUSTED when
+// the upload store is full, INTERNAL otherwise; either names the id, the file
+// (not the server's directory) and the system's reason.
+absl::Status WriteError(int error, const std::string& id, absl::string_view file) {
+  if (error == ENOSPC || error == EDQUOT) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("upload of ", id, ": the server's upload store (--upload-dir) is full: ",
+                     "writing ", file, ": ", std::strerror(error)));
+  }
+  return absl::InternalError(
+      absl::StrCat("upload of ", id, ": cannot write ", file, ": ", std::strerror(error)));
+}
+
+// Writes all of `data` to `fd`.
+absl::Status WriteAll(int fd, absl::string_view data, const std::string& id,
+                      absl::string_view file) {
+  while (!data.empty()) {
+    const ssize_t n = ::write(fd, data.data(), data.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return WriteError(n < 0 ? errno : EIO, id, file);
+    data.remove_prefix(static_cast<size_t>(n));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -59,6 +88,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   }
 
   void OnDone() override {
+    if (tensors_fd_ >= 0) ::close(tensors_fd_);  // a failed or abandoned upload
     if (!committed_ && !dir_.empty()) {
       std::error_code ignored;
       fs::remove_all(dir_, ignored);
@@ -71,9 +101,9 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   absl::Status Consume() {
     RETURN_IF_ERROR(upload_.Feed(request_));
     if (request_.has_header()) return Begin(upload_.header());
-    const std::string& data = request_.chunk().data();
-    tensors_.write(data.data(), static_cast<std::streamsize>(data.size()));
-    return absl::OkStatus();
+    // A full disk ends the upload at once, not after the last chunk.
+    return WriteAll(tensors_fd_, request_.chunk().data(), upload_.header().id(),
+                    "adapter_model.safetensors");
   }
 
   // The upload's directory with its adapter_config.json, and the open
@@ -81,18 +111,21 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   absl::Status Begin(const v1::UploadHeader& header) {
     std::string pattern = (fs::path(service_->options_.upload_dir) / "upload-XXXXXX").string();
     if (mkdtemp(pattern.data()) == nullptr) {
-      return absl::InternalError(
-          absl::StrCat("cannot create an upload directory in ", service_->options_.upload_dir));
+      return WriteError(errno, header.id(), "its directory");
     }
     dir_ = pattern;
-    const fs::path config_path = fs::path(dir_) / "adapter_config.json";
-    std::ofstream config(config_path, std::ios::binary);
-    config << header.adapter_config_json();
-    config.close();
-    if (!config) return absl::InternalError(absl::StrCat("cannot write ", config_path.string()));
-    tensors_path_ = (fs::path(dir_) / "adapter_model.safetensors").string();
-    tensors_.open(tensors_path_, std::ios::binary);
-    if (!tensors_) return absl::InternalError(absl::StrCat("cannot write ", tensors_path_));
+    const std::string config_path = (fs::path(dir_) / "adapter_config.json").string();
+    const int config_fd = ::open(config_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (config_fd < 0) return WriteError(errno, header.id(), "adapter_config.json");
+    absl::Status written =
+        WriteAll(config_fd, header.adapter_config_json(), header.id(), "adapter_config.json");
+    if (::close(config_fd) != 0 && written.ok()) {
+      written = WriteError(errno, header.id(), "adapter_config.json");
+    }
+    RETURN_IF_ERROR(written);
+    const std::string tensors_path = (fs::path(dir_) / "adapter_model.safetensors").string();
+    tensors_fd_ = ::open(tensors_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (tensors_fd_ < 0) return WriteError(errno, header.id(), "adapter_model.safetensors");
     return absl::OkStatus();
   }
 
@@ -100,9 +133,9 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   absl::Status Commit() {
     if (context_->IsCancelled()) return absl::CancelledError("upload cancelled by the client");
     RETURN_IF_ERROR(upload_.Finish());
-    tensors_.close();
-    if (!tensors_) return absl::InternalError(absl::StrCat("cannot write ", tensors_path_));
     const std::string& id = upload_.header().id();
+    const int fd = std::exchange(tensors_fd_, -1);
+    if (::close(fd) != 0) return WriteError(errno, id, "adapter_model.safetensors");
     absl::StatusOr<adapters::AdapterInfo> info = service_->LoadAndReplace(id, dir_);
     if (!info.ok()) {
       // The client sent files, not a directory: name the file alone.
@@ -121,8 +154,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   UploadAssembler upload_;
   bool committed_ = false;
   std::string dir_;  // empty until the header arrives
-  std::string tensors_path_;
-  std::ofstream tensors_;
+  int tensors_fd_ = -1;  // adapter_model.safetensors, open from the header to the commit
 };
 
 absl::StatusOr<std::unique_ptr<AdaptersService>> AdaptersService::Create(

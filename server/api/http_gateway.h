@@ -37,6 +37,7 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "server/api/gateway_metrics.h"
 #include "server/api/openai_protocol.h"
 #include "server/api/tenants.h"
@@ -53,6 +54,22 @@ struct HttpGatewayOptions {
   RateLimits rate_limits;  // per tenant; admins are not limited
   int64_t max_upload_bytes = int64_t{1} << 30;
   ParseLimits parse_limits;
+  // What one connection may take (HttpConnectionLimits in http_gateway.cc):
+  // a read waits at most read_timeout for the client's next bytes and a
+  // write write_timeout for room in its window; a request's line, headers
+  // and body must arrive within request_timeout plus one second per MiB
+  // received (a slow-loris client is cut off with 408); the request line
+  // and headers take at most max_header_bytes (431); a body other than an
+  // upload's at most max_body_bytes (413; uploads: max_upload_bytes plus
+  // 1 MiB of multipart framing). An idle connection is closed after
+  // keep_alive_timeout, and after keep_alive_max_requests requests.
+  absl::Duration read_timeout = absl::Seconds(5);
+  absl::Duration write_timeout = absl::Seconds(10);
+  absl::Duration request_timeout = absl::Seconds(30);
+  absl::Duration keep_alive_timeout = absl::Seconds(5);
+  int keep_alive_max_requests = 100;
+  int64_t max_header_bytes = int64_t{64} << 10;
+  int64_t max_body_bytes = int64_t{16} << 20;
 };
 
 class HttpGateway {

@@ -263,13 +263,16 @@ nlohmann::json ErrorBody(int http_status, absl::string_view message) {
                                                     {401, "authentication_error"},
                                                     {403, "permission_error"},
                                                     {404, "not_found_error"},
+                                                    {408, "timeout"},
                                                     {409, "conflict_error"},
                                                     {413, "request_too_large"},
                                                     {429, "rate_limit_error"},
+                                                    {431, "request_too_large"},
                                                     {499, "cancelled"},
                                                     {501, "not_implemented"},
                                                     {503, "service_unavailable"},
-                                                    {504, "timeout"}};
+                                                    {504, "timeout"},
+                                                    {507, "insufficient_storage"}};
   auto type = kTypes.find(http_status);
   return json{{"error",
                {{"message", std::string(message)},

@@ -1,11 +1,7 @@
 // The real `loraserve serve` binary on a loopback port, driven over gRPC.
-#include <fcntl.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
-#include <signal.h>
-#include <sys/prctl.h>
 #include <sys/wait.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <fstream>
@@ -23,188 +19,19 @@
 #include "gtest/gtest.h"
 #include "loraserve/v1/adapters.grpc.pb.h"
 #include "loraserve/v1/inference.grpc.pb.h"
+#include "tests/e2e/e2e_lib.h"
 
 namespace loraserve {
 namespace {
 
-const std::string kShared = LORASERVE_SHARED_DIR;
-
-// Starts the server on port 0 and reads the port from its log.
-class ServerProcess {
- public:
-  // `extra` flags come after (and so override) the defaults.
-  explicit ServerProcess(const std::vector<std::string>& extra = {}) {
-    int pipe_fds[2];
-    EXPECT_EQ(pipe(pipe_fds), 0);
-    std::vector<std::string> args = {LORASERVE_BINARY,
-                                     "serve",
-                                     "--model=" + kShared + "/models/aidreams-260k",
-                                     "--adapter-dir=" + kShared + "/adapters/aidreams-260k",
-                                     "--host=127.0.0.1",
-                                     "--grpc-port=0",
-                                     "--max-queued-requests=256",
-                                     "--max-upload-bytes=1000000",
-                                     "--drain-seconds=10"};
-    args.insert(args.end(), extra.begin(), extra.end());
-    std::vector<char*> argv;
-    for (std::string& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    pid_ = fork();
-    if (pid_ == 0) {
-      // The server dies with the test even when the test aborts, and keeps
-      // none of the test's output open (which would hang a `test | tail`).
-      prctl(PR_SET_PDEATHSIG, SIGKILL);
-      dup2(pipe_fds[1], STDERR_FILENO);
-      const int null_fd = open("/dev/null", O_WRONLY);
-      dup2(null_fd, STDOUT_FILENO);
-      close(pipe_fds[0]);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-    EXPECT_GT(pid_, 0);
-    close(pipe_fds[1]);
-    log_fd_ = pipe_fds[0];
-    // Read the log until the listening line.
-    std::string log;
-    char buffer[512];
-    while (port_ == 0) {
-      const ssize_t n = read(log_fd_, buffer, sizeof(buffer));
-      if (n <= 0) break;
-      log.append(buffer, n);
-      const size_t at = log.find("listening on 127.0.0.1:");
-      if (at != std::string::npos) {
-        const size_t start = at + std::string("listening on 127.0.0.1:").size();
-        const size_t end = log.find_first_not_of("0123456789", start);
-        if (end != std::string::npos) {
-          EXPECT_TRUE(absl::SimpleAtoi(log.substr(start, end - start), &port_));
-        }
-      }
-    }
-    EXPECT_GT(port_, 0) << log;
-    // Keep draining the log so the server never blocks on a full pipe.
-    reader_ = std::thread([fd = log_fd_] {
-      char sink[512];
-      while (read(fd, sink, sizeof(sink)) > 0) {
-      }
-    });
-    channel_ =
-        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials());
-  }
-
-  ~ServerProcess() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-    if (reader_.joinable()) reader_.join();
-    close(log_fd_);
-  }
-
-  // SIGTERM; returns the exit status.
-  int Terminate() {
-    kill(pid_, SIGTERM);
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return status;
-  }
-
-  std::shared_ptr<grpc::Channel> channel() { return channel_; }
-
- private:
-  pid_t pid_ = -1;
-  int log_fd_ = -1;
-  int port_ = 0;
-  std::thread reader_;
-  std::shared_ptr<grpc::Channel> channel_;
-};
-
-struct Streamed {
-  grpc::Status status;
-  std::vector<v1::GenerateResponse> responses;
-  std::vector<int32_t> ids;
-  std::string text;
-  std::string finish;
-  int32_t completion_tokens = 0;
-};
-
-Streamed Generate(v1::Inference::Stub& stub, const v1::GenerateRequest& request) {
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-  auto reader = stub.Generate(&context, request);
-  Streamed out;
-  v1::GenerateResponse response;
-  while (reader->Read(&response)) {
-    out.responses.push_back(response);
-    out.ids.push_back(response.token_id());
-    out.text += response.text();
-    if (!response.finish_reason().empty()) {
-      out.finish = response.finish_reason();
-      out.completion_tokens = response.usage().completion_tokens();
-    }
-  }
-  out.status = reader->Finish();
-  return out;
-}
-
-v1::GenerateRequest Greedy(const std::string& text, int max_tokens,
-                           const std::string& adapter = "") {
-  v1::GenerateRequest request;
-  request.set_text(text);
-  request.set_max_tokens(max_tokens);
-  request.set_adapter(adapter);
-  request.set_ignore_eos(true);
-  request.mutable_sampling()->set_temperature(0.0f);
-  return request;
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream out;
-  out << in.rdbuf();
-  EXPECT_TRUE(in.good() || in.eof()) << path;
-  return out.str();
-}
-
-// The Upload messages for a shared adapter's files under `id`: a header,
-// then the safetensors bytes in `chunk` sized pieces, the last one marked.
-std::vector<v1::UploadAdapterRequest> UploadMessages(const std::string& id,
-                                                     const std::string& adapter,
-                                                     size_t chunk = 50000) {
-  const std::string dir = kShared + "/adapters/aidreams-260k/" + adapter;
-  const std::string tensors = ReadFile(dir + "/adapter_model.safetensors");
-  std::vector<v1::UploadAdapterRequest> messages(1);
-  v1::UploadHeader* header = messages[0].mutable_header();
-  header->set_id(id);
-  header->set_adapter_config_json(ReadFile(dir + "/adapter_config.json"));
-  Sha256 hash;
-  hash.Update(tensors);
-  header->set_sha256(hash.HexDigest());
-  header->set_total_bytes(static_cast<int64_t>(tensors.size()));
-  for (size_t at = 0; at < tensors.size(); at += chunk) {
-    messages.emplace_back();
-    messages.back().mutable_chunk()->set_data(tensors.substr(at, chunk));
-    messages.back().mutable_chunk()->set_last(at + chunk >= tensors.size());
-  }
-  return messages;
-}
-
-struct Uploaded {
-  grpc::Status status;
-  v1::AdapterInfo info;
-};
-
-Uploaded Upload(v1::Adapters::Stub& stub, const std::vector<v1::UploadAdapterRequest>& messages) {
-  grpc::ClientContext context;
-  Uploaded out;
-  auto writer = stub.Upload(&context, &out.info);
-  for (const v1::UploadAdapterRequest& message : messages) {
-    if (!writer->Write(message)) break;  // the server finished early (an error)
-  }
-  writer->WritesDone();
-  out.status = writer->Finish();
-  return out;
-}
+using e2e::Generate;
+using e2e::Greedy;
+using e2e::kShared;
+using e2e::ServerProcess;
+using e2e::Streamed;
+using e2e::Upload;
+using e2e::Uploaded;
+using e2e::UploadMessages;
 
 class GrpcE2eTest : public ::testing::Test {
  protected:
@@ -378,23 +205,8 @@ TEST_F(GrpcE2eTest, TokenIdsPromptLogprobsAndStopStrings) {
 // grpc.health.v1.Health/Check through the generic stub (the health proto's
 // C++ stubs are not installed): an empty request asks about the whole server.
 TEST_F(GrpcE2eTest, HealthCheckReportsServing) {
-  grpc::GenericStub stub(server_->channel());
-  grpc::ClientContext context;
-  grpc::Slice empty;
-  grpc::ByteBuffer request(&empty, 1);
-  grpc::ByteBuffer response;
-  std::promise<grpc::Status> done;
-  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
-                 [&done](grpc::Status status) { done.set_value(status); });
-  const grpc::Status status = done.get_future().get();
-  ASSERT_TRUE(status.ok()) << status.error_message();
-  std::vector<grpc::Slice> slices;
-  ASSERT_TRUE(response.Dump(&slices).ok());
-  std::string bytes;
-  for (const grpc::Slice& slice : slices) {
-    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
-  }
-  EXPECT_EQ(bytes, std::string("\x08\x01", 2));  // status: SERVING
+  grpc::Status status;
+  EXPECT_EQ(e2e::HealthStatus(server_->channel(), &status), 1) << status.error_message();
 }
 
 TEST_F(GrpcE2eTest, TokenizeAndDetokenize) {
@@ -697,27 +509,6 @@ TEST(GrpcHostBudgetTest, EvictedAdaptersReloadOnUse) {
   int resident = 0;
   for (const v1::AdapterInfo& info : list.adapters()) resident += info.resident_host();
   EXPECT_LT(resident, list.adapters_size());
-}
-
-// A separate server: SIGTERM lets a running stream finish, then exits 0.
-TEST(GrpcShutdownTest, SigtermDrainsAndExitsZero) {
-  ServerProcess server;
-  auto stub = v1::Inference::NewStub(server.channel());
-  Streamed streamed;
-  std::thread client([&] { streamed = Generate(*stub, Greedy("The", 60)); });
-  // Wait until the stream is running.
-  for (int i = 0; i < 500; ++i) {
-    grpc::ClientContext context;
-    v1::StatsResponse stats;
-    if (stub->Stats(&context, {}, &stats).ok() && stats.running() > 0) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  const int status = server.Terminate();
-  client.join();
-  EXPECT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0);
-  EXPECT_TRUE(streamed.status.ok()) << streamed.status.error_message();
-  EXPECT_EQ(streamed.finish, "length");
 }
 
 }  // namespace
