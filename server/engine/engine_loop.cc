@@ -59,10 +59,10 @@ void EngineLoop::Drain(absl::Duration timeout) {
     // Wait for in-flight requests to finish on their own until the deadline.
     while (thread_.joinable() &&
            (snapshot_.running + snapshot_.waiting > 0 || !incoming_.empty())) {
-      if (wake_.wait_for(lock, std::chrono::milliseconds(20)) == std::cv_status::timeout &&
-          absl::Now() >= deadline) {
-        break;
-      }
+      // Every step wakes this wait: the deadline is checked at each wake-up,
+      // or a busy engine would drain past it.
+      wake_.wait_for(lock, std::chrono::milliseconds(20));
+      if (absl::Now() >= deadline) break;
     }
     stop_ = true;
     wake_.notify_one();

@@ -217,5 +217,24 @@ TEST(EngineLoopTest, CancelAndDrain) {
   EXPECT_EQ(f.cache->free_blocks(), f.cache->num_blocks());
 }
 
+TEST(EngineLoopTest, DrainKeepsItsDeadlineWhileTheEngineIsBusy) {
+  // One request at a time, 400 of 100 tokens: seconds of steps, each of which
+  // wakes the draining thread.
+  Fixture f({.max_running_requests = 1});
+  EngineLoop loop(f.engine.get(), {.max_queued_requests = 1000});
+  loop.Start();
+  std::atomic<int> completed{0};
+  for (int i = 0; i < 400; ++i) {
+    ASSERT_TRUE(loop.Submit(Greedy(Prompt(3), 100), [&](const TokenEvent& e) {
+                      if (e.finish == FinishReason::kLength) ++completed;
+                    }).ok());
+  }
+  const absl::Time start = absl::Now();
+  loop.Drain(absl::Milliseconds(100));
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_LT(took, absl::Seconds(3)) << "Drain(100 ms) took " << took;
+  EXPECT_LT(completed.load(), 400) << "the work outlasted the deadline, as the test needs";
+}
+
 }  // namespace
 }  // namespace loraserve::engine

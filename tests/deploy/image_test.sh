@@ -164,6 +164,7 @@ wait "$run_pid" || exit_status=$?
 run_pid=""
 for i in 1 2 3 4; do
   tail -n 3 "$tmp/stream.$i" | grep -q '^data: \[DONE\]' || fail "stream $i did not finish: $(tail -c 300 "$tmp/stream.$i")"
+  ! grep -q '^data: {"error"' "$tmp/stream.$i" || fail "stream $i ended in an error: $(grep -m1 '"error"' "$tmp/stream.$i")"
 done
 [ "$exit_status" = 0 ] || fail "the image's server exited with $exit_status after SIGTERM"
 grep -q "signal 15, draining" "$tmp/server.log" || fail "SIGTERM did not reach the server"
