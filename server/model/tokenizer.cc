@@ -1177,8 +1177,11 @@ absl::Status ReadPostProcessors(const JsonReader& r, const json& value,
           ASSIGN_OR_RETURN(const json* ids, r.Array(*special, ids_path, "ids"));
           TemplateItem entry{false, {}};
           for (const json& id : *ids) {
-            if (!id.is_number_integer()) return r.Error(ids_path + ".ids", "expected integers");
-            entry.ids.push_back(id.get<int32_t>());
+            if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
+                id.get<int64_t>() >= std::numeric_limits<int32_t>::max()) {
+              return r.Error(ids_path + ".ids", "expected token ids");
+            }
+            entry.ids.push_back(static_cast<int32_t>(id.get<int64_t>()));
           }
           tmpl.push_back(std::move(entry));
         }
@@ -1350,6 +1353,18 @@ class BpeTokenizer : public Tokenizer {
     // and adds nothing when there is no post-processor.
     if (const auto it = tok.find("post_processor"); it != tok.end() && !it->is_null()) {
       RETURN_IF_ERROR(ReadPostProcessors(r, *it, &templates_));
+    }
+    // Encode returns these ids as they are: each must be a token the model has.
+    for (const Template& tmpl : templates_) {
+      for (const TemplateItem& item : tmpl) {
+        for (int32_t id : item.ids) {
+          if (id < 0 || id >= vocab_size()) {
+            return r.Error("post_processor",
+                           absl::StrCat("special token id ", id, " is outside the vocabulary (",
+                                        vocab_size(), " ids)"));
+          }
+        }
+      }
     }
 
     if (const auto it = config.find("chat_template"); it != config.end() && !it->is_null()) {

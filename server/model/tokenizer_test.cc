@@ -385,6 +385,17 @@ TEST_F(MalformedTokenizerTest, ErrorsNameFileAndField) {
   t = base_;
   t["added_tokens"][0]["content"] = 5;
   cases.push_back({"added token content", t, "'added_tokens[0].content'"});
+  // Found by tests/fuzz (tokenizer_load): template ids were not checked, so
+  // Encode returned ids outside the vocabulary.
+  t = base_;
+  t["post_processor"]["special_tokens"]["<s>"]["ids"] = json::array({970});
+  cases.push_back({"special token id past the vocabulary", t, "'post_processor'"});
+  t = base_;
+  t["post_processor"]["special_tokens"]["<s>"]["ids"] = json::array({-1});
+  cases.push_back({"negative special token id", t, "'post_processor.special_tokens.<s>.ids'"});
+  t = base_;
+  t["post_processor"]["special_tokens"]["<s>"]["ids"] = json::array({4294967297});
+  cases.push_back({"special token id past int32", t, "'post_processor.special_tokens.<s>.ids'"});
 
   for (const Case& c : cases) {
     absl::Status status = LoadWith(c.tokenizer);
