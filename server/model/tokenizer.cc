@@ -1286,8 +1286,8 @@ class BpeTokenizer : public Tokenizer {
   }
 
   int64_t vocab_size() const override {
-    int32_t end = model_.end_id();
-    for (const AddedToken& token : added_) end = std::max(end, token.id + 1);
+    int64_t end = model_.end_id();
+    for (const AddedToken& token : added_) end = std::max(end, int64_t{token.id} + 1);
     return end;
   }
   std::optional<int32_t> bos_token_id() const override { return bos_id_; }
@@ -1510,7 +1510,11 @@ class BpeTokenizer : public Tokenizer {
         return c.Error(path, "expected a string or {\"content\": ...}");
       }
       if (token.content.empty() || added_by_content_.contains(token.content)) continue;
-      token.id = model_.TokenToId(token.content).value_or(static_cast<int32_t>(vocab_size()));
+      const std::optional<int32_t> id = model_.TokenToId(token.content);
+      if (!id.has_value() && vocab_size() >= std::numeric_limits<int32_t>::max()) {
+        return c.Error(path, "is a new token, but no token id is left after the vocabulary's");
+      }
+      token.id = id.value_or(static_cast<int32_t>(vocab_size()));
       AddToken(std::move(token));
       added_any = true;
     }
