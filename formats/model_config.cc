@@ -21,6 +21,23 @@ using json = nlohmann::json;
 
 constexpr const char* kSupportedTypes[] = {"llama", "mistral", "qwen2"};
 
+// Far above any model (2^60 ≈ 1.2e18 parameters), and low enough that the
+// parameter count and its float32 bytes fit in int64_t.
+constexpr long double kMaxParameters = 1152921504606846976.0L;  // 2^60
+
+// ParameterCount's sum in long double, which cannot overflow for any sizes.
+long double ApproxParameterCount(const ModelConfig& c) {
+  const long double hidden = c.hidden_size;
+  const long double q_width = static_cast<long double>(c.num_attention_heads) * c.head_dim;
+  const long double kv_width = static_cast<long double>(c.num_key_value_heads) * c.head_dim;
+  const long double embeddings = static_cast<long double>(c.vocab_size) * hidden;
+  const long double attention = hidden * (q_width + 2 * kv_width) + q_width * hidden +
+                                (c.attention_bias ? q_width + 2 * kv_width : 0);
+  const long double mlp = 3 * hidden * c.intermediate_size;
+  return embeddings * (c.tie_word_embeddings ? 1 : 2) +
+         static_cast<long double>(c.num_hidden_layers) * (attention + mlp + 2 * hidden) + hidden;
+}
+
 // `--load-format dummy` presets, written as the config.json of each model so
 // that they go through the same parsing, defaults and validation as real ones.
 struct Preset {
@@ -342,6 +359,13 @@ absl::StatusOr<ModelConfig> ParseConfigObject(const json& root, absl::string_vie
   // transformers 5 renamed torch_dtype to dtype.
   ASSIGN_OR_RETURN(config.torch_dtype,
                    top.String(top.Find("torch_dtype") != nullptr ? "torch_dtype" : "dtype", ""));
+  // Each size may be valid alone and their products still overflow.
+  if (const long double parameters = ApproxParameterCount(config); parameters > kMaxParameters) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": the sizes (vocab_size, hidden_size, intermediate_size, num_hidden_layers, ",
+        "heads, head_dim) make ", static_cast<double>(parameters),
+        " parameters; expected at most 2^60"));
+  }
   return config;
 }
 

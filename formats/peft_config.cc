@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/json_depth.h"
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -201,6 +202,10 @@ absl::StatusOr<std::vector<std::pair<std::shared_ptr<const PeftPattern>, T>>> Ke
 
 absl::StatusOr<PeftLoraConfig> PeftLoraConfig::Parse(absl::string_view json_text,
                                                      const std::string& path) {
+  if (JsonDeeperThan(json_text, kMaxJsonDepth)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": nests arrays and objects deeper than ", kMaxJsonDepth, " levels"));
+  }
   const Json json = Json::parse(json_text.begin(), json_text.end(), nullptr,
                                 /*allow_exceptions=*/false);
   if (json.is_discarded() || !json.is_object()) {

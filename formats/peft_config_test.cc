@@ -179,6 +179,16 @@ TEST(PeftConfigTest, RefusalsNameTheField) {
   EXPECT_THAT(Error(R"("trainable_token_indices": [1, 2])"), HasSubstr("trainable_token_indices"));
 }
 
+// Found by reading the code behind the fuzz targets: a field's error message
+// dumped the offending value, and dump() recurses once per level, so an
+// uploaded config of nested arrays overflowed the server's stack.
+TEST(PeftConfigTest, RefusesDeeplyNestedConfigsBeforeParsing) {
+  const std::string deep = std::string(1000000, '[') + std::string(1000000, ']');
+  EXPECT_THAT(Error(R"("target_modules": )" + deep),
+              AllOf(HasSubstr(kPath), HasSubstr("deeper than 64 levels")));
+  EXPECT_THAT(Error(R"("target_modules": [[["q_proj"]]])"), HasSubstr("target_modules"));
+}
+
 TEST(PeftConfigTest, MalformedFieldsNameTheFieldAndWhatWasExpected) {
   EXPECT_THAT(PeftLoraConfig::Parse("{", kPath).status().message(),
               AllOf(HasSubstr(kPath), HasSubstr("JSON")));

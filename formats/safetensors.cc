@@ -16,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "base/json_depth.h"
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -301,6 +302,13 @@ absl::Status SafetensorsFile::Index(const uint8_t* base, uint64_t file_bytes) {
   const uint64_t data_offset = 8 + header_bytes;
   const uint64_t data_bytes = file_bytes - data_offset;
 
+  const absl::string_view header_text(reinterpret_cast<const char*>(base + 8), header_bytes);
+  if (JsonDeeperThan(header_text, kMaxJsonDepth)) {
+    return absl::InvalidArgumentError(absl::StrCat("safetensors file ", path,
+                                                   ": header nests arrays and objects deeper "
+                                                   "than ",
+                                                   kMaxJsonDepth, " levels"));
+  }
   json header;
   try {
     header = json::parse(base + 8, base + data_offset);

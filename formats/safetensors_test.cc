@@ -232,6 +232,20 @@ TEST(SafetensorsFileTest, FromBufferMatchesOpen) {
   }
 }
 
+// Found by reading the code behind the fuzz targets: a shape's error message
+// dumped it, and dump() recurses once per level, so an uploaded header of
+// nested arrays overflowed the stack.
+TEST(SafetensorsFileTest, RefusesDeeplyNestedHeadersBeforeParsing) {
+  const std::string deep = std::string(1000000, '[') + std::string(1000000, ']');
+  const std::string bytes =
+      Serialize(R"({"t": {"dtype": "F32", "shape": [)" + deep + R"(], "data_offsets": [0, 0]}})", "");
+  auto file = SafetensorsFile::FromBuffer(bytes, "upload.safetensors");
+  ASSERT_FALSE(file.ok());
+  EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(file.status().message(),
+              AllOf(HasSubstr("upload.safetensors"), HasSubstr("deeper than 64 levels")));
+}
+
 TEST(SafetensorsFileTest, MissingFileIsNotFound) {
   std::string path = TestDir() + "/absent.safetensors";
   auto file = SafetensorsFile::Open(path);

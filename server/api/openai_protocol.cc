@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/json_depth.h"
 #include "base/status_macros.h"
 #include "server/api/tenants.h"
 
@@ -23,6 +24,10 @@ absl::Status FieldError(absl::string_view field, absl::string_view expected, con
 }
 
 absl::StatusOr<json> ParseObject(absl::string_view body) {
+  if (JsonDeeperThan(body, kMaxJsonDepth)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the request body nests arrays and objects deeper than ", kMaxJsonDepth, " levels"));
+  }
   json parsed = json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
   if (parsed.is_discarded()) {
     return absl::InvalidArgumentError("the request body is not valid JSON");

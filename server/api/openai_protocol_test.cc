@@ -104,6 +104,28 @@ TEST(ParseCompletionRequestTest, RejectsBadBodiesNamingTheField) {
   }
 }
 
+// Found by reading the code behind the fuzz targets: a field's error message
+// dumped the offending value, and dump() recurses once per level, so a body
+// of nested arrays overflowed the gateway thread's stack.
+TEST(ParseCompletionRequestTest, RefusesDeeplyNestedBodiesBeforeParsing) {
+  const std::string deep = std::string(1000000, '[') + std::string(1000000, ']');
+  for (const std::string& body :
+       {R"({"model": "m", "prompt": "x", "stop": )" + deep + "}",
+        R"({"model": "m", "prompt": [)" + deep + "]}", R"({"lora_name": )" + deep + "}"}) {
+    absl::StatusOr<CompletionRequest> request = ParseCompletionRequest(body, {});
+    ASSERT_FALSE(request.ok());
+    EXPECT_THAT(request.status().message(), HasSubstr("deeper than 64 levels"));
+    EXPECT_FALSE(ParseChatRequest(body, {}).ok());
+    EXPECT_FALSE(ParseStringFields(body, {"lora_name"}).ok());
+  }
+  const std::string nested_64 = std::string(63, '[') + "1" + std::string(63, ']');
+  EXPECT_THAT(
+      ParseCompletionRequest(R"({"model": "m", "prompt": "x", "stop": )" + nested_64 + "}", {})
+          .status()
+          .message(),
+      HasSubstr("\"stop\" must be"));
+}
+
 TEST(ParseChatRequestTest, ReadsMessagesAndLogprobs) {
   absl::StatusOr<ChatRequest> request = ParseChatRequest(
       R"({"model": "m", "messages": [{"role": "system", "content": "Be brief."},

@@ -62,9 +62,11 @@ absl::Status UploadAssembler::Begin(const v1::UploadHeader& header) {
     return absl::InvalidArgumentError(
         absl::StrCat("header.total_bytes: must be positive, got ", header.total_bytes()));
   }
-  const int64_t size =
-      header.total_bytes() + static_cast<int64_t>(header.adapter_config_json().size());
-  if (size > max_upload_bytes_) {
+  // Both are at least 0 here, so neither the difference nor the unsigned sum
+  // can overflow (total_bytes may be near INT64_MAX).
+  const int64_t config_bytes = static_cast<int64_t>(header.adapter_config_json().size());
+  if (header.total_bytes() > max_upload_bytes_ - config_bytes) {
+    const uint64_t size = static_cast<uint64_t>(header.total_bytes()) + config_bytes;
     return absl::ResourceExhaustedError(
         absl::StrCat("upload of ", header.id(), ": ", size,
                      " bytes (header.total_bytes + adapter_config_json) exceed "

@@ -1,5 +1,6 @@
 #include "server/api/upload_assembler.h"
 
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -74,6 +75,17 @@ TEST(UploadAssemblerTest, RefusesBadHeaders) {
   UploadAssembler big(kLimit);
   EXPECT_TRUE(
       absl::IsResourceExhausted(big.Feed(Header("x", std::string(kLimit - 1, 'a'), "{ }"))));
+}
+
+// Found by tests/fuzz (upload_stream): total_bytes near INT64_MAX plus the
+// config's size overflowed int64_t before the limit was checked.
+TEST(UploadAssemblerTest, RefusesATotalNearTheInt64Limit) {
+  v1::UploadAdapterRequest header = Header("x", "ab", "{}");
+  header.mutable_header()->set_total_bytes(std::numeric_limits<int64_t>::max());
+  UploadAssembler upload(kLimit);
+  const absl::Status status = upload.Feed(header);
+  EXPECT_TRUE(absl::IsResourceExhausted(status)) << status;
+  EXPECT_THAT(status.message(), HasSubstr("9223372036854775809 bytes"));
 }
 
 TEST(UploadAssemblerTest, CountsAndHashesTheBytes) {

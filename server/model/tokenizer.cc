@@ -1177,8 +1177,11 @@ absl::Status ReadPostProcessors(const JsonReader& r, const json& value,
           ASSIGN_OR_RETURN(const json* ids, r.Array(*special, ids_path, "ids"));
           TemplateItem entry{false, {}};
           for (const json& id : *ids) {
-            if (!id.is_number_integer()) return r.Error(ids_path + ".ids", "expected integers");
-            entry.ids.push_back(id.get<int32_t>());
+            if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
+                id.get<int64_t>() >= std::numeric_limits<int32_t>::max()) {
+              return r.Error(ids_path + ".ids", "expected token ids");
+            }
+            entry.ids.push_back(static_cast<int32_t>(id.get<int64_t>()));
           }
           tmpl.push_back(std::move(entry));
         }
@@ -1283,8 +1286,8 @@ class BpeTokenizer : public Tokenizer {
   }
 
   int64_t vocab_size() const override {
-    int32_t end = model_.end_id();
-    for (const AddedToken& token : added_) end = std::max(end, token.id + 1);
+    int64_t end = model_.end_id();
+    for (const AddedToken& token : added_) end = std::max(end, int64_t{token.id} + 1);
     return end;
   }
   std::optional<int32_t> bos_token_id() const override { return bos_id_; }
@@ -1350,6 +1353,18 @@ class BpeTokenizer : public Tokenizer {
     // and adds nothing when there is no post-processor.
     if (const auto it = tok.find("post_processor"); it != tok.end() && !it->is_null()) {
       RETURN_IF_ERROR(ReadPostProcessors(r, *it, &templates_));
+    }
+    // Encode returns these ids as they are: each must be a token the model has.
+    for (const Template& tmpl : templates_) {
+      for (const TemplateItem& item : tmpl) {
+        for (int32_t id : item.ids) {
+          if (id < 0 || id >= vocab_size()) {
+            return r.Error("post_processor",
+                           absl::StrCat("special token id ", id, " is outside the vocabulary (",
+                                        vocab_size(), " ids)"));
+          }
+        }
+      }
     }
 
     if (const auto it = config.find("chat_template"); it != config.end() && !it->is_null()) {
@@ -1495,7 +1510,11 @@ class BpeTokenizer : public Tokenizer {
         return c.Error(path, "expected a string or {\"content\": ...}");
       }
       if (token.content.empty() || added_by_content_.contains(token.content)) continue;
-      token.id = model_.TokenToId(token.content).value_or(static_cast<int32_t>(vocab_size()));
+      const std::optional<int32_t> id = model_.TokenToId(token.content);
+      if (!id.has_value() && vocab_size() >= std::numeric_limits<int32_t>::max()) {
+        return c.Error(path, "is a new token, but no token id is left after the vocabulary's");
+      }
+      token.id = id.value_or(static_cast<int32_t>(vocab_size()));
       AddToken(std::move(token));
       added_any = true;
     }

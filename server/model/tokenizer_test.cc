@@ -20,6 +20,7 @@ namespace loraserve::model {
 namespace {
 
 using json = nlohmann::json;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 const std::string kSharedModel = std::string(LORASERVE_SHARED_DIR) + "/models/aidreams-260k";
@@ -385,6 +386,17 @@ TEST_F(MalformedTokenizerTest, ErrorsNameFileAndField) {
   t = base_;
   t["added_tokens"][0]["content"] = 5;
   cases.push_back({"added token content", t, "'added_tokens[0].content'"});
+  // Found by tests/fuzz (tokenizer_load): template ids were not checked, so
+  // Encode returned ids outside the vocabulary.
+  t = base_;
+  t["post_processor"]["special_tokens"]["<s>"]["ids"] = json::array({970});
+  cases.push_back({"special token id past the vocabulary", t, "'post_processor'"});
+  t = base_;
+  t["post_processor"]["special_tokens"]["<s>"]["ids"] = json::array({-1});
+  cases.push_back({"negative special token id", t, "'post_processor.special_tokens.<s>.ids'"});
+  t = base_;
+  t["post_processor"]["special_tokens"]["<s>"]["ids"] = json::array({4294967297});
+  cases.push_back({"special token id past int32", t, "'post_processor.special_tokens.<s>.ids'"});
 
   for (const Case& c : cases) {
     absl::Status status = LoadWith(c.tokenizer);
@@ -392,6 +404,24 @@ TEST_F(MalformedTokenizerTest, ErrorsNameFileAndField) {
     EXPECT_THAT(status.message(), HasSubstr("tokenizer.json")) << c.label;
     EXPECT_THAT(status.message(), HasSubstr(c.field)) << c.label;
   }
+}
+
+// Found by reading the code behind the tokenizer_load fuzz target: the
+// config's special tokens take the ids after the vocabulary, and with its
+// largest id at 2^31 - 2 the next one overflowed int32.
+TEST_F(MalformedTokenizerTest, NoIdLeftForTheConfigsSpecialTokens) {
+  const std::string tokenizer_json =
+      R"({"model": {"type": "BPE", "vocab": {"a": 2147483646}, "merges": []}})";
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::FromJson(
+      tokenizer_json, R"({"bos_token": "<b>", "eos_token": "<e>"})", "inline");
+  ASSERT_FALSE(tokenizer.ok());
+  EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(tokenizer.status().message(),
+              AllOf(HasSubstr("tokenizer_config.json"), HasSubstr("'bos_token'"),
+                    HasSubstr("no token id is left")));
+  tokenizer = Tokenizer::FromJson(tokenizer_json, "", "inline");
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  EXPECT_EQ((*tokenizer)->vocab_size(), 2147483647);
 }
 
 TEST_F(MalformedTokenizerTest, TokenizerJsonAloneIsReadAsIs) {

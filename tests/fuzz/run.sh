@@ -63,10 +63,14 @@ for target in "${targets[@]}"; do
   fi
 
   cp -r "$here/corpus/$target/." "$work/$target/corpus/"
+  # Inputs as long as the longest seed (at least libFuzzer's 4096): a regression input
+  # may be far longer (it has run whole above) without making every mutation that long.
+  max_len=$(find "$here/corpus/$target" -type f -printf '%s\n' | sort -n | tail -n 1)
+  [ "${max_len:-0}" -lt 4096 ] && max_len=4096
   corpus_dirs=("$work/$target/corpus")
   [ -d "$regressions" ] && corpus_dirs+=("$regressions")
   log="$work/$target/fuzz.log"
-  "$binary" "${options[@]}" -max_total_time="$seconds" -print_final_stats=1 \
+  "$binary" "${options[@]}" -max_len="$max_len" -max_total_time="$seconds" -print_final_stats=1 \
     "${corpus_dirs[@]}" > "$log" 2>&1
   rc=$?
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
