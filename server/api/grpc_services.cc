@@ -41,8 +41,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   // Finish and OnDone) can overtake it.
   void Start(absl::StatusOr<engine::GenerationRequest> request) {
     std::shared_ptr<Channel> channel = channel_;
+    engine::EngineLoop* const loop = loop_;
     Action action;
     bool cancel = false;
+    engine::RequestId cancel_id = 0;
     {
       std::lock_guard<std::mutex> channel_lock(channel->mu);
       bool client_gone;
@@ -79,10 +81,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
         submitted_ = true;
         // The client may have gone while Submit ran.
         cancel = cancel_requested_;
+        cancel_id = id_;
       }
     }
-    if (cancel) loop_->Cancel(id_);
-    Run(action);
+    // Once the locks are released the request's last event may finish the
+    // stream and OnDone delete the reactor: no member is read from here on.
+    if (cancel) loop->Cancel(cancel_id);
+    // Set only when this call ends the stream itself, which keeps it alive until then.
+    if (action.finish) Run(action);
   }
 
   void OnWriteDone(bool ok) override {

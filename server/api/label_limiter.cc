@@ -3,7 +3,7 @@
 namespace loraserve::api {
 
 std::string LabelLimiter::Bound(absl::string_view value) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (seen_.contains(value)) return std::string(value);
   if (seen_.size() < max_values_) {
     seen_.emplace(value);

@@ -11,12 +11,11 @@
 #define LORASERVE_SERVER_API_LABEL_LIMITER_H_
 
 #include <cstddef>
+#include <mutex>
 #include <string>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 
 namespace loraserve::api {
 
@@ -28,8 +27,9 @@ class LabelLimiter {
 
  private:
   const size_t max_values_;
-  absl::Mutex mu_;
-  absl::flat_hash_set<std::string> seen_ ABSL_GUARDED_BY(mu_);
+  // std::mutex, not absl::Mutex: TSan cannot see Debian's uninstrumented libabsl lock.
+  std::mutex mu_;
+  absl::flat_hash_set<std::string> seen_;  // guarded by mu_
 };
 
 }  // namespace loraserve::api

@@ -197,7 +197,7 @@ RateLimiter::Decision RateLimiter::Admit(absl::string_view tenant) {
   const bool tokens_on = limits_.tokens_per_minute > 0;
   if (!requests_on && !tokens_on) return {};
 
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   Buckets& buckets = RefillLocked(tenant);
   // Refill arithmetic in doubles may land a hair below a whole request at the
   // moment retry_after promised one.
@@ -232,7 +232,7 @@ RateLimiter::Decision RateLimiter::Admit(absl::string_view tenant) {
 
 void RateLimiter::ChargeTokens(absl::string_view tenant, int64_t tokens) {
   if (limits_.tokens_per_minute <= 0) return;
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   RefillLocked(tenant).tokens -= static_cast<double>(tokens);
 }
 
