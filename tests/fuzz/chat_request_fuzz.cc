@@ -9,10 +9,10 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace loraserve::api;
-  static const std::vector<formats::ChatTemplate> kTemplates = [] {
-    std::vector<formats::ChatTemplate> templates;
+  static const std::vector<loraserve::formats::ChatTemplate> kTemplates = [] {
+    std::vector<loraserve::formats::ChatTemplate> templates;
     for (const char* name : {"llama-2", "llama-3", "chatml", "mistral"}) {
-      templates.push_back(*formats::ChatTemplate::FromName(name));
+      templates.push_back(*loraserve::formats::ChatTemplate::FromName(name));
     }
     return templates;
   }();
@@ -26,7 +26,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FUZZ_CHECK(!request->sampling.model.empty());
   FUZZ_CHECK(request->sampling.n >= 1 && request->sampling.n <= limits.max_choices);
   FUZZ_CHECK(request->sampling.top_logprobs <= limits.max_top_logprobs);
-  for (const formats::ChatTemplate& chat_template : kTemplates) {
+  for (const loraserve::formats::ChatTemplate& chat_template : kTemplates) {
     absl::StatusOr<std::string> prompt = chat_template.Render(request->messages);
     if (!prompt.ok()) JsonText(ErrorBody(prompt.status()));
   }

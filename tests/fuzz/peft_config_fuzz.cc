@@ -40,8 +40,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const std::vector<std::string> kModules = LlamaModules();
   const std::vector<absl::string_view> parts = loraserve::fuzz::SplitInput(
       loraserve::fuzz::AsText(data, size), absl::string_view("\0", 1), 8);
-  absl::StatusOr<formats::PeftLoraConfig> config =
-      formats::PeftLoraConfig::Parse(parts[0], "adapter_config.json");
+  absl::StatusOr<loraserve::formats::PeftLoraConfig> config =
+      loraserve::formats::PeftLoraConfig::Parse(parts[0], "adapter_config.json");
   if (!config.ok()) return 0;
   FUZZ_CHECK(config->r() >= 1);
   // Refused at Parse, so never targeted afterwards.

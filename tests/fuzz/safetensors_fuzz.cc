@@ -23,8 +23,8 @@ void CheckInside(const uint8_t* data, size_t size, const uint8_t* begin, size_t 
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace loraserve::model;
-  absl::StatusOr<std::unique_ptr<formats::SafetensorsFile>> file =
-      formats::SafetensorsFile::FromBuffer(loraserve::fuzz::AsText(data, size), "fuzz.safetensors");
+  absl::StatusOr<std::unique_ptr<loraserve::formats::SafetensorsFile>> file =
+      loraserve::formats::SafetensorsFile::FromBuffer(loraserve::fuzz::AsText(data, size), "fuzz.safetensors");
   if (!file.ok()) return 0;
   for (const auto& [name, info] : (*file)->tensors()) {
     CheckInside(data, size, info.data, info.bytes);
