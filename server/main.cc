@@ -568,9 +568,9 @@ absl::Status Serve() {
   bool shut_down = false;
   if (drained.get_future().wait_until(absl::ToChronoTime(drain_deadline)) !=
       std::future_status::ready) {
-    // Streams past the deadline: cancelling their calls ends them (and lets
-    // the engine loop's drain return; it does not stop a busy engine at its
-    // deadline by itself).
+    // The engine loop's drain ends its requests at the deadline (UNAVAILABLE);
+    // should it still not return (a call blocked elsewhere), shutting the
+    // calls down ends them.
     server->Shutdown(absl::ToChronoTime(absl::Now()));
     shut_down = true;
   }

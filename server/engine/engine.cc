@@ -419,19 +419,21 @@ absl::Status Engine::ForwardAndSample(const model::ForwardInput& in,
 
 void Engine::Cancel(RequestId id) { cancel_requests_.insert(id); }
 
-void Engine::CancelAll() { cancel_all_ = true; }
+void Engine::AbortAll(absl::Status why) { abort_all_ = std::move(why); }
 
 void Engine::DropCancelled() {
-  if (cancel_requests_.empty() && !cancel_all_) return;
+  if (cancel_requests_.empty() && abort_all_.ok()) return;
   for (auto* queue : {&running_, &waiting_}) {
     for (auto& seq : *queue) {
-      if (cancel_all_ || cancel_requests_.count(seq->id)) {
+      if (!abort_all_.ok()) {
+        Finish(*seq, FinishReason::kError, abort_all_);
+      } else if (cancel_requests_.count(seq->id)) {
         Finish(*seq, FinishReason::kCancelled, {});
       }
     }
   }
   cancel_requests_.clear();
-  cancel_all_ = false;
+  abort_all_ = absl::OkStatus();
   RemoveFinished();
 }
 

@@ -134,7 +134,9 @@ class Engine {
   // The request ends before the next step (final event: kCancelled) and
   // its KV blocks go back to the pool; unknown ids are ignored.
   void Cancel(RequestId id);
-  void CancelAll();
+  // Every request ends before the next step with `why` (final event: kError):
+  // a shutdown past its drain deadline.
+  void AbortAll(absl::Status why);
   // Runs one batched forward pass and delivers its tokens. Prompts longer
   // than the step's token budget are prefilled in chunks over several steps.
   // A failed forward pass ends that step's requests with kError (and returns
@@ -198,7 +200,7 @@ class Engine {
   std::vector<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
   std::set<RequestId> cancel_requests_;
-  bool cancel_all_ = false;
+  absl::Status abort_all_;  // not OK: AbortAll's reason, for the next step
   std::map<std::string, int64_t> served_;  // tenant -> tokens served (virtual time)
 };
 

@@ -111,7 +111,12 @@ void EngineLoop::Run() {
       }
     }
     for (RequestId id : cancelled) engine_->Cancel(id);
-    if (stop) engine_->CancelAll();  // whatever is left ends now, with its final event
+    // Whatever is left ends now, with its final event: the clients should
+    // retry elsewhere (UNAVAILABLE), not take it for their own cancellation.
+    if (stop) {
+      engine_->AbortAll(absl::UnavailableError(
+          "the server shut down before this request finished (--drain-seconds); retry it"));
+    }
     if (engine_->HasWork() || stop) {
       if (absl::Status status = engine_->Step(); !status.ok() && !stop) {
         // The failed step's requests already got their error event; a step
