@@ -759,9 +759,8 @@ absl::StatusOr<v1::AdapterInfo> HttpGateway::Impl::Upload(const Principal& who,
         bytes += info.bytes();
       }
     }
-    RETURN_IF_ERROR(CheckQuota(options_.tenant_quota, who.tenant, count, bytes,
-                               form.float32_bytes, existing.ok(),
-                               existing.ok() ? existing->bytes() : 0));
+    RETURN_IF_ERROR(CheckQuota(options_.tenant_quota, who.tenant, count, bytes, form.float32_bytes,
+                               existing.ok(), existing.ok() ? existing->bytes() : 0));
   }
 
   grpc::ClientContext context;

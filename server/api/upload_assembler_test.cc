@@ -57,7 +57,8 @@ TEST(UploadAssemblerTest, RefusesMessagesOutOfOrder) {
   UploadAssembler after_last(kLimit);
   ASSERT_TRUE(after_last.Feed(Header("x", "ab")).ok());
   ASSERT_TRUE(after_last.Feed(Chunk("a", true)).ok());
-  EXPECT_THAT(after_last.Feed(Chunk("b", false)).message(), HasSubstr("after the chunk marked last"));
+  EXPECT_THAT(after_last.Feed(Chunk("b", false)).message(),
+              HasSubstr("after the chunk marked last"));
   UploadAssembler nothing(kLimit);
   EXPECT_THAT(nothing.Finish().message(), HasSubstr("sent no messages"));
 }
@@ -72,8 +73,8 @@ TEST(UploadAssemblerTest, RefusesBadHeaders) {
   UploadAssembler empty(kLimit);
   EXPECT_THAT(empty.Feed(Header("x", "")).message(), HasSubstr("must be positive"));
   UploadAssembler big(kLimit);
-  EXPECT_TRUE(absl::IsResourceExhausted(
-      big.Feed(Header("x", std::string(kLimit - 1, 'a'), "{ }"))));
+  EXPECT_TRUE(
+      absl::IsResourceExhausted(big.Feed(Header("x", std::string(kLimit - 1, 'a'), "{ }"))));
 }
 
 // Found by tests/fuzz (upload_stream): total_bytes near INT64_MAX plus the

@@ -8,8 +8,8 @@
 
 namespace loraserve::api {
 
-absl::StatusOr<UploadForm> ParseUploadForm(
-    const Principal& who, const std::map<std::string, absl::string_view>& fields) {
+absl::StatusOr<UploadForm> ParseUploadForm(const Principal& who,
+                                           const std::map<std::string, absl::string_view>& fields) {
   for (const char* field : {"name", "adapter_config.json", "adapter_model.safetensors"}) {
     if (fields.count(field) == 0) {
       return absl::InvalidArgumentError(

@@ -30,11 +30,11 @@ inline constexpr absl::string_view kUploadFormFields =
     "(and optionally replace=true)";
 
 struct UploadForm {
-  std::string id;  // canonical "tenant/name" (AdapterAccess::OwnedId)
+  std::string id;                               // canonical "tenant/name" (AdapterAccess::OwnedId)
   absl::string_view adapter_config_json;        // into the fields' contents
   absl::string_view adapter_model_safetensors;  // likewise
   bool replace = false;                         // field replace is "true"
-  int64_t float32_bytes = 0;  // the tensors' elements × 4
+  int64_t float32_bytes = 0;                    // the tensors' elements × 4
 };
 
 // `fields`: the form's field contents by name (the first of a repeated name),

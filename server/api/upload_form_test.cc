@@ -15,15 +15,16 @@ const Principal kAcme = {"acme", Role::kTenant};
 
 // Two F32 tensors of 2×3 and 4 elements.
 std::string Tensors() {
-  return model::SerializeSafetensors({{"a", "F32", {2, 3}, std::string(24, '\0')},
-                                      {"b", "BF16", {4}, std::string(8, '\0')}});
+  return model::SerializeSafetensors(
+      {{"a", "F32", {2, 3}, std::string(24, '\0')}, {"b", "BF16", {4}, std::string(8, '\0')}});
 }
 
 TEST(ParseUploadFormTest, ReadsTheFields) {
   const std::string tensors = Tensors();
-  absl::StatusOr<UploadForm> form = ParseUploadForm(
-      kAcme, {{"name", "x"}, {"adapter_config.json", "{}"},
-              {"adapter_model.safetensors", tensors}, {"replace", "true"}});
+  absl::StatusOr<UploadForm> form = ParseUploadForm(kAcme, {{"name", "x"},
+                                                            {"adapter_config.json", "{}"},
+                                                            {"adapter_model.safetensors", tensors},
+                                                            {"replace", "true"}});
   ASSERT_TRUE(form.ok()) << form.status();
   EXPECT_EQ(form->id, "acme/x");
   EXPECT_EQ(form->adapter_config_json, "{}");
@@ -31,8 +32,10 @@ TEST(ParseUploadFormTest, ReadsTheFields) {
   EXPECT_TRUE(form->replace);
   EXPECT_EQ(form->float32_bytes, (6 + 4) * 4);
 
-  form = ParseUploadForm(kAcme, {{"name", "x"}, {"adapter_config.json", "{}"},
-                                 {"adapter_model.safetensors", tensors}, {"replace", "yes"}});
+  form = ParseUploadForm(kAcme, {{"name", "x"},
+                                 {"adapter_config.json", "{}"},
+                                 {"adapter_model.safetensors", tensors},
+                                 {"replace", "yes"}});
   ASSERT_TRUE(form.ok()) << form.status();
   EXPECT_FALSE(form->replace);
 }
@@ -48,7 +51,8 @@ TEST(ParseUploadFormTest, NamesWhatIsWrong) {
                                   .status();
   EXPECT_TRUE(absl::IsPermissionDenied(other_tenant)) << other_tenant;
   absl::Status truncated =
-      ParseUploadForm(kAcme, {{"name", "x"}, {"adapter_config.json", "{}"},
+      ParseUploadForm(kAcme, {{"name", "x"},
+                              {"adapter_config.json", "{}"},
                               {"adapter_model.safetensors", tensors.substr(0, 20)}})
           .status();
   EXPECT_TRUE(absl::IsInvalidArgument(truncated)) << truncated;

@@ -26,8 +26,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     fuzz::WriteFileOrDie(dir + "/model.safetensors.index.json", parts[0]);
     const size_t shards = parts.size() - 1;
     for (size_t i = 1; i < parts.size(); ++i) {
-      fuzz::WriteFileOrDie(
-          absl::StrCat(dir, "/model-0000", i, "-of-0000", shards, ".safetensors"), parts[i]);
+      fuzz::WriteFileOrDie(absl::StrCat(dir, "/model-0000", i, "-of-0000", shards, ".safetensors"),
+                           parts[i]);
     }
   } else if (parts.size() > 1) {
     fuzz::WriteFileOrDie(dir + "/model.safetensors", parts[1]);

@@ -21,13 +21,12 @@
 
 // Aborts with the condition's text when an invariant of the code under test
 // does not hold: a finding, like a sanitizer's.
-#define FUZZ_CHECK(condition)                                                         \
-  do {                                                                                \
-    if (!(condition)) {                                                               \
-      std::fprintf(stderr, "%s:%d: FUZZ_CHECK failed: %s\n", __FILE__, __LINE__,      \
-                   #condition);                                                       \
-      std::abort();                                                                   \
-    }                                                                                 \
+#define FUZZ_CHECK(condition)                                                                 \
+  do {                                                                                        \
+    if (!(condition)) {                                                                       \
+      std::fprintf(stderr, "%s:%d: FUZZ_CHECK failed: %s\n", __FILE__, __LINE__, #condition); \
+      std::abort();                                                                           \
+    }                                                                                         \
   } while (0)
 
 namespace loraserve::fuzz {
@@ -97,9 +96,9 @@ inline const std::string& ScratchDir() {
   }();
   static const bool cleanup_registered = [] {
     return std::atexit([] {
-      std::error_code ignored;
-      std::filesystem::remove_all(ScratchDir(), ignored);
-    }) == 0;
+             std::error_code ignored;
+             std::filesystem::remove_all(ScratchDir(), ignored);
+           }) == 0;
   }();
   (void)cleanup_registered;
   return dir;

@@ -15,9 +15,9 @@ namespace {
 std::vector<std::string> LlamaModules() {
   std::vector<std::string> names = {"lm_head", "model.embed_tokens", "model.norm"};
   for (int layer : {0, 1, 3, 10, 31}) {
-    for (const char* module : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                               "mlp.down_proj"}) {
+    for (const char* module :
+         {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}) {
       names.push_back(absl::StrCat("model.layers.", layer, ".", module));
     }
   }

@@ -13,7 +13,8 @@ namespace {
 volatile uint8_t sink;
 
 void CheckInside(const uint8_t* data, size_t size, const uint8_t* begin, size_t bytes) {
-  FUZZ_CHECK(begin >= data && bytes <= size && begin - data <= static_cast<ptrdiff_t>(size - bytes));
+  FUZZ_CHECK(begin >= data && bytes <= size &&
+             begin - data <= static_cast<ptrdiff_t>(size - bytes));
   if (bytes > 0) sink = begin[0] ^ begin[bytes - 1];  // ASan checks both ends
 }
 

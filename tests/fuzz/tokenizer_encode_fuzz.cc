@@ -59,8 +59,7 @@ void CheckStreaming(const Tokenizer& tok, const std::vector<int32_t>& ids, size_
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const std::unique_ptr<Tokenizer> kShared = LoadOrDie(LORASERVE_SHARED_TOKENIZER_DIR);
-  static const std::unique_ptr<Tokenizer> kByteLevel =
-      LoadOrDie(LORASERVE_BYTELEVEL_TOKENIZER_DIR);
+  static const std::unique_ptr<Tokenizer> kByteLevel = LoadOrDie(LORASERVE_BYTELEVEL_TOKENIZER_DIR);
   if (size == 0) return 0;
   const uint8_t flags = data[0];
   const Tokenizer& tok = (flags & 1) ? *kByteLevel : *kShared;

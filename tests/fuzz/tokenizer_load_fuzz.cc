@@ -11,10 +11,13 @@
 
 namespace {
 
-constexpr const char* kTexts[] = {
-    "", "Hello world", " leading and  double  spaces ", "Tab\tnew\nline\r\n",
-    "<s>special</s> <unk> <|endoftext|>", "caf\xC3\xA9 \xE2\x96\x81 \xF0\x9F\x98\x80 \xE4\xB8\xAD",
-    "1234567890 !?.,;:'\"()[]{}"};
+constexpr const char* kTexts[] = {"",
+                                  "Hello world",
+                                  " leading and  double  spaces ",
+                                  "Tab\tnew\nline\r\n",
+                                  "<s>special</s> <unk> <|endoftext|>",
+                                  "caf\xC3\xA9 \xE2\x96\x81 \xF0\x9F\x98\x80 \xE4\xB8\xAD",
+                                  "1234567890 !?.,;:'\"()[]{}"};
 
 }  // namespace
 

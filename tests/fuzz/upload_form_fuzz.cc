@@ -37,6 +37,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // A tenant's upload lands in its own namespace.
   FUZZ_CHECK(who.is_admin() || absl::StartsWith(form->id, who.tenant + "/"));
   FUZZ_CHECK(api::AdapterAccess::CanChange(who, form->id));
-  FUZZ_CHECK(form->adapter_model_safetensors.data() == fields.at("adapter_model.safetensors").data());
+  FUZZ_CHECK(form->adapter_model_safetensors.data() ==
+             fields.at("adapter_model.safetensors").data());
   return 0;
 }

@@ -62,7 +62,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     UploadAdapterRequest request;
     switch (record.tag % 4) {
       case 0:
-        if (!request.ParseFromArray(record.payload.data(), static_cast<int>(record.payload.size()))) {
+        if (!request.ParseFromArray(record.payload.data(),
+                                    static_cast<int>(record.payload.size()))) {
           continue;
         }
         break;
@@ -100,8 +101,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   if (failed || !upload.Finish().ok()) return 0;
   const v1::UploadHeader& header = upload.header();
-  FUZZ_CHECK(header.total_bytes() > 0 && header.total_bytes() == static_cast<int64_t>(received.size()));
-  FUZZ_CHECK(header.total_bytes() + static_cast<int64_t>(header.adapter_config_json().size()) <= kLimit);
+  FUZZ_CHECK(header.total_bytes() > 0 &&
+             header.total_bytes() == static_cast<int64_t>(received.size()));
+  FUZZ_CHECK(header.total_bytes() + static_cast<int64_t>(header.adapter_config_json().size()) <=
+             kLimit);
   FUZZ_CHECK(header.sha256() == Sha256Hex(received));
   return 0;
 }
