@@ -257,8 +257,8 @@ TEST(ModelConfigTest, EachInvalidFieldHasItsOwnError) {
 // Found by tests/fuzz (model_config): sizes each valid alone whose product
 // overflowed int64_t in ParameterCount.
 TEST(ModelConfigTest, RejectsSizesWhoseParameterCountOverflows) {
-  const Fields huge = With(With(MinimalLlama(), "vocab_size", "1099511627776"), "hidden_size",
-                           "1099511627776");
+  const Fields huge =
+      With(With(MinimalLlama(), "vocab_size", "1099511627776"), "hidden_size", "1099511627776");
   auto config = Parse(huge);
   ASSERT_FALSE(config.ok());
   EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
@@ -267,8 +267,8 @@ TEST(ModelConfigTest, RejectsSizesWhoseParameterCountOverflows) {
   // Large, but a count that fits: accepted, and counted exactly.
   auto large = Parse(With(MinimalLlama(), "vocab_size", "4294967296"));
   ASSERT_TRUE(large.ok()) << large.status();
-  EXPECT_EQ(ParameterCount(*large), ParameterCount(*Parse(MinimalLlama())) +
-                                        (int64_t{4294967296} - 512) * 64 * 2);
+  EXPECT_EQ(ParameterCount(*large),
+            ParameterCount(*Parse(MinimalLlama())) + (int64_t{4294967296} - 512) * 64 * 2);
 }
 
 TEST(ModelConfigTest, RejectsMalformedJson) {

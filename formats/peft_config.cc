@@ -203,8 +203,8 @@ absl::StatusOr<std::vector<std::pair<std::shared_ptr<const PeftPattern>, T>>> Ke
 absl::StatusOr<PeftLoraConfig> PeftLoraConfig::Parse(absl::string_view json_text,
                                                      const std::string& path) {
   if (JsonDeeperThan(json_text, kMaxJsonDepth)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": nests arrays and objects deeper than ", kMaxJsonDepth, " levels"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": nests arrays and objects deeper than ", kMaxJsonDepth, " levels"));
   }
   const Json json = Json::parse(json_text.begin(), json_text.end(), nullptr,
                                 /*allow_exceptions=*/false);

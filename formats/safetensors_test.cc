@@ -237,8 +237,8 @@ TEST(SafetensorsFileTest, FromBufferMatchesOpen) {
 // nested arrays overflowed the stack.
 TEST(SafetensorsFileTest, RefusesDeeplyNestedHeadersBeforeParsing) {
   const std::string deep = std::string(1000000, '[') + std::string(1000000, ']');
-  const std::string bytes =
-      Serialize(R"({"t": {"dtype": "F32", "shape": [)" + deep + R"(], "data_offsets": [0, 0]}})", "");
+  const std::string bytes = Serialize(
+      R"({"t": {"dtype": "F32", "shape": [)" + deep + R"(], "data_offsets": [0, 0]}})", "");
   auto file = SafetensorsFile::FromBuffer(bytes, "upload.safetensors");
   ASSERT_FALSE(file.ok());
   EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument);

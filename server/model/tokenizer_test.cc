@@ -412,8 +412,8 @@ TEST_F(MalformedTokenizerTest, ErrorsNameFileAndField) {
 TEST_F(MalformedTokenizerTest, NoIdLeftForTheConfigsSpecialTokens) {
   const std::string tokenizer_json =
       R"({"model": {"type": "BPE", "vocab": {"a": 2147483646}, "merges": []}})";
-  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::FromJson(
-      tokenizer_json, R"({"bos_token": "<b>", "eos_token": "<e>"})", "inline");
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
+      Tokenizer::FromJson(tokenizer_json, R"({"bos_token": "<b>", "eos_token": "<e>"})", "inline");
   ASSERT_FALSE(tokenizer.ok());
   EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(tokenizer.status().message(),

@@ -70,9 +70,11 @@ for target in "${targets[@]}"; do
   corpus_dirs=("$work/$target/corpus")
   [ -d "$regressions" ] && corpus_dirs+=("$regressions")
   log="$work/$target/fuzz.log"
+  started=$(date +%s)
   "$binary" "${options[@]}" -max_len="$max_len" -max_total_time="$seconds" -print_final_stats=1 \
     "${corpus_dirs[@]}" > "$log" 2>&1
   rc=$?
+  elapsed=$(( $(date +%s) - started ))
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
   new_units=$(sed -n 's/^stat::new_units_added: *//p' "$log" | tail -n 1)
@@ -91,8 +93,8 @@ for target in "${targets[@]}"; do
     mkdir -p "$FUZZ_KEEP_CORPUS/$target"
     cp -r "$work/$target/corpus/." "$FUZZ_KEEP_CORPUS/$target/"
   fi
-  summary+=("$(printf '%-20s %6ss %12s execs %8s exec/s  crashes %d  regressions %d  cov %s -> %s  new units %s  corpus %s' \
-    "$target" "$seconds" "${execs:-?}" "${rate:-?}" "$crashes" "${#inputs[@]}" \
+  summary+=("$(printf '%-20s %5ss of %ss %12s execs %8s exec/s  crashes %d  regressions %d  cov %s -> %s  new units %s  corpus %s' \
+    "$target" "$elapsed" "$seconds" "${execs:-?}" "${rate:-?}" "$crashes" "${#inputs[@]}" \
     "${cov_start:-?}" "${cov_end:-?}" "${new_units:-?}" "${corpus:-?}")")
   echo "${summary[-1]}"
 done
