@@ -46,14 +46,16 @@ fail() {
 }
 
 echo "== deploy/docker/flags_from_env names every serve flag (help text not marked generate: or gateway:)"
-"$BIN" --help 2>&1 | python3 -c '
+# --help exits 1 (Abseil's way): its text is kept, its status not.
+help_text="$("$BIN" --help 2>&1 || true)"
+python3 -c '
 import re, sys
 flags = re.findall(r"^    --(\w+) \((.*?)\); *\n?\s*default:", sys.stdin.read(), re.S | re.M)
 serve = {name for name, text in flags if not re.match(r"(generate|gateway):", " ".join(text.split()))}
 listed = set(open(sys.argv[1]).read().split("--tryfromenv=")[1].strip().split(","))
 if not flags or serve != listed:
     sys.exit(f"flags_from_env: missing {sorted(serve - listed)}, not serve flags {sorted(listed - serve)}")
-' "$REPO/deploy/docker/flags_from_env" || fail "deploy/docker/flags_from_env is out of date"
+' "$REPO/deploy/docker/flags_from_env" <<<"$help_text" || fail "deploy/docker/flags_from_env is out of date"
 
 echo "== build: scripts/build_image.sh $FLAVOR"
 start=$(date +%s)
