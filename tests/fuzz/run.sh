@@ -63,9 +63,16 @@ for target in "${targets[@]}"; do
   fi
 
   cp -r "$here/corpus/$target/." "$work/$target/corpus/"
+  # Whole shared files as seeds (shared_seeds/TARGET: paths under ../shared, one a line),
+  # read where they are rather than copied into the repository.
+  if [ -f "$here/shared_seeds/$target" ]; then
+    while read -r path; do
+      cp "$here/../../../shared/$path" "$work/$target/corpus/shared-$(basename "$(dirname "$path")")-$(basename "$path")"
+    done <"$here/shared_seeds/$target"
+  fi
   # Inputs as long as the longest seed (at least libFuzzer's 4096): a regression input
   # may be far longer (it has run whole above) without making every mutation that long.
-  max_len=$(find "$here/corpus/$target" -type f -printf '%s\n' | sort -n | tail -n 1)
+  max_len=$(find "$work/$target/corpus" -type f -printf '%s\n' | sort -n | tail -n 1)
   [ "${max_len:-0}" -lt 4096 ] && max_len=4096
   corpus_dirs=("$work/$target/corpus")
   [ -d "$regressions" ] && corpus_dirs+=("$regressions")
