@@ -263,17 +263,23 @@ absl::StatusOr<AdapterHandle> AdapterRegistry::ReloadLocked(std::unique_lock<std
 absl::StatusOr<AdapterHandle> AdapterRegistry::Acquire(absl::string_view id) {
   ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
   std::unique_lock<std::mutex> lock(mu_);
+  return AcquireLocked(lock, canonical, /*resolve=*/true);
+}
+
+absl::StatusOr<AdapterHandle> AdapterRegistry::AcquireLocked(std::unique_lock<std::mutex>& lock,
+                                                             const std::string& id, bool resolve) {
   bool counted = false;
   while (true) {
-    if (entries_.count(canonical) == 0) {
-      RETURN_IF_ERROR(ResolveLocked(lock, canonical));
+    if (entries_.count(id) == 0) {
+      if (!resolve) return NotLoadedError(id);
+      RETURN_IF_ERROR(ResolveLocked(lock, id));
       if (!counted) {  // resolved: loaded into this tier for this call
         ++host_stats_.misses;
         counted = true;
       }
       continue;
     }
-    Entry* entry = &entries_.at(canonical);
+    Entry* entry = &entries_.at(id);
     entry->last_used = ++clock_;
     if (entry->resident != nullptr) {
       if (!counted) ++host_stats_.hits;
@@ -288,7 +294,7 @@ absl::StatusOr<AdapterHandle> AdapterRegistry::Acquire(absl::string_view id) {
       continue;
     }
     entry->loading = true;
-    ASSIGN_OR_RETURN(AdapterHandle handle, ReloadLocked(lock, canonical));
+    ASSIGN_OR_RETURN(AdapterHandle handle, ReloadLocked(lock, id));
     if (handle != nullptr) return handle;
     // Replaced or unloaded while loading: look again.
   }
@@ -334,9 +340,12 @@ bool AdapterRegistry::IsResident(absl::string_view id) const {
 
 absl::Status AdapterRegistry::Pin(absl::string_view id) {
   ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
-  std::lock_guard<std::mutex> lock(mu_);
-  ASSIGN_OR_RETURN(Entry * entry, FindLocked(canonical));
-  entry->info.pinned = true;
+  std::unique_lock<std::mutex> lock(mu_);
+  // Pinned means resident: an evicted adapter is reloaded first, and one that
+  // cannot get room is not pinned. The lock is held from the acquire on, so
+  // nothing evicts it before the pin is set.
+  RETURN_IF_ERROR(AcquireLocked(lock, canonical, /*resolve=*/false).status());
+  entries_.at(canonical).info.pinned = true;
   return absl::OkStatus();
 }
 

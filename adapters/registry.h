@@ -151,7 +151,8 @@ class AdapterRegistry {
   absl::Status Prefetch(absl::string_view id);
   // False for unknown ids.
   bool IsResident(absl::string_view id) const;
-  // A pinned adapter is never evicted from the host tier.
+  // A pinned adapter is never evicted from the host tier; pinning an evicted
+  // one reloads it (RESOURCE_EXHAUSTED when it cannot get room). No resolution.
   absl::Status Pin(absl::string_view id);
   absl::Status Unpin(absl::string_view id);
 
@@ -194,6 +195,10 @@ class AdapterRegistry {
   // unloaded meanwhile.
   absl::StatusOr<AdapterHandle> ReloadLocked(std::unique_lock<std::mutex>& lock,
                                              const std::string& id);
+  // Acquire of a canonical id; resolves an unregistered one only if `resolve`.
+  // Returns with the lock held and the handle resident in its entry.
+  absl::StatusOr<AdapterHandle> AcquireLocked(std::unique_lock<std::mutex>& lock,
+                                              const std::string& id, bool resolve);
   void PrefetchWorker();
 
   const AdapterRegistryOptions options_;

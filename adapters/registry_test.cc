@@ -247,6 +247,26 @@ TEST(AdapterRegistryTest, EvictionUnderTheHostBudgetRespectsPinsAndUse) {
   EXPECT_EQ(registry->stats().host.hits, stats.host.hits + 1);
 }
 
+TEST(AdapterRegistryTest, PinningAnEvictedAdapterReloadsIt) {
+  auto registry = MakeRegistry(/*host_budget_bytes=*/kSmallBytes + kSmallBytes / 2);
+  ASSERT_TRUE(registry->Load("t/x", WriteSmallAdapter(FreshDir("x"), 4, 1)).ok());
+  ASSERT_TRUE(registry->Load("t/y", WriteSmallAdapter(FreshDir("y"), 4, 2)).ok());  // evicts x
+  ASSERT_FALSE(registry->IsResident("t/x"));
+  const int64_t loads = registry->stats().host.loads;
+
+  ASSERT_TRUE(registry->Pin("t/x").ok());
+  EXPECT_TRUE(registry->IsResident("t/x")) << "a pinned adapter is resident";
+  EXPECT_TRUE(registry->Get("t/x")->pinned);
+  EXPECT_FALSE(registry->IsResident("t/y")) << "y made room for it";
+  EXPECT_EQ(registry->stats().host.loads, loads + 1);
+
+  // y cannot come back while x is pinned and the budget holds one; y stays unpinned.
+  const absl::Status pin_y = registry->Pin("t/y");
+  EXPECT_EQ(pin_y.code(), absl::StatusCode::kResourceExhausted) << pin_y;
+  EXPECT_FALSE(registry->Get("t/y")->pinned);
+  EXPECT_EQ(registry->Pin("t/unknown").code(), absl::StatusCode::kNotFound);
+}
+
 TEST(AdapterRegistryTest, AdapterLargerThanTheWholeBudget) {
   auto registry = MakeRegistry(/*host_budget_bytes=*/kSmallBytes / 2);
   absl::StatusOr<AdapterInfo> info = registry->Load("t/x", SharedAdapter("qv-r4"));

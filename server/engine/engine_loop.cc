@@ -10,8 +10,9 @@ namespace loraserve::engine {
 
 EngineLoop::EngineLoop(Engine* engine, EngineLoopOptions options)
     : engine_(engine), options_(options) {
-  // Scrapes before the first step see the idle engine's bounds, not zeros.
-  snapshot_.adapters = engine_->adapter_activity();
+  // Scrapes before the first step see the idle engine's bounds (KV blocks,
+  // adapter slots), not zeros. No other thread runs yet: no lock needed.
+  RefreshSnapshotLocked();
 }
 
 EngineLoop::~EngineLoop() { Drain(absl::ZeroDuration()); }
@@ -97,6 +98,9 @@ void EngineLoop::Run() {
       ids.swap(incoming_ids_);
       cancelled.swap(cancelled_);
       stop = stop_;
+      // Until the snapshot is refreshed after this step, the requests taken
+      // here count as waiting: Submit's queue bound and Drain see them.
+      snapshot_.waiting += static_cast<int64_t>(incoming.size());
     }
     for (size_t i = 0; i < incoming.size(); ++i) {
       auto& [request, callback] = incoming[i];
@@ -129,26 +133,30 @@ void EngineLoop::Run() {
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
-      snapshot_.running = engine_->num_running();
-      snapshot_.waiting = engine_->num_waiting();
-      snapshot_.adapters = engine_->adapter_activity();
-      snapshot_.kv_blocks_total = engine_->kv_cache().num_blocks();
-      snapshot_.kv_blocks_used = snapshot_.kv_blocks_total - engine_->kv_cache().free_blocks();
-      snapshot_.kv_cache_bytes = engine_->kv_cache().bytes();
-      snapshot_.stats = engine_->stats();
-      if (engine_->device_adapters() != nullptr) {
-        const adapters::DeviceAdapterCache& device = *engine_->device_adapters();
-        // The set only changes with an upload or an eviction.
-        if (device.stats().misses != snapshot_.device_adapters.misses ||
-            device.stats().evictions != snapshot_.device_adapters.evictions) {
-          snapshot_.device_resident_hashes = device.ResidentHashes();
-        }
-        snapshot_.device_adapters = device.stats();
-        snapshot_.device_adapter_budget_bytes = device.budget_bytes();
-      }
+      RefreshSnapshotLocked();
       wake_.notify_all();  // Drain watches the counts
       if (stop && !engine_->HasWork()) return;
     }
+  }
+}
+
+void EngineLoop::RefreshSnapshotLocked() {
+  snapshot_.running = engine_->num_running();
+  snapshot_.waiting = engine_->num_waiting();
+  snapshot_.adapters = engine_->adapter_activity();
+  snapshot_.kv_blocks_total = engine_->kv_cache().num_blocks();
+  snapshot_.kv_blocks_used = snapshot_.kv_blocks_total - engine_->kv_cache().free_blocks();
+  snapshot_.kv_cache_bytes = engine_->kv_cache().bytes();
+  snapshot_.stats = engine_->stats();
+  if (engine_->device_adapters() != nullptr) {
+    const adapters::DeviceAdapterCache& device = *engine_->device_adapters();
+    // The set only changes with an upload or an eviction.
+    if (device.stats().misses != snapshot_.device_adapters.misses ||
+        device.stats().evictions != snapshot_.device_adapters.evictions) {
+      snapshot_.device_resident_hashes = device.ResidentHashes();
+    }
+    snapshot_.device_adapters = device.stats();
+    snapshot_.device_adapter_budget_bytes = device.budget_bytes();
   }
 }
 

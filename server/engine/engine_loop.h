@@ -79,6 +79,8 @@ class EngineLoop {
 
  private:
   void Run();
+  // Copies the engine's counts into snapshot_ (mu_ held, or before Start).
+  void RefreshSnapshotLocked();
 
   Engine* engine_;
   const EngineLoopOptions options_;

@@ -217,6 +217,37 @@ TEST(EngineLoopTest, RejectsBadRequestsAndAFullQueue) {
             absl::StatusCode::kResourceExhausted);
 }
 
+TEST(EngineLoopTest, TheQueueBoundCountsRequestsTheEngineThreadHasTakenButNotStepped) {
+  // One running, two queued: while nothing has finished, at most three are accepted,
+  // however the submissions interleave with the engine thread taking them.
+  Fixture f({.max_running_requests = 1});
+  EngineLoop loop(f.engine.get(), {.max_queued_requests = 2});
+  loop.Start();
+  std::atomic<int> finished{0};
+  int accepted = 0;
+  for (int i = 0; i < 200 && finished.load() == 0; ++i) {
+    absl::StatusOr<RequestId> id = loop.Submit(Greedy(Prompt(3), 120), [&](const TokenEvent& e) {
+      if (e.finish != FinishReason::kNone) ++finished;
+    });
+    if (id.ok()) {
+      ++accepted;
+    } else {
+      ASSERT_EQ(id.status().code(), absl::StatusCode::kResourceExhausted) << id.status();
+    }
+    EXPECT_LE(accepted, 3 + finished.load()) << "after " << i + 1 << " submissions";
+  }
+  loop.Drain(absl::Seconds(30));
+}
+
+TEST(EngineLoopTest, TheSnapshotHasTheCacheBoundsBeforeTheFirstStep) {
+  Fixture f;
+  EngineLoop loop(f.engine.get(), {});
+  const EngineSnapshot snapshot = loop.Snapshot();
+  EXPECT_EQ(snapshot.kv_blocks_total, f.cache->num_blocks());
+  EXPECT_EQ(snapshot.kv_blocks_used, 0);
+  EXPECT_EQ(snapshot.kv_cache_bytes, static_cast<int64_t>(f.cache->bytes()));
+}
+
 TEST(EngineLoopTest, CancelAndDrain) {
   Fixture f;
   EngineLoop loop(f.engine.get(), {});
