@@ -4,17 +4,19 @@
 // nlohmann::json parses and frees any depth without recursing, but dump()
 // (the text of a value in an error message) and code that walks values
 // recurse once per level: a body of a few hundred kB of "[[[[...]]]]"
-// overflows a thread's stack there. Parsers of text from clients (request
-// bodies, uploaded adapters) refuse more than kMaxJsonDepth levels first;
-// real files nest a handful.
+// overflows a thread's stack there. Every parser of JSON (request bodies,
+// uploaded adapters, the model's and tokenizer's files) refuses more than
+// kMaxJsonDepth levels first; real files nest a handful.
 //
 // A pure function; any thread.
 //
 // Example:
-//   if (JsonDeeperThan(body, kMaxJsonDepth)) return absl::InvalidArgumentError("...");
+//   RETURN_IF_ERROR(CheckJsonDepth(body, "the request body"));
 #ifndef LORASERVE_BASE_JSON_DEPTH_H_
 #define LORASERVE_BASE_JSON_DEPTH_H_
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 
 namespace loraserve {
@@ -46,6 +48,14 @@ inline bool JsonDeeperThan(absl::string_view text, int max_depth) {
     }
   }
   return false;
+}
+
+// InvalidArgument naming `what` (a file, "the request body") when `text` nests
+// deeper than kMaxJsonDepth; OK otherwise.
+inline absl::Status CheckJsonDepth(absl::string_view text, absl::string_view what) {
+  if (!JsonDeeperThan(text, kMaxJsonDepth)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(what, " nests arrays and objects deeper than ", kMaxJsonDepth, " levels"));
 }
 
 }  // namespace loraserve

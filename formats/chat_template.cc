@@ -8,6 +8,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "base/json_depth.h"
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -194,6 +195,7 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
   }
   std::ostringstream text;
   text << in.rdbuf();
+  RETURN_IF_ERROR(CheckJsonDepth(text.str(), path));
   const json config = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
   if (!config.is_object()) {
     return absl::InvalidArgumentError(

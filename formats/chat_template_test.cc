@@ -197,6 +197,15 @@ TEST_F(FromTokenizerConfigTest, ListFormUsesTheDefaultEntry) {
   EXPECT_THAT(no_default.status().message(), HasSubstr("default"));
 }
 
+TEST_F(FromTokenizerConfigTest, DeepNestingIsRefusedBeforeParsing) {
+  const std::string dir = ModelDir(R"({"chat_template": "x", "y": )" + std::string(100, '[') +
+                                   std::string(100, ']') + "}");
+  absl::StatusOr<ChatTemplate> chat_template = ChatTemplate::FromTokenizerConfig(dir);
+  EXPECT_EQ(chat_template.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(chat_template.status().message(),
+              AllOf(HasSubstr("tokenizer_config.json"), HasSubstr("deeper than 64 levels")));
+}
+
 TEST_F(FromTokenizerConfigTest, MissingTemplateIsNotFoundAndPointsAtTheFlag) {
   absl::StatusOr<ChatTemplate> no_field =
       ChatTemplate::FromTokenizerConfig(ModelDir(json{{"bos_token", "<s>"}}));

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/json_depth.h"
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -183,6 +184,7 @@ class FieldReader {
 };
 
 absl::StatusOr<json> ParseJsonObject(absl::string_view text, absl::string_view source) {
+  RETURN_IF_ERROR(CheckJsonDepth(text, source));
   json object;
   try {
     object = json::parse(text.begin(), text.end());

@@ -81,6 +81,15 @@ TEST(ModelConfigTest, SharedTinyModel) {
   EXPECT_EQ(ParameterCount(*config), 230976);
 }
 
+TEST(ModelConfigTest, DeepNestingIsRefusedBeforeParsing) {
+  const std::string deep =
+      R"({"model_type": "llama", "x": )" + std::string(100, '[') + std::string(100, ']') + "}";
+  absl::StatusOr<ModelConfig> config = ParseModelConfig(deep, "deep/config.json");
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(config.status().message(),
+              AllOf(HasSubstr("deep/config.json"), HasSubstr("deeper than 64 levels")));
+}
+
 TEST(ModelConfigTest, DefaultsFollowHuggingFace) {
   auto llama = Parse(MinimalLlama());
   ASSERT_TRUE(llama.ok()) << llama.status();

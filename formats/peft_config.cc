@@ -202,10 +202,7 @@ absl::StatusOr<std::vector<std::pair<std::shared_ptr<const PeftPattern>, T>>> Ke
 
 absl::StatusOr<PeftLoraConfig> PeftLoraConfig::Parse(absl::string_view json_text,
                                                      const std::string& path) {
-  if (JsonDeeperThan(json_text, kMaxJsonDepth)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": nests arrays and objects deeper than ", kMaxJsonDepth, " levels"));
-  }
+  RETURN_IF_ERROR(CheckJsonDepth(json_text, path));
   const Json json = Json::parse(json_text.begin(), json_text.end(), nullptr,
                                 /*allow_exceptions=*/false);
   if (json.is_discarded() || !json.is_object()) {

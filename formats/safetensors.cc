@@ -303,12 +303,8 @@ absl::Status SafetensorsFile::Index(const uint8_t* base, uint64_t file_bytes) {
   const uint64_t data_bytes = file_bytes - data_offset;
 
   const absl::string_view header_text(reinterpret_cast<const char*>(base + 8), header_bytes);
-  if (JsonDeeperThan(header_text, kMaxJsonDepth)) {
-    return absl::InvalidArgumentError(absl::StrCat("safetensors file ", path,
-                                                   ": header nests arrays and objects deeper "
-                                                   "than ",
-                                                   kMaxJsonDepth, " levels"));
-  }
+  RETURN_IF_ERROR(
+      CheckJsonDepth(header_text, absl::StrCat("the header of safetensors file ", path)));
   json header;
   try {
     header = json::parse(base + 8, base + data_offset);

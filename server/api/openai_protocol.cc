@@ -24,10 +24,7 @@ absl::Status FieldError(absl::string_view field, absl::string_view expected, con
 }
 
 absl::StatusOr<json> ParseObject(absl::string_view body) {
-  if (JsonDeeperThan(body, kMaxJsonDepth)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the request body nests arrays and objects deeper than ", kMaxJsonDepth, " levels"));
-  }
+  RETURN_IF_ERROR(CheckJsonDepth(body, "the request body"));
   json parsed = json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
   if (parsed.is_discarded()) {
     return absl::InvalidArgumentError("the request body is not valid JSON");

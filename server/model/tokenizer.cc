@@ -31,6 +31,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "base/json_depth.h"
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -1206,6 +1207,8 @@ class BpeTokenizer : public Tokenizer {
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Build(absl::string_view tokenizer_json,
                                                           absl::string_view config_json,
                                                           absl::string_view source) {
+    RETURN_IF_ERROR(CheckJsonDepth(tokenizer_json, absl::StrCat(source, "/tokenizer.json")));
+    RETURN_IF_ERROR(CheckJsonDepth(config_json, absl::StrCat(source, "/tokenizer_config.json")));
     json tok = json::parse(tokenizer_json, nullptr, /*allow_exceptions=*/false);
     if (tok.is_discarded() || !tok.is_object()) {
       return absl::InvalidArgumentError(
@@ -1272,10 +1275,7 @@ class BpeTokenizer : public Tokenizer {
     std::vector<std::string> tokens;
     tokens.reserve(ids.size());
     for (int32_t id : ids) {
-      if (const auto it = added_by_id_.find(id); it != added_by_id_.end()) {
-        const AddedToken& token = added_[it->second];
-        if (!(skip_special_tokens && token.special)) tokens.push_back(token.content);
-      } else if (const std::string* token = model_.IdToToken(id)) {
+      if (const std::string* token = TokenToDecode(id, skip_special_tokens)) {
         tokens.push_back(*token);
       }
     }
@@ -1283,6 +1283,10 @@ class BpeTokenizer : public Tokenizer {
     if (decoders_.empty()) return absl::StrJoin(tokens, " ");
     for (const auto& decoder : decoders_) decoder->Decode(&tokens);
     return absl::StrJoin(tokens, "");
+  }
+
+  bool IsDroppedByDecode(int32_t id, bool skip_special_tokens) const override {
+    return TokenToDecode(id, skip_special_tokens) == nullptr;
   }
 
   int64_t vocab_size() const override {
@@ -1303,6 +1307,16 @@ class BpeTokenizer : public Tokenizer {
 
  private:
   BpeTokenizer() = default;
+
+  // The string the decoders get for `id`; null when Decode drops it (outside
+  // the vocabulary, or a special token while skipping them).
+  const std::string* TokenToDecode(int32_t id, bool skip_special_tokens) const {
+    if (const auto it = added_by_id_.find(id); it != added_by_id_.end()) {
+      const AddedToken& token = added_[it->second];
+      return skip_special_tokens && token.special ? nullptr : &token.content;
+    }
+    return model_.IdToToken(id);
+  }
 
   absl::Status Init(const json& tok, const json& config, absl::string_view source) {
     const JsonReader r(absl::StrCat(source, "/tokenizer.json"));
@@ -1629,6 +1643,10 @@ IncrementalDecoder::IncrementalDecoder(const Tokenizer& tokenizer, std::vector<i
 }
 
 std::string IncrementalDecoder::Append(int32_t id) {
+  // Decode drops such an id before its decoders run, so leaving it out of the
+  // window changes no text; kept in, a long run of them (EOS after EOS with
+  // ignore_eos) would make every step re-decode the whole run.
+  if (tokenizer_.IsDroppedByDecode(id, skip_special_tokens_)) return "";
   ids_.push_back(id);
   return Advance(/*at_end=*/false);
 }

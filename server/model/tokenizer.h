@@ -51,6 +51,10 @@ class Tokenizer {
   // vocabulary decode to nothing. Incomplete UTF-8 sequences become U+FFFD, as
   // in `tokenizers`.
   virtual std::string Decode(absl::Span<const int32_t> ids, bool skip_special_tokens) const = 0;
+  // True when Decode leaves `id` out before decoding the rest (an id outside
+  // the vocabulary, or a special token when skipping them): no neighbour's
+  // text depends on it.
+  virtual bool IsDroppedByDecode(int32_t id, bool skip_special_tokens) const = 0;
 
   virtual int64_t vocab_size() const = 0;  // including added tokens
   virtual std::optional<int32_t> bos_token_id() const = 0;

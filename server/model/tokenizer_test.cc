@@ -235,6 +235,32 @@ TEST_F(SharedTokenizerTest, FlushEmitsAnIncompleteCharacterAtTheEnd) {
   EXPECT_EQ(decoder.Flush(), "");
 }
 
+// Ids that Decode drops (skipped special tokens, ids outside the vocabulary) are
+// left out of the decoder's window: the text is the same, even between the bytes
+// of one character, and a long run of them costs nothing at each step.
+TEST_F(SharedTokenizerTest, DroppedIdsInTheStreamChangeNoText) {
+  EXPECT_TRUE(tokenizer_->IsDroppedByDecode(2, /*skip_special_tokens=*/true));  // </s>
+  EXPECT_FALSE(tokenizer_->IsDroppedByDecode(2, /*skip_special_tokens=*/false));
+  EXPECT_TRUE(tokenizer_->IsDroppedByDecode(100000, false));
+  EXPECT_TRUE(tokenizer_->IsDroppedByDecode(-1, false));
+  EXPECT_FALSE(tokenizer_->IsDroppedByDecode(13, true));  // <0x0A>
+
+  const json golden = json::parse(ReadFileOrDie(kGoldenDir + "/aidreams-260k.json"));
+  const std::vector<int32_t> greedy = golden["greedy_ids"];
+  std::vector<int32_t> generated(greedy.begin() + 1, greedy.begin() + 20);
+  generated.insert(generated.end(), 5000, 2);  // ignore_eos: EOS after EOS
+  generated.push_back(3 + 0xE2);               // "✓", byte by byte, EOS between
+  generated.push_back(2);
+  generated.push_back(3 + 0x9C);
+  generated.push_back(100000);
+  generated.push_back(3 + 0x93);
+  generated.insert(generated.end(), greedy.begin() + 20, greedy.end());
+  for (bool skip_special : {true, false}) {
+    EXPECT_TRUE(CheckIncremental(*tokenizer_, {greedy[0]}, generated, skip_special,
+                                 "greedy with dropped ids"));
+  }
+}
+
 TEST_F(SharedTokenizerTest, Pieces) {
   EXPECT_EQ(tokenizer_->IdToPiece(13), "<0x0A>");
   EXPECT_EQ(tokenizer_->IdToPiece(1), "<s>");
@@ -435,6 +461,20 @@ TEST_F(MalformedTokenizerTest, TokenizerJsonAloneIsReadAsIs) {
   ASSERT_TRUE(ids.ok()) << ids.status();
   EXPECT_EQ(*ids, (std::vector<int32_t>{1, 429, 429, 458}));
   EXPECT_FALSE((*tokenizer)->bos_token_id().has_value());
+}
+
+// Either file nesting past base/json_depth.h's bound is refused before parsing:
+// code that walks JSON values recurses once per level.
+TEST_F(MalformedTokenizerTest, DeepNestingIsRefusedInEitherFile) {
+  const std::string deep = R"({"x": )" + std::string(100, '[') + std::string(100, ']') + "}";
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::FromJson(deep, "", "inline");
+  EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(tokenizer.status().message(),
+              AllOf(HasSubstr("inline/tokenizer.json"), HasSubstr("deeper than 64 levels")));
+  tokenizer = Tokenizer::FromJson(base_.dump(), deep, "inline");
+  EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(tokenizer.status().message(),
+              AllOf(HasSubstr("inline/tokenizer_config.json"), HasSubstr("deeper than 64 levels")));
 }
 
 }  // namespace
