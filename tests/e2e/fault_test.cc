@@ -4,7 +4,7 @@
 // disconnect, read slowly or send byte by byte; uploads cut off or filling
 // the disk; exhausted KV, adapter and queue budgets. Each asserts that
 // nothing is lost and prints a `FIGURES` line (requests sent and failed,
-// memory before and after, times) for tests/e2e/RELIABILITY_SECTION.md.
+// memory before and after, times) for README's "Reliability" section.
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <iostream>
 #include <map>
 #include <mutex>
 #include <set>
@@ -42,6 +43,14 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 constexpr char kBase[] = "aidreams-260k";  // the base model's name in the HTTP API
+
+// In a sanitizer build (scripts/test.sh --sanitize=...) the server's RSS is the
+// sanitizer's: ASan keeps freed memory in quarantine and shadow grows with use.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kRssTracksTheHeap = false;
+#else
+constexpr bool kRssTracksTheHeap = true;
+#endif
 
 // A temporary directory, removed with everything in it.
 class TempDir {
@@ -349,8 +358,13 @@ TEST(FaultAdapterChurn, LoadReplaceUnloadUnderStreamingLoadLosesNothing) {
   EXPECT_EQ(left_in_store, 0) << "uploads of unloaded versions left in --upload-dir";
   // Flat within 4 MiB over thousands more requests and dozens of adapter
   // versions, once the server has been busy; 32 MiB from idle (threads).
-  EXPECT_LT(rss_after - rss_loaded, 4 << 10);
-  EXPECT_LT(rss_after - rss_before, 32 << 10);
+  if (kRssTracksTheHeap) {
+    EXPECT_LT(rss_after - rss_loaded, 4 << 10);
+    EXPECT_LT(rss_after - rss_before, 32 << 10);
+  } else {
+    std::cout << "RSS bounds not checked in a sanitizer build (its allocator holds freed "
+                 "memory back; LeakSanitizer checks leaks there)\n";
+  }
 }
 
 // ---------------------------------------------------------------------------
