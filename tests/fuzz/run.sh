@@ -10,10 +10,12 @@
 # commit it under tests/fuzz/regressions/TARGET/.
 #
 # Usage: tests/fuzz/run.sh BUILD_DIR SECONDS [TARGET...]   (TARGET: e.g. safetensors; default all)
-# Env: FUZZ_KEEP_CORPUS=DIR keeps each grown corpus in DIR/TARGET/.
+# Env: FUZZ_KEEP_CORPUS=DIR keeps each grown corpus in DIR/TARGET/; FUZZ_SEED=N fixes
+# libFuzzer's random seed (CI: the same mutations on every run of the same code; without it
+# each run draws its own and explores further).
 set -uo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 here=$(cd "$(dirname "$0")" && pwd)
@@ -44,6 +46,7 @@ for target in "${targets[@]}"; do
   regressions="$here/regressions/$target"
   options=(-timeout=30 -rss_limit_mb=2048 -artifact_prefix="$artifacts/")
   [ -f "$here/dicts/$target.dict" ] && options+=(-dict="$here/dicts/$target.dict")
+  [ -n "${FUZZ_SEED:-}" ] && options+=(-seed="$FUZZ_SEED")
   # The scratch files of targets that read directories go where they are cleaned up.
   export TMPDIR="$work/$target/tmp"
 
