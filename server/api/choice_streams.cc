@@ -4,6 +4,7 @@
 
 #include "absl/time/clock.h"
 #include "server/api/grpc_services.h"
+#include "server/api/status_mapping.h"
 
 namespace loraserve::api {
 

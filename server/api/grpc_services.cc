@@ -102,8 +102,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
         action = NextLocked();
       } else {  // the client went away
         cancel = submitted_ && !last_received_;
-        action =
-            FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "stream closed by the client"));
+        action = FinishLocked(ToGrpcStatus(absl::CancelledError("stream closed by the client")));
       }
     }
     if (cancel) loop_->Cancel(id_);
@@ -149,7 +148,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     if (finished_) return {};
     if (event.finish == engine::FinishReason::kCancelled) {
       last_received_ = true;
-      return FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "request cancelled"));
+      return FinishLocked(ToGrpcStatus(absl::CancelledError("request cancelled")));
     }
     if (event.finish == engine::FinishReason::kError) {
       end_status_ =
@@ -240,15 +239,6 @@ void CopyBucketCounts(const BucketCounts& from, v1::Histogram* to) {
 }
 
 }  // namespace
-
-grpc::Status ToGrpcStatus(const absl::Status& status) {
-  if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
-}
-
-absl::Status FromGrpcStatus(const grpc::Status& status) {
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
-}
 
 grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
                                       const absl::Status& status) {

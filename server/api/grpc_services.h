@@ -15,8 +15,7 @@
 // current version (the registry reloads evicted adapters from it) and is
 // removed when the id is replaced or unloaded.
 //
-// absl::Status ↔ grpc::Status translation happens in ToGrpcStatus and
-// FromGrpcStatus, once.
+// absl::Status ↔ grpc::Status translation happens in status_mapping.h, once.
 //
 // Ownership and threading: the services borrow the engine loop, registry and
 // tokenizer, which must outlive the gRPC server; every method is called on
@@ -42,14 +41,11 @@
 #include "loraserve/v1/adapters.grpc.pb.h"
 #include "loraserve/v1/inference.grpc.pb.h"
 #include "server/api/job_queue.h"
+#include "server/api/status_mapping.h"
 #include "server/engine/engine_loop.h"
 #include "server/model/tokenizer.h"
 
 namespace loraserve::api {
-
-// absl and gRPC share their status codes; the message is kept.
-grpc::Status ToGrpcStatus(const absl::Status& status);
-absl::Status FromGrpcStatus(const grpc::Status& status);
 
 // Finishes a unary call with `status` (translated by ToGrpcStatus).
 grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,

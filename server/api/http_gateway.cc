@@ -22,7 +22,6 @@
 #include <utility>
 #include <vector>
 
-#include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -36,6 +35,7 @@
 #include "server/api/choice_streams.h"
 #include "server/api/gateway_metrics.h"
 #include "server/api/grpc_services.h"
+#include "server/api/status_mapping.h"
 #include "server/api/upload_form.h"
 
 namespace loraserve::api {
@@ -44,8 +44,6 @@ namespace {
 using nlohmann::json;
 
 constexpr int64_t kUploadChunkBytes = int64_t{1} << 20;
-// Marks a RESOURCE_EXHAUSTED upload as the server's lack of room (507).
-constexpr absl::string_view kServerStoragePayload = "loraserve.dev/server-storage";
 // An upload's body may exceed --max-upload-bytes by its multipart framing.
 constexpr int64_t kMultipartSlackBytes = int64_t{1} << 20;
 // Unary calls to the upstream (Stats, List, Get, Tokenize; Load and Upload
@@ -61,7 +59,7 @@ void ReplyJson(httplib::Response& res, int status, const json& body) {
 }
 
 void ReplyError(httplib::Response& res, const absl::Status& status) {
-  ReplyJson(res, HttpStatusFor(status.code()), ErrorBody(status));
+  ReplyJson(res, HttpStatusFor(status), ErrorBody(status));
 }
 
 // Runs one unary call with a deadline and translates its status.
@@ -771,7 +769,7 @@ void HttpGateway::Impl::HandleGeneration(Api api, const httplib::Request& req,
   absl::Status status = StartGeneration(*generation, req, res);
   if (!status.ok()) {
     if (generation->streams) generation->streams->Cancel();
-    generation->record.http_status = HttpStatusFor(status.code());
+    generation->record.http_status = HttpStatusFor(status);
     return ReplyError(res, status);
   }
   if (generation->sampling.stream) return StreamAnswer(std::move(generation), res);
@@ -785,7 +783,7 @@ void HttpGateway::Impl::HandleGeneration(Api api, const httplib::Request& req,
       return ReplyError(res, absl::CancelledError("the client closed the connection"));
     }
     if (!event.has_token && !event.status.ok()) {
-      generation->record.http_status = HttpStatusFor(event.status.code());
+      generation->record.http_status = HttpStatusFor(event.status);
       return ReplyError(res, event.status);
     }
     std::optional<TokenLogprobs> ignored;
@@ -928,7 +926,7 @@ void HttpGateway::Impl::StreamAnswer(std::shared_ptr<Generation> generation,
         for (ChoiceEvent event = generation->Next(); !event.done; event = generation->Next()) {
           if (!event.has_token && !event.status.ok()) {
             // Headers are out: report the failure in the stream, as OpenAI does.
-            generation->record.http_status = HttpStatusFor(event.status.code());
+            generation->record.http_status = HttpStatusFor(event.status);
             generation->streams->Cancel();
             send(ErrorBody(event.status));
             break;
@@ -1114,11 +1112,7 @@ void HttpGateway::Impl::HandleUpload(const httplib::Request& req, httplib::Respo
                                     options_.max_upload_bytes)));
   }
   absl::StatusOr<v1::AdapterInfo> info = Upload(*who, req);
-  if (absl::IsResourceExhausted(info.status()) &&
-      info.status().GetPayload(kServerStoragePayload).has_value()) {
-    return ReplyJson(res, 507, ErrorBody(507, info.status().message()));
-  }
-  if (absl::IsResourceExhausted(info.status())) {  // the tenant's quota
+  if (HttpStatusFor(info.status()) == 429) {  // the tenant's quota
     json body = ErrorBody(info.status());
     body["error"]["type"] = "insufficient_quota";  // OpenAI's type for quotas
     return ReplyJson(res, 429, body);
@@ -1179,13 +1173,9 @@ absl::StatusOr<v1::AdapterInfo> HttpGateway::Impl::Upload(const Principal& who,
     ok = writer->Write(chunk);
   }
   writer->WritesDone();
-  absl::Status status = FromGrpcStatus(writer->Finish());
-  if (absl::IsResourceExhausted(status)) {
-    // The server's room (its upload store, its adapter memory), not the
-    // tenant's quota: HTTP 507 rather than 429.
-    status.SetPayload(kServerStoragePayload, absl::Cord("507"));
-  }
-  RETURN_IF_ERROR(status);
+  // Exhausted here is the server's room (its upload store, its adapter
+  // memory), not the tenant's quota.
+  RETURN_IF_ERROR(ServerOutOfRoom(FromGrpcStatus(writer->Finish())));
   return info;
 }
 

@@ -11,6 +11,7 @@
 #include "absl/strings/str_join.h"
 #include "base/json_depth.h"
 #include "base/status_macros.h"
+#include "server/api/status_mapping.h"
 #include "server/api/tenants.h"
 
 namespace loraserve::api {
@@ -227,39 +228,6 @@ absl::StatusOr<SamplingOptions> ParseSampling(const json& body, const ParseLimit
 
 }  // namespace
 
-int HttpStatusFor(absl::StatusCode code) {
-  switch (code) {
-    case absl::StatusCode::kOk:
-      return 200;
-    case absl::StatusCode::kInvalidArgument:
-    case absl::StatusCode::kOutOfRange:
-    case absl::StatusCode::kFailedPrecondition:
-    case absl::StatusCode::kDataLoss:
-      return 400;
-    case absl::StatusCode::kUnauthenticated:
-      return 401;
-    case absl::StatusCode::kPermissionDenied:
-      return 403;
-    case absl::StatusCode::kNotFound:
-      return 404;
-    case absl::StatusCode::kAlreadyExists:
-    case absl::StatusCode::kAborted:
-      return 409;
-    case absl::StatusCode::kResourceExhausted:
-      return 429;
-    case absl::StatusCode::kCancelled:
-      return 499;
-    case absl::StatusCode::kUnimplemented:
-      return 501;
-    case absl::StatusCode::kUnavailable:
-      return 503;
-    case absl::StatusCode::kDeadlineExceeded:
-      return 504;
-    default:
-      return 500;
-  }
-}
-
 nlohmann::json ErrorBody(int http_status, absl::string_view message) {
   static const std::map<int, const char*> kTypes = {{400, "invalid_request_error"},
                                                     {401, "authentication_error"},
@@ -284,7 +252,7 @@ nlohmann::json ErrorBody(int http_status, absl::string_view message) {
 }
 
 nlohmann::json ErrorBody(const absl::Status& status) {
-  return ErrorBody(HttpStatusFor(status.code()), status.message());
+  return ErrorBody(HttpStatusFor(status), status.message());
 }
 
 absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,

@@ -33,13 +33,9 @@
 
 namespace loraserve::api {
 
-// HTTP status for a Status code: InvalidArgument/OutOfRange/FailedPrecondition/
-// DataLoss 400, Unauthenticated 401, PermissionDenied 403, NotFound 404,
-// AlreadyExists/Aborted 409, ResourceExhausted 429, Cancelled 499,
-// Unimplemented 501, Unavailable 503, DeadlineExceeded 504, others 500.
-int HttpStatusFor(absl::StatusCode code);
 // {"error": {"message", "type", "param": null, "code"}} with OpenAI's type
-// names (invalid_request_error, authentication_error, ...).
+// names (invalid_request_error, authentication_error, ...), for the HTTP
+// status HttpStatusFor (status_mapping.h) gives.
 nlohmann::json ErrorBody(const absl::Status& status);
 // An error body for an HTTP status that has no absl code of its own (413).
 nlohmann::json ErrorBody(int http_status, absl::string_view message);

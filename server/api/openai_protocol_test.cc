@@ -3,23 +3,13 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "server/api/status_mapping.h"
+
 namespace loraserve::api {
 namespace {
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
-
-TEST(HttpStatusForTest, MapsEachCodeFamily) {
-  EXPECT_EQ(HttpStatusFor(absl::StatusCode::kInvalidArgument), 400);
-  EXPECT_EQ(HttpStatusFor(absl::StatusCode::kDataLoss), 400);
-  EXPECT_EQ(HttpStatusFor(absl::StatusCode::kUnauthenticated), 401);
-  EXPECT_EQ(HttpStatusFor(absl::StatusCode::kPermissionDenied), 403);
-  EXPECT_EQ(HttpStatusFor(absl::StatusCode::kNotFound), 404);
-  EXPECT_EQ(HttpStatusFor(absl::StatusCode::kAlreadyExists), 409);
-  EXPECT_EQ(HttpStatusFor(absl::StatusCode::kResourceExhausted), 429);
-  EXPECT_EQ(HttpStatusFor(absl::StatusCode::kUnavailable), 503);
-  EXPECT_EQ(HttpStatusFor(absl::StatusCode::kInternal), 500);
-}
 
 TEST(ErrorBodyTest, HasOpenAisShape) {
   const nlohmann::json body = ErrorBody(absl::NotFoundError("model \"x\" not found"));
@@ -28,6 +18,8 @@ TEST(ErrorBodyTest, HasOpenAisShape) {
   EXPECT_EQ(body["error"]["code"], 404);
   EXPECT_TRUE(body["error"]["param"].is_null());
   EXPECT_EQ(ErrorBody(413, "too large")["error"]["type"], "request_too_large");
+  EXPECT_EQ(ErrorBody(ServerOutOfRoom(absl::ResourceExhaustedError("full")))["error"]["type"],
+            "insufficient_storage");
 }
 
 TEST(ParseCompletionRequestTest, ReadsEveryField) {
