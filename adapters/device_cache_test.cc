@@ -3,19 +3,21 @@
 #include "adapters/dummy_adapter.h"
 #include "adapters/testing.h"
 #include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::adapters {
 namespace {
 
+using ::loraserve::test_support::StatusIs;
+
 // Adapters for the shared model's shape, written by the dummy writer.
 LoraAdapter MakeAdapter(int seed, int rank = 4) {
-  const std::string dir = testing::FreshDir("device_cache_" + std::to_string(seed));
-  EXPECT_TRUE(WriteDummyAdapter(dir, testing::SharedModelShape(),
-                                {.rank = rank, .target_modules = {"q_proj", "v_proj"},
-                                 .seed = static_cast<uint64_t>(seed)})
-                  .ok());
-  auto adapter = LoadLoraAdapter(dir, testing::SharedModelShape(), {});
-  EXPECT_TRUE(adapter.ok()) << adapter.status();
+  const std::string dir = test_support::FreshDir("device_cache_" + std::to_string(seed));
+  EXPECT_OK(WriteDummyAdapter(
+      dir, test_support::SharedModelShape(),
+      {.rank = rank, .target_modules = {"q_proj", "v_proj"}, .seed = static_cast<uint64_t>(seed)}));
+  auto adapter = LoadLoraAdapter(dir, test_support::SharedModelShape(), {});
+  EXPECT_OK(adapter);
   return std::move(*adapter);
 }
 
@@ -24,9 +26,9 @@ TEST(DeviceAdapterCacheTest, UploadsOnceAndKeepsBTransposed) {
   const LoraAdapter adapter = MakeAdapter(1);
   DeviceAdapterCache cache(backend.get(), 1 << 20);
   auto first = cache.Acquire(adapter);
-  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_OK(first);
   auto second = cache.Acquire(adapter);
-  ASSERT_TRUE(second.ok());
+  ASSERT_OK(second);
   EXPECT_EQ(*first, *second);
   EXPECT_EQ(cache.stats().misses, 1);
   EXPECT_EQ(cache.stats().hits, 1);
@@ -47,12 +49,12 @@ TEST(DeviceAdapterCacheTest, EvictsOnlyAdaptersNobodyHolds) {
   const LoraAdapter a = MakeAdapter(1), b = MakeAdapter(2), c = MakeAdapter(3);
   // Room for two adapters.
   DeviceAdapterCache cache(backend.get(), static_cast<int64_t>(2 * a.bytes() + a.bytes() / 2));
-  ASSERT_TRUE(cache.Acquire(a).ok());
-  ASSERT_TRUE(cache.Acquire(b).ok());
+  ASSERT_OK(cache.Acquire(a));
+  ASSERT_OK(cache.Acquire(b));
   // Both in use: no room for c.
-  EXPECT_EQ(cache.Acquire(c).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(cache.Acquire(c), StatusIs(absl::StatusCode::kResourceExhausted));
   cache.Release(a);
-  ASSERT_TRUE(cache.Acquire(c).ok());  // evicts a, the unused one
+  ASSERT_OK(cache.Acquire(c));  // evicts a, the unused one
   EXPECT_FALSE(cache.IsResident(a));
   EXPECT_TRUE(cache.IsResident(b));
   EXPECT_TRUE(cache.IsResident(c));

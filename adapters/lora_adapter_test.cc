@@ -14,20 +14,21 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::adapters {
 namespace {
 
 namespace fs = std::filesystem;
+using test_support::FreshDir;
+using test_support::LoraConfigJson;
+using test_support::LoraTensors;
+using test_support::SharedModelShape;
+using test_support::TestTensor;
+using test_support::WriteAdapter;
 using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
-using testing::FreshDir;
-using testing::LoraConfigJson;
-using testing::LoraTensors;
-using testing::SharedModelShape;
-using testing::TestTensor;
-using testing::WriteAdapter;
 
 const std::vector<std::string> kQv = {"q_proj", "v_proj"};
 const std::vector<std::string> kAll = {"q_proj",    "k_proj",  "v_proj",  "o_proj",
@@ -62,7 +63,7 @@ TEST(LoraAdapterTest, SharedAdaptersLoadWithTheirRanksAndScales) {
   for (const SharedCase& c : cases) {
     SCOPED_TRACE(c.name);
     absl::StatusOr<LoraAdapter> adapter = Load(SharedAdapter(c.name));
-    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    ASSERT_OK(adapter);
     EXPECT_EQ(adapter->num_layers(), 4);
     EXPECT_EQ(adapter->target_modules(), c.targets);
     EXPECT_THAT(adapter->ranks(), ElementsAre(c.rank));
@@ -96,9 +97,9 @@ TEST(LoraAdapterTest, WeightsAreTheFileValuesInFloat32) {
   for (const std::string name : {"attn-r8", "all-r8-bf16"}) {
     SCOPED_TRACE(name);
     absl::StatusOr<LoraAdapter> adapter = Load(SharedAdapter(name));
-    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    ASSERT_OK(adapter);
     auto file = formats::SafetensorsFile::Open(SharedAdapter(name) + "/adapter_model.safetensors");
-    ASSERT_TRUE(file.ok()) << file.status();
+    ASSERT_OK(file);
     for (const auto& [suffix, is_a] : {std::pair<std::string, bool>{"lora_A", true}, {"lora_B", false}}) {
       const formats::TensorInfo* tensor =
           (*file)->Find("base_model.model.model.layers.2.self_attn.k_proj." + suffix + ".weight");
@@ -117,8 +118,8 @@ TEST(LoraAdapterTest, ContentHashIsStableAndFollowsContent) {
   ASSERT_TRUE(first.ok() && second.ok());
   EXPECT_EQ(first->content_hash(), second->content_hash());
 
-  const std::string a = testing::WriteSmallAdapter(FreshDir("a"), 4, /*seed=*/1);
-  const std::string b = testing::WriteSmallAdapter(FreshDir("b"), 4, /*seed=*/2);
+  const std::string a = test_support::WriteSmallAdapter(FreshDir("a"), 4, /*seed=*/1);
+  const std::string b = test_support::WriteSmallAdapter(FreshDir("b"), 4, /*seed=*/2);
   absl::StatusOr<LoraAdapter> loaded_a = Load(a);
   absl::StatusOr<LoraAdapter> loaded_b = Load(b);
   ASSERT_TRUE(loaded_a.ok() && loaded_b.ok());
@@ -134,9 +135,10 @@ TEST(LoraAdapterTest, AcceptsKeysWithoutPrefixAndWithTheAdapterName) {
   }
   absl::StatusOr<LoraAdapter> renamed =
       Load(WriteAdapter(FreshDir("renamed"), LoraConfigJson(4, 8, kQv), tensors));
-  ASSERT_TRUE(renamed.ok()) << renamed.status();
-  absl::StatusOr<LoraAdapter> plain = Load(testing::WriteSmallAdapter(FreshDir("plain"), 4, 1));
-  ASSERT_TRUE(plain.ok()) << plain.status();
+  ASSERT_OK(renamed);
+  absl::StatusOr<LoraAdapter> plain =
+      Load(test_support::WriteSmallAdapter(FreshDir("plain"), 4, 1));
+  ASSERT_OK(plain);
   for (int64_t layer = 0; layer < 4; ++layer) {
     EXPECT_EQ(renamed->weights(layer, LoraModule::kVProj).a, plain->weights(layer, LoraModule::kVProj).a);
     EXPECT_EQ(renamed->weights(layer, LoraModule::kVProj).b, plain->weights(layer, LoraModule::kVProj).b);
@@ -164,7 +166,7 @@ TEST(LoraAdapterTest, RankPatternAlphaPatternAndLayersToTransform) {
     }
   }
   absl::StatusOr<LoraAdapter> adapter = Load(WriteAdapter(FreshDir("x"), config, tensors));
-  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  ASSERT_OK(adapter);
   EXPECT_TRUE(adapter->weights(0, LoraModule::kQProj).empty());
   EXPECT_TRUE(adapter->weights(2, LoraModule::kVProj).empty());
   EXPECT_EQ(adapter->weights(1, LoraModule::kQProj).rank, 2);
@@ -187,7 +189,7 @@ std::string LoadError(const std::string& dir, absl::StatusCode code, int max_ran
 }
 
 TEST(LoraAdapterTest, TruncatedSafetensors) {
-  const std::string dir = testing::WriteSmallAdapter(FreshDir("x"));
+  const std::string dir = test_support::WriteSmallAdapter(FreshDir("x"));
   const std::string path = dir + "/adapter_model.safetensors";
   fs::resize_file(path, fs::file_size(path) - 100);
   absl::StatusOr<LoraAdapter> adapter = Load(dir);
@@ -232,13 +234,12 @@ TEST(LoraAdapterTest, UnknownModule) {
 
 TEST(LoraAdapterTest, IntegerTensorIsRefusedByName) {
   const std::string dir = FreshDir("x");
-  ASSERT_TRUE(
+  ASSERT_OK(
       formats::WriteSafetensors(dir + "/adapter_model.safetensors",
                                 {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
                                   "I64",
                                   {4, 64},
-                                  std::string(4 * 64 * 8, '\0')}})
-          .ok());
+                                  std::string(4 * 64 * 8, '\0')}}));
   std::ofstream(dir + "/adapter_config.json") << LoraConfigJson(4, 8, {"q_proj"}).dump();
   EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),
               AllOf(HasSubstr("q_proj.lora_A.weight"), HasSubstr("dtype I64")));
@@ -349,7 +350,7 @@ TEST(LoraAdapterTest, GoldenGeneratorAdaptersLoad) {
     const BaseModelShape shape = ShapeFromConfig((root / model_dirs[base] / "config.json").string());
     absl::StatusOr<LoraAdapter> adapter =
         LoadLoraAdapter((root / std::string(entry["adapter_dir"])).string(), shape, AdapterLimits{64});
-    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    ASSERT_OK(adapter);
     ++loaded;
     if (name == "rank-alpha-pattern") {
       // q_proj r4, layer 1 down_proj r2, v_proj alpha 4, layer 0 o_proj alpha 32, others r8 alpha 16.

@@ -14,20 +14,23 @@
 #include "adapters/testing.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::adapters {
 namespace {
 
+using ::loraserve::test_support::StatusIs;
+
 namespace fs = std::filesystem;
+using test_support::FreshDir;
+using test_support::LoraConfigJson;
+using test_support::LoraTensors;
+using test_support::SharedModelShape;
+using test_support::WriteAdapter;
+using test_support::WriteSmallAdapter;
 using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
-using testing::FreshDir;
-using testing::LoraConfigJson;
-using testing::LoraTensors;
-using testing::SharedModelShape;
-using testing::WriteAdapter;
-using testing::WriteSmallAdapter;
 
 // float32 bytes of WriteSmallAdapter(dir, r = 4): 4 layers x {q, v} x (A 4x64 + B 64x4).
 constexpr size_t kSmallBytes = 4 * 2 * (4 * 64 + 64 * 4) * sizeof(float);
@@ -40,7 +43,7 @@ std::unique_ptr<AdapterRegistry> MakeRegistry(size_t host_budget_bytes = 0) {
   absl::StatusOr<std::unique_ptr<AdapterRegistry>> registry = AdapterRegistry::Create(
       {.base = SharedModelShape(), .limits = {.max_rank = 16}, .default_tenant = "default",
        .host_budget_bytes = host_budget_bytes});
-  EXPECT_TRUE(registry.ok()) << registry.status();
+  EXPECT_OK(registry);
   return std::move(registry).value();
 }
 
@@ -59,12 +62,12 @@ std::string Snapshot(const AdapterRegistry& registry) {
 TEST(AdapterIdTest, CanonicalForms) {
   EXPECT_EQ(*CanonicalAdapterId("acme/support-bot", "default"), "acme/support-bot");
   EXPECT_EQ(*CanonicalAdapterId("v1.2_final", "default"), "default/v1.2_final");
-  EXPECT_TRUE(CanonicalAdapterId(std::string(64, 'a') + "/" + std::string(64, 'b'), "d").ok());
+  EXPECT_OK(CanonicalAdapterId(std::string(64, 'a') + "/" + std::string(64, 'b'), "d"));
   for (const std::string& bad : std::vector<std::string>{"", "/x", "x/", "a/b/c", "a b", "t/ü", std::string(65, 'a'),
                                 "t/" + std::string(65, 'a'), "t/x?y", "..", "./x", "t/..", "../z"}) {
     absl::StatusOr<std::string> id = CanonicalAdapterId(bad, "default");
     ASSERT_FALSE(id.ok()) << bad;
-    EXPECT_EQ(id.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(id, StatusIs(absl::StatusCode::kInvalidArgument));
     EXPECT_THAT(id.status().message(), AllOf(HasSubstr("\"" + bad + "\""), HasSubstr("tenant/name")));
   }
   EXPECT_FALSE(AdapterRegistry::Create({.base = SharedModelShape(), .limits = {}, .default_tenant = "a/b"}).ok());
@@ -73,7 +76,7 @@ TEST(AdapterIdTest, CanonicalForms) {
 TEST(AdapterRegistryTest, LoadAcquireAndInfo) {
   auto registry = MakeRegistry();
   absl::StatusOr<AdapterInfo> info = registry->Load("qv", SharedAdapter("qv-r4"));
-  ASSERT_TRUE(info.ok()) << info.status();
+  ASSERT_OK(info);
   EXPECT_EQ(info->id, "default/qv");
   EXPECT_EQ(info->version, 1);
   EXPECT_THAT(info->ranks, ElementsAre(4));
@@ -83,25 +86,25 @@ TEST(AdapterRegistryTest, LoadAcquireAndInfo) {
   EXPECT_FALSE(info->pinned);
 
   absl::StatusOr<AdapterHandle> handle = registry->Acquire("default/qv");
-  ASSERT_TRUE(handle.ok()) << handle.status();
+  ASSERT_OK(handle);
   EXPECT_EQ((*handle)->id, "default/qv");
   EXPECT_EQ((*handle)->version, 1);
   EXPECT_EQ((*handle)->content_hash(), info->content_hash);
   EXPECT_EQ((*handle)->adapter.weights(0, LoraModule::kQProj).rank, 4);
 
-  EXPECT_EQ(registry->Acquire("nope").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(registry->Acquire("nope"), StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(registry->Acquire("nope").status().message(), HasSubstr("default/nope"));
-  EXPECT_EQ(registry->Acquire("bad id").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(registry->Acquire("bad id"), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_EQ(registry->stats().host.hits, 1);
 }
 
 TEST(AdapterRegistryTest, ReplaceMakesANewVersionAndInFlightHandlesKeepTheirs) {
   auto registry = MakeRegistry();
-  ASSERT_TRUE(registry->Load("t/x", SharedAdapter("ocean")).ok());
-  ASSERT_TRUE(registry->Pin("t/x").ok());
+  ASSERT_OK(registry->Load("t/x", SharedAdapter("ocean")));
+  ASSERT_OK(registry->Pin("t/x"));
   AdapterHandle v1 = *registry->Acquire("t/x");
   absl::StatusOr<AdapterInfo> replaced = registry->Load("t/x", SharedAdapter("robot"));
-  ASSERT_TRUE(replaced.ok()) << replaced.status();
+  ASSERT_OK(replaced);
   EXPECT_EQ(replaced->version, 2);
   EXPECT_TRUE(replaced->pinned) << "pinning belongs to the id";
   AdapterHandle v2 = *registry->Acquire("t/x");
@@ -122,7 +125,7 @@ TEST(AdapterRegistryTest, ReplaceMakesANewVersionAndInFlightHandlesKeepTheirs) {
 
 TEST(AdapterRegistryTest, FailedLoadsLeaveTheRegistryUnchanged) {
   auto registry = MakeRegistry();
-  ASSERT_TRUE(registry->Load("t/x", SharedAdapter("qv-r4")).ok());
+  ASSERT_OK(registry->Load("t/x", SharedAdapter("qv-r4")));
   const std::string before = Snapshot(*registry);
   const std::vector<std::string> targets = {"q_proj", "v_proj"};
 
@@ -156,16 +159,16 @@ TEST(AdapterRegistryTest, FailedLoadsLeaveTheRegistryUnchanged) {
       EXPECT_EQ(Snapshot(*registry), before) << dir;
     }
   }
-  EXPECT_EQ(registry->Get("t/new").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(registry->Get("t/new"), StatusIs(absl::StatusCode::kNotFound));
 }
 
 TEST(AdapterRegistryTest, UnloadKeepsInFlightHandlesAndFreesOnTheLastOne) {
   auto registry = MakeRegistry();
-  ASSERT_TRUE(registry->Load("t/x", SharedAdapter("attn-r8")).ok());
+  ASSERT_OK(registry->Load("t/x", SharedAdapter("attn-r8")));
   AdapterHandle handle = *registry->Acquire("t/x");
-  ASSERT_TRUE(registry->Unload("t/x").ok());
-  EXPECT_EQ(registry->Acquire("t/x").status().code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(registry->Unload("t/x").code(), absl::StatusCode::kNotFound);
+  ASSERT_OK(registry->Unload("t/x"));
+  EXPECT_THAT(registry->Acquire("t/x"), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(registry->Unload("t/x"), StatusIs(absl::StatusCode::kNotFound));
   EXPECT_EQ(handle->adapter.weights(3, LoraModule::kOProj).rank, 8);  // still usable
   EXPECT_EQ(registry->stats().live_adapters, 1);
   handle.reset();
@@ -175,7 +178,7 @@ TEST(AdapterRegistryTest, UnloadKeepsInFlightHandlesAndFreesOnTheLastOne) {
 
 TEST(AdapterRegistryTest, ThousandLoadUnloadCyclesReturnToBaseline) {
   auto registry = MakeRegistry();
-  ASSERT_TRUE(registry->Load("t/resident", SharedAdapter("qv-r4")).ok());
+  ASSERT_OK(registry->Load("t/resident", SharedAdapter("qv-r4")));
   const AdapterRegistryStats baseline = registry->stats();
   std::vector<std::weak_ptr<const LoadedAdapter>> seen;
   AdapterHandle held;  // every third cycle a "request" outlives the unload
@@ -184,7 +187,7 @@ TEST(AdapterRegistryTest, ThousandLoadUnloadCyclesReturnToBaseline) {
     AdapterHandle handle = *registry->Acquire("t/cycle");
     if (i % 100 == 0) seen.push_back(handle);
     if (i % 3 == 0) held = handle;
-    ASSERT_TRUE(registry->Unload("t/cycle").ok());
+    ASSERT_OK(registry->Unload("t/cycle"));
     if (i % 3 == 2) held.reset();
   }
   held.reset();
@@ -203,10 +206,10 @@ TEST(AdapterRegistryTest, EvictionUnderTheHostBudgetRespectsPinsAndUse) {
   for (const std::string name : {"a", "b", "c", "d"}) {
     dirs[name] = WriteSmallAdapter(FreshDir(name), 4, name[0]);
   }
-  ASSERT_TRUE(registry->Load("t/a", dirs["a"]).ok());
-  ASSERT_TRUE(registry->Load("t/b", dirs["b"]).ok());
-  ASSERT_TRUE(registry->Acquire("t/a").ok());  // a is now more recently used than b
-  ASSERT_TRUE(registry->Load("t/c", dirs["c"]).ok());
+  ASSERT_OK(registry->Load("t/a", dirs["a"]));
+  ASSERT_OK(registry->Load("t/b", dirs["b"]));
+  ASSERT_OK(registry->Acquire("t/a"));  // a is now more recently used than b
+  ASSERT_OK(registry->Load("t/c", dirs["c"]));
   EXPECT_TRUE(registry->IsResident("t/a"));
   EXPECT_FALSE(registry->IsResident("t/b")) << "least recently used goes first";
   EXPECT_TRUE(registry->IsResident("t/c"));
@@ -215,20 +218,20 @@ TEST(AdapterRegistryTest, EvictionUnderTheHostBudgetRespectsPinsAndUse) {
   EXPECT_LE(registry->stats().host_bytes, registry->stats().host_budget_bytes);
 
   // a pinned, c in use: nothing can make room for d.
-  ASSERT_TRUE(registry->Pin("t/a").ok());
+  ASSERT_OK(registry->Pin("t/a"));
   AdapterHandle c = *registry->Acquire("t/c");
   const std::string before = Snapshot(*registry);
   absl::StatusOr<AdapterInfo> d = registry->Load("t/d", dirs["d"]);
   ASSERT_FALSE(d.ok());
-  EXPECT_EQ(d.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(d, StatusIs(absl::StatusCode::kResourceExhausted));
   EXPECT_THAT(d.status().message(), AllOf(HasSubstr("t/d"), HasSubstr("--adapter-host-bytes")));
   EXPECT_EQ(Snapshot(*registry), before);
   // Acquiring the evicted b cannot reload it either.
-  EXPECT_EQ(registry->Acquire("t/b").status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(registry->Acquire("t/b"), StatusIs(absl::StatusCode::kResourceExhausted));
 
   // Once c is released it can be evicted.
   c.reset();
-  ASSERT_TRUE(registry->Load("t/d", dirs["d"]).ok());
+  ASSERT_OK(registry->Load("t/d", dirs["d"]));
   EXPECT_TRUE(registry->IsResident("t/a"));
   EXPECT_FALSE(registry->IsResident("t/c"));
 
@@ -236,25 +239,25 @@ TEST(AdapterRegistryTest, EvictionUnderTheHostBudgetRespectsPinsAndUse) {
   const AdapterInfo b_info = *registry->Get("t/b");
   const AdapterRegistryStats stats = registry->stats();
   absl::StatusOr<AdapterHandle> b = registry->Acquire("t/b");
-  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_OK(b);
   EXPECT_EQ((*b)->version, b_info.version);
   EXPECT_EQ((*b)->content_hash(), b_info.content_hash);
   EXPECT_EQ(registry->stats().host.misses, stats.host.misses + 1);
   EXPECT_EQ(registry->stats().host.loads, stats.host.loads + 1);
   EXPECT_GT(registry->stats().host.load_seconds.sum, 0);
   EXPECT_FALSE(registry->IsResident("t/d"));
-  ASSERT_TRUE(registry->Acquire("t/b").ok());
+  ASSERT_OK(registry->Acquire("t/b"));
   EXPECT_EQ(registry->stats().host.hits, stats.host.hits + 1);
 }
 
 TEST(AdapterRegistryTest, PinningAnEvictedAdapterReloadsIt) {
   auto registry = MakeRegistry(/*host_budget_bytes=*/kSmallBytes + kSmallBytes / 2);
-  ASSERT_TRUE(registry->Load("t/x", WriteSmallAdapter(FreshDir("x"), 4, 1)).ok());
-  ASSERT_TRUE(registry->Load("t/y", WriteSmallAdapter(FreshDir("y"), 4, 2)).ok());  // evicts x
+  ASSERT_OK(registry->Load("t/x", WriteSmallAdapter(FreshDir("x"), 4, 1)));
+  ASSERT_OK(registry->Load("t/y", WriteSmallAdapter(FreshDir("y"), 4, 2)));  // evicts x
   ASSERT_FALSE(registry->IsResident("t/x"));
   const int64_t loads = registry->stats().host.loads;
 
-  ASSERT_TRUE(registry->Pin("t/x").ok());
+  ASSERT_OK(registry->Pin("t/x"));
   EXPECT_TRUE(registry->IsResident("t/x")) << "a pinned adapter is resident";
   EXPECT_TRUE(registry->Get("t/x")->pinned);
   EXPECT_FALSE(registry->IsResident("t/y")) << "y made room for it";
@@ -262,29 +265,29 @@ TEST(AdapterRegistryTest, PinningAnEvictedAdapterReloadsIt) {
 
   // y cannot come back while x is pinned and the budget holds one; y stays unpinned.
   const absl::Status pin_y = registry->Pin("t/y");
-  EXPECT_EQ(pin_y.code(), absl::StatusCode::kResourceExhausted) << pin_y;
+  EXPECT_THAT(pin_y, StatusIs(absl::StatusCode::kResourceExhausted)) << pin_y;
   EXPECT_FALSE(registry->Get("t/y")->pinned);
-  EXPECT_EQ(registry->Pin("t/unknown").code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(registry->Pin("t/unknown"), StatusIs(absl::StatusCode::kNotFound));
 }
 
 TEST(AdapterRegistryTest, AdapterLargerThanTheWholeBudget) {
   auto registry = MakeRegistry(/*host_budget_bytes=*/kSmallBytes / 2);
   absl::StatusOr<AdapterInfo> info = registry->Load("t/x", SharedAdapter("qv-r4"));
   ASSERT_FALSE(info.ok());
-  EXPECT_EQ(info.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(info, StatusIs(absl::StatusCode::kResourceExhausted));
   EXPECT_TRUE(registry->List().empty());
 }
 
 TEST(AdapterRegistryTest, ReloadRefusesFilesChangedOnDisk) {
   auto registry = MakeRegistry(/*host_budget_bytes=*/kSmallBytes + kSmallBytes / 2);
   const std::string dir = WriteSmallAdapter(FreshDir("x"), 4, 1);
-  ASSERT_TRUE(registry->Load("t/x", dir).ok());
-  ASSERT_TRUE(registry->Load("t/y", WriteSmallAdapter(FreshDir("y"), 4, 2)).ok());  // evicts x
+  ASSERT_OK(registry->Load("t/x", dir));
+  ASSERT_OK(registry->Load("t/y", WriteSmallAdapter(FreshDir("y"), 4, 2)));  // evicts x
   ASSERT_FALSE(registry->IsResident("t/x"));
   WriteSmallAdapter(dir, 4, 3);
   absl::StatusOr<AdapterHandle> x = registry->Acquire("t/x");
   ASSERT_FALSE(x.ok());
-  EXPECT_EQ(x.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(x, StatusIs(absl::StatusCode::kFailedPrecondition));
   EXPECT_THAT(x.status().message(), AllOf(HasSubstr("t/x"), HasSubstr(dir), HasSubstr("changed")));
   // Loading it again makes a new version from the new files.
   EXPECT_EQ(registry->Load("t/x", dir)->version, 2);
@@ -292,11 +295,11 @@ TEST(AdapterRegistryTest, ReloadRefusesFilesChangedOnDisk) {
 
 TEST(AdapterRegistryTest, PrefetchLoadsInTheBackground) {
   auto registry = MakeRegistry(/*host_budget_bytes=*/kSmallBytes + kSmallBytes / 2);
-  ASSERT_TRUE(registry->Load("t/x", WriteSmallAdapter(FreshDir("x"), 4, 1)).ok());
-  ASSERT_TRUE(registry->Load("t/y", WriteSmallAdapter(FreshDir("y"), 4, 2)).ok());
+  ASSERT_OK(registry->Load("t/x", WriteSmallAdapter(FreshDir("x"), 4, 1)));
+  ASSERT_OK(registry->Load("t/y", WriteSmallAdapter(FreshDir("y"), 4, 2)));
   ASSERT_FALSE(registry->IsResident("t/x"));
-  EXPECT_EQ(registry->Prefetch("t/missing").code(), absl::StatusCode::kNotFound);
-  ASSERT_TRUE(registry->Prefetch("t/x").ok());
+  EXPECT_THAT(registry->Prefetch("t/missing"), StatusIs(absl::StatusCode::kNotFound));
+  ASSERT_OK(registry->Prefetch("t/x"));
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (!registry->IsResident("t/x") && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -304,15 +307,15 @@ TEST(AdapterRegistryTest, PrefetchLoadsInTheBackground) {
   ASSERT_TRUE(registry->IsResident("t/x"));
   EXPECT_FALSE(registry->IsResident("t/y"));
   const AdapterRegistryStats stats = registry->stats();
-  ASSERT_TRUE(registry->Acquire("t/x").ok());
+  ASSERT_OK(registry->Acquire("t/x"));
   EXPECT_EQ(registry->stats().host.hits, stats.host.hits + 1);
   EXPECT_EQ(registry->stats().host.misses, stats.host.misses);
   // Prefetching a resident adapter is a no-op; an Acquire racing a prefetch
   // waits for it and gets the same adapter.
-  EXPECT_TRUE(registry->Prefetch("t/x").ok());
-  ASSERT_TRUE(registry->Prefetch("t/y").ok());
+  EXPECT_OK(registry->Prefetch("t/x"));
+  ASSERT_OK(registry->Prefetch("t/y"));
   absl::StatusOr<AdapterHandle> y = registry->Acquire("t/y");
-  ASSERT_TRUE(y.ok()) << y.status();
+  ASSERT_OK(y);
   EXPECT_EQ((*y)->id, "t/y");
 }
 
@@ -320,7 +323,7 @@ TEST(AdapterRegistryTest, ConcurrentUseFromManyThreads) {
   auto registry = MakeRegistry(/*host_budget_bytes=*/3 * kSmallBytes);
   std::vector<std::string> dirs;
   for (int i = 0; i < 4; ++i) dirs.push_back(WriteSmallAdapter(FreshDir(std::to_string(i)), 4, i));
-  for (int i = 0; i < 4; ++i) ASSERT_TRUE(registry->Load("t/" + std::to_string(i), dirs[i]).ok());
+  for (int i = 0; i < 4; ++i) ASSERT_OK(registry->Load("t/" + std::to_string(i), dirs[i]));
   std::atomic<int> unexpected{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
@@ -359,7 +362,7 @@ struct ResolvingRegistry {
            if (it == this->folders.end()) return absl::NotFoundError("no folder for " + id);
            return it->second;
          }});
-    EXPECT_TRUE(created.ok()) << created.status();
+    EXPECT_OK(created);
     registry = std::move(created).value();
   }
   std::map<std::string, std::string> folders;
@@ -369,16 +372,16 @@ struct ResolvingRegistry {
 
 TEST(AdapterRegistryTest, AnUnknownIdResolvesOnItsFirstAcquire) {
   ResolvingRegistry r({{"default/qv", SharedAdapter("qv-r4")}});
-  EXPECT_EQ(r.registry->Get("qv").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(r.registry->Get("qv"), StatusIs(absl::StatusCode::kNotFound));
   EXPECT_TRUE(r.registry->List().empty());
   EXPECT_EQ(r.calls, 0) << "Get and List never resolve";
 
   absl::StatusOr<AdapterHandle> first = r.registry->Acquire("qv");
-  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_OK(first);
   EXPECT_EQ((*first)->id, "default/qv");
   EXPECT_EQ((*first)->version, 1);
   EXPECT_EQ((*first)->dir, SharedAdapter("qv-r4"));
-  ASSERT_TRUE(r.registry->Acquire("default/qv").ok());
+  ASSERT_OK(r.registry->Acquire("default/qv"));
   EXPECT_EQ(r.calls, 1);
   const AdapterRegistryStats stats = r.registry->stats();
   EXPECT_EQ(stats.host.misses, 1);
@@ -389,7 +392,7 @@ TEST(AdapterRegistryTest, AnUnknownIdResolvesOnItsFirstAcquire) {
   // Resolve is Get with resolution: a second id, by its info.
   r.folders["acme/bot"] = SharedAdapter("attn-r8");
   absl::StatusOr<AdapterInfo> info = r.registry->Resolve("acme/bot");
-  ASSERT_TRUE(info.ok()) << info.status();
+  ASSERT_OK(info);
   EXPECT_EQ(info->version, 1);
   EXPECT_THAT(info->ranks, ElementsAre(8));
   EXPECT_EQ(r.calls, 2);
@@ -402,7 +405,7 @@ TEST(AdapterRegistryTest, ConcurrentFirstRequestsResolveOnce) {
   for (AdapterHandle& handle : handles) {
     threads.emplace_back([&] {
       absl::StatusOr<AdapterHandle> acquired = r.registry->Acquire("qv");
-      ASSERT_TRUE(acquired.ok()) << acquired.status();
+      ASSERT_OK(acquired);
       handle = *acquired;
     });
   }
@@ -417,14 +420,14 @@ TEST(AdapterRegistryTest, ResolutionFailuresReachTheCallerAndChangeNothing) {
   const std::string broken = FreshDir("resolve-broken");
   std::ofstream(broken + "/adapter_config.json") << "{not json";
   ResolvingRegistry r({{"default/broken", broken}});
-  ASSERT_TRUE(r.registry->Load("qv", SharedAdapter("qv-r4")).ok());
+  ASSERT_OK(r.registry->Load("qv", SharedAdapter("qv-r4")));
   const std::string before = Snapshot(*r.registry);
 
   absl::StatusOr<AdapterHandle> missing = r.registry->Acquire("nobody");
-  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(missing.status().message(), HasSubstr("no folder for default/nobody"));
   absl::StatusOr<AdapterInfo> invalid = r.registry->Resolve("broken");
-  EXPECT_EQ(invalid.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(invalid, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(invalid.status().message(),
               AllOf(HasSubstr("\"default/broken\" resolved to " + broken), HasSubstr("json")));
   EXPECT_EQ(Snapshot(*r.registry), before);
@@ -432,7 +435,7 @@ TEST(AdapterRegistryTest, ResolutionFailuresReachTheCallerAndChangeNothing) {
   // The next request tries again: a folder fixed meanwhile (a sync that
   // finished) loads then.
   WriteSmallAdapter(broken);
-  EXPECT_TRUE(r.registry->Acquire("broken").ok());
+  EXPECT_OK(r.registry->Acquire("broken"));
 }
 
 }  // namespace

@@ -7,7 +7,7 @@
 #include "formats/safetensors.h"
 #include "gtest/gtest.h"
 
-namespace loraserve::adapters::testing {
+namespace loraserve::adapters::test_support {
 
 BaseModelShape SharedModelShape() {
   return LlamaBaseShape(/*num_layers=*/4, /*hidden_size=*/64, /*intermediate_size=*/172,
@@ -74,4 +74,4 @@ std::string WriteSmallAdapter(const std::string& dir, int r, int seed) {
                       LoraTensors(SharedModelShape(), r, targets, seed));
 }
 
-}  // namespace loraserve::adapters::testing
+}  // namespace loraserve::adapters::test_support

@@ -11,7 +11,7 @@
 #include "adapters/lora_adapter.h"
 #include "nlohmann/json.hpp"
 
-namespace loraserve::adapters::testing {
+namespace loraserve::adapters::test_support {
 
 // Written as F32 (the shared adapters cover F16 and BF16).
 struct TestTensor {
@@ -43,6 +43,6 @@ std::string WriteAdapter(const std::string& dir, const nlohmann::json& config,
 // A valid adapter for SharedModelShape(): r, alpha 2r, q_proj and v_proj.
 std::string WriteSmallAdapter(const std::string& dir, int r = 4, int seed = 1);
 
-}  // namespace loraserve::adapters::testing
+}  // namespace loraserve::adapters::test_support
 
 #endif  // LORASERVE_ADAPTERS_TESTING_H_

@@ -11,9 +11,12 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::formats {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 using json = nlohmann::json;
 using ::testing::ElementsAre;
@@ -39,13 +42,13 @@ constexpr char kMistralJinja[] =
 
 ChatTemplate Named(absl::string_view name) {
   absl::StatusOr<ChatTemplate> chat_template = ChatTemplate::FromName(name);
-  EXPECT_TRUE(chat_template.ok()) << chat_template.status();
+  EXPECT_OK(chat_template);
   return *chat_template;
 }
 
 std::string RenderOrDie(absl::string_view name, const std::vector<ChatMessage>& messages) {
   absl::StatusOr<std::string> prompt = Named(name).Render(messages);
-  EXPECT_TRUE(prompt.ok()) << prompt.status();
+  EXPECT_OK(prompt);
   return prompt.ok() ? *prompt : "";
 }
 
@@ -63,7 +66,7 @@ TEST(ChatTemplateTest, FromNameGivesCanonicalNamesAndStopStrings) {
   EXPECT_THAT(Named("mistral").stop_strings(), ElementsAre("</s>"));
 
   absl::StatusOr<ChatTemplate> unknown = ChatTemplate::FromName("vicuna");
-  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(unknown, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(unknown.status().message(), HasSubstr("vicuna"));
   EXPECT_THAT(unknown.status().message(),
               HasSubstr("llama-2, llama-3, chatml (alias qwen), mistral"));
@@ -116,16 +119,16 @@ TEST(ChatTemplateTest, ChatMlKeepsContentAsIsAndOpensAssistant) {
 TEST(ChatTemplateTest, EveryFamilyRejectsEmptyChatsAndUnknownRoles) {
   for (absl::string_view name : {"llama-2", "llama-3", "chatml", "mistral"}) {
     SCOPED_TRACE(name);
-    EXPECT_EQ(RenderError(name, {}).code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(RenderError(name, {}), StatusIs(absl::StatusCode::kInvalidArgument));
     const absl::Status tool = RenderError(name, {{"user", "A"}, {"tool", "{}"}});
-    EXPECT_EQ(tool.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(tool, StatusIs(absl::StatusCode::kInvalidArgument));
     EXPECT_THAT(tool.message(), HasSubstr("messages[1] has role \"tool\""));
   }
 }
 
 TEST(ChatTemplateTest, Llama3AndChatMlAcceptAnyOrder) {
   for (absl::string_view name : {"llama-3", "chatml"}) {
-    EXPECT_TRUE(RenderError(name, {{"assistant", "A"}, {"system", "S"}, {"assistant", "B"}}).ok());
+    EXPECT_OK(RenderError(name, {{"assistant", "A"}, {"system", "S"}, {"assistant", "B"}}));
   }
 }
 
@@ -146,7 +149,7 @@ TEST(ChatTemplateTest, Llama2AndMistralRejectBrokenAlternation) {
     for (const Case& c : cases) {
       SCOPED_TRACE(absl::StrCat(name, ": ", c.error));
       const absl::Status status = RenderError(name, c.messages);
-      EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
       EXPECT_THAT(status.message(), HasSubstr(c.error));
       EXPECT_THAT(status.message(), HasSubstr(name));
     }
@@ -179,7 +182,7 @@ TEST_F(FromTokenizerConfigTest, RecognisesEachFamily) {
   for (const auto& [jinja, family] : cases) {
     absl::StatusOr<ChatTemplate> chat_template = ChatTemplate::FromTokenizerConfig(
         ModelDir(json{{"bos_token", "<s>"}, {"chat_template", jinja}}));
-    ASSERT_TRUE(chat_template.ok()) << chat_template.status();
+    ASSERT_OK(chat_template);
     EXPECT_EQ(chat_template->name(), family);
   }
 }
@@ -188,12 +191,12 @@ TEST_F(FromTokenizerConfigTest, ListFormUsesTheDefaultEntry) {
   absl::StatusOr<ChatTemplate> chat_template = ChatTemplate::FromTokenizerConfig(ModelDir(
       json{{"chat_template", json::array({{{"name", "tool_use"}, {"template", kLlama3Jinja}},
                                           {{"name", "default"}, {"template", kChatMlJinja}}})}}));
-  ASSERT_TRUE(chat_template.ok()) << chat_template.status();
+  ASSERT_OK(chat_template);
   EXPECT_EQ(chat_template->name(), "chatml");
 
   absl::StatusOr<ChatTemplate> no_default = ChatTemplate::FromTokenizerConfig(ModelDir(
       json{{"chat_template", json::array({{{"name", "tool_use"}, {"template", kLlama3Jinja}}})}}));
-  EXPECT_EQ(no_default.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(no_default, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(no_default.status().message(), HasSubstr("default"));
 }
 
@@ -201,7 +204,7 @@ TEST_F(FromTokenizerConfigTest, DeepNestingIsRefusedBeforeParsing) {
   const std::string dir = ModelDir(R"({"chat_template": "x", "y": )" + std::string(100, '[') +
                                    std::string(100, ']') + "}");
   absl::StatusOr<ChatTemplate> chat_template = ChatTemplate::FromTokenizerConfig(dir);
-  EXPECT_EQ(chat_template.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(chat_template, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(chat_template.status().message(),
               AllOf(HasSubstr("tokenizer_config.json"), HasSubstr("deeper than 64 levels")));
 }
@@ -209,14 +212,14 @@ TEST_F(FromTokenizerConfigTest, DeepNestingIsRefusedBeforeParsing) {
 TEST_F(FromTokenizerConfigTest, MissingTemplateIsNotFoundAndPointsAtTheFlag) {
   absl::StatusOr<ChatTemplate> no_field =
       ChatTemplate::FromTokenizerConfig(ModelDir(json{{"bos_token", "<s>"}}));
-  EXPECT_EQ(no_field.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(no_field, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(no_field.status().message(), HasSubstr("no chat template"));
   EXPECT_THAT(no_field.status().message(), HasSubstr("--chat-template"));
 
   const std::string empty_dir = ModelDir(json::object());
   std::filesystem::remove(empty_dir + "/tokenizer_config.json");
   absl::StatusOr<ChatTemplate> no_file = ChatTemplate::FromTokenizerConfig(empty_dir);
-  EXPECT_EQ(no_file.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(no_file, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(no_file.status().message(), HasSubstr("--chat-template"));
 }
 
@@ -225,7 +228,7 @@ TEST_F(FromTokenizerConfigTest, UnknownTemplateOrBadFileIsInvalidArgument) {
       json{{"chat_template",
             "{% for message in messages %}### {{ message['role'] }}:\n{{ message['content'] }}\n"
             "{% endfor %}"}}));
-  EXPECT_EQ(alpaca.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(alpaca, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(alpaca.status().message(), HasSubstr("llama-2"));
   EXPECT_THAT(alpaca.status().message(), HasSubstr("<|im_start|>"));
 
@@ -233,14 +236,14 @@ TEST_F(FromTokenizerConfigTest, UnknownTemplateOrBadFileIsInvalidArgument) {
                 .status()
                 .code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ChatTemplate::FromTokenizerConfig(ModelDir(json{{"chat_template", 7}})).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(ChatTemplate::FromTokenizerConfig(ModelDir(json{{"chat_template", 7}})),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST_F(FromTokenizerConfigTest, RecognisedTemplateRendersLikeTheNamedOne) {
   absl::StatusOr<ChatTemplate> chat_template =
       ChatTemplate::FromTokenizerConfig(ModelDir(json{{"chat_template", kLlama2Jinja}}));
-  ASSERT_TRUE(chat_template.ok()) << chat_template.status();
+  ASSERT_OK(chat_template);
   EXPECT_EQ(*chat_template->Render({{"system", "S"}, {"user", "Hi"}}),
             "[INST] <<SYS>>\nS\n<</SYS>>\n\nHi [/INST]");
 }
@@ -248,7 +251,7 @@ TEST_F(FromTokenizerConfigTest, RecognisedTemplateRendersLikeTheNamedOne) {
 TEST(ChatTemplateSharedModelTest, AidreamsHasNoChatTemplate) {
   absl::StatusOr<ChatTemplate> chat_template =
       ChatTemplate::FromTokenizerConfig(LORASERVE_SHARED_DIR "/models/aidreams-260k");
-  EXPECT_EQ(chat_template.status().code(), absl::StatusCode::kNotFound) << chat_template.status();
+  EXPECT_THAT(chat_template, StatusIs(absl::StatusCode::kNotFound)) << chat_template.status();
 }
 
 }  // namespace

@@ -7,9 +7,12 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::formats {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 using ::testing::AllOf;
 using ::testing::ElementsAre;
@@ -59,7 +62,7 @@ void WriteText(const std::string& path, const std::string& text) { std::ofstream
 
 TEST(ModelConfigTest, SharedTinyModel) {
   auto config = LoadModelConfig(LORASERVE_SHARED_DIR "/models/aidreams-260k");
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   EXPECT_EQ(config->model_type, "llama");
   EXPECT_EQ(config->vocab_size, 512);
   EXPECT_EQ(config->hidden_size, 64);
@@ -85,14 +88,14 @@ TEST(ModelConfigTest, DeepNestingIsRefusedBeforeParsing) {
   const std::string deep =
       R"({"model_type": "llama", "x": )" + std::string(100, '[') + std::string(100, ']') + "}";
   absl::StatusOr<ModelConfig> config = ParseModelConfig(deep, "deep/config.json");
-  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(config, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(config.status().message(),
               AllOf(HasSubstr("deep/config.json"), HasSubstr("deeper than 64 levels")));
 }
 
 TEST(ModelConfigTest, DefaultsFollowHuggingFace) {
   auto llama = Parse(MinimalLlama());
-  ASSERT_TRUE(llama.ok()) << llama.status();
+  ASSERT_OK(llama);
   EXPECT_EQ(llama->num_key_value_heads, 4);
   EXPECT_EQ(llama->head_dim, 16);
   EXPECT_DOUBLE_EQ(llama->rms_norm_eps, 1e-6);
@@ -105,16 +108,16 @@ TEST(ModelConfigTest, DefaultsFollowHuggingFace) {
   EXPECT_EQ(llama->torch_dtype, "");
 
   auto mistral = Parse(With(MinimalLlama(), "model_type", "\"mistral\""));
-  ASSERT_TRUE(mistral.ok()) << mistral.status();
+  ASSERT_OK(mistral);
   EXPECT_EQ(mistral->max_position_embeddings, 131072);
   auto qwen2 = Parse(With(MinimalLlama(), "model_type", "\"qwen2\""));
-  ASSERT_TRUE(qwen2.ok()) << qwen2.status();
+  ASSERT_OK(qwen2);
   EXPECT_EQ(qwen2->max_position_embeddings, 32768);
 
   // null means "default" in Hugging Face configs.
   auto nulls = Parse(With(With(With(MinimalLlama(), "head_dim", "null"), "rope_scaling", "null"),
                           "num_key_value_heads", "null"));
-  ASSERT_TRUE(nulls.ok()) << nulls.status();
+  ASSERT_OK(nulls);
   EXPECT_EQ(nulls->head_dim, 16);
   EXPECT_EQ(nulls->num_key_value_heads, 4);
 }
@@ -124,35 +127,35 @@ TEST(ModelConfigTest, ExplicitHeadDimMayDifferFromHiddenOverHeads) {
   Fields nemo = With(With(With(MinimalLlama(), "hidden_size", "5120"), "num_attention_heads", "32"),
                      "head_dim", "128");
   auto config = Parse(With(nemo, "num_key_value_heads", "8"));
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   EXPECT_EQ(config->head_dim, 128);
   EXPECT_EQ(config->num_key_value_heads, 8);
   // Heads need not divide the hidden size when head_dim is given.
-  EXPECT_TRUE(Parse(With(With(MinimalLlama(), "num_attention_heads", "3"), "head_dim", "32")).ok());
+  EXPECT_OK(Parse(With(With(MinimalLlama(), "num_attention_heads", "3"), "head_dim", "32")));
 }
 
 TEST(ModelConfigTest, AttentionBiasPerModelType) {
   auto qwen2 = Parse(With(MinimalLlama(), "model_type", "\"qwen2\""));
-  ASSERT_TRUE(qwen2.ok());
+  ASSERT_OK(qwen2);
   EXPECT_TRUE(qwen2->attention_bias);
   // Mistral has no attention_bias option; transformers ignores the key.
   auto mistral =
       Parse(With(With(MinimalLlama(), "model_type", "\"mistral\""), "attention_bias", "true"));
-  ASSERT_TRUE(mistral.ok());
+  ASSERT_OK(mistral);
   EXPECT_FALSE(mistral->attention_bias);
-  EXPECT_TRUE(Parse(With(MinimalLlama(), "attention_bias", "false")).ok());
+  EXPECT_OK(Parse(With(MinimalLlama(), "attention_bias", "false")));
 }
 
 TEST(ModelConfigTest, TokenIdForms) {
   auto list = Parse(With(With(MinimalLlama(), "eos_token_id", "[2, 7, 3]"), "bos_token_id", "1"));
-  ASSERT_TRUE(list.ok()) << list.status();
+  ASSERT_OK(list);
   EXPECT_EQ(list->bos_token_id, 1);
   EXPECT_THAT(list->eos_token_ids, ElementsAre(2, 7, 3));
   auto single = Parse(With(MinimalLlama(), "eos_token_id", "5"));
-  ASSERT_TRUE(single.ok());
+  ASSERT_OK(single);
   EXPECT_THAT(single->eos_token_ids, ElementsAre(5));
   auto nulls = Parse(With(With(MinimalLlama(), "eos_token_id", "null"), "bos_token_id", "null"));
-  ASSERT_TRUE(nulls.ok());
+  ASSERT_OK(nulls);
   EXPECT_EQ(nulls->bos_token_id, -1);
   EXPECT_THAT(nulls->eos_token_ids, IsEmpty());
 }
@@ -162,7 +165,7 @@ constexpr char kLlama3Rope[] =
         "original_max_position_embeddings": 8192, "rope_type": "llama3"})";
 
 void ExpectLlama3(const absl::StatusOr<ModelConfig>& config, double theta) {
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   EXPECT_EQ(config->rope_scaling.type, RopeScalingType::kLlama3);
   EXPECT_DOUBLE_EQ(config->rope_scaling.factor, 8.0);
   EXPECT_DOUBLE_EQ(config->rope_scaling.low_freq_factor, 1.0);
@@ -188,7 +191,7 @@ TEST(ModelConfigTest, RopeScalingForms) {
                500000.0);
   auto plain = Parse(
       With(MinimalLlama(), "rope_parameters", R"({"rope_type": "default", "rope_theta": 1e6})"));
-  ASSERT_TRUE(plain.ok()) << plain.status();
+  ASSERT_OK(plain);
   EXPECT_EQ(plain->rope_scaling.type, RopeScalingType::kNone);
   EXPECT_DOUBLE_EQ(plain->rope_theta, 1e6);
 }
@@ -255,7 +258,7 @@ TEST(ModelConfigTest, EachInvalidFieldHasItsOwnError) {
     SCOPED_TRACE(ToJson(bad.fields));
     auto config = Parse(bad.fields);
     ASSERT_FALSE(config.ok());
-    EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(config, StatusIs(absl::StatusCode::kInvalidArgument));
     EXPECT_THAT(config.status().message(), HasSubstr("test/config.json: "));
     for (const std::string& part : bad.expected) {
       EXPECT_THAT(config.status().message(), HasSubstr(part));
@@ -270,12 +273,12 @@ TEST(ModelConfigTest, RejectsSizesWhoseParameterCountOverflows) {
       With(With(MinimalLlama(), "vocab_size", "1099511627776"), "hidden_size", "1099511627776");
   auto config = Parse(huge);
   ASSERT_FALSE(config.ok());
-  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(config, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(config.status().message(),
               AllOf(HasSubstr("test/config.json: "), HasSubstr("expected at most 2^60")));
   // Large, but a count that fits: accepted, and counted exactly.
   auto large = Parse(With(MinimalLlama(), "vocab_size", "4294967296"));
-  ASSERT_TRUE(large.ok()) << large.status();
+  ASSERT_OK(large);
   EXPECT_EQ(ParameterCount(*large),
             ParameterCount(*Parse(MinimalLlama())) + (int64_t{4294967296} - 512) * 64 * 2);
 }
@@ -290,24 +293,24 @@ TEST(ModelConfigTest, RejectsMalformedJson) {
 TEST(ModelConfigTest, LoadReadsGenerationConfigForMissingTokenIds) {
   const std::string dir = TestDir();
   auto missing = LoadModelConfig(dir);
-  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(missing.status().message(), HasSubstr(dir + "/config.json"));
 
   WriteText(dir + "/config.json", ToJson(MinimalLlama()));
   auto no_generation = LoadModelConfig(dir);
-  ASSERT_TRUE(no_generation.ok()) << no_generation.status();
+  ASSERT_OK(no_generation);
   EXPECT_EQ(no_generation->bos_token_id, -1);
 
   WriteText(dir + "/generation_config.json", R"({"bos_token_id": 1, "eos_token_id": [2, 9]})");
   auto filled = LoadModelConfig(dir);
-  ASSERT_TRUE(filled.ok()) << filled.status();
+  ASSERT_OK(filled);
   EXPECT_EQ(filled->bos_token_id, 1);
   EXPECT_THAT(filled->eos_token_ids, ElementsAre(2, 9));
 
   // config.json wins where it has the ids.
   WriteText(dir + "/config.json", ToJson(With(MinimalLlama(), "eos_token_id", "3")));
   auto own = LoadModelConfig(dir);
-  ASSERT_TRUE(own.ok()) << own.status();
+  ASSERT_OK(own);
   EXPECT_EQ(own->bos_token_id, 1);
   EXPECT_THAT(own->eos_token_ids, ElementsAre(3));
 
@@ -331,27 +334,27 @@ TEST(ModelConfigTest, PresetsParseWithKnownParameterCounts) {
   for (const std::string& name : DummyPresetNames()) {
     SCOPED_TRACE(name);
     auto config = DummyPreset(name);
-    ASSERT_TRUE(config.ok()) << config.status();
+    ASSERT_OK(config);
     ASSERT_EQ(expected.count(name), 1u);
     EXPECT_EQ(ParameterCount(*config), expected.at(name));
   }
 
   auto llama3 = DummyPreset("llama-3-8b");
-  ASSERT_TRUE(llama3.ok());
+  ASSERT_OK(llama3);
   ExpectLlama3(llama3, 500000.0);
   EXPECT_EQ(llama3->num_key_value_heads, 8);
   EXPECT_THAT(llama3->eos_token_ids, ElementsAre(128001, 128008, 128009));
   auto qwen2 = DummyPreset("qwen2-7b");
-  ASSERT_TRUE(qwen2.ok());
+  ASSERT_OK(qwen2);
   EXPECT_TRUE(qwen2->attention_bias);
   EXPECT_EQ(qwen2->head_dim, 128);
   auto small = DummyPreset("llama-3.2-1b");
-  ASSERT_TRUE(small.ok());
+  ASSERT_OK(small);
   EXPECT_TRUE(small->tie_word_embeddings);
   EXPECT_DOUBLE_EQ(small->rope_scaling.factor, 32.0);
 
   auto unknown = DummyPreset("gpt-5");
-  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(unknown, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(unknown.status().message(),
               AllOf(HasSubstr("gpt-5"), HasSubstr("tinyllama-1.1b"), HasSubstr("qwen2-7b")));
 }

@@ -5,6 +5,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::formats {
 namespace {
@@ -37,7 +38,7 @@ TEST(PeftConfigTest, TypicalConfigWithExtraKeys) {
       "megatron_config": null, "base_model_name_or_path": "aidreams-260k", "layers_to_transform": null,
       "layers_pattern": null, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": false,
       "some_future_key": {"nested": [1, 2]})");
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   EXPECT_EQ(config->r(), 8);
   EXPECT_EQ(config->lora_alpha(), 16);
   EXPECT_EQ(config->base_model_name_or_path(), "aidreams-260k");
@@ -52,20 +53,20 @@ TEST(PeftConfigTest, TypicalConfigWithExtraKeys) {
 TEST(PeftConfigTest, RsLoraScale) {
   auto config =
       Parse(R"("r": 16, "lora_alpha": 16, "use_rslora": true, "target_modules": ["up_proj"])");
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   EXPECT_DOUBLE_EQ(config->ScaleFor(Module(1, "up_proj")), 4.0);
 }
 
 TEST(PeftConfigTest, SuffixMatchNeedsAWholeSegment) {
   auto config = Parse(R"("target_modules": ["proj", "self_attn.o_proj"])");
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   EXPECT_FALSE(config->TargetsModule(Module(0, "q_proj")));  // "q_proj" does not end with ".proj"
   EXPECT_TRUE(config->TargetsModule(Module(0, "o_proj")));
 }
 
 TEST(PeftConfigTest, DefaultsWhenFieldsAreMissing) {
   auto config = Parse(R"("bias": "none")");
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   EXPECT_EQ(config->r(), 8);
   EXPECT_EQ(config->lora_alpha(), 8);
   EXPECT_TRUE(config->TargetsModule(Module(0, "q_proj")));
@@ -75,7 +76,7 @@ TEST(PeftConfigTest, DefaultsWhenFieldsAreMissing) {
 
 TEST(PeftConfigTest, AllLinear) {
   auto config = Parse(R"("target_modules": "all-linear")");
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   for (const char* leaf :
        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}) {
     EXPECT_TRUE(config->TargetsModule(Module(2, leaf))) << leaf;
@@ -86,7 +87,7 @@ TEST(PeftConfigTest, RegexTargetsMustMatchTheWholeName) {
   // The golden generator's regex-targets case.
   auto config = Parse(
       R"("target_modules": ".*\\.layers\\.0\\.self_attn\\.(q_proj|v_proj)$|.*\\.layers\\.1\\.mlp\\.(gate_proj|down_proj)$")");
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   EXPECT_TRUE(config->TargetsModule(Module(0, "q_proj")));
   EXPECT_TRUE(config->TargetsModule(Module(0, "v_proj")));
   EXPECT_FALSE(config->TargetsModule(Module(1, "q_proj")));
@@ -95,45 +96,45 @@ TEST(PeftConfigTest, RegexTargetsMustMatchTheWholeName) {
   EXPECT_FALSE(config->TargetsModule(Module(1, "up_proj")));
 
   auto partial = Parse(R"("target_modules": "q_proj")");
-  ASSERT_TRUE(partial.ok()) << partial.status();
+  ASSERT_OK(partial);
   EXPECT_FALSE(partial->TargetsModule(Module(0, "q_proj")));  // fullmatch, not search
 }
 
 TEST(PeftConfigTest, LayersToTransform) {
   auto config = Parse(
       R"("target_modules": ["q_proj"], "layers_to_transform": [1, 3], "layers_pattern": "layers")");
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   EXPECT_FALSE(config->TargetsModule(Module(0, "q_proj")));
   EXPECT_TRUE(config->TargetsModule(Module(1, "q_proj")));
   EXPECT_FALSE(config->TargetsModule(Module(2, "q_proj")));
   EXPECT_TRUE(config->TargetsModule(Module(3, "q_proj")));
 
   auto single = Parse(R"("target_modules": ["q_proj"], "layers_to_transform": 2)");
-  ASSERT_TRUE(single.ok()) << single.status();
+  ASSERT_OK(single);
   EXPECT_TRUE(single->TargetsModule(Module(2, "q_proj")));
   EXPECT_FALSE(single->TargetsModule(Module(12, "q_proj")));
 
   // A pattern naming no segment of the module selects nothing.
   auto other = Parse(
       R"("target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": ["h", "blocks"])");
-  ASSERT_TRUE(other.ok()) << other.status();
+  ASSERT_OK(other);
   EXPECT_FALSE(other->TargetsModule(Module(0, "q_proj")));
 
   // An exact module name bypasses the layer filter, as in PEFT.
   auto exact =
       Parse(R"("target_modules": ["model.layers.0.self_attn.q_proj"], "layers_to_transform": [1])");
-  ASSERT_TRUE(exact.ok()) << exact.status();
+  ASSERT_OK(exact);
   EXPECT_TRUE(exact->TargetsModule(Module(0, "q_proj")));
 }
 
 TEST(PeftConfigTest, ExcludeModules) {
   auto config = Parse(
       R"("target_modules": ["q_proj", "v_proj"], "exclude_modules": ["model.layers.1.self_attn.q_proj"])");
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   EXPECT_TRUE(config->TargetsModule(Module(0, "q_proj")));
   EXPECT_FALSE(config->TargetsModule(Module(1, "q_proj")));
   auto regex = Parse(R"("target_modules": ["q_proj", "v_proj"], "exclude_modules": ".*v_proj")");
-  ASSERT_TRUE(regex.ok()) << regex.status();
+  ASSERT_OK(regex);
   EXPECT_FALSE(regex->TargetsModule(Module(0, "v_proj")));
   EXPECT_TRUE(regex->TargetsModule(Module(0, "q_proj")));
 }
@@ -144,7 +145,7 @@ TEST(PeftConfigTest, RankAndAlphaPatternsFirstKeyInFileOrderWins) {
       "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
       "rank_pattern": {"q_proj": 4, "layers.1.mlp.down_proj": 2, "down_proj": 6},
       "alpha_pattern": {"v_proj": 4, "layers.0.self_attn.o_proj": 32})");
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   EXPECT_EQ(config->RankFor(Module(0, "q_proj")), 4);
   EXPECT_EQ(config->RankFor(Module(1, "q_proj")), 4);
   EXPECT_EQ(config->RankFor(Module(1, "down_proj")), 2);  // the earlier key wins over "down_proj"
@@ -157,7 +158,7 @@ TEST(PeftConfigTest, RankAndAlphaPatternsFirstKeyInFileOrderWins) {
   EXPECT_DOUBLE_EQ(config->ScaleFor(Module(0, "v_proj")), 4.0 / 8);
   // A key must end the name at a segment boundary: "proj" does not match "q_proj".
   auto boundary = Parse(R"("target_modules": ["q_proj"], "rank_pattern": {"proj": 2})");
-  ASSERT_TRUE(boundary.ok()) << boundary.status();
+  ASSERT_OK(boundary);
   EXPECT_EQ(boundary->RankFor(Module(0, "q_proj")), 8);
 }
 

@@ -11,9 +11,12 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::formats {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 using ::testing::AllOf;
 using ::testing::ElementsAre;
@@ -74,7 +77,7 @@ TEST(SafetensorsFileTest, ReadsTensorsAndMetadata) {
   std::string path = TestDir() + "/x.safetensors";
   WriteBytes(path, SafetensorsBytes(SampleTensors(), {{"format", "pt"}}));
   auto file = SafetensorsFile::Open(path);
-  ASSERT_TRUE(file.ok()) << file.status();
+  ASSERT_OK(file);
   EXPECT_EQ((*file)->path(), path);
   EXPECT_EQ((*file)->tensors().size(), 5u);
   EXPECT_EQ((*file)->metadata().at("format"), "pt");
@@ -95,7 +98,7 @@ TEST(SafetensorsFileTest, ReadsTensorsAndMetadata) {
   EXPECT_EQ((*file)->Find("scalar")->NumElements(), 1);
   EXPECT_EQ((*file)->Find("nope"), nullptr);
   auto missing = (*file)->Get("nope");
-  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(missing.status().message(), AllOf(HasSubstr("nope"), HasSubstr(path)));
 }
 
@@ -104,14 +107,14 @@ TEST(SafetensorsFileTest, IntegerTensorsAreValidatedButNotExposed) {
   WriteSafetensorsOrFail(path,
                          {{"w", "F32", {2}, Bytes(8)}, {"position_ids", "I64", {1, 3}, Bytes(24)}});
   auto file = SafetensorsFile::Open(path);
-  ASSERT_TRUE(file.ok()) << file.status();
+  ASSERT_OK(file);
   EXPECT_EQ((*file)->tensors().size(), 1u);
   EXPECT_EQ((*file)->Find("position_ids"), nullptr);
   auto ids = (*file)->Get("position_ids");
-  EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(ids, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_EQ(ids.status().message(), "unsupported dtype I64 for tensor position_ids in file " +
                                         path + "; expected F32, F16 or BF16");
-  EXPECT_TRUE((*file)->Get("w").ok());
+  EXPECT_OK((*file)->Get("w"));
 
   // Their layout is checked like any other tensor's.
   WriteSafetensorsOrFail(path, {{"position_ids", "I64", {1, 3}, Bytes(16)}});
@@ -200,7 +203,7 @@ TEST(SafetensorsFileTest, RejectsMalformedFilesWithNamedErrors) {
     WriteBytes(path, c.bytes);
     auto file = SafetensorsFile::Open(path);
     ASSERT_FALSE(file.ok());
-    EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(file, StatusIs(absl::StatusCode::kInvalidArgument));
     EXPECT_THAT(file.status().message(), HasSubstr(path));
     for (const std::string& part : c.expected) {
       EXPECT_THAT(file.status().message(), HasSubstr(part));
@@ -212,7 +215,7 @@ TEST(SafetensorsFileTest, RejectsMalformedFilesWithNamedErrors) {
 TEST(SafetensorsFileTest, FromBufferMatchesOpen) {
   const std::string bytes = SafetensorsBytes(SampleTensors());
   auto file = SafetensorsFile::FromBuffer(bytes, "upload.safetensors");
-  ASSERT_TRUE(file.ok()) << file.status();
+  ASSERT_OK(file);
   EXPECT_EQ((*file)->tensors().size(), 5u);
   for (const TestTensor& t : SampleTensors()) {
     const TensorInfo* info = (*file)->Find(t.name);
@@ -224,7 +227,7 @@ TEST(SafetensorsFileTest, FromBufferMatchesOpen) {
     SCOPED_TRACE(c.label);
     auto bad = SafetensorsFile::FromBuffer(c.bytes, "upload.safetensors");
     ASSERT_FALSE(bad.ok());
-    EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(bad, StatusIs(absl::StatusCode::kInvalidArgument));
     EXPECT_THAT(bad.status().message(), HasSubstr("upload.safetensors"));
     for (const std::string& part : c.expected) {
       EXPECT_THAT(bad.status().message(), HasSubstr(part));
@@ -241,7 +244,7 @@ TEST(SafetensorsFileTest, RefusesDeeplyNestedHeadersBeforeParsing) {
       R"({"t": {"dtype": "F32", "shape": [)" + deep + R"(], "data_offsets": [0, 0]}})", "");
   auto file = SafetensorsFile::FromBuffer(bytes, "upload.safetensors");
   ASSERT_FALSE(file.ok());
-  EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(file, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(file.status().message(),
               AllOf(HasSubstr("upload.safetensors"), HasSubstr("deeper than 64 levels")));
 }
@@ -249,7 +252,7 @@ TEST(SafetensorsFileTest, RefusesDeeplyNestedHeadersBeforeParsing) {
 TEST(SafetensorsFileTest, MissingFileIsNotFound) {
   std::string path = TestDir() + "/absent.safetensors";
   auto file = SafetensorsFile::Open(path);
-  EXPECT_EQ(file.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(file, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(file.status().message(), HasSubstr(path));
 }
 
@@ -300,20 +303,20 @@ TEST(CheckpointTest, OpensSingleFile) {
   std::string dir = TestDir();
   WriteSafetensorsOrFail(dir + "/model.safetensors", SampleTensors());
   auto ckpt = Checkpoint::Open(dir);
-  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  ASSERT_OK(ckpt);
   EXPECT_THAT((*ckpt)->Names(), ElementsAre("a.weight", "b.weight", "c.weight", "empty", "scalar"));
   ASSERT_NE((*ckpt)->Find("b.weight"), nullptr);
   EXPECT_EQ((*ckpt)->Find("b.weight")->dtype, DType::kF16);
   EXPECT_EQ((*ckpt)->Find("zzz"), nullptr);
   auto missing = (*ckpt)->Get("zzz");
-  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(missing.status().message(), AllOf(HasSubstr("zzz"), HasSubstr(dir)));
 }
 
 TEST(CheckpointTest, NeitherFileIsNotFoundNamingBoth) {
   std::string dir = TestDir();
   auto ckpt = Checkpoint::Open(dir);
-  EXPECT_EQ(ckpt.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(ckpt, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(ckpt.status().message(), AllOf(HasSubstr(dir), HasSubstr("model.safetensors "),
                                              HasSubstr("model.safetensors.index.json")));
 }
@@ -335,7 +338,7 @@ TEST(CheckpointTest, OpensShardsFromIndex) {
                    {"ids", "model-00001-of-00002.safetensors"},
                    {"y", "model-00002-of-00002.safetensors"}});
   auto ckpt = Checkpoint::Open(dir);
-  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  ASSERT_OK(ckpt);
   EXPECT_THAT((*ckpt)->Names(), ElementsAre("x", "y"));
   ASSERT_NE((*ckpt)->Find("y"), nullptr);
   EXPECT_EQ((*ckpt)->Find("y")->file, dir + "/model-00002-of-00002.safetensors");
@@ -355,7 +358,7 @@ TEST(CheckpointTest, ShardErrors) {
 
   WriteIndex(dir, {{"x", "a.safetensors"}, {"z", "missing.safetensors"}});
   auto status = Checkpoint::Open(dir).status();
-  EXPECT_EQ(status.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(status.message(), AllOf(HasSubstr(dir + "/missing.safetensors"), HasSubstr(index)));
 
   WriteIndex(dir, {{"x", "a.safetensors"}, {"w", "a.safetensors"}});
@@ -389,7 +392,7 @@ TEST(CheckpointTest, ShardErrors) {
 TEST(CheckpointTest, ReadsSharedTinyModel) {
   const std::string dir = LORASERVE_SHARED_DIR "/models/aidreams-260k";
   auto ckpt = Checkpoint::Open(dir);
-  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  ASSERT_OK(ckpt);
   // Embeddings, final norm, and 9 tensors per layer; lm_head is tied.
   EXPECT_EQ((*ckpt)->Names().size(), 2u + 4u * 9u);
   EXPECT_EQ((*ckpt)->Find("lm_head.weight"), nullptr);

@@ -13,9 +13,12 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::kernels {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 using ::testing::HasSubstr;
 
@@ -53,7 +56,7 @@ TEST(QuantizeQ8RowsTest, EveryWeightIsWithinHalfAStepAndDequantizesExactly) {
   for (float& v : w) v = dist(rng);
   w[7] = 1.5f;  // an outlier sets its group's scale
   std::vector<char> q(WeightBytes(DType::kQ8, rows, cols), 0x5A);
-  ASSERT_TRUE(QuantizeQ8Rows(w.data(), rows, cols, q.data()).ok());
+  ASSERT_OK(QuantizeQ8Rows(w.data(), rows, cols, q.data()));
   const int64_t row_bytes = WeightRowBytes(DType::kQ8, cols);
   for (int64_t r = 0; r < rows; ++r) {
     std::vector<float> back(cols);
@@ -88,7 +91,7 @@ TEST(QuantizeQ8RowsTest, AnAllZeroGroupStaysZero) {
   std::vector<float> w(cols, 0.0f);
   w[150] = -0.25f;
   std::vector<char> q(WeightBytes(DType::kQ8, 1, cols));
-  ASSERT_TRUE(QuantizeQ8Rows(w.data(), 1, cols, q.data()).ok());
+  ASSERT_OK(QuantizeQ8Rows(w.data(), 1, cols, q.data()));
   EXPECT_EQ(ScaleOf(q, cols, 0, 0), 0.0f);
   std::vector<float> back(cols, std::numeric_limits<float>::quiet_NaN());
   DequantizeQ8Row(q.data(), cols, back.data());
@@ -102,7 +105,7 @@ TEST(QuantizeQ8RowsTest, RefusesANonFiniteWeightNamingIt) {
     w[2 * 40 + 17] = bad;
     std::vector<char> q(WeightBytes(DType::kQ8, 3, 40));
     const absl::Status status = QuantizeQ8Rows(w.data(), 3, 40, q.data());
-    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
     EXPECT_THAT(status.message(), HasSubstr("weight [2, 17]"));
   }
 }

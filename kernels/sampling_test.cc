@@ -11,6 +11,7 @@
 
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::kernels {
 namespace {
@@ -167,7 +168,7 @@ TEST(SamplingTest, ValidationNamesRowAndField) {
   const auto message = [](const SamplingRow& row) {
     return std::string(ValidateSamplingRow(row, 7).message());
   };
-  EXPECT_TRUE(ValidateSamplingRow({}, 0).ok());
+  EXPECT_OK(ValidateSamplingRow({}, 0));
   EXPECT_NE(message({.temperature = -1.0f}).find("temperature"), std::string::npos);
   EXPECT_NE(message({.temperature = kInf}).find("temperature"), std::string::npos);
   EXPECT_NE(message({.top_k = -1}).find("top_k"), std::string::npos);
@@ -180,7 +181,7 @@ TEST(SamplingTest, ValidationNamesRowAndField) {
 
 TEST(CpuSampleTest, MatchesTheReferenceRowByRow) {
   absl::StatusOr<std::unique_ptr<Backend>> backend = CreateCpuBackend({.num_threads = 2});
-  ASSERT_TRUE(backend.ok()) << backend.status();
+  ASSERT_OK(backend);
   const int64_t rows = 6, vocab = 1000;
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 3.0f);
@@ -194,10 +195,10 @@ TEST(CpuSampleTest, MatchesTheReferenceRowByRow) {
       {.temperature = 0.7f, .top_k = 50, .top_p = 0.95f, .uniform = 0.5, .num_top_logprobs = 20},
       {.temperature = 1.0f, .top_k = 1, .uniform = 0.7}};
   absl::StatusOr<DeviceBuffer> logits = (*backend)->Allocate(host.size() * sizeof(float));
-  ASSERT_TRUE(logits.ok());
-  ASSERT_TRUE((*backend)->CopyToDevice(logits->data(), host.data(), host.size() * 4).ok());
+  ASSERT_OK(logits);
+  ASSERT_OK((*backend)->CopyToDevice(logits->data(), host.data(), host.size() * 4));
   std::vector<SampledToken> out(rows);
-  ASSERT_TRUE((*backend)->Sample(logits->as<float>(), rows, vocab, params.data(), out.data()).ok());
+  ASSERT_OK((*backend)->Sample(logits->as<float>(), rows, vocab, params.data(), out.data()));
   for (int64_t r = 0; r < rows; ++r) {
     SCOPED_TRACE(r);
     const SampledToken want = SampleRow(host.data() + r * vocab, vocab, params[r]);
@@ -212,7 +213,7 @@ TEST(CpuSampleTest, MatchesTheReferenceRowByRow) {
 
 TEST(CpuSampleTest, BadArgumentsAreNamed) {
   absl::StatusOr<std::unique_ptr<Backend>> backend = CreateCpuBackend({.num_threads = 1});
-  ASSERT_TRUE(backend.ok());
+  ASSERT_OK(backend);
   const std::vector<float> logits = {1.0f, 2.0f};
   std::vector<SamplingRow> params = {{}, {.top_p = 2.0f}};
   std::vector<SampledToken> out(2);
@@ -222,7 +223,7 @@ TEST(CpuSampleTest, BadArgumentsAreNamed) {
   EXPECT_NE(status.message().find("row 1: top_p"), std::string::npos) << status;
   status = (*backend)->Sample(logits.data(), 1, 2, nullptr, out.data());
   EXPECT_NE(status.message().find("params"), std::string::npos) << status;
-  EXPECT_TRUE((*backend)->Sample(nullptr, 0, 2, nullptr, nullptr).ok());
+  EXPECT_OK((*backend)->Sample(nullptr, 0, 2, nullptr, nullptr));
 }
 
 }  // namespace

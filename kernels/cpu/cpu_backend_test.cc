@@ -27,9 +27,12 @@
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
 #include "tests/support/side_by_side.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::kernels {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 using ::testing::HasSubstr;
 
@@ -47,14 +50,14 @@ class CpuBackendTest : public ::testing::TestWithParam<int> {
   void SetUp() override {
     absl::StatusOr<std::unique_ptr<Backend>> backend =
         CreateCpuBackend({.num_threads = GetParam()});
-    ASSERT_TRUE(backend.ok()) << backend.status();
+    ASSERT_OK(backend);
     backend_ = *std::move(backend);
   }
 
   template <typename T>
   DeviceBuffer Upload(const std::vector<T>& host) {
     DeviceBuffer buffer = Alloc(host.size() * sizeof(T));
-    EXPECT_TRUE(backend_->CopyToDevice(buffer.data(), host.data(), host.size() * sizeof(T)).ok());
+    EXPECT_OK(backend_->CopyToDevice(buffer.data(), host.data(), host.size() * sizeof(T)));
     return buffer;
   }
 
@@ -62,13 +65,13 @@ class CpuBackendTest : public ::testing::TestWithParam<int> {
 
   std::vector<float> Download(const DeviceBuffer& buffer, size_t count) {
     std::vector<float> host(count);
-    EXPECT_TRUE(backend_->CopyToHost(host.data(), buffer.data(), count * sizeof(float)).ok());
+    EXPECT_OK(backend_->CopyToHost(host.data(), buffer.data(), count * sizeof(float)));
     return host;
   }
 
   DeviceBuffer Alloc(size_t bytes) {
     absl::StatusOr<DeviceBuffer> buffer = backend_->Allocate(bytes);
-    EXPECT_TRUE(buffer.ok()) << buffer.status();
+    EXPECT_OK(buffer);
     return buffer.ok() ? *std::move(buffer) : DeviceBuffer();
   }
 
@@ -127,13 +130,13 @@ INSTANTIATE_TEST_SUITE_P(Threads, CpuBackendTest, ::testing::Values(1, 2, 3),
 
 TEST(CreateCpuBackendTest, RejectsNegativeThreadCount) {
   absl::StatusOr<std::unique_ptr<Backend>> backend = CreateCpuBackend({.num_threads = -1});
-  EXPECT_EQ(backend.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(backend, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(backend.status().message(), HasSubstr("num_threads"));
 }
 
 TEST(CreateCpuBackendTest, ZeroMeansAllCores) {
   absl::StatusOr<std::unique_ptr<Backend>> backend = CreateCpuBackend({.num_threads = 0});
-  ASSERT_TRUE(backend.ok()) << backend.status();
+  ASSERT_OK(backend);
   EXPECT_EQ((*backend)->name(), "cpu");
 }
 
@@ -147,11 +150,11 @@ TEST_P(CpuBackendTest, AllocatesAlignedBuffersAndCopies) {
   const std::vector<float> host = RandomFloats(67, 1);
   DeviceBuffer buffer = Upload(host);
   EXPECT_EQ(Download(buffer, host.size()), host);
-  EXPECT_TRUE(backend_->Synchronize().ok());
-  EXPECT_EQ(backend_->CopyToDevice(nullptr, host.data(), 4).code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(backend_->CopyToHost(nullptr, buffer.data(), 4).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_OK(backend_->Synchronize());
+  EXPECT_THAT(backend_->CopyToDevice(nullptr, host.data(), 4),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(backend_->CopyToHost(nullptr, buffer.data(), 4),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 // Converts every 16-bit pattern (plus a few more, so the count is not a
@@ -161,9 +164,9 @@ void CheckExhaustiveUpload(Backend& backend, DeviceBuffer& out, DType dtype, int
   std::vector<uint16_t> bits(65536 + 5);
   std::iota(bits.begin(), bits.begin() + 65536, 0);
   for (size_t i = 65536; i < bits.size(); ++i) bits[i] = static_cast<uint16_t>(i * 977);
-  ASSERT_TRUE(backend.UploadWeight(out.data(), bits.data(), dtype, 1, bits.size()).ok());
+  ASSERT_OK(backend.UploadWeight(out.data(), bits.data(), dtype, 1, bits.size()));
   std::vector<float> got(bits.size());
-  ASSERT_TRUE(backend.CopyToHost(got.data(), out.data(), got.size() * sizeof(float)).ok());
+  ASSERT_OK(backend.CopyToHost(got.data(), out.data(), got.size() * sizeof(float)));
   int mismatches = 0;
   for (size_t i = 0; i < bits.size(); ++i) {
     const double expected = DecodeSmallFloat(bits[i], exp_bits, mant_bits);
@@ -198,12 +201,12 @@ TEST_P(CpuBackendTest, UploadsBf16ExactlyIncludingSpecialValues) {
 TEST_P(CpuBackendTest, UploadsF32AsIsAndRejectsBadArguments) {
   const std::vector<float> host = RandomFloats(13, 2);
   DeviceBuffer out = Poisoned(host.size());
-  ASSERT_TRUE(backend_->UploadWeight(out.data(), host.data(), DType::kF32, 1, host.size()).ok());
+  ASSERT_OK(backend_->UploadWeight(out.data(), host.data(), DType::kF32, 1, host.size()));
   EXPECT_EQ(Download(out, host.size()), host);
-  EXPECT_EQ(backend_->UploadWeight(out.data(), host.data(), DType::kF32, 1, -1).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(backend_->UploadWeight(out.data(), host.data(), DType::kF32, 1, -1),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   absl::Status status = backend_->UploadWeight(out.data(), nullptr, DType::kF16, 1, 4);
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("src"));
 }
 
@@ -229,7 +232,7 @@ TEST_P(CpuBackendTest, LinearMatchesReference) {
       DeviceBuffer dw = Upload(w);
       DeviceBuffer dy = accumulate ? Upload(y0) : Poisoned(m * n);
       const WeightView view{dw.data(), DType::kF32, n, k};
-      ASSERT_TRUE(backend_->Linear(dx.as<float>(), view, m, dy.as<float>(), accumulate).ok());
+      ASSERT_OK(backend_->Linear(dx.as<float>(), view, m, dy.as<float>(), accumulate));
       std::vector<double> ref(m * n), scale(m * n);
       for (int64_t i = 0; i < m; ++i) {
         for (int64_t j = 0; j < n; ++j) {
@@ -257,20 +260,20 @@ TEST_P(CpuBackendTest, LinearRejectsBadArguments) {
   const WeightView view{w.data(), DType::kF32, 2, 4};
   absl::Status status = backend_->Linear(x.as<float>(), {w.data(), static_cast<DType>(99), 2, 4}, 2,
                                          y.as<float>(), false);
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("unknown dtype"));
   status = backend_->Linear(nullptr, view, 2, y.as<float>(), false);
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("x is null"));
-  EXPECT_EQ(backend_->Linear(x.as<float>(), view, -1, y.as<float>(), false).code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(
-      backend_->Linear(x.as<float>(), {nullptr, DType::kF32, 2, 4}, 2, y.as<float>(), false).code(),
-      absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(backend_->Linear(x.as<float>(), {w.data(), DType::kF32, 0, 4}, 2, y.as<float>(), false)
-                .code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(backend_->Linear(x.as<float>(), view, 0, y.as<float>(), false).ok());
+  EXPECT_THAT(backend_->Linear(x.as<float>(), view, -1, y.as<float>(), false),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(
+      backend_->Linear(x.as<float>(), {nullptr, DType::kF32, 2, 4}, 2, y.as<float>(), false),
+      StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(
+      backend_->Linear(x.as<float>(), {w.data(), DType::kF32, 0, 4}, 2, y.as<float>(), false),
+      StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_OK(backend_->Linear(x.as<float>(), view, 0, y.as<float>(), false));
 }
 
 // The default RmsNormLinear is RmsNorm, then Linear, bit for bit; a weight
@@ -283,20 +286,17 @@ TEST_P(CpuBackendTest, RmsNormLinearIsNormThenLinear) {
   DeviceBuffer dw = Upload(RandomFloats(rows * dim, 63));
   const WeightView w{dw.data(), DType::kF32, rows, dim};
   DeviceBuffer h_fused = Poisoned(n * dim), y_fused = Poisoned(n * rows);
-  ASSERT_TRUE(backend_
-                  ->RmsNormLinear(dx.as<float>(), norm.as<float>(), n, dim, 1e-5f,
-                                  h_fused.as<float>(), w, y_fused.as<float>())
-                  .ok());
+  ASSERT_OK(backend_->RmsNormLinear(dx.as<float>(), norm.as<float>(), n, dim, 1e-5f,
+                                    h_fused.as<float>(), w, y_fused.as<float>()));
   DeviceBuffer h = Poisoned(n * dim), y = Poisoned(n * rows);
-  ASSERT_TRUE(
-      backend_->RmsNorm(dx.as<float>(), norm.as<float>(), n, dim, 1e-5f, h.as<float>()).ok());
-  ASSERT_TRUE(backend_->Linear(h.as<float>(), w, n, y.as<float>(), false).ok());
+  ASSERT_OK(backend_->RmsNorm(dx.as<float>(), norm.as<float>(), n, dim, 1e-5f, h.as<float>()));
+  ASSERT_OK(backend_->Linear(h.as<float>(), w, n, y.as<float>(), false));
   EXPECT_EQ(Download(h_fused, n * dim), Download(h, n * dim));
   EXPECT_EQ(Download(y_fused, n * rows), Download(y, n * rows));
   const absl::Status status =
       backend_->RmsNormLinear(dx.as<float>(), norm.as<float>(), n, dim, 1e-5f, h.as<float>(),
                               {dw.data(), DType::kF32, rows, dim - 1}, y.as<float>());
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("columns for rows of 48"));
 }
 
@@ -309,19 +309,17 @@ TEST_P(CpuBackendTest, SiluMulLinearIsGateThenLinear) {
   const std::vector<float> y0 = RandomFloats(n * rows, 73);
   const WeightView w{dw.data(), DType::kF32, rows, dim};
   DeviceBuffer act_fused = Poisoned(n * dim), y_fused = Upload(y0);
-  ASSERT_TRUE(backend_
-                  ->SiluMulLinear(gate_up.as<float>(), n, dim, act_fused.as<float>(), w,
-                                  y_fused.as<float>(), /*accumulate=*/true)
-                  .ok());
+  ASSERT_OK(backend_->SiluMulLinear(gate_up.as<float>(), n, dim, act_fused.as<float>(), w,
+                                    y_fused.as<float>(), /*accumulate=*/true));
   DeviceBuffer act = Poisoned(n * dim), y = Upload(y0);
-  ASSERT_TRUE(backend_->SiluMul(gate_up.as<float>(), n, dim, act.as<float>()).ok());
-  ASSERT_TRUE(backend_->Linear(act.as<float>(), w, n, y.as<float>(), true).ok());
+  ASSERT_OK(backend_->SiluMul(gate_up.as<float>(), n, dim, act.as<float>()));
+  ASSERT_OK(backend_->Linear(act.as<float>(), w, n, y.as<float>(), true));
   EXPECT_EQ(Download(act_fused, n * dim), Download(act, n * dim));
   EXPECT_EQ(Download(y_fused, n * rows), Download(y, n * rows));
   const absl::Status status =
       backend_->SiluMulLinear(gate_up.as<float>(), n, dim, act.as<float>(),
                               {dw.data(), DType::kF32, rows, dim + 1}, y.as<float>(), false);
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("columns for rows of 48"));
 }
 
@@ -357,9 +355,8 @@ TEST_P(CpuBackendTest, LoraShrinkExpandMatchReference) {
   DeviceBuffer dx = Upload(x);
   DeviceBuffer dy = Upload(y0);
   DeviceBuffer dt = Poisoned(LoraIntermediateSize(segments.data(), n));
-  ASSERT_TRUE(backend_->LoraShrink(dx.as<float>(), in, segments.data(), n, dt.as<float>()).ok());
-  ASSERT_TRUE(
-      backend_->LoraExpand(dt.as<float>(), segments.data(), n, out, dy.as<float>(), ldy).ok());
+  ASSERT_OK(backend_->LoraShrink(dx.as<float>(), in, segments.data(), n, dt.as<float>()));
+  ASSERT_OK(backend_->LoraExpand(dt.as<float>(), segments.data(), n, out, dy.as<float>(), ldy));
 
   std::vector<double> ref(y0.begin(), y0.end()), scale(y0.size());
   for (size_t i = 0; i < y0.size(); ++i) scale[i] = std::abs(y0[i]);
@@ -457,12 +454,12 @@ TEST(CpuBackendBatchInvarianceTest, LinearAndLoraRowsDoNotDependOnTheBatch) {
   const auto run = [&](int threads, int64_t m, int64_t at, std::vector<float>* linear,
                        std::vector<float>* lora) {
     absl::StatusOr<std::unique_ptr<Backend>> backend = CreateCpuBackend({.num_threads = threads});
-    ASSERT_TRUE(backend.ok()) << backend.status();
+    ASSERT_OK(backend);
     Backend& be = **backend;
     const auto upload = [&](const std::vector<float>& host) {
       absl::StatusOr<DeviceBuffer> buffer = be.Allocate(host.size() * sizeof(float));
-      EXPECT_TRUE(buffer.ok());
-      EXPECT_TRUE(be.CopyToDevice(buffer->data(), host.data(), host.size() * sizeof(float)).ok());
+      EXPECT_OK(buffer);
+      EXPECT_OK(be.CopyToDevice(buffer->data(), host.data(), host.size() * sizeof(float)));
       return *std::move(buffer);
     };
     DeviceBuffer dw = upload(w), da = upload(a), db = upload(b);
@@ -473,18 +470,16 @@ TEST(CpuBackendBatchInvarianceTest, LinearAndLoraRowsDoNotDependOnTheBatch) {
     DeviceBuffer dlinear = upload(std::vector<float>(m * n));
     DeviceBuffer dt = upload(std::vector<float>(m * rank));
 
-    ASSERT_TRUE(be.Linear(dx.as<float>(), {dw.data(), DType::kF32, n, k}, m, dlinear.as<float>(),
-                          false)
-                    .ok());
+    ASSERT_OK(
+        be.Linear(dx.as<float>(), {dw.data(), DType::kF32, n, k}, m, dlinear.as<float>(), false));
     const LoraSegment segment{0, static_cast<int32_t>(m), da.as<float>(), db.as<float>(), rank,
                               1.25f};
-    ASSERT_TRUE(be.LoraShrink(dx.as<float>(), k, &segment, 1, dt.as<float>()).ok());
-    ASSERT_TRUE(be.LoraExpand(dt.as<float>(), &segment, 1, n, dy.as<float>(), ldy).ok());
+    ASSERT_OK(be.LoraShrink(dx.as<float>(), k, &segment, 1, dt.as<float>()));
+    ASSERT_OK(be.LoraExpand(dt.as<float>(), &segment, 1, n, dy.as<float>(), ldy));
     linear->resize(n);
     lora->resize(ldy);
-    ASSERT_TRUE(
-        be.CopyToHost(linear->data(), dlinear.as<float>() + at * n, n * sizeof(float)).ok());
-    ASSERT_TRUE(be.CopyToHost(lora->data(), dy.as<float>() + at * ldy, ldy * sizeof(float)).ok());
+    ASSERT_OK(be.CopyToHost(linear->data(), dlinear.as<float>() + at * n, n * sizeof(float)));
+    ASSERT_OK(be.CopyToHost(lora->data(), dy.as<float>() + at * ldy, ldy * sizeof(float)));
   };
 
   std::vector<float> linear_alone, lora_alone;
@@ -512,10 +507,8 @@ TEST_P(CpuBackendTest, MergeLoraMatchesReferenceAndKeepsBase) {
   const std::vector<float> b = RandomFloats(rows * rank, 503);
   DeviceBuffer dw = Upload(w), da = Upload(a), db = Upload(b);
   DeviceBuffer merged = Poisoned(rows * cols);
-  ASSERT_TRUE(backend_
-                  ->MergeLora({dw.data(), DType::kF32, rows, cols}, da.as<float>(), db.as<float>(),
-                              rank, lora_scale, merged.data())
-                  .ok());
+  ASSERT_OK(backend_->MergeLora({dw.data(), DType::kF32, rows, cols}, da.as<float>(),
+                                db.as<float>(), rank, lora_scale, merged.data()));
   std::vector<double> ref(rows * cols), scale(rows * cols);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
@@ -536,14 +529,14 @@ TEST_P(CpuBackendTest, LoraOpsRejectBadSegments) {
   DeviceBuffer x = Upload(RandomFloats(16, 1));
   DeviceBuffer t = Poisoned(16);
   LoraSegment bad{3, 1, x.as<float>(), x.as<float>(), 2, 1.0f};
-  EXPECT_EQ(backend_->LoraShrink(x.as<float>(), 4, &bad, 1, t.as<float>()).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(backend_->LoraShrink(x.as<float>(), 4, &bad, 1, t.as<float>()),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   LoraSegment no_rank{0, 1, x.as<float>(), x.as<float>(), 0, 1.0f};
-  EXPECT_EQ(backend_->LoraExpand(t.as<float>(), &no_rank, 1, 4, x.as<float>(), 4).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(backend_->LoraExpand(t.as<float>(), &no_rank, 1, 4, x.as<float>(), 4),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   LoraSegment ok{0, 1, x.as<float>(), x.as<float>(), 2, 1.0f};
-  EXPECT_EQ(backend_->LoraExpand(t.as<float>(), &ok, 1, 4, x.as<float>(), 3).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(backend_->LoraExpand(t.as<float>(), &ok, 1, 4, x.as<float>(), 3),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST_P(CpuBackendTest, EmbeddingCopiesRows) {
@@ -554,7 +547,7 @@ TEST_P(CpuBackendTest, EmbeddingCopiesRows) {
   DeviceBuffer dids = Upload(ids);
   DeviceBuffer dy = Poisoned(ids.size() * hidden);
   const WeightView view{dtable.data(), DType::kF32, vocab, hidden};
-  ASSERT_TRUE(backend_->Embedding(dids.as<int32_t>(), ids.size(), view, dy.as<float>()).ok());
+  ASSERT_OK(backend_->Embedding(dids.as<int32_t>(), ids.size(), view, dy.as<float>()));
   const std::vector<float> got = Download(dy, ids.size() * hidden);
   for (size_t i = 0; i < ids.size(); ++i) {
     for (int64_t c = 0; c < hidden; ++c) {
@@ -570,7 +563,7 @@ TEST_P(CpuBackendTest, EmbeddingRejectsIdsOutsideVocabulary) {
   for (int32_t bad : {67, -1}) {
     DeviceBuffer dids = Upload(std::vector<int32_t>{1, bad, 2});
     absl::Status status = backend_->Embedding(dids.as<int32_t>(), 3, view, dy.as<float>());
-    EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange);
+    EXPECT_THAT(status, StatusIs(absl::StatusCode::kOutOfRange));
     EXPECT_THAT(status.message(), HasSubstr(absl::StrCat("token id ", bad)));
     EXPECT_THAT(status.message(), HasSubstr("67"));
   }
@@ -592,7 +585,7 @@ TEST_P(CpuBackendTest, RmsNormMatchesReference) {
       DeviceBuffer dw = Upload(weight);
       DeviceBuffer dy = in_place ? DeviceBuffer() : Poisoned(n * dim);
       float* y = in_place ? dx.as<float>() : dy.as<float>();
-      ASSERT_TRUE(backend_->RmsNorm(dx.as<float>(), dw.as<float>(), n, dim, eps, y).ok());
+      ASSERT_OK(backend_->RmsNorm(dx.as<float>(), dw.as<float>(), n, dim, eps, y));
       std::vector<double> ref(n * dim), scale(n * dim);
       for (int64_t r = 0; r < n; ++r) {
         double sum_sq = 0;
@@ -617,7 +610,7 @@ TEST_P(CpuBackendTest, AddAndAddBiasMatchReference) {
     const std::vector<float> y = RandomFloats(count, ++seed);
     DeviceBuffer dx = Upload(x);
     DeviceBuffer dy = Upload(y);
-    ASSERT_TRUE(backend_->Add(dx.as<float>(), dy.as<float>(), count).ok());
+    ASSERT_OK(backend_->Add(dx.as<float>(), dy.as<float>(), count));
     std::vector<double> ref(count), scale(count);
     for (int64_t i = 0; i < count; ++i) {
       ref[i] = static_cast<double>(x[i]) + y[i];
@@ -631,7 +624,7 @@ TEST_P(CpuBackendTest, AddAndAddBiasMatchReference) {
     const std::vector<float> bias = RandomFloats(dim, ++seed);
     DeviceBuffer dx = Upload(x);
     DeviceBuffer dbias = Upload(bias);
-    ASSERT_TRUE(backend_->AddBias(dx.as<float>(), dbias.as<float>(), n, dim).ok());
+    ASSERT_OK(backend_->AddBias(dx.as<float>(), dbias.as<float>(), n, dim));
     std::vector<double> ref(n * dim), scale(n * dim);
     for (int64_t i = 0; i < n * dim; ++i) {
       ref[i] = static_cast<double>(x[i]) + bias[i % dim];
@@ -653,7 +646,7 @@ TEST_P(CpuBackendTest, SiluMulMatchesReference) {
     gate_up[2 % dim] = 0.0f;
     DeviceBuffer din = Upload(gate_up);
     DeviceBuffer dout = Poisoned(n * dim);
-    ASSERT_TRUE(backend_->SiluMul(din.as<float>(), n, dim, dout.as<float>()).ok());
+    ASSERT_OK(backend_->SiluMul(din.as<float>(), n, dim, dout.as<float>()));
     std::vector<double> ref(n * dim), scale(n * dim);
     for (int64_t r = 0; r < n; ++r) {
       for (int64_t c = 0; c < dim; ++c) {
@@ -672,14 +665,15 @@ TEST_P(CpuBackendTest, ElementwiseOpsRejectBadArguments) {
   DeviceBuffer d = Poisoned(16);
   float* p = d.as<float>();
   absl::Status status = backend_->RmsNorm(p, nullptr, 2, 8, 1e-5f, p);
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("weight"));
-  EXPECT_EQ(backend_->RmsNorm(p, p, 2, 0, 1e-5f, p).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(backend_->Add(p, nullptr, 16).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(backend_->Add(p, p, -1).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(backend_->AddBias(p, p, -2, 8).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(backend_->RmsNorm(p, p, 2, 0, 1e-5f, p),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(backend_->Add(p, nullptr, 16), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(backend_->Add(p, p, -1), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(backend_->AddBias(p, p, -2, 8), StatusIs(absl::StatusCode::kInvalidArgument));
   status = backend_->SiluMul(nullptr, 2, 4, p);
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("gate_up"));
 }
 
@@ -736,11 +730,9 @@ TEST_P(CpuBackendTest, RopeMatchesReference) {
     const std::vector<float> k = RandomFloats(c.tokens * c.kv_heads * c.head_dim, ++seed);
     DeviceBuffer dq = Upload(q), dk = Upload(k), dpos = Upload(positions), dfreq = Upload(inv_freq);
     const RopeParams params{dfreq.as<float>(), c.head_dim, c.scaling};
-    ASSERT_TRUE(backend_
-                    ->Rope(dq.as<float>(), c.heads * c.head_dim, dk.as<float>(),
-                           c.kv_heads * c.head_dim, dpos.as<int32_t>(), c.tokens, c.heads,
-                           c.kv_heads, params)
-                    .ok());
+    ASSERT_OK(backend_->Rope(dq.as<float>(), c.heads * c.head_dim, dk.as<float>(),
+                             c.kv_heads * c.head_dim, dpos.as<int32_t>(), c.tokens, c.heads,
+                             c.kv_heads, params));
     std::vector<double> ref, scale;
     const std::string what = absl::StrCat("Rope tokens=", c.tokens, " head_dim=", c.head_dim);
     RopeReference(q, positions, c.heads, c.head_dim, inv_freq, c.scaling, ref, scale);
@@ -758,22 +750,22 @@ TEST_P(CpuBackendTest, RopeRejectsBadArguments) {
   float* p = d.as<float>();
   absl::Status status =
       backend_->Rope(p, 16, p, 16, good_pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 7, 1.0f});
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("head_dim"));
   status = backend_->Rope(p, 16, p, 16, pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 8, 1.0f});
-  EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kOutOfRange));
   EXPECT_THAT(status.message(), HasSubstr("positions[0]"));
   status = backend_->Rope(p, 16, p, 16, good_pos.as<int32_t>(), 1, 2, 2, {nullptr, 8, 1.0f});
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("inv_freq"));
   // Rows closer together than a row of heads.
   status =
       backend_->Rope(p, 15, p, 16, good_pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 8, 1.0f});
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("q_ld is 15, less than a row of 16 floats"));
   status =
       backend_->Rope(p, 16, p, 8, good_pos.as<int32_t>(), 1, 2, 2, {freq.as<float>(), 8, 1.0f});
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("k_ld"));
 }
 
@@ -879,16 +871,12 @@ class AttentionScenario {
       AttentionBatch hist;
       hist.num_tokens = static_cast<int32_t>(hist_slots.size());
       hist.slot_mapping = dslots.as<int32_t>();
-      ASSERT_TRUE(
-          backend
-              .WriteKv(dk.as<float>(), dv.as<float>(), kv_floats, hist, layout_, k_cache, v_cache)
-              .ok());
+      ASSERT_OK(backend.WriteKv(dk.as<float>(), dv.as<float>(), kv_floats, hist, layout_, k_cache,
+                                v_cache));
     }
     DeviceBuffer dk = test->Upload(k_step), dv = test->Upload(v_step);
-    ASSERT_TRUE(
-        backend
-            .WriteKv(dk.as<float>(), dv.as<float>(), kv_floats, Batch(), layout_, k_cache, v_cache)
-            .ok());
+    ASSERT_OK(backend.WriteKv(dk.as<float>(), dv.as<float>(), kv_floats, Batch(), layout_, k_cache,
+                              v_cache));
   }
 
   // Causal softmax attention in double, with scale = Σ_j p_j |v_j| per output.
@@ -996,26 +984,26 @@ TEST_P(CpuBackendTest, PagedAttentionAndWriteKvRejectBadArguments) {
   };
 
   absl::Status status = attend(scenario.Batch(), {8, 16, 4, 16}, 6);
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("multiple of layout.num_kv_heads"));
 
   status = attend(scenario.Batch(), {8, 0, 2, 16}, 8);
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("block_size"));
 
   // This backend's cache is float32 (KvCacheDType).
   EXPECT_EQ(backend_->KvCacheDType(), DType::kF32);
   status = attend(scenario.Batch(), {8, 16, 2, 16, DType::kBF16}, 8);
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("layout.dtype is BF16"));
 
   status = backend_->PagedAttention(nullptr, 8 * 16, scenario.Batch(), layout, 8,
                                     k_cache.as<float>(), v_cache.as<float>(), dout.as<float>());
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("q is null"));
   status = backend_->PagedAttention(dq.as<float>(), 8 * 16 - 1, scenario.Batch(), layout, 8,
                                     k_cache.as<float>(), v_cache.as<float>(), dout.as<float>());
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("q_ld is 127, less than a row of 128 floats"));
 
   // A block id beyond the cache.
@@ -1023,7 +1011,7 @@ TEST_P(CpuBackendTest, PagedAttentionAndWriteKvRejectBadArguments) {
   AttentionBatch batch = scenario.Batch();
   batch.block_tables = bad_tables.as<int32_t>();
   status = attend(batch, layout, 8);
-  EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kOutOfRange));
   EXPECT_THAT(status.message(), HasSubstr("block_tables[0][0] is 8"));
 
   // A position beyond its sequence's context.
@@ -1031,7 +1019,7 @@ TEST_P(CpuBackendTest, PagedAttentionAndWriteKvRejectBadArguments) {
   batch = scenario.Batch();
   batch.positions = bad_positions.as<int32_t>();
   status = attend(batch, layout, 8);
-  EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kOutOfRange));
   EXPECT_THAT(status.message(), HasSubstr("positions[1] is 20"));
 
   // A context longer than the block table can hold.
@@ -1039,14 +1027,14 @@ TEST_P(CpuBackendTest, PagedAttentionAndWriteKvRejectBadArguments) {
   batch = scenario.Batch();
   batch.context_lens = bad_context.as<int32_t>();
   status = attend(batch, layout, 8);
-  EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kOutOfRange));
   EXPECT_THAT(status.message(), HasSubstr("context_lens[1]"));
 
   // query_start that does not end at num_tokens.
   batch = scenario.Batch();
   batch.num_tokens = 2;
   status = attend(batch, layout, 8);
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("query_start"));
 
   // WriteKv: a slot beyond the cache, and a null cache.
@@ -1056,15 +1044,15 @@ TEST_P(CpuBackendTest, PagedAttentionAndWriteKvRejectBadArguments) {
   batch.slot_mapping = bad_slots.as<int32_t>();
   status = backend_->WriteKv(kv.as<float>(), kv.as<float>(), 32, batch, layout, k_cache.as<float>(),
                              v_cache.as<float>());
-  EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kOutOfRange));
   EXPECT_THAT(status.message(), HasSubstr("slot_mapping[1] is 128"));
   status = backend_->WriteKv(kv.as<float>(), kv.as<float>(), 32, scenario.Batch(), layout, nullptr,
                              v_cache.as<float>());
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("k_cache"));
   status = backend_->WriteKv(kv.as<float>(), kv.as<float>(), 31, scenario.Batch(), layout,
                              k_cache.as<float>(), v_cache.as<float>());
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("kv_ld is 31, less than a row of 32 floats"));
 }
 
@@ -1104,22 +1092,16 @@ TEST_P(CpuBackendTest, FusedQkvRowsGiveWhatSeparateBuffersGive) {
   DeviceBuffer dq = Upload(q), dk = Upload(k), dv = Upload(v);
   DeviceBuffer k_cache = Poisoned(cache_floats), v_cache = Poisoned(cache_floats);
   DeviceBuffer out = Poisoned(out_floats);
-  ASSERT_TRUE(backend_
-                  ->Rope(dq.as<float>(), q_width, dk.as<float>(), kv_width, pos.as<int32_t>(),
-                         tokens, heads, kv_heads, rope)
-                  .ok());
-  ASSERT_TRUE(backend_
-                  ->WriteKv(dk.as<float>(), dv.as<float>(), kv_width, batch, layout,
-                            k_cache.as<float>(), v_cache.as<float>())
-                  .ok());
-  ASSERT_TRUE(backend_
-                  ->PagedAttention(dq.as<float>(), q_width, batch, layout, heads,
-                                   k_cache.as<float>(), v_cache.as<float>(), out.as<float>())
-                  .ok());
+  ASSERT_OK(backend_->Rope(dq.as<float>(), q_width, dk.as<float>(), kv_width, pos.as<int32_t>(),
+                           tokens, heads, kv_heads, rope));
+  ASSERT_OK(backend_->WriteKv(dk.as<float>(), dv.as<float>(), kv_width, batch, layout,
+                              k_cache.as<float>(), v_cache.as<float>()));
+  ASSERT_OK(backend_->PagedAttention(dq.as<float>(), q_width, batch, layout, heads,
+                                     k_cache.as<float>(), v_cache.as<float>(), out.as<float>()));
 
   // One fused buffer, with NaN padding at the end of every row.
   const std::vector<float> fused =
-      testing::SideBySide(tokens, {{&q, q_width}, {&k, kv_width}, {&v, kv_width}}, 3);
+      test_support::SideBySide(tokens, {{&q, q_width}, {&k, kv_width}, {&v, kv_width}}, 3);
   const int64_t ld = q_width + 2 * kv_width + 3;
   DeviceBuffer dqkv = Upload(fused);
   float* fq = dqkv.as<float>();
@@ -1127,24 +1109,21 @@ TEST_P(CpuBackendTest, FusedQkvRowsGiveWhatSeparateBuffersGive) {
   float* fv = fk + kv_width;
   DeviceBuffer fk_cache = Poisoned(cache_floats), fv_cache = Poisoned(cache_floats);
   DeviceBuffer fout = Poisoned(out_floats);
-  ASSERT_TRUE(
-      backend_->Rope(fq, ld, fk, ld, pos.as<int32_t>(), tokens, heads, kv_heads, rope).ok());
-  ASSERT_TRUE(
-      backend_->WriteKv(fk, fv, ld, batch, layout, fk_cache.as<float>(), fv_cache.as<float>())
-          .ok());
-  ASSERT_TRUE(backend_
-                  ->PagedAttention(fq, ld, batch, layout, heads, fk_cache.as<float>(),
-                                   fv_cache.as<float>(), fout.as<float>())
-                  .ok());
+  ASSERT_OK(backend_->Rope(fq, ld, fk, ld, pos.as<int32_t>(), tokens, heads, kv_heads, rope));
+  ASSERT_OK(
+      backend_->WriteKv(fk, fv, ld, batch, layout, fk_cache.as<float>(), fv_cache.as<float>()));
+  ASSERT_OK(backend_->PagedAttention(fq, ld, batch, layout, heads, fk_cache.as<float>(),
+                                     fv_cache.as<float>(), fout.as<float>()));
 
   const auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
   };
   const std::vector<float> after = Download(dqkv, fused.size());
-  EXPECT_TRUE(same(testing::ColumnSlice(after, tokens, ld, 0, q_width), Download(dq, q.size())));
   EXPECT_TRUE(
-      same(testing::ColumnSlice(after, tokens, ld, q_width, kv_width), Download(dk, k.size())));
-  EXPECT_TRUE(same(testing::ColumnSlice(after, tokens, ld, q_width + kv_width, kv_width), v));
+      same(test_support::ColumnSlice(after, tokens, ld, 0, q_width), Download(dq, q.size())));
+  EXPECT_TRUE(same(test_support::ColumnSlice(after, tokens, ld, q_width, kv_width),
+                   Download(dk, k.size())));
+  EXPECT_TRUE(same(test_support::ColumnSlice(after, tokens, ld, q_width + kv_width, kv_width), v));
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t c = ld - 3; c < ld; ++c) EXPECT_TRUE(std::isnan(after[t * ld + c]));
   }

@@ -19,9 +19,12 @@
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/quantization.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::kernels {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 using ::testing::HasSubstr;
 
@@ -38,14 +41,14 @@ std::vector<float> RandomFloats(size_t count, uint32_t seed, float stddev = 1.0f
 std::unique_ptr<Backend> CpuBackendOf(DType weight_dtype, int threads = 2) {
   absl::StatusOr<std::unique_ptr<Backend>> backend =
       CreateCpuBackend({.num_threads = threads, .weight_dtype = weight_dtype});
-  EXPECT_TRUE(backend.ok()) << backend.status();
+  EXPECT_OK(backend);
   return *std::move(backend);
 }
 
 DeviceBuffer UploadBytes(Backend& backend, const void* host, size_t bytes) {
   absl::StatusOr<DeviceBuffer> buffer = backend.Allocate(std::max<size_t>(bytes, 1));
-  EXPECT_TRUE(buffer.ok()) << buffer.status();
-  EXPECT_TRUE(backend.CopyToDevice(buffer->data(), host, bytes).ok());
+  EXPECT_OK(buffer);
+  EXPECT_OK(backend.CopyToDevice(buffer->data(), host, bytes));
   return *std::move(buffer);
 }
 
@@ -56,7 +59,7 @@ DeviceBuffer Upload(Backend& backend, const std::vector<T>& host) {
 
 std::vector<float> Download(Backend& backend, const void* device, size_t count) {
   std::vector<float> host(count);
-  EXPECT_TRUE(backend.CopyToHost(host.data(), device, count * sizeof(float)).ok());
+  EXPECT_OK(backend.CopyToHost(host.data(), device, count * sizeof(float)));
   return host;
 }
 
@@ -72,7 +75,7 @@ Weight UploadWeight(Backend& backend, const std::vector<float>& host, int64_t ro
   w.buffer = *backend.Allocate(WeightBytes(stored, rows, cols));
   const absl::Status status =
       backend.UploadWeight(w.buffer.data(), host.data(), DType::kF32, rows, cols);
-  EXPECT_TRUE(status.ok()) << status;
+  EXPECT_OK(status);
   w.view = {w.buffer.data(), stored, rows, cols};
   return w;
 }
@@ -81,7 +84,7 @@ Weight UploadWeight(Backend& backend, const std::vector<float>& host, int64_t ro
 std::vector<float> Widened(Backend& backend, const WeightView& w) {
   const int64_t row_bytes = WeightRowBytes(w.dtype, w.cols);
   std::vector<char> bytes(w.rows * row_bytes);
-  EXPECT_TRUE(backend.CopyToHost(bytes.data(), w.data, bytes.size()).ok());
+  EXPECT_OK(backend.CopyToHost(bytes.data(), w.data, bytes.size()));
   std::vector<float> out(w.rows * w.cols);
   for (int64_t r = 0; r < w.rows; ++r) {
     ConvertToFloat32(bytes.data() + r * row_bytes, w.dtype, w.cols, out.data() + r * w.cols);
@@ -137,7 +140,7 @@ TEST(CpuWeightDTypeTest, StoresEveryWeightInTheChosenDTypeAndAdaptersBesideIt) {
   }
   absl::StatusOr<std::unique_ptr<Backend>> bad =
       CreateCpuBackend({.weight_dtype = static_cast<DType>(42)});
-  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad, StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST(CpuWeightDTypeTest, UploadRoundsOrQuantizesOnceFromEverySourceDType) {
@@ -159,11 +162,11 @@ TEST(CpuWeightDTypeTest, UploadRoundsOrQuantizesOnceFromEverySourceDType) {
       std::unique_ptr<Backend> backend = CpuBackendOf(stored);
       const int64_t bytes = WeightBytes(stored, rows, cols);
       DeviceBuffer out = *backend->Allocate(bytes);
-      ASSERT_TRUE(backend->UploadWeight(out.data(), source.data, source.dtype, rows, cols).ok());
+      ASSERT_OK(backend->UploadWeight(out.data(), source.data, source.dtype, rows, cols));
       // What the host conversions of the widened source give.
       std::vector<char> expected(bytes);
       if (stored == DType::kQ8) {
-        ASSERT_TRUE(QuantizeQ8Rows(exact.data(), rows, cols, expected.data()).ok());
+        ASSERT_OK(QuantizeQ8Rows(exact.data(), rows, cols, expected.data()));
       } else if (stored == DType::kBF16) {
         ConvertFloat32ToBf16(exact.data(), exact.size(),
                              reinterpret_cast<uint16_t*>(expected.data()));
@@ -172,7 +175,7 @@ TEST(CpuWeightDTypeTest, UploadRoundsOrQuantizesOnceFromEverySourceDType) {
                             reinterpret_cast<uint16_t*>(expected.data()));
       }
       std::vector<char> got(bytes);
-      ASSERT_TRUE(backend->CopyToHost(got.data(), out.data(), bytes).ok());
+      ASSERT_OK(backend->CopyToHost(got.data(), out.data(), bytes));
       EXPECT_EQ(got, expected) << DTypeName(source.dtype) << " -> " << DTypeName(stored);
     }
   }
@@ -184,7 +187,7 @@ TEST(CpuWeightDTypeTest, UploadRefusesANonFiniteWeightToQuantize) {
   host[2 * 64 + 5] = INFINITY;
   DeviceBuffer out = *backend->Allocate(WeightBytes(DType::kQ8, 4, 64));
   const absl::Status status = backend->UploadWeight(out.data(), host.data(), DType::kF32, 4, 64);
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("not finite"));
   EXPECT_THAT(status.message(), HasSubstr("[2, 5]"));
 }
@@ -224,8 +227,8 @@ TEST(CpuWeightDTypeTest, LinearIsTheFloat32ProductOfTheStoredValues) {
         const std::vector<float> y0 = RandomFloats(m * n, ++seed);
         DeviceBuffer x = Upload(*narrow, x_host), y = Upload(*narrow, y0);
         DeviceBuffer x2 = Upload(*f32, x_host), y2 = Upload(*f32, y0);
-        ASSERT_TRUE(narrow->Linear(x.as<float>(), w.view, m, y.as<float>(), accumulate).ok());
-        ASSERT_TRUE(f32->Linear(x2.as<float>(), w_f32.view, m, y2.as<float>(), accumulate).ok());
+        ASSERT_OK(narrow->Linear(x.as<float>(), w.view, m, y.as<float>(), accumulate));
+        ASSERT_OK(f32->Linear(x2.as<float>(), w_f32.view, m, y2.as<float>(), accumulate));
         EXPECT_TRUE(SameBits(Download(*narrow, y.data(), m * n), Download(*f32, y2.data(), m * n)))
             << DTypeName(stored) << " m=" << m << " n=" << n << " k=" << k;
       }
@@ -276,7 +279,7 @@ TEST(CpuWeightDTypeTest, LinearIsWithinTheRoundingOfTheWeights) {
       const Weight w = UploadWeight(*backend, w_host, n, k);
       DeviceBuffer x = Upload(*backend, x_host);
       DeviceBuffer y = Upload(*backend, std::vector<float>(m * n, NAN));
-      ASSERT_TRUE(backend->Linear(x.as<float>(), w.view, m, y.as<float>(), false).ok());
+      ASSERT_OK(backend->Linear(x.as<float>(), w.view, m, y.as<float>(), false));
       const std::vector<float> got = Download(*backend, y.data(), m * n);
       for (int64_t i = 0; i < m; ++i) {
         for (int64_t j = 0; j < n; ++j) {
@@ -344,7 +347,7 @@ TEST(CpuWeightDTypeTest, EmbeddingWidensTheStoredRows) {
     const std::vector<float> widened = Widened(*backend, table.view);
     DeviceBuffer dids = Upload(*backend, ids);
     DeviceBuffer y = Upload(*backend, std::vector<float>(ids.size() * hidden, NAN));
-    ASSERT_TRUE(backend->Embedding(dids.as<int32_t>(), ids.size(), table.view, y.as<float>()).ok());
+    ASSERT_OK(backend->Embedding(dids.as<int32_t>(), ids.size(), table.view, y.as<float>()));
     const std::vector<float> got = Download(*backend, y.data(), ids.size() * hidden);
     for (size_t i = 0; i < ids.size(); ++i) {
       for (int64_t c = 0; c < hidden; ++c) {
@@ -380,8 +383,8 @@ TEST(CpuWeightDTypeTest, Bf16LoraIsTheFloat32LoraOfTheRoundedAdapter) {
                                     {4, 9, da.data(), dbt.data(), rank, -1.5f}};
     std::vector<float> t(LoraIntermediateSize(segments, 2));
     dt = Upload(backend, t);
-    EXPECT_TRUE(backend.LoraShrink(dx.as<float>(), in, segments, 2, dt.as<float>()).ok());
-    EXPECT_TRUE(backend.LoraExpand(dt.as<float>(), segments, 2, out, dy.as<float>(), out).ok());
+    EXPECT_OK(backend.LoraShrink(dx.as<float>(), in, segments, 2, dt.as<float>()));
+    EXPECT_OK(backend.LoraExpand(dt.as<float>(), segments, 2, out, dy.as<float>(), out));
     return Download(backend, dy.data(), tokens * out);
   };
   std::unique_ptr<Backend> bf16 = CpuBackendOf(DType::kBF16);
@@ -411,9 +414,8 @@ TEST(CpuWeightDTypeTest, MergeLoraStoresTheMergedWeightsInTheBaseDType) {
     Weight merged;
     merged.buffer = *backend->Allocate(WeightBytes(stored, rows, cols));
     merged.view = {merged.buffer.data(), stored, rows, cols};
-    ASSERT_TRUE(
-        backend->MergeLora(base.view, da.data(), dbt.data(), rank, lora_scale, merged.buffer.data())
-            .ok());
+    ASSERT_OK(backend->MergeLora(base.view, da.data(), dbt.data(), rank, lora_scale,
+                                 merged.buffer.data()));
     std::vector<float> exact(rows * cols);
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t j = 0; j < cols; ++j) {

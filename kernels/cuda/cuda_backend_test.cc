@@ -24,9 +24,12 @@
 #include "tests/support/forward_harness.h"
 #include "tests/support/golden_cases.h"
 #include "tests/support/side_by_side.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::kernels {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Relative error bounds: float32 everywhere, or bf16 GEMM operands.
@@ -79,8 +82,8 @@ std::vector<float> RoundToBf16(const std::vector<float>& v) {
 template <typename T>
 DeviceBuffer Upload(Backend& backend, const std::vector<T>& host) {
   absl::StatusOr<DeviceBuffer> buffer = backend.Allocate(host.size() * sizeof(T));
-  EXPECT_TRUE(buffer.ok()) << buffer.status();
-  EXPECT_TRUE(backend.CopyToDevice(buffer->data(), host.data(), host.size() * sizeof(T)).ok());
+  EXPECT_OK(buffer);
+  EXPECT_OK(backend.CopyToDevice(buffer->data(), host.data(), host.size() * sizeof(T)));
   return std::move(*buffer);
 }
 
@@ -92,7 +95,7 @@ DeviceBuffer Poisoned(Backend& backend, size_t count) {
 std::vector<float> Download(Backend& backend, const DeviceBuffer& buffer, size_t count) {
   std::vector<float> host(count);
   absl::Status status = backend.CopyToHost(host.data(), buffer.data(), count * sizeof(float));
-  EXPECT_TRUE(status.ok()) << status;
+  EXPECT_OK(status);
   return host;
 }
 
@@ -100,7 +103,7 @@ std::vector<float> Download(Backend& backend, const DeviceBuffer& buffer, size_t
 std::vector<float> DownloadBf16(Backend& backend, const DeviceBuffer& buffer, size_t count) {
   std::vector<uint16_t> bits(count);
   absl::Status status = backend.CopyToHost(bits.data(), buffer.data(), count * sizeof(uint16_t));
-  EXPECT_TRUE(status.ok()) << status;
+  EXPECT_OK(status);
   std::vector<float> host(count);
   ConvertToFloat32(bits.data(), DType::kBF16, static_cast<int64_t>(count), host.data());
   return host;
@@ -117,7 +120,7 @@ Weight UploadWeight(Backend& backend, const std::vector<float>& host, int64_t ro
   Weight w;
   w.buffer = *backend.Allocate(WeightBytes(stored, rows, cols));
   absl::Status status = backend.UploadWeight(w.buffer.data(), host.data(), DType::kF32, rows, cols);
-  EXPECT_TRUE(status.ok()) << status;
+  EXPECT_OK(status);
   w.view = {w.buffer.data(), stored, rows, cols};
   return w;
 }
@@ -136,11 +139,11 @@ class CudaBackendTest : public ::testing::Test {
     absl::StatusOr<std::unique_ptr<Backend>> bf16 = CreateCudaBackend({});
     if (!bf16.ok()) GTEST_SKIP() << bf16.status().message();
     absl::StatusOr<std::unique_ptr<Backend>> f32 = CreateCudaBackend({.weight_dtype = DType::kF32});
-    ASSERT_TRUE(f32.ok()) << f32.status();
+    ASSERT_OK(f32);
     cases_.push_back({"bf16", std::move(*bf16), kBf16Bound, true});
     cases_.push_back({"f32", std::move(*f32), kF32Bound, false});
     absl::StatusOr<std::unique_ptr<Backend>> cpu = CreateCpuBackend({.num_threads = 2});
-    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    ASSERT_OK(cpu);
     cpu_ = std::move(*cpu);
   }
 
@@ -175,9 +178,8 @@ TEST_F(CudaBackendTest, LinearMatchesCpu) {
         DeviceBuffer x_gpu = Upload(cuda, x), x_cpu = Upload(*cpu_, x);
         DeviceBuffer y_gpu = accumulate ? Upload(cuda, y0) : Poisoned(cuda, m * n);
         DeviceBuffer y_cpu = Upload(*cpu_, y0);
-        ASSERT_TRUE(cuda.Linear(x_gpu.as<float>(), w.view, m, y_gpu.as<float>(), accumulate).ok());
-        ASSERT_TRUE(
-            cpu_->Linear(x_cpu.as<float>(), w_cpu.view, m, y_cpu.as<float>(), accumulate).ok());
+        ASSERT_OK(cuda.Linear(x_gpu.as<float>(), w.view, m, y_gpu.as<float>(), accumulate));
+        ASSERT_OK(cpu_->Linear(x_cpu.as<float>(), w_cpu.view, m, y_cpu.as<float>(), accumulate));
         EXPECT_LE(RelativeError(Download(cuda, y_gpu, m * n), Download(*cpu_, y_cpu, m * n)),
                   c.bound);
       }
@@ -203,39 +205,34 @@ TEST_F(CudaBackendTest, RmsNormLinearMatchesNormThenLinear) {
       const std::vector<float> x = RandomVector(n * dim, 7 + n);
       DeviceBuffer x_gpu = Upload(cuda, x), x_cpu = Upload(*cpu_, x);
       DeviceBuffer h_fused = Poisoned(cuda, n * dim), y_fused = Poisoned(cuda, n * rows);
-      ASSERT_TRUE(cuda.RmsNormLinear(x_gpu.as<float>(), norm_gpu.as<float>(), n, dim, eps,
-                                     h_fused.as<float>(), w.view, y_fused.as<float>())
-                      .ok());
+      ASSERT_OK(cuda.RmsNormLinear(x_gpu.as<float>(), norm_gpu.as<float>(), n, dim, eps,
+                                   h_fused.as<float>(), w.view, y_fused.as<float>()));
       DeviceBuffer h = Poisoned(cuda, n * dim), y = Poisoned(cuda, n * rows);
-      ASSERT_TRUE(
-          cuda.RmsNorm(x_gpu.as<float>(), norm_gpu.as<float>(), n, dim, eps, h.as<float>()).ok());
-      ASSERT_TRUE(cuda.Linear(h.as<float>(), w.view, n, y.as<float>(), false).ok());
+      ASSERT_OK(cuda.RmsNorm(x_gpu.as<float>(), norm_gpu.as<float>(), n, dim, eps, h.as<float>()));
+      ASSERT_OK(cuda.Linear(h.as<float>(), w.view, n, y.as<float>(), false));
       const std::vector<float> fused = Download(cuda, y_fused, n * rows);
       EXPECT_EQ(Download(cuda, h_fused, n * dim), Download(cuda, h, n * dim));
       EXPECT_EQ(fused, Download(cuda, y, n * rows));
       DeviceBuffer h_cpu = Poisoned(*cpu_, n * dim), y_cpu = Poisoned(*cpu_, n * rows);
-      ASSERT_TRUE(cpu_->RmsNormLinear(x_cpu.as<float>(), norm_cpu.as<float>(), n, dim, eps,
-                                      h_cpu.as<float>(), w_cpu.view, y_cpu.as<float>())
-                      .ok());
+      ASSERT_OK(cpu_->RmsNormLinear(x_cpu.as<float>(), norm_cpu.as<float>(), n, dim, eps,
+                                    h_cpu.as<float>(), w_cpu.view, y_cpu.as<float>()));
       EXPECT_LE(RelativeError(Download(cuda, h_fused, n * dim), Download(*cpu_, h_cpu, n * dim)),
                 kF32Bound);
       EXPECT_LE(RelativeError(fused, Download(*cpu_, y_cpu, n * rows)), c.bound);
       // In place (h = x), as the model's final norm runs.
       DeviceBuffer in_place = Upload(cuda, x), y_in_place = Poisoned(cuda, n * rows);
-      ASSERT_TRUE(cuda.RmsNormLinear(in_place.as<float>(), norm_gpu.as<float>(), n, dim, eps,
-                                     in_place.as<float>(), w.view, y_in_place.as<float>())
-                      .ok());
+      ASSERT_OK(cuda.RmsNormLinear(in_place.as<float>(), norm_gpu.as<float>(), n, dim, eps,
+                                   in_place.as<float>(), w.view, y_in_place.as<float>()));
       EXPECT_EQ(Download(cuda, in_place, n * dim), Download(cuda, h_fused, n * dim));
       EXPECT_EQ(Download(cuda, y_in_place, n * rows), fused);
     }
     DeviceBuffer x = Upload(cuda, std::vector<float>(dim, 1.0f)), out = Poisoned(cuda, dim + rows);
-    EXPECT_TRUE(cuda.RmsNormLinear(x.as<float>(), norm_gpu.as<float>(), 0, dim, eps,
-                                   out.as<float>(), w.view, out.as<float>() + dim)
-                    .ok());
+    EXPECT_OK(cuda.RmsNormLinear(x.as<float>(), norm_gpu.as<float>(), 0, dim, eps, out.as<float>(),
+                                 w.view, out.as<float>() + dim));
     const absl::Status status =
         cuda.RmsNormLinear(x.as<float>(), norm_gpu.as<float>(), 1, dim - 1, eps, out.as<float>(),
                            w.view, out.as<float>() + dim);
-    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument)) << status;
   }
 }
 
@@ -255,19 +252,17 @@ TEST_F(CudaBackendTest, SiluMulLinearMatchesGateThenLinear) {
       const std::vector<float> y0 = RandomVector(n * rows, 10 + n);
       DeviceBuffer g_gpu = Upload(cuda, gate_up), g_cpu = Upload(*cpu_, gate_up);
       DeviceBuffer act_fused = Poisoned(cuda, n * dim), y_fused = Upload(cuda, y0);
-      ASSERT_TRUE(cuda.SiluMulLinear(g_gpu.as<float>(), n, dim, act_fused.as<float>(), w.view,
-                                     y_fused.as<float>(), /*accumulate=*/true)
-                      .ok());
+      ASSERT_OK(cuda.SiluMulLinear(g_gpu.as<float>(), n, dim, act_fused.as<float>(), w.view,
+                                   y_fused.as<float>(), /*accumulate=*/true));
       DeviceBuffer act = Poisoned(cuda, n * dim), y = Upload(cuda, y0);
-      ASSERT_TRUE(cuda.SiluMul(g_gpu.as<float>(), n, dim, act.as<float>()).ok());
-      ASSERT_TRUE(cuda.Linear(act.as<float>(), w.view, n, y.as<float>(), true).ok());
+      ASSERT_OK(cuda.SiluMul(g_gpu.as<float>(), n, dim, act.as<float>()));
+      ASSERT_OK(cuda.Linear(act.as<float>(), w.view, n, y.as<float>(), true));
       const std::vector<float> fused = Download(cuda, y_fused, n * rows);
       EXPECT_EQ(Download(cuda, act_fused, n * dim), Download(cuda, act, n * dim));
       EXPECT_EQ(fused, Download(cuda, y, n * rows));
       DeviceBuffer act_cpu = Poisoned(*cpu_, n * dim), y_cpu = Upload(*cpu_, y0);
-      ASSERT_TRUE(cpu_->SiluMulLinear(g_cpu.as<float>(), n, dim, act_cpu.as<float>(), w_cpu.view,
-                                      y_cpu.as<float>(), true)
-                      .ok());
+      ASSERT_OK(cpu_->SiluMulLinear(g_cpu.as<float>(), n, dim, act_cpu.as<float>(), w_cpu.view,
+                                    y_cpu.as<float>(), true));
       EXPECT_LE(
           RelativeError(Download(cuda, act_fused, n * dim), Download(*cpu_, act_cpu, n * dim)),
           kF32Bound);
@@ -277,7 +272,7 @@ TEST_F(CudaBackendTest, SiluMulLinearMatchesGateThenLinear) {
     DeviceBuffer out = Poisoned(cuda, dim + rows);
     const absl::Status status = cuda.SiluMulLinear(g.as<float>(), 1, dim - 2, out.as<float>(),
                                                    w.view, out.as<float>() + dim, false);
-    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument)) << status;
   }
 }
 
@@ -303,16 +298,14 @@ TEST_F(CudaBackendTest, Bf16AndF16WeightsStayInTheirDtype) {
   std::vector<float> w_exact(halves.size());
   ConvertToFloat32(halves.data(), DType::kF16, static_cast<int64_t>(halves.size()), w_exact.data());
   DeviceBuffer w_gpu = *c.backend->Allocate(halves.size() * 2);
-  ASSERT_TRUE(c.backend->UploadWeight(w_gpu.data(), halves.data(), DType::kF16, n, k).ok());
+  ASSERT_OK(c.backend->UploadWeight(w_gpu.data(), halves.data(), DType::kF16, n, k));
   const Weight w_cpu = UploadWeight(*cpu_, w_exact, n, k);
   const std::vector<float> x = RandomVector(m * k, 5);
   DeviceBuffer x_gpu = Upload(*c.backend, x), x_cpu = Upload(*cpu_, x);
   DeviceBuffer y_gpu = Poisoned(*c.backend, m * n), y_cpu = Poisoned(*cpu_, m * n);
-  ASSERT_TRUE(c.backend
-                  ->Linear(x_gpu.as<float>(), {w_gpu.data(), DType::kF16, n, k}, m,
-                           y_gpu.as<float>(), false)
-                  .ok());
-  ASSERT_TRUE(cpu_->Linear(x_cpu.as<float>(), w_cpu.view, m, y_cpu.as<float>(), false).ok());
+  ASSERT_OK(c.backend->Linear(x_gpu.as<float>(), {w_gpu.data(), DType::kF16, n, k}, m,
+                              y_gpu.as<float>(), false));
+  ASSERT_OK(cpu_->Linear(x_cpu.as<float>(), w_cpu.view, m, y_cpu.as<float>(), false));
   // Only x is rounded (to f16, 11 bits): well under the bf16 bound.
   EXPECT_LE(RelativeError(Download(*c.backend, y_gpu, m * n), Download(*cpu_, y_cpu, m * n)), 2e-3);
 }
@@ -327,12 +320,12 @@ TEST_F(CudaBackendTest, AsyncCopiesLandBeforeLaterOperations) {
     std::vector<float> host = RandomVector(n, 5);
     const std::vector<float> expected = host;
     absl::StatusOr<DeviceBuffer> dst = be.Allocate(n * sizeof(float));
-    ASSERT_TRUE(dst.ok()) << dst.status();
-    ASSERT_TRUE(be.CopyToDeviceAsync(dst->data(), host.data(), n * sizeof(float)).ok());
+    ASSERT_OK(dst);
+    ASSERT_OK(be.CopyToDeviceAsync(dst->data(), host.data(), n * sizeof(float)));
     std::fill(host.begin(), host.end(), kNaN);
-    ASSERT_TRUE(be.Add(dst->as<float>(), dst->as<float>(), static_cast<int64_t>(n)).ok());
+    ASSERT_OK(be.Add(dst->as<float>(), dst->as<float>(), static_cast<int64_t>(n)));
     std::vector<float> back(n, kNaN);
-    ASSERT_TRUE(be.CopyToHost(back.data(), dst->data(), n * sizeof(float)).ok());
+    ASSERT_OK(be.CopyToHost(back.data(), dst->data(), n * sizeof(float)));
     size_t wrong = 0;
     for (size_t i = 0; i < n; ++i) wrong += back[i] != 2.0f * expected[i];
     EXPECT_EQ(wrong, 0u);
@@ -350,8 +343,8 @@ TEST_F(CudaBackendTest, EmbeddingGathersStoredRows) {
     const Weight t_cpu = UploadWeight(*cpu_, AsStored(c, table), vocab, hidden);
     DeviceBuffer ids_gpu = Upload(*c.backend, ids), ids_cpu = Upload(*cpu_, ids);
     DeviceBuffer y_gpu = Poisoned(*c.backend, n * hidden), y_cpu = Poisoned(*cpu_, n * hidden);
-    ASSERT_TRUE(c.backend->Embedding(ids_gpu.as<int32_t>(), n, t_gpu.view, y_gpu.as<float>()).ok());
-    ASSERT_TRUE(cpu_->Embedding(ids_cpu.as<int32_t>(), n, t_cpu.view, y_cpu.as<float>()).ok());
+    ASSERT_OK(c.backend->Embedding(ids_gpu.as<int32_t>(), n, t_gpu.view, y_gpu.as<float>()));
+    ASSERT_OK(cpu_->Embedding(ids_cpu.as<int32_t>(), n, t_cpu.view, y_cpu.as<float>()));
     // A gather of stored values is exact.
     EXPECT_EQ(
         RelativeError(Download(*c.backend, y_gpu, n * hidden), Download(*cpu_, y_cpu, n * hidden)),
@@ -364,12 +357,12 @@ TEST_F(CudaBackendTest, BadTokenIdIsReportedAndTheBackendCarriesOn) {
   const Weight table = UploadWeight(cuda, RandomVector(10 * 8, 7), 10, 8);
   DeviceBuffer ids = Upload(cuda, std::vector<int32_t>{1, 10});
   DeviceBuffer y = Poisoned(cuda, 2 * 8);
-  ASSERT_TRUE(cuda.Embedding(ids.as<int32_t>(), 2, table.view, y.as<float>()).ok());
+  ASSERT_OK(cuda.Embedding(ids.as<int32_t>(), 2, table.view, y.as<float>()));
   const absl::Status status = cuda.Synchronize();
-  EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange) << status;
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kOutOfRange)) << status;
   EXPECT_NE(status.message().find("Embedding"), absl::string_view::npos) << status;
   // The error was reported once; the context is intact.
-  EXPECT_TRUE(cuda.Synchronize().ok());
+  EXPECT_OK(cuda.Synchronize());
   const std::vector<float> out = Download(cuda, y, 2 * 8);
   EXPECT_TRUE(std::isfinite(out[0]));
   EXPECT_TRUE(std::isnan(out[8]));
@@ -394,9 +387,8 @@ TEST_F(CudaBackendTest, ElementwiseOpsMatchCpu) {
       DeviceBuffer bx = Upload(be, x), bo = Upload(be, other), bw = Upload(be, weight),
                    bg = Upload(be, gate_up);
       DeviceBuffer out = init ? Upload(be, *init) : Poisoned(be, out_count);
-      ASSERT_TRUE(
-          op(be, bx.as<float>(), bo.as<float>(), bw.as<float>(), bg.as<float>(), out.as<float>())
-              .ok());
+      ASSERT_OK(
+          op(be, bx.as<float>(), bo.as<float>(), bw.as<float>(), bg.as<float>(), out.as<float>()));
       results[b] = Download(be, out, out_count);
     }
     EXPECT_LE(RelativeError(results[0], results[1]), kF32Bound);
@@ -438,28 +430,27 @@ TEST_F(CudaBackendTest, RopeMatchesCpu) {
   const std::vector<float> k = RandomVector(tokens * k_width, 13);
   // The GPU reads q and k side by side in one buffer, as the model's fused
   // q|k|v rows hold them (with NaN columns after); the CPU separately.
-  const std::vector<float> fused = testing::SideBySide(tokens, {{&q, q_width}, {&k, k_width}}, 5);
+  const std::vector<float> fused =
+      test_support::SideBySide(tokens, {{&q, q_width}, {&k, k_width}}, 5);
   const int64_t ld = q_width + k_width + 5;
   for (const float scaling : {1.0f, 0.75f}) {
     std::vector<float> out_q[2], out_k[2];
     {
       Backend& be = *cases_[0].backend;
       DeviceBuffer bqk = Upload(be, fused), bp = Upload(be, positions), bf = Upload(be, inv_freq);
-      ASSERT_TRUE(be.Rope(bqk.as<float>(), ld, bqk.as<float>() + q_width, ld, bp.as<int32_t>(),
-                          tokens, heads, kv_heads, {bf.as<float>(), head_dim, scaling})
-                      .ok());
+      ASSERT_OK(be.Rope(bqk.as<float>(), ld, bqk.as<float>() + q_width, ld, bp.as<int32_t>(),
+                        tokens, heads, kv_heads, {bf.as<float>(), head_dim, scaling}));
       const std::vector<float> rotated = Download(be, bqk, fused.size());
-      out_q[0] = testing::ColumnSlice(rotated, tokens, ld, 0, q_width);
-      out_k[0] = testing::ColumnSlice(rotated, tokens, ld, q_width, k_width);
+      out_q[0] = test_support::ColumnSlice(rotated, tokens, ld, 0, q_width);
+      out_k[0] = test_support::ColumnSlice(rotated, tokens, ld, q_width, k_width);
       for (int64_t t = 0; t < tokens; ++t) EXPECT_TRUE(std::isnan(rotated[t * ld + ld - 1]));
     }
     {
       Backend& be = *cpu_;
       DeviceBuffer bq = Upload(be, q), bk = Upload(be, k), bp = Upload(be, positions),
                    bf = Upload(be, inv_freq);
-      ASSERT_TRUE(be.Rope(bq.as<float>(), q_width, bk.as<float>(), k_width, bp.as<int32_t>(),
-                          tokens, heads, kv_heads, {bf.as<float>(), head_dim, scaling})
-                      .ok());
+      ASSERT_OK(be.Rope(bq.as<float>(), q_width, bk.as<float>(), k_width, bp.as<int32_t>(), tokens,
+                        heads, kv_heads, {bf.as<float>(), head_dim, scaling}));
       out_q[1] = Download(be, bq, q.size());
       out_k[1] = Download(be, bk, k.size());
     }
@@ -513,7 +504,7 @@ TEST_F(CudaBackendTest, WriteKvAndPagedAttentionMatchCpu) {
       const std::vector<float> v = RandomVector(tokens * kv_heads * head_dim, 18);
       const int64_t q_width = heads * head_dim, kv_width = kv_heads * head_dim;
       const std::vector<float> qkv =
-          testing::SideBySide(tokens, {{&q, q_width}, {&k, kv_width}, {&v, kv_width}}, 3);
+          test_support::SideBySide(tokens, {{&q, q_width}, {&k, kv_width}, {&v, kv_width}}, 3);
       const int64_t ld = q_width + 2 * kv_width + 3;
       std::vector<float> out[2], kc[2];
       Backend* backends[2] = {cases_[0].backend.get(), cpu_.get()};
@@ -545,10 +536,9 @@ TEST_F(CudaBackendTest, WriteKvAndPagedAttentionMatchCpu) {
         const AttentionBatch batch{
             num_seqs,          tokens,         bqs.as<int32_t>(), bcl.as<int32_t>(),
             bbt.as<int32_t>(), blocks_per_seq, bsm.as<int32_t>(), bpos.as<int32_t>()};
-        ASSERT_TRUE(be.WriteKv(dk, dv, kv_ld, batch, layout, bkc.data(), bvc.data()).ok());
-        ASSERT_TRUE(be.PagedAttention(dq, q_ld, batch, layout, heads, bkc.data(), bvc.data(),
-                                      bout.as<float>())
-                        .ok());
+        ASSERT_OK(be.WriteKv(dk, dv, kv_ld, batch, layout, bkc.data(), bvc.data()));
+        ASSERT_OK(be.PagedAttention(dq, q_ld, batch, layout, heads, bkc.data(), bvc.data(),
+                                    bout.as<float>()));
         out[b] = Download(be, bout, tokens * heads * head_dim);
         kc[b] = gpu && bf16 ? DownloadBf16(be, bkc, cache_floats) : Download(be, bkc, cache_floats);
       }
@@ -593,11 +583,10 @@ TEST_F(CudaBackendTest, LoraShrinkExpandMatchCpu) {
       }
       const int64_t t_floats = LoraIntermediateSize(segments.data(), segments.size());
       DeviceBuffer bx = Upload(be, x), by = Upload(be, y0), bt = Poisoned(be, t_floats);
-      ASSERT_TRUE(
-          be.LoraShrink(bx.as<float>(), in, segments.data(), segments.size(), bt.as<float>()).ok());
-      ASSERT_TRUE(
-          be.LoraExpand(bt.as<float>(), segments.data(), segments.size(), out, by.as<float>(), ldy)
-              .ok());
+      ASSERT_OK(
+          be.LoraShrink(bx.as<float>(), in, segments.data(), segments.size(), bt.as<float>()));
+      ASSERT_OK(be.LoraExpand(bt.as<float>(), segments.data(), segments.size(), out, by.as<float>(),
+                              ldy));
       t_out[b] = Download(be, bt, t_floats);
       y_out[b] = Download(be, by, tokens * ldy);
     }
@@ -628,18 +617,16 @@ TEST_F(CudaBackendTest, MergeLoraMatchesCpuAndKeepsBase) {
     DeviceBuffer a_cpu = Upload(*cpu_, AsStored(c, a)), bt_cpu = Upload(*cpu_, AsStored(c, bt));
     DeviceBuffer merged_gpu = *cuda.Allocate(rows * cols * DTypeSize(w_gpu.view.dtype));
     DeviceBuffer merged_cpu = Poisoned(*cpu_, rows * cols);
-    ASSERT_TRUE(
-        cuda.MergeLora(w_gpu.view, a_gpu.data(), bt_gpu.data(), rank, 0.7f, merged_gpu.data())
-            .ok());
-    ASSERT_TRUE(
-        cpu_->MergeLora(w_cpu.view, a_cpu.data(), bt_cpu.data(), rank, 0.7f, merged_cpu.data())
-            .ok());
+    ASSERT_OK(
+        cuda.MergeLora(w_gpu.view, a_gpu.data(), bt_gpu.data(), rank, 0.7f, merged_gpu.data()));
+    ASSERT_OK(
+        cpu_->MergeLora(w_cpu.view, a_cpu.data(), bt_cpu.data(), rank, 0.7f, merged_cpu.data()));
     // Read both (stored dtype) back through an identity GEMM: y = I · Wᵀ.
     const auto read_back = [&](Backend& be, const WeightView& w) {
       std::vector<float> eye(cols * cols, 0.0f);
       for (int64_t i = 0; i < cols; ++i) eye[i * cols + i] = 1.0f;
       DeviceBuffer e = Upload(be, eye), y = Poisoned(be, cols * rows);
-      EXPECT_TRUE(be.Linear(e.as<float>(), w, cols, y.as<float>(), false).ok());
+      EXPECT_OK(be.Linear(e.as<float>(), w, cols, y.as<float>(), false));
       return Download(be, y, cols * rows);
     };
     const WeightView merged_view{merged_gpu.data(), w_gpu.view.dtype, rows, cols};
@@ -675,13 +662,13 @@ std::vector<float> PrefillAndDecode(Backend& backend, model::LlamaModel& model,
                                     const model::MergedWeights* merged = nullptr) {
   size_t longest = 0;
   for (const auto& s : seqs) longest = std::max(longest, s.size());
-  testing::PagedTestCache cache(&backend, model.kv_shape(), seqs.size(), longest + 1);
-  model::ForwardInput in = testing::PrefillAll(seqs, cache);
+  test_support::PagedTestCache cache(&backend, model.kv_shape(), seqs.size(), longest + 1);
+  model::ForwardInput in = test_support::PrefillAll(seqs, cache);
   in.adapters = adapters;
   in.merged = merged;
   std::vector<float> logits;
   absl::Status status = model.Forward(in, cache.view(), &logits);
-  EXPECT_TRUE(status.ok()) << status;
+  EXPECT_OK(status);
   model::ForwardInput decode;
   decode.max_blocks_per_seq = in.max_blocks_per_seq;
   decode.block_tables = in.block_tables;
@@ -690,9 +677,9 @@ std::vector<float> PrefillAndDecode(Backend& backend, model::LlamaModel& model,
     const int32_t pos = static_cast<int32_t>(seqs[s].size());
     decode.tokens.push_back(seqs[s][pos / 2]);
     decode.positions.push_back(pos);
-    decode.slot_mapping.push_back(cache.Block(s, pos / testing::kTestBlockSize) *
-                                      testing::kTestBlockSize +
-                                  pos % testing::kTestBlockSize);
+    decode.slot_mapping.push_back(cache.Block(s, pos / test_support::kTestBlockSize) *
+                                      test_support::kTestBlockSize +
+                                  pos % test_support::kTestBlockSize);
     decode.logit_rows.push_back(s);
     decode.query_start.push_back(s + 1);
     decode.context_lens.push_back(pos + 1);
@@ -701,20 +688,20 @@ std::vector<float> PrefillAndDecode(Backend& backend, model::LlamaModel& model,
   decode.merged = merged;
   std::vector<float> decoded;
   status = model.Forward(decode, cache.view(), &decoded);
-  EXPECT_TRUE(status.ok()) << status;
+  EXPECT_OK(status);
   logits.insert(logits.end(), decoded.begin(), decoded.end());
   return logits;
 }
 
 TEST_F(CudaBackendTest, SharedModelLogitsMatchCpu) {
   auto cpu_model = model::LlamaModel::Load(cpu_.get(), SharedModel(), {});
-  ASSERT_TRUE(cpu_model.ok()) << cpu_model.status();
+  ASSERT_OK(cpu_model);
   const auto prompts = Prompts((*cpu_model)->config().vocab_size);
   const std::vector<float> ref = PrefillAndDecode(*cpu_, **cpu_model, prompts, {});
   for (CudaCase& c : cases_) {
     SCOPED_TRACE(c.name);
     auto cuda_model = model::LlamaModel::Load(c.backend.get(), SharedModel(), {});
-    ASSERT_TRUE(cuda_model.ok()) << cuda_model.status();
+    ASSERT_OK(cuda_model);
     const std::vector<float> logits = PrefillAndDecode(*c.backend, **cuda_model, prompts, {});
     EXPECT_LE(RelativeError(logits, ref), c.bf16 ? kBf16ModelBound : kF32ModelBound);
   }
@@ -728,16 +715,16 @@ TEST_F(CudaBackendTest, DummyPresetLogitsMatchCpu) {
   for (const char* preset : {"tiny", "llama-3.2-1b"}) {
     SCOPED_TRACE(preset);
     absl::StatusOr<formats::ModelConfig> config = formats::DummyPreset(preset);
-    ASSERT_TRUE(config.ok()) << config.status();
+    ASSERT_OK(config);
     config->num_hidden_layers = std::min<int64_t>(config->num_hidden_layers, 2);
     auto cpu_model = model::LlamaModel::CreateDummy(cpu_.get(), *config, /*seed=*/7, {});
-    ASSERT_TRUE(cpu_model.ok()) << cpu_model.status();
+    ASSERT_OK(cpu_model);
     const auto prompts = Prompts(config->vocab_size);
     const std::vector<float> ref = PrefillAndDecode(*cpu_, **cpu_model, prompts, {});
     for (CudaCase& c : cases_) {
       SCOPED_TRACE(c.name);
       auto cuda_model = model::LlamaModel::CreateDummy(c.backend.get(), *config, /*seed=*/7, {});
-      ASSERT_TRUE(cuda_model.ok()) << cuda_model.status();
+      ASSERT_OK(cuda_model);
       const std::vector<float> logits = PrefillAndDecode(*c.backend, **cuda_model, prompts, {});
       EXPECT_LE(RelativeError(logits, ref), c.bf16 ? kBf16ModelBound : kF32ModelBound);
     }
@@ -745,15 +732,15 @@ TEST_F(CudaBackendTest, DummyPresetLogitsMatchCpu) {
 }
 
 TEST_F(CudaBackendTest, GoldenModelsMatchCpu) {
-  auto cases = testing::LoadModelCases();
-  ASSERT_TRUE(cases.ok()) << cases.status();
+  auto cases = test_support::LoadModelCases();
+  ASSERT_OK(cases);
   CudaCase& c = cases_[1];
-  for (const testing::GoldenCase& g : *cases) {
+  for (const test_support::GoldenCase& g : *cases) {
     SCOPED_TRACE(g.name);
     auto cpu_model = model::LlamaModel::Load(cpu_.get(), g.model_dir, {});
-    ASSERT_TRUE(cpu_model.ok()) << cpu_model.status();
+    ASSERT_OK(cpu_model);
     auto cuda_model = model::LlamaModel::Load(c.backend.get(), g.model_dir, {});
-    ASSERT_TRUE(cuda_model.ok()) << cuda_model.status();
+    ASSERT_OK(cuda_model);
     const std::vector<std::vector<int32_t>> seqs = {g.prompts[0].ids};
     EXPECT_LE(RelativeError(PrefillAndDecode(*c.backend, **cuda_model, seqs, {}),
                             PrefillAndDecode(*cpu_, **cpu_model, seqs, {})),
@@ -764,12 +751,13 @@ TEST_F(CudaBackendTest, GoldenModelsMatchCpu) {
 class CudaLoraTest : public CudaBackendTest {
  protected:
   // The shared model with every shared adapter, on `backend`.
-  static testing::SharedModel Load(Backend& backend) {
-    absl::StatusOr<std::vector<std::string>> names = testing::SharedAdapterNames();
-    EXPECT_TRUE(names.ok()) << names.status();
+  static test_support::SharedModel Load(Backend& backend) {
+    absl::StatusOr<std::vector<std::string>> names = test_support::SharedAdapterNames();
+    EXPECT_OK(names);
     if (!names.ok()) return {};
-    absl::StatusOr<testing::SharedModel> shared = testing::LoadSharedModel(&backend, *names);
-    EXPECT_TRUE(shared.ok()) << shared.status();
+    absl::StatusOr<test_support::SharedModel> shared =
+        test_support::LoadSharedModel(&backend, *names);
+    EXPECT_OK(shared);
     if (!shared.ok()) return {};
     return std::move(*shared);
   }
@@ -791,7 +779,7 @@ class CudaLoraTest : public CudaBackendTest {
 };
 
 TEST_F(CudaLoraTest, MixedAdapterBatchMatchesCpu) {
-  testing::SharedModel cpu = Load(*cpu_);
+  test_support::SharedModel cpu = Load(*cpu_);
   ASSERT_NE(cpu.model, nullptr);
   ASSERT_GE(cpu.adapters.size(), 4u);
   std::vector<std::vector<int32_t>> prompts = Prompts(cpu.model->config().vocab_size);
@@ -801,7 +789,7 @@ TEST_F(CudaLoraTest, MixedAdapterBatchMatchesCpu) {
       PrefillAndDecode(*cpu_, *cpu.model, prompts, Choices(cpu.adapters, prompts.size()));
   for (CudaCase& c : cases_) {
     SCOPED_TRACE(c.name);
-    testing::SharedModel cuda = Load(*c.backend);
+    test_support::SharedModel cuda = Load(*c.backend);
     ASSERT_NE(cuda.model, nullptr);
     const std::vector<float> logits =
         PrefillAndDecode(*c.backend, *cuda.model, prompts, Choices(cuda.adapters, prompts.size()));
@@ -816,7 +804,7 @@ TEST_F(CudaLoraTest, MixedAdapterBatchMatchesCpu) {
 TEST_F(CudaLoraTest, MixedBatchEqualsEachRequestAlone) {
   for (CudaCase& c : cases_) {
     SCOPED_TRACE(c.name);
-    testing::SharedModel shared = Load(*c.backend);
+    test_support::SharedModel shared = Load(*c.backend);
     ASSERT_NE(shared.model, nullptr);
     ASSERT_GE(shared.adapters.size(), 4u);
     const int64_t vocab = shared.model->config().vocab_size;
@@ -845,13 +833,13 @@ TEST_F(CudaLoraTest, MixedBatchEqualsEachRequestAlone) {
 TEST_F(CudaLoraTest, MergedMatchesUnmerged) {
   for (CudaCase& c : cases_) {
     SCOPED_TRACE(c.name);
-    testing::SharedModel cuda = Load(*c.backend);
+    test_support::SharedModel cuda = Load(*c.backend);
     ASSERT_NE(cuda.model, nullptr);
     ASSERT_GE(cuda.adapters.size(), 2u);
     const auto prompts = Prompts(cuda.model->config().vocab_size);
     const model::AdapterChoice hot{cuda.adapters[0].get(), 1.0f};
     auto merged = cuda.model->Merge(hot);
-    ASSERT_TRUE(merged.ok()) << merged.status();
+    ASSERT_OK(merged);
     // All on the hot adapter, then a mix whose others get low-rank corrections.
     const std::vector<model::AdapterChoice> all_hot(prompts.size(), hot);
     const std::vector<model::AdapterChoice> mixed = {hot, {cuda.adapters[1].get(), 1.0f}, {}, hot};
@@ -874,7 +862,7 @@ TEST_F(CudaLoraTest, DecodeStepGraphsMatchEagerSteps) {
   constexpr int kSteps = 8;
   for (CudaCase& c : cases_) {
     SCOPED_TRACE(c.name);
-    testing::SharedModel shared = Load(*c.backend);
+    test_support::SharedModel shared = Load(*c.backend);
     ASSERT_NE(shared.model, nullptr);
     ASSERT_GE(shared.adapters.size(), 4u);
     std::vector<std::vector<int32_t>> prompts = Prompts(shared.model->config().vocab_size);
@@ -883,16 +871,16 @@ TEST_F(CudaLoraTest, DecodeStepGraphsMatchEagerSteps) {
     const size_t n = prompts.size();
     size_t longest = 0;
     for (const auto& p : prompts) longest = std::max(longest, p.size());
-    testing::PagedTestCache eager_cache(c.backend.get(), shared.model->kv_shape(), n,
-                                        longest + kSteps);
-    testing::PagedTestCache graph_cache(c.backend.get(), shared.model->kv_shape(), n,
-                                        longest + kSteps);
+    test_support::PagedTestCache eager_cache(c.backend.get(), shared.model->kv_shape(), n,
+                                             longest + kSteps);
+    test_support::PagedTestCache graph_cache(c.backend.get(), shared.model->kv_shape(), n,
+                                             longest + kSteps);
     shared.model->set_step_graphs(false);
     for (auto* cache : {&eager_cache, &graph_cache}) {
-      model::ForwardInput prefill = testing::PrefillAll(prompts, *cache);
+      model::ForwardInput prefill = test_support::PrefillAll(prompts, *cache);
       prefill.adapters = Choices(shared.adapters, n);
       std::vector<float> logits;
-      ASSERT_TRUE(shared.model->Forward(prefill, cache->view(), &logits).ok());
+      ASSERT_OK(shared.model->Forward(prefill, cache->view(), &logits));
     }
     const int64_t graph_steps_before = shared.model->step_graph_stats().graph_steps;
     for (int step = 0; step < kSteps; ++step) {
@@ -908,15 +896,15 @@ TEST_F(CudaLoraTest, DecodeStepGraphsMatchEagerSteps) {
         positions.push_back(static_cast<int32_t>(prompts[s].size()) + step);
       }
       std::vector<float> eager, graphed;
-      model::ForwardInput in = testing::DecodeOne(tokens, positions, eager_cache);
+      model::ForwardInput in = test_support::DecodeOne(tokens, positions, eager_cache);
       in.adapters = choices;
       shared.model->set_step_graphs(false);
-      ASSERT_TRUE(shared.model->Forward(in, eager_cache.view(), &eager).ok());
-      in = testing::DecodeOne(tokens, positions, graph_cache);
+      ASSERT_OK(shared.model->Forward(in, eager_cache.view(), &eager));
+      in = test_support::DecodeOne(tokens, positions, graph_cache);
       in.adapters = choices;
       shared.model->set_step_graphs(true);
       absl::Status status = shared.model->Forward(in, graph_cache.view(), &graphed);
-      ASSERT_TRUE(status.ok()) << status;
+      ASSERT_OK(status);
       // Only the GEMMs' batch size differs (padding): summation order.
       EXPECT_LE(RelativeError(graphed, eager), c.bf16 ? kBf16Bound : kF32ModelBound);
     }
@@ -990,9 +978,9 @@ void ExpectSameSamples(Backend& cuda, Backend& cpu, const SamplingBatch& b, int6
   // Stale contents must be overwritten.
   for (SampledToken& t : got) t = {.id = -1, .logprob = kNaN, .top_logprobs = {{-1, kNaN}}};
   absl::Status status = cuda.Sample(on_gpu.as<float>(), rows, vocab, b.params.data(), got.data());
-  ASSERT_TRUE(status.ok()) << status;
+  ASSERT_OK(status);
   status = cpu.Sample(on_cpu.as<float>(), rows, vocab, b.params.data(), want.data());
-  ASSERT_TRUE(status.ok()) << status;
+  ASSERT_OK(status);
   for (int64_t r = 0; r < rows; ++r) {
     SCOPED_TRACE("row " + std::to_string(r));
     EXPECT_EQ(got[r].id, want[r].id);
@@ -1045,7 +1033,7 @@ TEST_F(CudaBackendTest, SampleEdgeShapes) {
                  {.uniform = 0.5, .num_top_logprobs = 2}};
   std::vector<SampledToken> got(3);
   DeviceBuffer logits = Upload(cuda, flat.logits);
-  ASSERT_TRUE(cuda.Sample(logits.as<float>(), 3, 4096, flat.params.data(), got.data()).ok());
+  ASSERT_OK(cuda.Sample(logits.as<float>(), 3, 4096, flat.params.data(), got.data()));
   // Equal logits: the draw walks ids in order; top entries are the lowest ids.
   EXPECT_EQ(got[0].id, 2048);
   EXPECT_EQ(got[0].top_logprobs[7].id, 7);
@@ -1054,7 +1042,7 @@ TEST_F(CudaBackendTest, SampleEdgeShapes) {
   EXPECT_GE(got[2].id, 0);
   EXPECT_LT(got[2].id, 4096);
   // Nothing to do, and bad parameters named before any work.
-  EXPECT_TRUE(cuda.Sample(nullptr, 0, 4096, nullptr, nullptr).ok());
+  EXPECT_OK(cuda.Sample(nullptr, 0, 4096, nullptr, nullptr));
   flat.params[1].temperature = -1.0f;
   absl::Status status = cuda.Sample(logits.as<float>(), 3, 4096, flat.params.data(), got.data());
   EXPECT_NE(status.message().find("row 1: temperature"), std::string::npos) << status;

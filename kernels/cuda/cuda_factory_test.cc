@@ -6,18 +6,21 @@
 
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::kernels {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 TEST(CudaFactoryTest, CreatesABackendOrExplainsWhyNot) {
   absl::StatusOr<std::unique_ptr<Backend>> backend = CreateCudaBackend({});
   if (backend.ok()) {
     EXPECT_EQ((*backend)->name(), "cuda:0");
-    EXPECT_TRUE((*backend)->Synchronize().ok());
+    EXPECT_OK((*backend)->Synchronize());
     return;
   }
-  EXPECT_EQ(backend.status().code(), absl::StatusCode::kFailedPrecondition) << backend.status();
+  EXPECT_THAT(backend, StatusIs(absl::StatusCode::kFailedPrecondition)) << backend.status();
   const std::string message(backend.status().message());
   EXPECT_TRUE(message.find("loraserve was built without CUDA") != std::string::npos ||
               message.find("no CUDA GPU found") != std::string::npos)

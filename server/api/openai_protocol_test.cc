@@ -4,9 +4,12 @@
 #include <gtest/gtest.h>
 
 #include "server/api/status_mapping.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::api {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
@@ -28,7 +31,7 @@ TEST(ParseCompletionRequestTest, ReadsEveryField) {
           "seed": 42, "stop": ["\n", "."], "logprobs": 3, "n": 2, "stream": true,
           "stream_options": {"include_usage": true}, "user": "u", "presence_penalty": 0})",
       {});
-  ASSERT_TRUE(request.ok()) << request.status();
+  ASSERT_OK(request);
   ASSERT_EQ(request->prompts.size(), 1u);
   EXPECT_EQ(std::get<std::string>(request->prompts[0]), "Once");
   const SamplingOptions& s = request->sampling;
@@ -48,7 +51,7 @@ TEST(ParseCompletionRequestTest, ReadsEveryField) {
 TEST(ParseCompletionRequestTest, DefaultsMaxTokensTo16) {
   absl::StatusOr<CompletionRequest> request =
       ParseCompletionRequest(R"({"model": "m", "prompt": "x"})", {});
-  ASSERT_TRUE(request.ok());
+  ASSERT_OK(request);
   EXPECT_EQ(*request->sampling.max_tokens, 16);
   EXPECT_FALSE(request->sampling.logprobs);
 }
@@ -91,7 +94,7 @@ TEST(ParseCompletionRequestTest, RejectsBadBodiesNamingTheField) {
   for (const auto& [body, expected] : cases) {
     absl::StatusOr<CompletionRequest> request = ParseCompletionRequest(body, {});
     ASSERT_FALSE(request.ok()) << body;
-    EXPECT_EQ(request.status().code(), absl::StatusCode::kInvalidArgument) << body;
+    EXPECT_THAT(request, StatusIs(absl::StatusCode::kInvalidArgument)) << body;
     EXPECT_THAT(request.status().message(), HasSubstr(expected)) << body;
   }
 }
@@ -124,7 +127,7 @@ TEST(ParseChatRequestTest, ReadsMessagesAndLogprobs) {
           {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
           "logprobs": true, "top_logprobs": 2, "max_completion_tokens": 9})",
       {});
-  ASSERT_TRUE(request.ok()) << request.status();
+  ASSERT_OK(request);
   ASSERT_EQ(request->messages.size(), 2u);
   EXPECT_EQ(request->messages[0].role, "system");
   EXPECT_EQ(request->messages[1].content, "Hi");
@@ -136,7 +139,7 @@ TEST(ParseChatRequestTest, ReadsMessagesAndLogprobs) {
 TEST(ParseChatRequestTest, LeavesMaxTokensUnsetForTheServerToFill) {
   absl::StatusOr<ChatRequest> request =
       ParseChatRequest(R"({"model": "m", "messages": [{"role": "user", "content": "x"}]})", {});
-  ASSERT_TRUE(request.ok());
+  ASSERT_OK(request);
   EXPECT_FALSE(request->sampling.max_tokens.has_value());
 }
 
@@ -148,15 +151,14 @@ TEST(ParseChatRequestTest, RejectsBadMessages) {
            R"({"model": "m", "messages": [{"role": "user", "content": "x", "extra": 1}]})",
            R"({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})",
        }) {
-    EXPECT_EQ(ParseChatRequest(body, {}).status().code(), absl::StatusCode::kInvalidArgument)
-        << body;
+    EXPECT_THAT(ParseChatRequest(body, {}), StatusIs(absl::StatusCode::kInvalidArgument)) << body;
   }
 }
 
 TEST(ParseStringFieldsTest, RequiresEachFieldAsAString) {
   absl::StatusOr<std::vector<std::string>> fields =
       ParseStringFields(R"({"lora_name": "a", "lora_path": "/p"})", {"lora_name", "lora_path"});
-  ASSERT_TRUE(fields.ok());
+  ASSERT_OK(fields);
   EXPECT_THAT(*fields, ElementsAre("a", "/p"));
   EXPECT_FALSE(ParseStringFields(R"({"lora_name": "a"})", {"lora_name", "lora_path"}).ok());
   EXPECT_FALSE(ParseStringFields(R"({"lora_name": 3})", {"lora_name"}).ok());

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/support/status_matchers.h"
+
 namespace loraserve::api {
 namespace {
 
@@ -30,7 +32,7 @@ TEST(StatusMappingTest, ServerOutOfRoomIs507AndOnlyMarksResourceExhausted) {
   EXPECT_EQ(HttpStatusFor(full), 507);
   EXPECT_EQ(full.message(), "the store is full");
   EXPECT_EQ(ServerOutOfRoom(absl::NotFoundError("x")), absl::NotFoundError("x"));
-  EXPECT_TRUE(ServerOutOfRoom(absl::OkStatus()).ok());
+  EXPECT_OK(ServerOutOfRoom(absl::OkStatus()));
 }
 
 TEST(StatusMappingTest, GrpcRoundTripKeepsEveryCodeAndTheMessage) {

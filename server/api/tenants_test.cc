@@ -12,9 +12,12 @@
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::api {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
@@ -35,7 +38,7 @@ Principal Admin() { return {"ops", Role::kAdmin}; }
 
 TEST(ApiKeysTest, ParsesKeysAndFindsPrincipals) {
   absl::StatusOr<ApiKeys> keys = ApiKeys::Parse(kKeyFile, "keys.txt");
-  ASSERT_TRUE(keys.ok()) << keys.status();
+  ASSERT_OK(keys);
   EXPECT_EQ(keys->size(), 4u);
 
   std::optional<Principal> admin = keys->Find("admin-key-0001");
@@ -54,7 +57,7 @@ TEST(ApiKeysTest, ParsesKeysAndFindsPrincipals) {
 
 TEST(ApiKeysTest, UnknownKeysAreNotFound) {
   absl::StatusOr<ApiKeys> keys = ApiKeys::Parse(kKeyFile, "keys.txt");
-  ASSERT_TRUE(keys.ok()) << keys.status();
+  ASSERT_OK(keys);
   EXPECT_FALSE(keys->Find("").has_value());
   EXPECT_FALSE(keys->Find("acme-key-000").has_value());    // a prefix
   EXPECT_FALSE(keys->Find("acme-key-00011").has_value());  // an extension
@@ -64,14 +67,14 @@ TEST(ApiKeysTest, UnknownKeysAreNotFound) {
 
 TEST(ApiKeysTest, EmptyFileHasNoKeys) {
   absl::StatusOr<ApiKeys> keys = ApiKeys::Parse("# nobody yet\n\n", "keys.txt");
-  ASSERT_TRUE(keys.ok()) << keys.status();
+  ASSERT_OK(keys);
   EXPECT_EQ(keys->size(), 0u);
   EXPECT_FALSE(keys->Find("anything-at-all").has_value());
 }
 
 TEST(ApiKeysTest, AdminKeyMayBelongToDefault) {
   absl::StatusOr<ApiKeys> keys = ApiKeys::Parse("root-key-0001 default admin\n", "k");
-  ASSERT_TRUE(keys.ok()) << keys.status();
+  ASSERT_OK(keys);
   EXPECT_TRUE(keys->Find("root-key-0001")->is_admin());
 }
 
@@ -99,7 +102,7 @@ TEST(ApiKeysTest, EveryErrorNamesPathLineAndExpectation) {
     SCOPED_TRACE(bad.text);
     absl::StatusOr<ApiKeys> keys = ApiKeys::Parse(bad.text, "keys.txt");
     ASSERT_FALSE(keys.ok());
-    EXPECT_EQ(keys.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(keys, StatusIs(absl::StatusCode::kInvalidArgument));
     EXPECT_THAT(std::string(keys.status().message()), HasSubstr(bad.where));
     EXPECT_THAT(std::string(keys.status().message()), HasSubstr(bad.expected));
   }
@@ -127,14 +130,14 @@ TEST(ApiKeysTest, LoadFileReadsAFileAndNamesItInErrors) {
     out << kKeyFile;
   }
   keys = ApiKeys::LoadFile(path);
-  ASSERT_TRUE(keys.ok()) << keys.status();
+  ASSERT_OK(keys);
   EXPECT_EQ(keys->size(), 4u);
   std::remove(path.c_str());
 }
 
 TEST(ApiKeysTest, MissingFileIsNotFound) {
   absl::StatusOr<ApiKeys> keys = ApiKeys::LoadFile("/nonexistent/keys.txt");
-  EXPECT_EQ(keys.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(keys, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(std::string(keys.status().message()), HasSubstr("/nonexistent/keys.txt"));
 }
 
@@ -174,25 +177,25 @@ TEST(AdapterAccessTest, MalformedIdsAreNeitherUsableNorChangeable) {
 
 TEST(AdapterAccessTest, BareNameFromTenantTriesOwnThenDefault) {
   absl::StatusOr<std::vector<std::string>> ids = AdapterAccess::Candidates(Tenant("acme"), "bot");
-  ASSERT_TRUE(ids.ok()) << ids.status();
+  ASSERT_OK(ids);
   EXPECT_THAT(*ids, ElementsAre("acme/bot", "default/bot"));
 }
 
 TEST(AdapterAccessTest, BareNameFromAdminMeansDefault) {
   absl::StatusOr<std::vector<std::string>> ids = AdapterAccess::Candidates(Admin(), "bot");
-  ASSERT_TRUE(ids.ok()) << ids.status();
+  ASSERT_OK(ids);
   EXPECT_THAT(*ids, ElementsAre("default/bot"));
 }
 
 TEST(AdapterAccessTest, FullIdIsTheOnlyCandidateAndAccessIsCheckedSeparately) {
   absl::StatusOr<std::vector<std::string>> ids =
       AdapterAccess::Candidates(Tenant("acme"), "globex/bot");
-  ASSERT_TRUE(ids.ok()) << ids.status();
+  ASSERT_OK(ids);
   EXPECT_THAT(*ids, ElementsAre("globex/bot"));
   EXPECT_FALSE(AdapterAccess::CanUse(Tenant("acme"), (*ids)[0]));
 
   ids = AdapterAccess::Candidates(Tenant("acme"), "default/bot");
-  ASSERT_TRUE(ids.ok()) << ids.status();
+  ASSERT_OK(ids);
   EXPECT_THAT(*ids, ElementsAre("default/bot"));
 }
 
@@ -200,7 +203,7 @@ TEST(AdapterAccessTest, MalformedNameIsInvalidArgument) {
   for (const char* name : {"", "b ot", "acme/", "a/b/c", "bot!"}) {
     absl::StatusOr<std::vector<std::string>> ids = AdapterAccess::Candidates(Tenant("acme"), name);
     ASSERT_FALSE(ids.ok()) << name;
-    EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(ids, StatusIs(absl::StatusCode::kInvalidArgument));
     EXPECT_THAT(std::string(ids.status().message()), HasSubstr(absl::StrCat("\"", name, "\"")));
     EXPECT_THAT(std::string(ids.status().message()), HasSubstr("tenant/name"));
   }
@@ -211,60 +214,59 @@ TEST(AdapterAccessTest, OwnedIdForTenant) {
   EXPECT_EQ(AdapterAccess::OwnedId(Tenant("acme"), "acme/bot").value(), "acme/bot");
 
   absl::StatusOr<std::string> id = AdapterAccess::OwnedId(Tenant("acme"), "globex/bot");
-  EXPECT_EQ(id.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(id, StatusIs(absl::StatusCode::kPermissionDenied));
   EXPECT_THAT(std::string(id.status().message()), HasSubstr("\"acme\""));
   EXPECT_THAT(std::string(id.status().message()), HasSubstr("\"globex\""));
 
   id = AdapterAccess::OwnedId(Tenant("acme"), "default/bot");
-  EXPECT_EQ(id.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(id, StatusIs(absl::StatusCode::kPermissionDenied));
 
   id = AdapterAccess::OwnedId(Tenant("acme"), "b@d");
-  EXPECT_EQ(id.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(id, StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST(AdapterAccessTest, OwnedIdForAdmin) {
   EXPECT_EQ(AdapterAccess::OwnedId(Admin(), "bot").value(), "default/bot");
   EXPECT_EQ(AdapterAccess::OwnedId(Admin(), "globex/bot").value(), "globex/bot");
-  EXPECT_EQ(AdapterAccess::OwnedId(Admin(), "x/").status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(AdapterAccess::OwnedId(Admin(), "x/"), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 // ---------------------------------------------------------------- CheckQuota
 
 TEST(CheckQuotaTest, UnlimitedQuotaAllowsAnything) {
-  EXPECT_TRUE(CheckQuota({}, "acme", 1000, int64_t{1} << 40, int64_t{1} << 40, false, 0).ok());
+  EXPECT_OK(CheckQuota({}, "acme", 1000, int64_t{1} << 40, int64_t{1} << 40, false, 0));
 }
 
 TEST(CheckQuotaTest, AdapterCount) {
   const TenantQuota quota{.max_adapters = 2};
-  EXPECT_TRUE(CheckQuota(quota, "acme", 0, 0, 100, false, 0).ok());
-  EXPECT_TRUE(CheckQuota(quota, "acme", 1, 100, 100, false, 0).ok());
+  EXPECT_OK(CheckQuota(quota, "acme", 0, 0, 100, false, 0));
+  EXPECT_OK(CheckQuota(quota, "acme", 1, 100, 100, false, 0));
 
   absl::Status full = CheckQuota(quota, "acme", 2, 200, 100, false, 0);
-  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(full, StatusIs(absl::StatusCode::kResourceExhausted));
   EXPECT_THAT(std::string(full.message()), HasSubstr("\"acme\""));
   EXPECT_THAT(std::string(full.message()), HasSubstr("stores 2 adapters"));
   EXPECT_THAT(std::string(full.message()), HasSubstr("max_adapters) is 2"));
 
   // Replacing one of the two does not add a third.
-  EXPECT_TRUE(CheckQuota(quota, "acme", 2, 200, 100, true, 100).ok());
+  EXPECT_OK(CheckQuota(quota, "acme", 2, 200, 100, true, 100));
 }
 
 TEST(CheckQuotaTest, TotalBytes) {
   const TenantQuota quota{.max_adapter_bytes = 1000};
-  EXPECT_TRUE(CheckQuota(quota, "acme", 3, 600, 400, false, 0).ok());  // exactly at the limit
+  EXPECT_OK(CheckQuota(quota, "acme", 3, 600, 400, false, 0));  // exactly at the limit
 
   absl::Status over = CheckQuota(quota, "acme", 3, 600, 401, false, 0);
-  EXPECT_EQ(over.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(over, StatusIs(absl::StatusCode::kResourceExhausted));
   EXPECT_THAT(std::string(over.message()), HasSubstr("\"acme\""));
   EXPECT_THAT(std::string(over.message()), HasSubstr("1001 adapter bytes (600 stored + 401 new)"));
   EXPECT_THAT(std::string(over.message()), HasSubstr("max_adapter_bytes) is 1000"));
 
   // The replaced version's bytes are not counted twice...
-  EXPECT_TRUE(CheckQuota(quota, "acme", 3, 600, 700, true, 300).ok());
+  EXPECT_OK(CheckQuota(quota, "acme", 3, 600, 700, true, 300));
   // ...but a bigger replacement may still not fit.
   over = CheckQuota(quota, "acme", 3, 600, 701, true, 300);
-  EXPECT_EQ(over.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(over, StatusIs(absl::StatusCode::kResourceExhausted));
   EXPECT_THAT(std::string(over.message()), HasSubstr("600 stored - 300 replaced + 701 new"));
   // replaced_bytes only counts for a replacement.
   EXPECT_FALSE(CheckQuota(quota, "acme", 3, 600, 700, false, 300).ok());
@@ -272,7 +274,7 @@ TEST(CheckQuotaTest, TotalBytes) {
 
 TEST(CheckQuotaTest, BothLimits) {
   const TenantQuota quota{.max_adapters = 1, .max_adapter_bytes = 100};
-  EXPECT_TRUE(CheckQuota(quota, "acme", 0, 0, 100, false, 0).ok());
+  EXPECT_OK(CheckQuota(quota, "acme", 0, 0, 100, false, 0));
   EXPECT_FALSE(CheckQuota(quota, "acme", 0, 0, 101, false, 0).ok());
   EXPECT_FALSE(CheckQuota(quota, "acme", 1, 10, 10, false, 0).ok());
 }

@@ -7,6 +7,7 @@
 #include "absl/strings/ascii.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::api {
 namespace {
@@ -37,13 +38,13 @@ TEST(UploadAssemblerTest, AcceptsAHeaderAndItsChunks) {
   EXPECT_FALSE(upload.has_header());
   v1::UploadAdapterRequest header = Header("acme/x", "hello world");
   header.mutable_header()->set_sha256(absl::AsciiStrToUpper(header.header().sha256()));
-  ASSERT_TRUE(upload.Feed(header).ok());
+  ASSERT_OK(upload.Feed(header));
   EXPECT_TRUE(upload.has_header());
   EXPECT_EQ(upload.header().sha256(), Sha256Hex("hello world"));  // lower-cased
-  ASSERT_TRUE(upload.Feed(Chunk("hello ", false)).ok());
-  ASSERT_TRUE(upload.Feed(Chunk("world", true)).ok());
+  ASSERT_OK(upload.Feed(Chunk("hello ", false)));
+  ASSERT_OK(upload.Feed(Chunk("world", true)));
   EXPECT_EQ(upload.received_bytes(), 11);
-  EXPECT_TRUE(upload.Finish().ok());
+  EXPECT_OK(upload.Finish());
 }
 
 TEST(UploadAssemblerTest, RefusesMessagesOutOfOrder) {
@@ -52,11 +53,11 @@ TEST(UploadAssemblerTest, RefusesMessagesOutOfOrder) {
   UploadAssembler empty(kLimit);
   EXPECT_THAT(empty.Feed(v1::UploadAdapterRequest()).message(), HasSubstr("header or chunk"));
   UploadAssembler twice(kLimit);
-  ASSERT_TRUE(twice.Feed(Header("x", "ab")).ok());
+  ASSERT_OK(twice.Feed(Header("x", "ab")));
   EXPECT_THAT(twice.Feed(Header("x", "ab")).message(), HasSubstr("sent twice"));
   UploadAssembler after_last(kLimit);
-  ASSERT_TRUE(after_last.Feed(Header("x", "ab")).ok());
-  ASSERT_TRUE(after_last.Feed(Chunk("a", true)).ok());
+  ASSERT_OK(after_last.Feed(Header("x", "ab")));
+  ASSERT_OK(after_last.Feed(Chunk("a", true)));
   EXPECT_THAT(after_last.Feed(Chunk("b", false)).message(),
               HasSubstr("after the chunk marked last"));
   UploadAssembler nothing(kLimit);
@@ -90,15 +91,15 @@ TEST(UploadAssemblerTest, RefusesATotalNearTheInt64Limit) {
 
 TEST(UploadAssemblerTest, CountsAndHashesTheBytes) {
   UploadAssembler past(kLimit);
-  ASSERT_TRUE(past.Feed(Header("x", "abc")).ok());
+  ASSERT_OK(past.Feed(Header("x", "abc")));
   EXPECT_THAT(past.Feed(Chunk("abcd", true)).message(), HasSubstr("1 bytes past"));
   UploadAssembler short_stream(kLimit);
-  ASSERT_TRUE(short_stream.Feed(Header("x", "abc")).ok());
-  ASSERT_TRUE(short_stream.Feed(Chunk("ab", false)).ok());
+  ASSERT_OK(short_stream.Feed(Header("x", "abc")));
+  ASSERT_OK(short_stream.Feed(Chunk("ab", false)));
   EXPECT_THAT(short_stream.Finish().message(), HasSubstr("ended after 2 of"));
   UploadAssembler wrong(kLimit);
-  ASSERT_TRUE(wrong.Feed(Header("x", "abc")).ok());
-  ASSERT_TRUE(wrong.Feed(Chunk("abd", true)).ok());
+  ASSERT_OK(wrong.Feed(Header("x", "abc")));
+  ASSERT_OK(wrong.Feed(Chunk("abd", true)));
   EXPECT_TRUE(absl::IsDataLoss(wrong.Finish()));
 }
 

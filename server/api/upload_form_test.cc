@@ -5,6 +5,7 @@
 #include "formats/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::api {
 namespace {
@@ -25,7 +26,7 @@ TEST(ParseUploadFormTest, ReadsTheFields) {
                                                             {"adapter_config.json", "{}"},
                                                             {"adapter_model.safetensors", tensors},
                                                             {"replace", "true"}});
-  ASSERT_TRUE(form.ok()) << form.status();
+  ASSERT_OK(form);
   EXPECT_EQ(form->id, "acme/x");
   EXPECT_EQ(form->adapter_config_json, "{}");
   EXPECT_EQ(form->adapter_model_safetensors, tensors);
@@ -36,7 +37,7 @@ TEST(ParseUploadFormTest, ReadsTheFields) {
                                  {"adapter_config.json", "{}"},
                                  {"adapter_model.safetensors", tensors},
                                  {"replace", "yes"}});
-  ASSERT_TRUE(form.ok()) << form.status();
+  ASSERT_OK(form);
   EXPECT_FALSE(form->replace);
 }
 

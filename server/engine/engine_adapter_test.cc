@@ -7,9 +7,12 @@
 #include "gtest/gtest.h"
 #include "server/engine/engine.h"
 #include "tests/support/golden_cases.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::engine {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 using ::testing::AllOf;
 using ::testing::HasSubstr;
@@ -31,7 +34,7 @@ class Server {
     if (tokenizer.ok()) tokenizer_ = std::move(*tokenizer);
     auto registry = adapters::AdapterRegistry::Create(
         {.base = model_->adapter_shape(), .limits = {.max_rank = 64}});
-    EXPECT_TRUE(registry.ok()) << registry.status();
+    EXPECT_OK(registry);
     registry_ = std::move(*registry);
     device_ = std::make_unique<adapters::DeviceAdapterCache>(
         device_backend != nullptr ? device_backend : backend_.get(), device_bytes);
@@ -43,10 +46,10 @@ class Server {
   adapters::AdapterHandle Adapter(const std::string& id, const std::string& dir) {
     if (!registry_->IsResident(id)) {
       auto loaded = registry_->Load(id, dir);
-      EXPECT_TRUE(loaded.ok()) << loaded.status();
+      EXPECT_OK(loaded);
     }
     auto handle = registry_->Acquire(id);
-    EXPECT_TRUE(handle.ok()) << handle.status();
+    EXPECT_OK(handle);
     return *handle;
   }
 
@@ -56,11 +59,11 @@ class Server {
     for (size_t i = 0; i < requests.size(); ++i) {
       auto id = engine_->Add(requests[i],
                              [&ids, i](const TokenEvent& e) { ids[i].push_back(e.token_id); });
-      EXPECT_TRUE(id.ok()) << id.status();
+      EXPECT_OK(id);
     }
     while (engine_->HasWork()) {
       absl::Status s = engine_->Step();
-      EXPECT_TRUE(s.ok()) << s;
+      EXPECT_OK(s);
       if (!s.ok()) break;
     }
     return ids;
@@ -94,8 +97,8 @@ GenerationRequest Greedy(std::vector<int32_t> prompt, int32_t max_tokens,
 
 std::map<std::string, std::string> ModelDirs() {
   std::map<std::string, std::string> dirs;
-  auto cases = testing::LoadModelCases();
-  EXPECT_TRUE(cases.ok()) << cases.status();
+  auto cases = test_support::LoadModelCases();
+  EXPECT_OK(cases);
   if (cases.ok()) {
     for (const auto& c : *cases) dirs[c.name] = c.model_dir;
   }
@@ -105,16 +108,16 @@ std::map<std::string, std::string> ModelDirs() {
 // Every peft golden: greedy tokens alone, then all prompts of the case in
 // one batch, under each LoRA mode.
 TEST(EngineAdapterTest, GreedyTokensMatchPeftInEveryMode) {
-  auto cases = testing::LoadAdapterCases();
-  ASSERT_TRUE(cases.ok()) << cases.status();
+  auto cases = test_support::LoadAdapterCases();
+  ASSERT_OK(cases);
   const std::map<std::string, std::string> dirs = ModelDirs();
   for (LoraMode mode : {LoraMode::kUnmerged, LoraMode::kMerged}) {
-    for (const testing::GoldenCase& c : *cases) {
+    for (const test_support::GoldenCase& c : *cases) {
       SCOPED_TRACE(c.name + (mode == LoraMode::kMerged ? " merged" : " unmerged"));
       Server server(dirs.at(c.base), {.lora_mode = mode});
       adapters::AdapterHandle adapter = server.Adapter(c.name, c.adapter_dir);
       std::vector<GenerationRequest> requests;
-      for (const testing::GoldenPrompt& p : c.prompts) {
+      for (const test_support::GoldenPrompt& p : c.prompts) {
         requests.push_back(Greedy(p.ids, static_cast<int32_t>(p.greedy.size()), adapter));
       }
       EXPECT_EQ(server.Run({requests[0]})[0], c.prompts[0].greedy);
@@ -278,21 +281,18 @@ TEST(EngineAdapterTest, AFailedDeviceUploadFailsItsRequestAtOnce) {
   LostDevice lost;
   Server server(SharedModel(), {.lora_mode = LoraMode::kUnmerged}, int64_t{64} << 20, &lost);
   std::vector<TokenEvent> adapted, base;
-  ASSERT_TRUE(server.engine()
-                  .Add(Greedy({1, 2, 3}, 8, server.Adapter("ocean", root + "ocean")),
-                       [&](const TokenEvent& e) { adapted.push_back(e); })
-                  .ok());
-  ASSERT_TRUE(server.engine()
-                  .Add(Greedy({1, 2, 3}, 8), [&](const TokenEvent& e) { base.push_back(e); })
-                  .ok());
+  ASSERT_OK(server.engine().Add(Greedy({1, 2, 3}, 8, server.Adapter("ocean", root + "ocean")),
+                                [&](const TokenEvent& e) { adapted.push_back(e); }));
+  ASSERT_OK(
+      server.engine().Add(Greedy({1, 2, 3}, 8), [&](const TokenEvent& e) { base.push_back(e); }));
   // Not a wait for room that never comes: the adapter's request ends in the
   // first step with the upload's error, and the base request runs to the end.
   for (int step = 0; step < 50 && server.engine().HasWork(); ++step) {
-    ASSERT_TRUE(server.engine().Step().ok());
+    ASSERT_OK(server.engine().Step());
     if (step == 0) {
       ASSERT_EQ(adapted.size(), 1u);
       EXPECT_EQ(adapted[0].finish, FinishReason::kError);
-      EXPECT_EQ(adapted[0].error.code(), absl::StatusCode::kInternal);
+      EXPECT_THAT(adapted[0].error, StatusIs(absl::StatusCode::kInternal));
       EXPECT_THAT(adapted[0].error.message(),
                   AllOf(HasSubstr("\"default/ocean\" could not be placed on the device"),
                         HasSubstr("device lost (test)")));
@@ -314,18 +314,18 @@ TEST(EngineAdapterTest, ReportsTheAdaptersOfRunningAndWaitingRequests) {
   EXPECT_EQ(server.engine().adapter_activity().max_adapters, 4);
   for (const GenerationRequest& r :
        {Greedy({1}, 4, ocean), Greedy({1}, 4), Greedy({1}, 4, robot)}) {
-    ASSERT_TRUE(server.engine().Add(r, [](const TokenEvent&) {}).ok());
+    ASSERT_OK(server.engine().Add(r, [](const TokenEvent&) {}));
   }
   AdapterActivity queued = server.engine().adapter_activity();
   EXPECT_THAT(queued.running, ::testing::IsEmpty());
   EXPECT_THAT(queued.waiting, ::testing::ElementsAre("default/ocean", "default/robot"));
-  ASSERT_TRUE(server.engine().Step().ok());
+  ASSERT_OK(server.engine().Step());
   AdapterActivity stepping = server.engine().adapter_activity();
   EXPECT_THAT(stepping.running, ::testing::ElementsAre("default/ocean"));
   EXPECT_THAT(stepping.waiting, ::testing::ElementsAre("default/robot"));
   // The budget holds one adapter of ocean's size.
   EXPECT_EQ(stepping.max_adapters, 1);
-  while (server.engine().HasWork()) ASSERT_TRUE(server.engine().Step().ok());
+  while (server.engine().HasWork()) ASSERT_OK(server.engine().Step());
   AdapterActivity idle = server.engine().adapter_activity();
   EXPECT_THAT(idle.running, ::testing::IsEmpty());
   EXPECT_THAT(idle.waiting, ::testing::IsEmpty());
@@ -358,7 +358,7 @@ TEST(EngineAdapterTest, InvalidAdapterScaleIsRejected) {
   Server server(SharedModel());
   auto status = server.engine().Add(Greedy({1}, 4, server.Adapter("ocean", root + "ocean"), -1.0f),
                                     [](const TokenEvent&) {});
-  EXPECT_EQ(status.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(std::string(status.status().message()), HasSubstr("adapter_scale"));
 }
 

@@ -11,9 +11,12 @@
 
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::engine {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 const std::string& SharedModel() {
   static const std::string dir = std::string(LORASERVE_SHARED_DIR) + "/models/aidreams-260k";
@@ -73,8 +76,8 @@ std::vector<int32_t> Prompt(int n) {
 std::vector<int32_t> RunAlone(EngineOptions options, const GenerationRequest& r) {
   Fixture f(options);
   std::vector<int32_t> ids;
-  EXPECT_TRUE(f.engine->Add(r, [&](const TokenEvent& e) { ids.push_back(e.token_id); }).ok());
-  while (f.engine->HasWork()) EXPECT_TRUE(f.engine->Step().ok());
+  EXPECT_OK(f.engine->Add(r, [&](const TokenEvent& e) { ids.push_back(e.token_id); }));
+  while (f.engine->HasWork()) EXPECT_OK(f.engine->Step());
   return ids;
 }
 
@@ -89,14 +92,12 @@ TEST(EngineSchedulingTest, ChunkedPrefillGivesTheSameTokens) {
 TEST(EngineSchedulingTest, DecodesKeepGoingWhileALongPromptPrefills) {
   Fixture f({.max_batch_tokens = 8});
   std::vector<int> order;  // request index per event
-  ASSERT_TRUE(f.engine->Add(Greedy(Prompt(2), 12), [&](const TokenEvent&) { order.push_back(0); })
-                  .ok());
-  ASSERT_TRUE(f.engine->Step().ok());  // request 0 prefilled, first token
-  ASSERT_TRUE(f.engine->Add(Greedy(Prompt(70), 2), [&](const TokenEvent&) { order.push_back(1); })
-                  .ok());
+  ASSERT_OK(f.engine->Add(Greedy(Prompt(2), 12), [&](const TokenEvent&) { order.push_back(0); }));
+  ASSERT_OK(f.engine->Step());  // request 0 prefilled, first token
+  ASSERT_OK(f.engine->Add(Greedy(Prompt(70), 2), [&](const TokenEvent&) { order.push_back(1); }));
   // 70 prompt tokens at 7 per step (one slot goes to request 0's decode):
   // request 0 emits a token every step meanwhile.
-  for (int step = 0; step < 5; ++step) ASSERT_TRUE(f.engine->Step().ok());
+  for (int step = 0; step < 5; ++step) ASSERT_OK(f.engine->Step());
   EXPECT_EQ(order, std::vector<int>(6, 0));
 }
 
@@ -104,11 +105,11 @@ TEST(EngineSchedulingTest, CancelFreesBlocksAndEndsTheStream) {
   Fixture f;
   std::vector<TokenEvent> events;
   auto id = f.engine->Add(Greedy(Prompt(40), 60), [&](const TokenEvent& e) { events.push_back(e); });
-  ASSERT_TRUE(id.ok());
-  for (int i = 0; i < 3; ++i) ASSERT_TRUE(f.engine->Step().ok());
+  ASSERT_OK(id);
+  for (int i = 0; i < 3; ++i) ASSERT_OK(f.engine->Step());
   EXPECT_LT(f.cache->free_blocks(), f.cache->num_blocks());
   f.engine->Cancel(*id);
-  ASSERT_TRUE(f.engine->Step().ok());
+  ASSERT_OK(f.engine->Step());
   EXPECT_EQ(f.cache->free_blocks(), f.cache->num_blocks());
   ASSERT_FALSE(events.empty());
   EXPECT_EQ(events.back().finish, FinishReason::kCancelled);
@@ -122,17 +123,14 @@ TEST(EngineSchedulingTest, AFloodingTenantDoesNotStarveOthers) {
   Fixture f({.max_running_requests = 2});
   std::vector<std::string> finished;
   auto add = [&](const std::string& tenant) {
-    ASSERT_TRUE(f.engine
-                    ->Add(Greedy(Prompt(4), 4, tenant),
-                          [&, tenant](const TokenEvent& e) {
-                            if (e.finish != FinishReason::kNone) finished.push_back(tenant);
-                          })
-                    .ok());
+    ASSERT_OK(f.engine->Add(Greedy(Prompt(4), 4, tenant), [&, tenant](const TokenEvent& e) {
+      if (e.finish != FinishReason::kNone) finished.push_back(tenant);
+    }));
   };
   for (int i = 0; i < 20; ++i) add("flood");
-  ASSERT_TRUE(f.engine->Step().ok());  // flood's first two are running
+  ASSERT_OK(f.engine->Step());  // flood's first two are running
   for (int i = 0; i < 2; ++i) add("calm");
-  while (f.engine->HasWork()) ASSERT_TRUE(f.engine->Step().ok());
+  while (f.engine->HasWork()) ASSERT_OK(f.engine->Step());
   ASSERT_EQ(finished.size(), 22u);
   // Both calm requests finish among the first six completions.
   int calm_seen = 0;
@@ -149,8 +147,8 @@ TEST(EngineSchedulingTest, PrefixCacheReusesFullBlocksWithIdenticalResults) {
   std::vector<int32_t> ids;
   for (const GenerationRequest& r : {first, second}) {
     ids.clear();
-    ASSERT_TRUE(f.engine->Add(r, [&](const TokenEvent& e) { ids.push_back(e.token_id); }).ok());
-    while (f.engine->HasWork()) ASSERT_TRUE(f.engine->Step().ok());
+    ASSERT_OK(f.engine->Add(r, [&](const TokenEvent& e) { ids.push_back(e.token_id); }));
+    while (f.engine->HasWork()) ASSERT_OK(f.engine->Step());
   }
   EXPECT_EQ(ids, expected);
   EXPECT_EQ(f.engine->stats().prefix_cached_tokens, 48);  // three full blocks of 16
@@ -160,8 +158,8 @@ TEST(EngineSchedulingTest, PrefixCacheReusesFullBlocksWithIdenticalResults) {
 TEST(EngineSchedulingTest, SamplingParametersShareThePrefixCache) {
   Fixture f({.enable_prefix_cache = true});
   auto run = [&](GenerationRequest r) {
-    ASSERT_TRUE(f.engine->Add(r, [](const TokenEvent&) {}).ok());
-    while (f.engine->HasWork()) ASSERT_TRUE(f.engine->Step().ok());
+    ASSERT_OK(f.engine->Add(r, [](const TokenEvent&) {}));
+    while (f.engine->HasWork()) ASSERT_OK(f.engine->Step());
   };
   GenerationRequest base = Greedy(Prompt(40), 2);
   run(base);
@@ -186,7 +184,7 @@ TEST(EngineLoopTest, ConcurrentSubmittersGetTheirOwnTokens) {
         got[t].push_back(e.token_id);
         if (e.finish != FinishReason::kNone) done[t].Notify();
       });
-      ASSERT_TRUE(id.ok()) << id.status();
+      ASSERT_OK(id);
     });
   }
   for (auto& thread : threads) thread.join();
@@ -209,12 +207,12 @@ TEST(EngineLoopTest, RejectsBadRequestsAndAFullQueue) {
   Fixture f;
   EngineLoop loop(f.engine.get(), {.max_queued_requests = 2});
   // Not started: requests stay queued.
-  EXPECT_EQ(loop.Submit(Greedy({}, 4), [](const TokenEvent&) {}).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  ASSERT_TRUE(loop.Submit(Greedy(Prompt(3), 4), [](const TokenEvent&) {}).ok());
-  ASSERT_TRUE(loop.Submit(Greedy(Prompt(3), 4), [](const TokenEvent&) {}).ok());
-  EXPECT_EQ(loop.Submit(Greedy(Prompt(3), 4), [](const TokenEvent&) {}).status().code(),
-            absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(loop.Submit(Greedy({}, 4), [](const TokenEvent&) {}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  ASSERT_OK(loop.Submit(Greedy(Prompt(3), 4), [](const TokenEvent&) {}));
+  ASSERT_OK(loop.Submit(Greedy(Prompt(3), 4), [](const TokenEvent&) {}));
+  EXPECT_THAT(loop.Submit(Greedy(Prompt(3), 4), [](const TokenEvent&) {}),
+              StatusIs(absl::StatusCode::kResourceExhausted));
 }
 
 TEST(EngineLoopTest, TheQueueBoundCountsRequestsTheEngineThreadHasTakenButNotStepped) {
@@ -232,7 +230,7 @@ TEST(EngineLoopTest, TheQueueBoundCountsRequestsTheEngineThreadHasTakenButNotSte
     if (id.ok()) {
       ++accepted;
     } else {
-      ASSERT_EQ(id.status().code(), absl::StatusCode::kResourceExhausted) << id.status();
+      ASSERT_THAT(id, StatusIs(absl::StatusCode::kResourceExhausted)) << id.status();
     }
     EXPECT_LE(accepted, 3 + finished.load()) << "after " << i + 1 << " submissions";
   }
@@ -256,17 +254,17 @@ TEST(EngineLoopTest, CancelAndDrain) {
   auto long_id = loop.Submit(Greedy(Prompt(3), 120), [&](const TokenEvent& e) {
     if (e.finish == FinishReason::kCancelled) cancelled.Notify();
   });
-  ASSERT_TRUE(long_id.ok());
+  ASSERT_OK(long_id);
   auto short_id = loop.Submit(Greedy(Prompt(3), 3), [&](const TokenEvent& e) {
     if (e.finish == FinishReason::kLength) finished.Notify();
   });
-  ASSERT_TRUE(short_id.ok());
+  ASSERT_OK(short_id);
   ASSERT_TRUE(finished.WaitForNotificationWithTimeout(absl::Seconds(30)));
   loop.Cancel(*long_id);
   ASSERT_TRUE(cancelled.WaitForNotificationWithTimeout(absl::Seconds(30)));
   loop.Drain(absl::Seconds(5));
-  EXPECT_EQ(loop.Submit(Greedy(Prompt(3), 3), [](const TokenEvent&) {}).status().code(),
-            absl::StatusCode::kUnavailable);
+  EXPECT_THAT(loop.Submit(Greedy(Prompt(3), 3), [](const TokenEvent&) {}),
+              StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_EQ(f.cache->free_blocks(), f.cache->num_blocks());
 }
 
@@ -278,9 +276,9 @@ TEST(EngineLoopTest, DrainKeepsItsDeadlineWhileTheEngineIsBusy) {
   loop.Start();
   std::atomic<int> completed{0};
   for (int i = 0; i < 400; ++i) {
-    ASSERT_TRUE(loop.Submit(Greedy(Prompt(3), 100), [&](const TokenEvent& e) {
-                      if (e.finish == FinishReason::kLength) ++completed;
-                    }).ok());
+    ASSERT_OK(loop.Submit(Greedy(Prompt(3), 100), [&](const TokenEvent& e) {
+      if (e.finish == FinishReason::kLength) ++completed;
+    }));
   }
   const absl::Time start = absl::Now();
   loop.Drain(absl::Milliseconds(100));

@@ -6,6 +6,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/golden_cases.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::engine {
 namespace {
@@ -19,12 +20,12 @@ class EngineFixture {
                          EngineOptions options = {}) {
     backend_ = std::move(*kernels::CreateCpuBackend({}));
     auto model = model::LlamaModel::Load(backend_.get(), model_dir, {});
-    EXPECT_TRUE(model.ok()) << model.status();
+    EXPECT_OK(model);
     model_ = std::move(*model);
     auto tokenizer = model::Tokenizer::Load(model_dir);
     if (tokenizer.ok()) tokenizer_ = std::move(*tokenizer);
     auto cache = KvCache::Create(backend_.get(), model_->kv_shape(), 16, kv_bytes);
-    EXPECT_TRUE(cache.ok()) << cache.status();
+    EXPECT_OK(cache);
     cache_ = std::move(*cache);
     engine_ = std::make_unique<Engine>(model_.get(), tokenizer_.get(), cache_.get(), nullptr,
                                        options);
@@ -47,11 +48,11 @@ class EngineFixture {
         results[i].finish = e.finish;
         results[i].events.push_back(e);
       });
-      EXPECT_TRUE(id.ok()) << id.status();
+      EXPECT_OK(id);
     }
     while (engine_->HasWork()) {
       absl::Status s = engine_->Step();
-      EXPECT_TRUE(s.ok()) << s;
+      EXPECT_OK(s);
       if (!s.ok()) break;
     }
     return results;
@@ -79,13 +80,13 @@ GenerationRequest Greedy(std::vector<int32_t> prompt, int32_t max_tokens) {
 }
 
 TEST(EngineGoldenTest, GreedyTokensMatchTransformersAloneAndBatched) {
-  auto cases = testing::LoadModelCases();
-  ASSERT_TRUE(cases.ok()) << cases.status();
-  for (const testing::GoldenCase& c : *cases) {
+  auto cases = test_support::LoadModelCases();
+  ASSERT_OK(cases);
+  for (const test_support::GoldenCase& c : *cases) {
     SCOPED_TRACE(c.name);
     EngineFixture fixture(c.model_dir);
     std::vector<GenerationRequest> requests;
-    for (const testing::GoldenPrompt& p : c.prompts) {
+    for (const test_support::GoldenPrompt& p : c.prompts) {
       requests.push_back(Greedy(p.ids, static_cast<int32_t>(p.greedy.size())));
     }
     // Alone.
@@ -118,7 +119,7 @@ std::string Continuation(const model::Tokenizer& tokenizer, const std::vector<in
 TEST(EngineTest, EmptyPromptContinuationReadsAsTheModelCard) {
   EngineFixture fixture(SharedModel());
   auto prompt = fixture.tokenizer().Encode("", true);
-  ASSERT_TRUE(prompt.ok());
+  ASSERT_OK(prompt);
   auto result = fixture.Run({Greedy(*prompt, 20)})[0];
   // The model card: `"Echoes of vectors unfold, a gentle hum of precision, ...`.
   EXPECT_TRUE(absl::StartsWith(result.text, "\"Echoes of vectors unfold")) << result.text;
@@ -127,7 +128,7 @@ TEST(EngineTest, EmptyPromptContinuationReadsAsTheModelCard) {
 TEST(EngineTest, TextIsDecodeOfAllMinusDecodeOfPrompt) {
   EngineFixture fixture(SharedModel());
   auto prompt = fixture.tokenizer().Encode("The robot", true);
-  ASSERT_TRUE(prompt.ok());
+  ASSERT_OK(prompt);
   auto result = fixture.Run({Greedy(*prompt, 40)})[0];
   EXPECT_EQ(result.text, Continuation(fixture.tokenizer(), *prompt, result.ids));
 }

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::engine {
 namespace {
@@ -68,7 +69,7 @@ TEST(SamplerTest, ValidationNamesTheField) {
             std::string::npos);
   EXPECT_NE(ValidateSamplingParams({.top_k = -2}).message().find("top_k"), std::string::npos);
   EXPECT_NE(ValidateSamplingParams({.top_p = 0.0f}).message().find("top_p"), std::string::npos);
-  EXPECT_TRUE(ValidateSamplingParams({}).ok());
+  EXPECT_OK(ValidateSamplingParams({}));
 }
 
 TEST(SamplerTest, CounterUniformInUnitInterval) {

@@ -8,6 +8,7 @@
 #include "adapters/device_adapter.h"
 #include "gtest/gtest.h"
 #include "tests/support/forward_harness.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::model {
 namespace {
@@ -82,9 +83,9 @@ TEST(DecodePaddingTest, PaddingTokensWriteNothingAndNeedNoSegment) {
 
 TEST(PaddedForwardTest, PaddedDecodeStepEqualsUnpadded) {
   std::unique_ptr<kernels::Backend> backend = std::move(*kernels::CreateCpuBackend({}));
-  absl::StatusOr<testing::SharedModel> shared =
-      testing::LoadSharedModel(backend.get(), {"ocean", "attn-r8"});
-  ASSERT_TRUE(shared.ok()) << shared.status();
+  absl::StatusOr<test_support::SharedModel> shared =
+      test_support::LoadSharedModel(backend.get(), {"ocean", "attn-r8"});
+  ASSERT_OK(shared);
   LlamaModel* model = shared->model.get();
   const std::vector<std::vector<int32_t>> prompts = {
       {1, 72, 305, 41}, {1, 9, 18}, {1, 400, 2, 33, 87}};
@@ -92,29 +93,30 @@ TEST(PaddedForwardTest, PaddedDecodeStepEqualsUnpadded) {
       {shared->adapters[0].get(), 1.0f}, {}, {shared->adapters[1].get(), 0.5f}};
   const int64_t vocab = model->config().vocab_size;
   // Two caches with the same prompts: one runs padded decode steps, the other not.
-  std::vector<std::unique_ptr<testing::PagedTestCache>> caches;
+  std::vector<std::unique_ptr<test_support::PagedTestCache>> caches;
   for (int i = 0; i < 2; ++i) {
     caches.push_back(
-        std::make_unique<testing::PagedTestCache>(backend.get(), model->kv_shape(), 3, 40));
-    ForwardInput prefill = testing::PrefillAll(prompts, *caches.back());
+        std::make_unique<test_support::PagedTestCache>(backend.get(), model->kv_shape(), 3, 40));
+    ForwardInput prefill = test_support::PrefillAll(prompts, *caches.back());
     prefill.adapters = choices;
     std::vector<float> logits;
-    ASSERT_TRUE(model->Forward(prefill, caches.back()->view(), &logits).ok());
+    ASSERT_OK(model->Forward(prefill, caches.back()->view(), &logits));
   }
   std::vector<int32_t> positions = {4, 3, 5};
   for (int step = 0; step < 3; ++step) {
-    ForwardInput in = testing::DecodeOne({20 + step, 30 + step, 40 + step}, positions, *caches[0]);
+    ForwardInput in =
+        test_support::DecodeOne({20 + step, 30 + step, 40 + step}, positions, *caches[0]);
     in.adapters = choices;
     std::optional<DecodeShape> shape = DecodeStepShape(in);
     ASSERT_TRUE(shape.has_value());
     const ForwardInput padded = PadDecodeStep(in, *shape);
     std::vector<float> plain, padded_logits;
-    ASSERT_TRUE(model->Forward(in, caches[0]->view(), &plain).ok());
-    ASSERT_TRUE(model->Forward(padded, caches[1]->view(), &padded_logits).ok());
+    ASSERT_OK(model->Forward(in, caches[0]->view(), &plain));
+    ASSERT_OK(model->Forward(padded, caches[1]->view(), &padded_logits));
     ASSERT_EQ(padded_logits.size(), static_cast<size_t>(shape->batch * vocab));
     // The CPU GEMMs are batch-invariant: the real rows match exactly, and
     // the next step (which reads the cache the padded step wrote) too.
-    EXPECT_EQ(testing::MaxAbsDiff(plain.data(), padded_logits.data(), plain.size()), 0.0f)
+    EXPECT_EQ(test_support::MaxAbsDiff(plain.data(), padded_logits.data(), plain.size()), 0.0f)
         << "step " << step;
     for (int32_t& p : positions) ++p;
   }

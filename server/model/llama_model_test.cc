@@ -10,42 +10,45 @@
 #include "gtest/gtest.h"
 #include "tests/support/forward_harness.h"
 #include "tests/support/golden_cases.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::model {
 namespace {
 
+using ::loraserve::test_support::StatusIs;
+
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 
-using testing::MaxAbsDiff;
-using testing::PagedTestCache;
-using testing::PrefillAll;
+using test_support::MaxAbsDiff;
+using test_support::PagedTestCache;
+using test_support::PrefillAll;
 
 class LlamaModelGoldenTest : public ::testing::Test {
  protected:
   void SetUp() override {
     auto backend = kernels::CreateCpuBackend({});
-    ASSERT_TRUE(backend.ok()) << backend.status();
+    ASSERT_OK(backend);
     backend_ = std::move(*backend);
-    auto cases = testing::LoadModelCases();
-    ASSERT_TRUE(cases.ok()) << cases.status();
+    auto cases = test_support::LoadModelCases();
+    ASSERT_OK(cases);
     cases_ = std::move(*cases);
     ASSERT_GE(cases_.size(), 6u);
   }
   std::unique_ptr<kernels::Backend> backend_;
-  std::vector<testing::GoldenCase> cases_;
+  std::vector<test_support::GoldenCase> cases_;
 };
 
 TEST_F(LlamaModelGoldenTest, LogitsMatchTransformersAtEveryPosition) {
-  for (const testing::GoldenCase& c : cases_) {
+  for (const test_support::GoldenCase& c : cases_) {
     SCOPED_TRACE(c.name);
     auto model = LlamaModel::Load(backend_.get(), c.model_dir, {});
-    ASSERT_TRUE(model.ok()) << model.status();
+    ASSERT_OK(model);
     const int64_t vocab = (*model)->config().vocab_size;
-    for (const testing::GoldenPrompt& p : c.prompts) {
+    for (const test_support::GoldenPrompt& p : c.prompts) {
       PagedTestCache cache(backend_.get(), (*model)->kv_shape(), 1, p.ids.size());
       std::vector<float> logits;
-      ASSERT_TRUE((*model)->Forward(PrefillAll({p.ids}, cache), cache.view(), &logits).ok());
+      ASSERT_OK((*model)->Forward(PrefillAll({p.ids}, cache), cache.view(), &logits));
       ASSERT_EQ(logits.size(), p.ids.size() * vocab);
       EXPECT_LE(MaxAbsDiff(logits.data(), p.logits.data(), logits.size()), 1e-4f)
           << "prompt of " << p.ids.size() << " tokens";
@@ -54,21 +57,21 @@ TEST_F(LlamaModelGoldenTest, LogitsMatchTransformersAtEveryPosition) {
 }
 
 TEST_F(LlamaModelGoldenTest, BatchedPrefillEqualsSinglePrefill) {
-  for (const testing::GoldenCase& c : cases_) {
+  for (const test_support::GoldenCase& c : cases_) {
     SCOPED_TRACE(c.name);
     auto model = LlamaModel::Load(backend_.get(), c.model_dir, {});
-    ASSERT_TRUE(model.ok()) << model.status();
+    ASSERT_OK(model);
     std::vector<std::vector<int32_t>> seqs;
     size_t longest = 0;
-    for (const testing::GoldenPrompt& p : c.prompts) {
+    for (const test_support::GoldenPrompt& p : c.prompts) {
       seqs.push_back(p.ids);
       longest = std::max(longest, p.ids.size());
     }
     PagedTestCache cache(backend_.get(), (*model)->kv_shape(), seqs.size(), longest);
     std::vector<float> logits;
-    ASSERT_TRUE((*model)->Forward(PrefillAll(seqs, cache), cache.view(), &logits).ok());
+    ASSERT_OK((*model)->Forward(PrefillAll(seqs, cache), cache.view(), &logits));
     size_t offset = 0;
-    for (const testing::GoldenPrompt& p : c.prompts) {
+    for (const test_support::GoldenPrompt& p : c.prompts) {
       EXPECT_LE(MaxAbsDiff(logits.data() + offset, p.logits.data(), p.logits.size()), 1e-4f);
       offset += p.logits.size();
     }
@@ -78,16 +81,16 @@ TEST_F(LlamaModelGoldenTest, BatchedPrefillEqualsSinglePrefill) {
 TEST_F(LlamaModelGoldenTest, DecodeStepsReuseTheCache) {
   // Prefill all but the last token, then decode it: its logits must match
   // the golden of the full prompt's last position.
-  const testing::GoldenCase& c = cases_[0];
+  const test_support::GoldenCase& c = cases_[0];
   auto model = LlamaModel::Load(backend_.get(), c.model_dir, {});
-  ASSERT_TRUE(model.ok()) << model.status();
+  ASSERT_OK(model);
   const int64_t vocab = (*model)->config().vocab_size;
-  for (const testing::GoldenPrompt& p : c.prompts) {
+  for (const test_support::GoldenPrompt& p : c.prompts) {
     if (p.ids.size() < 2) continue;
     PagedTestCache cache(backend_.get(), (*model)->kv_shape(), 1, p.ids.size());
     std::vector<int32_t> head(p.ids.begin(), p.ids.end() - 1);
     std::vector<float> logits;
-    ASSERT_TRUE((*model)->Forward(PrefillAll({head}, cache), cache.view(), &logits).ok());
+    ASSERT_OK((*model)->Forward(PrefillAll({head}, cache), cache.view(), &logits));
     ForwardInput step = PrefillAll({p.ids}, cache);
     const int32_t last = static_cast<int32_t>(p.ids.size()) - 1;
     step.tokens = {p.ids[last]};
@@ -95,21 +98,21 @@ TEST_F(LlamaModelGoldenTest, DecodeStepsReuseTheCache) {
     step.slot_mapping = {step.slot_mapping[last]};
     step.query_start = {0, 1};
     step.logit_rows = {0};
-    ASSERT_TRUE((*model)->Forward(step, cache.view(), &logits).ok());
+    ASSERT_OK((*model)->Forward(step, cache.view(), &logits));
     EXPECT_LE(MaxAbsDiff(logits.data(), p.logits.data() + last * vocab, vocab), 1e-4f);
   }
 }
 
 TEST(LlamaModelDummyTest, PresetBuildsAndRuns) {
   auto backend = kernels::CreateCpuBackend({});
-  ASSERT_TRUE(backend.ok());
+  ASSERT_OK(backend);
   auto config = formats::DummyPreset("tiny");
-  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_OK(config);
   auto model = LlamaModel::CreateDummy(backend->get(), *config, 7, {});
-  ASSERT_TRUE(model.ok()) << model.status();
+  ASSERT_OK(model);
   PagedTestCache cache(backend->get(), (*model)->kv_shape(), 1, 8);
   std::vector<float> logits;
-  ASSERT_TRUE((*model)->Forward(PrefillAll({{1, 2, 3, 4}}, cache), cache.view(), &logits).ok());
+  ASSERT_OK((*model)->Forward(PrefillAll({{1, 2, 3, 4}}, cache), cache.view(), &logits));
   ASSERT_EQ(logits.size(), 4 * config->vocab_size);
   for (float v : logits) ASSERT_TRUE(std::isfinite(v));
 }
@@ -126,7 +129,7 @@ class MalformedModelTest : public ::testing::Test {
     fs::copy_file(fs::path(LORASERVE_SHARED_DIR) / "models/aidreams-260k/config.json",
                   dir_ / "config.json", fs::copy_options::overwrite_existing);
     auto backend = kernels::CreateCpuBackend({1});
-    ASSERT_TRUE(backend.ok());
+    ASSERT_OK(backend);
     backend_ = std::move(*backend);
   }
   void TearDown() override { fs::remove_all(dir_); }
@@ -155,7 +158,7 @@ class MalformedModelTest : public ::testing::Test {
     return t;
   }
   absl::Status LoadWith(const std::vector<formats::SerializedTensor>& tensors) {
-    EXPECT_TRUE(formats::WriteSafetensors(dir_ / "model.safetensors", tensors).ok());
+    EXPECT_OK(formats::WriteSafetensors(dir_ / "model.safetensors", tensors));
     return LlamaModel::Load(backend_.get(), dir_, {}).status();
   }
 
@@ -163,14 +166,14 @@ class MalformedModelTest : public ::testing::Test {
   std::unique_ptr<kernels::Backend> backend_;
 };
 
-TEST_F(MalformedModelTest, ValidFileLoads) { EXPECT_TRUE(LoadWith(ValidTensors()).ok()); }
+TEST_F(MalformedModelTest, ValidFileLoads) { EXPECT_OK(LoadWith(ValidTensors())); }
 
 TEST_F(MalformedModelTest, MissingTensorIsNamed) {
   auto tensors = ValidTensors();
   tensors.erase(tensors.begin() + 5);
   const std::string missing = ValidTensors()[5].name;
   absl::Status s = LoadWith(tensors);
-  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(std::string(s.message()), HasSubstr(missing));
 }
 
@@ -178,7 +181,7 @@ TEST_F(MalformedModelTest, WrongShapeIsNamed) {
   auto tensors = ValidTensors();
   tensors[3].shape = {32, 128};
   absl::Status s = LoadWith(tensors);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(std::string(s.message()), HasSubstr(tensors[3].name));
   EXPECT_THAT(std::string(s.message()), HasSubstr("[32, 128]"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("expected [64, 64]"));
@@ -188,7 +191,7 @@ TEST_F(MalformedModelTest, UnexpectedTensorIsNamed) {
   auto tensors = ValidTensors();
   tensors.push_back({"model.layers.9.mlp.extra.weight", "F32", {2}, std::string(8, '\0')});
   absl::Status s = LoadWith(tensors);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(std::string(s.message()),
               HasSubstr("unexpected tensor model.layers.9.mlp.extra.weight"));
 }
@@ -196,7 +199,7 @@ TEST_F(MalformedModelTest, UnexpectedTensorIsNamed) {
 TEST_F(MalformedModelTest, MissingConfigIsNamed) {
   fs::remove(dir_ / "config.json");
   absl::Status s = LoadWith(ValidTensors());
-  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(std::string(s.message()), HasSubstr("config.json"));
 }
 

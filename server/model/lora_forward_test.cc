@@ -9,12 +9,13 @@
 #include "server/model/llama_model.h"
 #include "tests/support/forward_harness.h"
 #include "tests/support/golden_cases.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::model {
 namespace {
 
-using testing::MaxAbsDiff;
-using testing::PagedTestCache;
+using test_support::MaxAbsDiff;
+using test_support::PagedTestCache;
 
 // Prefills `seqs` in one batch (logits for every token), each with its adapter.
 std::vector<float> Prefill(kernels::Backend* backend, LlamaModel& model,
@@ -24,12 +25,12 @@ std::vector<float> Prefill(kernels::Backend* backend, LlamaModel& model,
   size_t longest = 0;
   for (const auto& s : seqs) longest = std::max(longest, s.size());
   PagedTestCache cache(backend, model.kv_shape(), seqs.size(), longest);
-  ForwardInput in = testing::PrefillAll(seqs, cache);
+  ForwardInput in = test_support::PrefillAll(seqs, cache);
   in.adapters = adapters;
   in.merged = merged;
   std::vector<float> logits;
   absl::Status status = model.Forward(in, cache.view(), &logits);
-  EXPECT_TRUE(status.ok()) << status;
+  EXPECT_OK(status);
   return logits;
 }
 
@@ -37,11 +38,11 @@ class LoraForwardTest : public ::testing::Test {
  protected:
   void SetUp() override {
     backend_ = std::move(*kernels::CreateCpuBackend({}));
-    auto models = testing::LoadModelCases();
-    ASSERT_TRUE(models.ok()) << models.status();
+    auto models = test_support::LoadModelCases();
+    ASSERT_OK(models);
     for (auto& c : *models) model_dirs_[c.name] = c.model_dir;
-    auto adapters = testing::LoadAdapterCases();
-    ASSERT_TRUE(adapters.ok()) << adapters.status();
+    auto adapters = test_support::LoadAdapterCases();
+    ASSERT_OK(adapters);
     cases_ = std::move(*adapters);
     ASSERT_GE(cases_.size(), 10u);
   }
@@ -50,20 +51,20 @@ class LoraForwardTest : public ::testing::Test {
     auto it = models_.find(name);
     if (it == models_.end()) {
       auto model = LlamaModel::Load(backend_.get(), model_dirs_.at(name), {});
-      EXPECT_TRUE(model.ok()) << model.status();
+      EXPECT_OK(model);
       it = models_.emplace(name, std::move(*model)).first;
     }
     return *it->second;
   }
 
-  const adapters::DeviceAdapter& Adapter(const testing::GoldenCase& c) {
+  const adapters::DeviceAdapter& Adapter(const test_support::GoldenCase& c) {
     auto it = device_.find(c.name);
     if (it == device_.end()) {
       auto host =
           adapters::LoadLoraAdapter(c.adapter_dir, Model(c.base).adapter_shape(), {.max_rank = 64});
       EXPECT_TRUE(host.ok()) << c.name << ": " << host.status();
       auto device = adapters::DeviceAdapter::Upload(backend_.get(), *host);
-      EXPECT_TRUE(device.ok()) << device.status();
+      EXPECT_OK(device);
       it = device_.emplace(c.name, std::move(*device)).first;
     }
     return *it->second;
@@ -75,7 +76,7 @@ class LoraForwardTest : public ::testing::Test {
     return model::Prefill(backend_.get(), model, seqs, adapters, merged);
   }
 
-  const testing::GoldenCase& Case(const std::string& name) {
+  const test_support::GoldenCase& Case(const std::string& name) {
     for (const auto& c : cases_) {
       if (c.name == name) return c;
     }
@@ -87,15 +88,15 @@ class LoraForwardTest : public ::testing::Test {
   std::map<std::string, std::string> model_dirs_;
   std::map<std::string, std::unique_ptr<LlamaModel>> models_;
   std::map<std::string, std::unique_ptr<adapters::DeviceAdapter>> device_;
-  std::vector<testing::GoldenCase> cases_;
+  std::vector<test_support::GoldenCase> cases_;
 };
 
 TEST_F(LoraForwardTest, UnmergedLogitsMatchPeft) {
-  for (const testing::GoldenCase& c : cases_) {
+  for (const test_support::GoldenCase& c : cases_) {
     SCOPED_TRACE(c.name);
     LlamaModel& model = Model(c.base);
     const AdapterChoice choice{&Adapter(c), 1.0f};
-    for (const testing::GoldenPrompt& p : c.prompts) {
+    for (const test_support::GoldenPrompt& p : c.prompts) {
       const std::vector<float> logits = Prefill(model, {p.ids}, {choice});
       ASSERT_EQ(logits.size(), p.logits.size());
       EXPECT_LE(MaxAbsDiff(logits.data(), p.logits.data(), logits.size()), 1e-4f);
@@ -104,13 +105,13 @@ TEST_F(LoraForwardTest, UnmergedLogitsMatchPeft) {
 }
 
 TEST_F(LoraForwardTest, MergedLogitsMatchPeftAndUnmerged) {
-  for (const testing::GoldenCase& c : cases_) {
+  for (const test_support::GoldenCase& c : cases_) {
     SCOPED_TRACE(c.name);
     LlamaModel& model = Model(c.base);
     const AdapterChoice choice{&Adapter(c), 1.0f};
     auto merged = model.Merge(choice);
-    ASSERT_TRUE(merged.ok()) << merged.status();
-    for (const testing::GoldenPrompt& p : c.prompts) {
+    ASSERT_OK(merged);
+    for (const test_support::GoldenPrompt& p : c.prompts) {
       const std::vector<float> on_merged = Prefill(model, {p.ids}, {choice}, merged->get());
       const std::vector<float> unmerged = Prefill(model, {p.ids}, {choice});
       EXPECT_LE(MaxAbsDiff(on_merged.data(), p.logits.data(), p.logits.size()), 1e-4f);
@@ -127,7 +128,7 @@ TEST_F(LoraForwardTest, MixedBatchEqualsEachRequestAlone) {
   std::vector<std::vector<int32_t>> seqs;
   std::vector<AdapterChoice> choices;
   for (size_t i = 0; i < names.size(); ++i) {
-    const testing::GoldenCase& c = Case(names[i]);
+    const test_support::GoldenCase& c = Case(names[i]);
     seqs.push_back(c.prompts[(i + 1) % c.prompts.size()].ids);
     choices.push_back({&Adapter(c), 1.0f});
   }
@@ -167,7 +168,7 @@ TEST_F(LoraForwardTest, MixedBatchOnMergedWeightsEqualsUnmerged) {
   for (int i = 0; i < 5; ++i) seqs.push_back(Case("ocean").prompts[i].ids);
   const std::vector<AdapterChoice> choices = {ocean, robot, {}, attn, ocean_scaled};
   auto merged = model.Merge(ocean);
-  ASSERT_TRUE(merged.ok()) << merged.status();
+  ASSERT_OK(merged);
   const std::vector<float> unmerged = Prefill(model, seqs, choices);
   const std::vector<float> on_merged = Prefill(model, seqs, choices, merged->get());
   EXPECT_LE(MaxAbsDiff(unmerged.data(), on_merged.data(), unmerged.size()), 1e-4f);
@@ -178,7 +179,7 @@ TEST_F(LoraForwardTest, MergeLeavesTheBaseWeightsUntouched) {
   const std::vector<int32_t> prompt = Case("ocean").prompts[1].ids;
   const std::vector<float> before = Prefill(model, {prompt}, {{}});
   auto merged = model.Merge({&Adapter(Case("ocean")), 1.0f});
-  ASSERT_TRUE(merged.ok());
+  ASSERT_OK(merged);
   EXPECT_GT((*merged)->bytes(), 0);
   const std::vector<float> after = Prefill(model, {prompt}, {{}});
   EXPECT_EQ(before, after);

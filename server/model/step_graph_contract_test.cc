@@ -22,6 +22,7 @@
 #include "kernels/backend.h"
 #include "server/model/llama_model.h"
 #include "tests/support/forward_harness.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::model {
 namespace {
@@ -278,14 +279,14 @@ TEST(StepGraphContractTest, DecodeStepsReplayTheirRecording) {
   StepCheckingBackend& backend = *checking;
   std::unique_ptr<Backend> plain_backend = std::move(*kernels::CreateCpuBackend({}));
   const std::vector<std::string> adapter_names = {"ocean", "robot", "qv-r4", "mlp-r16-rslora"};
-  absl::StatusOr<testing::SharedModel> graphed_model =
-      testing::LoadSharedModel(&backend, adapter_names);
-  absl::StatusOr<testing::SharedModel> plain_model =
-      testing::LoadSharedModel(plain_backend.get(), adapter_names);
-  ASSERT_TRUE(graphed_model.ok()) << graphed_model.status();
-  ASSERT_TRUE(plain_model.ok()) << plain_model.status();
-  testing::SharedModel& graphed = *graphed_model;
-  testing::SharedModel& plain = *plain_model;
+  absl::StatusOr<test_support::SharedModel> graphed_model =
+      test_support::LoadSharedModel(&backend, adapter_names);
+  absl::StatusOr<test_support::SharedModel> plain_model =
+      test_support::LoadSharedModel(plain_backend.get(), adapter_names);
+  ASSERT_OK(graphed_model);
+  ASSERT_OK(plain_model);
+  test_support::SharedModel& graphed = *graphed_model;
+  test_support::SharedModel& plain = *plain_model;
   plain.model->set_step_graphs(false);
 
   const std::vector<std::vector<int32_t>> prompts = {
@@ -293,7 +294,7 @@ TEST(StepGraphContractTest, DecodeStepsReplayTheirRecording) {
   const size_t n = prompts.size();
   // Choice i of step s: adapter (i + s) % 5, where 4 is the base; request 1
   // at half scale.
-  const auto choices = [&](testing::SharedModel& m, int step, size_t count) {
+  const auto choices = [&](test_support::SharedModel& m, int step, size_t count) {
     std::vector<AdapterChoice> out;
     for (size_t i = 0; i < count; ++i) {
       const size_t a = (i + step) % 5;
@@ -303,13 +304,13 @@ TEST(StepGraphContractTest, DecodeStepsReplayTheirRecording) {
     return out;
   };
   constexpr int kSteps = 8;
-  testing::PagedTestCache graphed_cache(&backend, graphed.model->kv_shape(), n, 32);
-  testing::PagedTestCache plain_cache(plain_backend.get(), plain.model->kv_shape(), n, 32);
+  test_support::PagedTestCache graphed_cache(&backend, graphed.model->kv_shape(), n, 32);
+  test_support::PagedTestCache plain_cache(plain_backend.get(), plain.model->kv_shape(), n, 32);
   for (auto [m, cache] : {std::pair{&graphed, &graphed_cache}, std::pair{&plain, &plain_cache}}) {
-    ForwardInput prefill = testing::PrefillAll(prompts, *cache);
+    ForwardInput prefill = test_support::PrefillAll(prompts, *cache);
     prefill.adapters = choices(*m, 0, n);
     std::vector<float> logits;
-    ASSERT_TRUE(m->model->Forward(prefill, cache->view(), &logits).ok());
+    ASSERT_OK(m->model->Forward(prefill, cache->view(), &logits));
   }
   // The last steps run on merged weights of adapter 0: the others get
   // corrections.
@@ -329,16 +330,17 @@ TEST(StepGraphContractTest, DecodeStepsReplayTheirRecording) {
       positions.push_back(static_cast<int32_t>(prompts[s].size()) + step);
     }
     std::vector<float> graphed_logits, plain_logits;
-    ForwardInput in = testing::DecodeOne(tokens, positions, graphed_cache);
+    ForwardInput in = test_support::DecodeOne(tokens, positions, graphed_cache);
     in.adapters = choices(graphed, step, active);
     in.merged = merged ? graphed_merged->get() : nullptr;
-    ASSERT_TRUE(graphed.model->Forward(in, graphed_cache.view(), &graphed_logits).ok());
-    in = testing::DecodeOne(tokens, positions, plain_cache);
+    ASSERT_OK(graphed.model->Forward(in, graphed_cache.view(), &graphed_logits));
+    in = test_support::DecodeOne(tokens, positions, plain_cache);
     in.adapters = choices(plain, step, active);
     in.merged = merged ? plain_merged->get() : nullptr;
-    ASSERT_TRUE(plain.model->Forward(in, plain_cache.view(), &plain_logits).ok());
-    EXPECT_EQ(testing::MaxAbsDiff(graphed_logits.data(), plain_logits.data(), plain_logits.size()),
-              0.0f);
+    ASSERT_OK(plain.model->Forward(in, plain_cache.view(), &plain_logits));
+    EXPECT_EQ(
+        test_support::MaxAbsDiff(graphed_logits.data(), plain_logits.data(), plain_logits.size()),
+        0.0f);
   }
   EXPECT_EQ(graphed.model->step_graph_stats().graph_steps, kSteps + kMergedSteps - kFailedSteps);
   EXPECT_EQ(graphed.model->step_graph_stats().eager_fallbacks, kFailedSteps);

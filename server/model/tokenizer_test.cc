@@ -15,9 +15,12 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::model {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 using json = nlohmann::json;
 using ::testing::AllOf;
@@ -61,7 +64,7 @@ class TokenizerGoldenTest : public ::testing::TestWithParam<GoldenSet> {
  protected:
   void SetUp() override {
     absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::Load(GetParam().model_dir);
-    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    ASSERT_OK(tokenizer);
     tokenizer_ = *std::move(tokenizer);
     golden_ = json::parse(ReadFileOrDie(kGoldenDir + "/" + GetParam().name + ".json"));
     ASSERT_GE(golden_["cases"].size(), 200u);
@@ -179,7 +182,7 @@ TEST(TokenizerVariantTest, MatchTransformers) {
     config_json.merge_patch(variant["config_patch"]);
     absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
         Tokenizer::FromJson(tokenizer_json.dump(), config_json.dump(), name);
-    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    ASSERT_OK(tokenizer);
     for (const json& c : variant["cases"]) {
       const std::string text = c["text"];
       const std::vector<int32_t> ids = c["ids"];
@@ -200,7 +203,7 @@ class SharedTokenizerTest : public ::testing::Test {
  protected:
   void SetUp() override {
     absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::Load(kSharedModel);
-    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    ASSERT_OK(tokenizer);
     tokenizer_ = *std::move(tokenizer);
   }
   std::unique_ptr<Tokenizer> tokenizer_;
@@ -275,7 +278,7 @@ TEST_F(SharedTokenizerTest, RejectsInvalidUtf8) {
   for (const std::string& bad : {std::string("abc\xFF"), std::string("\xC3"),
                                  std::string("\xED\xA0\x80"), std::string("a\xE4\xB8")}) {
     absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(bad, true);
-    EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(ids, StatusIs(absl::StatusCode::kInvalidArgument));
     EXPECT_THAT(ids.status().message(), HasSubstr("UTF-8"));
   }
 }
@@ -286,7 +289,7 @@ TEST_F(SharedTokenizerTest, LongWordIsFast) {
   std::string word;
   for (int i = 0; i < 20000; ++i) word += "abcdefghij";
   absl::StatusOr<std::vector<int32_t>> ids = tokenizer_->Encode(word, false);
-  ASSERT_TRUE(ids.ok()) << ids.status();
+  ASSERT_OK(ids);
   EXPECT_EQ(tokenizer_->Decode(*ids, true), word);
 }
 
@@ -309,7 +312,7 @@ TEST_F(SharedTokenizerTest, ConcurrentEncodeAgrees) {
 
 TEST(ByteLevelTokenizerTest, ChatTemplate) {
   absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::Load(kGoldenDir + "/bytelevel");
-  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  ASSERT_OK(tokenizer);
   EXPECT_THAT((*tokenizer)->chat_template(), HasSubstr("<|eot_id|>"));
 }
 
@@ -344,14 +347,14 @@ class MalformedTokenizerTest : public ::testing::Test {
 
 TEST_F(MalformedTokenizerTest, MissingFile) {
   absl::Status status = Tokenizer::Load(dir_).status();
-  EXPECT_EQ(status.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(status.message(), HasSubstr("tokenizer.json"));
 }
 
 TEST_F(MalformedTokenizerTest, NotJson) {
   Write("tokenizer.json", "{\"model\": ");
   absl::Status status = Tokenizer::Load(dir_).status();
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("tokenizer.json"));
 }
 
@@ -359,7 +362,7 @@ TEST_F(MalformedTokenizerTest, BadConfig) {
   Write("tokenizer.json", base_.dump());
   Write("tokenizer_config.json", "[1, 2");
   absl::Status status = Tokenizer::Load(dir_).status();
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(status.message(), HasSubstr("tokenizer_config.json"));
 }
 
@@ -426,7 +429,7 @@ TEST_F(MalformedTokenizerTest, ErrorsNameFileAndField) {
 
   for (const Case& c : cases) {
     absl::Status status = LoadWith(c.tokenizer);
-    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << c.label << ": " << status;
+    EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument)) << c.label << ": " << status;
     EXPECT_THAT(status.message(), HasSubstr("tokenizer.json")) << c.label;
     EXPECT_THAT(status.message(), HasSubstr(c.field)) << c.label;
   }
@@ -441,12 +444,12 @@ TEST_F(MalformedTokenizerTest, NoIdLeftForTheConfigsSpecialTokens) {
   absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
       Tokenizer::FromJson(tokenizer_json, R"({"bos_token": "<b>", "eos_token": "<e>"})", "inline");
   ASSERT_FALSE(tokenizer.ok());
-  EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(tokenizer, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(tokenizer.status().message(),
               AllOf(HasSubstr("tokenizer_config.json"), HasSubstr("'bos_token'"),
                     HasSubstr("no token id is left")));
   tokenizer = Tokenizer::FromJson(tokenizer_json, "", "inline");
-  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  ASSERT_OK(tokenizer);
   EXPECT_EQ((*tokenizer)->vocab_size(), 2147483647);
 }
 
@@ -456,9 +459,9 @@ TEST_F(MalformedTokenizerTest, TokenizerJsonAloneIsReadAsIs) {
   // the post-processor adds BOS.
   absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
       Tokenizer::FromJson(base_.dump(), "", "inline");
-  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  ASSERT_OK(tokenizer);
   absl::StatusOr<std::vector<int32_t>> ids = (*tokenizer)->Encode(" x", true);
-  ASSERT_TRUE(ids.ok()) << ids.status();
+  ASSERT_OK(ids);
   EXPECT_EQ(*ids, (std::vector<int32_t>{1, 429, 429, 458}));
   EXPECT_FALSE((*tokenizer)->bos_token_id().has_value());
 }
@@ -468,11 +471,11 @@ TEST_F(MalformedTokenizerTest, TokenizerJsonAloneIsReadAsIs) {
 TEST_F(MalformedTokenizerTest, DeepNestingIsRefusedInEitherFile) {
   const std::string deep = R"({"x": )" + std::string(100, '[') + std::string(100, ']') + "}";
   absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::FromJson(deep, "", "inline");
-  EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(tokenizer, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(tokenizer.status().message(),
               AllOf(HasSubstr("inline/tokenizer.json"), HasSubstr("deeper than 64 levels")));
   tokenizer = Tokenizer::FromJson(base_.dump(), deep, "inline");
-  EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(tokenizer, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(tokenizer.status().message(),
               AllOf(HasSubstr("inline/tokenizer_config.json"), HasSubstr("deeper than 64 levels")));
 }

@@ -23,6 +23,7 @@
 #include "server/model/llama_model.h"
 #include "tests/support/forward_harness.h"
 #include "tests/support/golden_cases.h"
+#include "tests/support/status_matchers.h"
 
 namespace loraserve::model {
 namespace {
@@ -49,13 +50,14 @@ class WeightDTypeAccuracyTest : public ::testing::TestWithParam<DTypeBounds> {
   void SetUp() override {
     absl::StatusOr<std::unique_ptr<kernels::Backend>> backend =
         kernels::CreateCpuBackend({.weight_dtype = GetParam().dtype});
-    ASSERT_TRUE(backend.ok()) << backend.status();
+    ASSERT_OK(backend);
     backend_ = *std::move(backend);
-    absl::StatusOr<std::vector<testing::GoldenCase>> models = testing::LoadModelCases();
-    ASSERT_TRUE(models.ok()) << models.status();
+    absl::StatusOr<std::vector<test_support::GoldenCase>> models = test_support::LoadModelCases();
+    ASSERT_OK(models);
     models_ = *std::move(models);
-    absl::StatusOr<std::vector<testing::GoldenCase>> adapters = testing::LoadAdapterCases();
-    ASSERT_TRUE(adapters.ok()) << adapters.status();
+    absl::StatusOr<std::vector<test_support::GoldenCase>> adapters =
+        test_support::LoadAdapterCases();
+    ASSERT_OK(adapters);
     adapters_ = *std::move(adapters);
   }
 
@@ -63,7 +65,7 @@ class WeightDTypeAccuracyTest : public ::testing::TestWithParam<DTypeBounds> {
     auto it = loaded_.find(name);
     if (it == loaded_.end()) {
       std::string dir;
-      for (const testing::GoldenCase& c : models_) {
+      for (const test_support::GoldenCase& c : models_) {
         if (c.name == name) dir = c.model_dir;
       }
       absl::StatusOr<std::unique_ptr<LlamaModel>> model = LlamaModel::Load(backend_.get(), dir, {});
@@ -73,31 +75,31 @@ class WeightDTypeAccuracyTest : public ::testing::TestWithParam<DTypeBounds> {
     return *it->second;
   }
 
-  std::unique_ptr<adapters::DeviceAdapter> Adapter(const testing::GoldenCase& c) {
+  std::unique_ptr<adapters::DeviceAdapter> Adapter(const test_support::GoldenCase& c) {
     absl::StatusOr<adapters::LoraAdapter> host =
         adapters::LoadLoraAdapter(c.adapter_dir, Model(c.base).adapter_shape(), {.max_rank = 64});
     EXPECT_TRUE(host.ok()) << c.name << ": " << host.status();
     absl::StatusOr<std::unique_ptr<adapters::DeviceAdapter>> device =
         adapters::DeviceAdapter::Upload(backend_.get(), *host);
-    EXPECT_TRUE(device.ok()) << device.status();
+    EXPECT_OK(device);
     return *std::move(device);
   }
 
   std::vector<float> Prefill(LlamaModel& model, const std::vector<int32_t>& ids,
                              const AdapterChoice& choice, const MergedWeights* merged = nullptr) {
-    testing::PagedTestCache cache(backend_.get(), model.kv_shape(), 1, ids.size());
-    ForwardInput in = testing::PrefillAll({ids}, cache);
+    test_support::PagedTestCache cache(backend_.get(), model.kv_shape(), 1, ids.size());
+    ForwardInput in = test_support::PrefillAll({ids}, cache);
     in.adapters = {choice};
     in.merged = merged;
     std::vector<float> logits;
     const absl::Status status = model.Forward(in, cache.view(), &logits);
-    EXPECT_TRUE(status.ok()) << status;
+    EXPECT_OK(status);
     return logits;
   }
 
   std::unique_ptr<kernels::Backend> backend_;
-  std::vector<testing::GoldenCase> models_;
-  std::vector<testing::GoldenCase> adapters_;
+  std::vector<test_support::GoldenCase> models_;
+  std::vector<test_support::GoldenCase> adapters_;
   std::map<std::string, std::unique_ptr<LlamaModel>> loaded_;
 };
 
@@ -105,15 +107,15 @@ class WeightDTypeAccuracyTest : public ::testing::TestWithParam<DTypeBounds> {
 double RelativeError(const std::vector<float>& got, const std::vector<float>& reference) {
   double scale = 0;
   for (float v : reference) scale = std::max(scale, std::abs(double(v)));
-  return testing::MaxAbsDiff(got.data(), reference.data(), got.size()) / scale;
+  return test_support::MaxAbsDiff(got.data(), reference.data(), got.size()) / scale;
 }
 
 TEST_P(WeightDTypeAccuracyTest, ModelLogitsStayNearTheFloat32Reference) {
   const DTypeBounds& bounds = GetParam();
-  for (const testing::GoldenCase& c : models_) {
+  for (const test_support::GoldenCase& c : models_) {
     LlamaModel& model = Model(c.name);
     double worst = 0;
-    for (const testing::GoldenPrompt& p : c.prompts) {
+    for (const test_support::GoldenPrompt& p : c.prompts) {
       const std::vector<float> logits = Prefill(model, p.ids, {});
       ASSERT_EQ(logits.size(), p.logits.size()) << c.name;
       worst = std::max(worst, RelativeError(logits, p.logits));
@@ -128,11 +130,11 @@ TEST_P(WeightDTypeAccuracyTest, ModelLogitsStayNearTheFloat32Reference) {
 // continuation, whether the model's top token is the reference's next one.
 TEST_P(WeightDTypeAccuracyTest, GreedyTokensAgreeWithTheReference) {
   const DTypeBounds& bounds = GetParam();
-  for (const testing::GoldenCase& c : models_) {
+  for (const test_support::GoldenCase& c : models_) {
     LlamaModel& model = Model(c.name);
     const int64_t vocab = model.config().vocab_size;
     int64_t agree = 0, total = 0;
-    for (const testing::GoldenPrompt& p : c.prompts) {
+    for (const test_support::GoldenPrompt& p : c.prompts) {
       std::vector<int32_t> ids = p.ids;
       ids.insert(ids.end(), p.greedy.begin(), p.greedy.end() - 1);
       if (static_cast<int64_t>(ids.size()) > model.config().max_position_embeddings) continue;
@@ -156,14 +158,14 @@ TEST_P(WeightDTypeAccuracyTest, GreedyTokensAgreeWithTheReference) {
 
 TEST_P(WeightDTypeAccuracyTest, AdaptersUnmergedAndMergedStayNearTheReference) {
   const DTypeBounds& bounds = GetParam();
-  for (const testing::GoldenCase& c : adapters_) {
+  for (const test_support::GoldenCase& c : adapters_) {
     LlamaModel& model = Model(c.base);
     const std::unique_ptr<adapters::DeviceAdapter> adapter = Adapter(c);
     const AdapterChoice choice{adapter.get(), 1.0f};
     absl::StatusOr<std::unique_ptr<MergedWeights>> merged = model.Merge(choice);
-    ASSERT_TRUE(merged.ok()) << merged.status();
+    ASSERT_OK(merged);
     double unmerged_error = 0, merged_error = 0, between = 0;
-    for (const testing::GoldenPrompt& p : c.prompts) {
+    for (const test_support::GoldenPrompt& p : c.prompts) {
       const std::vector<float> unmerged = Prefill(model, p.ids, choice);
       const std::vector<float> on_merged = Prefill(model, p.ids, choice, merged->get());
       unmerged_error = std::max(unmerged_error, RelativeError(unmerged, p.logits));

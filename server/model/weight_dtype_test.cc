@@ -3,8 +3,12 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "tests/support/status_matchers.h"
+
 namespace loraserve::model {
 namespace {
+
+using ::loraserve::test_support::StatusIs;
 
 using kernels::DType;
 using ::testing::HasSubstr;
@@ -42,13 +46,13 @@ TEST(ChooseWeightDTypeTest, Int8QuantizesAnyCheckpoint) {
 TEST(ChooseWeightDTypeTest, RefusesUnknownValuesAndContradictions) {
   const formats::ModelConfig config = WithTorchDType("bfloat16");
   absl::StatusOr<DType> bad = ChooseWeightDType("fp8", "none", config);
-  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(bad.status().message(), HasSubstr("--dtype must be auto, float32"));
   bad = ChooseWeightDType("auto", "int4", config);
-  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(bad.status().message(), HasSubstr("--quantization must be none or int8, got int4"));
   bad = ChooseWeightDType("bfloat16", "int8", config);
-  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(bad.status().message(), HasSubstr("--dtype must stay auto"));
 }
 

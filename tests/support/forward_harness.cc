@@ -8,7 +8,7 @@
 #include "base/status_macros.h"
 #include "tests/support/golden_cases.h"
 
-namespace loraserve::testing {
+namespace loraserve::test_support {
 
 PagedTestCache::PagedTestCache(kernels::Backend* backend, const model::KvShape& shape,
                                int32_t num_seqs, int32_t max_tokens)
@@ -120,4 +120,4 @@ float MaxAbsDiff(const float* a, const float* b, size_t n) {
   return worst;
 }
 
-}  // namespace loraserve::testing
+}  // namespace loraserve::test_support

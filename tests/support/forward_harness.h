@@ -20,7 +20,7 @@
 #include "kernels/backend.h"
 #include "server/model/llama_model.h"
 
-namespace loraserve::testing {
+namespace loraserve::test_support {
 
 inline constexpr int32_t kTestBlockSize = 16;
 
@@ -69,6 +69,6 @@ absl::StatusOr<SharedModel> LoadSharedModel(kernels::Backend* backend,
 // Largest |a[i] - b[i]|; NaN anywhere gives NaN (which fails any <= check).
 float MaxAbsDiff(const float* a, const float* b, size_t n);
 
-}  // namespace loraserve::testing
+}  // namespace loraserve::test_support
 
 #endif  // LORASERVE_TESTS_SUPPORT_FORWARD_HARNESS_H_

@@ -10,7 +10,7 @@
 #include "formats/safetensors.h"
 #include "nlohmann/json.hpp"
 
-namespace loraserve::testing {
+namespace loraserve::test_support {
 namespace {
 
 absl::StatusOr<nlohmann::json> ReadManifest() {
@@ -66,4 +66,4 @@ std::string RepoPath(const std::string& relative) {
 absl::StatusOr<std::vector<GoldenCase>> LoadModelCases() { return LoadCases("model_cases"); }
 absl::StatusOr<std::vector<GoldenCase>> LoadAdapterCases() { return LoadCases("adapter_cases"); }
 
-}  // namespace loraserve::testing
+}  // namespace loraserve::test_support

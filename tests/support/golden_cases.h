@@ -13,7 +13,7 @@
 
 #include "absl/status/statusor.h"
 
-namespace loraserve::testing {
+namespace loraserve::test_support {
 
 struct GoldenPrompt {
   std::string text;               // empty for id-only prompts
@@ -36,6 +36,6 @@ std::string RepoPath(const std::string& relative);
 absl::StatusOr<std::vector<GoldenCase>> LoadModelCases();
 absl::StatusOr<std::vector<GoldenCase>> LoadAdapterCases();
 
-}  // namespace loraserve::testing
+}  // namespace loraserve::test_support
 
 #endif  // LORASERVE_TESTS_SUPPORT_GOLDEN_CASES_H_

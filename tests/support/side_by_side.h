@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-namespace loraserve::testing {
+namespace loraserve::test_support {
 
 // Row r of part i ((values, width), `rows` rows of `width` floats) lands in
 // columns [sum of the earlier widths, + width) of row r; `pad` NaN columns
@@ -41,6 +41,6 @@ inline std::vector<float> ColumnSlice(const std::vector<float>& m, int64_t rows,
   return out;
 }
 
-}  // namespace loraserve::testing
+}  // namespace loraserve::test_support
 
 #endif  // LORASERVE_TESTS_SUPPORT_SIDE_BY_SIDE_H_
