@@ -24,5 +24,5 @@ ctest --test-dir "$BUILD_DIR" -L fuzz -j "$JOBS" --output-on-failure "${select[@
 echo "== fuzz summary (SECONDS=$SECONDS_EACH, JOBS=$JOBS)"
 # run.sh prints one line per target; ctest keeps every test's output in LastTest.log.
 grep -h -E '^[a-z_]+ +([0-9]+s of [0-9]+s|regression input crashes)' \
-  "$BUILD_DIR/Testing/Temporary/LastTest.log" | sort
+  "$BUILD_DIR/Testing/Temporary/LastTest.log" | sort -u
 exit "$status"
