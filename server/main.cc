@@ -1,4 +1,5 @@
-// loraserve: flags -> config -> wiring. Subcommands:
+// loraserve: flags -> config (RuntimeConfig; the stack below the APIs is built by server/runtime.h,
+// the same for every command) -> wiring. Subcommands:
 //   loraserve generate --model DIR --prompt TEXT [--max-tokens N] [--temperature T] [--seed S]
 //                      [--adapter NAME=DIR]... [--adapter-dir DIR] [--lora NAME]
 //   loraserve serve --model DIR [--adapter-dir DIR] [--grpc-port 50051] ...
@@ -27,21 +28,16 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
-#include "adapters/adapter_sources.h"
-#include "adapters/device_cache.h"
 #include "adapters/registry.h"
 #include "base/flag_names.h"
 #include "base/status_macros.h"
 #include "formats/chat_template.h"
-#include "kernels/backend.h"
 #include "server/api/grpc_services.h"
 #include "server/api/http_gateway.h"
 #include "server/engine/engine.h"
 #include "server/engine/engine_loop.h"
-#include "server/engine/kv_cache.h"
-#include "server/model/llama_model.h"
 #include "server/model/tokenizer.h"
-#include "server/model/weight_dtype.h"
+#include "server/runtime.h"
 
 ABSL_FLAG(std::string, model, "",
           "Hugging Face model directory, or a preset name with --load-format dummy");
@@ -175,120 +171,26 @@ constexpr char kUsage[] =
     "Try: loraserve generate --model ../shared/models/aidreams-260k --prompt \"\" "
     "--temperature 0";
 
-// The model's config.json: the checkpoint's, or with --load-format dummy a
-// preset's or a directory's whose shapes the random weights take.
-absl::StatusOr<formats::ModelConfig> ModelConfigFromFlags() {
-  const std::string model = absl::GetFlag(FLAGS_model);
-  if (model.empty()) return absl::InvalidArgumentError("--model is required");
-  const std::string format = absl::GetFlag(FLAGS_load_format);
-  if (format == "auto") return formats::LoadModelConfig(model);
-  if (format != "dummy") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--load-format must be auto or dummy, got ", format));
-  }
-  absl::StatusOr<formats::ModelConfig> config = formats::DummyPreset(model);
-  if (config.ok()) return config;
-  absl::StatusOr<formats::ModelConfig> from_dir = formats::LoadModelConfig(model);
-  if (!from_dir.ok()) {
-    return absl::NotFoundError(absl::StrCat("--model ", model, " is neither a dummy preset (",
-                                            config.status().message(), ") nor a model directory (",
-                                            from_dir.status().message(), ")"));
-  }
-  return from_dir;
-}
-
-absl::StatusOr<std::unique_ptr<model::LlamaModel>> LoadModel(kernels::Backend* backend,
-                                                             const formats::ModelConfig& config) {
-  const std::string model = absl::GetFlag(FLAGS_model);
-  model::LoadOptions options;
-  const absl::Time start = absl::Now();
-  int last_percent = -1;
-  options.progress = [&](int64_t done, int64_t total) {
-    if (total < (int64_t{256} << 20)) return;  // small models load at once
-    const int percent = static_cast<int>(100 * done / total);
-    if (percent / 10 != last_percent / 10) {
-      absl::FPrintF(stderr, "\rloading weights: %3d%%", percent);
-      last_percent = percent;
-    }
-  };
-  absl::StatusOr<std::unique_ptr<model::LlamaModel>> loaded =
-      absl::GetFlag(FLAGS_load_format) == "dummy"
-          ? model::LlamaModel::CreateDummy(backend, config, /*seed=*/0, options)
-          : model::LlamaModel::Load(backend, model, options);
-  if (last_percent >= 0) absl::FPrintF(stderr, "\n");
-  if (loaded.ok()) {
-    (*loaded)->set_step_graphs(absl::GetFlag(FLAGS_cuda_graphs));
-    absl::FPrintF(stderr, "loaded %s: %d layers, hidden %d, %.2f GB of %s weights in %.1fs\n",
-                  model, (*loaded)->config().num_hidden_layers, (*loaded)->config().hidden_size,
-                  (*loaded)->weight_bytes() / 1e9,
-                  kernels::DTypeName(backend->WeightDType(kernels::DType::kF32)),
-                  absl::ToDoubleSeconds(absl::Now() - start));
-  }
-  return loaded;
-}
-
-absl::StatusOr<std::unique_ptr<kernels::Backend>> CreateBackend(
-    const formats::ModelConfig& config) {
-  const std::string device = absl::GetFlag(FLAGS_device);
-  const std::string dtype = absl::GetFlag(FLAGS_dtype);
-  const std::string quantization = absl::GetFlag(FLAGS_quantization);
-  ASSIGN_OR_RETURN(const kernels::DType weight_dtype,
-                   model::ChooseWeightDType(dtype, quantization, config));
-  if (device == "cuda") {
-    // The CUDA backend stores bf16 (its default for auto, where f16
-    // checkpoints stay f16) or float32.
-    kernels::CudaBackendOptions options;
-    if (dtype == "auto" && quantization == "none") return kernels::CreateCudaBackend(options);
-    if (weight_dtype != kernels::DType::kBF16 && weight_dtype != kernels::DType::kF32) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--device cuda stores weights as bfloat16 or float32; --dtype ", dtype,
-                       " --quantization ", quantization, " runs on --device cpu only"));
-    }
-    options.weight_dtype = weight_dtype;
-    return kernels::CreateCudaBackend(options);
-  }
-  if (device != "cpu") {
-    return absl::InvalidArgumentError(absl::StrCat("--device must be cpu or cuda, got ", device));
-  }
-  return kernels::CreateCpuBackend(
-      {.num_threads = absl::GetFlag(FLAGS_threads), .weight_dtype = weight_dtype});
-}
-
-absl::StatusOr<std::unique_ptr<adapters::AdapterRegistry>> CreateRegistry(
-    const model::LlamaModel& llama) {
-  const std::string resolver_dir = absl::GetFlag(FLAGS_adapter_resolver_dir);
-  std::function<absl::StatusOr<std::string>(const std::string&)> resolve;
-  if (!resolver_dir.empty()) {
-    std::error_code error;
-    if (!std::filesystem::is_directory(resolver_dir, error)) {
-      return absl::NotFoundError(
-          absl::StrCat("--adapter-resolver-dir ", resolver_dir, " is not a directory"));
-    }
-    resolve = adapters::AdapterFolderResolver(resolver_dir, adapters::kDefaultTenant);
-  }
-  ASSIGN_OR_RETURN(
-      auto registry,
-      adapters::AdapterRegistry::Create(
-          {.base = llama.adapter_shape(),
-           .limits = {.max_rank = absl::GetFlag(FLAGS_max_lora_rank)},
-           .host_budget_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_adapter_host_bytes)),
-           .resolve = resolve}));
-  if (!absl::GetFlag(FLAGS_adapter_dir).empty()) {
-    RETURN_IF_ERROR(adapters::LoadAdapterDir(*registry, absl::GetFlag(FLAGS_adapter_dir)));
-  }
-  for (const std::string& spec : absl::GetFlag(FLAGS_adapter)) {
-    RETURN_IF_ERROR(adapters::LoadAdapterSpec(*registry, spec));
-  }
-  for (const std::string& id : absl::GetFlag(FLAGS_pin_adapter)) {
-    RETURN_IF_ERROR(registry->Pin(id));
-  }
-  const std::vector<adapters::AdapterInfo> loaded = registry->List();
-  if (!loaded.empty()) absl::FPrintF(stderr, "%d adapters loaded\n", loaded.size());
-  return registry;
-}
-
-absl::StatusOr<engine::EngineOptions> EngineOptionsFromFlags() {
-  engine::EngineOptions options;
+absl::StatusOr<RuntimeConfig> RuntimeConfigFromFlags() {
+  RuntimeConfig config;
+  config.model = absl::GetFlag(FLAGS_model);
+  config.load_format = absl::GetFlag(FLAGS_load_format);
+  config.tokenizer = absl::GetFlag(FLAGS_tokenizer);
+  config.device = absl::GetFlag(FLAGS_device);
+  config.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  config.threads = absl::GetFlag(FLAGS_threads);
+  config.dtype = absl::GetFlag(FLAGS_dtype);
+  config.quantization = absl::GetFlag(FLAGS_quantization);
+  config.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
+  config.block_size = absl::GetFlag(FLAGS_block_size);
+  config.adapter_dir = absl::GetFlag(FLAGS_adapter_dir);
+  config.adapter_resolver_dir = absl::GetFlag(FLAGS_adapter_resolver_dir);
+  config.adapters = absl::GetFlag(FLAGS_adapter);
+  config.pinned_adapters = absl::GetFlag(FLAGS_pin_adapter);
+  config.max_lora_rank = absl::GetFlag(FLAGS_max_lora_rank);
+  config.adapter_host_bytes = absl::GetFlag(FLAGS_adapter_host_bytes);
+  config.adapter_device_bytes = absl::GetFlag(FLAGS_adapter_device_bytes);
+  engine::EngineOptions& options = config.engine;
   options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   options.max_running_requests = absl::GetFlag(FLAGS_max_running_requests);
   options.enable_prefix_cache = absl::GetFlag(FLAGS_enable_prefix_cache);
@@ -297,27 +199,16 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromFlags() {
   options.merge_threshold = absl::GetFlag(FLAGS_merge_threshold);
   options.merge_window_steps = absl::GetFlag(FLAGS_merge_window_steps);
   options.merged_min_batch_share = absl::GetFlag(FLAGS_merged_min_batch_share);
-  return options;
+  return config;
 }
 
 absl::Status Generate() {
-  ASSIGN_OR_RETURN(const formats::ModelConfig config, ModelConfigFromFlags());
-  ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, CreateBackend(config));
-  ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> llama, LoadModel(backend.get(), config));
-  ASSIGN_OR_RETURN(std::unique_ptr<adapters::AdapterRegistry> registry, CreateRegistry(*llama));
-  adapters::DeviceAdapterCache device_adapters(backend.get(),
-                                               absl::GetFlag(FLAGS_adapter_device_bytes));
-  ASSIGN_OR_RETURN(engine::EngineOptions options, EngineOptionsFromFlags());
-  std::string tokenizer_dir = absl::GetFlag(FLAGS_tokenizer);
-  if (tokenizer_dir.empty()) tokenizer_dir = absl::GetFlag(FLAGS_model);
-  ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer,
-                   model::Tokenizer::Load(tokenizer_dir));
-  ASSIGN_OR_RETURN(auto cache, engine::KvCache::Create(backend.get(), llama->kv_shape(),
-                                                       absl::GetFlag(FLAGS_block_size),
-                                                       absl::GetFlag(FLAGS_kv_cache_bytes)));
+  ASSIGN_OR_RETURN(const RuntimeConfig config, RuntimeConfigFromFlags());
+  ASSIGN_OR_RETURN(std::unique_ptr<Runtime> runtime, BuildRuntime(config));
+  const model::Tokenizer& tokenizer = *runtime->tokenizer;
 
   engine::GenerationRequest request;
-  ASSIGN_OR_RETURN(request.prompt_ids, tokenizer->Encode(absl::GetFlag(FLAGS_prompt), true));
+  ASSIGN_OR_RETURN(request.prompt_ids, tokenizer.Encode(absl::GetFlag(FLAGS_prompt), true));
   request.max_tokens = absl::GetFlag(FLAGS_max_tokens);
   request.sampling.temperature = absl::GetFlag(FLAGS_temperature);
   request.sampling.top_k = absl::GetFlag(FLAGS_top_k);
@@ -328,11 +219,11 @@ absl::Status Generate() {
   request.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
   request.top_logprobs = absl::GetFlag(FLAGS_logprobs);
   if (!absl::GetFlag(FLAGS_lora).empty()) {
-    ASSIGN_OR_RETURN(request.adapter, registry->Acquire(absl::GetFlag(FLAGS_lora)));
+    ASSIGN_OR_RETURN(request.adapter, runtime->registry->Acquire(absl::GetFlag(FLAGS_lora)));
   }
   request.adapter_scale = absl::GetFlag(FLAGS_adapter_scale);
 
-  engine::Engine engine(llama.get(), tokenizer.get(), cache.get(), &device_adapters, options);
+  engine::Engine& engine = *runtime->engine;
   int64_t generated = 0;
   engine::FinishReason finish = engine::FinishReason::kNone;
   ASSIGN_OR_RETURN(engine::RequestId id, engine.Add(request, [&](const engine::TokenEvent& event) {
@@ -438,8 +329,8 @@ absl::StatusOr<std::unique_ptr<api::HttpGateway>> StartGateway(
 }
 
 // What HTTP clients learn about the model through Inference.Stats.
-absl::StatusOr<v1::ServerInfo> ServerInfoFor(const model::LlamaModel& llama,
-                                             const std::string& tokenizer_dir) {
+absl::StatusOr<v1::ServerInfo> ServerInfoFor(const Runtime& runtime) {
+  const model::LlamaModel& llama = *runtime.model;
   v1::ServerInfo info;
   std::string name = absl::GetFlag(FLAGS_served_model_name);
   if (name.empty()) {
@@ -461,7 +352,7 @@ absl::StatusOr<v1::ServerInfo> ServerInfoFor(const model::LlamaModel& llama,
     info.set_chat_template(chat_template.name());
   } else {
     absl::StatusOr<formats::ChatTemplate> chat_template =
-        formats::ChatTemplate::FromTokenizerConfig(tokenizer_dir);
+        formats::ChatTemplate::FromTokenizerConfig(runtime.tokenizer_dir);
     if (chat_template.ok()) {
       info.set_chat_template(chat_template->name());
     } else {
@@ -476,22 +367,10 @@ absl::StatusOr<v1::ServerInfo> ServerInfoFor(const model::LlamaModel& llama,
 absl::Status Serve() {
   sigset_t signals = BlockStopSignals();
 
-  ASSIGN_OR_RETURN(const formats::ModelConfig config, ModelConfigFromFlags());
-  ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, CreateBackend(config));
-  ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> llama, LoadModel(backend.get(), config));
-  std::string tokenizer_dir = absl::GetFlag(FLAGS_tokenizer);
-  if (tokenizer_dir.empty()) tokenizer_dir = absl::GetFlag(FLAGS_model);
-  ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer,
-                   model::Tokenizer::Load(tokenizer_dir));
-  ASSIGN_OR_RETURN(std::unique_ptr<adapters::AdapterRegistry> registry, CreateRegistry(*llama));
-  adapters::DeviceAdapterCache device_adapters(backend.get(),
-                                               absl::GetFlag(FLAGS_adapter_device_bytes));
-  ASSIGN_OR_RETURN(auto cache, engine::KvCache::Create(backend.get(), llama->kv_shape(),
-                                                       absl::GetFlag(FLAGS_block_size),
-                                                       absl::GetFlag(FLAGS_kv_cache_bytes)));
-  ASSIGN_OR_RETURN(engine::EngineOptions options, EngineOptionsFromFlags());
-  engine::Engine engine(llama.get(), tokenizer.get(), cache.get(), &device_adapters, options);
-  engine::EngineLoop loop(&engine,
+  ASSIGN_OR_RETURN(const RuntimeConfig config, RuntimeConfigFromFlags());
+  ASSIGN_OR_RETURN(std::unique_ptr<Runtime> runtime, BuildRuntime(config));
+  adapters::AdapterRegistry* registry = runtime->registry.get();
+  engine::EngineLoop loop(runtime->engine.get(),
                           {.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests)});
   loop.Start();
 
@@ -502,15 +381,14 @@ absl::Status Serve() {
         (std::filesystem::temp_directory_path() / absl::StrCat("loraserve-uploads-", getpid()))
             .string();
   }
-  ASSIGN_OR_RETURN(v1::ServerInfo info, ServerInfoFor(*llama, tokenizer_dir));
+  ASSIGN_OR_RETURN(v1::ServerInfo info, ServerInfoFor(*runtime));
   api::InferenceService inference(
-      &loop, registry.get(), tokenizer.get(),
+      &loop, registry, runtime->tokenizer.get(),
       {.server = info, .merged_cache_budget_bytes = absl::GetFlag(FLAGS_merged_cache_bytes)});
-  ASSIGN_OR_RETURN(
-      std::unique_ptr<api::AdaptersService> adapter_service,
-      api::AdaptersService::Create(
-          registry.get(),
-          {.upload_dir = upload_dir, .max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes)}));
+  ASSIGN_OR_RETURN(std::unique_ptr<api::AdaptersService> adapter_service,
+                   api::AdaptersService::Create(
+                       registry, {.upload_dir = upload_dir,
+                                  .max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes)}));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -529,7 +407,7 @@ absl::Status Serve() {
   absl::FPrintF(stderr,
                 "loraserve: serving %s with %d adapters [%s], KV cache %d blocks, uploads in %s\n",
                 absl::GetFlag(FLAGS_model), adapter_ids.size(), absl::StrJoin(adapter_ids, " "),
-                cache->num_blocks(), upload_dir);
+                runtime->kv_cache->num_blocks(), upload_dir);
   absl::FPrintF(stderr, "loraserve: listening on %s:%d\n", absl::GetFlag(FLAGS_host), port);
   api::GatewayMetrics metrics(MetricsOptionsFromFlags());  // outlives the gateway
   std::unique_ptr<api::HttpGateway> gateway;
