@@ -113,7 +113,8 @@ absl::Status Run() {
                                 ", \"ratio_vs_base\": ", ms / base_ms, "}"));
   };
   const std::vector<adapters::AdapterHandle> no_adapters(batch);
-  engine::EngineOptions unmerged{.max_batch_tokens = 8192, .lora_mode = engine::LoraMode::kUnmerged};
+  engine::EngineOptions unmerged{.max_batch_tokens = 8192,
+                                 .lora_mode = adapters::LoraMode::kUnmerged};
   ASSIGN_OR_RETURN(const double base_ms, DecodeStepMs(setup, no_adapters, unmerged));
   row(0, "base", 0, base_ms, base_ms);
 
@@ -146,7 +147,7 @@ absl::Status Run() {
       row(rank, "unmerged", count, ms, base_ms);
       if (count == 1) {
         engine::EngineOptions merged = unmerged;
-        merged.lora_mode = engine::LoraMode::kMerged;
+        merged.lora_mode = adapters::LoraMode::kMerged;
         ASSIGN_OR_RETURN(ms, DecodeStepMs(setup, spread, merged));
         row(rank, "merged", count, ms, base_ms);
         continue;
@@ -154,7 +155,7 @@ absl::Status Run() {
       ASSIGN_OR_RETURN(ms, DecodeStepMs(setup, hot, unmerged));
       row(rank, "hot-unmerged", count, ms, base_ms);
       engine::EngineOptions hot_merged = unmerged;
-      hot_merged.lora_mode = engine::LoraMode::kAuto;
+      hot_merged.lora_mode = adapters::LoraMode::kAuto;
       hot_merged.merged_cache_bytes = int64_t{16} << 30;
       hot_merged.merged_min_batch_share = 0.5;
       ASSIGN_OR_RETURN(ms, DecodeStepMs(setup, hot, hot_merged));

@@ -28,6 +28,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "adapters/merge_policy.h"
 #include "adapters/registry.h"
 #include "base/flag_names.h"
 #include "base/status_macros.h"
@@ -194,7 +195,7 @@ absl::StatusOr<RuntimeConfig> RuntimeConfigFromFlags() {
   options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   options.max_running_requests = absl::GetFlag(FLAGS_max_running_requests);
   options.enable_prefix_cache = absl::GetFlag(FLAGS_enable_prefix_cache);
-  ASSIGN_OR_RETURN(options.lora_mode, engine::ParseLoraMode(absl::GetFlag(FLAGS_lora_mode)));
+  ASSIGN_OR_RETURN(options.lora_mode, adapters::ParseLoraMode(absl::GetFlag(FLAGS_lora_mode)));
   options.merged_cache_bytes = absl::GetFlag(FLAGS_merged_cache_bytes);
   options.merge_threshold = absl::GetFlag(FLAGS_merge_threshold);
   options.merge_window_steps = absl::GetFlag(FLAGS_merge_window_steps);

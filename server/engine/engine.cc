@@ -11,14 +11,6 @@
 
 namespace loraserve::engine {
 
-absl::StatusOr<LoraMode> ParseLoraMode(absl::string_view text) {
-  if (text == "auto") return LoraMode::kAuto;
-  if (text == "unmerged") return LoraMode::kUnmerged;
-  if (text == "merged") return LoraMode::kMerged;
-  return absl::InvalidArgumentError(
-      absl::StrCat("--lora-mode must be auto, unmerged or merged, got '", text, "'"));
-}
-
 const char* FinishReasonName(FinishReason reason) {
   switch (reason) {
     case FinishReason::kNone:
@@ -77,7 +69,6 @@ struct Engine::Sequence {
 struct Engine::MergedEntry {
   std::unique_ptr<model::MergedWeights> weights;
   adapters::AdapterHandle adapter;
-  int64_t last_used_step = 0;
 };
 
 Engine::Engine(model::LlamaModel* model, const model::Tokenizer* tokenizer, KvCache* cache,
@@ -86,7 +77,12 @@ Engine::Engine(model::LlamaModel* model, const model::Tokenizer* tokenizer, KvCa
       tokenizer_(tokenizer),
       cache_(cache),
       device_adapters_(device_adapters),
-      options_(options) {}
+      options_(options),
+      merge_policy_({.mode = options.lora_mode,
+                     .cache_bytes = options.merged_cache_bytes,
+                     .threshold = options.merge_threshold,
+                     .window_steps = options.merge_window_steps,
+                     .min_batch_share = options.merged_min_batch_share}) {}
 
 Engine::~Engine() {
   for (auto& seq : running_) {
@@ -103,6 +99,7 @@ void Engine::DropMergedSets() {
     ++stats_.merge_evictions;
   }
   merged_.clear();
+  merge_policy_.Clear();
 }
 
 absl::Status Engine::AcquireAdapter(Sequence& seq) {
@@ -463,8 +460,8 @@ void Engine::RemoveFinished() {
 }
 
 const model::MergedWeights* Engine::ChooseMerged(const std::vector<Planned>& plan) {
-  if (options_.lora_mode == LoraMode::kUnmerged || device_adapters_ == nullptr) return nullptr;
-  // Tokens per mergeable adapter in this step, into the traffic window.
+  if (device_adapters_ == nullptr) return nullptr;
+  // Tokens per mergeable adapter in this step, for the policy's window.
   std::map<std::string, int64_t> tokens;
   std::map<std::string, Sequence*> representative;
   int64_t total = 0;
@@ -474,57 +471,23 @@ const model::MergedWeights* Engine::ChooseMerged(const std::vector<Planned>& pla
     tokens[seq->request.adapter->content_hash()] += n;
     representative[seq->request.adapter->content_hash()] = seq;
   }
-  window_.push_back(tokens);
-  if (static_cast<int32_t>(window_.size()) > options_.merge_window_steps) window_.pop_front();
-  if (tokens.empty()) return nullptr;
-  auto best = std::max_element(tokens.begin(), tokens.end(),
-                               [](const auto& a, const auto& b) { return a.second < b.second; });
-  const double share_now = static_cast<double>(best->second) / total;
-  Sequence& rep = *representative[best->first];
-  if (options_.lora_mode == LoraMode::kMerged) {
-    return share_now == 1.0 ? GetOrMerge(rep) : nullptr;
-  }
-  if (options_.merged_cache_bytes <= 0 || share_now < options_.merged_min_batch_share) {
-    return nullptr;
-  }
-  if (merged_.count(best->first) == 0) {
-    int64_t window_total = 0, window_best = 0;
-    for (const auto& step : window_) {
-      for (const auto& [hash, n] : step) {
-        window_total += n;
-        if (hash == best->first) window_best += n;
-      }
-    }
-    if (static_cast<double>(window_best) < options_.merge_threshold * window_total) {
-      return nullptr;
-    }
-  }
-  return GetOrMerge(rep);
+  const std::optional<std::string> hash = merge_policy_.Choose(tokens, total);
+  if (!hash.has_value()) return nullptr;
+  if (auto it = merged_.find(*hash); it != merged_.end()) return it->second->weights.get();
+  return Merge(*representative.at(*hash));
 }
 
-const model::MergedWeights* Engine::GetOrMerge(Sequence& rep) {
-  const std::string& hash = rep.request.adapter->content_hash();
-  auto it = merged_.find(hash);
-  if (it != merged_.end()) {
-    it->second->last_used_step = stats_.steps;
-    return it->second->weights.get();
-  }
-  // Room within the budget, least recently used sets first; forced merged
-  // mode keeps at least the set it needs now.
+const model::MergedWeights* Engine::Merge(Sequence& rep) {
   const int64_t needed = model_->MergeBytes(*rep.device_adapter);
-  while (!merged_.empty() && stats_.merged_bytes + needed > options_.merged_cache_bytes) {
-    auto lru = std::min_element(merged_.begin(), merged_.end(), [](const auto& a, const auto& b) {
-      return a.second->last_used_step < b.second->last_used_step;
-    });
-    stats_.merged_bytes -= lru->second->weights->bytes();
-    device_adapters_->Release(lru->second->adapter->adapter);
-    merged_.erase(lru);
+  const adapters::MergePolicy::Room room = merge_policy_.MakeRoom(needed);
+  for (const std::string& hash : room.evict) {
+    auto it = merged_.find(hash);
+    stats_.merged_bytes -= it->second->weights->bytes();
+    device_adapters_->Release(it->second->adapter->adapter);
+    merged_.erase(it);
     ++stats_.merge_evictions;
   }
-  if (options_.lora_mode != LoraMode::kMerged &&
-      needed > options_.merged_cache_bytes - stats_.merged_bytes) {
-    return nullptr;
-  }
+  if (!room.fits) return nullptr;
   absl::StatusOr<std::unique_ptr<model::MergedWeights>> weights =
       model_->Merge({rep.device_adapter, 1.0f});
   if (!weights.ok() || !device_adapters_->Acquire(rep.request.adapter->adapter).ok()) {
@@ -534,7 +497,8 @@ const model::MergedWeights* Engine::GetOrMerge(Sequence& rep) {
   auto entry = std::make_unique<MergedEntry>();
   entry->weights = std::move(*weights);
   entry->adapter = rep.request.adapter;
-  entry->last_used_step = stats_.steps;
+  const std::string& hash = rep.request.adapter->content_hash();
+  merge_policy_.Insert(hash, static_cast<int64_t>(entry->weights->bytes()));
   stats_.merged_bytes += entry->weights->bytes();
   ++stats_.merges;
   return merged_.emplace(hash, std::move(entry)).first->second->weights.get();

@@ -29,6 +29,7 @@
 
 #include "absl/status/statusor.h"
 #include "adapters/device_cache.h"
+#include "adapters/merge_policy.h"
 #include "adapters/registry.h"
 #include "server/engine/kv_cache.h"
 #include "server/engine/sampler.h"
@@ -71,21 +72,14 @@ struct TokenEvent {
 using RequestId = int64_t;
 using TokenCallback = std::function<void(const TokenEvent&)>;
 
-enum class LoraMode {
-  kAuto,      // merge adapters that dominate recent traffic, within the budget
-  kUnmerged,  // always one base GEMM plus per-adapter LoRA segments
-  kMerged,    // a batch whose requests all use one adapter runs on merged weights
-};
-// "auto", "unmerged" or "merged".
-absl::StatusOr<LoraMode> ParseLoraMode(absl::string_view text);
-
 struct EngineOptions {
   int32_t max_batch_tokens = 2048;  // prompt + decode tokens in one step
   int32_t max_running_requests = 256;
   // Reuse the KV of full blocks of earlier prompts with the same adapter
   // (by content hash and scale) and the same tokens.
   bool enable_prefix_cache = false;
-  LoraMode lora_mode = LoraMode::kAuto;
+  // When steps run on merged weights (adapters/merge_policy.h has the rules).
+  adapters::LoraMode lora_mode = adapters::LoraMode::kAuto;
   int64_t merged_cache_bytes = 0;   // merged weight sets; 0 disables merging in auto mode
   double merge_threshold = 0.5;     // auto: adapter's share of recent batch tokens to merge
   int32_t merge_window_steps = 32;  // steps the share is measured over
@@ -186,7 +180,9 @@ class Engine {
     int64_t tokens;
   };
   const model::MergedWeights* ChooseMerged(const std::vector<Planned>& plan);
-  const model::MergedWeights* GetOrMerge(Sequence& representative);
+  // Builds and caches the merged set of `representative`'s adapter, making
+  // room as the policy says; null when it does not fit or cannot be built.
+  const model::MergedWeights* Merge(Sequence& representative);
 
   model::LlamaModel* model_;
   const model::Tokenizer* tokenizer_;
@@ -195,7 +191,7 @@ class Engine {
   EngineOptions options_;
   EngineStats stats_;
   RequestId next_id_ = 1;
-  std::deque<std::map<std::string, int64_t>> window_;           // per step: content hash -> tokens
+  adapters::MergePolicy merge_policy_;
   std::map<std::string, std::unique_ptr<MergedEntry>> merged_;  // content hash -> weights
   std::vector<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;

@@ -12,6 +12,8 @@
 namespace loraserve::engine {
 namespace {
 
+using adapters::LoraMode;
+
 using ::loraserve::test_support::StatusIs;
 
 using ::testing::AllOf;
