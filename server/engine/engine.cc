@@ -76,7 +76,12 @@ Engine::Engine(model::LlamaModel* model, const model::Tokenizer* tokenizer, KvCa
     : model_(model),
       tokenizer_(tokenizer),
       cache_(cache),
-      device_adapters_(device_adapters),
+      base_only_device_adapters_(
+          device_adapters != nullptr
+              ? nullptr
+              : std::make_unique<adapters::DeviceAdapterCache>(model->backend(), 0)),
+      device_adapters_(device_adapters != nullptr ? device_adapters
+                                                  : base_only_device_adapters_.get()),
       options_(options),
       merge_policy_({.mode = options.lora_mode,
                      .cache_bytes = options.merged_cache_bytes,
@@ -131,10 +136,8 @@ AdapterActivity Engine::adapter_activity() const {
     if (seq->request.adapter == nullptr) continue;
     // Each distinct adapter once: a batch holds many requests of few adapters.
     if (!running.insert(seq->request.adapter->id).second) continue;
-    if (device_adapters_ != nullptr) {
-      largest_device_bytes = std::max(largest_device_bytes,
-                                      device_adapters_->DeviceBytes(seq->request.adapter->adapter));
-    }
+    largest_device_bytes = std::max(largest_device_bytes,
+                                    device_adapters_->DeviceBytes(seq->request.adapter->adapter));
   }
   for (const auto& seq : waiting_) {
     if (seq->request.adapter != nullptr) waiting.insert(seq->request.adapter->id);
@@ -142,8 +145,7 @@ AdapterActivity Engine::adapter_activity() const {
   activity.running.assign(running.begin(), running.end());
   activity.waiting.assign(waiting.begin(), waiting.end());
   activity.max_adapters = options_.max_running_requests;
-  if (device_adapters_ != nullptr && device_adapters_->budget_bytes() > 0 &&
-      largest_device_bytes > 0) {
+  if (device_adapters_->budget_bytes() > 0 && largest_device_bytes > 0) {
     activity.max_adapters = std::min<int64_t>(
         activity.max_adapters, device_adapters_->budget_bytes() / largest_device_bytes);
   }
@@ -196,8 +198,10 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
     return absl::InvalidArgumentError(
         absl::StrCat("logprobs: must be >= 0, got ", request.top_logprobs));
   }
-  if (request.adapter != nullptr && device_adapters_ == nullptr) {
-    return absl::FailedPreconditionError("adapter: this engine serves the base model only");
+  if (request.adapter != nullptr && device_adapters_->budget_bytes() == 0) {
+    return absl::FailedPreconditionError(
+        "adapter: this engine serves the base model only (no device memory for adapters, "
+        "--adapter-device-bytes=0)");
   }
   if (request.adapter != nullptr) {
     const int64_t bytes = device_adapters_->DeviceBytes(request.adapter->adapter);
@@ -460,7 +464,6 @@ void Engine::RemoveFinished() {
 }
 
 const model::MergedWeights* Engine::ChooseMerged(const std::vector<Planned>& plan) {
-  if (device_adapters_ == nullptr) return nullptr;
   // Tokens per mergeable adapter in this step, for the policy's window.
   std::map<std::string, int64_t> tokens;
   std::map<std::string, Sequence*> representative;

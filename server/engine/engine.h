@@ -114,7 +114,8 @@ struct AdapterActivity {
 
 class Engine {
  public:
-  // `device_adapters` may be null when no request will name an adapter.
+  // `device_adapters` may be null: the engine then serves the base model only
+  // (a device cache of 0 bytes stands in, so no code path tests for null).
   Engine(model::LlamaModel* model, const model::Tokenizer* tokenizer, KvCache* cache,
          adapters::DeviceAdapterCache* device_adapters, EngineOptions options);
   ~Engine();
@@ -142,7 +143,8 @@ class Engine {
   int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
   AdapterActivity adapter_activity() const;
   const KvCache& kv_cache() const { return *cache_; }
-  const adapters::DeviceAdapterCache* device_adapters() const { return device_adapters_; }
+  // Never null.
+  const adapters::DeviceAdapterCache& device_adapters() const { return *device_adapters_; }
 
  private:
   struct Sequence;
@@ -187,6 +189,7 @@ class Engine {
   model::LlamaModel* model_;
   const model::Tokenizer* tokenizer_;
   KvCache* cache_;
+  std::unique_ptr<adapters::DeviceAdapterCache> base_only_device_adapters_;  // when given none
   adapters::DeviceAdapterCache* device_adapters_;
   EngineOptions options_;
   EngineStats stats_;

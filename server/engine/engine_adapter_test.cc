@@ -364,5 +364,18 @@ TEST(EngineAdapterTest, InvalidAdapterScaleIsRejected) {
   EXPECT_THAT(std::string(status.status().message()), HasSubstr("adapter_scale"));
 }
 
+// Without device memory for adapters (no cache given, or --adapter-device-bytes=0)
+// an adapter request is refused at once, and the base model serves as before.
+TEST(EngineAdapterTest, AnEngineWithoutAdapterMemoryServesTheBaseModelOnly) {
+  Server server(SharedModel(), {}, /*device_bytes=*/0);
+  const GenerationRequest with_adapter = Greedy(
+      {1}, 4,
+      server.Adapter("ocean", std::string(LORASERVE_SHARED_DIR) + "/adapters/aidreams-260k/ocean"));
+  EXPECT_THAT(server.engine().Validate(with_adapter),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("base model only")));
+  EXPECT_EQ(server.Run({Greedy({1}, 4)})[0].size(), 4u);
+  EXPECT_EQ(server.engine().adapter_activity().max_adapters, 256);
+}
+
 }  // namespace
 }  // namespace loraserve::engine

@@ -148,16 +148,14 @@ void EngineLoop::RefreshSnapshotLocked() {
   snapshot_.kv_blocks_used = snapshot_.kv_blocks_total - engine_->kv_cache().free_blocks();
   snapshot_.kv_cache_bytes = engine_->kv_cache().bytes();
   snapshot_.stats = engine_->stats();
-  if (engine_->device_adapters() != nullptr) {
-    const adapters::DeviceAdapterCache& device = *engine_->device_adapters();
-    // The set only changes with an upload or an eviction.
-    if (device.stats().misses != snapshot_.device_adapters.misses ||
-        device.stats().evictions != snapshot_.device_adapters.evictions) {
-      snapshot_.device_resident_hashes = device.ResidentHashes();
-    }
-    snapshot_.device_adapters = device.stats();
-    snapshot_.device_adapter_budget_bytes = device.budget_bytes();
+  const adapters::DeviceAdapterCache& device = engine_->device_adapters();
+  // The set only changes with an upload or an eviction.
+  if (device.stats().misses != snapshot_.device_adapters.misses ||
+      device.stats().evictions != snapshot_.device_adapters.evictions) {
+    snapshot_.device_resident_hashes = device.ResidentHashes();
   }
+  snapshot_.device_adapters = device.stats();
+  snapshot_.device_adapter_budget_bytes = device.budget_bytes();
 }
 
 }  // namespace loraserve::engine
