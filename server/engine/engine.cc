@@ -285,9 +285,29 @@ void Engine::ChargeTenant(const std::string& tenant, int64_t tokens) {
 
 absl::Status Engine::Step() {
   DropCancelled();
+  ASSIGN_OR_RETURN(std::vector<Planned> plan, Plan());
+  if (plan.empty()) return absl::OkStatus();
+  std::vector<Sequence*> sampled;  // sequences whose whole context is cached after this step
+  const model::ForwardInput in = BuildForwardInput(plan, &sampled);
+  // Logits stay on the backend; only the sampled tokens come back.
+  std::vector<SampledToken> tokens(sampled.size());
+  const absl::Status status = ForwardAndSample(in, sampled, &tokens);
+  stats_.graph_steps = model_->step_graph_stats().graph_steps;
+  stats_.graph_fallbacks = model_->step_graph_stats().eager_fallbacks;
+  if (!status.ok()) {
+    // The step's requests fail with the error; everyone else keeps going.
+    for (const Planned& p : plan) Finish(*p.seq, FinishReason::kError, status);
+    RemoveFinished();
+    return status;
+  }
+  Commit(plan, sampled, tokens);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<Engine::Planned>> Engine::Plan() {
+  std::vector<Planned> plan;
   // Budget of tokens for this step: running sequences first (a decode token,
   // or the next chunk of a prompt being prefilled), then waiting ones.
-  std::vector<Planned> plan;
   int64_t budget = options_.max_batch_tokens;
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence& seq = *running_[i];
@@ -335,14 +355,15 @@ absl::Status Engine::Step() {
     budget -= n;
     running_.push_back(TakeWaiting(seq));
   }
-  if (plan.empty()) {
-    if (running_.empty() && !waiting_.empty()) {
-      return absl::ResourceExhaustedError(
-          "no room (KV blocks or adapter memory) for the oldest waiting request");
-    }
-    return absl::OkStatus();
+  if (plan.empty() && running_.empty() && !waiting_.empty()) {
+    return absl::ResourceExhaustedError(
+        "no room (KV blocks or adapter memory) for the oldest waiting request");
   }
+  return plan;
+}
 
+model::ForwardInput Engine::BuildForwardInput(std::vector<Planned>& plan,
+                                              std::vector<Sequence*>* sampled) {
   // Sequences of one adapter side by side: each adapter is one LoRA segment.
   std::stable_sort(plan.begin(), plan.end(), [](const Planned& a, const Planned& b) {
     return a.seq->adapter_key() < b.seq->adapter_key();
@@ -356,7 +377,6 @@ absl::Status Engine::Step() {
   in.max_blocks_per_seq = max_blocks;
   in.query_start.push_back(0);
   const int32_t block_size = cache_->block_size();
-  std::vector<Sequence*> sampled;  // sequences whose whole context is now cached
   for (const Planned& p : plan) {
     Sequence& seq = *p.seq;
     const int64_t end = seq.num_cached + p.tokens;
@@ -367,7 +387,7 @@ absl::Status Engine::Step() {
     }
     if (end == static_cast<int64_t>(seq.tokens.size())) {
       in.logit_rows.push_back(static_cast<int32_t>(in.tokens.size()) - 1);
-      sampled.push_back(&seq);
+      sampled->push_back(&seq);
     }
     in.query_start.push_back(static_cast<int32_t>(in.tokens.size()));
     in.context_lens.push_back(static_cast<int32_t>(end));
@@ -377,17 +397,11 @@ absl::Status Engine::Step() {
     in.block_tables.insert(in.block_tables.end(), table.begin(), table.end());
     ChargeTenant(seq.request.tenant, p.tokens);
   }
-  // Logits stay on the backend; only the sampled tokens come back.
-  std::vector<SampledToken> tokens(sampled.size());
-  const absl::Status status = ForwardAndSample(in, sampled, &tokens);
-  stats_.graph_steps = model_->step_graph_stats().graph_steps;
-  stats_.graph_fallbacks = model_->step_graph_stats().eager_fallbacks;
-  if (!status.ok()) {
-    // The step's requests fail with the error; everyone else keeps going.
-    for (const Planned& p : plan) Finish(*p.seq, FinishReason::kError, status);
-    RemoveFinished();
-    return status;
-  }
+  return in;
+}
+
+void Engine::Commit(const std::vector<Planned>& plan, const std::vector<Sequence*>& sampled,
+                    const std::vector<SampledToken>& tokens) {
   for (const Planned& p : plan) {
     Sequence& seq = *p.seq;
     const int64_t full_before = seq.num_cached / cache_->block_size();
@@ -399,7 +413,6 @@ absl::Status Engine::Step() {
   }
   for (size_t i = 0; i < sampled.size(); ++i) Emit(*sampled[i], tokens[i]);
   RemoveFinished();
-  return absl::OkStatus();
 }
 
 absl::Status Engine::ForwardAndSample(const model::ForwardInput& in,

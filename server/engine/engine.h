@@ -174,13 +174,27 @@ class Engine {
   void DropMergedSets();
   // Takes a running sequence off the batch, freeing its KV for recompute.
   void Preempt(std::unique_ptr<Sequence> seq);
-  // The merged weights this step runs on (null: unmerged), after updating
-  // the traffic window with the batch.
   // A sequence's share of a step: `tokens` of it go through the forward pass.
   struct Planned {
     Sequence* seq;
     int64_t tokens;
   };
+  // Step's three parts. Plan: the tokens each sequence runs this step, within
+  // the step's token budget and the KV pool (preempting the newest running
+  // sequence when the pool runs dry) and admitting waiting ones; ResourceExhausted
+  // when nothing can run while requests wait.
+  absl::StatusOr<std::vector<Planned>> Plan();
+  // Orders the plan by adapter (one LoRA segment each), picks merged weights
+  // and lays out the forward pass; `sampled` gets the sequences whose next
+  // token this step samples.
+  model::ForwardInput BuildForwardInput(std::vector<Planned>& plan,
+                                        std::vector<Sequence*>* sampled);
+  // After a forward pass: the KV now cached (and its prefix-cache blocks),
+  // then each sampled token to its client.
+  void Commit(const std::vector<Planned>& plan, const std::vector<Sequence*>& sampled,
+              const std::vector<SampledToken>& tokens);
+  // The merged weights this step runs on (null: unmerged), after telling the
+  // merge policy the step's tokens.
   const model::MergedWeights* ChooseMerged(const std::vector<Planned>& plan);
   // Builds and caches the merged set of `representative`'s adapter, making
   // room as the policy says; null when it does not fit or cannot be built.
