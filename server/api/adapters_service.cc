@@ -1,4 +1,5 @@
-// The Adapters service: Load, Upload, Unload, List, Get.
+#include "server/api/adapters_service.h"
+
 #include <fcntl.h>
 #include <stdlib.h>  // mkdtemp
 #include <unistd.h>
@@ -13,7 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "base/status_macros.h"
-#include "server/api/grpc_services.h"
+#include "server/api/status_mapping.h"
 #include "server/api/upload_assembler.h"
 
 namespace loraserve::api {

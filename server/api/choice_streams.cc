@@ -3,7 +3,6 @@
 #include <utility>
 
 #include "absl/time/clock.h"
-#include "server/api/grpc_services.h"
 #include "server/api/status_mapping.h"
 
 namespace loraserve::api {

@@ -34,7 +34,6 @@
 #include "loraserve/v1/inference.grpc.pb.h"
 #include "server/api/choice_streams.h"
 #include "server/api/gateway_metrics.h"
-#include "server/api/grpc_services.h"
 #include "server/api/status_mapping.h"
 #include "server/api/upload_form.h"
 

@@ -20,6 +20,9 @@ namespace loraserve::api {
 // absl and gRPC share their status codes; the message is kept, payloads are not.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 absl::Status FromGrpcStatus(const grpc::Status& status);
+// Finishes a unary callback call with `status` (ToGrpcStatus).
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
+                                      const absl::Status& status);
 
 // InvalidArgument/OutOfRange/FailedPrecondition/DataLoss 400, Unauthenticated
 // 401, PermissionDenied 403, NotFound 404, AlreadyExists/Aborted 409,

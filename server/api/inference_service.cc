@@ -1,4 +1,4 @@
-#include "server/api/grpc_services.h"
+#include "server/api/inference_service.h"
 
 #include <deque>
 #include <memory>
@@ -239,13 +239,6 @@ void CopyBucketCounts(const BucketCounts& from, v1::Histogram* to) {
 }
 
 }  // namespace
-
-grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
-                                      const absl::Status& status) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
-  return reactor;
-}
 
 absl::StatusOr<engine::GenerationRequest> InferenceService::ToEngineRequest(
     const v1::GenerateRequest& request) {
