@@ -100,11 +100,11 @@ Engine::~Engine() {
 void Engine::DropMergedSets() {
   for (auto& [hash, entry] : merged_) {
     device_adapters_->Release(entry->adapter->adapter);
-    stats_.merged_bytes -= entry->weights->bytes();
     ++stats_.merge_evictions;
   }
   merged_.clear();
   merge_policy_.Clear();
+  stats_.merged_bytes = merge_policy_.cached_bytes();
 }
 
 absl::Status Engine::AcquireAdapter(Sequence& seq) {
@@ -498,11 +498,11 @@ const model::MergedWeights* Engine::Merge(Sequence& rep) {
   const adapters::MergePolicy::Room room = merge_policy_.MakeRoom(needed);
   for (const std::string& hash : room.evict) {
     auto it = merged_.find(hash);
-    stats_.merged_bytes -= it->second->weights->bytes();
     device_adapters_->Release(it->second->adapter->adapter);
     merged_.erase(it);
     ++stats_.merge_evictions;
   }
+  stats_.merged_bytes = merge_policy_.cached_bytes();
   if (!room.fits) return nullptr;
   absl::StatusOr<std::unique_ptr<model::MergedWeights>> weights =
       model_->Merge({rep.device_adapter, 1.0f});
@@ -515,7 +515,7 @@ const model::MergedWeights* Engine::Merge(Sequence& rep) {
   entry->adapter = rep.request.adapter;
   const std::string& hash = rep.request.adapter->content_hash();
   merge_policy_.Insert(hash, static_cast<int64_t>(entry->weights->bytes()));
-  stats_.merged_bytes += entry->weights->bytes();
+  stats_.merged_bytes = merge_policy_.cached_bytes();
   ++stats_.merges;
   return merged_.emplace(hash, std::move(entry)).first->second->weights.get();
 }
