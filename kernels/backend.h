@@ -163,6 +163,17 @@ struct LoraSegment {
 // Floats of the packed intermediate of `segments` (see LoraSegment).
 int64_t LoraIntermediateSize(const LoraSegment* segments, int32_t num_segments);
 
+// The operations are non-virtual: each checks its arguments here, once for
+// every backend (kernels/backend.cc), and then calls the backend's protected
+// Do* implementation, which may assume them checked: pointers not null where
+// there is work, sizes in range, weights, layouts and segment tables well
+// formed. A backend checks only its own limits (dtypes it does not compute
+// in, sizes beyond a library's int) and, where it can read device memory
+// cheaply (the CPU), the indices held there; the CUDA backend checks those
+// on the device. An op with nothing to do (zero rows, tokens or bytes)
+// returns OK without calling the backend, except the LoRA shrink and expand
+// (see DoLoraShrink). A bad argument is INVALID_ARGUMENT, named as
+// "<backend name>: <op>: <what>".
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -171,29 +182,28 @@ class Backend {
 
   // --- memory -------------------------------------------------------------
   virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
-  virtual absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
+  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes);
   // Starts a copy to the device without waiting for it to land: operations
   // called afterwards see the data (they are ordered after the copy), and
   // `src` may be reused as soon as this returns. The CUDA backend stages it
   // through pinned memory and copies on a stream of its own, so an adapter
   // upload overlaps the kernels already queued. The default is CopyToDevice.
-  virtual absl::Status CopyToDeviceAsync(void* dst, const void* src, size_t bytes) {
-    return CopyToDevice(dst, src, bytes);
-  }
-  virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
-  virtual absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
-  // Converts a [rows, cols] matrix of `src_dtype` on the host (rows
-  // contiguous) into the backend's storage dtype for weights of that source
-  // (see WeightDType) at `dst`: WeightBytes(WeightDType(src_dtype), rows,
-  // cols) bytes. Rows are what kQ8 quantizes in groups along; a weight that
-  // cannot be stored (a non-finite value to quantize) is INVALID_ARGUMENT.
-  virtual absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t rows,
-                                    int64_t cols) = 0;
+  absl::Status CopyToDeviceAsync(void* dst, const void* src, size_t bytes);
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes);
+  absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes);
+  // Converts a [rows, cols] matrix of `src_dtype` (F32, F16 or BF16) on the
+  // host (rows contiguous) into the backend's storage dtype for weights of
+  // that source (see WeightDType) at `dst`: WeightBytes(WeightDType(src_dtype),
+  // rows, cols) bytes. Rows are what kQ8 quantizes in groups along; a weight
+  // that cannot be stored (a non-finite value to quantize) is
+  // INVALID_ARGUMENT.
+  absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t rows,
+                            int64_t cols);
   // The dtype in which this backend stores a weight that arrives as `source`.
   virtual DType WeightDType(DType source) const = 0;
-  // The element dtype of the KV caches WriteKv and PagedAttention take
-  // (KvLayout::dtype). Keys and values are computed in float32 and rounded to
-  // it when written.
+  // The element dtype of the KV caches the model allocates for WriteKv and
+  // PagedAttention (KvLayout::dtype). Keys and values are computed in float32
+  // and rounded to it when written.
   virtual DType KvCacheDType() const { return DType::kF32; }
   // The element dtype of LoRA A and Bᵀ matrices (LoraSegment, MergeLora).
   // Shrink, expand and merge compute in float32 whatever it is.
@@ -205,76 +215,76 @@ class Backend {
 
   // --- dense --------------------------------------------------------------
   // y = x · Wᵀ (+ y when accumulate).
-  virtual absl::Status Linear(const float* x,       // [m, w.cols]
-                              const WeightView& w,  // [n = w.rows, w.cols]
-                              int64_t m,
-                              float* y,  // [m, n]
-                              bool accumulate) = 0;
+  absl::Status Linear(const float* x,       // [m, w.cols]
+                      const WeightView& w,  // [n = w.rows, w.cols]
+                      int64_t m,
+                      float* y,  // [m, n]
+                      bool accumulate);
   // y[i, :] = table[ids[i], :] (converted to f32).
-  virtual absl::Status Embedding(const int32_t* ids,  // [n]
-                                 int64_t n,
-                                 const WeightView& table,  // [vocab, hidden]
-                                 float* y) = 0;            // [n, hidden]
+  absl::Status Embedding(const int32_t* ids,  // [n]
+                         int64_t n,
+                         const WeightView& table,  // [vocab, hidden]
+                         float* y);                // [n, hidden]
   // y = x / rms(x) * weight, per row.
-  virtual absl::Status RmsNorm(const float* x,       // [n, dim]
-                               const float* weight,  // [dim]
-                               int64_t n, int64_t dim, float eps,
-                               float* y) = 0;  // [n, dim]; may alias x
+  absl::Status RmsNorm(const float* x,       // [n, dim]
+                       const float* weight,  // [dim]
+                       int64_t n, int64_t dim, float eps,
+                       float* y);  // [n, dim]; may alias x
   // h = RmsNorm(x) and y = h · Wᵀ: a norm whose output feeds a projection
   // (and the LoRA shrink, which reads h). The default runs RmsNorm, then
   // Linear; the CUDA backend writes the GEMM's copy of h in the weight's
   // dtype (bf16, f16) in the norm's own pass instead of converting h again.
   // y must not alias h.
-  virtual absl::Status RmsNormLinear(const float* x,            // [n, dim]
-                                     const float* norm_weight,  // [dim]
-                                     int64_t n, int64_t dim, float eps,
-                                     float* h,             // [n, dim]; may alias x
-                                     const WeightView& w,  // [rows, dim]
-                                     float* y);            // [n, w.rows]
+  absl::Status RmsNormLinear(const float* x,            // [n, dim]
+                             const float* norm_weight,  // [dim]
+                             int64_t n, int64_t dim, float eps,
+                             float* h,             // [n, dim]; may alias x
+                             const WeightView& w,  // [rows, dim]
+                             float* y);            // [n, w.rows]
   // act = silu(gate) * up and y = act · Wᵀ (+ y when accumulate): the gate
   // that feeds the down projection (and its LoRA shrink, which reads act).
   // The default runs SiluMul, then Linear; the CUDA backend writes the GEMM's
   // copy of act in the weight's dtype in the gate's own pass, as
   // RmsNormLinear does. y must not alias act.
-  virtual absl::Status SiluMulLinear(const float* gate_up,  // [n, 2 * dim]
-                                     int64_t n, int64_t dim,
-                                     float* act,           // [n, dim]
-                                     const WeightView& w,  // [rows, dim]
-                                     float* y,             // [n, w.rows]
-                                     bool accumulate);
+  absl::Status SiluMulLinear(const float* gate_up,  // [n, 2 * dim]
+                             int64_t n, int64_t dim,
+                             float* act,           // [n, dim]
+                             const WeightView& w,  // [rows, dim]
+                             float* y,             // [n, w.rows]
+                             bool accumulate);
   // x += y
-  virtual absl::Status Add(float* x, const float* y, int64_t count) = 0;
+  absl::Status Add(float* x, const float* y, int64_t count);
   // x[i, :] += bias for every row (q/k/v biases of Qwen2).
-  virtual absl::Status AddBias(float* x,           // [n, dim]
-                               const float* bias,  // [dim]
-                               int64_t n, int64_t dim) = 0;
+  absl::Status AddBias(float* x,           // [n, dim]
+                       const float* bias,  // [dim]
+                       int64_t n, int64_t dim);
   // out = silu(gate) * up, where gate_up holds [gate | up] per row.
-  virtual absl::Status SiluMul(const float* gate_up,  // [n, 2 * dim]
-                               int64_t n, int64_t dim,
-                               float* out) = 0;  // [n, dim]
+  absl::Status SiluMul(const float* gate_up,  // [n, 2 * dim]
+                       int64_t n, int64_t dim,
+                       float* out);  // [n, dim]
 
   // --- LoRA ---------------------------------------------------------------
   // Segmented shrink: t_s = x[start_s:end_s] · a_sᵀ for every segment.
   // `segments` is a host array.
-  virtual absl::Status LoraShrink(const float* x,  // [tokens, in]
-                                  int64_t in, const LoraSegment* segments, int32_t num_segments,
-                                  float* t) = 0;  // packed, LoraIntermediateSize floats
+  absl::Status LoraShrink(const float* x,  // [tokens, in]
+                          int64_t in, const LoraSegment* segments, int32_t num_segments,
+                          float* t);  // packed, LoraIntermediateSize floats
   // Segmented expand: y[start_s:end_s, 0:out] += scale_s · t_s · bt_s, where
   // rows of y are `ldy` floats apart (y may be a column slice of a wider
   // output, e.g. the gate half of a fused gate/up activation). Segments may
   // cover the same rows (a sequence's adapter and the correction for merged
   // weights); each row gets their terms in segment order.
-  virtual absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
-                                  int64_t out,
-                                  float* y,  // [tokens, ldy], columns [0, out) updated
-                                  int64_t ldy) = 0;
+  absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
+                          int64_t out,
+                          float* y,  // [tokens, ldy], columns [0, out) updated
+                          int64_t ldy);
   // out = base + scale · btᵀ · a, a merged copy of one weight matrix; `base`
   // stays untouched (it is the golden copy). `out` has base's dtype and shape.
-  virtual absl::Status MergeLora(const WeightView& base,
-                                 const void* a,   // [rank, base.cols] of LoraDType()
-                                 const void* bt,  // [rank, base.rows] of LoraDType()
-                                 int32_t rank, float scale,
-                                 void* out) = 0;  // [base.rows, base.cols]
+  absl::Status MergeLora(const WeightView& base,
+                         const void* a,   // [rank, base.cols] of LoraDType()
+                         const void* bt,  // [rank, base.rows] of LoraDType()
+                         int32_t rank, float scale,
+                         void* out);  // [base.rows, base.cols]
 
   // --- step graphs --------------------------------------------------------
   // A backend that supports them (CUDA graphs) records a step's operations
@@ -302,27 +312,26 @@ class Backend {
   // q|k|v projection of every token.
   //
   // Rotates q and k in place (Hugging Face's rotate-half layout).
-  virtual absl::Status Rope(float* q,  // [tokens, q_ld]: num_heads heads of head_dim
-                            int64_t q_ld,
-                            float* k,  // [tokens, k_ld]: num_kv_heads heads of head_dim
-                            int64_t k_ld,
-                            const int32_t* positions,  // [tokens]
-                            int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
-                            const RopeParams& rope) = 0;
+  absl::Status Rope(float* q,  // [tokens, q_ld]: num_heads heads of head_dim
+                    int64_t q_ld,
+                    float* k,  // [tokens, k_ld]: num_kv_heads heads of head_dim
+                    int64_t k_ld,
+                    const int32_t* positions,  // [tokens]
+                    int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
+                    const RopeParams& rope);
   // Writes each token's k and v into its slot of the paged cache (none for a
   // kPaddingSlot token).
-  virtual absl::Status WriteKv(const float* k,  // [tokens, kv_ld]: kv_heads heads of head_dim
-                               const float* v,  // [tokens, kv_ld]: likewise
-                               int64_t kv_ld, const AttentionBatch& batch, const KvLayout& layout,
-                               void* k_cache,  // [num_blocks, block_size, kv_heads, head_dim]
-                               void* v_cache) = 0;
+  absl::Status WriteKv(const float* k,  // [tokens, kv_ld]: kv_heads heads of head_dim
+                       const float* v,  // [tokens, kv_ld]: likewise
+                       int64_t kv_ld, const AttentionBatch& batch, const KvLayout& layout,
+                       void* k_cache,  // [num_blocks, block_size, kv_heads, head_dim]
+                       void* v_cache);
   // Causal attention of each token over its sequence's cached keys and values
   // (positions 0 .. its own), with grouped-query heads.
-  virtual absl::Status PagedAttention(const float* q,  // [tokens, q_ld]: num_heads heads
-                                      int64_t q_ld, const AttentionBatch& batch,
-                                      const KvLayout& layout, int32_t num_heads,
-                                      const void* k_cache, const void* v_cache,
-                                      float* out) = 0;  // [tokens, num_heads * head_dim]
+  absl::Status PagedAttention(const float* q,  // [tokens, q_ld]: num_heads heads
+                              int64_t q_ld, const AttentionBatch& batch, const KvLayout& layout,
+                              int32_t num_heads, const void* k_cache, const void* v_cache,
+                              float* out);  // [tokens, num_heads * head_dim]
 
   // --- sampling -----------------------------------------------------------
   // Samples the next token of every row as `params[row]` says, with the
@@ -332,10 +341,57 @@ class Backend {
   // draw or top_p falls within rounding of a boundary, and in the last bits
   // of logprobs. Parameters are checked first (ValidateSamplingRow); `vocab`
   // must be in [1, INT32_MAX].
-  virtual absl::Status Sample(const float* logits,  // [rows, vocab] device memory
-                              int64_t rows, int64_t vocab,
-                              const SamplingRow* params,  // [rows] host memory
-                              SampledToken* out) = 0;     // [rows] host memory
+  absl::Status Sample(const float* logits,  // [rows, vocab] device memory
+                      int64_t rows, int64_t vocab,
+                      const SamplingRow* params,  // [rows] host memory
+                      SampledToken* out);         // [rows] host memory
+
+ protected:
+  // The implementations of the operations above, called with arguments
+  // checked as the class comment says.
+  virtual absl::Status DoCopyToDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status DoCopyToDeviceAsync(void* dst, const void* src, size_t bytes) {
+    return DoCopyToDevice(dst, src, bytes);
+  }
+  virtual absl::Status DoCopyToHost(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status DoCopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status DoUploadWeight(void* dst, const void* src, DType src_dtype, int64_t rows,
+                                      int64_t cols) = 0;
+  virtual absl::Status DoLinear(const float* x, const WeightView& w, int64_t m, float* y,
+                                bool accumulate) = 0;
+  virtual absl::Status DoEmbedding(const int32_t* ids, int64_t n, const WeightView& table,
+                                   float* y) = 0;
+  virtual absl::Status DoRmsNorm(const float* x, const float* weight, int64_t n, int64_t dim,
+                                 float eps, float* y) = 0;
+  // The defaults compose the unfused ops (see RmsNormLinear, SiluMulLinear).
+  virtual absl::Status DoRmsNormLinear(const float* x, const float* norm_weight, int64_t n,
+                                       int64_t dim, float eps, float* h, const WeightView& w,
+                                       float* y);
+  virtual absl::Status DoSiluMulLinear(const float* gate_up, int64_t n, int64_t dim, float* act,
+                                       const WeightView& w, float* y, bool accumulate);
+  virtual absl::Status DoAdd(float* x, const float* y, int64_t count) = 0;
+  virtual absl::Status DoAddBias(float* x, const float* bias, int64_t n, int64_t dim) = 0;
+  virtual absl::Status DoSiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) = 0;
+  // Called with num_segments == 0 as well (x, t and `in` are then
+  // unchecked): a recorded step graph launches the LoRA kernels of a step
+  // whose table is empty, since the same step with segments replays it.
+  virtual absl::Status DoLoraShrink(const float* x, int64_t in, const LoraSegment* segments,
+                                    int32_t num_segments, float* t) = 0;
+  virtual absl::Status DoLoraExpand(const float* t, const LoraSegment* segments,
+                                    int32_t num_segments, int64_t out, float* y, int64_t ldy) = 0;
+  virtual absl::Status DoMergeLora(const WeightView& base, const void* a, const void* bt,
+                                   int32_t rank, float scale, void* out) = 0;
+  virtual absl::Status DoRope(float* q, int64_t q_ld, float* k, int64_t k_ld,
+                              const int32_t* positions, int64_t tokens, int32_t num_heads,
+                              int32_t num_kv_heads, const RopeParams& rope) = 0;
+  virtual absl::Status DoWriteKv(const float* k, const float* v, int64_t kv_ld,
+                                 const AttentionBatch& batch, const KvLayout& layout, void* k_cache,
+                                 void* v_cache) = 0;
+  virtual absl::Status DoPagedAttention(const float* q, int64_t q_ld, const AttentionBatch& batch,
+                                        const KvLayout& layout, int32_t num_heads,
+                                        const void* k_cache, const void* v_cache, float* out) = 0;
+  virtual absl::Status DoSample(const float* logits, int64_t rows, int64_t vocab,
+                                const SamplingRow* params, SampledToken* out) = 0;
 };
 
 struct CpuBackendOptions {

@@ -50,26 +50,15 @@ constexpr int kLanes = 8;
 constexpr int64_t kParallelMinElements = 1 << 15;
 
 // ---- validation -----------------------------------------------------------
+// The arguments were checked by Backend (kernels/backend.cc); what is left
+// here is this backend's own limit (an F32 KV cache) and the indices it reads
+// from device memory, which is host memory here.
 
-absl::Status NullArgument(const char* op, const char* arg) {
-  return absl::InvalidArgumentError(absl::StrCat("CpuBackend::", op, ": ", arg, " is null"));
-}
-
-absl::Status NegativeArgument(const char* op, const char* arg, int64_t value) {
-  return absl::InvalidArgumentError(
-      absl::StrCat("CpuBackend::", op, ": ", arg, " must not be negative, got ", value));
-}
-
-absl::Status NonPositiveArgument(const char* op, const char* arg, int64_t value) {
-  return absl::InvalidArgumentError(
-      absl::StrCat("CpuBackend::", op, ": ", arg, " must be positive, got ", value));
-}
-
-// A row stride must hold a row: `ld` >= `row_floats`.
-absl::Status CheckRowStride(const char* op, const char* arg, int64_t ld, int64_t row_floats) {
-  if (ld >= row_floats) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat("CpuBackend::", op, ": ", arg, " is ", ld,
-                                                 ", less than a row of ", row_floats, " floats"));
+absl::Status CheckF32Cache(const char* op, const KvLayout& layout) {
+  if (layout.dtype == DType::kF32) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("CpuBackend::", op, ": layout.dtype is ",
+                                                 DTypeName(layout.dtype),
+                                                 "; this backend's KV cache is F32"));
 }
 
 // Whether the GEMM reads weights stored as `dtype`.
@@ -82,34 +71,6 @@ bool IsWeightDType(DType dtype) {
       return true;
   }
   return false;
-}
-
-absl::Status CheckWeight(const char* op, const char* arg, const WeightView& w) {
-  if (w.data == nullptr) return NullArgument(op, arg);
-  if (!IsWeightDType(w.dtype)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "CpuBackend::", op, ": ", arg, " has unknown dtype ", static_cast<int>(w.dtype)));
-  }
-  if (w.rows <= 0) return NonPositiveArgument(op, "weight rows", w.rows);
-  if (w.cols <= 0) return NonPositiveArgument(op, "weight cols", w.cols);
-  return absl::OkStatus();
-}
-
-absl::Status CheckLayout(const char* op, const KvLayout& layout) {
-  if (layout.num_blocks <= 0)
-    return NonPositiveArgument(op, "layout.num_blocks", layout.num_blocks);
-  if (layout.block_size <= 0)
-    return NonPositiveArgument(op, "layout.block_size", layout.block_size);
-  if (layout.num_kv_heads <= 0) {
-    return NonPositiveArgument(op, "layout.num_kv_heads", layout.num_kv_heads);
-  }
-  if (layout.head_dim <= 0) return NonPositiveArgument(op, "layout.head_dim", layout.head_dim);
-  if (layout.dtype != DType::kF32) {
-    return absl::InvalidArgumentError(absl::StrCat("CpuBackend::", op, ": layout.dtype is ",
-                                                   DTypeName(layout.dtype),
-                                                   "; this backend's KV cache is F32"));
-  }
-  return absl::OkStatus();
 }
 
 // ---- AVX2 helpers ---------------------------------------------------------
@@ -355,31 +316,38 @@ class CpuBackend final : public Backend {
     return DeviceBuffer(this, data, bytes);
   }
 
-  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
-    return Copy("CopyToDevice", dst, src, bytes);
+  absl::Status Synchronize() override { return absl::OkStatus(); }
+
+  void Free(void* data, size_t bytes) override { std::free(data); }
+
+  DType WeightDType(DType source) const override { return weight_dtype_; }
+
+  // Adapters in bf16 beside narrowed weights (half the bytes a LoRA segment
+  // reads every step; bf16 has float32's range, so no adapter overflows),
+  // float32 beside float32 weights (exact comparisons with references).
+  DType LoraDType() const override {
+    return weight_dtype_ == DType::kF32 ? DType::kF32 : DType::kBF16;
   }
 
-  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
-    return Copy("CopyToHost", dst, src, bytes);
+ protected:
+  // Device memory is host memory: every copy is a memcpy.
+  absl::Status DoCopyToDevice(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
   }
 
-  absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override {
-    return Copy("CopyOnDevice", dst, src, bytes);
+  absl::Status DoCopyToHost(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
   }
 
-  absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t rows,
-                            int64_t cols) override {
-    constexpr const char* kOp = "UploadWeight";
-    if (rows < 0) return NegativeArgument(kOp, "rows", rows);
-    if (cols < 0) return NegativeArgument(kOp, "cols", cols);
-    if (rows == 0 || cols == 0) return absl::OkStatus();
-    if (dst == nullptr) return NullArgument(kOp, "dst");
-    if (src == nullptr) return NullArgument(kOp, "src");
-    if (src_dtype != DType::kF32 && src_dtype != DType::kF16 && src_dtype != DType::kBF16) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("CpuBackend::UploadWeight: src_dtype must be F32, F16 or BF16, got ",
-                       DTypeName(src_dtype)));
-    }
+  absl::Status DoCopyOnDevice(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
+  }
+
+  absl::Status DoUploadWeight(void* dst, const void* src, DType src_dtype, int64_t rows,
+                              int64_t cols) override {
     const int64_t src_row_bytes = cols * static_cast<int64_t>(DTypeSize(src_dtype));
     if (src_dtype == weight_dtype_) {
       std::memcpy(dst, src, static_cast<size_t>(rows * src_row_bytes));
@@ -414,39 +382,14 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  DType WeightDType(DType source) const override { return weight_dtype_; }
-
-  // Adapters in bf16 beside narrowed weights (half the bytes a LoRA segment
-  // reads every step; bf16 has float32's range, so no adapter overflows),
-  // float32 beside float32 weights (exact comparisons with references).
-  DType LoraDType() const override {
-    return weight_dtype_ == DType::kF32 ? DType::kF32 : DType::kBF16;
-  }
-
-  absl::Status Synchronize() override { return absl::OkStatus(); }
-
-  void Free(void* data, size_t bytes) override { std::free(data); }
-
-  absl::Status Linear(const float* x, const WeightView& w, int64_t m, float* y,
-                      bool accumulate) override {
-    constexpr const char* kOp = "Linear";
-    if (absl::Status s = CheckWeight(kOp, "w", w); !s.ok()) return s;
-    if (m < 0) return NegativeArgument(kOp, "m", m);
-    if (m == 0) return absl::OkStatus();
-    if (x == nullptr) return NullArgument(kOp, "x");
-    if (y == nullptr) return NullArgument(kOp, "y");
+  absl::Status DoLinear(const float* x, const WeightView& w, int64_t m, float* y,
+                        bool accumulate) override {
     MatMulTransposed(x, w.data, w.dtype, m, w.rows, w.cols, 1.0f, accumulate, y, w.rows);
     return absl::OkStatus();
   }
 
-  absl::Status LoraShrink(const float* x, int64_t in, const LoraSegment* segments,
-                          int32_t num_segments, float* t) override {
-    constexpr const char* kOp = "LoraShrink";
-    if (absl::Status s = CheckLoraSegments(kOp, segments, num_segments); !s.ok()) return s;
-    if (num_segments == 0) return absl::OkStatus();
-    if (x == nullptr) return NullArgument(kOp, "x");
-    if (t == nullptr) return NullArgument(kOp, "t");
-    if (in <= 0) return NonPositiveArgument(kOp, "in", in);
+  absl::Status DoLoraShrink(const float* x, int64_t in, const LoraSegment* segments,
+                            int32_t num_segments, float* t) override {
     ForEachSegment(segments, num_segments,
                    [&](const LoraSegment& seg, int64_t offset, bool serial) {
                      Product(serial, x + seg.start * in, seg.a, LoraDType(), seg.end - seg.start,
@@ -455,18 +398,9 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
-                          int64_t out, float* y, int64_t ldy) override {
-    constexpr const char* kOp = "LoraExpand";
-    if (absl::Status s = CheckLoraSegments(kOp, segments, num_segments); !s.ok()) return s;
-    if (num_segments == 0) return absl::OkStatus();
-    if (t == nullptr) return NullArgument(kOp, "t");
-    if (y == nullptr) return NullArgument(kOp, "y");
-    if (out <= 0) return NonPositiveArgument(kOp, "out", out);
-    if (ldy < out) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("CpuBackend::LoraExpand: ldy (", ldy, ") must be >= out (", out, ")"));
-    }
+  absl::Status DoLoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
+                            int64_t out, float* y, int64_t ldy) override {
+    if (num_segments == 0) return absl::OkStatus();  // no graphs to record on the CPU
     // One work item per token row: y_row += scale · Σ_r t[r] · bt[r, :], the
     // sum over r taken in order for every output (batch-invariant) as
     // vectorised axpys over contiguous rows of bt, no horizontal sums.
@@ -506,14 +440,8 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status MergeLora(const WeightView& base, const void* a, const void* bt, int32_t rank,
-                         float scale, void* out) override {
-    constexpr const char* kOp = "MergeLora";
-    if (absl::Status s = CheckWeight(kOp, "base", base); !s.ok()) return s;
-    if (a == nullptr) return NullArgument(kOp, "a");
-    if (bt == nullptr) return NullArgument(kOp, "bt");
-    if (out == nullptr) return NullArgument(kOp, "out");
-    if (rank <= 0) return NonPositiveArgument(kOp, "rank", rank);
+  absl::Status DoMergeLora(const WeightView& base, const void* a, const void* bt, int32_t rank,
+                           float scale, void* out) override {
     // A and Bᵀ in float32, whatever LoraDType holds them in.
     std::vector<float> a_wide(static_cast<size_t>(rank * base.cols));
     std::vector<float> bt_wide(static_cast<size_t>(rank * base.rows));
@@ -551,14 +479,8 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Embedding(const int32_t* ids, int64_t n, const WeightView& table,
-                         float* y) override {
-    constexpr const char* kOp = "Embedding";
-    if (absl::Status s = CheckWeight(kOp, "table", table); !s.ok()) return s;
-    if (n < 0) return NegativeArgument(kOp, "n", n);
-    if (n == 0) return absl::OkStatus();
-    if (ids == nullptr) return NullArgument(kOp, "ids");
-    if (y == nullptr) return NullArgument(kOp, "y");
+  absl::Status DoEmbedding(const int32_t* ids, int64_t n, const WeightView& table,
+                           float* y) override {
     for (int64_t i = 0; i < n; ++i) {
       if (ids[i] < 0 || ids[i] >= table.rows) {
         return absl::OutOfRangeError(
@@ -574,14 +496,8 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
-                       float* y) override {
-    constexpr const char* kOp = "RmsNorm";
-    if (absl::Status s = CheckRows(kOp, n, dim); !s.ok()) return s;
-    if (n == 0) return absl::OkStatus();
-    if (x == nullptr) return NullArgument(kOp, "x");
-    if (weight == nullptr) return NullArgument(kOp, "weight");
-    if (y == nullptr) return NullArgument(kOp, "y");
+  absl::Status DoRmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
+                         float* y) override {
     ParallelRows(n, dim, [&](int64_t row) {
       const float* xr = x + row * dim;
       float* yr = y + row * dim;
@@ -592,24 +508,14 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Add(float* x, const float* y, int64_t count) override {
-    constexpr const char* kOp = "Add";
-    if (count < 0) return NegativeArgument(kOp, "count", count);
-    if (count == 0) return absl::OkStatus();
-    if (x == nullptr) return NullArgument(kOp, "x");
-    if (y == nullptr) return NullArgument(kOp, "y");
+  absl::Status DoAdd(float* x, const float* y, int64_t count) override {
     pool_.ParallelFor(count, kParallelMinElements, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) x[i] += y[i];
     });
     return absl::OkStatus();
   }
 
-  absl::Status AddBias(float* x, const float* bias, int64_t n, int64_t dim) override {
-    constexpr const char* kOp = "AddBias";
-    if (absl::Status s = CheckRows(kOp, n, dim); !s.ok()) return s;
-    if (n == 0) return absl::OkStatus();
-    if (x == nullptr) return NullArgument(kOp, "x");
-    if (bias == nullptr) return NullArgument(kOp, "bias");
+  absl::Status DoAddBias(float* x, const float* bias, int64_t n, int64_t dim) override {
     ParallelRows(n, dim, [&](int64_t row) {
       float* xr = x + row * dim;
       for (int64_t i = 0; i < dim; ++i) xr[i] += bias[i];
@@ -617,12 +523,7 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status SiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) override {
-    constexpr const char* kOp = "SiluMul";
-    if (absl::Status s = CheckRows(kOp, n, dim); !s.ok()) return s;
-    if (n == 0) return absl::OkStatus();
-    if (gate_up == nullptr) return NullArgument(kOp, "gate_up");
-    if (out == nullptr) return NullArgument(kOp, "out");
+  absl::Status DoSiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) override {
     ParallelRows(n, 2 * dim, [&](int64_t row) {
       const float* gate = gate_up + row * 2 * dim;
       const float* up = gate + dim;
@@ -641,30 +542,9 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Rope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
-                    int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
-                    const RopeParams& rope) override {
-    constexpr const char* kOp = "Rope";
-    if (tokens < 0) return NegativeArgument(kOp, "tokens", tokens);
-    if (num_heads <= 0) return NonPositiveArgument(kOp, "num_heads", num_heads);
-    if (num_kv_heads <= 0) return NonPositiveArgument(kOp, "num_kv_heads", num_kv_heads);
-    if (rope.head_dim <= 0 || rope.head_dim % 2 != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "CpuBackend::Rope: rope.head_dim must be positive and even, got ", rope.head_dim));
-    }
-    if (absl::Status s = CheckRowStride(kOp, "q_ld", q_ld, int64_t{num_heads} * rope.head_dim);
-        !s.ok()) {
-      return s;
-    }
-    if (absl::Status s = CheckRowStride(kOp, "k_ld", k_ld, int64_t{num_kv_heads} * rope.head_dim);
-        !s.ok()) {
-      return s;
-    }
-    if (tokens == 0) return absl::OkStatus();
-    if (q == nullptr) return NullArgument(kOp, "q");
-    if (k == nullptr) return NullArgument(kOp, "k");
-    if (positions == nullptr) return NullArgument(kOp, "positions");
-    if (rope.inv_freq == nullptr) return NullArgument(kOp, "rope.inv_freq");
+  absl::Status DoRope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
+                      int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
+                      const RopeParams& rope) override {
     for (int64_t t = 0; t < tokens; ++t) {
       if (positions[t] < 0) {
         return absl::OutOfRangeError(absl::StrCat("CpuBackend::Rope: positions[", t, "] is ",
@@ -695,21 +575,12 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld, const AttentionBatch& batch,
-                       const KvLayout& layout, void* k_cache_data, void* v_cache_data) override {
-    float* k_cache = static_cast<float*>(k_cache_data);  // F32: CheckLayout
+  absl::Status DoWriteKv(const float* k, const float* v, int64_t kv_ld, const AttentionBatch& batch,
+                         const KvLayout& layout, void* k_cache_data, void* v_cache_data) override {
+    if (absl::Status s = CheckF32Cache("WriteKv", layout); !s.ok()) return s;
+    float* k_cache = static_cast<float*>(k_cache_data);
     float* v_cache = static_cast<float*>(v_cache_data);
-    constexpr const char* kOp = "WriteKv";
-    if (absl::Status s = CheckLayout(kOp, layout); !s.ok()) return s;
     const int64_t token_floats = static_cast<int64_t>(layout.num_kv_heads) * layout.head_dim;
-    if (absl::Status s = CheckRowStride(kOp, "kv_ld", kv_ld, token_floats); !s.ok()) return s;
-    if (batch.num_tokens < 0) return NegativeArgument(kOp, "batch.num_tokens", batch.num_tokens);
-    if (batch.num_tokens == 0) return absl::OkStatus();
-    if (k == nullptr) return NullArgument(kOp, "k");
-    if (v == nullptr) return NullArgument(kOp, "v");
-    if (k_cache == nullptr) return NullArgument(kOp, "k_cache");
-    if (v_cache == nullptr) return NullArgument(kOp, "v_cache");
-    if (batch.slot_mapping == nullptr) return NullArgument(kOp, "batch.slot_mapping");
     const int64_t num_slots = static_cast<int64_t>(layout.num_blocks) * layout.block_size;
     for (int32_t t = 0; t < batch.num_tokens; ++t) {
       const int32_t slot = batch.slot_mapping[t];
@@ -729,23 +600,14 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status PagedAttention(const float* q, int64_t q_ld, const AttentionBatch& batch,
-                              const KvLayout& layout, int32_t num_heads, const void* k_cache_data,
-                              const void* v_cache_data, float* out) override {
-    const float* k_cache = static_cast<const float*>(k_cache_data);  // F32: CheckLayout
+  absl::Status DoPagedAttention(const float* q, int64_t q_ld, const AttentionBatch& batch,
+                                const KvLayout& layout, int32_t num_heads, const void* k_cache_data,
+                                const void* v_cache_data, float* out) override {
+    if (absl::Status s = CheckF32Cache("PagedAttention", layout); !s.ok()) return s;
+    const float* k_cache = static_cast<const float*>(k_cache_data);
     const float* v_cache = static_cast<const float*>(v_cache_data);
-    absl::StatusOr<std::vector<int32_t>> token_seq = CheckAttentionBatch(batch, layout, num_heads);
+    absl::StatusOr<std::vector<int32_t>> token_seq = SequenceOfEachToken(batch, layout);
     if (!token_seq.ok()) return token_seq.status();
-    constexpr const char* kOp = "PagedAttention";
-    if (absl::Status s = CheckRowStride(kOp, "q_ld", q_ld, int64_t{num_heads} * layout.head_dim);
-        !s.ok()) {
-      return s;
-    }
-    if (batch.num_tokens == 0) return absl::OkStatus();
-    if (q == nullptr) return NullArgument(kOp, "q");
-    if (k_cache == nullptr) return NullArgument(kOp, "k_cache");
-    if (v_cache == nullptr) return NullArgument(kOp, "v_cache");
-    if (out == nullptr) return NullArgument(kOp, "out");
 
     // Work items are (token, chunk of its context). Each reads whole cache
     // slots (all kv heads) in order, which the prefetcher and TLB handle far
@@ -805,24 +667,8 @@ class CpuBackend final : public Backend {
 
   // --- sampling -------------------------------------------------------------
 
-  absl::Status Sample(const float* logits, int64_t rows, int64_t vocab, const SamplingRow* params,
-                      SampledToken* out) override {
-    constexpr const char* kOp = "Sample";
-    if (rows < 0) return NegativeArgument(kOp, "rows", rows);
-    if (vocab <= 0) return NonPositiveArgument(kOp, "vocab", vocab);
-    if (vocab > std::numeric_limits<int32_t>::max()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("CpuBackend::Sample: vocab must fit token ids (int32), got ", vocab));
-    }
-    if (rows == 0) return absl::OkStatus();
-    if (logits == nullptr) return NullArgument(kOp, "logits");
-    if (params == nullptr) return NullArgument(kOp, "params");
-    if (out == nullptr) return NullArgument(kOp, "out");
-    for (int64_t row = 0; row < rows; ++row) {
-      if (absl::Status status = ValidateSamplingRow(params[row], row); !status.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat("CpuBackend::Sample: ", status.message()));
-      }
-    }
+  absl::Status DoSample(const float* logits, int64_t rows, int64_t vocab, const SamplingRow* params,
+                        SampledToken* out) override {
     // Device memory is host memory here: the reference runs in place, one
     // row per work item (rows are independent, so threads change nothing).
     pool_.ParallelFor(rows, 1, [&](int64_t begin, int64_t end) {
@@ -834,14 +680,6 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  absl::Status Copy(const char* op, void* dst, const void* src, size_t bytes) {
-    if (bytes == 0) return absl::OkStatus();
-    if (dst == nullptr) return NullArgument(op, "dst");
-    if (src == nullptr) return NullArgument(op, "src");
-    std::memcpy(dst, src, bytes);
-    return absl::OkStatus();
-  }
-
   // y[m, 0:n] = alpha · x[m, k] · w[n, k]ᵀ (+ y), rows of y ldy floats apart;
   // batch-invariant (see kernels/cpu/gemm.h).
   void MatMulTransposed(const float* x, const void* w, DType w_dtype, int64_t m, int64_t n,
@@ -904,32 +742,6 @@ class CpuBackend final : public Backend {
     for (int32_t i = 0; i < num_segments; ++i) fn(segments[i], offsets[i], /*serial=*/false);
   }
 
-  static absl::Status CheckLoraSegments(const char* op, const LoraSegment* segments,
-                                        int32_t num_segments) {
-    if (num_segments < 0) return NegativeArgument(op, "num_segments", num_segments);
-    if (num_segments > 0 && segments == nullptr) return NullArgument(op, "segments");
-    for (int32_t i = 0; i < num_segments; ++i) {
-      const LoraSegment& seg = segments[i];
-      if (seg.start < 0 || seg.end < seg.start) {
-        return absl::InvalidArgumentError(absl::StrCat("CpuBackend::", op, ": segment ", i,
-                                                       " has rows [", seg.start, ", ", seg.end,
-                                                       "); expected 0 <= start <= end"));
-      }
-      if (seg.rank <= 0 || seg.a == nullptr || seg.bt == nullptr) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "CpuBackend::", op, ": segment ", i, " needs rank > 0 (got ", seg.rank,
-            ") and non-null a and bt"));
-      }
-    }
-    return absl::OkStatus();
-  }
-
-  static absl::Status CheckRows(const char* op, int64_t n, int64_t dim) {
-    if (n < 0) return NegativeArgument(op, "n", n);
-    if (dim <= 0) return NonPositiveArgument(op, "dim", dim);
-    return absl::OkStatus();
-  }
-
   // Runs fn(row) for rows [0, n) of `row_floats` floats each, threaded when
   // the rows are many enough to pay for waking the pool.
   template <typename Fn>
@@ -956,33 +768,11 @@ class CpuBackend final : public Backend {
     }
   }
 
-  // Checks everything PagedAttention reads besides the tensors, and returns
-  // the sequence of each token.
-  static absl::StatusOr<std::vector<int32_t>> CheckAttentionBatch(const AttentionBatch& batch,
-                                                                  const KvLayout& layout,
-                                                                  int32_t num_heads) {
-    constexpr const char* kOp = "PagedAttention";
-    if (absl::Status s = CheckLayout(kOp, layout); !s.ok()) return s;
-    if (num_heads <= 0) return NonPositiveArgument(kOp, "num_heads", num_heads);
-    if (num_heads % layout.num_kv_heads != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("CpuBackend::PagedAttention: num_heads (", num_heads,
-                       ") must be a multiple of layout.num_kv_heads (", layout.num_kv_heads, ")"));
-    }
-    if (batch.num_seqs < 0) return NegativeArgument(kOp, "batch.num_seqs", batch.num_seqs);
-    if (batch.num_tokens < 0) return NegativeArgument(kOp, "batch.num_tokens", batch.num_tokens);
-    if (batch.num_tokens == 0) return std::vector<int32_t>();
-    if (batch.num_seqs == 0) {
-      return absl::InvalidArgumentError(absl::StrCat("CpuBackend::PagedAttention: batch has ",
-                                                     batch.num_tokens, " tokens but no sequences"));
-    }
-    if (batch.max_blocks_per_seq <= 0) {
-      return NonPositiveArgument(kOp, "batch.max_blocks_per_seq", batch.max_blocks_per_seq);
-    }
-    if (batch.query_start == nullptr) return NullArgument(kOp, "batch.query_start");
-    if (batch.context_lens == nullptr) return NullArgument(kOp, "batch.context_lens");
-    if (batch.block_tables == nullptr) return NullArgument(kOp, "batch.block_tables");
-    if (batch.positions == nullptr) return NullArgument(kOp, "batch.positions");
+  // Checks the indices PagedAttention reads from the batch (query starts,
+  // context lengths, block tables, positions), and returns the sequence of
+  // each token.
+  static absl::StatusOr<std::vector<int32_t>> SequenceOfEachToken(const AttentionBatch& batch,
+                                                                  const KvLayout& layout) {
     if (batch.query_start[0] != 0 || batch.query_start[batch.num_seqs] != batch.num_tokens) {
       return absl::InvalidArgumentError(absl::StrCat(
           "CpuBackend::PagedAttention: batch.query_start must run from 0 to num_tokens (",

@@ -21,9 +21,12 @@
 // tables, the one per-call host input, go to a pinned arena whose device twin
 // the captured kernels read; its used part is copied before each launch.
 //
-// Errors: every CUDA and cuBLAS result becomes a Status naming the call.
-// Indices read on the device (token ids, slots, positions, block tables) are
-// checked there; a bad one is reported by the next Synchronize or CopyToHost.
+// Errors: arguments arrive checked (Backend, kernels/backend.cc); what is
+// left here are this backend's own limits (no Q8 weights, cuBLAS's int sizes,
+// the attention kernel's head_dim). Every CUDA and cuBLAS result becomes a
+// Status naming the call. Indices read on the device (token ids, slots,
+// positions, block tables) are checked there; a bad one is reported by the
+// next Synchronize or CopyToHost.
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -172,30 +175,6 @@ absl::Status Invalid(const char* op, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat("CudaBackend::", op, ": ", what));
 }
 
-absl::Status CheckNotNull(const char* op, const char* arg, const void* p) {
-  if (p == nullptr) return Invalid(op, absl::StrCat(arg, " is null"));
-  return absl::OkStatus();
-}
-
-absl::Status CheckNonNegative(const char* op, const char* arg, int64_t value) {
-  if (value < 0) return Invalid(op, absl::StrCat(arg, " must not be negative, got ", value));
-  return absl::OkStatus();
-}
-
-absl::Status CheckPositive(const char* op, const char* arg, int64_t value) {
-  if (value <= 0) return Invalid(op, absl::StrCat(arg, " must be positive, got ", value));
-  return absl::OkStatus();
-}
-
-// A row stride must hold a row: `ld` >= `row_floats`.
-absl::Status CheckRowStride(const char* op, const char* arg, int64_t ld, int64_t row_floats) {
-  if (ld < row_floats) {
-    return Invalid(op,
-                   absl::StrCat(arg, " is ", ld, ", less than a row of ", row_floats, " floats"));
-  }
-  return absl::OkStatus();
-}
-
 cudaDataType_t CudaDataType(DType dtype) {
   switch (dtype) {
     case DType::kF32:
@@ -210,52 +189,24 @@ cudaDataType_t CudaDataType(DType dtype) {
   return CUDA_R_32F;
 }
 
-absl::Status CheckWeight(const char* op, const char* arg, const WeightView& w) {
-  if (w.data == nullptr) return Invalid(op, absl::StrCat(arg, ".data is null"));
-  if (w.rows <= 0 || w.cols <= 0) {
-    return Invalid(
-        op, absl::StrCat(arg, " must have positive rows and cols, got ", w.rows, "x", w.cols));
-  }
+// This backend's own limit on weights: cuBLAS has no int8 GEMMs here.
+absl::Status CheckNotQ8(const char* op, const char* arg, const WeightView& w) {
   if (w.dtype == DType::kQ8) return Invalid(op, absl::StrCat(arg, " is Q8: no int8 GEMMs on CUDA"));
   return absl::OkStatus();
 }
 
-absl::Status CheckLayout(const char* op, const KvLayout& layout) {
-  if (layout.num_blocks <= 0 || layout.block_size <= 0 || layout.num_kv_heads <= 0 ||
-      layout.head_dim <= 0) {
-    return Invalid(
-        op, absl::StrCat("layout must be positive everywhere, got num_blocks ", layout.num_blocks,
-                         ", block_size ", layout.block_size, ", num_kv_heads ", layout.num_kv_heads,
-                         ", head_dim ", layout.head_dim));
-  }
-  return absl::OkStatus();
-}
-
-// The largest per-segment rows and work (rows · rank) of a segment list,
-// after checking every segment.
+// The largest per-segment rows and work (rows · rank) of a segment list.
 struct SegmentStats {
   int64_t max_rows = 0;
   int64_t max_work = 0;
 };
 
-absl::StatusOr<SegmentStats> CheckSegments(const char* op, const LoraSegment* segments,
-                                           int32_t num_segments) {
-  if (num_segments < 0) return Invalid(op, absl::StrCat("num_segments is ", num_segments));
-  if (num_segments > 0 && segments == nullptr) return Invalid(op, "segments is null");
+SegmentStats StatsOf(const LoraSegment* segments, int32_t num_segments) {
   SegmentStats stats;
   for (int32_t i = 0; i < num_segments; ++i) {
-    const LoraSegment& seg = segments[i];
-    if (seg.start < 0 || seg.end < seg.start) {
-      return Invalid(op, absl::StrCat("segment ", i, " has rows [", seg.start, ", ", seg.end,
-                                      "); expected 0 <= start <= end"));
-    }
-    if (seg.rank <= 0 || seg.a == nullptr || seg.bt == nullptr) {
-      return Invalid(op, absl::StrCat("segment ", i, " needs rank > 0 (got ", seg.rank,
-                                      ") and non-null a and bt"));
-    }
-    const int64_t rows = seg.end - seg.start;
+    const int64_t rows = segments[i].end - segments[i].start;
     stats.max_rows = std::max(stats.max_rows, rows);
-    stats.max_work = std::max(stats.max_work, rows * seg.rank);
+    stats.max_work = std::max(stats.max_work, rows * segments[i].rank);
   }
   return stats;
 }
@@ -351,25 +302,53 @@ class CudaBackend final : public Backend {
     cudaFree(data);  // called from destructors: nothing to report to
   }
 
-  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+  DType WeightDType(DType source) const override {
+    if (weight_dtype_ == DType::kF32) return DType::kF32;
+    return source == DType::kF16 ? DType::kF16 : DType::kBF16;
+  }
+
+  // bf16 keys and values by default: half the bytes of float32, both in the
+  // pool (twice the tokens fit) and in what attention reads every step. F32
+  // with F32 weights, for exact comparisons with the CPU.
+  DType KvCacheDType() const override { return weight_dtype_; }
+
+  // bf16 A and Bᵀ, as vLLM keeps adapters in the model's dtype: half the
+  // bytes a LoRA segment reads every step and twice the adapters a pool
+  // holds. bf16 even beside f16 weights: it has float32's range, so no
+  // tenant's adapter overflows. F32 with F32 weights, for exact comparisons.
+  DType LoraDType() const override {
+    return weight_dtype_ == DType::kF32 ? DType::kF32 : DType::kBF16;
+  }
+
+  absl::Status Synchronize() override {
+    CUDA_RETURN_IF_ERROR(RefuseInStep("Synchronize"));
+    CUDA_RETURN_IF_ERROR(Begin("Synchronize"));
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(error_host_, error_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    const int32_t code = *error_host_;
+    if (code == cuda::kNoKernelError) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(error_, 0, sizeof(int32_t), stream_));
+    return absl::OutOfRangeError(absl::StrCat("CudaBackend (", name(),
+                                              "): ", cuda::KernelErrorName(code),
+                                              " (checked on the device; the affected outputs "
+                                              "hold NaN)"));
+  }
+
+ protected:
+  absl::Status DoCopyToDevice(void* dst, const void* src, size_t bytes) override {
     CUDA_RETURN_IF_ERROR(RefuseInStep("CopyToDevice"));
     CUDA_RETURN_IF_ERROR(Begin("CopyToDevice"));
-    if (bytes == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull("CopyToDevice", "dst", dst));
-    CUDA_RETURN_IF_ERROR(CheckNotNull("CopyToDevice", "src", src));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
     // The caller may free or reuse pageable `src` as soon as we return.
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     return absl::OkStatus();
   }
 
-  absl::Status CopyToDeviceAsync(void* dst, const void* src, size_t bytes) override {
+  absl::Status DoCopyToDeviceAsync(void* dst, const void* src, size_t bytes) override {
     constexpr const char* kOp = "CopyToDeviceAsync";
     CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    if (bytes == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "dst", dst));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "src", src));
     if (copy_staging_ == nullptr) {
       CUDA_RETURN_IF_ERROR(cudaMallocHost(&copy_staging_, kCopyChunks * kCopyChunkBytes));
     }
@@ -393,61 +372,30 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+  absl::Status DoCopyToHost(void* dst, const void* src, size_t bytes) override {
     CUDA_RETURN_IF_ERROR(RefuseInStep("CopyToHost"));
     CUDA_RETURN_IF_ERROR(Begin("CopyToHost"));
-    if (bytes != 0) {
-      CUDA_RETURN_IF_ERROR(CheckNotNull("CopyToHost", "dst", dst));
-      CUDA_RETURN_IF_ERROR(CheckNotNull("CopyToHost", "src", src));
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
-    }
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     // Results are read here: report what the kernels found on the way.
     return Synchronize();
   }
 
-  absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override {
+  absl::Status DoCopyOnDevice(void* dst, const void* src, size_t bytes) override {
     CUDA_RETURN_IF_ERROR(RefuseInStep("CopyOnDevice"));
     CUDA_RETURN_IF_ERROR(Begin("CopyOnDevice"));
-    if (bytes == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull("CopyOnDevice", "dst", dst));
-    CUDA_RETURN_IF_ERROR(CheckNotNull("CopyOnDevice", "src", src));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
     return absl::OkStatus();
   }
 
-  DType WeightDType(DType source) const override {
-    if (weight_dtype_ == DType::kF32) return DType::kF32;
-    return source == DType::kF16 ? DType::kF16 : DType::kBF16;
-  }
-
-  // bf16 keys and values by default: half the bytes of float32, both in the
-  // pool (twice the tokens fit) and in what attention reads every step. F32
-  // with F32 weights, for exact comparisons with the CPU.
-  DType KvCacheDType() const override { return weight_dtype_; }
-
-  // bf16 A and Bᵀ, as vLLM keeps adapters in the model's dtype: half the
-  // bytes a LoRA segment reads every step and twice the adapters a pool
-  // holds. bf16 even beside f16 weights: it has float32's range, so no
-  // tenant's adapter overflows. F32 with F32 weights, for exact comparisons.
-  DType LoraDType() const override {
-    return weight_dtype_ == DType::kF32 ? DType::kF32 : DType::kBF16;
-  }
-
-  absl::Status UploadWeight(void* dst, const void* src, DType src_dtype, int64_t rows,
-                            int64_t cols) override {
+  absl::Status DoUploadWeight(void* dst, const void* src, DType src_dtype, int64_t rows,
+                              int64_t cols) override {
     constexpr const char* kOp = "UploadWeight";
     CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "rows", rows));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "cols", cols));
-    if (src_dtype == DType::kQ8) return Invalid(kOp, "src_dtype Q8 is not a checkpoint dtype");
     const int64_t count = rows * cols;
-    if (count == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "dst", dst));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "src", src));
     const DType stored = WeightDType(src_dtype);
     const size_t src_size = DTypeSize(src_dtype);
-    if (stored == src_dtype) return CopyToDevice(dst, src, count * src_size);
+    if (stored == src_dtype) return DoCopyToDevice(dst, src, count * src_size);
     // Raw chunks go to a device staging buffer and are converted there; the
     // stream orders each chunk's copy after the previous chunk's conversion.
     if (staging_ == nullptr) {
@@ -466,31 +414,13 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Synchronize() override {
-    CUDA_RETURN_IF_ERROR(RefuseInStep("Synchronize"));
-    CUDA_RETURN_IF_ERROR(Begin("Synchronize"));
-    CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(error_host_, error_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
-    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-    const int32_t code = *error_host_;
-    if (code == cuda::kNoKernelError) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(error_, 0, sizeof(int32_t), stream_));
-    return absl::OutOfRangeError(absl::StrCat("CudaBackend (", name(),
-                                              "): ", cuda::KernelErrorName(code),
-                                              " (checked on the device; the affected outputs "
-                                              "hold NaN)"));
-  }
-
   // --- dense ----------------------------------------------------------------
 
-  absl::Status Linear(const float* x, const WeightView& w, int64_t m, float* y,
-                      bool accumulate) override {
+  absl::Status DoLinear(const float* x, const WeightView& w, int64_t m, float* y,
+                        bool accumulate) override {
     constexpr const char* kOp = "Linear";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, "m", m));
-    if (m == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
     // x is already written: only its copy in w's dtype is left to make.
     return LaunchIntoGemm(kOp, w, m, x, y, accumulate, [&](void* converted) {
       if (converted == nullptr) return cudaSuccess;
@@ -500,16 +430,11 @@ class CudaBackend final : public Backend {
 
   // The norm writes the GEMM's operand (h in the weight's dtype) as it
   // writes h: one pass over the row instead of RmsNorm's and a conversion's.
-  absl::Status RmsNormLinear(const float* x, const float* norm_weight, int64_t n, int64_t dim,
-                             float eps, float* h, const WeightView& w, float* y) override {
+  absl::Status DoRmsNormLinear(const float* x, const float* norm_weight, int64_t n, int64_t dim,
+                               float eps, float* h, const WeightView& w, float* y) override {
     constexpr const char* kOp = "RmsNormLinear";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckRowsIntoGemm(kOp, w, n, dim));
-    if (n == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "norm_weight", norm_weight));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "h", h));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
+    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, "n", n));
     return LaunchIntoGemm(
         kOp, w, n, h, y, /*accumulate=*/false,
         [&](void* converted) {
@@ -518,15 +443,11 @@ class CudaBackend final : public Backend {
         x, norm_weight, dim, eps);
   }
 
-  absl::Status Embedding(const int32_t* ids, int64_t n, const WeightView& table,
-                         float* y) override {
+  absl::Status DoEmbedding(const int32_t* ids, int64_t n, const WeightView& table,
+                           float* y) override {
     constexpr const char* kOp = "Embedding";
+    CUDA_RETURN_IF_ERROR(CheckNotQ8(kOp, "table", table));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckWeight(kOp, "table", table));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "n", n));
-    if (n == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "ids", ids));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
     return Launch(
         kOp,
         [&] {
@@ -536,16 +457,10 @@ class CudaBackend final : public Backend {
         ids, n, table.data, table.dtype, table.rows, table.cols, y);
   }
 
-  absl::Status RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
-                       float* y) override {
+  absl::Status DoRmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
+                         float* y) override {
     constexpr const char* kOp = "RmsNorm";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "n", n));
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "dim", dim));
-    if (n == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "weight", weight));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
     return Launch(
         kOp,
         [&] {
@@ -555,37 +470,23 @@ class CudaBackend final : public Backend {
         x, weight, n, dim, eps, y);
   }
 
-  absl::Status Add(float* x, const float* y, int64_t count) override {
+  absl::Status DoAdd(float* x, const float* y, int64_t count) override {
     constexpr const char* kOp = "Add";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "count", count));
-    if (count == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
     return Launch(
         kOp, [&] { return cuda::AddInPlace(x, y, count, stream_); }, x, y, count);
   }
 
-  absl::Status AddBias(float* x, const float* bias, int64_t n, int64_t dim) override {
+  absl::Status DoAddBias(float* x, const float* bias, int64_t n, int64_t dim) override {
     constexpr const char* kOp = "AddBias";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "n", n));
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "dim", dim));
-    if (n == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "bias", bias));
     return Launch(
         kOp, [&] { return cuda::AddBiasRows(x, bias, n, dim, stream_); }, x, bias, n, dim);
   }
 
-  absl::Status SiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) override {
+  absl::Status DoSiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) override {
     constexpr const char* kOp = "SiluMul";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "n", n));
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "dim", dim));
-    if (n == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "gate_up", gate_up));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "out", out));
     return Launch(
         kOp,
         [&] {
@@ -596,15 +497,11 @@ class CudaBackend final : public Backend {
   }
 
   // As RmsNormLinear: the gate writes the GEMM's operand as it writes act.
-  absl::Status SiluMulLinear(const float* gate_up, int64_t n, int64_t dim, float* act,
-                             const WeightView& w, float* y, bool accumulate) override {
+  absl::Status DoSiluMulLinear(const float* gate_up, int64_t n, int64_t dim, float* act,
+                               const WeightView& w, float* y, bool accumulate) override {
     constexpr const char* kOp = "SiluMulLinear";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckRowsIntoGemm(kOp, w, n, dim));
-    if (n == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "gate_up", gate_up));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "act", act));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
+    CUDA_RETURN_IF_ERROR(CheckGemm(kOp, w, "n", n));
     return LaunchIntoGemm(
         kOp, w, n, act, y, accumulate,
         [&](void* converted) {
@@ -615,21 +512,17 @@ class CudaBackend final : public Backend {
 
   // --- LoRA -----------------------------------------------------------------
 
-  absl::Status LoraShrink(const float* x, int64_t in, const LoraSegment* segments,
-                          int32_t num_segments, float* t) override {
+  absl::Status DoLoraShrink(const float* x, int64_t in, const LoraSegment* segments,
+                            int32_t num_segments, float* t) override {
     constexpr const char* kOp = "LoraShrink";
-    CUDA_RETURN_IF_ERROR(Begin(kOp));
-    absl::StatusOr<SegmentStats> stats = CheckSegments(kOp, segments, num_segments);
-    if (!stats.ok()) return stats.status();
     // In a step an empty table is still a call: the next step's may not be.
     if (num_segments == 0 && mode_ == StepMode::kEager) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "x", x));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "t", t));
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "in", in));
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    const SegmentStats stats = StatsOf(segments, num_segments);
     absl::StatusOr<const DeviceLoraTable*> table = StageTable(kOp, segments, num_segments);
     if (!table.ok()) return table.status();
     const int32_t grid = mode_ == StepMode::kEager ? num_segments : step_max_segments_;
-    const int64_t max_work = mode_ == StepMode::kEager ? stats->max_work : kStepShrinkWork;
+    const int64_t max_work = mode_ == StepMode::kEager ? stats.max_work : kStepShrinkWork;
     return Launch(
         kOp,
         [&] {
@@ -638,21 +531,16 @@ class CudaBackend final : public Backend {
         x, in, static_cast<const void*>(*table), grid, max_work, t);
   }
 
-  absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
-                          int64_t out, float* y, int64_t ldy) override {
+  absl::Status DoLoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
+                            int64_t out, float* y, int64_t ldy) override {
     constexpr const char* kOp = "LoraExpand";
-    CUDA_RETURN_IF_ERROR(Begin(kOp));
-    absl::StatusOr<SegmentStats> stats = CheckSegments(kOp, segments, num_segments);
-    if (!stats.ok()) return stats.status();
     if (num_segments == 0 && mode_ == StepMode::kEager) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "t", t));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "y", y));
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "out", out));
-    if (ldy < out) return Invalid(kOp, absl::StrCat("ldy (", ldy, ") must be >= out (", out, ")"));
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    const SegmentStats stats = StatsOf(segments, num_segments);
     absl::StatusOr<const DeviceLoraTable*> table = StageTable(kOp, segments, num_segments);
     if (!table.ok()) return table.status();
     const int32_t grid = mode_ == StepMode::kEager ? num_segments : step_max_segments_;
-    const int64_t max_rows = mode_ == StepMode::kEager ? stats->max_rows : kStepExpandRows;
+    const int64_t max_rows = mode_ == StepMode::kEager ? stats.max_rows : kStepExpandRows;
     return Launch(
         kOp,
         [&] {
@@ -662,15 +550,11 @@ class CudaBackend final : public Backend {
         t, static_cast<const void*>(*table), grid, max_rows, out, y, ldy);
   }
 
-  absl::Status MergeLora(const WeightView& base, const void* a, const void* bt, int32_t rank,
-                         float scale, void* out) override {
+  absl::Status DoMergeLora(const WeightView& base, const void* a, const void* bt, int32_t rank,
+                           float scale, void* out) override {
     constexpr const char* kOp = "MergeLora";
+    CUDA_RETURN_IF_ERROR(CheckNotQ8(kOp, "base", base));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckWeight(kOp, "base", base));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "a", a));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "bt", bt));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "out", out));
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "rank", rank));
     return Launch(
         kOp,
         [&] {
@@ -682,13 +566,16 @@ class CudaBackend final : public Backend {
 
   // --- step graphs ----------------------------------------------------------
 
+ public:
   bool SupportsStepGraphs() const override { return true; }
 
   absl::Status BeginStep(uint64_t key, int32_t max_segments) override {
     constexpr const char* kOp = "BeginStep";
     CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "max_segments", max_segments));
+    if (max_segments < 0) {
+      return Invalid(kOp, absl::StrCat("max_segments must not be negative, got ", max_segments));
+    }
     // The host arena is rewritten below: the last step's copy must be done.
     CUDA_RETURN_IF_ERROR(cudaEventSynchronize(arena_copied_));
     StepGraph& graph = graphs_[key];
@@ -787,27 +674,12 @@ class CudaBackend final : public Backend {
 
   // --- attention ------------------------------------------------------------
 
-  absl::Status Rope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
-                    int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
-                    const RopeParams& rope) override {
+ protected:
+  absl::Status DoRope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
+                      int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
+                      const RopeParams& rope) override {
     constexpr const char* kOp = "Rope";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "tokens", tokens));
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "num_heads", num_heads));
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "num_kv_heads", num_kv_heads));
-    if (rope.head_dim <= 0 || rope.head_dim % 2 != 0) {
-      return Invalid(kOp,
-                     absl::StrCat("rope.head_dim must be positive and even, got ", rope.head_dim));
-    }
-    CUDA_RETURN_IF_ERROR(
-        CheckRowStride(kOp, "q_ld", q_ld, static_cast<int64_t>(num_heads) * rope.head_dim));
-    CUDA_RETURN_IF_ERROR(
-        CheckRowStride(kOp, "k_ld", k_ld, static_cast<int64_t>(num_kv_heads) * rope.head_dim));
-    if (tokens == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "q", q));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "k", k));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "positions", positions));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "rope.inv_freq", rope.inv_freq));
     return Launch(
         kOp,
         [&] {
@@ -819,20 +691,10 @@ class CudaBackend final : public Backend {
         rope.attention_scaling);
   }
 
-  absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld, const AttentionBatch& batch,
-                       const KvLayout& layout, void* k_cache, void* v_cache) override {
+  absl::Status DoWriteKv(const float* k, const float* v, int64_t kv_ld, const AttentionBatch& batch,
+                         const KvLayout& layout, void* k_cache, void* v_cache) override {
     constexpr const char* kOp = "WriteKv";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckLayout(kOp, layout));
-    CUDA_RETURN_IF_ERROR(CheckRowStride(
-        kOp, "kv_ld", kv_ld, static_cast<int64_t>(layout.num_kv_heads) * layout.head_dim));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "batch.num_tokens", batch.num_tokens));
-    if (batch.num_tokens == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "k", k));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "v", v));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "k_cache", k_cache));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "v_cache", v_cache));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.slot_mapping", batch.slot_mapping));
     return Launch(
         kOp,
         [&] {
@@ -845,41 +707,17 @@ class CudaBackend final : public Backend {
         layout.block_size, layout.num_kv_heads, layout.head_dim, layout.dtype);
   }
 
-  absl::Status PagedAttention(const float* q, int64_t q_ld, const AttentionBatch& batch,
-                              const KvLayout& layout, int32_t num_heads, const void* k_cache,
-                              const void* v_cache, float* out) override {
+  absl::Status DoPagedAttention(const float* q, int64_t q_ld, const AttentionBatch& batch,
+                                const KvLayout& layout, int32_t num_heads, const void* k_cache,
+                                const void* v_cache, float* out) override {
     constexpr const char* kOp = "PagedAttention";
-    CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckLayout(kOp, layout));
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "num_heads", num_heads));
-    CUDA_RETURN_IF_ERROR(
-        CheckRowStride(kOp, "q_ld", q_ld, static_cast<int64_t>(num_heads) * layout.head_dim));
-    if (num_heads % layout.num_kv_heads != 0) {
-      return Invalid(kOp, absl::StrCat("num_heads (", num_heads,
-                                       ") must be a multiple of layout.num_kv_heads (",
-                                       layout.num_kv_heads, ")"));
-    }
     if (layout.head_dim > cuda::kMaxAttentionHeadDim) {
       return absl::UnimplementedError(absl::StrCat("CudaBackend::PagedAttention: head_dim ",
                                                    layout.head_dim, " is above the supported ",
                                                    cuda::kMaxAttentionHeadDim));
     }
     if (num_heads > 65535) return Invalid(kOp, absl::StrCat("num_heads ", num_heads, " > 65535"));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "batch.num_tokens", batch.num_tokens));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "batch.num_seqs", batch.num_seqs));
-    if (batch.num_tokens == 0) return absl::OkStatus();
-    if (batch.num_seqs == 0) {
-      return Invalid(kOp, absl::StrCat("batch has ", batch.num_tokens, " tokens but no sequences"));
-    }
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "batch.max_blocks_per_seq", batch.max_blocks_per_seq));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "q", q));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "k_cache", k_cache));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "v_cache", v_cache));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "out", out));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.query_start", batch.query_start));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.context_lens", batch.context_lens));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.block_tables", batch.block_tables));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "batch.positions", batch.positions));
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
     return Launch(
         kOp,
         [&] {
@@ -899,26 +737,14 @@ class CudaBackend final : public Backend {
 
   // One launch samples every row; the parameters go up and the results come
   // back in one copy each, through one pinned buffer.
-  absl::Status Sample(const float* logits, int64_t rows, int64_t vocab, const SamplingRow* params,
-                      SampledToken* out) override {
+  absl::Status DoSample(const float* logits, int64_t rows, int64_t vocab, const SamplingRow* params,
+                        SampledToken* out) override {
     constexpr const char* kOp = "Sample";
+    if (rows > INT32_MAX) return Invalid(kOp, absl::StrCat("rows ", rows, " > ", INT32_MAX));
     CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(kOp, "rows", rows));
-    CUDA_RETURN_IF_ERROR(CheckPositive(kOp, "vocab", vocab));
-    if (vocab > INT32_MAX) {
-      return Invalid(kOp, absl::StrCat("vocab must fit token ids (int32), got ", vocab));
-    }
-    if (rows > INT32_MAX) return Invalid(kOp, absl::StrCat("rows ", rows, " > ", INT32_MAX));
-    if (rows == 0) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "logits", logits));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "params", params));
-    CUDA_RETURN_IF_ERROR(CheckNotNull(kOp, "out", out));
     int64_t num_top = 0;
     for (int64_t row = 0; row < rows; ++row) {
-      if (absl::Status status = ValidateSamplingRow(params[row], row); !status.ok()) {
-        return Invalid(kOp, std::string(status.message()));
-      }
       num_top += std::min<int64_t>(params[row].num_top_logprobs, vocab);
     }
     // Layout of the staging buffers (host and device alike): parameters,
@@ -997,23 +823,10 @@ class CudaBackend final : public Backend {
   // A weight and a row count (named `rows_arg` in `op`) cuBLAS can take.
   absl::Status CheckGemm(const char* op, const WeightView& w, const char* rows_arg,
                          int64_t m) const {
-    CUDA_RETURN_IF_ERROR(CheckWeight(op, "w", w));
-    CUDA_RETURN_IF_ERROR(CheckNonNegative(op, rows_arg, m));
+    CUDA_RETURN_IF_ERROR(CheckNotQ8(op, "w", w));
     if (m > INT32_MAX || w.rows > INT32_MAX || w.cols > INT32_MAX) {
       return Invalid(op, absl::StrCat("sizes beyond cuBLAS's int: ", rows_arg, " ", m, ", w ",
                                       w.rows, "x", w.cols));
-    }
-    return absl::OkStatus();
-  }
-
-  // What RmsNormLinear and SiluMulLinear need: n rows of dim elements that w
-  // (dim wide) takes.
-  absl::Status CheckRowsIntoGemm(const char* op, const WeightView& w, int64_t n,
-                                 int64_t dim) const {
-    CUDA_RETURN_IF_ERROR(CheckGemm(op, w, "n", n));
-    CUDA_RETURN_IF_ERROR(CheckPositive(op, "dim", dim));
-    if (w.cols != dim) {
-      return Invalid(op, absl::StrCat("w has ", w.cols, " columns for rows of ", dim));
     }
     return absl::OkStatus();
   }

@@ -225,54 +225,54 @@ class LostDevice : public kernels::Backend {
   static absl::Status Lost() { return absl::InternalError("device lost (test)"); }
   std::string name() const override { return "lost device"; }
   absl::StatusOr<kernels::DeviceBuffer> Allocate(size_t) override { return Lost(); }
-  absl::Status CopyToDevice(void*, const void*, size_t) override { return Lost(); }
-  absl::Status CopyToHost(void*, const void*, size_t) override { return Lost(); }
-  absl::Status CopyOnDevice(void*, const void*, size_t) override { return Lost(); }
-  absl::Status UploadWeight(void*, const void*, kernels::DType, int64_t, int64_t) override {
+  absl::Status DoCopyToDevice(void*, const void*, size_t) override { return Lost(); }
+  absl::Status DoCopyToHost(void*, const void*, size_t) override { return Lost(); }
+  absl::Status DoCopyOnDevice(void*, const void*, size_t) override { return Lost(); }
+  absl::Status DoUploadWeight(void*, const void*, kernels::DType, int64_t, int64_t) override {
     return Lost();
   }
   kernels::DType WeightDType(kernels::DType source) const override { return source; }
   absl::Status Synchronize() override { return Lost(); }
   void Free(void*, size_t) override {}
-  absl::Status Linear(const float*, const kernels::WeightView&, int64_t, float*, bool) override {
+  absl::Status DoLinear(const float*, const kernels::WeightView&, int64_t, float*, bool) override {
     return Lost();
   }
-  absl::Status Embedding(const int32_t*, int64_t, const kernels::WeightView&, float*) override {
+  absl::Status DoEmbedding(const int32_t*, int64_t, const kernels::WeightView&, float*) override {
     return Lost();
   }
-  absl::Status RmsNorm(const float*, const float*, int64_t, int64_t, float, float*) override {
+  absl::Status DoRmsNorm(const float*, const float*, int64_t, int64_t, float, float*) override {
     return Lost();
   }
-  absl::Status Add(float*, const float*, int64_t) override { return Lost(); }
-  absl::Status AddBias(float*, const float*, int64_t, int64_t) override { return Lost(); }
-  absl::Status SiluMul(const float*, int64_t, int64_t, float*) override { return Lost(); }
-  absl::Status LoraShrink(const float*, int64_t, const kernels::LoraSegment*, int32_t,
-                          float*) override {
+  absl::Status DoAdd(float*, const float*, int64_t) override { return Lost(); }
+  absl::Status DoAddBias(float*, const float*, int64_t, int64_t) override { return Lost(); }
+  absl::Status DoSiluMul(const float*, int64_t, int64_t, float*) override { return Lost(); }
+  absl::Status DoLoraShrink(const float*, int64_t, const kernels::LoraSegment*, int32_t,
+                            float*) override {
     return Lost();
   }
-  absl::Status LoraExpand(const float*, const kernels::LoraSegment*, int32_t, int64_t, float*,
-                          int64_t) override {
+  absl::Status DoLoraExpand(const float*, const kernels::LoraSegment*, int32_t, int64_t, float*,
+                            int64_t) override {
     return Lost();
   }
-  absl::Status MergeLora(const kernels::WeightView&, const void*, const void*, int32_t, float,
-                         void*) override {
+  absl::Status DoMergeLora(const kernels::WeightView&, const void*, const void*, int32_t, float,
+                           void*) override {
     return Lost();
   }
-  absl::Status Rope(float*, int64_t, float*, int64_t, const int32_t*, int64_t, int32_t, int32_t,
-                    const kernels::RopeParams&) override {
+  absl::Status DoRope(float*, int64_t, float*, int64_t, const int32_t*, int64_t, int32_t, int32_t,
+                      const kernels::RopeParams&) override {
     return Lost();
   }
-  absl::Status WriteKv(const float*, const float*, int64_t, const kernels::AttentionBatch&,
-                       const kernels::KvLayout&, void*, void*) override {
+  absl::Status DoWriteKv(const float*, const float*, int64_t, const kernels::AttentionBatch&,
+                         const kernels::KvLayout&, void*, void*) override {
     return Lost();
   }
-  absl::Status PagedAttention(const float*, int64_t, const kernels::AttentionBatch&,
-                              const kernels::KvLayout&, int32_t, const void*, const void*,
-                              float*) override {
+  absl::Status DoPagedAttention(const float*, int64_t, const kernels::AttentionBatch&,
+                                const kernels::KvLayout&, int32_t, const void*, const void*,
+                                float*) override {
     return Lost();
   }
-  absl::Status Sample(const float*, int64_t, int64_t, const kernels::SamplingRow*,
-                      kernels::SampledToken*) override {
+  absl::Status DoSample(const float*, int64_t, int64_t, const kernels::SamplingRow*,
+                        kernels::SampledToken*) override {
     return Lost();
   }
 };

@@ -59,24 +59,24 @@ class StepCheckingBackend : public Backend {
     return DeviceBuffer(this, data, bytes);
   }
   void Free(void* data, size_t bytes) override { buffers_.erase(data); }
-  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+  absl::Status DoCopyToDevice(void* dst, const void* src, size_t bytes) override {
     if (absl::Status s = Refuse("CopyToDevice"); !s.ok()) return s;
     return inner_->CopyToDevice(dst, src, bytes);
   }
-  absl::Status CopyToDeviceAsync(void* dst, const void* src, size_t bytes) override {
+  absl::Status DoCopyToDeviceAsync(void* dst, const void* src, size_t bytes) override {
     if (absl::Status s = Refuse("CopyToDeviceAsync"); !s.ok()) return s;
     return inner_->CopyToDeviceAsync(dst, src, bytes);
   }
-  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+  absl::Status DoCopyToHost(void* dst, const void* src, size_t bytes) override {
     if (absl::Status s = Refuse("CopyToHost"); !s.ok()) return s;
     return inner_->CopyToHost(dst, src, bytes);
   }
-  absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes) override {
+  absl::Status DoCopyOnDevice(void* dst, const void* src, size_t bytes) override {
     if (absl::Status s = Refuse("CopyOnDevice"); !s.ok()) return s;
     return inner_->CopyOnDevice(dst, src, bytes);
   }
-  absl::Status UploadWeight(void* dst, const void* src, kernels::DType src_dtype, int64_t rows,
-                            int64_t cols) override {
+  absl::Status DoUploadWeight(void* dst, const void* src, kernels::DType src_dtype, int64_t rows,
+                              int64_t cols) override {
     if (absl::Status s = Refuse("UploadWeight"); !s.ok()) return s;
     return inner_->UploadWeight(dst, src, src_dtype, rows, cols);
   }
@@ -89,68 +89,68 @@ class StepCheckingBackend : public Backend {
     if (absl::Status s = Refuse("Synchronize"); !s.ok()) return s;
     return inner_->Synchronize();
   }
-  absl::Status Sample(const float* logits, int64_t rows, int64_t vocab,
-                      const kernels::SamplingRow* params, kernels::SampledToken* out) override {
+  absl::Status DoSample(const float* logits, int64_t rows, int64_t vocab,
+                        const kernels::SamplingRow* params, kernels::SampledToken* out) override {
     if (absl::Status s = Refuse("Sample"); !s.ok()) return s;
     return inner_->Sample(logits, rows, vocab, params, out);
   }
 
-  absl::Status Linear(const float* x, const kernels::WeightView& w, int64_t m, float* y,
-                      bool accumulate) override {
+  absl::Status DoLinear(const float* x, const kernels::WeightView& w, int64_t m, float* y,
+                        bool accumulate) override {
     return Run(Signature("Linear", Address(x), Address(w.data), w.rows, w.cols, m, Address(y),
                          accumulate ? 1 : 0),
                [=] { return inner_->Linear(x, w, m, y, accumulate); });
   }
-  absl::Status Embedding(const int32_t* ids, int64_t n, const kernels::WeightView& table,
-                         float* y) override {
+  absl::Status DoEmbedding(const int32_t* ids, int64_t n, const kernels::WeightView& table,
+                           float* y) override {
     return Run(Signature("Embedding", Address(ids), n, Address(table.data), table.rows, Address(y)),
                [=] { return inner_->Embedding(ids, n, table, y); });
   }
-  absl::Status RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
-                       float* y) override {
+  absl::Status DoRmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
+                         float* y) override {
     return Run(Signature("RmsNorm", Address(x), Address(weight), n, dim, eps, Address(y)),
                [=] { return inner_->RmsNorm(x, weight, n, dim, eps, y); });
   }
-  absl::Status Add(float* x, const float* y, int64_t count) override {
+  absl::Status DoAdd(float* x, const float* y, int64_t count) override {
     return Run(Signature("Add", Address(x), Address(y), count),
                [=] { return inner_->Add(x, y, count); });
   }
-  absl::Status AddBias(float* x, const float* bias, int64_t n, int64_t dim) override {
+  absl::Status DoAddBias(float* x, const float* bias, int64_t n, int64_t dim) override {
     return Run(Signature("AddBias", Address(x), Address(bias), n, dim),
                [=] { return inner_->AddBias(x, bias, n, dim); });
   }
-  absl::Status SiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) override {
+  absl::Status DoSiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) override {
     return Run(Signature("SiluMul", Address(gate_up), n, dim, Address(out)),
                [=] { return inner_->SiluMul(gate_up, n, dim, out); });
   }
   // The segments are the per-step input of a LoRA call: only their number
   // is bounded, by BeginStep's max_segments. They are copied at the call,
   // as the CUDA backend stages them.
-  absl::Status LoraShrink(const float* x, int64_t in, const LoraSegment* segments,
-                          int32_t num_segments, float* t) override {
+  absl::Status DoLoraShrink(const float* x, int64_t in, const LoraSegment* segments,
+                            int32_t num_segments, float* t) override {
     CheckSegments(num_segments);
     return Run(Signature("LoraShrink", Address(x), in, Address(t)),
                [=, this, table = Table(segments, num_segments)] {
                  return inner_->LoraShrink(x, in, table.data(), num_segments, t);
                });
   }
-  absl::Status LoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
-                          int64_t out, float* y, int64_t ldy) override {
+  absl::Status DoLoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
+                            int64_t out, float* y, int64_t ldy) override {
     CheckSegments(num_segments);
     return Run(Signature("LoraExpand", Address(t), out, Address(y), ldy),
                [=, this, table = Table(segments, num_segments)] {
                  return inner_->LoraExpand(t, table.data(), num_segments, out, y, ldy);
                });
   }
-  absl::Status MergeLora(const kernels::WeightView& base, const void* a, const void* bt,
-                         int32_t rank, float scale, void* out) override {
+  absl::Status DoMergeLora(const kernels::WeightView& base, const void* a, const void* bt,
+                           int32_t rank, float scale, void* out) override {
     return Run(Signature("MergeLora", Address(base.data), Address(a), Address(bt), rank, scale,
                          Address(out)),
                [=] { return inner_->MergeLora(base, a, bt, rank, scale, out); });
   }
-  absl::Status Rope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
-                    int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
-                    const kernels::RopeParams& rope) override {
+  absl::Status DoRope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
+                      int64_t tokens, int32_t num_heads, int32_t num_kv_heads,
+                      const kernels::RopeParams& rope) override {
     return Run(
         Signature("Rope", Address(q), q_ld, Address(k), k_ld, Address(positions), tokens, num_heads,
                   num_kv_heads, Address(rope.inv_freq), rope.head_dim, rope.attention_scaling),
@@ -158,16 +158,16 @@ class StepCheckingBackend : public Backend {
           return inner_->Rope(q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads, rope);
         });
   }
-  absl::Status WriteKv(const float* k, const float* v, int64_t kv_ld,
-                       const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
-                       void* k_cache, void* v_cache) override {
+  absl::Status DoWriteKv(const float* k, const float* v, int64_t kv_ld,
+                         const kernels::AttentionBatch& batch, const kernels::KvLayout& layout,
+                         void* k_cache, void* v_cache) override {
     return Run(Signature("WriteKv", Address(k), Address(v), kv_ld, Address(batch.slot_mapping),
                          batch.num_tokens, layout.num_blocks, Address(k_cache), Address(v_cache)),
                [=] { return inner_->WriteKv(k, v, kv_ld, batch, layout, k_cache, v_cache); });
   }
-  absl::Status PagedAttention(const float* q, int64_t q_ld, const kernels::AttentionBatch& batch,
-                              const kernels::KvLayout& layout, int32_t num_heads,
-                              const void* k_cache, const void* v_cache, float* out) override {
+  absl::Status DoPagedAttention(const float* q, int64_t q_ld, const kernels::AttentionBatch& batch,
+                                const kernels::KvLayout& layout, int32_t num_heads,
+                                const void* k_cache, const void* v_cache, float* out) override {
     return Run(
         Signature("PagedAttention", Address(q), q_ld, batch.num_tokens, batch.num_seqs,
                   Address(batch.query_start), Address(batch.context_lens),
