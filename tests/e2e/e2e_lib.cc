@@ -116,6 +116,15 @@ ServerProcess::ServerProcess(const std::vector<std::string>& extra) {
   }
   channel_ =
       grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials());
+  // Tests start once the channel is up, as a client that waits for a server
+  // does: a first connection that fails (seen once in CI as a reset on a
+  // loaded machine) is retried here instead of failing a test's first calls.
+  if (port_ > 0) {
+    EXPECT_TRUE(
+        channel_->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(30)))
+        << "no gRPC connection to port " << port_ << "\n"
+        << log();
+  }
 }
 
 int ServerProcess::WaitForPort(const std::string& marker) {

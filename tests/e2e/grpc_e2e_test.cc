@@ -69,7 +69,12 @@ TEST_F(GrpcE2eTest, ConcurrentStreamsOverAdaptersGetTheirOwnTokens) {
   const std::vector<std::string> adapters = {"", "ocean", "robot", "qv-r4", "attn-r8"};
   auto stub = inference();
   std::map<std::string, std::vector<int32_t>> alone;
-  for (const std::string& a : adapters) alone[a] = Generate(*stub, Greedy("The", 16, a)).ids;
+  for (const std::string& a : adapters) {
+    Streamed streamed = Generate(*stub, Greedy("The", 16, a));
+    ASSERT_TRUE(streamed.status.ok()) << a << ": " << streamed.status.error_message() << "\n"
+                                      << server_->log();
+    alone[a] = streamed.ids;
+  }
   constexpr int kStreams = 64;
   std::vector<Streamed> results(kStreams);
   std::vector<std::thread> threads;
@@ -81,7 +86,8 @@ TEST_F(GrpcE2eTest, ConcurrentStreamsOverAdaptersGetTheirOwnTokens) {
   }
   for (auto& t : threads) t.join();
   for (int i = 0; i < kStreams; ++i) {
-    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
+    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message() << "\n"
+                                        << server_->log();
     EXPECT_EQ(results[i].ids, alone[adapters[i % adapters.size()]]) << "stream " << i;
   }
 }
