@@ -4,7 +4,8 @@
 # into .gpu_pack/ at the repository root:
 #   pack.tar.gz  bin/ and lib/, compressed (OpenBLAS alone is 36 MB plain;
 #                gzip, which every image can unpack):
-#   bin/     cuda_backend_test, cuda_factory_test, cuda_decode_bench (stripped)
+#   bin/     backend_parity_test, cuda_backend_test, cuda_model_test, cuda_factory_test,
+#            cuda_decode_bench (stripped)
 #   lib/     the shared libraries they load that the GPU image lacks (Abseil,
 #            OpenBLAS, PCRE2, gtest, ...; found with ldd). Not glibc, libstdc++
 #            or libgcc (the GPU image has newer ones) and not the CUDA driver or
@@ -24,7 +25,7 @@ BUILD=${BUILD:-$ROOT/build-gpu}
 PACK=$ROOT/.gpu_pack
 JOBS=${JOBS:-2}
 LIMIT_MIB=24  # leaves room for the working tree in the device tool's 64 MiB
-TARGETS=(cuda_backend_test cuda_factory_test cuda_decode_bench)
+TARGETS=(backend_parity_test cuda_backend_test cuda_model_test cuda_factory_test cuda_decode_bench)
 
 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DLORASERVE_CUDA=ON -DLORASERVE_TESTS=ON \
   -DLORASERVE_BENCH=ON >/dev/null

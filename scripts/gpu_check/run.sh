@@ -72,8 +72,9 @@ run_tests() {  # name, limit, binary, gtest filter
 }
 # One process per suite: a crash in one leaves the other's results.
 run_tests cuda_factory_test 20 cuda_factory_test '*'
-run_tests cuda_backend_ops 150 cuda_backend_test 'CudaBackendTest.*'
-run_tests cuda_backend_lora 90 cuda_backend_test 'CudaLoraTest.*'
+run_tests backend_parity 60 backend_parity_test '*'
+run_tests cuda_backend 60 cuda_backend_test '*'
+run_tests cuda_model 150 cuda_model_test '*'
 
 echo "=== cuda_decode_bench ${BENCH_ARGS:-}"
 # Progress (stderr) as it comes; the table (stdout) last.
