@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "absl/strings/match.h"
-#include "server/model/tokenizer.h"
+#include "server/tokenizer/tokenizer.h"
 #include "tests/fuzz/fuzz_support.h"
 
 namespace {

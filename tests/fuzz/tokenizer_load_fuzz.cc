@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "server/model/tokenizer.h"
+#include "server/tokenizer/tokenizer.h"
 #include "tests/fuzz/fuzz_support.h"
 
 namespace {

@@ -15,8 +15,8 @@
 //   ASSIGN_OR_RETURN(auto tok, Tokenizer::Load("/models/llama"));
 //   ASSIGN_OR_RETURN(std::vector<int32_t> ids, tok->Encode("Hello", true));
 //   std::string text = tok->Decode(ids, /*skip_special_tokens=*/true);
-#ifndef LORASERVE_SERVER_MODEL_TOKENIZER_H_
-#define LORASERVE_SERVER_MODEL_TOKENIZER_H_
+#ifndef LORASERVE_SERVER_TOKENIZER_TOKENIZER_H_
+#define LORASERVE_SERVER_TOKENIZER_TOKENIZER_H_
 
 #include <cstdint>
 #include <memory>
@@ -99,4 +99,4 @@ class IncrementalDecoder {
 
 }  // namespace loraserve::model
 
-#endif  // LORASERVE_SERVER_MODEL_TOKENIZER_H_
+#endif  // LORASERVE_SERVER_TOKENIZER_TOKENIZER_H_

@@ -11,7 +11,7 @@
 //   then the post-processor's template adds BOS/EOS.
 // Decode: ids → token strings (special ones dropped on request) → decoders →
 // concatenation.
-#include "server/model/tokenizer.h"
+#include "server/tokenizer/tokenizer.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>

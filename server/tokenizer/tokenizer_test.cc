@@ -1,4 +1,4 @@
-#include "server/model/tokenizer.h"
+#include "server/tokenizer/tokenizer.h"
 
 #include <unistd.h>
 
