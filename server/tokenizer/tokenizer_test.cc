@@ -1,6 +1,5 @@
 #include "server/tokenizer/tokenizer.h"
 
-#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -15,34 +14,18 @@
 namespace loraserve::model {
 namespace {
 
+using ::loraserve::test_support::LoadTokenizerVariants;
 using ::loraserve::test_support::ReadFileOrDie;
-using ::loraserve::test_support::SharedTokenizerDir;
 using ::loraserve::test_support::SharedTokenizerTest;
 using ::loraserve::test_support::StatusIs;
 using ::loraserve::test_support::TokenizerGoldenDir;
 using ::loraserve::test_support::TokenizerGoldenSetName;
 using ::loraserve::test_support::TokenizerGoldenSets;
 using ::loraserve::test_support::TokenizerGoldenTest;
+using ::loraserve::test_support::TokenizerVariant;
 
 using json = nlohmann::json;
 using ::testing::HasSubstr;
-
-bool IsValidUtf8(const std::string& s) {
-  for (size_t i = 0; i < s.size();) {
-    const unsigned char c = s[i];
-    size_t len = c < 0x80           ? 1
-                 : (c >> 5) == 0x6  ? 2
-                 : (c >> 4) == 0xE  ? 3
-                 : (c >> 3) == 0x1E ? 4
-                                    : 0;
-    if (len == 0 || i + len > s.size()) return false;
-    for (size_t k = 1; k < len; ++k) {
-      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
-    }
-    i += len;
-  }
-  return true;
-}
 
 TEST_P(TokenizerGoldenTest, VocabularyAndSpecialIds) {
   EXPECT_EQ(tokenizer_->vocab_size(), golden_["vocab_size"].get<int64_t>());
@@ -74,92 +57,26 @@ TEST_P(TokenizerGoldenTest, DecodeMatchesTransformers) {
   }
 }
 
-// Streams `generated` after `prompt` and checks the deltas against the
-// contract: valid UTF-8 each, concatenating to Decode(all) minus
-// Decode(prompt). Returns false when that difference is undefined.
-bool CheckIncremental(const Tokenizer& tokenizer, const std::vector<int32_t>& prompt,
-                      const std::vector<int32_t>& generated, bool skip_special,
-                      const std::string& label) {
-  std::vector<int32_t> all = prompt;
-  all.insert(all.end(), generated.begin(), generated.end());
-  const std::string full = tokenizer.Decode(all, skip_special);
-  const std::string prompt_text = tokenizer.Decode(prompt, skip_special);
-  // A prompt cut inside a character decodes to U+FFFD that the full text
-  // does not have; "minus" is undefined there. Nothing else may differ.
-  if (!absl::StartsWith(full, prompt_text)) {
-    EXPECT_TRUE(absl::EndsWith(prompt_text, "\xEF\xBF\xBD"))
-        << label << ": prompt of " << prompt.size() << " tokens decodes to " << prompt_text;
-    return false;
-  }
-  IncrementalDecoder decoder(tokenizer, prompt, skip_special);
-  std::string streamed;
-  for (int32_t id : generated) {
-    const std::string delta = decoder.Append(id);
-    EXPECT_TRUE(IsValidUtf8(delta)) << label << ": a delta splits a character";
-    streamed += delta;
-  }
-  EXPECT_EQ(streamed, full.substr(prompt_text.size()))
-      << label << " prompt " << prompt.size() << " tokens, skip_special " << skip_special;
-  EXPECT_EQ(decoder.text(), streamed);
-  return true;
-}
-
-// Every prompt/continuation split of the short cases, a few of the long ones.
-TEST_P(TokenizerGoldenTest, IncrementalDecodingMatchesFullDecode) {
-  int checked = 0, undefined = 0;
-  for (const json& c : golden_["cases"]) {
-    const std::vector<int32_t> ids = c["ids"];
-    const std::string label = c["text"].dump();
-    std::vector<size_t> splits;
-    if (ids.size() <= 64) {
-      for (size_t split = 0; split < ids.size(); ++split) splits.push_back(split);
-    } else {
-      splits = {0, 1, ids.size() / 3, ids.size() / 2, ids.size() - 1};
-    }
-    for (bool skip_special : {false, true}) {
-      for (size_t split : splits) {
-        const bool defined =
-            CheckIncremental(*tokenizer_, {ids.begin(), ids.begin() + split},
-                             {ids.begin() + split, ids.end()}, skip_special, label);
-        (defined ? checked : undefined)++;
-      }
-    }
-  }
-  EXPECT_GT(checked, 3000) << checked << " splits checked, " << undefined << " inside a character";
-}
-
 INSTANTIATE_TEST_SUITE_P(Goldens, TokenizerGoldenTest, ::testing::ValuesIn(TokenizerGoldenSets()),
                          TokenizerGoldenSetName);
 
 // Variants of both tokenizers (tests/golden/tokenizer_goldens.py VARIANTS):
 // the same JSON merge patches applied here, the cases checked as above.
 TEST(TokenizerVariantTest, MatchTransformers) {
-  const json golden = json::parse(ReadFileOrDie(TokenizerGoldenDir() + "/variants.json"));
-  const std::map<std::string, std::string> base_dirs = {
-      {"aidreams-260k", SharedTokenizerDir()}, {"bytelevel", TokenizerGoldenDir() + "/bytelevel"}};
-  ASSERT_GE(golden["variants"].size(), 8u);
-  for (const json& variant : golden["variants"]) {
-    const std::string name = variant["name"];
-    const std::string dir = base_dirs.at(variant["base"].get<std::string>());
-    json tokenizer_json = json::parse(ReadFileOrDie(dir + "/tokenizer.json"));
-    json config_json = json::parse(ReadFileOrDie(dir + "/tokenizer_config.json"));
-    tokenizer_json.merge_patch(variant["tokenizer_patch"]);
-    config_json.merge_patch(variant["config_patch"]);
-    absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
-        Tokenizer::FromJson(tokenizer_json.dump(), config_json.dump(), name);
-    ASSERT_OK(tokenizer);
-    for (const json& c : variant["cases"]) {
+  absl::StatusOr<std::vector<TokenizerVariant>> variants = LoadTokenizerVariants();
+  ASSERT_OK(variants);
+  ASSERT_GE(variants->size(), 8u);
+  for (const TokenizerVariant& variant : *variants) {
+    const std::string& name = variant.name;
+    const Tokenizer& tokenizer = *variant.tokenizer;
+    for (const json& c : variant.cases) {
       const std::string text = c["text"];
       const std::vector<int32_t> ids = c["ids"];
-      EXPECT_EQ(*(*tokenizer)->Encode(text, true), ids) << name << ": " << json(text).dump();
-      EXPECT_EQ(*(*tokenizer)->Encode(text, false), c["ids_no_special"].get<std::vector<int32_t>>())
+      EXPECT_EQ(*tokenizer.Encode(text, true), ids) << name << ": " << json(text).dump();
+      EXPECT_EQ(*tokenizer.Encode(text, false), c["ids_no_special"].get<std::vector<int32_t>>())
           << name << ": " << json(text).dump();
-      EXPECT_EQ((*tokenizer)->Decode(ids, false), c["decoded"].get<std::string>()) << name;
-      EXPECT_EQ((*tokenizer)->Decode(ids, true), c["decoded_skip_special"].get<std::string>())
-          << name;
-      for (bool skip_special : {false, true}) {
-        CheckIncremental(**tokenizer, {}, ids, skip_special, name + " " + json(text).dump());
-      }
+      EXPECT_EQ(tokenizer.Decode(ids, false), c["decoded"].get<std::string>()) << name;
+      EXPECT_EQ(tokenizer.Decode(ids, true), c["decoded_skip_special"].get<std::string>()) << name;
     }
   }
 }
@@ -170,53 +87,16 @@ TEST_F(SharedTokenizerTest, GreedyOutputDecodes) {
   const std::string text = tokenizer_->Decode(ids, true);
   EXPECT_EQ(text, golden["greedy_text"].get<std::string>());
   EXPECT_TRUE(absl::StartsWith(text, "\"Echoes of vectors unfold")) << text;
-  // Streamed after the BOS prompt, as the engine does.
-  IncrementalDecoder decoder(*tokenizer_, {ids[0]}, true);
-  for (size_t i = 1; i < ids.size(); ++i) decoder.Append(ids[i]);
-  EXPECT_EQ(decoder.text(), text);
 }
 
-// A stream that ends inside a character: the held-back bytes come out at the
-// end exactly as Decode of the whole sequence renders them.
-TEST_F(SharedTokenizerTest, FlushEmitsAnIncompleteCharacterAtTheEnd) {
-  const std::vector<int32_t> prompt = {1};
-  const std::vector<int32_t> check_mark_head = {3 + 0xE2, 3 + 0x9C};  // "✓" minus its last byte
-  IncrementalDecoder decoder(*tokenizer_, prompt, true);
-  for (int32_t id : check_mark_head) EXPECT_EQ(decoder.Append(id), "");
-  std::vector<int32_t> all = prompt;
-  all.insert(all.end(), check_mark_head.begin(), check_mark_head.end());
-  const std::string expected =
-      tokenizer_->Decode(all, true).substr(tokenizer_->Decode(prompt, true).size());
-  EXPECT_FALSE(expected.empty());
-  EXPECT_EQ(decoder.Flush(), expected);
-  EXPECT_EQ(decoder.text(), expected);
-  EXPECT_EQ(decoder.Flush(), "");
-}
-
-// Ids that Decode drops (skipped special tokens, ids outside the vocabulary) are
-// left out of the decoder's window: the text is the same, even between the bytes
-// of one character, and a long run of them costs nothing at each step.
-TEST_F(SharedTokenizerTest, DroppedIdsInTheStreamChangeNoText) {
+// Decode leaves these ids out before its decoders run (the incremental
+// decoder relies on it to keep them out of its window).
+TEST_F(SharedTokenizerTest, IdsDroppedByDecode) {
   EXPECT_TRUE(tokenizer_->IsDroppedByDecode(2, /*skip_special_tokens=*/true));  // </s>
   EXPECT_FALSE(tokenizer_->IsDroppedByDecode(2, /*skip_special_tokens=*/false));
   EXPECT_TRUE(tokenizer_->IsDroppedByDecode(100000, false));
   EXPECT_TRUE(tokenizer_->IsDroppedByDecode(-1, false));
   EXPECT_FALSE(tokenizer_->IsDroppedByDecode(13, true));  // <0x0A>
-
-  const json golden = json::parse(ReadFileOrDie(TokenizerGoldenDir() + "/aidreams-260k.json"));
-  const std::vector<int32_t> greedy = golden["greedy_ids"];
-  std::vector<int32_t> generated(greedy.begin() + 1, greedy.begin() + 20);
-  generated.insert(generated.end(), 5000, 2);  // ignore_eos: EOS after EOS
-  generated.push_back(3 + 0xE2);               // "✓", byte by byte, EOS between
-  generated.push_back(2);
-  generated.push_back(3 + 0x9C);
-  generated.push_back(100000);
-  generated.push_back(3 + 0x93);
-  generated.insert(generated.end(), greedy.begin() + 20, greedy.end());
-  for (bool skip_special : {true, false}) {
-    EXPECT_TRUE(CheckIncremental(*tokenizer_, {greedy[0]}, generated, skip_special,
-                                 "greedy with dropped ids"));
-  }
 }
 
 TEST_F(SharedTokenizerTest, Pieces) {

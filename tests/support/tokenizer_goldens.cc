@@ -1,10 +1,10 @@
 #include "tests/support/tokenizer_goldens.h"
 
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <utility>
 
-#include "absl/status/statusor.h"
 #include "tests/support/status_matchers.h"
 
 namespace loraserve::test_support {
@@ -52,6 +52,26 @@ void SharedTokenizerTest::SetUp() {
       model::Tokenizer::Load(SharedTokenizerDir());
   ASSERT_OK(tokenizer);
   tokenizer_ = *std::move(tokenizer);
+}
+
+absl::StatusOr<std::vector<TokenizerVariant>> LoadTokenizerVariants() {
+  const json golden = json::parse(ReadFileOrDie(TokenizerGoldenDir() + "/variants.json"));
+  const std::map<std::string, std::string> base_dirs = {
+      {"aidreams-260k", SharedTokenizerDir()}, {"bytelevel", TokenizerGoldenDir() + "/bytelevel"}};
+  std::vector<TokenizerVariant> variants;
+  for (const json& variant : golden["variants"]) {
+    const std::string name = variant["name"];
+    const std::string dir = base_dirs.at(variant["base"].get<std::string>());
+    json tokenizer_json = json::parse(ReadFileOrDie(dir + "/tokenizer.json"));
+    json config_json = json::parse(ReadFileOrDie(dir + "/tokenizer_config.json"));
+    tokenizer_json.merge_patch(variant["tokenizer_patch"]);
+    config_json.merge_patch(variant["config_patch"]);
+    absl::StatusOr<std::unique_ptr<model::Tokenizer>> tokenizer =
+        model::Tokenizer::FromJson(tokenizer_json.dump(), config_json.dump(), name);
+    if (!tokenizer.ok()) return tokenizer.status();
+    variants.push_back({name, *std::move(tokenizer), variant["cases"]});
+  }
+  return variants;
 }
 
 }  // namespace loraserve::test_support

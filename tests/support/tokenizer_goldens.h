@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "server/tokenizer/tokenizer.h"
@@ -61,6 +62,18 @@ class SharedTokenizerTest : public ::testing::Test {
 
   std::unique_ptr<model::Tokenizer> tokenizer_;
 };
+
+// Variants of both tokenizers (tests/golden/tokenizer_goldens.py VARIANTS):
+// the same JSON merge patches applied to a base tokenizer's two files, and
+// the cases transformers gives for the result.
+struct TokenizerVariant {
+  std::string name;
+  std::unique_ptr<model::Tokenizer> tokenizer;
+  nlohmann::json cases;
+};
+// Every variant of variants.json, loaded; the first that does not load is
+// the error.
+absl::StatusOr<std::vector<TokenizerVariant>> LoadTokenizerVariants();
 
 }  // namespace loraserve::test_support
 
