@@ -38,8 +38,8 @@
 #include "server/api/inference_service.h"
 #include "server/engine/engine.h"
 #include "server/engine/engine_loop.h"
-#include "server/model/tokenizer.h"
 #include "server/runtime.h"
+#include "server/tokenizer/tokenizer.h"
 
 ABSL_FLAG(std::string, model, "",
           "Hugging Face model directory, or a preset name with --load-format dummy");

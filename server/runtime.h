@@ -28,7 +28,7 @@
 #include "server/engine/engine.h"
 #include "server/engine/kv_cache.h"
 #include "server/model/llama_model.h"
-#include "server/model/tokenizer.h"
+#include "server/tokenizer/tokenizer.h"
 
 namespace loraserve {
 

@@ -31,7 +31,7 @@
 #include "server/api/job_queue.h"
 #include "server/api/status_mapping.h"
 #include "server/engine/engine_loop.h"
-#include "server/model/tokenizer.h"
+#include "server/tokenizer/tokenizer.h"
 
 namespace loraserve::api {
 

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "server/engine/incremental_decoder.h"
 #include "server/engine/stop_strings.h"
 
 namespace loraserve::engine {
@@ -59,7 +60,7 @@ struct Engine::Sequence {
   std::vector<int32_t> blocks;                              // block table
   const adapters::DeviceAdapter* device_adapter = nullptr;  // while admitted
   bool preempted = false;  // waiting again after preemption: admitted first
-  std::optional<model::IncrementalDecoder> decoder;
+  std::optional<IncrementalDecoder> decoder;
   StopStringFilter stop_filter;
   bool finished = false;
 };

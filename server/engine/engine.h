@@ -34,7 +34,7 @@
 #include "server/engine/kv_cache.h"
 #include "server/engine/sampler.h"
 #include "server/model/llama_model.h"
-#include "server/model/tokenizer.h"
+#include "server/tokenizer/tokenizer.h"
 
 namespace loraserve::engine {
 

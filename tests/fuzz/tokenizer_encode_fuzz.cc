@@ -15,12 +15,13 @@
 #include <vector>
 
 #include "absl/strings/match.h"
-#include "server/model/tokenizer.h"
+#include "server/engine/incremental_decoder.h"
+#include "server/tokenizer/tokenizer.h"
 #include "tests/fuzz/fuzz_support.h"
 
 namespace {
 
-using loraserve::model::IncrementalDecoder;
+using loraserve::engine::IncrementalDecoder;
 using loraserve::model::Tokenizer;
 
 std::unique_ptr<Tokenizer> LoadOrDie(const char* dir) {

@@ -6,7 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "server/model/tokenizer.h"
+#include "server/engine/incremental_decoder.h"
+#include "server/tokenizer/tokenizer.h"
 #include "tests/fuzz/fuzz_support.h"
 
 namespace {
@@ -37,7 +38,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (!ids.ok()) continue;
       for (int32_t id : *ids) FUZZ_CHECK(id >= 0 && id < vocab);
       tok.Decode(*ids, !special);
-      model::IncrementalDecoder decoder(tok, {}, !special);
+      engine::IncrementalDecoder decoder(tok, {}, !special);
       std::string streamed;
       for (int32_t id : *ids) streamed += decoder.Append(id);
       streamed += decoder.Flush();

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tokenizer goldens for server/model/tokenizer_test.cc.
+"""Tokenizer goldens for server/tokenizer/tokenizer_test.cc.
 
 Usage (from the repository root, inside the reference environment of
 tests/golden/requirements.txt; tests/golden/generate.py runs it this way):

@@ -15,8 +15,8 @@
 //   ASSIGN_OR_RETURN(auto tok, Tokenizer::Load("/models/llama"));
 //   ASSIGN_OR_RETURN(std::vector<int32_t> ids, tok->Encode("Hello", true));
 //   std::string text = tok->Decode(ids, /*skip_special_tokens=*/true);
-#ifndef LORASERVE_SERVER_MODEL_TOKENIZER_H_
-#define LORASERVE_SERVER_MODEL_TOKENIZER_H_
+#ifndef LORASERVE_SERVER_TOKENIZER_TOKENIZER_H_
+#define LORASERVE_SERVER_TOKENIZER_TOKENIZER_H_
 
 #include <cstdint>
 #include <memory>
@@ -65,38 +65,6 @@ class Tokenizer {
   virtual const std::string& chat_template() const = 0;
 };
 
-// Streams text for generated tokens without ever emitting half a character.
-// The text of the whole continuation equals
-//   Decode(prompt + generated) minus Decode(prompt)
-// (vLLM's convention), and the concatenation of all deltas equals it.
-//
-// Not thread-safe; one per request. The tokenizer must outlive it.
-class IncrementalDecoder {
- public:
-  IncrementalDecoder(const Tokenizer& tokenizer, std::vector<int32_t> prompt_ids,
-                     bool skip_special_tokens);
-  // Adds one generated token; returns the text that became final with it
-  // (possibly empty while a multi-byte character is incomplete).
-  std::string Append(int32_t id);
-  // At the end of the stream: the text still held back (an incomplete
-  // character decodes to U+FFFD, as Decode of the whole sequence gives it).
-  std::string Flush();
-  // All text generated so far (the sum of the deltas returned).
-  const std::string& text() const { return emitted_; }
-
- private:
-  // The text after read_offset_ that is final; `at_end` emits even an
-  // incomplete character.
-  std::string Advance(bool at_end);
-
-  const Tokenizer& tokenizer_;
-  std::vector<int32_t> ids_;
-  bool skip_special_tokens_;
-  size_t prefix_offset_ = 0;  // start of the window re-decoded each step
-  size_t read_offset_ = 0;    // ids before this are already emitted
-  std::string emitted_;
-};
-
 }  // namespace loraserve::model
 
-#endif  // LORASERVE_SERVER_MODEL_TOKENIZER_H_
+#endif  // LORASERVE_SERVER_TOKENIZER_TOKENIZER_H_
