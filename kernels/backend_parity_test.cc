@@ -16,6 +16,7 @@
 #include <cmath>
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -429,6 +430,11 @@ std::vector<Param> Params() {
     for (const OpCase& op : OpCases()) params.push_back({backend, op});
   }
   return params;
+}
+
+// What ctest and failure messages show of a case: its name, not its bytes.
+void PrintTo(const Param& param, std::ostream* os) {
+  *os << param.backend.name << "/" << param.op.name;
 }
 
 class BackendParityTest : public ::testing::TestWithParam<Param> {};
