@@ -8,7 +8,16 @@
 
 namespace loraserve::adapters {
 
-absl::Status LoadAdapterDir(AdapterRegistry& registry, const std::string& dir) {
+namespace {
+
+absl::StatusOr<AdapterInfo> Add(AdapterRegistry& registry, const std::string& id,
+                                const std::string& dir, StartupLoad how) {
+  return how == StartupLoad::kLazy ? registry.Register(id, dir) : registry.Load(id, dir);
+}
+
+}  // namespace
+
+absl::Status LoadAdapterDir(AdapterRegistry& registry, const std::string& dir, StartupLoad how) {
   std::error_code error;
   std::vector<std::filesystem::path> folders;
   for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
@@ -23,7 +32,7 @@ absl::Status LoadAdapterDir(AdapterRegistry& registry, const std::string& dir) {
   std::sort(folders.begin(), folders.end());
   for (const auto& folder : folders) {
     absl::StatusOr<AdapterInfo> loaded =
-        registry.Load(folder.filename().string(), folder.string());
+        Add(registry, folder.filename().string(), folder.string(), how);
     if (!loaded.ok()) {
       return absl::Status(loaded.status().code(),
                           absl::StrCat("--adapter-dir ", dir, ": ", loaded.status().message()));
@@ -32,13 +41,13 @@ absl::Status LoadAdapterDir(AdapterRegistry& registry, const std::string& dir) {
   return absl::OkStatus();
 }
 
-absl::Status LoadAdapterSpec(AdapterRegistry& registry, const std::string& spec) {
+absl::Status LoadAdapterSpec(AdapterRegistry& registry, const std::string& spec, StartupLoad how) {
   const size_t eq = spec.find('=');
   if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("--adapter must be NAME=DIR, got '", spec, "'"));
   }
-  absl::StatusOr<AdapterInfo> loaded = registry.Load(spec.substr(0, eq), spec.substr(eq + 1));
+  absl::StatusOr<AdapterInfo> loaded = Add(registry, spec.substr(0, eq), spec.substr(eq + 1), how);
   if (!loaded.ok()) {
     return absl::Status(loaded.status().code(),
                         absl::StrCat("--adapter ", spec, ": ", loaded.status().message()));

@@ -20,12 +20,20 @@
 
 namespace loraserve::adapters {
 
+// When the adapters named at start-up are read: all of each at once, or only
+// their config and safetensors header, the weights on first use
+// (AdapterRegistry::Register), so that a start-up with thousands of adapters
+// reads no tensor and holds only their metadata.
+enum class StartupLoad { kEager, kLazy };
+
 // Loads every adapter folder of `dir`, in name order; the first failure is
 // returned (naming the folder) and later folders are not loaded.
-absl::Status LoadAdapterDir(AdapterRegistry& registry, const std::string& dir);
+absl::Status LoadAdapterDir(AdapterRegistry& registry, const std::string& dir,
+                            StartupLoad how = StartupLoad::kEager);
 
 // `spec` is NAME=DIR.
-absl::Status LoadAdapterSpec(AdapterRegistry& registry, const std::string& spec);
+absl::Status LoadAdapterSpec(AdapterRegistry& registry, const std::string& spec,
+                             StartupLoad how = StartupLoad::kEager);
 
 // The folder of an adapter on its first request: ROOT/NAME for
 // "DEFAULT_TENANT/NAME", ROOT/TENANT/NAME for any other tenant's id, when it

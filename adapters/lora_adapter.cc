@@ -170,7 +170,8 @@ std::vector<std::string> LoraAdapter::target_modules() const {
 }
 
 absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseModelShape& base,
-                                            const AdapterLimits& limits) {
+                                            const AdapterLimits& limits, AdapterRead read) {
+  const bool weights = read == AdapterRead::kWeights;
   const std::string config_path = (fs::path(dir) / "adapter_config.json").string();
   const std::string weights_path = (fs::path(dir) / "adapter_model.safetensors").string();
   ASSIGN_OR_RETURN(const std::string config_text, ReadFile(config_path));
@@ -189,7 +190,7 @@ absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseMo
     return absl::NotFoundError(absl::StrCat(dir, ": no adapter_model.safetensors"));
   }
   ASSIGN_OR_RETURN(std::unique_ptr<formats::SafetensorsFile> file,
-                   formats::SafetensorsFile::Open(weights_path));
+                   formats::SafetensorsFile::Open(weights_path, /*read_ahead=*/weights));
 
   for (const auto& [name, dtype] : file->UnexposedDtypes()) {
     return absl::InvalidArgumentError(absl::StrCat(weights_path, ": tensor \"", name,
@@ -263,14 +264,16 @@ absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseMo
             dir, ": module ", path, " has rank ", rank, ", above the limit of ", limits.max_rank,
             " (raise it with --max-lora-rank)"));
       }
-      LoraWeights& weights = adapter.layers_[layer][static_cast<int>(module)];
-      weights.rank = rank;
-      weights.scale = static_cast<float>(cfg.ScaleFor(path));
-      weights.in_features = in;
-      weights.out_features = out;
-      ASSIGN_OR_RETURN(weights.a, ToFloat32(*tensors.a));
-      ASSIGN_OR_RETURN(weights.b, ToFloat32(*tensors.b));
-      adapter.bytes_ += (weights.a.size() + weights.b.size()) * sizeof(float);
+      LoraWeights& module_weights = adapter.layers_[layer][static_cast<int>(module)];
+      module_weights.rank = rank;
+      module_weights.scale = static_cast<float>(cfg.ScaleFor(path));
+      module_weights.in_features = in;
+      module_weights.out_features = out;
+      // What the float32 weights take, read or not.
+      adapter.bytes_ += static_cast<size_t>(rank) * (in + out) * sizeof(float);
+      if (!weights) continue;
+      ASSIGN_OR_RETURN(module_weights.a, ToFloat32(*tensors.a));
+      ASSIGN_OR_RETURN(module_weights.b, ToFloat32(*tensors.b));
     }
   }
   if (!any_target) {
@@ -281,6 +284,7 @@ absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseMo
         ")"));
   }
 
+  if (!weights) return adapter;
   Sha256 hash;
   HashField(hash, config_text);
   for (const auto& [name, tensor] : file->tensors()) {

@@ -85,10 +85,18 @@ struct LoraWeights {
   float scale = 0;
   int64_t in_features = 0;
   int64_t out_features = 0;
-  std::vector<float> a;  // [rank, in_features]
-  std::vector<float> b;  // [out_features, rank]
+  std::vector<float> a;  // [rank, in_features]; empty when read as AdapterRead::kMetadata
+  std::vector<float> b;  // [out_features, rank]; likewise
 
   bool empty() const { return rank == 0; }
+};
+
+// How much of an adapter's files LoadLoraAdapter reads.
+enum class AdapterRead {
+  kWeights,   // everything: the float32 weights and the content hash
+  kMetadata,  // adapter_config.json and the safetensors header only: every
+              // check of names, shapes, dtypes, ranks and targets, but no
+              // tensor bytes (weights stay empty, content_hash() is "")
 };
 
 class LoraAdapter {
@@ -118,7 +126,7 @@ class LoraAdapter {
  private:
   explicit LoraAdapter(formats::PeftLoraConfig config) : config_(std::move(config)) {}
   friend absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string&, const BaseModelShape&,
-                                                     const AdapterLimits&);
+                                                     const AdapterLimits&, AdapterRead);
 
   formats::PeftLoraConfig config_;
   std::vector<std::array<LoraWeights, kNumLoraModules>> layers_;  // [num_layers][module]
@@ -126,8 +134,14 @@ class LoraAdapter {
   size_t bytes_ = 0;
 };
 
+// Reads the PEFT adapter in `dir` (adapter_config.json +
+// adapter_model.safetensors) for `base`, refusing anything it cannot serve
+// exactly as trained: tensors of unknown or untargeted modules, missing or
+// mismatched A/B pairs, wrong shapes, ranks above `limits`, non-finite values
+// (kWeights only: they are in the bytes).
 absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseModelShape& base,
-                                            const AdapterLimits& limits);
+                                            const AdapterLimits& limits,
+                                            AdapterRead read = AdapterRead::kWeights);
 
 }  // namespace loraserve::adapters
 

@@ -93,6 +93,34 @@ TEST(LoraAdapterTest, SharedAdaptersLoadWithTheirRanksAndScales) {
   EXPECT_EQ(hashes.size(), cases.size()) << "content hashes must differ";
 }
 
+// Read as metadata, an adapter has the same layers, ranks, scales, shapes
+// and bytes, no weights and no content hash.
+TEST(LoraAdapterTest, MetadataReadsTheShapesWithoutTheWeights) {
+  for (const char* name : {"ocean", "qv-r4", "mlp-r16-rslora", "all-r8-bf16"}) {
+    SCOPED_TRACE(name);
+    absl::StatusOr<LoraAdapter> full = Load(SharedAdapter(name));
+    absl::StatusOr<LoraAdapter> meta = LoadLoraAdapter(SharedAdapter(name), SharedModelShape(),
+                                                       AdapterLimits{64}, AdapterRead::kMetadata);
+    ASSERT_OK(full);
+    ASSERT_OK(meta);
+    EXPECT_EQ(meta->ranks(), full->ranks());
+    EXPECT_EQ(meta->target_modules(), full->target_modules());
+    EXPECT_EQ(meta->bytes(), full->bytes());
+    EXPECT_EQ(meta->content_hash(), "");
+    for (int64_t layer = 0; layer < full->num_layers(); ++layer) {
+      for (LoraModule module : kAllLoraModules) {
+        const LoraWeights& f = full->weights(layer, module);
+        const LoraWeights& m = meta->weights(layer, module);
+        EXPECT_EQ(m.rank, f.rank);
+        EXPECT_EQ(m.scale, f.scale);
+        EXPECT_EQ(m.in_features, f.in_features);
+        EXPECT_EQ(m.out_features, f.out_features);
+        EXPECT_TRUE(m.a.empty() && m.b.empty());
+      }
+    }
+  }
+}
+
 TEST(LoraAdapterTest, WeightsAreTheFileValuesInFloat32) {
   for (const std::string name : {"attn-r8", "all-r8-bf16"}) {
     SCOPED_TRACE(name);
@@ -180,11 +208,23 @@ TEST(LoraAdapterTest, RankPatternAlphaPatternAndLayersToTransform) {
 // ---- broken adapters ---------------------------------------------------------
 
 // Loads `dir` expecting failure with `code`; returns the message.
-std::string LoadError(const std::string& dir, absl::StatusCode code, int max_rank = 64) {
+// The error of loading `dir`. Every refusal the files' names, shapes and
+// config show is also the refusal of reading the metadata alone (a
+// registered adapter is refused at registration); only what is in the
+// tensor bytes (non-finite values) waits for the weights.
+std::string LoadError(const std::string& dir, absl::StatusCode code, int max_rank = 64,
+                      bool in_the_header = true) {
   absl::StatusOr<LoraAdapter> adapter = Load(dir, max_rank);
   EXPECT_FALSE(adapter.ok()) << dir;
   if (adapter.ok()) return "";
   EXPECT_EQ(adapter.status().code(), code) << adapter.status();
+  absl::StatusOr<LoraAdapter> metadata =
+      LoadLoraAdapter(dir, SharedModelShape(), AdapterLimits{max_rank}, AdapterRead::kMetadata);
+  if (in_the_header) {
+    EXPECT_EQ(metadata.status(), adapter.status());
+  } else {
+    EXPECT_OK(metadata);
+  }
   return std::string(adapter.status().message());
 }
 
@@ -218,8 +258,9 @@ TEST(LoraAdapterTest, NonFiniteValues) {
     std::vector<TestTensor> tensors = LoraTensors(SharedModelShape(), 4, kQv, 1);
     tensors[5].values[17] = bad;
     const std::string dir = WriteAdapter(FreshDir(std::to_string(bad)), LoraConfigJson(4, 8, kQv), tensors);
-    EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),
-                AllOf(HasSubstr(tensors[5].name), HasSubstr("non-finite"), HasSubstr("element 17")));
+    EXPECT_THAT(
+        LoadError(dir, absl::StatusCode::kInvalidArgument, 64, /*in_the_header=*/false),
+        AllOf(HasSubstr(tensors[5].name), HasSubstr("non-finite"), HasSubstr("element 17")));
   }
 }
 

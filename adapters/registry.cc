@@ -144,10 +144,19 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Load(absl::string_view id, const st
   return InsertLocked(canonical, dir, std::move(adapter), seconds);
 }
 
+absl::StatusOr<AdapterInfo> AdapterRegistry::Register(absl::string_view id,
+                                                      const std::string& dir) {
+  ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
+  ASSIGN_OR_RETURN(LoraAdapter adapter,
+                   LoadLoraAdapter(dir, options_.base, options_.limits, AdapterRead::kMetadata));
+  std::lock_guard<std::mutex> lock(mu_);
+  return InsertLocked(canonical, dir, std::move(adapter), /*load_seconds=*/0, /*resident=*/false);
+}
+
 absl::StatusOr<AdapterInfo> AdapterRegistry::InsertLocked(const std::string& id,
                                                           const std::string& dir,
-                                                          LoraAdapter adapter,
-                                                          double load_seconds) {
+                                                          LoraAdapter adapter, double load_seconds,
+                                                          bool resident) {
   auto existing = entries_.find(id);
   int64_t version = 1;
   bool pinned = false;
@@ -159,8 +168,10 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::InsertLocked(const std::string& id,
       freed = existing->second.info.bytes;
     }
   }
-  RETURN_IF_ERROR(
-      MakeRoomLocked(adapter.bytes(), freed, id, absl::StrCat("adapter \"", id, "\" (", dir, ")")));
+  if (resident) {
+    RETURN_IF_ERROR(MakeRoomLocked(adapter.bytes(), freed, id,
+                                   absl::StrCat("adapter \"", id, "\" (", dir, ")")));
+  }
   Entry entry;
   entry.info = {id,
                 version,
@@ -170,14 +181,16 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::InsertLocked(const std::string& id,
                 adapter.target_modules(),
                 adapter.bytes(),
                 pinned,
-                /*resident=*/true};
+                resident};
   entry.last_used = ++clock_;
-  entry.resident = MakeHandle(id, version, dir, std::move(adapter));
+  if (resident) entry.resident = MakeHandle(id, version, dir, std::move(adapter));
   // Replacing the entry drops the registry's reference to the old version
   // and clears any reload of it under way (that reload then discards its result).
   entries_[id] = std::move(entry);
-  ++host_stats_.loads;
-  host_stats_.load_seconds.Observe(load_seconds);
+  if (resident) {
+    ++host_stats_.loads;
+    host_stats_.load_seconds.Observe(load_seconds);
+  }
   load_done_.notify_all();
   return entries_[id].info;
 }
@@ -244,7 +257,8 @@ absl::StatusOr<AdapterHandle> AdapterRegistry::ReloadLocked(std::unique_lock<std
                         absl::StrCat("reloading adapter \"", id, "\" version ", expected.version,
                                      ": ", adapter.status().message()));
   }
-  if (adapter->content_hash() != expected.content_hash) {
+  // A registered adapter's first read fixes its hash (it had none).
+  if (!expected.content_hash.empty() && adapter->content_hash() != expected.content_hash) {
     return absl::FailedPreconditionError(absl::StrCat(
         "adapter \"", id, "\" version ", expected.version, ": the files in ", expected.dir,
         " changed since it was loaded (content hash ", expected.content_hash, ", now ",
@@ -255,6 +269,7 @@ absl::StatusOr<AdapterHandle> AdapterRegistry::ReloadLocked(std::unique_lock<std
   ++host_stats_.loads;
   host_stats_.load_seconds.Observe(seconds);
   Entry& entry = it->second;
+  entry.info.content_hash = adapter->content_hash();
   entry.resident = MakeHandle(id, expected.version, expected.dir, *std::move(adapter));
   entry.info.resident = true;
   return entry.resident;
@@ -376,6 +391,15 @@ std::vector<AdapterInfo> AdapterRegistry::List() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<AdapterInfo> infos;
   for (const auto& [id, entry] : entries_) infos.push_back(entry.info);
+  return infos;
+}
+
+std::vector<AdapterInfo> AdapterRegistry::List(const std::string& after, size_t limit) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<AdapterInfo> infos;
+  for (auto it = entries_.upper_bound(after); it != entries_.end() && infos.size() < limit; ++it) {
+    infos.push_back(it->second.info);
+  }
   return infos;
 }
 

@@ -138,6 +138,13 @@ class AdapterRegistry {
   // Loads `dir` as `id` (a new id at version 1, or the next version of an
   // existing one). On error the registry is unchanged.
   absl::StatusOr<AdapterInfo> Load(absl::string_view id, const std::string& dir);
+  // Load without the weights: `dir` is checked from adapter_config.json and
+  // the safetensors header alone (AdapterRead::kMetadata) and registered in
+  // the disk tier, as an evicted adapter is; the first Acquire (or Prefetch,
+  // Pin) reads its tensors. Its content_hash is "" until that first read,
+  // which fixes it: later reloads are checked against it. For start-ups with
+  // many adapters: the registry keeps only the AdapterInfo of each.
+  absl::StatusOr<AdapterInfo> Register(absl::string_view id, const std::string& dir);
   // Forgets `id`; requests holding a handle keep their version until done.
   absl::Status Unload(absl::string_view id);
   // The current version, reloading it from disk if it was evicted (the calling
@@ -159,6 +166,9 @@ class AdapterRegistry {
   absl::StatusOr<AdapterInfo> Get(absl::string_view id) const;
   // All registered adapters, by id.
   std::vector<AdapterInfo> List() const;
+  // A page of them: up to `limit` (> 0) adapters with ids after `after` ("":
+  // from the first), by id.
+  std::vector<AdapterInfo> List(const std::string& after, size_t limit) const;
   AdapterRegistryStats stats() const;
 
  private:
@@ -178,9 +188,12 @@ class AdapterRegistry {
   // The entry of a canonical id, or NotFound naming it.
   absl::StatusOr<Entry*> FindLocked(const std::string& id);
   AdapterHandle MakeHandle(std::string id, int64_t version, std::string dir, LoraAdapter adapter);
-  // Registers a validated adapter as the next version of `id` (budget permitting).
+  // Registers a validated adapter as the next version of `id` (budget
+  // permitting); resident unless it was read as metadata only (`resident`
+  // false: no bytes are taken, and it loads on first use).
   absl::StatusOr<AdapterInfo> InsertLocked(const std::string& id, const std::string& dir,
-                                           LoraAdapter adapter, double load_seconds);
+                                           LoraAdapter adapter, double load_seconds,
+                                           bool resident = true);
   // Resolves an unregistered `id`, releasing the lock while reading files; OK
   // once it is registered, or once another caller's resolution of it ended
   // (the caller looks again either way).

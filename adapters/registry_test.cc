@@ -293,6 +293,72 @@ TEST(AdapterRegistryTest, ReloadRefusesFilesChangedOnDisk) {
   EXPECT_EQ(registry->Load("t/x", dir)->version, 2);
 }
 
+// Register reads only the config and the safetensors header: the adapter is
+// listed with its ranks, modules and bytes but takes no host bytes until its
+// first Acquire reads the tensors and fixes its content hash, which later
+// reloads are held to.
+TEST(AdapterRegistryTest, RegisteredAdaptersLoadOnFirstUse) {
+  auto registry = MakeRegistry(/*host_budget_bytes=*/kSmallBytes + kSmallBytes / 2);
+  const std::string dir = WriteSmallAdapter(FreshDir("registered"), 4, 1);
+  absl::StatusOr<AdapterInfo> info = registry->Register("t/r", dir);
+  ASSERT_OK(info);
+  EXPECT_EQ(info->version, 1);
+  EXPECT_FALSE(info->resident);
+  EXPECT_EQ(info->content_hash, "");
+  EXPECT_EQ(info->bytes, kSmallBytes);
+  EXPECT_THAT(info->ranks, ElementsAre(4));
+  EXPECT_EQ(registry->stats().host_bytes, 0u);
+  EXPECT_EQ(registry->stats().host.loads, 0);
+
+  absl::StatusOr<AdapterHandle> handle = registry->Acquire("t/r");
+  ASSERT_OK(handle);
+  EXPECT_EQ((*handle)->adapter.weights(0, LoraModule::kQProj).a.size(), 4u * 64);
+  const std::string hash = registry->Get("t/r")->content_hash;
+  EXPECT_EQ(hash, (*handle)->content_hash());
+  EXPECT_EQ(hash.size(), 64u);
+  EXPECT_TRUE(registry->IsResident("t/r"));
+  EXPECT_EQ(registry->stats().host_bytes, kSmallBytes);
+  handle->reset();
+  // The same files loaded eagerly give the same hash (and evict t/r, now unused).
+  EXPECT_EQ(registry->Load("t/eager", dir)->content_hash, hash);
+
+  // Evicted, then changed on disk: the hash of the first read holds.
+  ASSERT_OK(registry->Load("t/other", WriteSmallAdapter(FreshDir("other"), 4, 2)));
+  ASSERT_FALSE(registry->IsResident("t/r"));
+  WriteSmallAdapter(dir, 4, 3);
+  EXPECT_THAT(registry->Acquire("t/r"), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+// Register checks everything the header shows; a bad adapter is refused at
+// once and the registry is unchanged.
+TEST(AdapterRegistryTest, RegisterRefusesWhatTheHeaderShows) {
+  auto registry = MakeRegistry();
+  const std::string before = Snapshot(*registry);
+  // Rank 32 is above the limit of 16.
+  EXPECT_THAT(registry->Register("t/big", WriteSmallAdapter(FreshDir("big"), 32, 1)),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(registry->Register("t/none", FreshDir("none")),
+              StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(registry->Register("bad id", SharedAdapter("qv-r4")),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(Snapshot(*registry), before);
+}
+
+TEST(AdapterRegistryTest, ListPagesById) {
+  auto registry = MakeRegistry();
+  const std::string dir = SharedAdapter("qv-r4");
+  for (const char* id : {"t/c", "t/a", "u/a", "t/b"}) ASSERT_OK(registry->Register(id, dir));
+  const auto ids = [](const std::vector<AdapterInfo>& infos) {
+    std::vector<std::string> out;
+    for (const AdapterInfo& info : infos) out.push_back(info.id);
+    return out;
+  };
+  EXPECT_THAT(ids(registry->List("", 2)), ElementsAre("t/a", "t/b"));
+  EXPECT_THAT(ids(registry->List("t/b", 2)), ElementsAre("t/c", "u/a"));
+  EXPECT_THAT(ids(registry->List("t/bb", 10)), ElementsAre("t/c", "u/a"));
+  EXPECT_THAT(ids(registry->List("u/a", 10)), ElementsAre());
+}
+
 TEST(AdapterRegistryTest, PrefetchLoadsInTheBackground) {
   auto registry = MakeRegistry(/*host_budget_bytes=*/kSmallBytes + kSmallBytes / 2);
   ASSERT_OK(registry->Load("t/x", WriteSmallAdapter(FreshDir("x"), 4, 1)));

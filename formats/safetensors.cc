@@ -246,7 +246,8 @@ int64_t TensorInfo::NumElements() const {
   return n;
 }
 
-absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path,
+                                                                       bool read_ahead) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     return absl::ErrnoToStatus(errno, absl::StrCat("cannot open safetensors file ", path));
@@ -274,7 +275,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   file->mapping_ = mapping;
   file->mapping_bytes_ = file_bytes;
   // The loader copies every tensor right after Open: start reading ahead now.
-  ::madvise(mapping, file_bytes, MADV_WILLNEED);
+  if (read_ahead) ::madvise(mapping, file_bytes, MADV_WILLNEED);
   RETURN_IF_ERROR(file->Index(static_cast<const uint8_t*>(mapping), file_bytes));
   return file;
 }

@@ -50,7 +50,10 @@ struct TensorInfo {
 
 class SafetensorsFile {
  public:
-  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+  // `read_ahead`: the caller reads every tensor next, so the file is read
+  // ahead at once (MADV_WILLNEED); false when only the header is wanted.
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path,
+                                                               bool read_ahead = true);
   // The same checks on bytes already in memory (an upload), which must
   // outlive the result; `name` stands for the path in messages.
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromBuffer(absl::string_view bytes,

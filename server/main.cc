@@ -71,6 +71,10 @@ ABSL_FLAG(std::string, adapter_resolver_dir, "",
           "DIR/NAME for a bare name, DIR/TENANT/NAME for a tenant's (a volume that a sync fills)");
 ABSL_FLAG(std::vector<std::string>, adapter, {},
           "NAME=DIR of a PEFT LoRA adapter to load (repeatable)");
+ABSL_FLAG(bool, lazy_adapter_load, false,
+          "Register the adapters of --adapter-dir and --adapter from their adapter_config.json "
+          "and safetensors header only (every check but the values), and read each one's "
+          "weights on its first request: for start-ups with thousands of adapters");
 ABSL_FLAG(std::vector<std::string>, pin_adapter, {},
           "Adapter kept in host memory whatever the budget (repeatable)");
 ABSL_FLAG(int32_t, max_lora_rank, 64, "Largest LoRA rank an adapter may have");
@@ -189,6 +193,7 @@ absl::StatusOr<RuntimeConfig> RuntimeConfigFromFlags() {
   config.adapter_resolver_dir = absl::GetFlag(FLAGS_adapter_resolver_dir);
   config.adapters = absl::GetFlag(FLAGS_adapter);
   config.pinned_adapters = absl::GetFlag(FLAGS_pin_adapter);
+  config.lazy_adapter_load = absl::GetFlag(FLAGS_lazy_adapter_load);
   config.max_lora_rank = absl::GetFlag(FLAGS_max_lora_rank);
   config.adapter_host_bytes = absl::GetFlag(FLAGS_adapter_host_bytes);
   config.adapter_device_bytes = absl::GetFlag(FLAGS_adapter_device_bytes);

@@ -110,15 +110,20 @@ absl::StatusOr<std::unique_ptr<adapters::AdapterRegistry>> CreateRegistry(
                         .limits = {.max_rank = config.max_lora_rank},
                         .host_budget_bytes = static_cast<size_t>(config.adapter_host_bytes),
                         .resolve = resolve}));
+  const adapters::StartupLoad startup =
+      config.lazy_adapter_load ? adapters::StartupLoad::kLazy : adapters::StartupLoad::kEager;
   if (!config.adapter_dir.empty()) {
-    RETURN_IF_ERROR(adapters::LoadAdapterDir(*registry, config.adapter_dir));
+    RETURN_IF_ERROR(adapters::LoadAdapterDir(*registry, config.adapter_dir, startup));
   }
   for (const std::string& spec : config.adapters) {
-    RETURN_IF_ERROR(adapters::LoadAdapterSpec(*registry, spec));
+    RETURN_IF_ERROR(adapters::LoadAdapterSpec(*registry, spec, startup));
   }
   for (const std::string& id : config.pinned_adapters) RETURN_IF_ERROR(registry->Pin(id));
   const size_t loaded = registry->List().size();
-  if (loaded > 0) absl::FPrintF(stderr, "%d adapters loaded\n", loaded);
+  if (loaded > 0) {
+    absl::FPrintF(stderr, "%d adapters %s\n", loaded,
+                  config.lazy_adapter_load ? "registered (weights load on first use)" : "loaded");
+  }
   return registry;
 }
 

@@ -48,6 +48,7 @@ struct RuntimeConfig {
   std::string adapter_resolver_dir;          // unknown ids load from here on first use
   std::vector<std::string> adapters;         // NAME=DIR specs loaded at start
   std::vector<std::string> pinned_adapters;  // ids never evicted from host memory
+  bool lazy_adapter_load = false;  // start-up adapters: metadata now, weights on first use
   int32_t max_lora_rank = 64;
   int64_t adapter_host_bytes = 0;  // 0: unlimited
   int64_t adapter_device_bytes = int64_t{1} << 30;

@@ -4,6 +4,7 @@
 #include <stdlib.h>  // mkdtemp
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -19,6 +20,9 @@
 
 namespace loraserve::api {
 namespace {
+
+// The most adapters one List page holds, whatever the caller asks.
+constexpr int32_t kMaxListPageSize = 1000;
 
 namespace fs = std::filesystem;
 
@@ -250,9 +254,24 @@ grpc::ServerUnaryReactor* AdaptersService::Unload(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* AdaptersService::List(grpc::CallbackServerContext* context,
                                                 const v1::ListAdaptersRequest* request,
                                                 v1::ListAdaptersResponse* response) {
-  for (const adapters::AdapterInfo& info : registry_->List()) {
-    FillInfo(info, response->add_adapters());
+  if (request->page_size() < 0) {
+    return FinishUnary(context,
+                       absl::InvalidArgumentError(absl::StrCat(
+                           "page_size must be >= 0 (0 lists all), got ", request->page_size())));
   }
+  if (request->page_size() == 0) {
+    for (const adapters::AdapterInfo& info : registry_->List()) {
+      FillInfo(info, response->add_adapters());
+    }
+    return FinishUnary(context, absl::OkStatus());
+  }
+  // One more than the page says whether another follows.
+  const size_t page = static_cast<size_t>(std::min(request->page_size(), kMaxListPageSize));
+  std::vector<adapters::AdapterInfo> infos = registry_->List(request->page_token(), page + 1);
+  const bool more = infos.size() > page;
+  if (more) infos.resize(page);
+  for (const adapters::AdapterInfo& info : infos) FillInfo(info, response->add_adapters());
+  if (more) response->set_next_page_token(infos.back().id);
   return FinishUnary(context, absl::OkStatus());
 }
 

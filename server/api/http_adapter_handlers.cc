@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "base/sha256.h"
 #include "base/status_macros.h"
@@ -62,16 +63,62 @@ json ModelJson(const v1::ServerInfo& info, const v1::AdapterInfo* adapter) {
               {"max_model_len", info.max_context_tokens()}};
 }
 
+// The part [begin, end) of `adapters` that a list request's `limit` and
+// `after` select.
+struct ListPage {
+  size_t begin = 0;
+  size_t end = 0;
+};
+
+absl::StatusOr<ListPage> ListPageOf(const httplib::Request& req,
+                                    const std::vector<v1::AdapterInfo>& adapters) {
+  ListPage page{0, adapters.size()};
+  if (req.has_param("after")) {
+    const std::string after = req.get_param_value("after");
+    const auto it = std::find_if(adapters.begin(), adapters.end(), [&](const v1::AdapterInfo& a) {
+      return a.id() == after || DisplayAdapterId(a.id()) == after;
+    });
+    if (it == adapters.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("after=", after,
+                       " names no adapter you can see (deleted since? list "
+                       "again from the first page)"));
+    }
+    page.begin = static_cast<size_t>(it - adapters.begin()) + 1;
+  }
+  if (req.has_param("limit")) {
+    const std::string text = req.get_param_value("limit");
+    int64_t limit = 0;
+    if (!absl::SimpleAtoi(text, &limit) || limit < 1 || limit > 1000) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("limit must be an integer from 1 to 1000, got \"", text, "\""));
+    }
+    page.end = std::min(adapters.size(), page.begin + static_cast<size_t>(limit));
+  }
+  page.end = std::max(page.begin, page.end);
+  return page;
+}
+
 }  // namespace
 
+// GET /v1/adapters[?limit=N&after=ID]: the adapters the caller may see, by
+// canonical id; all of them, or pages of `limit` (1..1000) after the adapter
+// `after` names (an `id` of the previous page), as OpenAI's lists page.
 void HttpGateway::Impl::HandleListAdapters(const httplib::Request& req, httplib::Response& res) {
   absl::StatusOr<Principal> who = Authenticate(req);
   absl::StatusOr<std::vector<v1::AdapterInfo>> visible =
       who.ok() ? ListVisible(*who) : who.status();
   if (!visible.ok()) return ReplyError(res, visible.status());
+  absl::StatusOr<ListPage> page = ListPageOf(req, *visible);
+  if (!page.ok()) return ReplyError(res, page.status());
   json data = json::array();
-  for (const v1::AdapterInfo& info : *visible) data.push_back(AdapterJson(info));
-  ReplyJson(res, 200, {{"object", "list"}, {"data", std::move(data)}});
+  for (size_t i = page->begin; i < page->end; ++i) data.push_back(AdapterJson((*visible)[i]));
+  json body = {{"object", "list"}, {"data", data}, {"has_more", page->end < visible->size()}};
+  if (!data.empty()) {
+    body["first_id"] = data.front()["id"];
+    body["last_id"] = data.back()["id"];
+  }
+  ReplyJson(res, 200, body);
 }
 
 void HttpGateway::Impl::HandleGetAdapter(const httplib::Request& req, httplib::Response& res) {

@@ -521,5 +521,72 @@ TEST(GrpcHostBudgetTest, EvictedAdaptersReloadOnUse) {
   EXPECT_LT(resident, list.adapters_size());
 }
 
+v1::ListAdaptersResponse ListPage(v1::Adapters::Stub& stub, int32_t size, const std::string& token,
+                                  grpc::Status* status) {
+  grpc::ClientContext context;
+  v1::ListAdaptersRequest request;
+  request.set_page_size(size);
+  request.set_page_token(token);
+  v1::ListAdaptersResponse page;
+  *status = stub.List(&context, request, &page);
+  return page;
+}
+
+// --lazy-adapter-load: the start-up adapters are listed, with their ranks
+// and bytes, before any of their weights is read; the first request reads
+// them (and fixes the content hash) and gets the adapter's own tokens.
+// Listing pages over gRPC (page_size / page_token) and HTTP (limit / after).
+TEST(GrpcLazyStartupTest, AdaptersLoadOnFirstUseAndListsPage) {
+  ServerProcess server({"--lazy-adapter-load", "--http-port=0"});
+  auto stub = v1::Inference::NewStub(server.channel());
+  auto adapters = v1::Adapters::NewStub(server.channel());
+  grpc::Status status;
+  v1::ListAdaptersResponse first = ListPage(*adapters, 4, "", &status);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(first.adapters_size(), 4);
+  for (const v1::AdapterInfo& info : first.adapters()) {
+    EXPECT_FALSE(info.resident_host()) << info.id();
+    EXPECT_EQ(info.content_hash(), "") << info.id();
+    EXPECT_GT(info.bytes(), 0) << info.id();
+    EXPECT_GT(info.ranks_size(), 0) << info.id();
+  }
+  EXPECT_EQ(first.next_page_token(), first.adapters(3).id());
+  v1::ListAdaptersResponse second = ListPage(*adapters, 4, first.next_page_token(), &status);
+  ASSERT_TRUE(status.ok());
+  EXPECT_EQ(second.adapters_size(), 2);  // six shared adapters
+  EXPECT_EQ(second.next_page_token(), "");
+  ListPage(*adapters, -1, "", &status);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  EXPECT_TRUE(absl::StartsWith(Generate(*stub, Greedy("", 24, "ocean")).text,
+                               "At low tide the rock pools shine"));
+  grpc::ClientContext context;
+  v1::GetAdapterRequest get;
+  get.set_id("ocean");
+  v1::AdapterInfo ocean;
+  ASSERT_TRUE(adapters->Get(&context, get, &ocean).ok());
+  EXPECT_TRUE(ocean.resident_host());
+  EXPECT_EQ(ocean.content_hash().size(), 64u);
+
+  const e2e::HttpReply page = e2e::HttpCall(server.http_port(), "GET", "/v1/adapters?limit=4");
+  ASSERT_EQ(page.status, 200) << page.body;
+  const nlohmann::json body = page.Json();
+  EXPECT_EQ(body["data"].size(), 4u);
+  EXPECT_EQ(body["has_more"], true);
+  EXPECT_EQ(body["last_id"], body["data"][3]["id"]);
+  const e2e::HttpReply rest =
+      e2e::HttpCall(server.http_port(), "GET",
+                    "/v1/adapters?limit=4&after=" + body["last_id"].get<std::string>());
+  ASSERT_EQ(rest.status, 200) << rest.body;
+  EXPECT_EQ(rest.Json()["data"].size(), 2u);
+  EXPECT_EQ(rest.Json()["has_more"], false);
+  EXPECT_EQ(e2e::HttpCall(server.http_port(), "GET", "/v1/adapters").Json()["data"].size(), 6u);
+  for (const char* bad : {"/v1/adapters?limit=0", "/v1/adapters?limit=x", "/v1/adapters?limit=1001",
+                          "/v1/adapters?after=nope"}) {
+    const e2e::HttpReply refused = e2e::HttpCall(server.http_port(), "GET", bad);
+    EXPECT_EQ(refused.status, 400) << bad << ": " << refused.body;
+  }
+}
+
 }  // namespace
 }  // namespace loraserve
