@@ -125,6 +125,12 @@ double Median(std::vector<double> values) {
   return values.empty() ? 0.0 : values[values.size() / 2];
 }
 
+double Percentile(std::vector<double> values, double p) {
+  if (values.empty()) return 0.0;
+  std::sort(values.begin(), values.end());
+  return values[std::min(values.size() - 1, static_cast<size_t>(p * (values.size() - 1) + 0.5))];
+}
+
 int BenchMain(int argc, char** argv, const char* name, absl::Status (*run)()) {
   std::vector<std::string> normalized = DashesToUnderscores(argc, argv);
   std::vector<char*> normalized_argv = ArgvOf(normalized);

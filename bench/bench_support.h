@@ -51,6 +51,8 @@ double DecodeStepBytes(const kernels::Backend& backend, const model::LlamaModel&
 double HostReadBandwidth(int threads);
 
 double Median(std::vector<double> values);
+// The value at quantile `p` in [0, 1] of `values` (nearest rank); 0 when empty.
+double Percentile(std::vector<double> values, double p);
 
 // A benchmark's main: parses flags (`--dashed-names` accepted), runs `run`,
 // prints its error as "<name>: ..." and returns the exit code.

@@ -232,12 +232,6 @@ absl::StatusOr<std::string> HttpBaseModel(const std::string& http) {
   return models["data"][0].value("id", "");
 }
 
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
-}
-
 absl::StatusOr<std::vector<std::string>> PrepareAdapters(std::shared_ptr<grpc::Channel> channel) {
   std::vector<std::string> ids = absl::GetFlag(FLAGS_adapters);
   const int32_t make = absl::GetFlag(FLAGS_make_adapters);
@@ -381,9 +375,11 @@ absl::Status Run() {
           ? absl::StrFormat("poisson %.2f/s zipf %.2f", rate, absl::GetFlag(FLAGS_zipf)).c_str()
           : absl::StrCat("closed ", absl::GetFlag(FLAGS_clients), " clients").c_str(),
       ids.size(), samples.size(), static_cast<long long>(failed), elapsed, tokens / elapsed,
-      Percentile(ttft, 0.5) * 1e3, Percentile(ttft, 0.99) * 1e3, Percentile(tpot, 0.5) * 1e3,
-      Percentile(tpot, 0.99) * 1e3, scrape_seconds.size(), static_cast<long long>(failed_scrapes),
-      Percentile(scrape_seconds, 0.5) * 1e3, Percentile(scrape_seconds, 0.99) * 1e3, scrape_bytes);
+      bench::Percentile(ttft, 0.5) * 1e3, bench::Percentile(ttft, 0.99) * 1e3,
+      bench::Percentile(tpot, 0.5) * 1e3, bench::Percentile(tpot, 0.99) * 1e3,
+      scrape_seconds.size(), static_cast<long long>(failed_scrapes),
+      bench::Percentile(scrape_seconds, 0.5) * 1e3, bench::Percentile(scrape_seconds, 0.99) * 1e3,
+      scrape_bytes);
   return absl::OkStatus();
 }
 
