@@ -1,8 +1,9 @@
 // The CUDA backend: weights in GPU memory as bf16 (f16 kept as f16, or all
 // float32 on request), GEMMs through cuBLAS with float32 accumulation, every
-// other operation a kernel of kernels/cuda/kernels.cu. All work is queued on
-// one non-blocking stream owned by the backend; asynchronous uploads run on a
-// second one, and the first waits for them.
+// other operation a kernel of kernels/cuda (elementwise.h, attention.h,
+// lora.h, sampling.h). All work is queued on one non-blocking stream owned by
+// the backend; asynchronous uploads run on a second one, and the first waits
+// for them.
 //
 // Ownership: the backend owns its compute stream, a copy stream for
 // CopyToDeviceAsync (with pinned staging), its cuBLAS handle and workspace,
@@ -45,8 +46,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "kernels/backend.h"
+#include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda_status.h"
-#include "kernels/cuda/kernels.h"
+#include "kernels/cuda/elementwise.h"
+#include "kernels/cuda/lora.h"
+#include "kernels/cuda/sampling.h"
 
 namespace loraserve::kernels {
 namespace {
