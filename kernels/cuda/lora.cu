@@ -117,6 +117,17 @@ __global__ void MergeKernel(const T* base, int64_t rows, int64_t cols, const L* 
 
 }  // namespace
 
+void FillLoraTable(const LoraSegment* segments, int32_t num_segments, DeviceLoraTable* table) {
+  table->count = num_segments;
+  DeviceLoraSegment* out = const_cast<DeviceLoraSegment*>(TableSegments(table));
+  int64_t offset = 0;
+  for (int32_t i = 0; i < num_segments; ++i) {
+    const LoraSegment& seg = segments[i];
+    out[i] = {seg.start, seg.end, seg.rank, seg.scale, seg.a, seg.bt, offset};
+    offset += static_cast<int64_t>(seg.end - seg.start) * seg.rank;
+  }
+}
+
 cudaError_t LoraShrinkSegments(const float* x, int64_t in, const DeviceLoraTable* table,
                                DType lora_dtype, int32_t grid_segments, int64_t max_work, float* t,
                                cudaStream_t stream) {

@@ -1,7 +1,8 @@
 // The CUDA backend's LoRA kernels: the segmented shrink and expand over a
-// segment table in device memory, and the merge of an adapter into a weight.
-// Plain entry points: raw device pointers, sizes and a stream, with every
-// tensor's layout written beside it. Each returns the launch's error
+// segment table in device memory, and the merge of an adapter into a weight;
+// also the table's layout and how the host writes one. The kernels are plain
+// entry points: raw device pointers, sizes and a stream, with every tensor's
+// layout written beside it. Each returns the launch's error
 // (cudaGetLastError), never aborts.
 #ifndef LORASERVE_KERNELS_CUDA_LORA_H_
 #define LORASERVE_KERNELS_CUDA_LORA_H_
@@ -45,6 +46,11 @@ __host__ __device__ inline const DeviceLoraSegment* TableSegments(const DeviceLo
 inline size_t LoraTableBytes(int32_t capacity) {
   return sizeof(DeviceLoraTable) + static_cast<size_t>(capacity) * sizeof(DeviceLoraSegment);
 }
+
+// Writes `segments` (host) as a device-layout table into `table` (host
+// memory with room for them), with each segment's offset into the packed
+// intermediate.
+void FillLoraTable(const LoraSegment* segments, int32_t num_segments, DeviceLoraTable* table);
 
 // Segmented shrink, one launch over segment blocks [0, grid_segments) of
 // which the first table->count work:
