@@ -17,7 +17,7 @@ namespace {
 float Canonical(float v) { return std::isnan(v) ? -std::numeric_limits<float>::infinity() : v; }
 
 // Uint32 whose unsigned order is the float order of Canonical(v), with -0 and
-// +0 equal. kernels/cuda/kernels.cu computes the same key on the device.
+// +0 equal. kernels/cuda/sampling.cu computes the same key on the device.
 uint32_t OrderBits(float v) {
   v = Canonical(v);
   if (v == 0.0f) v = 0.0f;  // -0 -> +0

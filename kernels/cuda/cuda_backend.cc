@@ -1,25 +1,21 @@
 // The CUDA backend: weights in GPU memory as bf16 (f16 kept as f16, or all
 // float32 on request), GEMMs through cuBLAS with float32 accumulation, every
-// other operation a kernel of kernels/cuda/kernels.cu. All work is queued on
-// one non-blocking stream owned by the backend; asynchronous uploads run on a
-// second one, and the first waits for them.
+// other operation a kernel of kernels/cuda (elementwise.h, attention.h,
+// lora.h, sampling.h). All work is queued on one non-blocking stream owned by
+// the backend; asynchronous uploads run on a second one, and the first waits
+// for them.
 //
 // Ownership: the backend owns its compute stream, a copy stream for
 // CopyToDeviceAsync (with pinned staging), its cuBLAS handle and workspace,
-// scratch buffers, recorded step graphs and the pinned/device buffers that
-// carry LoRA segment tables and sampling parameters; DeviceBuffers it
+// scratch buffers, its step graphs (StepGraphs) and the pinned/device buffers
+// that carry LoRA segment tables and sampling parameters; DeviceBuffers it
 // hands out own their cudaMalloc allocations. One thread at a time (see
 // Backend); each call makes the backend's device current on that thread, so
 // the engine loop may run on another thread than the one that created it.
 //
-// Step graphs: between BeginStep and EndStep the operations are captured into
-// a CUDA graph (first time a key is seen) or only checked against the
-// captured calls (later times), and EndStep launches the graph. Each call's
-// launch-relevant arguments are hashed into a signature; a replay launches the
-// graph only when every signature matches, so a graph never runs with
-// pointers or sizes other than those it was captured with. LoRA segment
-// tables, the one per-call host input, go to a pinned arena whose device twin
-// the captured kernels read; its used part is copied before each launch.
+// Step graphs (capture, signature checks, replay, the LoRA table arena) live
+// in kernels/cuda/step_graphs.h; every operation launches through
+// StepGraphs::Launch.
 //
 // Errors: arguments arrive checked (Backend, kernels/backend.cc); what is
 // left here are this backend's own limits (no Q8 weights, cuBLAS's int sizes,
@@ -37,22 +33,26 @@
 #include <cstring>
 #include <memory>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/string_view.h"
 #include "kernels/backend.h"
+#include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda_status.h"
-#include "kernels/cuda/kernels.h"
+#include "kernels/cuda/elementwise.h"
+#include "kernels/cuda/lora.h"
+#include "kernels/cuda/pinned_mirror.h"
+#include "kernels/cuda/sampling.h"
+#include "kernels/cuda/step_graphs.h"
 
 namespace loraserve::kernels {
 namespace {
 
-using cuda::DeviceLoraSegment;
 using cuda::DeviceLoraTable;
+using cuda::PinnedMirror;
+using cuda::StepGraphs;
 
 // Elements converted per chunk when weights are uploaded in another dtype.
 constexpr int64_t kUploadChunk = int64_t{16} << 20;
@@ -75,101 +75,6 @@ constexpr int64_t kStepShrinkWork = 16;
 // Likewise the expand grid: one slice of rows per segment, which strides
 // over all of them (decode: few rows per segment).
 constexpr int64_t kStepExpandRows = 1;
-// A key whose recordings keep failing before a replay runs is captured this
-// often in a row, then runs without a graph.
-constexpr int kMaxCaptures = 4;
-// Recorded graphs kept at once; past this all are dropped and recaptured.
-constexpr size_t kMaxStepGraphs = 256;
-// First size of the LoRA table arena; doubled when a capture runs out. 16 MiB
-// holds the 448 tables of an 8B model's step at 256 requests.
-constexpr size_t kInitialArenaBytes = size_t{16} << 20;
-
-uint64_t MixWord(uint64_t h, uint64_t word) {
-  // splitmix64 of the running value and the word: a 64-bit signature per call.
-  uint64_t x = h ^ (word + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2));
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-uint64_t SignatureWord(const void* p) { return reinterpret_cast<uintptr_t>(p); }
-uint64_t SignatureWord(int64_t v) { return static_cast<uint64_t>(v); }
-uint64_t SignatureWord(int32_t v) { return static_cast<uint64_t>(static_cast<int64_t>(v)); }
-uint64_t SignatureWord(bool v) { return v ? 1 : 0; }
-uint64_t SignatureWord(DType v) { return static_cast<uint64_t>(v); }
-uint64_t SignatureWord(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return bits;
-}
-
-template <typename... Args>
-uint64_t CallSignature(const char* op, const Args&... args) {
-  uint64_t h = SignatureWord(static_cast<const void*>(op));
-  ((h = MixWord(h, SignatureWord(args))), ...);
-  return h;
-}
-
-// Writes `segments` (host) as a device-layout table into `table` (host
-// memory with room for them), with each segment's offset into the packed
-// intermediate.
-void FillTable(const LoraSegment* segments, int32_t num_segments, DeviceLoraTable* table) {
-  table->count = num_segments;
-  DeviceLoraSegment* out = const_cast<DeviceLoraSegment*>(cuda::TableSegments(table));
-  int64_t offset = 0;
-  for (int32_t i = 0; i < num_segments; ++i) {
-    const LoraSegment& seg = segments[i];
-    out[i] = {seg.start, seg.end, seg.rank, seg.scale, seg.a, seg.bt, offset};
-    offset += static_cast<int64_t>(seg.end - seg.start) * seg.rank;
-  }
-}
-
-// A pinned host buffer and its device twin of the same size, for data the
-// host writes and kernels read (or the other way). Contents are not kept
-// when it grows; the caller makes sure no queued work still uses them.
-class PinnedMirror {
- public:
-  PinnedMirror() = default;
-  PinnedMirror(const PinnedMirror&) = delete;
-  PinnedMirror& operator=(const PinnedMirror&) = delete;
-  ~PinnedMirror() {
-    cudaFreeHost(host_);
-    cudaFree(device_);
-  }
-
-  // Makes both at least `bytes`, growing to at least twice the old size so
-  // that a slowly rising need reallocates rarely.
-  // When allocation fails, the old pair stays.
-  absl::Status Reserve(size_t bytes) {
-    if (bytes <= bytes_) return absl::OkStatus();
-    bytes = std::max(bytes, 2 * bytes_);
-    char* host = nullptr;
-    char* device = nullptr;
-    CUDA_RETURN_IF_ERROR(cudaMallocHost(&host, bytes));
-    if (absl::Status status = cuda::CudaStatus(cudaMalloc(&device, bytes), "cudaMalloc");
-        !status.ok()) {
-      cudaFreeHost(host);
-      return status;
-    }
-    CUDA_RETURN_IF_ERROR(cudaFreeHost(host_));
-    CUDA_RETURN_IF_ERROR(cudaFree(device_));
-    host_ = host;
-    device_ = device;
-    bytes_ = bytes;
-    return absl::OkStatus();
-  }
-  char* host() const { return host_; }
-  char* device() const { return device_; }
-  size_t bytes() const { return bytes_; }
-
- private:
-  char* host_ = nullptr;
-  char* device_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-size_t AlignUp(size_t bytes, size_t alignment) {
-  return (bytes + alignment - 1) / alignment * alignment;
-}
 
 absl::Status Invalid(const char* op, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat("CudaBackend::", op, ": ", what));
@@ -222,11 +127,7 @@ class CudaBackend final : public Backend {
     for (SegmentSlot& slot : segment_slots_) {
       if (slot.done != nullptr) cudaEventDestroy(slot.done);
     }
-    AbortStep();
-    for (auto& [key, graph] : graphs_) {
-      if (graph.exec != nullptr) cudaGraphExecDestroy(graph.exec);
-    }
-    if (arena_copied_ != nullptr) cudaEventDestroy(arena_copied_);
+    steps_.AbortStep();  // while its stream exists
     cudaFree(cublas_workspace_);
     cudaFree(scratch_);
     cudaFree(staging_);
@@ -265,7 +166,7 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
     CUDA_RETURN_IF_ERROR(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
     CUDA_RETURN_IF_ERROR(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
-    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&arena_copied_, cudaEventDisableTiming));
+    CUDA_RETURN_IF_ERROR(steps_.Init(stream_));
     CUDA_RETURN_IF_ERROR(cudaMalloc(&error_, sizeof(int32_t)));
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(error_, 0, sizeof(int32_t), stream_));
     CUDA_RETURN_IF_ERROR(cudaMallocHost(&error_host_, sizeof(int32_t)));
@@ -280,7 +181,7 @@ class CudaBackend final : public Backend {
   // --- memory ---------------------------------------------------------------
 
   absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
-    CUDA_RETURN_IF_ERROR(RefuseInStep("Allocate"));
+    CUDA_RETURN_IF_ERROR(steps_.RefuseInStep("Allocate"));
     CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     void* data = nullptr;
     // Never hand out null, even for zero bytes.
@@ -321,7 +222,7 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status Synchronize() override {
-    CUDA_RETURN_IF_ERROR(RefuseInStep("Synchronize"));
+    CUDA_RETURN_IF_ERROR(steps_.RefuseInStep("Synchronize"));
     CUDA_RETURN_IF_ERROR(Begin("Synchronize"));
     CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(error_host_, error_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
@@ -337,7 +238,7 @@ class CudaBackend final : public Backend {
 
  protected:
   absl::Status DoCopyToDevice(void* dst, const void* src, size_t bytes) override {
-    CUDA_RETURN_IF_ERROR(RefuseInStep("CopyToDevice"));
+    CUDA_RETURN_IF_ERROR(steps_.RefuseInStep("CopyToDevice"));
     CUDA_RETURN_IF_ERROR(Begin("CopyToDevice"));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
     // The caller may free or reuse pageable `src` as soon as we return.
@@ -347,7 +248,7 @@ class CudaBackend final : public Backend {
 
   absl::Status DoCopyToDeviceAsync(void* dst, const void* src, size_t bytes) override {
     constexpr const char* kOp = "CopyToDeviceAsync";
-    CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
+    CUDA_RETURN_IF_ERROR(steps_.RefuseInStep(kOp));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     if (copy_staging_ == nullptr) {
       CUDA_RETURN_IF_ERROR(cudaMallocHost(&copy_staging_, kCopyChunks * kCopyChunkBytes));
@@ -373,7 +274,7 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status DoCopyToHost(void* dst, const void* src, size_t bytes) override {
-    CUDA_RETURN_IF_ERROR(RefuseInStep("CopyToHost"));
+    CUDA_RETURN_IF_ERROR(steps_.RefuseInStep("CopyToHost"));
     CUDA_RETURN_IF_ERROR(Begin("CopyToHost"));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     // Results are read here: report what the kernels found on the way.
@@ -381,7 +282,7 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status DoCopyOnDevice(void* dst, const void* src, size_t bytes) override {
-    CUDA_RETURN_IF_ERROR(RefuseInStep("CopyOnDevice"));
+    CUDA_RETURN_IF_ERROR(steps_.RefuseInStep("CopyOnDevice"));
     CUDA_RETURN_IF_ERROR(Begin("CopyOnDevice"));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
     return absl::OkStatus();
@@ -390,7 +291,7 @@ class CudaBackend final : public Backend {
   absl::Status DoUploadWeight(void* dst, const void* src, DType src_dtype, int64_t rows,
                               int64_t cols) override {
     constexpr const char* kOp = "UploadWeight";
-    CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
+    CUDA_RETURN_IF_ERROR(steps_.RefuseInStep(kOp));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     const int64_t count = rows * cols;
     const DType stored = WeightDType(src_dtype);
@@ -448,7 +349,7 @@ class CudaBackend final : public Backend {
     constexpr const char* kOp = "Embedding";
     CUDA_RETURN_IF_ERROR(CheckNotQ8(kOp, "table", table));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    return Launch(
+    return steps_.Launch(
         kOp,
         [&] {
           return cuda::EmbeddingGather(ids, n, table.data, table.dtype, table.rows, table.cols, y,
@@ -461,7 +362,7 @@ class CudaBackend final : public Backend {
                          float* y) override {
     constexpr const char* kOp = "RmsNorm";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    return Launch(
+    return steps_.Launch(
         kOp,
         [&] {
           return cuda::RmsNormRows(x, weight, n, dim, eps, y, /*converted=*/nullptr, DType::kF32,
@@ -473,21 +374,21 @@ class CudaBackend final : public Backend {
   absl::Status DoAdd(float* x, const float* y, int64_t count) override {
     constexpr const char* kOp = "Add";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    return Launch(
+    return steps_.Launch(
         kOp, [&] { return cuda::AddInPlace(x, y, count, stream_); }, x, y, count);
   }
 
   absl::Status DoAddBias(float* x, const float* bias, int64_t n, int64_t dim) override {
     constexpr const char* kOp = "AddBias";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    return Launch(
+    return steps_.Launch(
         kOp, [&] { return cuda::AddBiasRows(x, bias, n, dim, stream_); }, x, bias, n, dim);
   }
 
   absl::Status DoSiluMul(const float* gate_up, int64_t n, int64_t dim, float* out) override {
     constexpr const char* kOp = "SiluMul";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    return Launch(
+    return steps_.Launch(
         kOp,
         [&] {
           return cuda::SiluMulRows(gate_up, n, dim, out, /*converted=*/nullptr, DType::kF32,
@@ -516,14 +417,14 @@ class CudaBackend final : public Backend {
                             int32_t num_segments, float* t) override {
     constexpr const char* kOp = "LoraShrink";
     // In a step an empty table is still a call: the next step's may not be.
-    if (num_segments == 0 && mode_ == StepMode::kEager) return absl::OkStatus();
+    if (num_segments == 0 && !steps_.in_step()) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     const SegmentStats stats = StatsOf(segments, num_segments);
     absl::StatusOr<const DeviceLoraTable*> table = StageTable(kOp, segments, num_segments);
     if (!table.ok()) return table.status();
-    const int32_t grid = mode_ == StepMode::kEager ? num_segments : step_max_segments_;
-    const int64_t max_work = mode_ == StepMode::kEager ? stats.max_work : kStepShrinkWork;
-    return Launch(
+    const int32_t grid = steps_.in_step() ? steps_.max_segments() : num_segments;
+    const int64_t max_work = steps_.in_step() ? kStepShrinkWork : stats.max_work;
+    return steps_.Launch(
         kOp,
         [&] {
           return cuda::LoraShrinkSegments(x, in, *table, LoraDType(), grid, max_work, t, stream_);
@@ -534,14 +435,14 @@ class CudaBackend final : public Backend {
   absl::Status DoLoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
                             int64_t out, float* y, int64_t ldy) override {
     constexpr const char* kOp = "LoraExpand";
-    if (num_segments == 0 && mode_ == StepMode::kEager) return absl::OkStatus();
+    if (num_segments == 0 && !steps_.in_step()) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     const SegmentStats stats = StatsOf(segments, num_segments);
     absl::StatusOr<const DeviceLoraTable*> table = StageTable(kOp, segments, num_segments);
     if (!table.ok()) return table.status();
-    const int32_t grid = mode_ == StepMode::kEager ? num_segments : step_max_segments_;
-    const int64_t max_rows = mode_ == StepMode::kEager ? stats.max_rows : kStepExpandRows;
-    return Launch(
+    const int32_t grid = steps_.in_step() ? steps_.max_segments() : num_segments;
+    const int64_t max_rows = steps_.in_step() ? kStepExpandRows : stats.max_rows;
+    return steps_.Launch(
         kOp,
         [&] {
           return cuda::LoraExpandSegments(t, *table, LoraDType(), grid, max_rows, out, y, ldy,
@@ -555,7 +456,7 @@ class CudaBackend final : public Backend {
     constexpr const char* kOp = "MergeLora";
     CUDA_RETURN_IF_ERROR(CheckNotQ8(kOp, "base", base));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    return Launch(
+    return steps_.Launch(
         kOp,
         [&] {
           return cuda::MergeLoraWeights(base.data, base.dtype, base.rows, base.cols, a, bt,
@@ -571,106 +472,21 @@ class CudaBackend final : public Backend {
 
   absl::Status BeginStep(uint64_t key, int32_t max_segments) override {
     constexpr const char* kOp = "BeginStep";
-    CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
+    CUDA_RETURN_IF_ERROR(steps_.RefuseInStep(kOp));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     if (max_segments < 0) {
       return Invalid(kOp, absl::StrCat("max_segments must not be negative, got ", max_segments));
     }
-    // The host arena is rewritten below: the last step's copy must be done.
-    CUDA_RETURN_IF_ERROR(cudaEventSynchronize(arena_copied_));
-    StepGraph& graph = graphs_[key];
-    if (graph.max_segments != max_segments) {
-      if (graph.exec != nullptr) cudaGraphExecDestroy(graph.exec);
-      graph = StepGraph{};
-      graph.max_segments = max_segments;
-    }
-    step_key_ = key;
-    step_max_segments_ = max_segments;
-    table_stride_ = AlignUp(cuda::LoraTableBytes(max_segments), 256);
-    tables_used_ = 0;
-    arena_overflowed_ = false;
-    call_index_ = 0;
-    if (graph.exec != nullptr) {
-      replaying_ = &graph;
-      mode_ = StepMode::kReplay;
-      return absl::OkStatus();
-    }
-    if (graph.captures >= kMaxCaptures) {
-      return absl::FailedPreconditionError(absl::StrCat("CudaBackend: step key ", key,
-                                                        " changed after each of ", kMaxCaptures,
-                                                        " captures; it runs without a graph"));
-    }
-    // Dropping graphs (too many, or the arena moves) keeps this key's count.
-    const int captures = graph.captures;
-    if (graphs_.size() > kMaxStepGraphs) DropGraphs();
-    CUDA_RETURN_IF_ERROR(GrowArena(arena_wanted_bytes_));
-    StepGraph& entry = graphs_[key];
-    entry.max_segments = max_segments;
-    entry.captures = captures + 1;
-    recording_ = StepGraph{};
-    CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    mode_ = StepMode::kCapture;
-    return absl::OkStatus();
+    return steps_.BeginStep(key, max_segments);
   }
 
   absl::Status EndStep() override {
     constexpr const char* kOp = "EndStep";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    if (mode_ == StepMode::kReplay) {
-      if (call_index_ != replaying_->calls.size()) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("CudaBackend::EndStep: the step made ", call_index_,
-                         " calls; its recorded graph has ", replaying_->calls.size()));
-      }
-      const cudaGraphExec_t exec = replaying_->exec;
-      mode_ = StepMode::kEager;
-      replaying_ = nullptr;
-      CUDA_RETURN_IF_ERROR(LaunchStep(exec));
-      // kMaxCaptures counts captures in a row that never replay: one that
-      // did (and later broke, e.g. when a buffer moved) starts afresh.
-      graphs_[step_key_].captures = 0;
-      return absl::OkStatus();
-    }
-    if (mode_ != StepMode::kCapture) {
-      return absl::FailedPreconditionError("CudaBackend::EndStep without BeginStep");
-    }
-    mode_ = StepMode::kEager;
-    cudaGraph_t captured = nullptr;
-    const cudaError_t ended = cudaStreamEndCapture(stream_, &captured);
-    CUDA_RETURN_IF_ERROR(ended);  // an invalidated capture (the error is cleared)
-    cudaGraphExec_t exec = nullptr;
-    const cudaError_t instantiated = cudaGraphInstantiate(&exec, captured, 0);
-    cudaGraphDestroy(captured);
-    CUDA_RETURN_IF_ERROR(instantiated);
-    StepGraph& graph = graphs_[step_key_];
-    graph.exec = exec;
-    graph.calls = std::move(recording_.calls);
-    graph.max_segments = step_max_segments_;
-    return LaunchStep(exec);
+    return steps_.EndStep();
   }
 
-  void AbortStep() override {
-    if (mode_ == StepMode::kCapture) {
-      cudaGraph_t captured = nullptr;
-      cudaStreamEndCapture(stream_, &captured);  // fails when the capture was invalidated
-      if (captured != nullptr) cudaGraphDestroy(captured);
-      cudaGetLastError();  // the capture's errors are not the next call's
-      // A capture that ran out of arena is retried with a larger one and
-      // does not count against the key.
-      if (arena_overflowed_) --graphs_[step_key_].captures;
-    } else if (mode_ == StepMode::kReplay) {
-      // The recording no longer fits the caller's steps: capture it again.
-      auto it = graphs_.find(step_key_);
-      if (it != graphs_.end() && it->second.exec != nullptr) {
-        cudaGraphExecDestroy(it->second.exec);
-        it->second.exec = nullptr;
-        it->second.calls.clear();
-      }
-    }
-    mode_ = StepMode::kEager;
-    replaying_ = nullptr;
-    recording_ = StepGraph{};
-  }
+  void AbortStep() override { steps_.AbortStep(); }
 
   // --- attention ------------------------------------------------------------
 
@@ -680,7 +496,7 @@ class CudaBackend final : public Backend {
                       const RopeParams& rope) override {
     constexpr const char* kOp = "Rope";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    return Launch(
+    return steps_.Launch(
         kOp,
         [&] {
           return cuda::RopeInPlace(q, q_ld, k, k_ld, positions, tokens, num_heads, num_kv_heads,
@@ -695,7 +511,7 @@ class CudaBackend final : public Backend {
                          const KvLayout& layout, void* k_cache, void* v_cache) override {
     constexpr const char* kOp = "WriteKv";
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    return Launch(
+    return steps_.Launch(
         kOp,
         [&] {
           return cuda::WriteKvSlots(k, v, kv_ld, batch.slot_mapping, batch.num_tokens,
@@ -718,7 +534,7 @@ class CudaBackend final : public Backend {
     }
     if (num_heads > 65535) return Invalid(kOp, absl::StrCat("num_heads ", num_heads, " > 65535"));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
-    return Launch(
+    return steps_.Launch(
         kOp,
         [&] {
           return cuda::PagedAttentionForward(
@@ -741,7 +557,7 @@ class CudaBackend final : public Backend {
                         SampledToken* out) override {
     constexpr const char* kOp = "Sample";
     if (rows > INT32_MAX) return Invalid(kOp, absl::StrCat("rows ", rows, " > ", INT32_MAX));
-    CUDA_RETURN_IF_ERROR(RefuseInStep(kOp));
+    CUDA_RETURN_IF_ERROR(steps_.RefuseInStep(kOp));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
     int64_t num_top = 0;
     for (int64_t row = 0; row < rows; ++row) {
@@ -841,7 +657,8 @@ class CudaBackend final : public Backend {
     if (w.dtype == DType::kF32) return nullptr;
     const size_t bytes = m * w.cols * DTypeSize(w.dtype);
     if (bytes > scratch_bytes_) {
-      CUDA_RETURN_IF_ERROR(RefuseInStep(absl::StrCat(op, " (growing its conversion buffer)")));
+      CUDA_RETURN_IF_ERROR(
+          steps_.RefuseInStep(absl::StrCat(op, " (growing its conversion buffer)")));
       const size_t grown = std::max(bytes, scratch_bytes_ + scratch_bytes_ / 2);
       CUDA_RETURN_IF_ERROR(cudaFree(scratch_));  // synchronises: earlier users are done
       scratch_ = nullptr;
@@ -863,7 +680,7 @@ class CudaBackend final : public Backend {
                               const Args&... args) {
     absl::StatusOr<void*> converted = GemmOperandBuffer(op, w, n);
     if (!converted.ok()) return converted.status();
-    return Launch(
+    return steps_.Launch(
         op,
         [&]() -> absl::Status {
           CUDA_RETURN_IF_ERROR(write_rows(*converted));
@@ -890,98 +707,29 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  // Fails inside a step, where only operations may be called.
-  absl::Status RefuseInStep(absl::string_view what) const {
-    if (mode_ == StepMode::kEager) return absl::OkStatus();
-    return absl::FailedPreconditionError(
-        absl::StrCat("CudaBackend: ", what, " inside a step (between BeginStep and EndStep)"));
-  }
-
-  // Runs `launch`, which queues kernels on stream_, as the step mode says:
-  // now, into the graph being captured, or (replaying) not at all once the
-  // call's signature is checked against the recording. `args` are every
-  // argument that shapes the launch (pointers, sizes, scalars).
-  template <typename Fn, typename... Args>
-  absl::Status Launch(const char* op, Fn launch, const Args&... args) {
-    if (mode_ != StepMode::kEager) {
-      const uint64_t signature = CallSignature(op, args...);
-      if (mode_ == StepMode::kReplay) {
-        const std::vector<uint64_t>& calls = replaying_->calls;
-        if (call_index_ >= calls.size() || calls[call_index_] != signature) {
-          return absl::FailedPreconditionError(
-              absl::StrCat("CudaBackend::", op, ": call ", call_index_,
-                           " of the step differs from its recorded graph"));
-        }
-        ++call_index_;
-        return absl::OkStatus();
-      }
-      recording_.calls.push_back(signature);
-    }
-    return cuda::ToStatus(launch(), op);
-  }
-
   // A segment table in device memory for one LoRA call. Outside a step it
   // goes through a ring of pinned slots, copied asynchronously on the stream;
-  // inside a step it takes the next table of the arena, which EndStep copies
-  // in one piece before the graph runs.
+  // inside a step it takes the next table of the step graphs' arena.
   absl::StatusOr<const DeviceLoraTable*> StageTable(const char* op, const LoraSegment* segments,
                                                     int32_t num_segments) {
-    if (mode_ != StepMode::kEager) {
-      if (num_segments > step_max_segments_) {
+    if (steps_.in_step()) {
+      if (num_segments > steps_.max_segments()) {
         return Invalid(
-            op, absl::StrCat(num_segments, " segments; the step allows ", step_max_segments_));
+            op, absl::StrCat(num_segments, " segments; the step allows ", steps_.max_segments()));
       }
-      const size_t offset = static_cast<size_t>(tables_used_) * table_stride_;
-      if (offset + table_stride_ > arena_.bytes()) {
-        arena_wanted_bytes_ = std::max(arena_wanted_bytes_, 2 * arena_.bytes());
-        arena_overflowed_ = true;
-        return absl::ResourceExhaustedError(
-            absl::StrCat("CudaBackend::", op, ": the step's LoRA tables outgrew the arena of ",
-                         arena_.bytes(), " bytes (it grows before the next capture)"));
-      }
-      FillTable(segments, num_segments, reinterpret_cast<DeviceLoraTable*>(arena_.host() + offset));
-      ++tables_used_;
-      return reinterpret_cast<const DeviceLoraTable*>(arena_.device() + offset);
+      return steps_.StageTable(op, segments, num_segments);
     }
     SegmentSlot& slot = segment_slots_[next_slot_];
     next_slot_ = (next_slot_ + 1) % kSegmentSlots;
     CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done));  // its last upload has finished
     const size_t bytes = cuda::LoraTableBytes(num_segments);
     CUDA_RETURN_IF_ERROR(slot.table.Reserve(bytes));
-    FillTable(segments, num_segments, reinterpret_cast<DeviceLoraTable*>(slot.table.host()));
+    cuda::FillLoraTable(segments, num_segments,
+                        reinterpret_cast<DeviceLoraTable*>(slot.table.host()));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.table.device(), slot.table.host(), bytes,
                                          cudaMemcpyHostToDevice, stream_));
     CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, stream_));
     return reinterpret_cast<const DeviceLoraTable*>(slot.table.device());
-  }
-
-  // Makes the arena at least `bytes`; recorded graphs point into the old one,
-  // so they are all dropped when it moves.
-  absl::Status GrowArena(size_t bytes) {
-    if (bytes <= arena_.bytes()) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-    DropGraphs();
-    return arena_.Reserve(bytes);
-  }
-
-  void DropGraphs() {
-    for (auto& [key, graph] : graphs_) {
-      if (graph.exec != nullptr) cudaGraphExecDestroy(graph.exec);
-    }
-    graphs_.clear();
-  }
-
-  // Copies the step's LoRA tables and launches `exec` after them.
-  absl::Status LaunchStep(cudaGraphExec_t exec) {
-    if (tables_used_ > 0) {
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(arena_.device(), arena_.host(),
-                                           static_cast<size_t>(tables_used_) * table_stride_,
-                                           cudaMemcpyHostToDevice, stream_));
-    }
-    // The next step writes the host arena only after this copy is done.
-    CUDA_RETURN_IF_ERROR(cudaEventRecord(arena_copied_, stream_));
-    CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, stream_));
-    return absl::OkStatus();
   }
 
   const int device_;
@@ -1003,28 +751,8 @@ class CudaBackend final : public Backend {
   int next_slot_ = 0;
   void* cublas_workspace_ = nullptr;
 
-  // Step graphs (see the file comment).
-  enum class StepMode { kEager, kCapture, kReplay };
-  struct StepGraph {
-    cudaGraphExec_t exec = nullptr;  // null: not recorded (or given up on)
-    std::vector<uint64_t> calls;     // signature of every operation call, in order
-    int32_t max_segments = 0;
-    int captures = 0;  // captures since this key's last replay that ran
-  };
-  StepMode mode_ = StepMode::kEager;
-  std::unordered_map<uint64_t, StepGraph> graphs_;
-  uint64_t step_key_ = 0;
-  StepGraph recording_;                   // the calls of the step being captured
-  const StepGraph* replaying_ = nullptr;  // the graph of the step being replayed
-  size_t call_index_ = 0;                 // calls checked so far in a replay
-  int32_t step_max_segments_ = 0;
-  size_t table_stride_ = 0;  // bytes per LoRA table in the arena
-  int32_t tables_used_ = 0;  // LoRA tables of this step so far
-  PinnedMirror arena_;       // LoRA tables of a step; the captured kernels read its device side
-  size_t arena_wanted_bytes_ = kInitialArenaBytes;
-  bool arena_overflowed_ = false;  // this step's capture ran out of arena (not the key's fault)
-  cudaEvent_t arena_copied_ = nullptr;  // the last step's arena copy is done
-  PinnedMirror sample_staging_;         // Sample's parameters up, results back
+  StepGraphs steps_;             // BeginStep to EndStep: capture, replay, the LoRA table arena
+  PinnedMirror sample_staging_;  // Sample's parameters up, results back
 };
 
 }  // namespace

@@ -25,4 +25,22 @@ absl::Status CublasStatus(cublasStatus_t status, const char* call) {
   return absl::InternalError(message);
 }
 
+const char* KernelErrorName(int32_t code) {
+  switch (code) {
+    case kNoKernelError:
+      return "no error";
+    case kEmbeddingIdOutOfRange:
+      return "Embedding: a token id is outside the vocabulary";
+    case kRopePositionNegative:
+      return "Rope: a position is negative";
+    case kWriteKvSlotOutOfRange:
+      return "WriteKv: a slot_mapping entry is outside the cache";
+    case kAttentionPositionOutOfRange:
+      return "PagedAttention: a position is beyond its sequence's context_lens or block table";
+    case kAttentionBlockOutOfRange:
+      return "PagedAttention: a block_tables entry is outside the cache";
+  }
+  return "unknown kernel error";
+}
+
 }  // namespace loraserve::kernels::cuda

@@ -1,0 +1,90 @@
+// The CUDA backend's LoRA kernels: the segmented shrink and expand over a
+// segment table in device memory, and the merge of an adapter into a weight;
+// also the table's layout and how the host writes one. The kernels are plain
+// entry points: raw device pointers, sizes and a stream, with every tensor's
+// layout written beside it. Each returns the launch's error
+// (cudaGetLastError), never aborts.
+#ifndef LORASERVE_KERNELS_CUDA_LORA_H_
+#define LORASERVE_KERNELS_CUDA_LORA_H_
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/backend.h"
+
+namespace loraserve::kernels::cuda {
+
+// One LoRA segment as the segmented kernels read it from device memory.
+struct DeviceLoraSegment {
+  int32_t start;  // first token row
+  int32_t end;    // one past the last token row
+  int32_t rank;
+  float scale;
+  const void* a;     // [rank, in] of the call's lora_dtype
+  const void* bt;    // [rank, out] of the call's lora_dtype
+  int64_t t_offset;  // floats before this segment's part of the packed t
+};
+
+// A segment table in device memory: this header, then `count` segments
+// (DeviceLoraSegment, 16-byte aligned right after it). The count lives on the
+// device so that a recorded step graph can be launched again with another
+// table of the same capacity: kernels launched over more blocks than `count`
+// leave the extra blocks idle.
+struct DeviceLoraTable {
+  int32_t count;
+  int32_t reserved[3];
+};
+
+// The segments of `table`.
+__host__ __device__ inline const DeviceLoraSegment* TableSegments(const DeviceLoraTable* table) {
+  return reinterpret_cast<const DeviceLoraSegment*>(table + 1);
+}
+
+// Bytes of a table with room for `capacity` segments.
+inline size_t LoraTableBytes(int32_t capacity) {
+  return sizeof(DeviceLoraTable) + static_cast<size_t>(capacity) * sizeof(DeviceLoraSegment);
+}
+
+// Writes `segments` (host) as a device-layout table into `table` (host
+// memory with room for them), with each segment's offset into the packed
+// intermediate.
+void FillLoraTable(const LoraSegment* segments, int32_t num_segments, DeviceLoraTable* table);
+
+// Segmented shrink, one launch over segment blocks [0, grid_segments) of
+// which the first table->count work:
+// t[seg.t_offset + (row - seg.start) * seg.rank + r] = x[row, :] · seg.a[r, :].
+// `max_work` bounds (end - start) * rank over the segments; it only sizes the
+// grid (the kernel strides over whatever work a segment has).
+cudaError_t LoraShrinkSegments(const float* x,  // [tokens, in]
+                               int64_t in,
+                               const DeviceLoraTable* table,  // device
+                               DType lora_dtype,              // of every segment's a and bt
+                               int32_t grid_segments, int64_t max_work,
+                               float* t,  // packed intermediate
+                               cudaStream_t stream);
+
+// Segmented expand, one launch over (segment block, column tile, row slice):
+// y[row, 0:out] += seg.scale * Σ_r t_seg[row, r] * seg.bt[r, 0:out]. Segments
+// may cover the same rows; each row gets their terms in table order.
+// `max_rows` bounds end - start over the segments; it only sizes the grid.
+cudaError_t LoraExpandSegments(const float* t,                // packed intermediate
+                               const DeviceLoraTable* table,  // device
+                               DType lora_dtype,              // of every segment's a and bt
+                               int32_t grid_segments, int64_t max_rows, int64_t out,
+                               float* y,  // [tokens, ldy], columns [0, out)
+                               int64_t ldy, cudaStream_t stream);
+
+// out = base + scale * btᵀ · a, in base's dtype (sum in float32, one rounding).
+cudaError_t MergeLoraWeights(const void* base,  // [rows, cols] of dtype
+                             DType dtype, int64_t rows, int64_t cols,
+                             const void* a,   // [rank, cols] of lora_dtype
+                             const void* bt,  // [rank, rows] of lora_dtype
+                             DType lora_dtype, int32_t rank, float scale,
+                             void* out,  // [rows, cols] of dtype
+                             cudaStream_t stream);
+
+}  // namespace loraserve::kernels::cuda
+
+#endif  // LORASERVE_KERNELS_CUDA_LORA_H_
