@@ -70,6 +70,12 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
             if (reactor == nullptr) return;
             action = reactor->OnEvent(event);
           }
+          // Nothing to do means another thread may own the stream's end
+          // (a failed write finishes it): once channel->mu is released,
+          // OnDone may delete the reactor, so it is not touched again. A
+          // write or a Finish keeps it alive: no one else can end the
+          // stream before this thread has started them.
+          if (action.write == nullptr && !action.finish) return;
           reactor->Run(action);
         });
       }
