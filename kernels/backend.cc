@@ -39,6 +39,17 @@ const char* DTypeName(DType dtype) {
   return "?";
 }
 
+bool IsKnownDType(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+    case DType::kF16:
+    case DType::kBF16:
+    case DType::kQ8:
+      return true;
+  }
+  return false;
+}
+
 int64_t WeightRowBytes(DType dtype, int64_t cols) {
   if (dtype != DType::kQ8) return cols * static_cast<int64_t>(DTypeSize(dtype));
   return Q8RowLayout::For(cols).row_bytes;
@@ -180,7 +191,7 @@ class ArgumentCheck {
   }
   ArgumentCheck& Weight(const char* arg, const WeightView& w) {
     NotNull(arg, w.data);
-    That(IsKnown(w.dtype), arg, " has unknown dtype ", static_cast<int>(w.dtype));
+    That(IsKnownDType(w.dtype), arg, " has unknown dtype ", static_cast<int>(w.dtype));
     Positive("weight rows", w.rows);
     return Positive("weight cols", w.cols);
   }
@@ -193,7 +204,7 @@ class ArgumentCheck {
     Positive("layout.block_size", layout.block_size);
     Positive("layout.num_kv_heads", layout.num_kv_heads);
     Positive("layout.head_dim", layout.head_dim);
-    return That(IsKnown(layout.dtype) && layout.dtype != DType::kQ8, "layout.dtype ",
+    return That(IsKnownDType(layout.dtype) && layout.dtype != DType::kQ8, "layout.dtype ",
                 static_cast<int>(layout.dtype), " is not an element type");
   }
   ArgumentCheck& Segments(const LoraSegment* segments, int32_t num_segments) {
@@ -219,17 +230,6 @@ class ArgumentCheck {
   }
 
  private:
-  static bool IsKnown(DType dtype) {
-    switch (dtype) {
-      case DType::kF32:
-      case DType::kF16:
-      case DType::kBF16:
-      case DType::kQ8:
-        return true;
-    }
-    return false;
-  }
-
   const Backend& backend_;
   const char* op_;
   absl::Status status_;

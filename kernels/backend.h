@@ -49,6 +49,8 @@ inline constexpr int64_t kQ8GroupSize = 128;
 // so size kQ8 weights with WeightRowBytes).
 size_t DTypeSize(DType dtype);
 const char* DTypeName(DType dtype);
+// Whether `dtype` is one of the enumerators (a value cast from an int may not be).
+bool IsKnownDType(DType dtype);
 // Bytes of one row of `cols` weights stored as `dtype`; rows of a matrix lie
 // this many bytes apart.
 int64_t WeightRowBytes(DType dtype, int64_t cols);

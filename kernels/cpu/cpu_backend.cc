@@ -61,18 +61,6 @@ absl::Status CheckF32Cache(const char* op, const KvLayout& layout) {
                                                  "; this backend's KV cache is F32"));
 }
 
-// Whether the GEMM reads weights stored as `dtype`.
-bool IsWeightDType(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-    case DType::kBF16:
-    case DType::kF16:
-    case DType::kQ8:
-      return true;
-  }
-  return false;
-}
-
 // ---- AVX2 helpers ---------------------------------------------------------
 
 // Lanes [0, count) set, for loads and stores of a partial vector.
@@ -932,7 +920,8 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOption
   const int num_threads = options.num_threads > 0
                               ? options.num_threads
                               : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-  if (!IsWeightDType(options.weight_dtype)) {
+  // The GEMM reads weights stored in every dtype.
+  if (!IsKnownDType(options.weight_dtype)) {
     return absl::InvalidArgumentError(absl::StrCat("CreateCpuBackend: unknown weight_dtype ",
                                                    static_cast<int>(options.weight_dtype)));
   }
