@@ -34,20 +34,7 @@ using test_support::Upload;
 using test_support::UploadWeight;
 using test_support::Weight;
 
-class CudaBackendTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    absl::StatusOr<std::vector<CudaCase>> cases = test_support::CudaCases();
-    if (!cases.ok()) GTEST_SKIP() << cases.status().message();
-    cases_ = *std::move(cases);
-    absl::StatusOr<std::unique_ptr<Backend>> cpu = CreateCpuBackend({.num_threads = 2});
-    ASSERT_OK(cpu);
-    cpu_ = std::move(*cpu);
-  }
-
-  std::vector<CudaCase> cases_;
-  std::unique_ptr<Backend> cpu_;
-};
+using CudaBackendTest = test_support::CudaAgainstCpuTest;
 
 // The fused norm + projection equals RmsNorm then Linear on the same backend
 // exactly: the norm writes the same bf16 operand the conversion would. No

@@ -35,20 +35,7 @@ constexpr double kBf16ModelBound = 3e-2;
 // Whole forward passes in float32 on both sides: only summation order differs.
 constexpr double kF32ModelBound = 1e-4;
 
-class CudaModelTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    absl::StatusOr<std::vector<CudaCase>> cases = test_support::CudaCases();
-    if (!cases.ok()) GTEST_SKIP() << cases.status().message();
-    cases_ = *std::move(cases);
-    absl::StatusOr<std::unique_ptr<Backend>> cpu = kernels::CreateCpuBackend({.num_threads = 2});
-    ASSERT_OK(cpu);
-    cpu_ = std::move(*cpu);
-  }
-
-  std::vector<CudaCase> cases_;
-  std::unique_ptr<Backend> cpu_;
-};
+using CudaModelTest = test_support::CudaAgainstCpuTest;
 
 std::string SharedModel() { return std::string(LORASERVE_SHARED_DIR) + "/models/aidreams-260k"; }
 

@@ -133,4 +133,13 @@ absl::StatusOr<std::vector<CudaCase>> CudaCases() {
   return cases;
 }
 
+void CudaAgainstCpuTest::SetUp() {
+  absl::StatusOr<std::vector<CudaCase>> cases = CudaCases();
+  if (!cases.ok()) GTEST_SKIP() << cases.status().message();
+  cases_ = *std::move(cases);
+  absl::StatusOr<std::unique_ptr<Backend>> cpu = kernels::CreateCpuBackend({.num_threads = 2});
+  ASSERT_OK(cpu);
+  cpu_ = *std::move(cpu);
+}
+
 }  // namespace loraserve::test_support

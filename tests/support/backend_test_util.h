@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "gtest/gtest.h"
 #include "kernels/backend.h"
 
 namespace loraserve::test_support {
@@ -73,6 +74,17 @@ struct CudaCase {
 // The default (bf16) CUDA backend and the float32 one; FailedPrecondition,
 // saying why, without a GPU.
 absl::StatusOr<std::vector<CudaCase>> CudaCases();
+
+// A fixture holding the CUDA backends under test (CudaCases) and the float32
+// CPU backend they are compared with; every case skips, saying why, without
+// a GPU.
+class CudaAgainstCpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override;
+
+  std::vector<CudaCase> cases_;
+  std::unique_ptr<kernels::Backend> cpu_;
+};
 
 // Relative error bounds of one op: float32 throughout, or bf16 GEMM operands.
 inline constexpr double kF32Bound = 1e-5;
