@@ -11,11 +11,20 @@
 // this holds, and each failure names the tensor or module and what was
 // expected:
 //  - every tensor is the lora_A or lora_B of one of the seven projections of
-//    a layer the base model has, and the config targets that module;
-//  - every module the config targets has both its A and its B;
+//    a layer the base model has, or of lm_head, or the lora_embedding_A / B
+//    of embed_tokens, and the config targets that module;
+//  - every module the config targets has both its A and its B, and with
+//    use_dora its lora_magnitude_vector [out_features] (DoRA; not on
+//    embed_tokens);
 //  - A is [rank, in_features] and B is [out_features, rank], where rank is
 //    the module's rank from rank_pattern or r and in/out come from the base
 //    model (a mismatch there means the adapter belongs to another base);
+//    embed_tokens counts as in_features = vocab, out_features = hidden;
+//  - the other tensors are the adapter's own copies of whole modules
+//    (SavedModules): of the modules_to_save, which may be embed_tokens,
+//    lm_head and RMS norms, each present with the base module's shape; or the
+//    embed_tokens / lm_head copies PEFT writes beside their LoRA
+//    (`*.base_layer.weight`, save_embedding_layers);
 //  - rank <= AdapterLimits::max_rank (the --max-lora-rank flag);
 //  - every value is finite.
 // adapter_model.bin (a pickle) is refused with a hint to convert it.
@@ -60,26 +69,43 @@ const char* LoraModuleName(LoraModule module);
 // The module's name in the base model, e.g. "model.layers.3.self_attn.q_proj".
 std::string LoraModulePath(int64_t layer, LoraModule module);
 
+// The modules outside the decoder layers that LoRA may adapt.
+enum class HeadModule : int { kEmbedTokens, kLmHead };
+inline constexpr int kNumHeadModules = 2;
+inline constexpr std::array<HeadModule, kNumHeadModules> kAllHeadModules = {
+    HeadModule::kEmbedTokens, HeadModule::kLmHead};
+// "embed_tokens", "lm_head".
+const char* HeadModuleName(HeadModule module);
+// "model.embed_tokens", "lm_head".
+std::string HeadModulePath(HeadModule module);
+
 // What an adapter is checked against; adapters/ does not know the model
 // config, so whoever does fills this in (LlamaBaseShape for Llama).
 struct BaseModelShape {
   int64_t num_layers = 0;
-  // Module short name ("q_proj", ...) -> {in_features, out_features}. A
-  // module absent here cannot be adapted.
+  int64_t hidden_size = 0;
+  int64_t vocab_size = 0;  // 0: embed_tokens and lm_head cannot be adapted or saved
+  // Module short name ("q_proj", ..., "embed_tokens", "lm_head") ->
+  // {in_features, out_features}. A module absent here cannot be adapted.
   std::map<std::string, std::pair<int64_t, int64_t>> modules;
 };
 
 // The seven projections of a Llama-family model: q [heads*head_dim, hidden],
 // k and v [kv_heads*head_dim, hidden], o [hidden, heads*head_dim], gate and up
-// [intermediate, hidden], down [hidden, intermediate] (as [out, in]).
+// [intermediate, hidden], down [hidden, intermediate] (as [out, in]); with a
+// vocab_size, embed_tokens {vocab, hidden} and lm_head [vocab, hidden] too.
 BaseModelShape LlamaBaseShape(int64_t num_layers, int64_t hidden_size, int64_t intermediate_size,
-                              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+                              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                              int64_t vocab_size = 0);
 
 struct AdapterLimits {
   int max_rank = 64;  // --max-lora-rank
 };
 
-// One adapted linear layer: y += scale · (x · aᵀ) · bᵀ.
+// One adapted linear layer: y += scale · (x · aᵀ) · bᵀ; with DoRA
+// y = m / ‖W + scale·B·A‖ ⊙ (W·x + scale · (x · aᵀ) · bᵀ), the norm taken over
+// each output row of the base weight W (PEFT's "column-wise" norm). For
+// embed_tokens x is the token's one-hot row: y += scale · aᵀ[token] · bᵀ.
 struct LoraWeights {
   int rank = 0;  // 0: the module is not adapted and a, b are empty
   float scale = 0;
@@ -87,8 +113,25 @@ struct LoraWeights {
   int64_t out_features = 0;
   std::vector<float> a;  // [rank, in_features]; empty when read as AdapterRead::kMetadata
   std::vector<float> b;  // [out_features, rank]; likewise
+  bool dora = false;
+  std::vector<float> magnitude;  // [out_features] DoRA's m; likewise
 
   bool empty() const { return rank == 0; }
+};
+
+// Whole modules an adapter brings its own copy of (modules_to_save), used
+// instead of the base's for its tokens. Empty: the base's.
+struct SavedModules {
+  std::vector<float> embed_tokens;  // [vocab, hidden]
+  std::vector<float> lm_head;       // [vocab, hidden]
+  std::vector<float> norm;          // [hidden] model.norm
+  // [num_layers] -> [hidden] or empty, when any layer's norm is saved.
+  std::vector<std::vector<float>> input_norms;
+  std::vector<std::vector<float>> post_attention_norms;
+  // The names of the saved modules (read as metadata too), in file order.
+  std::vector<std::string> paths;
+
+  bool empty() const { return paths.empty(); }
 };
 
 // How much of an adapter's files LoadLoraAdapter reads.
@@ -111,16 +154,21 @@ class LoraAdapter {
   const LoraWeights& weights(int64_t layer, LoraModule module) const {
     return layers_[layer][static_cast<int>(module)];
   }
+  const LoraWeights& head_weights(HeadModule module) const {
+    return heads_[static_cast<int>(module)];
+  }
+  const SavedModules& saved() const { return saved_; }
   const formats::PeftLoraConfig& config() const { return config_; }
   // sha256 (hex) of adapter_config.json's bytes and of every tensor's name,
   // dtype, shape and bytes as stored, in name order: equal hashes mean equal
   // adapters, whatever their names.
   const std::string& content_hash() const { return content_hash_; }
-  // Float32 bytes of all A and B matrices.
+  // Float32 bytes of all A and B matrices, magnitudes and saved modules.
   size_t bytes() const { return bytes_; }
   // Distinct ranks of the adapted modules, ascending.
   std::vector<int> ranks() const;
-  // Short names of the modules adapted in at least one layer, in LoraModule order.
+  // Short names of the modules adapted in at least one layer, in LoraModule
+  // order, then the adapted head modules.
   std::vector<std::string> target_modules() const;
 
  private:
@@ -130,6 +178,8 @@ class LoraAdapter {
 
   formats::PeftLoraConfig config_;
   std::vector<std::array<LoraWeights, kNumLoraModules>> layers_;  // [num_layers][module]
+  std::array<LoraWeights, kNumHeadModules> heads_;
+  SavedModules saved_;
   std::string content_hash_;
   size_t bytes_ = 0;
 };

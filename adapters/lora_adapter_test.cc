@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "adapters/testing.h"
 #include "formats/safetensors.h"
 #include "gmock/gmock.h"
@@ -330,10 +331,15 @@ TEST(LoraAdapterTest, WrongBaseModel) {
 TEST(LoraAdapterTest, RefusedConfigFields) {
   const std::vector<TestTensor> tensors = LoraTensors(SharedModelShape(), 4, kQv, 1);
   const std::vector<std::pair<nlohmann::json, std::string>> cases = {
-      {{{"use_dora", true}}, "DoRA is not supported yet"},
-      {{{"modules_to_save", {"lm_head"}}}, "modules_to_save"},
+      {{{"use_dora", true}}, "sets use_dora but model.layers.0.self_attn.q_proj has no "
+                             "lora_magnitude_vector"},
+      {{{"modules_to_save", {"lm_head"}}}, "lists lm_head in modules_to_save but the file has "
+                                           "no copy of it"},
+      {{{"modules_to_save", {"q_proj"}}}, "only embed_tokens, lm_head and the RMS norms"},
+      {{{"modules_to_save", {"score"}}}, "names none of the modules that can be saved"},
       {{{"bias", "all"}}, "\"bias\""},
-      {{{"target_modules", {"q_proj", "v_proj", "lm_head"}}}, "lm_head"},
+      {{{"target_modules", {"q_proj", "v_proj", "lm_head"}}},
+       "targets lm_head but the file has no lora_A / lora_B"},
   };
   for (const auto& [fields, message] : cases) {
     nlohmann::json config = LoraConfigJson(4, 8, kQv);
@@ -342,6 +348,148 @@ TEST(LoraAdapterTest, RefusedConfigFields) {
     EXPECT_THAT(LoadError(dir, absl::StatusCode::kInvalidArgument),
                 AllOf(HasSubstr(dir + "/adapter_config.json"), HasSubstr(message)));
   }
+}
+
+// DoRA magnitudes, LoRA on embed_tokens and lm_head, and saved modules, as
+// PEFT 0.21 names them.
+std::vector<TestTensor> HeadTensors(int r) {
+  const BaseModelShape base = SharedModelShape();
+  auto values = [](int64_t n, float v) { return std::vector<float>(static_cast<size_t>(n), v); };
+  std::vector<TestTensor> tensors = LoraTensors(base, r, kQv, 1);
+  for (int64_t layer = 0; layer < base.num_layers; ++layer) {
+    for (const char* module : {"q_proj", "v_proj"}) {
+      tensors.push_back({absl::StrCat("base_model.model.model.layers.", layer, ".self_attn.",
+                                      module, ".lora_magnitude_vector"),
+                         {64},
+                         values(64, 1.5f)});
+    }
+  }
+  tensors.push_back({"base_model.model.lm_head.lora_A.weight", {r, 64}, values(r * 64, 0.1f)});
+  tensors.push_back({"base_model.model.lm_head.lora_B.weight", {512, r}, values(512 * r, 0.2f)});
+  tensors.push_back(
+      {"base_model.model.lm_head.lora_magnitude_vector", {512}, values(512, 2.0f)});
+  tensors.push_back({"base_model.model.model.norm.weight", {64}, values(64, 0.9f)});
+  tensors.push_back({"base_model.model.model.layers.2.input_layernorm.weight", {64},
+                     values(64, 0.8f)});
+  return tensors;
+}
+
+nlohmann::json HeadConfig(int r) {
+  nlohmann::json config = LoraConfigJson(r, 2 * r, {"q_proj", "v_proj", "lm_head"});
+  config["use_dora"] = true;
+  config["modules_to_save"] = {"model.norm", "layers.2.input_layernorm"};
+  return config;
+}
+
+TEST(LoraAdapterTest, DoraHeadsAndSavedModules) {
+  const std::string dir = WriteAdapter(FreshDir("x"), HeadConfig(4), HeadTensors(4));
+  absl::StatusOr<LoraAdapter> adapter = LoadLoraAdapter(dir, SharedModelShape(), {});
+  ASSERT_OK(adapter);
+  const LoraWeights& q = adapter->weights(1, LoraModule::kQProj);
+  EXPECT_TRUE(q.dora);
+  EXPECT_EQ(q.magnitude, std::vector<float>(64, 1.5f));
+  const LoraWeights& lm_head = adapter->head_weights(HeadModule::kLmHead);
+  EXPECT_EQ(lm_head.rank, 4);
+  EXPECT_EQ(lm_head.in_features, 64);
+  EXPECT_EQ(lm_head.out_features, 512);
+  EXPECT_TRUE(lm_head.dora);
+  EXPECT_EQ(lm_head.magnitude.size(), 512u);
+  EXPECT_TRUE(adapter->head_weights(HeadModule::kEmbedTokens).empty());
+  const SavedModules& saved = adapter->saved();
+  EXPECT_EQ(saved.paths,
+            (std::vector<std::string>{"model.layers.2.input_layernorm", "model.norm"}));
+  EXPECT_EQ(saved.norm, std::vector<float>(64, 0.9f));
+  ASSERT_EQ(saved.input_norms.size(), 4u);
+  EXPECT_EQ(saved.input_norms[2], std::vector<float>(64, 0.8f));
+  EXPECT_TRUE(saved.input_norms[1].empty());
+  EXPECT_TRUE(saved.lm_head.empty());
+  EXPECT_EQ(adapter->target_modules(),
+            (std::vector<std::string>{"q_proj", "v_proj", "lm_head"}));
+  // A, B, magnitudes and the saved norms, all counted.
+  const size_t floats = 4 * 2 * (4 * (64 + 64) + 64) + 4 * (64 + 512) + 512 + 2 * 64;
+  EXPECT_EQ(adapter->bytes(), floats * sizeof(float));
+  // The header alone gives the same shapes and bytes.
+  absl::StatusOr<LoraAdapter> metadata =
+      LoadLoraAdapter(dir, SharedModelShape(), {}, AdapterRead::kMetadata);
+  ASSERT_OK(metadata);
+  EXPECT_EQ(metadata->bytes(), adapter->bytes());
+  EXPECT_TRUE(metadata->head_weights(HeadModule::kLmHead).dora);
+  EXPECT_EQ(metadata->saved().paths, saved.paths);
+}
+
+TEST(LoraAdapterTest, EmbeddingLora) {
+  nlohmann::json config = LoraConfigJson(4, 8, {"q_proj", "v_proj", "embed_tokens"});
+  std::vector<TestTensor> tensors = LoraTensors(SharedModelShape(), 4, kQv, 1);
+  tensors.push_back({"base_model.model.model.embed_tokens.lora_embedding_A", {4, 512},
+                     std::vector<float>(4 * 512, 0.5f)});
+  tensors.push_back({"base_model.model.model.embed_tokens.lora_embedding_B", {64, 4},
+                     std::vector<float>(64 * 4, 0.25f)});
+  // save_embedding_layers: PEFT writes the base embedding beside its LoRA.
+  tensors.push_back({"base_model.model.model.embed_tokens.base_layer.weight", {512, 64},
+                     std::vector<float>(512 * 64, 0.125f)});
+  const std::string dir = WriteAdapter(FreshDir("x"), config, tensors);
+  absl::StatusOr<LoraAdapter> adapter = LoadLoraAdapter(dir, SharedModelShape(), {});
+  ASSERT_OK(adapter);
+  const LoraWeights& embed = adapter->head_weights(HeadModule::kEmbedTokens);
+  EXPECT_EQ(embed.rank, 4);
+  EXPECT_EQ(embed.in_features, 512);
+  EXPECT_EQ(embed.out_features, 64);
+  EXPECT_EQ(embed.a.size(), 4u * 512);
+  EXPECT_EQ(adapter->saved().paths, std::vector<std::string>{"model.embed_tokens"});
+  EXPECT_EQ(adapter->saved().embed_tokens.size(), 512u * 64);
+
+  // lora_A / lora_B are the wrong names for an embedding.
+  std::vector<TestTensor> linear_names = tensors;
+  linear_names[linear_names.size() - 3].name = "base_model.model.model.embed_tokens.lora_A.weight";
+  EXPECT_THAT(
+      LoadError(WriteAdapter(FreshDir("names"), config, linear_names),
+                absl::StatusCode::kInvalidArgument),
+      HasSubstr("model.embed_tokens takes lora_embedding_A / lora_embedding_B matrices"));
+  // DoRA does not cover embeddings.
+  nlohmann::json dora = config;
+  dora["use_dora"] = true;
+  EXPECT_THAT(LoadError(WriteAdapter(FreshDir("dora"), dora, tensors),
+                        absl::StatusCode::kInvalidArgument),
+              HasSubstr("DoRA on the embeddings is not supported"));
+}
+
+TEST(LoraAdapterTest, DoraAndSavedModuleErrors) {
+  // A magnitude without use_dora.
+  nlohmann::json plain = HeadConfig(4);
+  plain["use_dora"] = false;
+  EXPECT_THAT(LoadError(WriteAdapter(FreshDir("plain"), plain, HeadTensors(4)),
+                        absl::StatusCode::kInvalidArgument),
+              HasSubstr("is a DoRA magnitude, but"));
+  // A magnitude of the wrong length.
+  std::vector<TestTensor> tensors = HeadTensors(4);
+  for (TestTensor& t : tensors) {
+    if (t.name == "base_model.model.lm_head.lora_magnitude_vector") {
+      t.shape = {64};
+      t.values.resize(64);
+    }
+  }
+  EXPECT_THAT(LoadError(WriteAdapter(FreshDir("length"), HeadConfig(4), tensors),
+                        absl::StatusCode::kInvalidArgument),
+              AllOf(HasSubstr("lm_head.lora_magnitude_vector"), HasSubstr("expected [512]")));
+  // A saved copy the config does not list.
+  nlohmann::json unlisted = HeadConfig(4);
+  unlisted["modules_to_save"] = {"model.norm"};
+  EXPECT_THAT(LoadError(WriteAdapter(FreshDir("unlisted"), unlisted, HeadTensors(4)),
+                        absl::StatusCode::kInvalidArgument),
+              HasSubstr("is a copy of model.layers.2.input_layernorm, which"));
+  // A saved module of another shape.
+  tensors = HeadTensors(4);
+  tensors.back().shape = {32};
+  tensors.back().values.resize(32);
+  EXPECT_THAT(LoadError(WriteAdapter(FreshDir("shape"), HeadConfig(4), tensors),
+                        absl::StatusCode::kFailedPrecondition),
+              AllOf(HasSubstr("input_layernorm.weight"), HasSubstr("is [64]")));
+  // Both adapted and saved.
+  nlohmann::json both = HeadConfig(4);
+  both["modules_to_save"] = {"model.norm", "layers.2.input_layernorm", "lm_head"};
+  EXPECT_THAT(LoadError(WriteAdapter(FreshDir("both"), both, HeadTensors(4)),
+                        absl::StatusCode::kInvalidArgument),
+              HasSubstr("both a LoRA target and in modules_to_save"));
 }
 
 TEST(LoraAdapterTest, PickleOnly) {

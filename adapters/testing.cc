@@ -11,7 +11,8 @@ namespace loraserve::adapters::test_support {
 
 BaseModelShape SharedModelShape() {
   return LlamaBaseShape(/*num_layers=*/4, /*hidden_size=*/64, /*intermediate_size=*/172,
-                        /*num_heads=*/4, /*num_kv_heads=*/4, /*head_dim=*/16);
+                        /*num_heads=*/4, /*num_kv_heads=*/4, /*head_dim=*/16,
+                        /*vocab_size=*/512);
 }
 
 std::string FreshDir(const std::string& tag) {

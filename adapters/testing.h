@@ -21,7 +21,7 @@ struct TestTensor {
 };
 
 // The shared aidreams-260k model: 4 layers, hidden 64, intermediate 172,
-// 4 heads of 16.
+// 4 heads of 16, vocabulary 512.
 BaseModelShape SharedModelShape();
 
 // A fresh, empty directory under the gtest temp dir, unique per test and tag.

@@ -217,8 +217,7 @@ absl::StatusOr<PeftLoraConfig> PeftLoraConfig::Parse(absl::string_view json_text
     return reader.Error("peft_type", absl::StrCat("expected \"LORA\", got ",
                                                   peft_type ? "\"" + *peft_type + "\"" : "none"));
   }
-  ASSIGN_OR_RETURN(bool use_dora, reader.Bool("use_dora", false));
-  if (use_dora) return reader.Error("use_dora", "DoRA is not supported yet");
+  ASSIGN_OR_RETURN(config.use_dora_, reader.Bool("use_dora", false));
   ASSIGN_OR_RETURN(bool fan_in_fan_out, reader.Bool("fan_in_fan_out", false));
   if (fan_in_fan_out) {
     return reader.Error("fan_in_fan_out",
@@ -229,10 +228,11 @@ absl::StatusOr<PeftLoraConfig> PeftLoraConfig::Parse(absl::string_view json_text
     return reader.Error("bias", absl::StrCat("only \"none\" is supported, got \"", *bias, "\""));
   }
   if (const Json* modules_to_save = reader.Find("modules_to_save");
-      modules_to_save != nullptr && IsSet(*modules_to_save)) {
-    return reader.Error("modules_to_save",
-                        absl::StrCat("adapters that replace whole modules are not supported, got ",
-                                     modules_to_save->dump()));
+      modules_to_save != nullptr && !modules_to_save->is_null()) {
+    // PEFT takes a list only (a string would be iterated character by character).
+    bool single = false;
+    ASSIGN_OR_RETURN(config.modules_to_save_, reader.Strings("modules_to_save", &single));
+    if (single) return reader.Error("modules_to_save", "expected a list of module names");
   }
   for (const char* field : kUnsupportedVariants) {
     if (const Json* value = reader.Find(field); value != nullptr && IsSet(*value)) {
@@ -330,15 +330,14 @@ absl::StatusOr<PeftLoraConfig> PeftLoraConfig::Parse(absl::string_view json_text
                             return value.get<double>();
                           }));
 
-  for (const char* head : {"lm_head", "model.embed_tokens"}) {
-    if (config.TargetsModule(head)) {
-      return reader.Error("target_modules",
-                          absl::StrCat("reaches \"", head,
-                                       "\"; LoRA on the embeddings or the output head is not "
-                                       "supported, only on the attention and MLP projections"));
-    }
-  }
   return config;
+}
+
+bool PeftLoraConfig::SavesModule(absl::string_view module_name) const {
+  return std::any_of(modules_to_save_.begin(), modules_to_save_.end(),
+                     [module_name](const std::string& name) {
+                       return absl::EndsWith(module_name, name);
+                     });
 }
 
 std::optional<int64_t> PeftLoraConfig::LayerIndex(absl::string_view module_name) const {

@@ -22,9 +22,16 @@
 // Patterns are compiled with PCRE2, whose syntax is a superset of what PEFT
 // configs use from Python's `re`.
 //
-// Refused, each by its field name: peft_type other than LORA, use_dora,
-// fan_in_fan_out, bias other than "none", modules_to_save, target modules that
-// reach embed_tokens or lm_head, and the LoRA variants that change the forward
+//  - modules_to_save: a module is saved (the adapter carries its own copy)
+//    when its name ends with an entry, as a plain string suffix: PEFT's
+//    `_set_trainable`, so "norm" saves model.norm and every layer's
+//    input_layernorm and post_attention_layernorm.
+//  - use_dora: DoRA's magnitude vectors come with every adapted module.
+// Whether a targeted or saved module can be served (embed_tokens and lm_head
+// can; a saved projection cannot) is for the adapter loader to say.
+//
+// Refused, each by its field name: peft_type other than LORA,
+// fan_in_fan_out, bias other than "none", and the LoRA variants that change the forward
 // pass (lora_bias, use_bdlora, use_qalora, kasa/monteclora/arrow configs,
 // alora_invocation_tokens, layer_replication, trainable_token_indices,
 // target_parameters). Keys we do not know are ignored: PEFT writes many that
@@ -74,6 +81,10 @@ class PeftLoraConfig {
   int r() const { return r_; }
   double lora_alpha() const { return lora_alpha_; }
   bool use_rslora() const { return use_rslora_; }
+  bool use_dora() const { return use_dora_; }
+  // Whether `module_name` is one of the modules_to_save.
+  bool SavesModule(absl::string_view module_name) const;
+  const std::vector<std::string>& modules_to_save() const { return modules_to_save_; }
   // Informative only: which model the adapter was trained on ("" if absent).
   const std::string& base_model_name_or_path() const { return base_model_name_or_path_; }
 
@@ -88,6 +99,8 @@ class PeftLoraConfig {
   int r_ = 8;
   double lora_alpha_ = 8;
   bool use_rslora_ = false;
+  bool use_dora_ = false;
+  std::vector<std::string> modules_to_save_;
   // Exactly one of the two is used: the list form or the regex form.
   std::vector<std::string> target_names_;
   Pattern target_regex_;

@@ -162,19 +162,36 @@ TEST(PeftConfigTest, RankAndAlphaPatternsFirstKeyInFileOrderWins) {
   EXPECT_EQ(boundary->RankFor(Module(0, "q_proj")), 8);
 }
 
+TEST(PeftConfigTest, DoraHeadsAndSavedModules) {
+  auto config = Parse(
+      R"("use_dora": true, "target_modules": ["q_proj", "lm_head", "embed_tokens"],
+         "modules_to_save": ["norm"])");
+  ASSERT_OK(config);
+  EXPECT_TRUE(config->use_dora());
+  EXPECT_TRUE(config->TargetsModule("lm_head"));
+  EXPECT_TRUE(config->TargetsModule("model.embed_tokens"));
+  // A plain suffix, as PEFT's _set_trainable: "norm" ends every RMS norm's name.
+  EXPECT_TRUE(config->SavesModule("model.norm"));
+  EXPECT_TRUE(config->SavesModule("model.layers.1.post_attention_layernorm"));
+  EXPECT_FALSE(config->SavesModule("lm_head"));
+  EXPECT_EQ(config->modules_to_save(), std::vector<std::string>{"norm"});
+  auto plain = Parse(R"("modules_to_save": null)");
+  ASSERT_OK(plain);
+  EXPECT_FALSE(plain->use_dora());
+  EXPECT_FALSE(plain->SavesModule("lm_head"));
+  // "all-linear" leaves the output head alone, as in PEFT.
+  auto all_linear = Parse(R"("target_modules": "all-linear")");
+  ASSERT_OK(all_linear);
+  EXPECT_FALSE(all_linear->TargetsModule("lm_head"));
+}
+
 TEST(PeftConfigTest, RefusalsNameTheField) {
-  EXPECT_THAT(Error(R"("use_dora": true)"), AllOf(HasSubstr(kPath), HasSubstr("use_dora"),
-                                                  HasSubstr("DoRA is not supported yet")));
   EXPECT_THAT(Error(R"("fan_in_fan_out": true)"), HasSubstr("fan_in_fan_out"));
   EXPECT_THAT(Error(R"("bias": "all")"), AllOf(HasSubstr("\"bias\""), HasSubstr("\"all\"")));
   EXPECT_THAT(Error(R"("bias": "lora_only")"), HasSubstr("\"bias\""));
-  EXPECT_THAT(Error(R"("modules_to_save": ["lm_head"])"),
-              AllOf(HasSubstr("modules_to_save"), HasSubstr("lm_head")));
-  EXPECT_THAT(Error(R"("target_modules": ["q_proj", "lm_head"])"),
-              AllOf(HasSubstr("target_modules"), HasSubstr("lm_head")));
-  EXPECT_THAT(Error(R"("target_modules": ["embed_tokens"])"),
-              AllOf(HasSubstr("target_modules"), HasSubstr("embed_tokens")));
-  EXPECT_THAT(Error(R"("target_modules": ".*")"), HasSubstr("target_modules"));
+  EXPECT_THAT(Error(R"("modules_to_save": "lm_head")"),
+              AllOf(HasSubstr("modules_to_save"), HasSubstr("a list")));
+  EXPECT_THAT(Error(R"("modules_to_save": [1])"), HasSubstr("modules_to_save"));
   EXPECT_THAT(Error(R"("lora_bias": true)"), HasSubstr("lora_bias"));
   EXPECT_THAT(Error(R"("layer_replication": [[0, 2]])"), HasSubstr("layer_replication"));
   EXPECT_THAT(Error(R"("trainable_token_indices": [1, 2])"), HasSubstr("trainable_token_indices"));
