@@ -368,11 +368,28 @@ absl::Status Backend::LoraExpand(const float* t, const LoraSegment* segments, in
 }
 
 absl::Status Backend::MergeLora(const WeightView& base, const void* a, const void* bt, int32_t rank,
-                                float scale, void* out) {
+                                float scale, void* out, const float* row_scale) {
   ArgumentCheck check(*this, "MergeLora");
   check.Weight("base", base).NotNull("a", a).NotNull("bt", bt).NotNull("out", out);
   if (!check.Positive("rank", rank).ok()) return check.status();
-  return DoMergeLora(base, a, bt, rank, scale, out);
+  return DoMergeLora(base, a, bt, rank, scale, out, row_scale);
+}
+
+absl::Status Backend::ScaleColumns(float* y, int64_t ldy, int64_t cols,
+                                   const ColumnScaleSegment* segments, int32_t num_segments) {
+  ArgumentCheck check(*this, "ScaleColumns");
+  check.Positive("cols", cols).NotNull("y", y);
+  check.That(ldy >= cols, "ldy (", ldy, ") must be >= cols (", cols, ")");
+  check.That(num_segments >= 0 && (num_segments == 0 || segments != nullptr),
+             "segments must hold num_segments (", num_segments, ") entries");
+  for (int32_t i = 0; check.ok() && i < num_segments; ++i) {
+    check.That(segments[i].start >= 0 && segments[i].end >= segments[i].start,
+               "segment ", i, " has rows [", segments[i].start, ", ", segments[i].end, ")");
+    check.NotNull("segment scale", segments[i].scale);
+  }
+  if (!check.ok()) return check.status();
+  if (num_segments == 0) return absl::OkStatus();
+  return DoScaleColumns(y, ldy, cols, segments, num_segments);
 }
 
 absl::Status Backend::Rope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,

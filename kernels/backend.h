@@ -165,6 +165,14 @@ struct LoraSegment {
 // Floats of the packed intermediate of `segments` (see LoraSegment).
 int64_t LoraIntermediateSize(const LoraSegment* segments, int32_t num_segments);
 
+// One run of token rows whose outputs are multiplied column by column (DoRA's
+// magnitude over the weight norm, m / ‖W + s·B·A‖, for its adapter's rows).
+struct ColumnScaleSegment {
+  int32_t start = 0;
+  int32_t end = 0;
+  const float* scale = nullptr;  // [cols] device memory
+};
+
 // The operations are non-virtual: each checks its arguments here, once for
 // every backend (kernels/backend.cc), and then calls the backend's protected
 // Do* implementation, which may assume them checked: pointers not null where
@@ -282,11 +290,18 @@ class Backend {
                           int64_t ldy);
   // out = base + scale · btᵀ · a, a merged copy of one weight matrix; `base`
   // stays untouched (it is the golden copy). `out` has base's dtype and shape.
+  // With `row_scale`, each row of the sum is multiplied by its entry first
+  // (DoRA's merged weight: m / ‖W + s·B·A‖ per output row).
   absl::Status MergeLora(const WeightView& base,
                          const void* a,   // [rank, base.cols] of LoraDType()
                          const void* bt,  // [rank, base.rows] of LoraDType()
                          int32_t rank, float scale,
-                         void* out);  // [base.rows, base.cols]
+                         void* out,  // [base.rows, base.cols]
+                         const float* row_scale = nullptr);  // [base.rows] device memory
+  // y[start_s:end_s, c] *= scale_s[c] for c < cols, for every segment; rows
+  // of y are `ldy` floats apart. `segments` is a host array.
+  absl::Status ScaleColumns(float* y, int64_t ldy, int64_t cols,
+                            const ColumnScaleSegment* segments, int32_t num_segments);
 
   // --- step graphs --------------------------------------------------------
   // A backend that supports them (CUDA graphs) records a step's operations
@@ -382,7 +397,10 @@ class Backend {
   virtual absl::Status DoLoraExpand(const float* t, const LoraSegment* segments,
                                     int32_t num_segments, int64_t out, float* y, int64_t ldy) = 0;
   virtual absl::Status DoMergeLora(const WeightView& base, const void* a, const void* bt,
-                                   int32_t rank, float scale, void* out) = 0;
+                                   int32_t rank, float scale, void* out, const float* row_scale) = 0;
+  virtual absl::Status DoScaleColumns(float* y, int64_t ldy, int64_t cols,
+                                      const ColumnScaleSegment* segments,
+                                      int32_t num_segments) = 0;
   virtual absl::Status DoRope(float* q, int64_t q_ld, float* k, int64_t k_ld,
                               const int32_t* positions, int64_t tokens, int32_t num_heads,
                               int32_t num_kv_heads, const RopeParams& rope) = 0;

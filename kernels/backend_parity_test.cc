@@ -401,9 +401,32 @@ void AddMergeCase(std::vector<OpCase>& cases) {
          merged.buffer = *std::move(buffer);
          merged.view = {merged.buffer.data(), base.view.dtype, rows, cols};
          EXPECT_OK(be.MergeLora(base.view, a.data(), bt.data(), rank, 0.7f, merged.buffer.data()));
-         return std::vector<Output>{{"merged", WeightValues(be, merged), Tolerance::kStored},
-                                    {"base", WeightValues(be, base), Tolerance::kExact}};
+         std::vector<Output> outputs = {{"merged", WeightValues(be, merged), Tolerance::kStored}};
+         // DoRA's merge: each row of the sum scaled.
+         DeviceBuffer row_scale = Upload(be, RandomVector(rows, 63, 0.5f, 1.5f));
+         EXPECT_OK(be.MergeLora(base.view, a.data(), bt.data(), rank, 0.7f, merged.buffer.data(),
+                                row_scale.as<float>()));
+         outputs.push_back({"merged_row_scaled", WeightValues(be, merged), Tolerance::kStored});
+         outputs.push_back({"base", WeightValues(be, base), Tolerance::kExact});
+         return outputs;
        }});
+}
+
+// DoRA's per-adapter column scales over runs of rows of a wider output; rows
+// outside every segment and columns beyond `cols` stay as they were.
+void AddScaleColumnsCase(std::vector<OpCase>& cases) {
+  cases.push_back({"ScaleColumns", [](Backend& be, Backend&) {
+                     const int64_t cols = 70, ldy = 90, tokens = 12;
+                     DeviceBuffer s1 = Upload(be, RandomVector(cols, 71, 0.5f, 1.5f));
+                     DeviceBuffer s2 = Upload(be, RandomVector(cols, 72, 0.5f, 1.5f));
+                     const std::vector<ColumnScaleSegment> segments = {
+                         {0, 3, s1.as<float>()}, {3, 3, s2.as<float>()}, {5, 11, s2.as<float>()}};
+                     DeviceBuffer y = Upload(be, RandomVector(tokens * ldy, 73));
+                     EXPECT_OK(be.ScaleColumns(y.as<float>(), ldy, cols, segments.data(),
+                                               static_cast<int32_t>(segments.size())));
+                     return std::vector<Output>{
+                         {"y", Download(be, y, tokens * ldy), Tolerance::kExact}};
+                   }});
 }
 
 std::vector<OpCase> OpCases() {
@@ -416,6 +439,7 @@ std::vector<OpCase> OpCases() {
   AddAttentionCases(cases);
   AddLoraCases(cases);
   AddMergeCase(cases);
+  AddScaleColumnsCase(cases);
   return cases;
 }
 

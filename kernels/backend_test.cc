@@ -71,8 +71,12 @@ class CountingBackend final : public Backend {
                             int64_t) override {
     return Count();
   }
-  absl::Status DoMergeLora(const WeightView&, const void*, const void*, int32_t, float,
-                           void*) override {
+  absl::Status DoMergeLora(const WeightView&, const void*, const void*, int32_t, float, void*,
+                           const float*) override {
+    return Count();
+  }
+  absl::Status DoScaleColumns(float*, int64_t, int64_t, const ColumnScaleSegment*,
+                              int32_t) override {
     return Count();
   }
   absl::Status DoRope(float*, int64_t, float*, int64_t, const int32_t*, int64_t, int32_t, int32_t,
@@ -185,6 +189,18 @@ std::vector<BadCall> BadCalls() {
       {"merge of rank 0",
        [](Backend& b, G& g) { return b.MergeLora(g.w, g.data, g.data, 0, 1.0f, g.data); },
        "MergeLora: rank must be positive, got 0"},
+      {"column scale of a row stride below its width",
+       [](Backend& b, G& g) {
+         const ColumnScaleSegment seg{0, 1, g.data};
+         return b.ScaleColumns(g.data, 2, 4, &seg, 1);
+       },
+       "ScaleColumns: ldy (2) must be >= cols (4)"},
+      {"column scale without a scale",
+       [](Backend& b, G& g) {
+         const ColumnScaleSegment seg{0, 1, nullptr};
+         return b.ScaleColumns(g.data, 4, 4, &seg, 1);
+       },
+       "ScaleColumns: segment scale is null"},
       {"rope of an odd head_dim",
        [](Backend& b, G& g) {
          RopeParams rope = g.rope;
@@ -270,6 +286,10 @@ TEST(BackendArgumentsTest, GoodCallsReachTheImplementationOnce) {
       [&] { return backend.LoraShrink(g.data, 4, &g.segment, 1, g.data); },
       [&] { return backend.LoraExpand(g.data, &g.segment, 1, 8, g.data, 8); },
       [&] { return backend.MergeLora(g.w, g.data, g.data, 2, 1.0f, g.data); },
+      [&] {
+        const ColumnScaleSegment seg{0, 2, g.data};
+        return backend.ScaleColumns(g.data, 4, 4, &seg, 1);
+      },
       [&] { return backend.Rope(g.data, 16, g.data, 8, g.ids, 2, 2, 1, g.rope); },
       [&] { return backend.WriteKv(g.data, g.data, 16, g.batch, g.layout, g.data, g.data); },
       [&] {

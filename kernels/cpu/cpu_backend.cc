@@ -429,7 +429,7 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status DoMergeLora(const WeightView& base, const void* a, const void* bt, int32_t rank,
-                           float scale, void* out) override {
+                           float scale, void* out, const float* row_scale) override {
     // A and Bᵀ in float32, whatever LoraDType holds them in.
     std::vector<float> a_wide(static_cast<size_t>(rank * base.cols));
     std::vector<float> bt_wide(static_cast<size_t>(rank * base.rows));
@@ -457,11 +457,29 @@ class CpuBackend final : public Backend {
                   static_cast<blasint>(base.cols), rank, scale, bt_wide.data() + r0,
                   static_cast<blasint>(base.rows), a_wide.data(), static_cast<blasint>(base.cols),
                   1.0f, rows, static_cast<blasint>(base.cols));
+      if (row_scale != nullptr) {
+        for (int64_t r = 0; r < n; ++r) {
+          for (int64_t c = 0; c < base.cols; ++c) rows[r * base.cols + c] *= row_scale[r0 + r];
+        }
+      }
       if (base.dtype == DType::kF32) continue;
       if (absl::Status s =
               NarrowRows(rows, n, base.cols, base.dtype, static_cast<char*>(out) + r0 * row_bytes);
           !s.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("CpuBackend::MergeLora: ", s.message()));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status DoScaleColumns(float* y, int64_t ldy, int64_t cols,
+                              const ColumnScaleSegment* segments,
+                              int32_t num_segments) override {
+    for (int32_t i = 0; i < num_segments; ++i) {
+      const ColumnScaleSegment& seg = segments[i];
+      for (int64_t row = seg.start; row < seg.end; ++row) {
+        float* yr = y + row * ldy;
+        for (int64_t c = 0; c < cols; ++c) yr[c] *= seg.scale[c];
       }
     }
     return absl::OkStatus();

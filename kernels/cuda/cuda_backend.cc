@@ -452,7 +452,7 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status DoMergeLora(const WeightView& base, const void* a, const void* bt, int32_t rank,
-                           float scale, void* out) override {
+                           float scale, void* out, const float* row_scale) override {
     constexpr const char* kOp = "MergeLora";
     CUDA_RETURN_IF_ERROR(CheckNotQ8(kOp, "base", base));
     CUDA_RETURN_IF_ERROR(Begin(kOp));
@@ -460,9 +460,28 @@ class CudaBackend final : public Backend {
         kOp,
         [&] {
           return cuda::MergeLoraWeights(base.data, base.dtype, base.rows, base.cols, a, bt,
-                                        LoraDType(), rank, scale, out, stream_);
+                                        LoraDType(), rank, scale, row_scale, out, stream_);
         },
-        base.data, base.dtype, base.rows, base.cols, a, bt, rank, scale, out);
+        base.data, base.dtype, base.rows, base.cols, a, bt, rank, scale, out, row_scale);
+  }
+
+  // A launch per segment: DoRA steps run op by op (the model does not record
+  // them as step graphs), so the segments need no device table.
+  absl::Status DoScaleColumns(float* y, int64_t ldy, int64_t cols,
+                              const ColumnScaleSegment* segments,
+                              int32_t num_segments) override {
+    constexpr const char* kOp = "ScaleColumns";
+    CUDA_RETURN_IF_ERROR(Begin(kOp));
+    for (int32_t i = 0; i < num_segments; ++i) {
+      const ColumnScaleSegment& seg = segments[i];
+      float* rows = y + int64_t{seg.start} * ldy;
+      const int64_t n = seg.end - seg.start;
+      absl::Status launched = steps_.Launch(
+          kOp, [&] { return cuda::ScaleColumnRows(rows, ldy, n, cols, seg.scale, stream_); },
+          rows, ldy, n, cols, seg.scale);
+      if (!launched.ok()) return launched;
+    }
+    return absl::OkStatus();
   }
 
   // --- step graphs ----------------------------------------------------------

@@ -101,7 +101,7 @@ __global__ void LoraExpandKernel(const float* t, const DeviceLoraTable* table, i
 
 template <typename T, typename L>
 __global__ void MergeKernel(const T* base, int64_t rows, int64_t cols, const L* a, const L* bt,
-                            int32_t rank, float scale, T* out) {
+                            int32_t rank, float scale, const float* row_scale, T* out) {
   const int64_t count = rows * cols;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -111,7 +111,19 @@ __global__ void MergeKernel(const T* base, int64_t rows, int64_t cols, const L* 
     for (int32_t r = 0; r < rank; ++r) {
       acc = fmaf(ToFloat(bt[r * rows + row]), ToFloat(a[r * cols + col]), acc);
     }
-    out[i] = FromFloat<T>(fmaf(scale, acc, ToFloat(base[i])));
+    const float merged = fmaf(scale, acc, ToFloat(base[i]));
+    out[i] = FromFloat<T>(row_scale != nullptr ? merged * row_scale[row] : merged);
+  }
+}
+
+__global__ void ScaleColumnsKernel(float* y, int64_t ldy, int64_t rows, int64_t cols,
+                                   const float* scale) {
+  const int64_t count = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = i / cols;
+    const int64_t col = i - row * cols;
+    y[row * ldy + col] *= scale[col];
   }
 }
 
@@ -161,17 +173,25 @@ cudaError_t LoraExpandSegments(const float* t, const DeviceLoraTable* table, DTy
 
 cudaError_t MergeLoraWeights(const void* base, DType dtype, int64_t rows, int64_t cols,
                              const void* a, const void* bt, DType lora_dtype, int32_t rank,
-                             float scale, void* out, cudaStream_t stream) {
+                             float scale, const float* row_scale, void* out,
+                             cudaStream_t stream) {
   return DispatchDType(dtype, [&](auto tag) {
     using T = decltype(tag);
     return DispatchDType(lora_dtype, [&](auto lora_tag) {
       using L = decltype(lora_tag);
       MergeKernel<T, L><<<GridFor(rows * cols), kThreads, 0, stream>>>(
           static_cast<const T*>(base), rows, cols, static_cast<const L*>(a),
-          static_cast<const L*>(bt), rank, scale, static_cast<T*>(out));
+          static_cast<const L*>(bt), rank, scale, row_scale, static_cast<T*>(out));
       return cudaGetLastError();
     });
   });
+}
+
+cudaError_t ScaleColumnRows(float* y, int64_t ldy, int64_t rows, int64_t cols, const float* scale,
+                            cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  ScaleColumnsKernel<<<GridFor(rows * cols), kThreads, 0, stream>>>(y, ldy, rows, cols, scale);
+  return cudaGetLastError();
 }
 
 }  // namespace loraserve::kernels::cuda

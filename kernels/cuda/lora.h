@@ -76,14 +76,21 @@ cudaError_t LoraExpandSegments(const float* t,                // packed intermed
                                float* y,  // [tokens, ldy], columns [0, out)
                                int64_t ldy, cudaStream_t stream);
 
-// out = base + scale * btᵀ · a, in base's dtype (sum in float32, one rounding).
+// out = base + scale * btᵀ · a (times row_scale per row), in base's dtype (sum in
+// float32, one rounding).
 cudaError_t MergeLoraWeights(const void* base,  // [rows, cols] of dtype
                              DType dtype, int64_t rows, int64_t cols,
                              const void* a,   // [rank, cols] of lora_dtype
                              const void* bt,  // [rank, rows] of lora_dtype
                              DType lora_dtype, int32_t rank, float scale,
-                             void* out,  // [rows, cols] of dtype
+                             const float* row_scale,  // [rows] or null: multiplies each row
+                             void* out,               // [rows, cols] of dtype
                              cudaStream_t stream);
+
+// y[r, c] *= scale[c] for r < rows, c < cols; rows of y ldy floats apart.
+cudaError_t ScaleColumnRows(float* y, int64_t ldy, int64_t rows, int64_t cols,
+                            const float* scale,  // [cols] device
+                            cudaStream_t stream);
 
 }  // namespace loraserve::kernels::cuda
 

@@ -255,7 +255,11 @@ class LostDevice : public kernels::Backend {
     return Lost();
   }
   absl::Status DoMergeLora(const kernels::WeightView&, const void*, const void*, int32_t, float,
-                           void*) override {
+                           void*, const float*) override {
+    return Lost();
+  }
+  absl::Status DoScaleColumns(float*, int64_t, int64_t, const kernels::ColumnScaleSegment*,
+                              int32_t) override {
     return Lost();
   }
   absl::Status DoRope(float*, int64_t, float*, int64_t, const int32_t*, int64_t, int32_t, int32_t,

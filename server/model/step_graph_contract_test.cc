@@ -143,10 +143,19 @@ class StepCheckingBackend : public Backend {
                });
   }
   absl::Status DoMergeLora(const kernels::WeightView& base, const void* a, const void* bt,
-                           int32_t rank, float scale, void* out) override {
+                           int32_t rank, float scale, void* out, const float* row_scale) override {
     return Run(Signature("MergeLora", Address(base.data), Address(a), Address(bt), rank, scale,
-                         Address(out)),
-               [=] { return inner_->MergeLora(base, a, bt, rank, scale, out); });
+                         Address(out), Address(row_scale)),
+               [=] { return inner_->MergeLora(base, a, bt, rank, scale, out, row_scale); });
+  }
+  absl::Status DoScaleColumns(float* y, int64_t ldy, int64_t cols,
+                              const kernels::ColumnScaleSegment* segments,
+                              int32_t num_segments) override {
+    return Run(Signature("ScaleColumns", Address(y), ldy, cols, num_segments),
+               [=, this, table = std::vector<kernels::ColumnScaleSegment>(
+                         segments, segments + num_segments)] {
+                 return inner_->ScaleColumns(y, ldy, cols, table.data(), num_segments);
+               });
   }
   absl::Status DoRope(float* q, int64_t q_ld, float* k, int64_t k_ld, const int32_t* positions,
                       int64_t tokens, int32_t num_heads, int32_t num_kv_heads,

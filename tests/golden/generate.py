@@ -496,6 +496,30 @@ def random_adapter_cases():
              notes="rank 64 = hidden size, alpha 32, q_proj and down_proj, BF16-stored base",
              config=dict(r=64, lora_alpha=32, target_modules=["q_proj", "down_proj"]),
              expect=modules([0, 1], {"q_proj": 64, "down_proj": 64})),
+        dict(name="dora", base="untied", seed=171,
+             notes="use_dora on all seven projections, r8 alpha 16; magnitudes randomised "
+                   "around the column norms of W",
+             config=dict(r=8, lora_alpha=16, use_dora=True, target_modules=ALL_PROJECTIONS),
+             expect=modules([0, 1], all8)),
+        dict(name="dora-qwen2", base="qwen2", seed=181,
+             notes="use_dora on biased q/k/v (bias outside the magnitude scaling) and on the "
+                   "lm_head, r4 alpha 8",
+             config=dict(r=4, lora_alpha=8, use_dora=True,
+                         target_modules=["q_proj", "k_proj", "v_proj", "lm_head"]),
+             expect=modules([0, 1], {p: 4 for p in ["q_proj", "k_proj", "v_proj"]})),
+        dict(name="embed-lm-head", base="untied", seed=191,
+             notes="LoRA on embed_tokens (lora_embedding_A/B) and lm_head besides q/v, r8 "
+                   "alpha 16; saved with save_embedding_layers (the base embedding and "
+                   "lm_head copies are in the file)",
+             config=dict(r=8, lora_alpha=16,
+                         target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"]),
+             expect=modules([0, 1], {"q_proj": 8, "v_proj": 8})),
+        dict(name="modules-to-save", base="sharded", seed=201,
+             notes="modules_to_save lm_head, embed_tokens and every RMS norm (\"norm\" ends "
+                   "model.norm and each layer's two), perturbed; LoRA on o/down r4 alpha 8",
+             config=dict(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"],
+                         modules_to_save=["lm_head", "embed_tokens", "norm"]),
+             expect=modules([0, 1], {"o_proj": 4, "down_proj": 4})),
     ]
 
 
@@ -519,6 +543,9 @@ def write_random_adapter(ref, case, seed, base_dir, adapter_dir):
     config = LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **case["config"])
     model = get_peft_model(ref.load_model(base_dir), config)
     # B must be non-zero (PEFT's default init makes it zero and the adapter a no-op).
+    # DoRA magnitudes start as the column norms of W (a no-op): spread them by +-20 %;
+    # lora_embedding_A is [r, vocab] and B [hidden, r], the other way round from Linear's;
+    # modules_to_save copies start as the base's: perturb them by 10 % of their spread.
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
@@ -526,6 +553,14 @@ def write_random_adapter(ref, case, seed, base_dir, adapter_dir):
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
             elif ".lora_B." in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+            elif ".lora_embedding_A." in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif ".lora_embedding_B." in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+            elif ".lora_magnitude_vector." in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif ".modules_to_save." in name:
+                p.add_(0.1 * p.std() * torch.randn(p.shape, generator=gen))
     model.peft_config["default"].base_model_name_or_path = rel(base_dir)
     model.save_pretrained(adapter_dir, safe_serialization=True)
     weights = adapter_dir / "adapter_model.safetensors"
@@ -536,15 +571,28 @@ def write_random_adapter(ref, case, seed, base_dir, adapter_dir):
     assert ranks == case["expect"], f"{adapter_dir}: modules/ranks {ranks} != {case['expect']}"
 
 
+def stored_parameter_name(key, params):
+    """The PeftModel parameter a saved tensor holds: save_pretrained drops the adapter name
+    ("default") from LoRA tensors and "modules_to_save.default" from saved copies."""
+    for name in [key.replace(".weight", ".default.weight"),
+                 re.sub(r"\.(lora_embedding_[AB]|lora_magnitude_vector)$", r".\1.default", key),
+                 re.sub(r"\.lora_magnitude_vector$", ".lora_magnitude_vector.default.weight", key),
+                 re.sub(r"\.weight$", ".modules_to_save.default.weight", key), key]:
+        if name in params:
+            return name
+    raise KeyError(f"{key}: no parameter of the PeftModel holds it")
+
+
 def load_adapter(ref, base_dir, adapter_dir):
     from peft import PeftModel
     from safetensors.torch import load_file
     model = PeftModel.from_pretrained(ref.load_model(base_dir), str(adapter_dir)).eval()
     # The reference must use exactly the stored values, upcast: compare every LoRA tensor.
     stored = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    params = dict(model.named_parameters())
+    # remove_duplicate=False: a tied lm_head's weight is the embedding's parameter.
+    params = dict(model.named_parameters(remove_duplicate=False))
     for key, value in stored.items():
-        param = params[key.replace(".weight", ".default.weight")]
+        param = params[stored_parameter_name(key, params)]
         assert param.dtype == ref.torch.float32 and ref.torch.equal(param, value.float()), key
     return model
 
