@@ -51,7 +51,7 @@ absl::StatusOr<const DeviceAdapter*> DeviceAdapterCache::Acquire(const LoraAdapt
         " free of --adapter-device-bytes=", budget_bytes_, " with the rest in use"));
   }
   const absl::Time start = absl::Now();
-  ASSIGN_OR_RETURN(std::unique_ptr<DeviceAdapter> device, DeviceAdapter::Upload(backend_, adapter));
+  ASSIGN_OR_RETURN(std::unique_ptr<DeviceAdapter> device, DeviceAdapter::Upload(backend_, adapter, base_ ? &*base_ : nullptr));
   stats_.upload_seconds.Observe(absl::ToDoubleSeconds(absl::Now() - start));
   ++stats_.misses;
   ++stats_.resident_adapters;

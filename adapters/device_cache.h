@@ -22,7 +22,9 @@
 #include <list>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -45,6 +47,10 @@ struct DeviceCacheStats {
 class DeviceAdapterCache {
  public:
   DeviceAdapterCache(kernels::Backend* backend, int64_t budget_bytes);
+
+  // The base weights DoRA adapters are uploaded against (the engine gives
+  // its model's); without them a DoRA adapter's Acquire fails.
+  void set_base_weights(BaseWeights base) { base_ = std::move(base); }
 
   // ResourceExhausted when the adapter cannot fit even after evicting every
   // adapter not in use.
@@ -72,6 +78,7 @@ class DeviceAdapterCache {
 
   kernels::Backend* backend_;
   int64_t budget_bytes_;
+  std::optional<BaseWeights> base_;
   std::map<std::string, Entry> entries_;  // content hash -> entry
   std::list<std::string> lru_;            // most recently used at the front
   DeviceCacheStats stats_;

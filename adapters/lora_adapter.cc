@@ -268,6 +268,7 @@ absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string& dir, const BaseMo
   LoraAdapter adapter(std::move(config));
   const formats::PeftLoraConfig& cfg = adapter.config_;
   adapter.layers_.resize(base.num_layers);
+  adapter.hidden_size_ = base.hidden_size;
   // Every module the base model lets an adapter adapt or replace.
   std::map<std::string, LoraSlot> lora_slots;
   std::map<std::string, SavedSlot> saved_slots;

@@ -158,6 +158,8 @@ class LoraAdapter {
     return heads_[static_cast<int>(module)];
   }
   const SavedModules& saved() const { return saved_; }
+  // The base model's hidden size (the width of saved embedding rows).
+  int64_t hidden_size() const { return hidden_size_; }
   const formats::PeftLoraConfig& config() const { return config_; }
   // sha256 (hex) of adapter_config.json's bytes and of every tensor's name,
   // dtype, shape and bytes as stored, in name order: equal hashes mean equal
@@ -180,6 +182,7 @@ class LoraAdapter {
   std::vector<std::array<LoraWeights, kNumLoraModules>> layers_;  // [num_layers][module]
   std::array<LoraWeights, kNumHeadModules> heads_;
   SavedModules saved_;
+  int64_t hidden_size_ = 0;
   std::string content_hash_;
   size_t bytes_ = 0;
 };

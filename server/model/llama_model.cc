@@ -1,5 +1,6 @@
 #include "server/model/llama_model.h"
 
+#include <algorithm>
 #include <array>
 #include <optional>
 
@@ -20,7 +21,7 @@ struct LlamaModel::Scratch {
   int64_t token_capacity = 0;
   int64_t row_capacity = 0;
   DeviceBuffer x, h, qkv, attn, gate_up, act;       // per token
-  DeviceBuffer rows, logits;                        // per logit row
+  DeviceBuffer rows, rows_h, logits;                // per logit row
   DeviceBuffer ints;                                // step metadata
   DeviceBuffer lora_t;                              // packed LoRA intermediate
   std::vector<kernels::LoraSegment> lora_segments;  // host, rebuilt per projection
@@ -32,19 +33,41 @@ struct LlamaModel::LoraPlan {
     int32_t start = 0;
     int32_t end = 0;
     const adapters::DeviceAdapter* adapter = nullptr;
-    float scale = 1.0f;  // negative for corrections against merged weights
+    float scale = 1.0f;       // negative for corrections against merged weights
+    bool correction = false;  // undoes the merged adapter: no DoRA scale of its own
   };
+  // The decoder projections' LoRA terms: each sequence's own adapter, then
+  // the corrections against merged weights.
   std::vector<Segment> segments;
+  // Every sequence whose adapter extends the forward pass (DoRA, head LoRA,
+  // saved modules), merged or not: the merged set holds only projections.
+  std::vector<Segment> heads;
 
   // Adds rows [start, end), extending the last segment when it continues it.
-  void Add(std::vector<Segment>& list, int32_t start, int32_t end,
-           const adapters::DeviceAdapter* adapter, float scale) {
+  static void Add(std::vector<Segment>& list, int32_t start, int32_t end,
+                  const adapters::DeviceAdapter* adapter, float scale, bool correction = false) {
     if (!list.empty() && list.back().end == start && list.back().adapter == adapter &&
-        list.back().scale == scale) {
+        list.back().scale == scale && list.back().correction == correction) {
       list.back().end = end;
     } else {
-      list.push_back({start, end, adapter, scale});
+      list.push_back({start, end, adapter, scale, correction});
     }
+  }
+
+  // The segments of `heads` in another row space: `rows[i]` is the token of
+  // row i (logit rows); consecutive rows of one segment form one run.
+  static std::vector<Segment> RowSegments(const std::vector<Segment>& heads,
+                                          const std::vector<int32_t>& rows) {
+    std::vector<Segment> out;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const auto seg = std::find_if(heads.begin(), heads.end(), [&](const Segment& h) {
+        return rows[i] >= h.start && rows[i] < h.end;
+      });
+      if (seg == heads.end()) continue;
+      const int32_t row = static_cast<int32_t>(i);
+      Add(out, row, row + 1, seg->adapter, seg->scale);
+    }
+    return out;
   }
 
   static LoraPlan Build(const ForwardInput& in) {
@@ -54,14 +77,17 @@ struct LlamaModel::LoraPlan {
     const AdapterChoice merged = in.merged != nullptr ? in.merged->choice() : base;
     for (size_t s = 0; s + 1 < in.query_start.size(); ++s) {
       const AdapterChoice& choice = in.adapters.empty() ? base : in.adapters[s];
-      if (choice == merged) continue;  // the weights already are this sequence's
       const int32_t start = in.query_start[s];
       const int32_t end = in.query_start[s + 1];
+      if (choice.adapter != nullptr && choice.adapter->extends_forward()) {
+        Add(plan.heads, start, end, choice.adapter, choice.scale);
+      }
+      if (choice == merged) continue;  // the weights already are this sequence's
       if (choice.adapter != nullptr) {
-        plan.Add(plan.segments, start, end, choice.adapter, choice.scale);
+        Add(plan.segments, start, end, choice.adapter, choice.scale);
       }
       if (merged.adapter != nullptr) {
-        plan.Add(corrections, start, end, merged.adapter, -merged.scale);
+        Add(corrections, start, end, merged.adapter, -merged.scale, /*correction=*/true);
       }
     }
     plan.segments.insert(plan.segments.end(), corrections.begin(), corrections.end());
@@ -81,7 +107,43 @@ KvShape LlamaModel::kv_shape() const {
 adapters::BaseModelShape LlamaModel::adapter_shape() const {
   return adapters::LlamaBaseShape(config_.num_hidden_layers, config_.hidden_size,
                                   config_.intermediate_size, config_.num_attention_heads,
-                                  config_.num_key_value_heads, config_.head_dim);
+                                  config_.num_key_value_heads, config_.head_dim,
+                                  config_.vocab_size);
+}
+
+adapters::BaseWeights LlamaModel::base_weights() const {
+  using adapters::LoraModule;
+  adapters::BaseWeights base;
+  base.lm_head = lm_head_;
+  base.projection = [this](int64_t layer, LoraModule module) {
+    const Layer& l = layers_[static_cast<size_t>(layer)];
+    const int64_t q_dim = config_.num_attention_heads * config_.head_dim;
+    const int64_t kv_dim = config_.num_key_value_heads * config_.head_dim;
+    const int64_t inter = config_.intermediate_size;
+    // (matrix, first row, rows) of the module in its fused matrix.
+    auto rows = [](const WeightView& w, int64_t first, int64_t n) {
+      const int64_t row_bytes = kernels::WeightRowBytes(w.dtype, w.cols);
+      return WeightView{static_cast<const char*>(w.data) + first * row_bytes, w.dtype, n, w.cols};
+    };
+    switch (module) {
+      case LoraModule::kQProj:
+        return rows(l.qkv, 0, q_dim);
+      case LoraModule::kKProj:
+        return rows(l.qkv, q_dim, kv_dim);
+      case LoraModule::kVProj:
+        return rows(l.qkv, q_dim + kv_dim, kv_dim);
+      case LoraModule::kOProj:
+        return l.o;
+      case LoraModule::kGateProj:
+        return rows(l.gate_up, 0, inter);
+      case LoraModule::kUpProj:
+        return rows(l.gate_up, inter, inter);
+      case LoraModule::kDownProj:
+        return l.down;
+    }
+    return WeightView{};
+  };
+  return base;
 }
 
 int64_t LlamaModel::MergeBytes(const adapters::DeviceAdapter& adapter) const {
@@ -135,7 +197,13 @@ absl::StatusOr<std::unique_ptr<MergedWeights>> LlamaModel::Merge(
     if (w.rank == 0) {
       return backend_->CopyOnDevice(dst, part.data, static_cast<size_t>(rows * row_bytes));
     }
-    return backend_->MergeLora(part, w.a, w.bt, w.rank, w.scale * choice.scale, dst);
+    // DoRA's merged rows: m / ‖W + s·B·A‖ ⊙ (W + s·B·A), the norm taken at
+    // the adapter's own scale.
+    if (w.dora_scale != nullptr && choice.scale != 1.0f) {
+      return absl::InvalidArgumentError("Merge: a DoRA adapter merges at scale 1 only");
+    }
+    return backend_->MergeLora(part, w.a, w.bt, w.rank, w.scale * choice.scale, dst,
+                               w.dora_scale);
   };
   auto adapted = [&](int64_t layer, LoraModule module) {
     return choice.adapter->weights(layer, module).rank > 0;
@@ -199,6 +267,7 @@ absl::Status LlamaModel::EnsureScratch(int64_t num_tokens, int64_t num_logit_row
   if (num_logit_rows > s.row_capacity) {
     const int64_t n = std::max(num_logit_rows, 2 * s.row_capacity);
     RETURN_IF_ERROR(grow(s.rows, n * c.hidden_size));
+    RETURN_IF_ERROR(grow(s.rows_h, n * c.hidden_size));
     RETURN_IF_ERROR(grow(s.logits, n * c.vocab_size));
     s.row_capacity = n;
   }
@@ -225,7 +294,13 @@ absl::StatusOr<const float*> LlamaModel::ForwardOnDevice(const ForwardInput& in,
       (!in.adapters.empty() && in.adapters.size() != static_cast<size_t>(num_seqs))) {
     return absl::InvalidArgumentError("forward batch: inconsistent sizes");
   }
-  if (step_graphs_ && backend_->SupportsStepGraphs()) {
+  // DoRA scales, head LoRA and saved modules run per adapter segment with
+  // the adapter's own pointers, which a recorded step cannot vary: such
+  // steps run operation by operation.
+  const bool extended = std::any_of(in.adapters.begin(), in.adapters.end(), [](const auto& c) {
+    return c.adapter != nullptr && c.adapter->extends_forward();
+  });
+  if (step_graphs_ && !extended && backend_->SupportsStepGraphs()) {
     if (std::optional<DecodeShape> shape = DecodeStepShape(in)) {
       return RunStep(PadDecodeStep(in, *shape), kv, /*as_graph=*/true);
     }
@@ -325,6 +400,7 @@ absl::Status LlamaModel::Encode(const StepOperands& step) {
   const int64_t num_rows = static_cast<int64_t>(in.logit_rows.size());
   Scratch& s = *scratch_;
   RETURN_IF_ERROR(backend_->Embedding(step.tokens, num_tokens, embed_tokens_, s.x.as<float>()));
+  if (!step.lora->heads.empty()) RETURN_IF_ERROR(EmbedHeads(step, *step.lora));
   for (size_t l = 0; l < layers_.size(); ++l) {
     RETURN_IF_ERROR(RunLayer(static_cast<int64_t>(l), layers_[l], num_tokens, step.batch,
                              step.kv->layout, in.merged, *step.lora, step.kv->k[l], step.kv->v[l]));
@@ -334,9 +410,131 @@ absl::Status LlamaModel::Encode(const StepOperands& step) {
   const WeightView hidden_states{s.x.data(), DType::kF32, num_tokens, c.hidden_size};
   RETURN_IF_ERROR(
       backend_->Embedding(step.logit_rows, num_rows, hidden_states, s.rows.as<float>()));
-  return backend_->RmsNormLinear(s.rows.as<float>(), final_norm_, num_rows, c.hidden_size,
-                                 static_cast<float>(c.rms_norm_eps), s.rows.as<float>(), lm_head_,
-                                 s.logits.as<float>());
+  if (step.lora->heads.empty()) {
+    return backend_->RmsNormLinear(s.rows.as<float>(), final_norm_, num_rows, c.hidden_size,
+                                   static_cast<float>(c.rms_norm_eps), s.rows.as<float>(),
+                                   lm_head_, s.logits.as<float>());
+  }
+  // The normed rows go apart from the hidden states, which rows of adapters
+  // with their own final norm are normed from again.
+  RETURN_IF_ERROR(backend_->RmsNormLinear(s.rows.as<float>(), final_norm_, num_rows,
+                                          c.hidden_size, static_cast<float>(c.rms_norm_eps),
+                                          s.rows_h.as<float>(), lm_head_, s.logits.as<float>()));
+  return LmHeadHeads(in, *step.lora);
+}
+
+absl::Status LlamaModel::EmbedHeads(const StepOperands& step, const LoraPlan& lora) {
+  using adapters::HeadModule;
+  const int64_t hidden = config_.hidden_size;
+  float* x = scratch_->x.as<float>();
+  std::vector<kernels::LoraSegment>& segments = scratch_->lora_segments;
+  segments.clear();
+  int64_t t_floats = 0;
+  for (const LoraPlan::Segment& seg : lora.heads) {
+    const kernels::WeightView& own = seg.adapter->saved().embed_tokens;
+    if (own.data != nullptr) {
+      RETURN_IF_ERROR(backend_->Embedding(step.tokens + seg.start, seg.end - seg.start, own,
+                                          x + seg.start * hidden));
+    }
+    const adapters::DeviceLoraWeights& w = seg.adapter->head_weights(HeadModule::kEmbedTokens);
+    if (w.rank == 0) continue;
+    segments.push_back({seg.start, seg.end, w.a, w.bt, w.rank, w.scale * seg.scale});
+    t_floats += int64_t{seg.end - seg.start} * w.rank;
+  }
+  if (segments.empty()) return absl::OkStatus();
+  RETURN_IF_ERROR(EnsureLoraIntermediate(t_floats));
+  // The shrink of a one-hot row is a gather: Aᵀ's row of each token.
+  float* t = scratch_->lora_t.as<float>();
+  for (const kernels::LoraSegment& seg : segments) {
+    const WeightView table{seg.a, backend_->LoraDType(), config_.vocab_size, seg.rank};
+    RETURN_IF_ERROR(backend_->Embedding(step.tokens + seg.start, seg.end - seg.start, table, t));
+    t += int64_t{seg.end - seg.start} * seg.rank;
+  }
+  return backend_->LoraExpand(scratch_->lora_t.as<float>(), segments.data(),
+                              static_cast<int32_t>(segments.size()), hidden, x, hidden);
+}
+
+absl::Status LlamaModel::LmHeadHeads(const ForwardInput& in, const LoraPlan& lora) {
+  using adapters::HeadModule;
+  const formats::ModelConfig& c = config_;
+  Scratch& s = *scratch_;
+  const int64_t hidden = c.hidden_size;
+  const int64_t vocab = c.vocab_size;
+  const std::vector<LoraPlan::Segment> rows = LoraPlan::RowSegments(lora.heads, in.logit_rows);
+  // Rows of adapters with their own final norm or lm_head, again with those.
+  for (const LoraPlan::Segment& seg : rows) {
+    const adapters::DeviceSavedModules& saved = seg.adapter->saved();
+    if (saved.norm == nullptr && saved.lm_head.data == nullptr) continue;
+    RETURN_IF_ERROR(backend_->RmsNormLinear(
+        s.rows.as<float>() + seg.start * hidden, saved.norm ? saved.norm : final_norm_,
+        seg.end - seg.start, hidden, static_cast<float>(c.rms_norm_eps),
+        s.rows_h.as<float>() + seg.start * hidden,
+        saved.lm_head.data != nullptr ? saved.lm_head : lm_head_,
+        s.logits.as<float>() + seg.start * vocab));
+  }
+  std::vector<kernels::LoraSegment>& segments = s.lora_segments;
+  segments.clear();
+  std::vector<kernels::ColumnScaleSegment> dora;
+  for (const LoraPlan::Segment& seg : rows) {
+    const adapters::DeviceLoraWeights& w = seg.adapter->head_weights(HeadModule::kLmHead);
+    if (w.rank == 0) continue;
+    segments.push_back({seg.start, seg.end, w.a, w.bt, w.rank, w.scale * seg.scale});
+    if (w.dora_scale != nullptr) dora.push_back({seg.start, seg.end, w.dora_scale});
+  }
+  if (segments.empty()) return absl::OkStatus();
+  const int32_t count = static_cast<int32_t>(segments.size());
+  RETURN_IF_ERROR(EnsureLoraIntermediate(kernels::LoraIntermediateSize(segments.data(), count)));
+  float* t = s.lora_t.as<float>();
+  RETURN_IF_ERROR(backend_->LoraShrink(s.rows_h.as<float>(), hidden, segments.data(), count, t));
+  RETURN_IF_ERROR(
+      backend_->LoraExpand(t, segments.data(), count, vocab, s.logits.as<float>(), vocab));
+  return backend_->ScaleColumns(s.logits.as<float>(), vocab, vocab, dora.data(),
+                                static_cast<int32_t>(dora.size()));
+}
+
+absl::Status LlamaModel::EnsureLoraIntermediate(int64_t floats) {
+  const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
+  if (scratch_->lora_t.bytes() < bytes) {
+    ASSIGN_OR_RETURN(scratch_->lora_t, backend_->Allocate(2 * bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::ScaleDora(int64_t layer_index, std::initializer_list<LoraTarget> targets,
+                                   const LoraPlan& lora) {
+  std::vector<kernels::ColumnScaleSegment> dora;
+  for (const LoraTarget& target : targets) {
+    dora.clear();
+    for (const LoraPlan::Segment& seg : lora.segments) {
+      const float* scale = seg.adapter->weights(layer_index, target.module).dora_scale;
+      if (!seg.correction && scale != nullptr) dora.push_back({seg.start, seg.end, scale});
+    }
+    RETURN_IF_ERROR(backend_->ScaleColumns(target.y, target.ldy, target.out, dora.data(),
+                                           static_cast<int32_t>(dora.size())));
+  }
+  return absl::OkStatus();
+}
+
+bool LlamaModel::HasDora(int64_t layer_index, adapters::LoraModule module, const LoraPlan& lora) {
+  return std::any_of(lora.segments.begin(), lora.segments.end(), [&](const LoraPlan::Segment& s) {
+    return !s.correction && s.adapter->weights(layer_index, module).dora_scale != nullptr;
+  });
+}
+
+absl::Status LlamaModel::NormHeads(const std::vector<const float*> adapters::DeviceSavedModules::*
+                                       norms,
+                                   int64_t layer_index, const float* x, float* h,
+                                   const WeightView& w, float* y, const LoraPlan& lora) {
+  const int64_t hidden = config_.hidden_size;
+  for (const LoraPlan::Segment& seg : lora.heads) {
+    const std::vector<const float*>& own = seg.adapter->saved().*norms;
+    if (own.empty() || own[static_cast<size_t>(layer_index)] == nullptr) continue;
+    RETURN_IF_ERROR(backend_->RmsNormLinear(
+        x + seg.start * hidden, own[static_cast<size_t>(layer_index)], seg.end - seg.start,
+        hidden, static_cast<float>(config_.rms_norm_eps), h + seg.start * hidden, w,
+        y + seg.start * w.rows));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status LlamaModel::ApplyLora(int64_t layer_index, std::initializer_list<LoraTarget> targets,
@@ -377,11 +575,7 @@ absl::Status LlamaModel::ApplyLora(int64_t layer_index, std::initializer_list<Lo
   }
   if (segments.empty()) return absl::OkStatus();
   const int32_t count = static_cast<int32_t>(segments.size());
-  const size_t t_bytes =
-      static_cast<size_t>(kernels::LoraIntermediateSize(segments.data(), count)) * sizeof(float);
-  if (scratch_->lora_t.bytes() < t_bytes) {
-    ASSIGN_OR_RETURN(scratch_->lora_t, backend_->Allocate(2 * t_bytes));
-  }
+  RETURN_IF_ERROR(EnsureLoraIntermediate(kernels::LoraIntermediateSize(segments.data(), count)));
   float* t = scratch_->lora_t.as<float>();
   RETURN_IF_ERROR(backend_->LoraShrink(x, in, segments.data(), count, t));
   const kernels::LoraSegment* first = segments.data();
@@ -392,7 +586,7 @@ absl::Status LlamaModel::ApplyLora(int64_t layer_index, std::initializer_list<Lo
     t += kernels::LoraIntermediateSize(first, n);
     first += n;
   }
-  return absl::OkStatus();
+  return ScaleDora(layer_index, targets, lora);
 }
 
 absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64_t num_tokens,
@@ -425,6 +619,10 @@ absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64
   // q, k and v are one GEMM, and one LoRA shrink serves all three.
   RETURN_IF_ERROR(
       backend_->RmsNormLinear(x, layer.input_norm, num_tokens, hidden, eps, h, w_qkv, q));
+  using Saved = adapters::DeviceSavedModules;
+  if (!lora.heads.empty()) {
+    RETURN_IF_ERROR(NormHeads(&Saved::input_norms, layer_index, x, h, w_qkv, q, lora));
+  }
   RETURN_IF_ERROR(ApplyLora(layer_index,
                             {{LoraModule::kQProj, q_dim, q, qkv_dim},
                              {LoraModule::kKProj, kv_dim, k, qkv_dim},
@@ -440,24 +638,38 @@ absl::Status LlamaModel::RunLayer(int64_t layer_index, const Layer& layer, int64
   float* attn = s.attn.as<float>();
   RETURN_IF_ERROR(
       backend_->PagedAttention(q, qkv_dim, batch, layout, heads, k_cache, v_cache, attn));
-  RETURN_IF_ERROR(backend_->Linear(attn, wo, num_tokens, x, /*accumulate=*/true));
-  RETURN_IF_ERROR(
-      ApplyLora(layer_index, {{LoraModule::kOProj, wo.rows, x, wo.rows}}, attn, wo.cols, lora));
+  // DoRA scales the whole projection, not the residual it is added to: such
+  // a projection goes through h (free by now) before the add.
+  const bool o_dora = HasDora(layer_index, LoraModule::kOProj, lora);
+  float* o_out = o_dora ? h : x;
+  RETURN_IF_ERROR(backend_->Linear(attn, wo, num_tokens, o_out, /*accumulate=*/!o_dora));
+  RETURN_IF_ERROR(ApplyLora(layer_index, {{LoraModule::kOProj, wo.rows, o_out, wo.rows}}, attn,
+                            wo.cols, lora));
+  if (o_dora) RETURN_IF_ERROR(backend_->Add(x, h, num_tokens * hidden));
 
   // MLP block: gate and up share one GEMM; their LoRA terms land in their
   // halves of the stacked activation.
   float* gate_up = s.gate_up.as<float>();
   RETURN_IF_ERROR(backend_->RmsNormLinear(x, layer.post_attention_norm, num_tokens, hidden, eps, h,
                                           w_gate_up, gate_up));
+  if (!lora.heads.empty()) {
+    RETURN_IF_ERROR(
+        NormHeads(&Saved::post_attention_norms, layer_index, x, h, w_gate_up, gate_up, lora));
+  }
   RETURN_IF_ERROR(ApplyLora(layer_index,
                             {{LoraModule::kGateProj, inter, gate_up, 2 * inter},
                              {LoraModule::kUpProj, inter, gate_up + inter, 2 * inter}},
                             h, hidden, lora));
   float* act = s.act.as<float>();
-  RETURN_IF_ERROR(backend_->SiluMulLinear(gate_up, num_tokens, inter, act, w_down, x,
-                                          /*accumulate=*/true));
-  return ApplyLora(layer_index, {{LoraModule::kDownProj, w_down.rows, x, w_down.rows}}, act, inter,
-                   lora);
+  const bool down_dora = HasDora(layer_index, LoraModule::kDownProj, lora);
+  float* down_out = down_dora ? h : x;
+  RETURN_IF_ERROR(backend_->SiluMulLinear(gate_up, num_tokens, inter, act, w_down, down_out,
+                                          /*accumulate=*/!down_dora));
+  RETURN_IF_ERROR(ApplyLora(layer_index,
+                            {{LoraModule::kDownProj, w_down.rows, down_out, w_down.rows}}, act,
+                            inter, lora));
+  if (down_dora) RETURN_IF_ERROR(backend_->Add(x, h, num_tokens * hidden));
+  return absl::OkStatus();
 }
 
 }  // namespace loraserve::model

@@ -151,6 +151,8 @@ class LlamaModel {
 
   // The shapes LoRA adapters are validated against.
   adapters::BaseModelShape adapter_shape() const;
+  // The weights DoRA adapters' norms are taken over (for DeviceAdapter::Upload).
+  adapters::BaseWeights base_weights() const;
 
   // Where weights come from (a checkpoint or a seeded generator); defined in
   // llama_model.cc.
@@ -201,6 +203,21 @@ class LlamaModel {
   // step graph a shrink per target, into fixed regions of the intermediate).
   absl::Status ApplyLora(int64_t layer_index, std::initializer_list<LoraTarget> targets,
                          const float* x, int64_t in, const LoraPlan& lora);
+  // Multiplies each target's rows of DoRA segments by their scales.
+  absl::Status ScaleDora(int64_t layer_index, std::initializer_list<LoraTarget> targets,
+                         const LoraPlan& lora);
+  static bool HasDora(int64_t layer_index, adapters::LoraModule module, const LoraPlan& lora);
+  // Grows the LoRA intermediate to `floats` (outside step graphs).
+  absl::Status EnsureLoraIntermediate(int64_t floats);
+  // Saved embeddings and embedding LoRA of `lora.heads`, into x.
+  absl::Status EmbedHeads(const StepOperands& step, const LoraPlan& lora);
+  // Saved final norms and lm_heads, lm_head LoRA (and DoRA), into the logits.
+  absl::Status LmHeadHeads(const ForwardInput& in, const LoraPlan& lora);
+  // A saved layer norm (`norms` of DeviceSavedModules) redone, with the
+  // projection it feeds, for its adapter's rows.
+  absl::Status NormHeads(const std::vector<const float*> adapters::DeviceSavedModules::*norms,
+                         int64_t layer_index, const float* x, float* h,
+                         const kernels::WeightView& w, float* y, const LoraPlan& lora);
 
   kernels::Backend* backend_;
   formats::ModelConfig config_;

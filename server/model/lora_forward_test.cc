@@ -63,7 +63,8 @@ class LoraForwardTest : public ::testing::Test {
       auto host =
           adapters::LoadLoraAdapter(c.adapter_dir, Model(c.base).adapter_shape(), {.max_rank = 64});
       EXPECT_TRUE(host.ok()) << c.name << ": " << host.status();
-      auto device = adapters::DeviceAdapter::Upload(backend_.get(), *host);
+      const adapters::BaseWeights base = Model(c.base).base_weights();
+      auto device = adapters::DeviceAdapter::Upload(backend_.get(), *host, &base);
       EXPECT_OK(device);
       it = device_.emplace(c.name, std::move(*device)).first;
     }
@@ -172,6 +173,62 @@ TEST_F(LoraForwardTest, MixedBatchOnMergedWeightsEqualsUnmerged) {
   const std::vector<float> unmerged = Prefill(model, seqs, choices);
   const std::vector<float> on_merged = Prefill(model, seqs, choices, merged->get());
   EXPECT_LE(MaxAbsDiff(unmerged.data(), on_merged.data(), unmerged.size()), 1e-4f);
+}
+
+// DoRA, embedding and lm_head LoRA, plain LoRA and the base in one batch,
+// unmerged and on the plain adapter's merged weights: each request gets the
+// logits it gets alone (all on the untied Mistral).
+TEST_F(LoraForwardTest, DoraAndHeadAdaptersMixInOneBatch) {
+  LlamaModel& model = Model("untied");
+  const AdapterChoice dora{&Adapter(Case("dora")), 1.0f};
+  const AdapterChoice heads{&Adapter(Case("embed-lm-head")), 1.0f};
+  const AdapterChoice plain{&Adapter(Case("layers-to-transform")), 1.0f};
+  EXPECT_TRUE(dora.adapter->has_dora());
+  EXPECT_TRUE(heads.adapter->extends_forward());
+  EXPECT_FALSE(plain.adapter->extends_forward());
+  std::vector<std::vector<int32_t>> seqs;
+  for (int i = 0; i < 4; ++i) seqs.push_back(Case("dora").prompts[i].ids);
+  seqs.push_back(Case("dora").prompts[2].ids);
+  const std::vector<AdapterChoice> choices = {dora, heads, plain, {}, dora};
+  const std::vector<float> batched = Prefill(model, seqs, choices);
+  auto merged = model.Merge(plain);
+  ASSERT_OK(merged);
+  const std::vector<float> on_merged = Prefill(model, seqs, choices, merged->get());
+  EXPECT_LE(MaxAbsDiff(batched.data(), on_merged.data(), batched.size()), 1e-4f);
+  const int64_t vocab = model.config().vocab_size;
+  size_t offset = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const std::vector<float> alone = Prefill(model, {seqs[i]}, {choices[i]});
+    EXPECT_LE(MaxAbsDiff(batched.data() + offset, alone.data(), alone.size()), 1e-5f)
+        << "request " << i;
+    offset += seqs[i].size() * vocab;
+  }
+}
+
+// Saved modules (own embedding, lm_head and norms) beside a plain adapter.
+TEST_F(LoraForwardTest, SavedModulesServeOnlyTheirAdaptersRows) {
+  LlamaModel& model = Model("sharded");
+  const AdapterChoice saved{&Adapter(Case("modules-to-save")), 1.0f};
+  const AdapterChoice plain{&Adapter(Case("bf16-tensors")), 1.0f};
+  const test_support::GoldenCase& c = Case("modules-to-save");
+  std::vector<std::vector<int32_t>> seqs = {c.prompts[1].ids, c.prompts[3].ids, c.prompts[2].ids};
+  const std::vector<AdapterChoice> choices = {plain, saved, {}};
+  const std::vector<float> batched = Prefill(model, seqs, choices);
+  const int64_t vocab = model.config().vocab_size;
+  const size_t at = seqs[0].size() * vocab;
+  EXPECT_LE(MaxAbsDiff(batched.data() + at, c.prompts[3].logits.data(), c.prompts[3].logits.size()),
+            1e-4f);
+  const std::vector<float> base_alone = Prefill(model, {seqs[2]}, {{}});
+  EXPECT_LE(MaxAbsDiff(batched.data() + at + seqs[1].size() * vocab, base_alone.data(),
+                       base_alone.size()),
+            1e-5f);
+}
+
+// A DoRA adapter merges at its own scale only: its norms are of that scale.
+TEST_F(LoraForwardTest, DoraMergesAtScaleOne) {
+  LlamaModel& model = Model("untied");
+  auto merged = model.Merge({&Adapter(Case("dora")), 0.5f});
+  EXPECT_EQ(merged.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(LoraForwardTest, MergeLeavesTheBaseWeightsUntouched) {
