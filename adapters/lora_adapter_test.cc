@@ -518,7 +518,7 @@ BaseModelShape ShapeFromConfig(const std::string& config_path) {
   int64_t head_dim = hidden / heads;
   if (config.contains("head_dim") && !config["head_dim"].is_null()) head_dim = config["head_dim"];
   return LlamaBaseShape(config["num_hidden_layers"], hidden, config["intermediate_size"], heads,
-                        kv_heads, head_dim);
+                        kv_heads, head_dim, config["vocab_size"]);
 }
 
 TEST(LoraAdapterTest, GoldenGeneratorAdaptersLoad) {
@@ -560,6 +560,21 @@ TEST(LoraAdapterTest, GoldenGeneratorAdaptersLoad) {
       EXPECT_FALSE(adapter->weights(1, LoraModule::kGateProj).empty());
     } else if (name == "rslora") {
       EXPECT_FLOAT_EQ(adapter->weights(0, LoraModule::kQProj).scale, 2.0f);
+    } else if (name == "dora") {
+      EXPECT_TRUE(adapter->weights(1, LoraModule::kDownProj).dora);
+      EXPECT_EQ(adapter->weights(1, LoraModule::kDownProj).magnitude.size(), 64u);
+    } else if (name == "dora-qwen2") {
+      EXPECT_TRUE(adapter->head_weights(HeadModule::kLmHead).dora);
+      // save_embedding_layers wrote the (tied) lm_head beside its LoRA.
+      EXPECT_EQ(adapter->saved().paths, std::vector<std::string>{"lm_head"});
+    } else if (name == "embed-lm-head") {
+      EXPECT_EQ(adapter->head_weights(HeadModule::kEmbedTokens).rank, 8);
+      EXPECT_EQ(adapter->head_weights(HeadModule::kLmHead).rank, 8);
+      EXPECT_FALSE(adapter->head_weights(HeadModule::kLmHead).dora);
+    } else if (name == "modules-to-save") {
+      // "norm" ends model.norm and both norms of both layers.
+      EXPECT_EQ(adapter->saved().paths.size(), 2u + 1 + 4);
+      EXPECT_EQ(adapter->saved().lm_head.size(), 128u * 64);
     }
   }
   if (loaded == 0) GTEST_SKIP() << manifest_path << " lists no adapter cases yet";

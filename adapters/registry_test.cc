@@ -145,7 +145,7 @@ TEST(AdapterRegistryTest, FailedLoadsLeaveTheRegistryUnchanged) {
   auto dora = LoraConfigJson(4, 8, targets);
   dora["use_dora"] = true;
   broken.emplace_back(WriteAdapter(FreshDir("dora"), dora, LoraTensors(SharedModelShape(), 4, targets, 1)),
-                      "DoRA");
+                      "use_dora but");
   const std::string pickle = FreshDir("pickle");
   std::ofstream(pickle + "/adapter_config.json") << LoraConfigJson(4, 8, targets).dump();
   std::ofstream(pickle + "/adapter_model.bin") << "pickle";

@@ -88,7 +88,10 @@ Engine::Engine(model::LlamaModel* model, const model::Tokenizer* tokenizer, KvCa
                      .cache_bytes = options.merged_cache_bytes,
                      .threshold = options.merge_threshold,
                      .window_steps = options.merge_window_steps,
-                     .min_batch_share = options.merged_min_batch_share}) {}
+                     .min_batch_share = options.merged_min_batch_share}) {
+  // DoRA adapters' norms are taken over this model's weights.
+  device_adapters_->set_base_weights(model_->base_weights());
+}
 
 Engine::~Engine() {
   for (auto& seq : running_) {
@@ -215,6 +218,13 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
   if (!std::isfinite(request.adapter_scale) || request.adapter_scale < 0.0f) {
     return absl::InvalidArgumentError(
         absl::StrCat("adapter_scale: must be a finite number >= 0, got ", request.adapter_scale));
+  }
+  if (request.adapter != nullptr && request.adapter->adapter.config().use_dora() &&
+      request.adapter_scale != 1.0f) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "adapter_scale: ", request.adapter->id, " is a DoRA adapter, whose magnitudes are "
+        "normalised at its trained scale; it serves at adapter_scale 1 only, got ",
+        request.adapter_scale));
   }
   for (int32_t id : request.stop_token_ids) {
     if (id < 0 || id >= vocab) {
@@ -490,6 +500,11 @@ const model::MergedWeights* Engine::ChooseMerged(const std::vector<Planned>& pla
   }
   const std::optional<std::string> hash = merge_policy_.Choose(tokens, total);
   if (!hash.has_value()) return nullptr;
+  // A DoRA adapter's merged rows are scaled: no low-rank correction undoes
+  // them for other rows, so its merged set serves steps of its own rows only.
+  if (representative.at(*hash)->device_adapter->has_dora() && tokens.at(*hash) != total) {
+    return nullptr;
+  }
   if (auto it = merged_.find(*hash); it != merged_.end()) return it->second->weights.get();
   return Merge(*representative.at(*hash));
 }

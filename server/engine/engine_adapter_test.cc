@@ -368,6 +368,40 @@ TEST(EngineAdapterTest, InvalidAdapterScaleIsRejected) {
   EXPECT_THAT(std::string(status.status().message()), HasSubstr("adapter_scale"));
 }
 
+// A DoRA adapter serves at its trained scale only; its merged set serves
+// steps of its own requests only, and a batch mixing it with another adapter
+// still gets each golden.
+TEST(EngineAdapterTest, DoraServesAtScaleOneAndMergesOnlyAlone) {
+  auto cases = test_support::LoadAdapterCases();
+  ASSERT_OK(cases);
+  const test_support::GoldenCase* dora = nullptr;
+  const test_support::GoldenCase* plain = nullptr;
+  for (const auto& c : *cases) {
+    if (c.name == "dora") dora = &c;
+    if (c.name == "layers-to-transform") plain = &c;
+  }
+  ASSERT_NE(dora, nullptr);
+  ASSERT_NE(plain, nullptr);
+  ASSERT_EQ(dora->base, plain->base);
+  Server server(ModelDirs().at(dora->base),
+                {.lora_mode = LoraMode::kMerged, .merge_threshold = 1});
+  adapters::AdapterHandle d = server.Adapter("dora", dora->adapter_dir);
+  adapters::AdapterHandle p = server.Adapter("plain", plain->adapter_dir);
+  auto scaled = server.engine().Add(Greedy({1}, 4, d, 0.5f), [](const TokenEvent&) {});
+  EXPECT_THAT(scaled, StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(std::string(scaled.status().message()), HasSubstr("DoRA adapter"));
+
+  const std::vector<std::vector<int32_t>> mixed =
+      server.Run({Greedy(dora->prompts[1].ids, 64, d), Greedy(plain->prompts[1].ids, 64, p),
+                  Greedy(dora->prompts[2].ids, 64, d)});
+  EXPECT_EQ(mixed[0], dora->prompts[1].greedy);
+  EXPECT_EQ(mixed[1], plain->prompts[1].greedy);
+  EXPECT_EQ(mixed[2], dora->prompts[2].greedy);
+  const std::vector<std::vector<int32_t>> alone = server.Run({Greedy(dora->prompts[3].ids, 64, d)});
+  EXPECT_EQ(alone[0], dora->prompts[3].greedy);
+  EXPECT_GT(server.engine().stats().merged_steps, 0);
+}
+
 // Without device memory for adapters (no cache given, or --adapter-device-bytes=0)
 // an adapter request is refused at once, and the base model serves as before.
 TEST(EngineAdapterTest, AnEngineWithoutAdapterMemoryServesTheBaseModelOnly) {

@@ -79,8 +79,9 @@ class WeightDTypeAccuracyTest : public ::testing::TestWithParam<DTypeBounds> {
     absl::StatusOr<adapters::LoraAdapter> host =
         adapters::LoadLoraAdapter(c.adapter_dir, Model(c.base).adapter_shape(), {.max_rank = 64});
     EXPECT_TRUE(host.ok()) << c.name << ": " << host.status();
+    const adapters::BaseWeights base = Model(c.base).base_weights();
     absl::StatusOr<std::unique_ptr<adapters::DeviceAdapter>> device =
-        adapters::DeviceAdapter::Upload(backend_.get(), *host);
+        adapters::DeviceAdapter::Upload(backend_.get(), *host, &base);
     EXPECT_OK(device);
     return *std::move(device);
   }
