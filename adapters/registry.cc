@@ -179,6 +179,8 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::InsertLocked(const std::string& id,
                 dir,
                 adapter.ranks(),
                 adapter.target_modules(),
+                adapter.config().use_dora(),
+                adapter.saved().paths,
                 adapter.bytes(),
                 pinned,
                 resident};

@@ -95,6 +95,8 @@ struct AdapterInfo {
   std::string dir;
   std::vector<int> ranks;
   std::vector<std::string> target_modules;
+  bool dora = false;                       // use_dora: magnitudes on every target
+  std::vector<std::string> saved_modules;  // its modules_to_save copies, by module path
   size_t bytes = 0;  // float32 bytes of its weights when resident
   bool pinned = false;
   bool resident = false;  // in the host tier (else on disk only)

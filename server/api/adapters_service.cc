@@ -32,6 +32,8 @@ void FillInfo(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
   out->set_content_hash(info.content_hash);
   for (int rank : info.ranks) out->add_ranks(rank);
   for (const std::string& module : info.target_modules) out->add_target_modules(module);
+  out->set_dora(info.dora);
+  for (const std::string& module : info.saved_modules) out->add_saved_modules(module);
   out->set_bytes(static_cast<int64_t>(info.bytes));
   out->set_resident_host(info.resident);
   out->set_pinned(info.pinned);

@@ -38,6 +38,9 @@ json AdapterJson(const v1::AdapterInfo& info) {
               {"ranks", std::vector<int32_t>(info.ranks().begin(), info.ranks().end())},
               {"target_modules", std::vector<std::string>(info.target_modules().begin(),
                                                           info.target_modules().end())},
+              {"dora", info.dora()},
+              {"modules_to_save", std::vector<std::string>(info.saved_modules().begin(),
+                                                           info.saved_modules().end())},
               {"bytes", info.bytes()},
               {"resident_host", info.resident_host()},
               {"pinned", info.pinned()}};
