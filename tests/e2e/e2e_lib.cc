@@ -33,6 +33,7 @@ namespace fs = std::filesystem;
 const std::string kShared = LORASERVE_SHARED_DIR;
 
 std::string AdapterDir(const std::string& name) {
+  if (absl::StrContains(name, '/')) return name;
   return kShared + "/adapters/aidreams-260k/" + name;
 }
 

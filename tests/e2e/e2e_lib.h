@@ -30,7 +30,9 @@ namespace loraserve::e2e {
 
 // ../shared beside the checkout.
 extern const std::string kShared;
-// A shared adapter's folder (`name` under adapters/aidreams-260k).
+// A shared adapter's folder (`name` under adapters/aidreams-260k); `name`
+// itself when it is a path (has a '/'), so the helpers below that take an
+// adapter take any adapter folder too.
 std::string AdapterDir(const std::string& name);
 // aidreams-260k's weights and tokenizer with an 8192-token context
 // (config.json's max_position_embeddings raised; the rest are links into
