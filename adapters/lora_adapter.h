@@ -142,6 +142,9 @@ enum class AdapterRead {
               // tensor bytes (weights stay empty, content_hash() is "")
 };
 
+struct CompactionTarget;
+struct CompactionReport;
+
 class LoraAdapter {
  public:
   LoraAdapter(LoraAdapter&&) = default;
@@ -177,6 +180,8 @@ class LoraAdapter {
   explicit LoraAdapter(formats::PeftLoraConfig config) : config_(std::move(config)) {}
   friend absl::StatusOr<LoraAdapter> LoadLoraAdapter(const std::string&, const BaseModelShape&,
                                                      const AdapterLimits&, AdapterRead);
+  // Rewrites modules at lower ranks (rank_compaction.h).
+  friend absl::StatusOr<CompactionReport> CompactRanks(const CompactionTarget&, LoraAdapter*);
 
   formats::PeftLoraConfig config_;
   std::vector<std::array<LoraWeights, kNumLoraModules>> layers_;  // [num_layers][module]

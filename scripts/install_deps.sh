@@ -8,7 +8,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
 PACKAGES=(
   build-essential cmake ninja-build pkg-config
   libabsl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  libopenblas-dev nlohmann-json3-dev libpcre2-dev libcpp-httplib-dev prometheus-cpp-dev
+  libopenblas-dev libeigen3-dev nlohmann-json3-dev libpcre2-dev libcpp-httplib-dev prometheus-cpp-dev
 )
 if [ "${1:-}" != "--build-only" ]; then
   PACKAGES+=(
