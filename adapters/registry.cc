@@ -135,13 +135,27 @@ absl::Status AdapterRegistry::MakeRoomLocked(size_t need, size_t freed, const st
   return absl::OkStatus();
 }
 
-absl::StatusOr<AdapterInfo> AdapterRegistry::Load(absl::string_view id, const std::string& dir) {
+absl::StatusOr<LoraAdapter> AdapterRegistry::ReadWeights(
+    const std::string& dir, const std::optional<CompactionTarget>& compaction,
+    std::optional<CompactionReport>* report) const {
+  ASSIGN_OR_RETURN(LoraAdapter adapter, LoadLoraAdapter(dir, options_.base, options_.limits));
+  report->reset();
+  if (compaction && compaction->min_energy < 1) {
+    ASSIGN_OR_RETURN(*report, CompactRanks(*compaction, &adapter));
+  }
+  return adapter;
+}
+
+absl::StatusOr<AdapterInfo> AdapterRegistry::Load(absl::string_view id, const std::string& dir,
+                                                  std::optional<CompactionTarget> compaction) {
   ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
   const auto start = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(LoraAdapter adapter, LoadLoraAdapter(dir, options_.base, options_.limits));
+  std::optional<CompactionReport> report;
+  ASSIGN_OR_RETURN(LoraAdapter adapter,
+                   ReadWeights(dir, compaction ? compaction : options_.compaction, &report));
   const double seconds = SecondsSince(start);
   std::lock_guard<std::mutex> lock(mu_);
-  return InsertLocked(canonical, dir, std::move(adapter), seconds);
+  return InsertLocked(canonical, dir, std::move(adapter), std::move(report), seconds);
 }
 
 absl::StatusOr<AdapterInfo> AdapterRegistry::Register(absl::string_view id,
@@ -149,14 +163,20 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Register(absl::string_view id,
   ASSIGN_OR_RETURN(const std::string canonical, Canonical(id));
   ASSIGN_OR_RETURN(LoraAdapter adapter,
                    LoadLoraAdapter(dir, options_.base, options_.limits, AdapterRead::kMetadata));
+  // Compacted on its first read; until then the info holds the target only.
+  std::optional<CompactionReport> compaction;
+  if (options_.compaction && options_.compaction->min_energy < 1) {
+    compaction =
+        CompactionReport{options_.compaction->min_energy, adapter.ranks(), adapter.bytes(), {}};
+  }
   std::lock_guard<std::mutex> lock(mu_);
-  return InsertLocked(canonical, dir, std::move(adapter), /*load_seconds=*/0, /*resident=*/false);
+  return InsertLocked(canonical, dir, std::move(adapter), std::move(compaction),
+                      /*load_seconds=*/0, /*resident=*/false);
 }
 
-absl::StatusOr<AdapterInfo> AdapterRegistry::InsertLocked(const std::string& id,
-                                                          const std::string& dir,
-                                                          LoraAdapter adapter, double load_seconds,
-                                                          bool resident) {
+absl::StatusOr<AdapterInfo> AdapterRegistry::InsertLocked(
+    const std::string& id, const std::string& dir, LoraAdapter adapter,
+    std::optional<CompactionReport> compaction, double load_seconds, bool resident) {
   auto existing = entries_.find(id);
   int64_t version = 1;
   bool pinned = false;
@@ -183,7 +203,8 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::InsertLocked(const std::string& id,
                 adapter.saved().paths,
                 adapter.bytes(),
                 pinned,
-                resident};
+                resident,
+                std::move(compaction)};
   entry.last_used = ++clock_;
   if (resident) entry.resident = MakeHandle(id, version, dir, std::move(adapter));
   // Replacing the entry drops the registry's reference to the old version
@@ -208,9 +229,10 @@ absl::Status AdapterRegistry::ResolveLocked(std::unique_lock<std::mutex>& lock,
   lock.unlock();
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<std::string> dir = options_.resolve(id);
-  absl::StatusOr<LoraAdapter> adapter =
-      dir.ok() ? LoadLoraAdapter(*dir, options_.base, options_.limits)
-               : absl::StatusOr<LoraAdapter>(dir.status());
+  std::optional<CompactionReport> compaction;
+  absl::StatusOr<LoraAdapter> adapter = dir.ok()
+                                            ? ReadWeights(*dir, options_.compaction, &compaction)
+                                            : absl::StatusOr<LoraAdapter>(dir.status());
   const double seconds = SecondsSince(start);
   lock.lock();
   resolving_.erase(id);
@@ -223,7 +245,7 @@ absl::Status AdapterRegistry::ResolveLocked(std::unique_lock<std::mutex>& lock,
   }
   // A Load of the same id while the files were read wins: it is newer.
   if (entries_.count(id) != 0) return absl::OkStatus();
-  return InsertLocked(id, *dir, *std::move(adapter), seconds).status();
+  return InsertLocked(id, *dir, *std::move(adapter), std::move(compaction), seconds).status();
 }
 
 absl::Status AdapterRegistry::Unload(absl::string_view id) {
@@ -244,8 +266,12 @@ absl::StatusOr<AdapterHandle> AdapterRegistry::ReloadLocked(std::unique_lock<std
   const AdapterInfo expected = entries_.at(id).info;
   lock.unlock();
   const auto start = std::chrono::steady_clock::now();
-  absl::StatusOr<LoraAdapter> adapter =
-      LoadLoraAdapter(expected.dir, options_.base, options_.limits);
+  std::optional<CompactionReport> compaction;
+  absl::StatusOr<LoraAdapter> adapter = ReadWeights(
+      expected.dir,
+      expected.compaction ? std::optional<CompactionTarget>({expected.compaction->min_energy})
+                          : std::nullopt,
+      &compaction);
   const double seconds = SecondsSince(start);
   lock.lock();
 
@@ -272,6 +298,10 @@ absl::StatusOr<AdapterHandle> AdapterRegistry::ReloadLocked(std::unique_lock<std
   host_stats_.load_seconds.Observe(seconds);
   Entry& entry = it->second;
   entry.info.content_hash = adapter->content_hash();
+  // A lazily registered adapter's first read shows what compaction made of it.
+  entry.info.ranks = adapter->ranks();
+  entry.info.bytes = adapter->bytes();
+  entry.info.compaction = std::move(compaction);
   entry.resident = MakeHandle(id, expected.version, expected.dir, *std::move(adapter));
   entry.info.resident = true;
   return entry.resident;

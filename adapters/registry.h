@@ -56,6 +56,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -65,6 +66,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "adapters/lora_adapter.h"
+#include "adapters/rank_compaction.h"
 #include "base/bucket_counts.h"
 
 namespace loraserve::adapters {
@@ -100,6 +102,10 @@ struct AdapterInfo {
   size_t bytes = 0;  // float32 bytes of its weights when resident
   bool pinned = false;
   bool resident = false;  // in the host tier (else on disk only)
+  // Set when it loads rank-compacted: the target, ranks and bytes before, and
+  // each module's spectrum (no modules until a lazily registered adapter's
+  // weights are first read; ranks and bytes are the stored ones until then).
+  std::optional<CompactionReport> compaction;
 };
 
 struct AdapterTierStats {
@@ -127,6 +133,9 @@ struct AdapterRegistryOptions {
   // The folder to load an unregistered canonical id from, or NotFound saying
   // where it looked (AdapterFolderResolver); null: unknown ids are NotFound.
   std::function<absl::StatusOr<std::string>(const std::string& canonical_id)> resolve;
+  // Rank compaction of every load that does not choose (--compact-adapters-energy);
+  // nullopt or min_energy 1: none.
+  std::optional<CompactionTarget> compaction;
 };
 
 class AdapterRegistry {
@@ -138,8 +147,11 @@ class AdapterRegistry {
   AdapterRegistry& operator=(const AdapterRegistry&) = delete;
 
   // Loads `dir` as `id` (a new id at version 1, or the next version of an
-  // existing one). On error the registry is unchanged.
-  absl::StatusOr<AdapterInfo> Load(absl::string_view id, const std::string& dir);
+  // existing one), rank-compacted to `compaction` (nullopt: the options'
+  // default; min_energy 1: none); every reload of this version is compacted
+  // the same. On error the registry is unchanged.
+  absl::StatusOr<AdapterInfo> Load(absl::string_view id, const std::string& dir,
+                                   std::optional<CompactionTarget> compaction = std::nullopt);
   // Load without the weights: `dir` is checked from adapter_config.json and
   // the safetensors header alone (AdapterRead::kMetadata) and registered in
   // the disk tier, as an evicted adapter is; the first Acquire (or Prefetch,
@@ -190,12 +202,18 @@ class AdapterRegistry {
   // The entry of a canonical id, or NotFound naming it.
   absl::StatusOr<Entry*> FindLocked(const std::string& id);
   AdapterHandle MakeHandle(std::string id, int64_t version, std::string dir, LoraAdapter adapter);
+  // Reads `dir` with its weights, compacted to `compaction` when it is set
+  // and below 1 (`report` says how; nullopt otherwise).
+  absl::StatusOr<LoraAdapter> ReadWeights(const std::string& dir,
+                                          const std::optional<CompactionTarget>& compaction,
+                                          std::optional<CompactionReport>* report) const;
   // Registers a validated adapter as the next version of `id` (budget
   // permitting); resident unless it was read as metadata only (`resident`
   // false: no bytes are taken, and it loads on first use).
   absl::StatusOr<AdapterInfo> InsertLocked(const std::string& id, const std::string& dir,
-                                           LoraAdapter adapter, double load_seconds,
-                                           bool resident = true);
+                                           LoraAdapter adapter,
+                                           std::optional<CompactionReport> compaction,
+                                           double load_seconds, bool resident = true);
   // Resolves an unregistered `id`, releasing the lock while reading files; OK
   // once it is registered, or once another caller's resolution of it ended
   // (the caller looks again either way).

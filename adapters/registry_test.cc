@@ -329,6 +329,59 @@ TEST(AdapterRegistryTest, RegisteredAdaptersLoadOnFirstUse) {
   EXPECT_THAT(registry->Acquire("t/r"), StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
+// Compaction: the registry's default applies to every load that does not
+// choose, a load may choose another target or none (1), and every reload of
+// an evicted or lazily registered adapter is compacted as its version was.
+TEST(AdapterRegistryTest, CompactionByDefaultPerLoadAndOnEveryReload) {
+  const std::string ocean = SharedAdapter("ocean");
+  auto sizes = MakeRegistry();
+  ASSERT_OK_AND_ASSIGN(const AdapterInfo plain, sizes->Load("t/plain", ocean));
+  ASSERT_FALSE(plain.compaction.has_value());
+
+  AdapterRegistryOptions options = {.base = SharedModelShape(), .limits = {.max_rank = 16}};
+  options.compaction = CompactionTarget{0.9};
+  ASSERT_OK_AND_ASSIGN(auto registry, AdapterRegistry::Create(options));
+  ASSERT_OK_AND_ASSIGN(const AdapterInfo compacted, registry->Load("t/default", ocean));
+  ASSERT_TRUE(compacted.compaction.has_value());
+  EXPECT_EQ(compacted.compaction->min_energy, 0.9);
+  EXPECT_EQ(compacted.compaction->bytes_before, plain.bytes);
+  EXPECT_EQ(compacted.compaction->ranks_before, plain.ranks);
+  EXPECT_LT(compacted.bytes, plain.bytes);
+  EXPECT_FALSE(compacted.compaction->modules.empty());
+  EXPECT_NE(compacted.content_hash, plain.content_hash);
+  ASSERT_OK_AND_ASSIGN(const AdapterInfo off, registry->Load("t/off", ocean, CompactionTarget{1}));
+  EXPECT_FALSE(off.compaction.has_value());
+  EXPECT_EQ(off.content_hash, plain.content_hash);
+  ASSERT_OK_AND_ASSIGN(const AdapterInfo strict,
+                       registry->Load("t/strict", ocean, CompactionTarget{0.5}));
+  EXPECT_LT(strict.bytes, compacted.bytes);
+
+  // Room for one compacted ocean: each load evicts the other, each reload
+  // compacts it again to the same adapter.
+  options.host_budget_bytes = compacted.bytes + compacted.bytes / 2;
+  ASSERT_OK_AND_ASSIGN(auto small, AdapterRegistry::Create(options));
+  ASSERT_OK(small->Load("t/a", ocean));
+  ASSERT_OK(small->Load("t/b", ocean));
+  ASSERT_FALSE(small->IsResident("t/a"));
+  ASSERT_OK_AND_ASSIGN(AdapterHandle a, small->Acquire("t/a"));
+  EXPECT_EQ(a->content_hash(), compacted.content_hash);
+  EXPECT_EQ(a->adapter.bytes(), compacted.bytes);
+  EXPECT_EQ(small->Get("t/a")->compaction->modules.size(), compacted.compaction->modules.size());
+  a.reset();
+
+  // Registered lazily: the target until the first read, then what it made.
+  ASSERT_OK_AND_ASSIGN(const AdapterInfo lazy, registry->Register("t/lazy", ocean));
+  ASSERT_TRUE(lazy.compaction.has_value());
+  EXPECT_TRUE(lazy.compaction->modules.empty());
+  EXPECT_EQ(lazy.bytes, plain.bytes);
+  ASSERT_OK(registry->Acquire("t/lazy"));
+  ASSERT_OK_AND_ASSIGN(const AdapterInfo read, registry->Get("t/lazy"));
+  EXPECT_EQ(read.bytes, compacted.bytes);
+  EXPECT_EQ(read.ranks, compacted.ranks);
+  EXPECT_EQ(read.content_hash, compacted.content_hash);
+  EXPECT_EQ(read.compaction->modules.size(), compacted.compaction->modules.size());
+}
+
 // Register checks everything the header shows; a bad adapter is refused at
 // once and the registry is unchanged.
 TEST(AdapterRegistryTest, RegisterRefusesWhatTheHeaderShows) {
