@@ -78,6 +78,10 @@ ABSL_FLAG(bool, lazy_adapter_load, false,
 ABSL_FLAG(std::vector<std::string>, pin_adapter, {},
           "Adapter kept in host memory whatever the budget (repeatable)");
 ABSL_FLAG(int32_t, max_lora_rank, 64, "Largest LoRA rank an adapter may have");
+ABSL_FLAG(double, compact_adapters_energy, 1,
+          "Rank compaction of every adapter load that does not choose its own: each module "
+          "kept at the smallest rank holding this share of its update's energy, in (0, 1]; "
+          "1: none");
 ABSL_FLAG(int64_t, adapter_host_bytes, 0, "Host memory for adapter weights (0 = unlimited)");
 ABSL_FLAG(int64_t, adapter_device_bytes, int64_t{1} << 30,
           "Device memory for adapter weights in use");
@@ -195,6 +199,7 @@ absl::StatusOr<RuntimeConfig> RuntimeConfigFromFlags() {
   config.pinned_adapters = absl::GetFlag(FLAGS_pin_adapter);
   config.lazy_adapter_load = absl::GetFlag(FLAGS_lazy_adapter_load);
   config.max_lora_rank = absl::GetFlag(FLAGS_max_lora_rank);
+  config.compact_adapters_energy = absl::GetFlag(FLAGS_compact_adapters_energy);
   config.adapter_host_bytes = absl::GetFlag(FLAGS_adapter_host_bytes);
   config.adapter_device_bytes = absl::GetFlag(FLAGS_adapter_device_bytes);
   engine::EngineOptions& options = config.engine;

@@ -104,12 +104,19 @@ absl::StatusOr<std::unique_ptr<adapters::AdapterRegistry>> CreateRegistry(
     resolve =
         adapters::AdapterFolderResolver(config.adapter_resolver_dir, adapters::kDefaultTenant);
   }
+  const absl::StatusOr<adapters::CompactionTarget> compaction =
+      adapters::CompactionTargetFrom(config.compact_adapters_energy, std::nullopt);
+  if (!compaction.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--compact-adapters-energy: ", compaction.status().message()));
+  }
   ASSIGN_OR_RETURN(auto registry,
                    adapters::AdapterRegistry::Create(
                        {.base = llama.adapter_shape(),
                         .limits = {.max_rank = config.max_lora_rank},
                         .host_budget_bytes = static_cast<size_t>(config.adapter_host_bytes),
-                        .resolve = resolve}));
+                        .resolve = resolve,
+                        .compaction = *compaction}));
   const adapters::StartupLoad startup =
       config.lazy_adapter_load ? adapters::StartupLoad::kLazy : adapters::StartupLoad::kEager;
   if (!config.adapter_dir.empty()) {

@@ -50,6 +50,7 @@ struct RuntimeConfig {
   std::vector<std::string> pinned_adapters;  // ids never evicted from host memory
   bool lazy_adapter_load = false;  // start-up adapters: metadata now, weights on first use
   int32_t max_lora_rank = 64;
+  double compact_adapters_energy = 1;  // every load's rank compaction target; 1: none
   int64_t adapter_host_bytes = 0;  // 0: unlimited
   int64_t adapter_device_bytes = int64_t{1} << 30;
   engine::EngineOptions engine;

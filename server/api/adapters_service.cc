@@ -26,6 +26,36 @@ constexpr int32_t kMaxListPageSize = 1000;
 
 namespace fs = std::filesystem;
 
+// A request's compaction target: nullopt when it sets none (the server's
+// default applies); InvalidArgument for an empty or out-of-range one.
+absl::StatusOr<std::optional<adapters::CompactionTarget>> RequestedCompaction(
+    bool has_compaction, const v1::Compaction& compaction) {
+  if (!has_compaction) return std::nullopt;
+  switch (compaction.target_case()) {
+    case v1::Compaction::kMinEnergy:
+      return adapters::CompactionTargetFrom(compaction.min_energy(), std::nullopt);
+    case v1::Compaction::kMaxRelativeError:
+      return adapters::CompactionTargetFrom(std::nullopt, compaction.max_relative_error());
+    case v1::Compaction::TARGET_NOT_SET:
+      break;
+  }
+  return adapters::CompactionTargetFrom(std::nullopt, std::nullopt);
+}
+
+void FillCompaction(const adapters::CompactionReport& report, v1::CompactionInfo* out) {
+  out->set_min_energy(report.min_energy);
+  for (int rank : report.ranks_before) out->add_ranks_before(rank);
+  out->set_bytes_before(static_cast<int64_t>(report.bytes_before));
+  for (const adapters::ModuleSpectrum& module : report.modules) {
+    v1::ModuleSpectrum* spectrum = out->add_modules();
+    spectrum->set_module(module.module);
+    spectrum->set_rank_before(module.rank_before);
+    spectrum->set_rank(module.rank);
+    spectrum->set_kept_energy(module.kept_energy);
+    for (double energy : module.energy) spectrum->add_energy(energy);
+  }
+}
+
 void FillInfo(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
   out->set_id(info.id);
   out->set_version(info.version);
@@ -37,6 +67,7 @@ void FillInfo(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
   out->set_bytes(static_cast<int64_t>(info.bytes));
   out->set_resident_host(info.resident);
   out->set_pinned(info.pinned);
+  if (info.compaction) FillCompaction(*info.compaction, out->mutable_compaction());
 }
 
 // The status of a failed write of an upload's `file`: RESOURCE_EXHAUSTED when
@@ -131,6 +162,8 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   // The upload's directory with its adapter_config.json, and the open
   // safetensors file the chunks go to.
   absl::Status Begin(const v1::UploadHeader& header) {
+    ASSIGN_OR_RETURN(compaction_,
+                     RequestedCompaction(header.has_compaction(), header.compaction()));
     std::string pattern = (fs::path(service_->options_.upload_dir) / "upload-XXXXXX").string();
     if (mkdtemp(pattern.data()) == nullptr) {
       return WriteError(errno, header.id(), "its directory");
@@ -158,7 +191,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
     const std::string& id = upload_.header().id();
     const int fd = std::exchange(tensors_fd_, -1);
     if (::close(fd) != 0) return WriteError(errno, id, "adapter_model.safetensors");
-    absl::StatusOr<adapters::AdapterInfo> info = service_->LoadAndReplace(id, dir_);
+    absl::StatusOr<adapters::AdapterInfo> info = service_->LoadAndReplace(id, dir_, compaction_);
     if (!info.ok()) {
       // The client sent files, not a directory: name the file alone.
       return absl::Status(info.status().code(),
@@ -180,6 +213,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   UploadAssembler upload_;
   bool committed_ = false;
   std::string dir_;  // empty until the header arrives
+  std::optional<adapters::CompactionTarget> compaction_;  // the header's
   int tensors_fd_ = -1;  // adapter_model.safetensors, open from the header to the commit
 };
 
@@ -211,11 +245,12 @@ void AdaptersService::RemoveIfUploaded(const std::string& dir) {
   fs::remove_all(dir, ignored);
 }
 
-absl::StatusOr<adapters::AdapterInfo> AdaptersService::LoadAndReplace(const std::string& id,
-                                                                      const std::string& dir) {
+absl::StatusOr<adapters::AdapterInfo> AdaptersService::LoadAndReplace(
+    const std::string& id, const std::string& dir,
+    std::optional<adapters::CompactionTarget> compaction) {
   // Jobs run one at a time, so the version read here is the one replaced.
   const absl::StatusOr<adapters::AdapterInfo> old = registry_->Get(id);
-  ASSIGN_OR_RETURN(adapters::AdapterInfo info, registry_->Load(id, dir));
+  ASSIGN_OR_RETURN(adapters::AdapterInfo info, registry_->Load(id, dir, compaction));
   if (old.ok() && old->dir != info.dir) RemoveIfUploaded(old->dir);
   return info;
 }
@@ -232,7 +267,11 @@ grpc::ServerUnaryReactor* AdaptersService::Load(grpc::CallbackServerContext* con
                                                 v1::AdapterInfo* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   jobs_.Run([this, reactor, request, response] {
-    absl::StatusOr<adapters::AdapterInfo> info = LoadAndReplace(request->id(), request->path());
+    absl::StatusOr<std::optional<adapters::CompactionTarget>> compaction =
+        RequestedCompaction(request->has_compaction(), request->compaction());
+    absl::StatusOr<adapters::AdapterInfo> info =
+        compaction.ok() ? LoadAndReplace(request->id(), request->path(), *compaction)
+                        : absl::StatusOr<adapters::AdapterInfo>(compaction.status());
     if (info.ok()) FillInfo(*info, response);
     reactor->Finish(ToGrpcStatus(info.status()));
   });

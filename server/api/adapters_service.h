@@ -23,6 +23,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -65,8 +66,9 @@ class AdaptersService final : public v1::Adapters::CallbackService {
 
   // Worker thread: loads `dir` as `id` and, once it is in, removes the upload
   // directory of the version it replaced.
-  absl::StatusOr<adapters::AdapterInfo> LoadAndReplace(const std::string& id,
-                                                       const std::string& dir);
+  absl::StatusOr<adapters::AdapterInfo> LoadAndReplace(
+      const std::string& id, const std::string& dir,
+      std::optional<adapters::CompactionTarget> compaction);
   absl::Status UnloadAndClean(const std::string& id);
   // Removes `dir` when it is one of our upload directories.
   void RemoveIfUploaded(const std::string& dir);

@@ -28,6 +28,25 @@ using http_gateway_internal::ReplyError;
 using http_gateway_internal::ReplyJson;
 using nlohmann::json;
 
+// The adapter's rank compaction (v1::CompactionInfo), null when it has none.
+json CompactionJson(const v1::AdapterInfo& info) {
+  if (!info.has_compaction()) return nullptr;
+  const v1::CompactionInfo& compaction = info.compaction();
+  json modules = json::array();
+  for (const v1::ModuleSpectrum& m : compaction.modules()) {
+    modules.push_back({{"module", m.module()},
+                       {"rank_before", m.rank_before()},
+                       {"rank", m.rank()},
+                       {"kept_energy", m.kept_energy()},
+                       {"energy", std::vector<double>(m.energy().begin(), m.energy().end())}});
+  }
+  return json{{"min_energy", compaction.min_energy()},
+              {"ranks_before", std::vector<int32_t>(compaction.ranks_before().begin(),
+                                                    compaction.ranks_before().end())},
+              {"bytes_before", compaction.bytes_before()},
+              {"modules", modules}};
+}
+
 json AdapterJson(const v1::AdapterInfo& info) {
   return json{{"id", DisplayAdapterId(info.id())},
               {"object", "adapter"},
@@ -39,11 +58,12 @@ json AdapterJson(const v1::AdapterInfo& info) {
               {"target_modules", std::vector<std::string>(info.target_modules().begin(),
                                                           info.target_modules().end())},
               {"dora", info.dora()},
-              {"modules_to_save", std::vector<std::string>(info.saved_modules().begin(),
-                                                           info.saved_modules().end())},
+              {"modules_to_save",
+               std::vector<std::string>(info.saved_modules().begin(), info.saved_modules().end())},
               {"bytes", info.bytes()},
               {"resident_host", info.resident_host()},
-              {"pinned", info.pinned()}};
+              {"pinned", info.pinned()},
+              {"compaction", CompactionJson(info)}};
 }
 
 // An entry of GET /v1/models: the base model (`adapter` null) or an adapter.
@@ -232,6 +252,12 @@ absl::StatusOr<v1::AdapterInfo> HttpGateway::Impl::Upload(const Principal& who,
   header.mutable_header()->set_adapter_config_json(std::string(form.adapter_config_json));
   header.mutable_header()->set_sha256(Sha256Hex(tensors));
   header.mutable_header()->set_total_bytes(static_cast<int64_t>(tensors.size()));
+  if (form.compact_min_energy) {
+    header.mutable_header()->mutable_compaction()->set_min_energy(*form.compact_min_energy);
+  } else if (form.compact_max_relative_error) {
+    header.mutable_header()->mutable_compaction()->set_max_relative_error(
+        *form.compact_max_relative_error);
+  }
   bool ok = writer->Write(header);
   for (size_t offset = 0; ok && offset < tensors.size(); offset += kUploadChunkBytes) {
     v1::UploadAdapterRequest chunk;

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -27,7 +28,8 @@ namespace loraserve::api {
 // What the form must be, for error messages.
 inline constexpr absl::string_view kUploadFormFields =
     "multipart/form-data with fields name, adapter_config.json, adapter_model.safetensors "
-    "(and optionally replace=true)";
+    "(and optionally replace=true, and one of compact_min_energy and "
+    "compact_max_relative_error for rank compaction)";
 
 struct UploadForm {
   std::string id;                               // canonical "tenant/name" (AdapterAccess::OwnedId)
@@ -35,6 +37,10 @@ struct UploadForm {
   absl::string_view adapter_model_safetensors;  // likewise
   bool replace = false;                         // field replace is "true"
   int64_t float32_bytes = 0;                    // the tensors' elements × 4
+  // Rank compaction (v1::Compaction): at most one is set; the server checks
+  // the ranges.
+  std::optional<double> compact_min_energy;
+  std::optional<double> compact_max_relative_error;
 };
 
 // `fields`: the form's field contents by name (the first of a repeated name),

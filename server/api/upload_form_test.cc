@@ -39,6 +39,34 @@ TEST(ParseUploadFormTest, ReadsTheFields) {
                                  {"replace", "yes"}});
   ASSERT_OK(form);
   EXPECT_FALSE(form->replace);
+  EXPECT_FALSE(form->compact_min_energy.has_value());
+  EXPECT_FALSE(form->compact_max_relative_error.has_value());
+
+  form = ParseUploadForm(kAcme, {{"name", "x"},
+                                 {"adapter_config.json", "{}"},
+                                 {"adapter_model.safetensors", tensors},
+                                 {"compact_max_relative_error", "0.05"}});
+  ASSERT_OK(form);
+  EXPECT_EQ(form->compact_max_relative_error, 0.05);
+  EXPECT_FALSE(form->compact_min_energy.has_value());
+}
+
+TEST(ParseUploadFormTest, CompactionFieldsAreOneNumber) {
+  const std::string tensors = Tensors();
+  const absl::Status word = ParseUploadForm(kAcme, {{"name", "x"},
+                                                    {"adapter_config.json", "{}"},
+                                                    {"adapter_model.safetensors", tensors},
+                                                    {"compact_min_energy", "most"}})
+                                .status();
+  EXPECT_TRUE(absl::IsInvalidArgument(word)) << word;
+  EXPECT_THAT(word.message(), HasSubstr("\"compact_min_energy\" is \"most\", expected a number"));
+  const absl::Status both = ParseUploadForm(kAcme, {{"name", "x"},
+                                                    {"adapter_config.json", "{}"},
+                                                    {"adapter_model.safetensors", tensors},
+                                                    {"compact_min_energy", "0.9"},
+                                                    {"compact_max_relative_error", "0.1"}})
+                                .status();
+  EXPECT_THAT(both.message(), HasSubstr("not both"));
 }
 
 TEST(ParseUploadFormTest, NamesWhatIsWrong) {

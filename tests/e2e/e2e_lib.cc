@@ -314,7 +314,8 @@ HttpReply HttpCall(int port, const std::string& method, const std::string& path,
   return ReplyOf(client->Post(path, body, "application/json"));
 }
 
-HttpReply HttpUpload(int port, const std::string& name, const std::string& adapter, bool replace) {
+HttpReply HttpUpload(int port, const std::string& name, const std::string& adapter, bool replace,
+                     const std::vector<std::pair<std::string, std::string>>& fields) {
   const std::string dir = AdapterDir(adapter);
   httplib::MultipartFormDataItems items = {
       {"name", name, "", ""},
@@ -323,6 +324,7 @@ HttpReply HttpUpload(int port, const std::string& name, const std::string& adapt
       {"adapter_model.safetensors", ReadFile(dir + "/adapter_model.safetensors"),
        "adapter_model.safetensors", "application/octet-stream"}};
   if (replace) items.push_back({"replace", "true", "", ""});
+  for (const auto& [field, value] : fields) items.push_back({field, value, "", ""});
   return ReplyOf(Client(port, absl::Seconds(60))->Post("/v1/adapters", items));
 }
 

@@ -122,9 +122,11 @@ struct HttpReply {
 HttpReply HttpCall(int port, const std::string& method, const std::string& path,
                    const std::string& body = "",
                    absl::Duration timeout = absl::Seconds(60));
-// POST /v1/adapters with a shared adapter's files as `name`.
+// POST /v1/adapters with a shared adapter's files as `name`, and `fields`
+// (name, value) beside them.
 HttpReply HttpUpload(int port, const std::string& name, const std::string& adapter,
-                     bool replace = false);
+                     bool replace = false,
+                     const std::vector<std::pair<std::string, std::string>>& fields = {});
 // A /v1/completions body: greedy, EOS ignored.
 std::string CompletionBody(const std::string& model, int max_tokens, bool stream,
                            const std::string& prompt = "");
