@@ -98,6 +98,8 @@ BaseModelShape LlamaBaseShape(int64_t num_layers, int64_t hidden_size, int64_t i
                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                               int64_t vocab_size = 0);
 
+struct CompositionPart;  // adapter_composition.h
+
 struct AdapterLimits {
   int max_rank = 64;  // --max-lora-rank
 };
@@ -182,6 +184,9 @@ class LoraAdapter {
                                                      const AdapterLimits&, AdapterRead);
   // Rewrites modules at lower ranks (rank_compaction.h).
   friend absl::StatusOr<CompactionReport> CompactRanks(const CompactionTarget&, LoraAdapter*);
+  // Builds a sum of adapters (adapter_composition.h).
+  friend absl::StatusOr<LoraAdapter> ComposeLoraAdapters(const std::vector<CompositionPart>&,
+                                                         const AdapterLimits&, std::string);
 
   formats::PeftLoraConfig config_;
   std::vector<std::array<LoraWeights, kNumLoraModules>> layers_;  // [num_layers][module]
