@@ -6,7 +6,13 @@
 #include <utility>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "adapters/adapter_composition.h"
+#include "base/sha256.h"
 #include "base/status_macros.h"
 
 namespace loraserve::adapters {
@@ -108,10 +114,12 @@ absl::Status AdapterRegistry::MakeRoomLocked(size_t need, size_t freed, const st
   if (in_use + need <= budget) return absl::OkStatus();
 
   std::vector<Entry*> candidates;
-  for (auto& [id, entry] : entries_) {
-    if (id != keep && entry.resident != nullptr && !entry.info.pinned &&
-        entry.resident.use_count() == 1) {
-      candidates.push_back(&entry);
+  for (auto* map : {&entries_, &composed_}) {
+    for (auto& [id, entry] : *map) {
+      if (id != keep && entry.resident != nullptr && !entry.info.pinned &&
+          entry.resident.use_count() == 1) {
+        candidates.push_back(&entry);
+      }
     }
   }
   std::sort(candidates.begin(), candidates.end(),
@@ -207,6 +215,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::InsertLocked(
                 std::move(compaction)};
   entry.last_used = ++clock_;
   if (resident) entry.resident = MakeHandle(id, version, dir, std::move(adapter));
+  DropCompositionsLocked(id);
   // Replacing the entry drops the registry's reference to the old version
   // and clears any reload of it under way (that reload then discards its result).
   entries_[id] = std::move(entry);
@@ -256,6 +265,7 @@ absl::Status AdapterRegistry::Unload(absl::string_view id) {
     ASSIGN_OR_RETURN(Entry * entry, FindLocked(canonical));
     last = std::move(entry->resident);
     entries_.erase(canonical);
+    DropCompositionsLocked(canonical);
   }
   load_done_.notify_all();
   return absl::OkStatus();
@@ -345,6 +355,89 @@ absl::StatusOr<AdapterHandle> AdapterRegistry::AcquireLocked(std::unique_lock<st
     if (handle != nullptr) return handle;
     // Replaced or unloaded while loading: look again.
   }
+}
+
+void AdapterRegistry::DropCompositionsLocked(const std::string& id) {
+  for (auto it = composed_.begin(); it != composed_.end();) {
+    const std::vector<std::string> parts = absl::StrSplit(it->first, '+');
+    const bool uses = std::any_of(parts.begin(), parts.end(), [&id](const std::string& part) {
+      return absl::StartsWith(part, absl::StrCat(id, "@"));
+    });
+    it = uses ? composed_.erase(it) : std::next(it);
+  }
+}
+
+absl::StatusOr<AdapterHandle> AdapterRegistry::AcquireComposed(
+    const std::vector<WeightedAdapterId>& parts) {
+  if (parts.empty() || parts.size() > static_cast<size_t>(kMaxComposedAdapters)) {
+    return absl::InvalidArgumentError(absl::StrCat("adapters: a composition takes 1 to ",
+                                                   kMaxComposedAdapters, " adapters, got ",
+                                                   parts.size()));
+  }
+  std::vector<WeightedAdapterId> sorted;
+  for (const WeightedAdapterId& part : parts) {
+    ASSIGN_OR_RETURN(std::string canonical, Canonical(part.id));
+    RETURN_IF_ERROR(CheckCompositionWeight(canonical, part.weight));
+    sorted.push_back({std::move(canonical), part.weight});
+  }
+  std::sort(sorted.begin(), sorted.end(),
+            [](const auto& a, const auto& b) { return a.id < b.id; });
+  for (size_t i = 1; i < sorted.size(); ++i) {
+    if (sorted[i].id == sorted[i - 1].id) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("adapters: \"", sorted[i].id, "\" is named twice in one composition"));
+    }
+  }
+  // The components, held while the composition is built; the key names
+  // their versions and exact weights (%.9g round-trips a float).
+  std::vector<AdapterHandle> handles;
+  std::vector<std::string> key_parts;
+  for (const WeightedAdapterId& part : sorted) {
+    ASSIGN_OR_RETURN(AdapterHandle handle, Acquire(part.id));
+    key_parts.push_back(absl::StrFormat("%s@%d*%.9g", part.id, handle->version, part.weight));
+    handles.push_back(std::move(handle));
+  }
+  const std::string key = absl::StrJoin(key_parts, "+");
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = composed_.find(key);
+    if (it != composed_.end() && it->second.resident != nullptr) {
+      it->second.last_used = ++clock_;
+      return it->second.resident;
+    }
+  }
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<CompositionPart> composition;
+  Sha256 hash;
+  hash.Update("composition");
+  for (size_t i = 0; i < handles.size(); ++i) {
+    composition.push_back({handles[i]->id, &handles[i]->adapter, sorted[i].weight});
+    hash.Update(absl::StrFormat("+%s*%.9g", handles[i]->content_hash(), sorted[i].weight));
+  }
+  ASSIGN_OR_RETURN(LoraAdapter adapter,
+                   ComposeLoraAdapters(composition, options_.limits, hash.HexDigest()));
+  const double seconds = SecondsSince(start);
+  std::lock_guard<std::mutex> lock(mu_);
+  // A component replaced meanwhile: serve this request's versions, cache nothing.
+  const bool current = std::all_of(handles.begin(), handles.end(), [this](const auto& h) {
+    auto it = entries_.find(h->id);
+    return it != entries_.end() && it->second.info.version == h->version;
+  });
+  RETURN_IF_ERROR(MakeRoomLocked(adapter.bytes(), 0, key,
+                                 absl::StrCat("the composition \"", key, "\"")));
+  // Hits and misses are the components' (Acquire counted them).
+  ++host_stats_.loads;
+  host_stats_.load_seconds.Observe(seconds);
+  Entry entry;
+  entry.info.id = key;
+  entry.info.content_hash = adapter.content_hash();
+  entry.info.bytes = adapter.bytes();
+  entry.info.resident = true;
+  entry.last_used = ++clock_;
+  entry.resident = MakeHandle(key, /*version=*/0, /*dir=*/"", std::move(adapter));
+  AdapterHandle handle = entry.resident;
+  if (current) composed_[key] = std::move(entry);
+  return handle;
 }
 
 absl::Status AdapterRegistry::Prefetch(absl::string_view id) {

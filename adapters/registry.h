@@ -125,6 +125,12 @@ struct AdapterRegistryStats {
   size_t host_budget_bytes = 0;
 };
 
+// One component of a composition (AcquireComposed).
+struct WeightedAdapterId {
+  std::string id;  // as Acquire takes it
+  float weight = 1.0f;
+};
+
 struct AdapterRegistryOptions {
   BaseModelShape base;
   AdapterLimits limits;
@@ -165,6 +171,16 @@ class AdapterRegistry {
   // thread waits for that load, or for a prefetch already under way), or
   // resolving it if it is not registered.
   absl::StatusOr<AdapterHandle> Acquire(absl::string_view id);
+  // The composition of `parts` (adapter_composition.h): each component
+  // acquired as Acquire does, then their sum, cached under a canonical key
+  // (components sorted by id, with their versions and weights:
+  // "tenant/a@1*0.5+tenant/b@3*1", also the handle's id), so the same mix
+  // reuses one LoadedAdapter. A cached composition is counted in the host
+  // budget and evicted like an adapter; it is dropped when a component is
+  // replaced or unloaded, and it is never listed. InvalidArgument for
+  // duplicate ids and for what ComposeLoraAdapters refuses; NotFound for an
+  // unknown component.
+  absl::StatusOr<AdapterHandle> AcquireComposed(const std::vector<WeightedAdapterId>& parts);
   // Get, resolving the id first if it is not registered.
   absl::StatusOr<AdapterInfo> Resolve(absl::string_view id);
   // Starts loading an evicted adapter in the background; OK at once when it is
@@ -241,6 +257,10 @@ class AdapterRegistry {
   std::condition_variable load_done_;  // a reload finished (or the entry changed)
   std::condition_variable work_;       // prefetch queue or stop
   std::map<std::string, Entry> entries_;
+  // Cached compositions by key; `resident` null once evicted.
+  std::map<std::string, Entry> composed_;
+  // Drops the compositions that have `id` as a component.
+  void DropCompositionsLocked(const std::string& id);
   std::set<std::string> resolving_;  // ids being resolved; load_done_ tells when one ends
   AdapterTierStats host_stats_;
   uint64_t clock_ = 0;

@@ -559,3 +559,65 @@ TEST(AdapterRegistryTest, ResolutionFailuresReachTheCallerAndChangeNothing) {
 
 }  // namespace
 }  // namespace loraserve::adapters
+
+namespace loraserve::adapters {
+namespace {
+
+TEST(AdapterRegistryTest, CompositionsAreCachedByCanonicalKeyAndDroppedWithAComponent) {
+  auto registry = MakeRegistry();
+  ASSERT_OK(registry->Load("qv", SharedAdapter("qv-r4")));
+  ASSERT_OK(registry->Load("attn", SharedAdapter("attn-r8")));
+  const size_t components_bytes = registry->stats().host_bytes;
+  absl::StatusOr<AdapterHandle> mix = registry->AcquireComposed({{"qv", 0.5f}, {"attn", 1.0f}});
+  ASSERT_OK(mix);
+  EXPECT_EQ((*mix)->id, "default/attn@1*1+default/qv@1*0.5");
+  EXPECT_EQ((*mix)->adapter.weights(0, LoraModule::kQProj).rank, 12);
+  EXPECT_EQ((*mix)->adapter.weights(0, LoraModule::kKProj).rank, 8);
+  // The same mix in another order and spelling reuses the cached adapter.
+  absl::StatusOr<AdapterHandle> again =
+      registry->AcquireComposed({{"default/attn", 1.0f}, {"default/qv", 0.5f}});
+  ASSERT_OK(again);
+  EXPECT_EQ(mix->get(), again->get());
+  EXPECT_EQ(registry->List().size(), 2u);  // never listed
+  // Counted in the host budget.
+  EXPECT_EQ(registry->stats().host_bytes, components_bytes + (*mix)->adapter.bytes());
+  const std::string first_hash = (*mix)->content_hash();
+  EXPECT_NE(first_hash, registry->Get("qv")->content_hash);
+
+  // Another weight is another composition.
+  absl::StatusOr<AdapterHandle> other = registry->AcquireComposed({{"qv", 0.25f}, {"attn", 1.0f}});
+  ASSERT_OK(other);
+  EXPECT_NE((*other)->content_hash(), first_hash);
+
+  // Replacing a component drops its compositions; in-flight holders keep theirs.
+  ASSERT_OK(registry->Load("qv", SharedAdapter("qv-r4")));
+  absl::StatusOr<AdapterHandle> fresh = registry->AcquireComposed({{"qv", 0.5f}, {"attn", 1.0f}});
+  ASSERT_OK(fresh);
+  EXPECT_EQ((*fresh)->id, "default/attn@1*1+default/qv@2*0.5");
+  EXPECT_NE(fresh->get(), mix->get());
+  EXPECT_EQ((*fresh)->content_hash(), first_hash);  // the same contents and weights
+  ASSERT_OK(registry->Unload("attn"));
+  EXPECT_THAT(registry->AcquireComposed({{"qv", 0.5f}, {"attn", 1.0f}}),
+              StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST(AdapterRegistryTest, CompositionRefusesBadLists) {
+  auto registry = MakeRegistry();
+  ASSERT_OK(registry->Load("qv", SharedAdapter("qv-r4")));
+  ASSERT_OK(registry->Load("mlp", SharedAdapter("mlp-r16-rslora")));
+  EXPECT_THAT(registry->AcquireComposed({}), StatusIs(absl::StatusCode::kInvalidArgument));
+  absl::StatusOr<AdapterHandle> twice = registry->AcquireComposed({{"qv", 1.0f}, {"default/qv", 2.0f}});
+  EXPECT_THAT(twice, StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(twice.status().message(), HasSubstr("named twice"));
+  EXPECT_THAT(registry->AcquireComposed({{"qv", NAN}}), StatusIs(absl::StatusCode::kInvalidArgument));
+  // 16 + 16 on gate_proj is above this registry's --max-lora-rank of 16.
+  absl::StatusOr<AdapterHandle> rank = registry->AcquireComposed({{"mlp", 1.0f}, {"qv", 1.0f}});
+  EXPECT_OK(rank);
+  ASSERT_OK(registry->Load("mlp2", SharedAdapter("mlp-r16-rslora")));
+  EXPECT_THAT(registry->AcquireComposed({{"mlp", 1.0f}, {"mlp2", 1.0f}}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(registry->AcquireComposed({{"nope", 1.0f}}), StatusIs(absl::StatusCode::kNotFound));
+}
+
+}  // namespace
+}  // namespace loraserve::adapters
