@@ -30,6 +30,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -62,6 +63,8 @@ namespace {
 
 constexpr int32_t kBlockSize = 16;
 constexpr int32_t kWarmupSteps = 2;
+// Adapters written and parsed at once while the bench prepares them.
+constexpr unsigned kParallelAdapterLoads = 16;
 
 double Seconds(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -203,24 +206,40 @@ absl::Status Run() {
   std::fprintf(stderr, "model %s: %.2f GB of weights in %.1f s\n",
                absl::GetFlag(FLAGS_preset).c_str(), model->weight_bytes() / 1e9, Seconds(start));
 
-  // Adapters are written in PEFT format and loaded like users' ones, one at a
-  // time so that neither disk nor host memory holds them all.
+  // Adapters are written in PEFT format and loaded like users' ones, a few
+  // at a time in parallel (writing and parsing dominate; the GPU machine has
+  // the cores) so that neither disk nor host memory holds them all; uploads
+  // go one by one.
   start = std::chrono::steady_clock::now();
   const std::string dir =
       (std::filesystem::temp_directory_path() / absl::StrCat("loraserve_cuda_bench_", ::getpid()))
           .string();
+  const int32_t parallel = static_cast<int32_t>(
+      std::clamp<unsigned>(std::thread::hardware_concurrency(), 1, kParallelAdapterLoads));
   std::vector<std::unique_ptr<adapters::DeviceAdapter>> device_adapters;
-  for (int32_t i = 0; i < num_adapters; ++i) {
-    RETURN_IF_ERROR(adapters::WriteDummyAdapter(
-        dir, model->adapter_shape(),
-        {.rank = rank, .alpha = 2.0 * rank, .seed = static_cast<uint64_t>(100 + i)}));
-    ASSIGN_OR_RETURN(
-        adapters::LoraAdapter host,
-        adapters::LoadLoraAdapter(dir, model->adapter_shape(), {.max_rank = std::max(64, rank)}));
-    ASSIGN_OR_RETURN(std::unique_ptr<adapters::DeviceAdapter> device,
-                     adapters::DeviceAdapter::Upload(backend.get(), host));
-    device_adapters.push_back(std::move(device));
-    std::filesystem::remove_all(dir);
+  for (int32_t first = 0; first < num_adapters; first += parallel) {
+    const int32_t count = std::min(parallel, num_adapters - first);
+    std::vector<absl::StatusOr<adapters::LoraAdapter>> hosts(count);  // each set by its loader
+    std::vector<std::thread> loaders;
+    for (int32_t k = 0; k < count; ++k) {
+      loaders.emplace_back([&, k] {
+        const std::string own = absl::StrCat(dir, "_", first + k);
+        absl::Status written = adapters::WriteDummyAdapter(
+            own, model->adapter_shape(),
+            {.rank = rank, .alpha = 2.0 * rank, .seed = static_cast<uint64_t>(100 + first + k)});
+        hosts[k] = written.ok() ? adapters::LoadLoraAdapter(own, model->adapter_shape(),
+                                                            {.max_rank = std::max(64, rank)})
+                                : written;
+        std::filesystem::remove_all(own);
+      });
+    }
+    for (std::thread& loader : loaders) loader.join();
+    for (absl::StatusOr<adapters::LoraAdapter>& host : hosts) {
+      if (!host.ok()) return host.status();
+      ASSIGN_OR_RETURN(std::unique_ptr<adapters::DeviceAdapter> device,
+                       adapters::DeviceAdapter::Upload(backend.get(), *host));
+      device_adapters.push_back(std::move(device));
+    }
   }
   const double adapter_bytes = device_adapters.empty() ? 0.0 : device_adapters[0]->bytes();
   std::fprintf(stderr, "%d adapters of %.0f MB in %.1f s\n", num_adapters, adapter_bytes / 1e6,

@@ -343,43 +343,52 @@ void AddAttentionCases(std::vector<OpCase>& cases) {
 // Ranks differ per segment; one segment is empty; rows 30..39 have no
 // adapter; the last segment covers rows of two others again, as the
 // correction for merged weights does. Columns beyond `out` and rows without
-// a segment must stay as they were.
+// a segment must stay as they were. Two shapes: rows a CUDA kernel reads 16
+// bytes at a time (in, out multiples of 8) and rows it reads element by
+// element, for each of the shrink and the expand.
 void AddLoraCases(std::vector<OpCase>& cases) {
-  cases.push_back(
-      {"LoraShrink_LoraExpand", [](Backend& be, Backend& held_by) {
-         const int64_t in = 200, out = 150, ldy = 170, tokens = 40;
-         struct Spec {
-           int32_t start, end, rank;
-           float scale;
-         };
-         const std::vector<Spec> specs = {{0, 1, 16, 2.0f},    {1, 2, 4, 0.5f},
-                                          {2, 2, 8, 1.0f},     {2, 22, 8, 1.0f},
-                                          {22, 30, 64, -1.5f}, {3, 25, 4, -0.75f}};
-         std::vector<DeviceBuffer> keep;
-         std::vector<LoraSegment> segments;
-         for (size_t i = 0; i < specs.size(); ++i) {
-           keep.push_back(HeldLora(be, held_by, RandomVector(specs[i].rank * in, 20 + i)));
-           keep.push_back(HeldLora(be, held_by, RandomVector(specs[i].rank * out, 40 + i)));
-           segments.push_back({specs[i].start, specs[i].end, keep[keep.size() - 2].data(),
-                               keep.back().data(), specs[i].rank, specs[i].scale});
-         }
-         const int32_t num = static_cast<int32_t>(segments.size());
-         const int64_t t_floats = LoraIntermediateSize(segments.data(), num);
-         const std::vector<float> y0 = RandomVector(tokens * ldy, 21);
-         DeviceBuffer x = Upload(be, RandomVector(tokens * in, 19));
-         DeviceBuffer y = Upload(be, y0), t = Poisoned(be, t_floats);
-         EXPECT_OK(be.LoraShrink(x.as<float>(), in, segments.data(), num, t.as<float>()));
-         EXPECT_OK(be.LoraExpand(t.as<float>(), segments.data(), num, out, y.as<float>(), ldy));
-         const std::vector<float> y_out = Download(be, y, tokens * ldy);
-         for (int64_t row = 0; row < tokens; ++row) {
-           for (int64_t col = out; col < ldy; ++col) {
-             EXPECT_EQ(y_out[row * ldy + col], y0[row * ldy + col]);
+  struct Shape {
+    const char* name;
+    int64_t in, out, ldy;
+  };
+  for (const Shape& shape : {Shape{"LoraShrink_LoraExpand", 200, 150, 170},
+                             Shape{"LoraShrink_LoraExpand_odd_in", 203, 160, 168}}) {
+    cases.push_back(
+        {shape.name, [shape](Backend& be, Backend& held_by) {
+           const int64_t in = shape.in, out = shape.out, ldy = shape.ldy, tokens = 40;
+           struct Spec {
+             int32_t start, end, rank;
+             float scale;
+           };
+           const std::vector<Spec> specs = {{0, 1, 16, 2.0f},    {1, 2, 4, 0.5f},
+                                            {2, 2, 8, 1.0f},     {2, 22, 8, 1.0f},
+                                            {22, 30, 64, -1.5f}, {3, 25, 4, -0.75f}};
+           std::vector<DeviceBuffer> keep;
+           std::vector<LoraSegment> segments;
+           for (size_t i = 0; i < specs.size(); ++i) {
+             keep.push_back(HeldLora(be, held_by, RandomVector(specs[i].rank * in, 20 + i)));
+             keep.push_back(HeldLora(be, held_by, RandomVector(specs[i].rank * out, 40 + i)));
+             segments.push_back({specs[i].start, specs[i].end, keep[keep.size() - 2].data(),
+                                 keep.back().data(), specs[i].rank, specs[i].scale});
            }
-         }
-         for (int64_t i = 30 * ldy; i < tokens * ldy; ++i) EXPECT_EQ(y_out[i], y0[i]);
-         return std::vector<Output>{{"t", Download(be, t, t_floats), Tolerance::kFloat32},
-                                    {"y", y_out, Tolerance::kFloat32}};
-       }});
+           const int32_t num = static_cast<int32_t>(segments.size());
+           const int64_t t_floats = LoraIntermediateSize(segments.data(), num);
+           const std::vector<float> y0 = RandomVector(tokens * ldy, 21);
+           DeviceBuffer x = Upload(be, RandomVector(tokens * in, 19));
+           DeviceBuffer y = Upload(be, y0), t = Poisoned(be, t_floats);
+           EXPECT_OK(be.LoraShrink(x.as<float>(), in, segments.data(), num, t.as<float>()));
+           EXPECT_OK(be.LoraExpand(t.as<float>(), segments.data(), num, out, y.as<float>(), ldy));
+           const std::vector<float> y_out = Download(be, y, tokens * ldy);
+           for (int64_t row = 0; row < tokens; ++row) {
+             for (int64_t col = out; col < ldy; ++col) {
+               EXPECT_EQ(y_out[row * ldy + col], y0[row * ldy + col]);
+             }
+           }
+           for (int64_t i = 30 * ldy; i < tokens * ldy; ++i) EXPECT_EQ(y_out[i], y0[i]);
+           return std::vector<Output>{{"t", Download(be, t, t_floats), Tolerance::kFloat32},
+                                      {"y", y_out, Tolerance::kFloat32}};
+         }});
+  }
 }
 
 // The merged copy (stored in the weight dtype) and the golden copy, which

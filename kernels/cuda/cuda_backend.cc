@@ -66,15 +66,12 @@ constexpr size_t kCopyChunkBytes = size_t{8} << 20;
 // cuBLAS gets its workspace from us: it must not allocate while a step graph
 // is captured. 32 MiB is what cuBLAS itself takes on Hopper.
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
-// In a step graph the shrink kernel's grid cannot follow each step's work;
-// it is sized for this many (row, rank) products per segment (one decode row
-// at rank 16, a warp each) and strides over more. Every launch has this many
-// blocks per segment slot, used or not: a larger size would mostly launch
-// idle blocks (at 512, 64 per slot, all but two idle at rank 16).
-constexpr int64_t kStepShrinkWork = 16;
-// Likewise the expand grid: one slice of rows per segment, which strides
-// over all of them (decode: few rows per segment).
-constexpr int64_t kStepExpandRows = 1;
+// In a step graph the LoRA grids cannot follow each step's segments: the
+// shrink is sized for max_segments (segment, row) pairs, which a decode step
+// (one row per request, each row covered by at most two segments) never
+// exceeds, and this many rank groups (rank 16), striding over more; the
+// expand for max_segments rows.
+constexpr int32_t kStepShrinkRankGroups = 16 / cuda::kLoraShrinkRankGroup;
 
 absl::Status Invalid(const char* op, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat("CudaBackend::", op, ": ", what));
@@ -100,18 +97,19 @@ absl::Status CheckNotQ8(const char* op, const char* arg, const WeightView& w) {
   return absl::OkStatus();
 }
 
-// The largest per-segment rows and work (rows · rank) of a segment list.
+// What sizes a LoRA launch outside a step graph.
 struct SegmentStats {
-  int64_t max_rows = 0;
-  int64_t max_work = 0;
+  int32_t rows = 0;   // one past the last covered row
+  int32_t pairs = 0;  // (segment, row) pairs
+  int32_t max_rank = 0;
 };
 
 SegmentStats StatsOf(const LoraSegment* segments, int32_t num_segments) {
   SegmentStats stats;
   for (int32_t i = 0; i < num_segments; ++i) {
-    const int64_t rows = segments[i].end - segments[i].start;
-    stats.max_rows = std::max(stats.max_rows, rows);
-    stats.max_work = std::max(stats.max_work, rows * segments[i].rank);
+    stats.rows = std::max(stats.rows, segments[i].end);
+    stats.pairs += segments[i].end - segments[i].start;
+    stats.max_rank = std::max(stats.max_rank, segments[i].rank);
   }
   return stats;
 }
@@ -422,14 +420,19 @@ class CudaBackend final : public Backend {
     const SegmentStats stats = StatsOf(segments, num_segments);
     absl::StatusOr<const DeviceLoraTable*> table = StageTable(kOp, segments, num_segments);
     if (!table.ok()) return table.status();
-    const int32_t grid = steps_.in_step() ? steps_.max_segments() : num_segments;
-    const int64_t max_work = steps_.in_step() ? kStepShrinkWork : stats.max_work;
+    const int32_t grid_pairs = steps_.in_step() ? steps_.max_segments() : stats.pairs;
+    const int32_t grid_ranks =
+        steps_.in_step()
+            ? kStepShrinkRankGroups
+            : (stats.max_rank + cuda::kLoraShrinkRankGroup - 1) / cuda::kLoraShrinkRankGroup;
+    const bool vectorized = cuda::LoraShrinkVectorizable(x, in, segments, num_segments);
     return steps_.Launch(
         kOp,
         [&] {
-          return cuda::LoraShrinkSegments(x, in, *table, LoraDType(), grid, max_work, t, stream_);
+          return cuda::LoraShrinkSegments(x, in, *table, LoraDType(), grid_pairs, grid_ranks,
+                                          vectorized, t, stream_);
         },
-        x, in, static_cast<const void*>(*table), grid, max_work, t);
+        x, in, static_cast<const void*>(*table), grid_pairs, grid_ranks, vectorized, t);
   }
 
   absl::Status DoLoraExpand(const float* t, const LoraSegment* segments, int32_t num_segments,
@@ -440,15 +443,15 @@ class CudaBackend final : public Backend {
     const SegmentStats stats = StatsOf(segments, num_segments);
     absl::StatusOr<const DeviceLoraTable*> table = StageTable(kOp, segments, num_segments);
     if (!table.ok()) return table.status();
-    const int32_t grid = steps_.in_step() ? steps_.max_segments() : num_segments;
-    const int64_t max_rows = steps_.in_step() ? kStepExpandRows : stats.max_rows;
+    const int32_t grid_rows = steps_.in_step() ? steps_.max_segments() : stats.rows;
+    const bool vectorized = cuda::LoraExpandVectorizable(segments, num_segments, out, y, ldy);
     return steps_.Launch(
         kOp,
         [&] {
-          return cuda::LoraExpandSegments(t, *table, LoraDType(), grid, max_rows, out, y, ldy,
-                                          stream_);
+          return cuda::LoraExpandSegments(t, *table, LoraDType(), grid_rows, vectorized, out, y,
+                                          ldy, stream_);
         },
-        t, static_cast<const void*>(*table), grid, max_rows, out, y, ldy);
+        t, static_cast<const void*>(*table), grid_rows, vectorized, out, y, ldy);
   }
 
   absl::Status DoMergeLora(const WeightView& base, const void* a, const void* bt, int32_t rank,

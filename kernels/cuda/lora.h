@@ -25,16 +25,21 @@ struct DeviceLoraSegment {
   const void* a;     // [rank, in] of the call's lora_dtype
   const void* bt;    // [rank, out] of the call's lora_dtype
   int64_t t_offset;  // floats before this segment's part of the packed t
+  // (segment, row) pairs of the segments before this one: the shrink's work
+  // items are the table's pairs, segment after segment.
+  int32_t pair_offset;
 };
 
 // A segment table in device memory: this header, then `count` segments
-// (DeviceLoraSegment, 16-byte aligned right after it). The count lives on the
+// (DeviceLoraSegment, 16-byte aligned right after it). The sizes live on the
 // device so that a recorded step graph can be launched again with another
-// table of the same capacity: kernels launched over more blocks than `count`
-// leave the extra blocks idle.
+// table of the same capacity: kernels launched over more blocks than the
+// table needs leave the extra blocks idle, and stride when they are fewer.
 struct DeviceLoraTable {
   int32_t count;
-  int32_t reserved[3];
+  int32_t rows;   // one past the last row any segment covers
+  int32_t pairs;  // Σ (end - start) over the segments
+  int32_t reserved;
 };
 
 // The segments of `table`.
@@ -48,31 +53,45 @@ inline size_t LoraTableBytes(int32_t capacity) {
 }
 
 // Writes `segments` (host) as a device-layout table into `table` (host
-// memory with room for them), with each segment's offset into the packed
-// intermediate.
+// memory with room for them), with each segment's offsets into the packed
+// intermediate and the pair list.
 void FillLoraTable(const LoraSegment* segments, int32_t num_segments, DeviceLoraTable* table);
 
-// Segmented shrink, one launch over segment blocks [0, grid_segments) of
-// which the first table->count work:
-// t[seg.t_offset + (row - seg.start) * seg.rank + r] = x[row, :] · seg.a[r, :].
-// `max_work` bounds (end - start) * rank over the segments; it only sizes the
-// grid (the kernel strides over whatever work a segment has).
+// Whether the segmented kernels may read the rows of a call 16 bytes at a
+// time: the row length (`in` for the shrink, `out` for the expand) is a
+// multiple of 8 elements and every matrix the call reads starts 16-byte
+// aligned. Otherwise they read one element at a time.
+bool LoraShrinkVectorizable(const float* x, int64_t in, const LoraSegment* segments,
+                            int32_t num_segments);
+bool LoraExpandVectorizable(const LoraSegment* segments, int32_t num_segments, int64_t out,
+                            const float* y, int64_t ldy);
+
+// Rank rows each shrink block computes: grid.y blocks share a segment's rank.
+inline constexpr int32_t kLoraShrinkRankGroup = 4;
+
+// Segmented shrink, one launch over blocks (pair, rank group): block (p, g)
+// computes, for the table's p-th (segment, row) pair,
+// t[seg.t_offset + (row - seg.start) * seg.rank + r] = x[row, :] · seg.a[r, :]
+// for the rank rows r of groups g, g + grid_ranks, ... (kLoraShrinkRankGroup
+// each), striding over pairs past grid_pairs.
 cudaError_t LoraShrinkSegments(const float* x,  // [tokens, in]
                                int64_t in,
                                const DeviceLoraTable* table,  // device
                                DType lora_dtype,              // of every segment's a and bt
-                               int32_t grid_segments, int64_t max_work,
+                               int32_t grid_pairs, int32_t grid_ranks, bool vectorized,
                                float* t,  // packed intermediate
                                cudaStream_t stream);
 
-// Segmented expand, one launch over (segment block, column tile, row slice):
-// y[row, 0:out] += seg.scale * Σ_r t_seg[row, r] * seg.bt[r, 0:out]. Segments
-// may cover the same rows; each row gets their terms in table order.
-// `max_rows` bounds end - start over the segments; it only sizes the grid.
+// Segmented expand, one launch over blocks (row, column tile), striding over
+// rows past grid_rows: y[row, 0:out] += seg.scale * Σ_r t_seg[row, r] *
+// seg.bt[r, 0:out] for every segment that covers the row, in table order (a
+// row that several segments cover, a sequence's adapter and the correction
+// for merged weights, gets their terms in order from one block: the sums are
+// the CPU's, in the CPU's order).
 cudaError_t LoraExpandSegments(const float* t,                // packed intermediate
                                const DeviceLoraTable* table,  // device
                                DType lora_dtype,              // of every segment's a and bt
-                               int32_t grid_segments, int64_t max_rows, int64_t out,
+                               int32_t grid_rows, bool vectorized, int64_t out,
                                float* y,  // [tokens, ldy], columns [0, out)
                                int64_t ldy, cudaStream_t stream);
 
