@@ -44,9 +44,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       loraserve::formats::PeftLoraConfig::Parse(parts[0], "adapter_config.json");
   if (!config.ok()) return 0;
   FUZZ_CHECK(config->r() >= 1);
-  // Refused at Parse, so never targeted afterwards.
-  FUZZ_CHECK(!config->TargetsModule("lm_head"));
-  FUZZ_CHECK(!config->TargetsModule("model.embed_tokens"));
   for (const std::string& name : kModules) CheckModule(*config, name);
   for (size_t i = 1; i < parts.size(); ++i) CheckModule(*config, parts[i]);
   return 0;
