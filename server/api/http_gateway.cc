@@ -247,6 +247,29 @@ absl::StatusOr<std::string> HttpGateway::Impl::ResolveModel(const Principal& who
   return adapter->id();
 }
 
+absl::StatusOr<std::vector<v1::WeightedAdapter>> HttpGateway::Impl::ResolveComposition(
+    const Principal& who, const MergedAdapters& merged, const std::string& model_adapter,
+    const v1::ServerInfo& info) {
+  if (!model_adapter.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("with \"merged_adapters\", \"model\" must name the base model (\"",
+                     info.model(), "\"), not an adapter"));
+  }
+  std::vector<v1::WeightedAdapter> parts;
+  for (size_t i = 0; i < merged.ids.size(); ++i) {
+    absl::StatusOr<v1::AdapterInfo> adapter = FindVisible(who, merged.ids[i]);
+    if (absl::IsNotFound(adapter.status())) {
+      return absl::NotFoundError(absl::StrCat("merged_adapters: \"", merged.ids[i],
+                                              "\" is not an adapter you can use (GET /v1/models)"));
+    }
+    RETURN_IF_ERROR(adapter.status());
+    v1::WeightedAdapter& part = parts.emplace_back();
+    part.set_id(adapter->id());
+    part.set_weight(merged.weights[i]);
+  }
+  return parts;
+}
+
 void HttpGateway::Impl::HandleMetrics(httplib::Response& res) {
   absl::StatusOr<v1::StatsResponse> stats = UpstreamStats(kProbeDeadline);
   absl::StatusOr<v1::ListAdaptersResponse> adapters =

@@ -137,6 +137,12 @@ class HttpGateway::Impl {
                                            const v1::ServerInfo& info);
   // The adapter `name` names among those `who` may see; NotFound otherwise.
   absl::StatusOr<v1::AdapterInfo> FindVisible(const Principal& who, const std::string& name);
+  // merged_adapters as GenerateRequest.adapters: each id one `who` may use
+  // (NotFound otherwise), with `model` naming the base model (model_adapter
+  // is what ResolveModel made of it).
+  absl::StatusOr<std::vector<v1::WeightedAdapter>> ResolveComposition(
+      const Principal& who, const MergedAdapters& merged, const std::string& model_adapter,
+      const v1::ServerInfo& info);
   absl::StatusOr<v1::AdapterInfo> GetAdapter(const std::string& canonical_id);
   absl::StatusOr<std::vector<v1::AdapterInfo>> ListVisible(const Principal& who);
 

@@ -11,6 +11,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "base/status_macros.h"
 #include "formats/chat_template.h"
 #include "server/api/http_gateway_impl.h"
@@ -119,6 +120,17 @@ absl::StatusOr<std::vector<v1::GenerateRequest>> HttpGateway::Impl::BuildRequest
   generation.model = sampling.model;
   ASSIGN_OR_RETURN(std::string adapter, ResolveModel(generation.who, sampling.model, info));
   generation.record.adapter = adapter;
+  std::vector<v1::WeightedAdapter> composition;
+  if (sampling.merged_adapters) {
+    ASSIGN_OR_RETURN(composition,
+                     ResolveComposition(generation.who, *sampling.merged_adapters, adapter, info));
+    // Its metrics label: the parts as clients name them, with their weights.
+    std::vector<std::string> parts;
+    for (const v1::WeightedAdapter& part : composition) {
+      parts.push_back(absl::StrCat(DisplayAdapterId(part.id()), "*", part.weight()));
+    }
+    generation.record.adapter = absl::StrJoin(parts, "+");
+  }
 
   std::vector<v1::GenerateRequest> requests;
   for (const Prompt& prompt : prompts) {
@@ -130,6 +142,7 @@ absl::StatusOr<std::vector<v1::GenerateRequest>> HttpGateway::Impl::BuildRequest
       request.mutable_token_ids()->mutable_ids()->Assign(ids.begin(), ids.end());
     }
     request.set_adapter(adapter);
+    request.mutable_adapters()->Assign(composition.begin(), composition.end());
     request.set_adapter_scale(sampling.adapter_scale);
     request.mutable_sampling()->set_temperature(sampling.temperature);
     request.mutable_sampling()->set_top_k(sampling.top_k);

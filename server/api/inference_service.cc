@@ -4,6 +4,7 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -260,10 +261,21 @@ absl::StatusOr<engine::GenerationRequest> InferenceService::ToEngineRequest(
     default:
       return absl::InvalidArgumentError("prompt: set text or token_ids");
   }
-  if (!request.adapter().empty()) {
+  if (!request.adapters().empty()) {
+    if (!request.adapter().empty()) {
+      return absl::InvalidArgumentError(
+          "set adapter (one adapter) or adapters (a composition), not both");
+    }
+    std::vector<adapters::WeightedAdapterId> parts;
+    for (const v1::WeightedAdapter& part : request.adapters()) {
+      parts.push_back({part.id(), part.weight() == 0.0f ? 1.0f : part.weight()});
+    }
+    ASSIGN_OR_RETURN(out.adapter, registry_->AcquireComposed(parts));
+  } else if (!request.adapter().empty()) {
     ASSIGN_OR_RETURN(out.adapter, registry_->Acquire(request.adapter()));
-    out.tenant = out.adapter->id.substr(0, out.adapter->id.find('/'));
   }
+  // A composition's id starts with its first component's (sorted by id).
+  if (out.adapter != nullptr) out.tenant = out.adapter->id.substr(0, out.adapter->id.find('/'));
   out.adapter_scale = request.adapter_scale() == 0.0f ? 1.0f : request.adapter_scale();
   out.sampling.temperature = request.sampling().temperature();
   out.sampling.top_k = request.sampling().top_k();
@@ -282,9 +294,11 @@ absl::StatusOr<engine::GenerationRequest> InferenceService::ToEngineRequest(
 grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   auto* reactor = new GenerateReactor(loop_, request->token_texts() ? tokenizer_ : nullptr);
-  // Acquiring an adapter evicted from the host tier reads it from disk: that
-  // happens on the loading thread, not on gRPC's.
-  if (request->adapter().empty() || registry_->IsResident(request->adapter())) {
+  // Acquiring an adapter evicted from the host tier reads it from disk, and
+  // composing adapters builds a new one: that happens on the loading thread,
+  // not on gRPC's.
+  if (request->adapters().empty() &&
+      (request->adapter().empty() || registry_->IsResident(request->adapter()))) {
     reactor->Start(ToEngineRequest(*request));
   } else {
     adapter_loads_.Run([this, reactor, request] { reactor->Start(ToEngineRequest(*request)); });

@@ -133,7 +133,8 @@ const std::set<std::string>& CommonFields() {
                                                "frequency_penalty",
                                                "logit_bias",
                                                "response_format",
-                                               "adapter_scale"};
+                                               "adapter_scale",
+                                               "merged_adapters"};
   return fields;
 }
 
@@ -147,6 +148,56 @@ absl::StatusOr<std::vector<int32_t>> TokenIdArray(const json& value, absl::strin
     ids.push_back(static_cast<int32_t>(id.get<int64_t>()));
   }
   return ids;
+}
+
+// loraserve's extension in LoRAX's shape: {"ids": [...], "weights": [...],
+// "merge_strategy": "cat"}. The server checks the ids (visibility,
+// duplicates, how many) and the weights' bounds.
+absl::StatusOr<std::optional<MergedAdapters>> ParseMergedAdapters(const json& body) {
+  auto field = body.find("merged_adapters");
+  if (field == body.end() || field->is_null()) return std::nullopt;
+  if (!field->is_object()) {
+    return FieldError("merged_adapters", "an object {\"ids\": [...], \"weights\": [...]}", *field);
+  }
+  RETURN_IF_ERROR(CheckKnownFields(*field, {"ids", "weights", "merge_strategy"}));
+  MergedAdapters out;
+  auto ids = field->find("ids");
+  if (ids == field->end() || !ids->is_array() || ids->empty()) {
+    return FieldError("merged_adapters.ids", "a non-empty array of adapter ids",
+                      ids == field->end() ? json() : *ids);
+  }
+  for (const json& id : *ids) {
+    if (!id.is_string() || id.get<std::string>().empty()) {
+      return FieldError("merged_adapters.ids", "an array of adapter ids (strings)", *ids);
+    }
+    out.ids.push_back(id.get<std::string>());
+  }
+  auto weights = field->find("weights");
+  if (weights == field->end() || weights->is_null()) {
+    out.weights.assign(out.ids.size(), 1.0f);
+  } else {
+    if (!weights->is_array() || weights->size() != out.ids.size()) {
+      return FieldError("merged_adapters.weights",
+                        absl::StrCat("an array of ", out.ids.size(), " numbers, one per id"),
+                        *weights);
+    }
+    for (const json& weight : *weights) {
+      // The server bounds them; 0 would drop its adapter: leave it out instead.
+      if (!weight.is_number() || weight.get<double>() == 0) {
+        return FieldError("merged_adapters.weights", "non-zero numbers", *weights);
+      }
+      out.weights.push_back(static_cast<float>(weight.get<double>()));
+    }
+  }
+  auto strategy = field->find("merge_strategy");
+  if (strategy != field->end() && !strategy->is_null() && *strategy != "cat") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "\"merged_adapters.merge_strategy\" supports only \"cat\" (the exact weighted sum of "
+        "the adapters' low-rank terms, peft's add_weighted_adapter combination_type=\"cat\"), "
+        "got ",
+        strategy->dump()));
+  }
+  return out;
 }
 
 absl::StatusOr<SamplingOptions> ParseSampling(const json& body, const ParseLimits& limits,
@@ -223,6 +274,7 @@ absl::StatusOr<SamplingOptions> ParseSampling(const json& body, const ParseLimit
   }
   ASSIGN_OR_RETURN(std::optional<double> scale, NumberField(body, "adapter_scale", 0, 100));
   if (scale) out.adapter_scale = static_cast<float>(*scale);
+  ASSIGN_OR_RETURN(out.merged_adapters, ParseMergedAdapters(body));
   return out;
 }
 

@@ -40,6 +40,13 @@ nlohmann::json ErrorBody(const absl::Status& status);
 // An error body for an HTTP status that has no absl code of its own (413).
 nlohmann::json ErrorBody(int http_status, absl::string_view message);
 
+// loraserve's extension (LoRAX's field): one request served by the weighted
+// sum of several adapters' low-rank terms (gRPC GenerateRequest.adapters).
+struct MergedAdapters {
+  std::vector<std::string> ids;  // as `model` takes them
+  std::vector<float> weights;    // one per id; default 1
+};
+
 struct SamplingOptions {
   std::string model;
   std::optional<int32_t> max_tokens;  // absent: completions 16, chat the rest of the context
@@ -56,6 +63,8 @@ struct SamplingOptions {
   bool logprobs = false;       // report the sampled tokens' logprobs
   int32_t top_logprobs = 0;    // alternatives per token
   float adapter_scale = 1.0f;  // loraserve's extension: multiplier of the adapter's scale
+  // With merged_adapters `model` must name the base model.
+  std::optional<MergedAdapters> merged_adapters;
 };
 
 // One prompt of /v1/completions: text, or token ids.

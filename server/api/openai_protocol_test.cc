@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "server/api/status_mapping.h"
 #include "tests/support/status_matchers.h"
 
@@ -119,6 +120,48 @@ TEST(ParseCompletionRequestTest, RefusesDeeplyNestedBodiesBeforeParsing) {
           .status()
           .message(),
       HasSubstr("\"stop\" must be"));
+}
+
+TEST(ParseCompletionRequestTest, ReadsMergedAdaptersWithDefaultWeights) {
+  absl::StatusOr<CompletionRequest> weighted = ParseCompletionRequest(
+      R"({"model": "m", "prompt": "x", "merged_adapters":
+          {"ids": ["ocean", "acme/bot"], "weights": [1, -0.5], "merge_strategy": "cat"}})",
+      {});
+  ASSERT_OK(weighted);
+  ASSERT_TRUE(weighted->sampling.merged_adapters.has_value());
+  EXPECT_THAT(weighted->sampling.merged_adapters->ids, ElementsAre("ocean", "acme/bot"));
+  EXPECT_THAT(weighted->sampling.merged_adapters->weights, ElementsAre(1.0f, -0.5f));
+  absl::StatusOr<CompletionRequest> plain = ParseCompletionRequest(
+      R"({"model": "m", "prompt": "x", "merged_adapters": {"ids": ["a", "b", "c"]}})", {});
+  ASSERT_OK(plain);
+  EXPECT_THAT(plain->sampling.merged_adapters->weights, ElementsAre(1.0f, 1.0f, 1.0f));
+  absl::StatusOr<CompletionRequest> none =
+      ParseCompletionRequest(R"({"model": "m", "prompt": "x", "merged_adapters": null})", {});
+  ASSERT_OK(none);
+  EXPECT_FALSE(none->sampling.merged_adapters.has_value());
+}
+
+TEST(ParseCompletionRequestTest, RejectsBadMergedAdaptersNamingTheField) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"("merged_adapters": ["a"])", "\"merged_adapters\" must be an object"},
+      {R"("merged_adapters": {})", "\"merged_adapters.ids\" must be a non-empty array"},
+      {R"("merged_adapters": {"ids": []})", "\"merged_adapters.ids\" must be a non-empty"},
+      {R"("merged_adapters": {"ids": ["a", 3]})", "\"merged_adapters.ids\" must be an array"},
+      {R"("merged_adapters": {"ids": ["a", ""]})", "\"merged_adapters.ids\" must be an array"},
+      {R"("merged_adapters": {"ids": ["a", "b"], "weights": [1]})",
+       "\"merged_adapters.weights\" must be an array of 2 numbers"},
+      {R"("merged_adapters": {"ids": ["a"], "weights": ["1"]})", "non-zero numbers"},
+      {R"("merged_adapters": {"ids": ["a"], "weights": [0]})", "non-zero numbers"},
+      {R"("merged_adapters": {"ids": ["a"], "merge_strategy": "ties"})", "supports only \"cat\""},
+      {R"("merged_adapters": {"ids": ["a"], "density": 0.5})", "unknown field \"density\""},
+  };
+  for (const auto& [field, message] : cases) {
+    SCOPED_TRACE(field);
+    EXPECT_THAT(
+        ParseCompletionRequest(absl::StrCat(R"({"model": "m", "prompt": "x", )", field, "}"), {})
+            .status(),
+        StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(message)));
+  }
 }
 
 TEST(ParseChatRequestTest, ReadsMessagesAndLogprobs) {

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <map>
 
+#include "adapters/adapter_composition.h"
 #include "adapters/device_adapter.h"
 #include "adapters/lora_adapter.h"
 #include "gtest/gtest.h"
@@ -45,6 +46,10 @@ class LoraForwardTest : public ::testing::Test {
     ASSERT_OK(adapters);
     cases_ = std::move(*adapters);
     ASSERT_GE(cases_.size(), 10u);
+    auto compositions = test_support::LoadCompositionCases();
+    ASSERT_OK(compositions);
+    compositions_ = std::move(*compositions);
+    ASSERT_GE(compositions_.size(), 2u);
   }
 
   LlamaModel& Model(const std::string& name) {
@@ -71,6 +76,30 @@ class LoraForwardTest : public ::testing::Test {
     return *it->second;
   }
 
+  // The composition of a composition case's parts (peft's cat), on the device.
+  const adapters::DeviceAdapter& Composed(const test_support::GoldenCase& c) {
+    auto it = device_.find(c.name);
+    if (it == device_.end()) {
+      const adapters::BaseModelShape shape = Model(c.base).adapter_shape();
+      std::vector<adapters::LoraAdapter> hosts;
+      for (const test_support::GoldenPart& part : c.parts) {
+        auto host = adapters::LoadLoraAdapter(part.adapter_dir, shape, {.max_rank = 64});
+        EXPECT_TRUE(host.ok()) << part.adapter << ": " << host.status();
+        hosts.push_back(std::move(*host));
+      }
+      std::vector<adapters::CompositionPart> parts;
+      for (size_t i = 0; i < hosts.size(); ++i) {
+        parts.push_back({c.parts[i].adapter, &hosts[i], c.parts[i].weight});
+      }
+      auto composed = adapters::ComposeLoraAdapters(parts, {.max_rank = 64}, c.name);
+      EXPECT_TRUE(composed.ok()) << c.name << ": " << composed.status();
+      auto device = adapters::DeviceAdapter::Upload(backend_.get(), *composed);
+      EXPECT_OK(device);
+      it = device_.emplace(c.name, std::move(*device)).first;
+    }
+    return *it->second;
+  }
+
   std::vector<float> Prefill(LlamaModel& model, const std::vector<std::vector<int32_t>>& seqs,
                              const std::vector<AdapterChoice>& adapters,
                              const MergedWeights* merged = nullptr) {
@@ -90,6 +119,7 @@ class LoraForwardTest : public ::testing::Test {
   std::map<std::string, std::unique_ptr<LlamaModel>> models_;
   std::map<std::string, std::unique_ptr<adapters::DeviceAdapter>> device_;
   std::vector<test_support::GoldenCase> cases_;
+  std::vector<test_support::GoldenCase> compositions_;
 };
 
 TEST_F(LoraForwardTest, UnmergedLogitsMatchPeft) {
@@ -222,6 +252,54 @@ TEST_F(LoraForwardTest, SavedModulesServeOnlyTheirAdaptersRows) {
   EXPECT_LE(MaxAbsDiff(batched.data() + at + seqs[1].size() * vocab, base_alone.data(),
                        base_alone.size()),
             1e-5f);
+}
+
+// A composition of adapters (each at its own rank, weights negative too)
+// gives peft's add_weighted_adapter(..., "cat") logits unmerged and merged.
+TEST_F(LoraForwardTest, CompositionsMatchPeftCatUnmergedAndMerged) {
+  for (const test_support::GoldenCase& c : compositions_) {
+    SCOPED_TRACE(c.name);
+    LlamaModel& model = Model(c.base);
+    const AdapterChoice choice{&Composed(c), 1.0f};
+    auto merged = model.Merge(choice);
+    ASSERT_OK(merged);
+    for (const test_support::GoldenPrompt& p : c.prompts) {
+      const std::vector<float> unmerged = Prefill(model, {p.ids}, {choice});
+      const std::vector<float> on_merged = Prefill(model, {p.ids}, {choice}, merged->get());
+      ASSERT_EQ(unmerged.size(), p.logits.size());
+      EXPECT_LE(MaxAbsDiff(unmerged.data(), p.logits.data(), unmerged.size()), 1e-4f);
+      EXPECT_LE(MaxAbsDiff(on_merged.data(), p.logits.data(), on_merged.size()), 1e-4f);
+    }
+  }
+}
+
+// Compositions beside one of their own components, the base and a scaled
+// composition in one batch, unmerged and on one composition's merged
+// weights: each request gets the logits it gets alone.
+TEST_F(LoraForwardTest, CompositionsMixWithTheirComponentsInOneBatch) {
+  LlamaModel& model = Model("aidreams-260k");
+  const AdapterChoice blend{&Composed(compositions_[0]), 1.0f};
+  const AdapterChoice mixed{&Composed(compositions_[1]), 1.0f};
+  const AdapterChoice ocean{&Adapter(Case("ocean")), 1.0f};
+  const test_support::GoldenCase& c = compositions_[0];
+  std::vector<std::vector<int32_t>> seqs;
+  for (int i = 0; i < 5; ++i) seqs.push_back(c.prompts[i].ids);
+  const std::vector<AdapterChoice> choices = {blend, ocean, {}, mixed, {blend.adapter, 0.5f}};
+  const std::vector<float> batched = Prefill(model, seqs, choices);
+  auto merged = model.Merge(blend);
+  ASSERT_OK(merged);
+  const std::vector<float> on_merged = Prefill(model, seqs, choices, merged->get());
+  EXPECT_LE(MaxAbsDiff(batched.data(), on_merged.data(), batched.size()), 1e-4f);
+  const int64_t vocab = model.config().vocab_size;
+  size_t offset = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const std::vector<float> alone = Prefill(model, {seqs[i]}, {choices[i]});
+    EXPECT_LE(MaxAbsDiff(batched.data() + offset, alone.data(), alone.size()), 1e-5f)
+        << "request " << i;
+    offset += seqs[i].size() * vocab;
+  }
+  EXPECT_LE(MaxAbsDiff(batched.data(), c.prompts[0].logits.data(), c.prompts[0].logits.size()),
+            1e-4f);
 }
 
 // A DoRA adapter merges at its own scale only: its norms are of that scale.

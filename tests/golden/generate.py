@@ -23,13 +23,17 @@ manifest.json
                     "min_greedy_margin", "seed" (random models only), "notes"}],
    "adapter_cases": [{"name", "base" (a model case name), "adapter_dir", "golden",
                       "num_prompts", "greedy_tokens", "min_greedy_margin",
-                      "max_logit_delta_vs_base", "seed" (random adapters only), "notes"}]}
+                      "max_logit_delta_vs_base", "seed" (random adapters only), "notes"}],
+   "composition_cases": [{"name", "base", "parts": [{"adapter", "adapter_dir", "weight"}],
+                          "golden", "num_prompts", "greedy_tokens", "min_greedy_margin",
+                          "max_logit_delta_vs_base", "notes"}]}
   Paths are relative to the repository root: the shared model is
   "../shared/models/aidreams-260k", its adapters "../shared/adapters/aidreams-260k/<name>";
   random models live in tests/golden/data/models/<name>, random adapters in
   tests/golden/data/adapters/<name> (written by transformers / peft save_pretrained).
 
-<case>.safetensors (model cases) and adapter-<case>.safetensors (adapter cases), per prompt i:
+<case>.safetensors (model cases), adapter-<case>.safetensors (adapter cases) and
+composition-<case>.safetensors (composition cases), per prompt i:
   prompt.{i}  I32 [len]          input ids, BOS included where the tokenizer adds it
   logits.{i}  F32 [len, vocab]   logits at every prompt position from one full forward
   greedy.{i}  I32 [64]           the 64 argmax tokens after the prompt. EOS does NOT stop the
@@ -42,7 +46,9 @@ At every greedy step the top-1 logit beats the runner-up by more than
 greedy_min_margin_required, so a correct implementation reproduces the greedy tokens despite
 float rounding differences; random cases also need >= 8 distinct tokens in each greedy
 output. Random seeds are advanced until both hold (the manifest records the seed used).
-Adapter goldens use PeftModel.from_pretrained(base, adapter_dir) unmerged, in float32.
+Adapter goldens use PeftModel.from_pretrained(base, adapter_dir) unmerged, in float32;
+composition goldens load every part into one PeftModel and serve peft's
+add_weighted_adapter(parts, weights, combination_type="cat") adapter, unmerged.
 """
 
 import argparse
@@ -644,6 +650,62 @@ def adapter_cases(ref, bases):
     return entries
 
 
+# ---- compositions -----------------------------------------------------------------------
+
+def composition_cases():
+    """Weighted mixes of the shared adapters, made by peft's add_weighted_adapter(...,
+    combination_type="cat"): per module the parts' A stacked (each times weight x scale) and
+    B concatenated, at r = lora_alpha = the sum of the ranks. peft's composed adapter keeps the
+    first part's use_rslora, so the first part is never rsLoRA: the composed scale is then 1
+    and the golden is the plain weighted sum of the parts' low-rank terms."""
+    return [
+        dict(name="compose-ocean-robot", parts=[("ocean", 1.0), ("robot", 0.5)],
+             notes="the two trained adapters (all seven projections, r8), robot at half weight"),
+        dict(name="compose-mixed",
+             parts=[("attn-r8", 0.8), ("mlp-r16-rslora", -0.5), ("qv-r4", 1.2),
+                    ("all-r8-bf16", 0.4)],
+             notes="four seeded adapters of different targets, ranks (4 to 16), rsLoRA and "
+                   "bf16 tensors, one weight negative: composed ranks 20 on q/v, 16 on k/o, "
+                   "24 on the MLP (peft zero-pads every module to 36)"),
+    ]
+
+
+def run_composition(ref, case, base):
+    from peft import PeftModel
+    shared = ref.shared_dir / "adapters" / "aidreams-260k"
+    names = [name for name, _ in case["parts"]]
+    model = PeftModel.from_pretrained(ref.load_model(base["model_dir"]), str(shared / names[0]),
+                                      adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(shared / name), adapter_name=name)
+    assert not model.peft_config[names[0]].use_rslora, f"{case['name']}: first part is rsLoRA"
+    model.add_weighted_adapter(adapters=names, weights=[w for _, w in case["parts"]],
+                               adapter_name="composed", combination_type="cat")
+    model.set_adapter("composed")
+    return ref.run(model.eval(), base["prompts"])
+
+
+def composition_entries(ref, bases):
+    entries = []
+    shared = bases["aidreams-260k"]
+    for case in composition_cases():
+        name = case["name"]
+        tensors, margins = run_composition(ref, case, shared)
+        delta = max_logit_delta(tensors, shared["tensors"])
+        reason = weakness(tensors, margins, 1)
+        if reason or delta <= ADAPTER_MIN_DELTA:
+            sys.exit(f"{name}: {reason or f'logit delta {delta}'}; change its weights")
+        golden = DATA_DIR / f"composition-{name}.safetensors"
+        ref.write_golden(golden, tensors, SHARED_PROMPTS)
+        print(f"composition {name}: min margin {min(margins):.4g}, logit delta {delta:.4g}")
+        parts = [dict(adapter=adapter, weight=weight,
+                      adapter_dir=f"{SHARED_IN_MANIFEST}/adapters/aidreams-260k/{adapter}")
+                 for adapter, weight in case["parts"]]
+        entries.append(case_entry(name, golden, margins, base="aidreams-260k", parts=parts,
+                                  max_logit_delta_vs_base=delta, notes=case["notes"]))
+    return entries
+
+
 def generate(shared_dir):
     versions = check_versions()
     for path in [DATA_DIR / "models", DATA_DIR / "adapters"]:
@@ -657,6 +719,7 @@ def generate(shared_dir):
                 "greedy_min_margin_required": GREEDY_MIN_MARGIN}
     manifest["model_cases"], bases = model_cases(ref)
     manifest["adapter_cases"] = adapter_cases(ref, bases)
+    manifest["composition_cases"] = composition_entries(ref, bases)
     (DATA_DIR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 

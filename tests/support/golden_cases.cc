@@ -30,6 +30,10 @@ absl::StatusOr<GoldenCase> ReadCase(const nlohmann::json& entry) {
   if (entry.contains("model_dir")) c.model_dir = RepoPath(entry["model_dir"]);
   if (entry.contains("adapter_dir")) c.adapter_dir = RepoPath(entry["adapter_dir"]);
   c.base = entry.value("base", "");
+  for (const nlohmann::json& part : entry.value("parts", nlohmann::json::array())) {
+    c.parts.push_back({part.value("adapter", ""), RepoPath(part.value("adapter_dir", "")),
+                       part.value("weight", 1.0f)});
+  }
   ASSIGN_OR_RETURN(auto golden, formats::SafetensorsFile::Open(RepoPath(entry["golden"])));
   const int num_prompts = entry.value("num_prompts", 0);
   for (int i = 0; i < num_prompts; ++i) {
@@ -65,5 +69,8 @@ std::string RepoPath(const std::string& relative) {
 
 absl::StatusOr<std::vector<GoldenCase>> LoadModelCases() { return LoadCases("model_cases"); }
 absl::StatusOr<std::vector<GoldenCase>> LoadAdapterCases() { return LoadCases("adapter_cases"); }
+absl::StatusOr<std::vector<GoldenCase>> LoadCompositionCases() {
+  return LoadCases("composition_cases");
+}
 
 }  // namespace loraserve::test_support

@@ -22,11 +22,19 @@ struct GoldenPrompt {
   std::vector<int32_t> greedy;    // 64 greedy tokens, EOS not stopping
 };
 
+// One adapter of a composition case.
+struct GoldenPart {
+  std::string adapter;      // the adapter case's name
+  std::string adapter_dir;  // absolute
+  float weight = 1.0f;
+};
+
 struct GoldenCase {
   std::string name;
   std::string model_dir;    // absolute
-  std::string adapter_dir;  // absolute; empty for model cases
-  std::string base;         // adapter cases: name of the base model case
+  std::string adapter_dir;  // absolute; empty for model and composition cases
+  std::string base;         // adapter and composition cases: name of the base model case
+  std::vector<GoldenPart> parts;  // composition cases: peft's cat of these
   std::vector<GoldenPrompt> prompts;
 };
 
@@ -35,6 +43,7 @@ std::string RepoPath(const std::string& relative);
 
 absl::StatusOr<std::vector<GoldenCase>> LoadModelCases();
 absl::StatusOr<std::vector<GoldenCase>> LoadAdapterCases();
+absl::StatusOr<std::vector<GoldenCase>> LoadCompositionCases();
 
 }  // namespace loraserve::test_support
 
