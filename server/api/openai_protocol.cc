@@ -182,11 +182,11 @@ absl::StatusOr<std::optional<MergedAdapters>> ParseMergedAdapters(const json& bo
                         *weights);
     }
     for (const json& weight : *weights) {
-      // The server bounds them; 0 would drop its adapter: leave it out instead.
-      if (!weight.is_number() || weight.get<double>() == 0) {
-        return FieldError("merged_adapters.weights", "non-zero numbers", *weights);
-      }
-      out.weights.push_back(static_cast<float>(weight.get<double>()));
+      // The server bounds them; 0 (also once rounded to a float) would drop
+      // its adapter: leave it out instead.
+      const float value = weight.is_number() ? static_cast<float>(weight.get<double>()) : 0.0f;
+      if (value == 0.0f) return FieldError("merged_adapters.weights", "non-zero numbers", *weights);
+      out.weights.push_back(value);
     }
   }
   auto strategy = field->find("merge_strategy");

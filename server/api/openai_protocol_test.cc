@@ -152,6 +152,7 @@ TEST(ParseCompletionRequestTest, RejectsBadMergedAdaptersNamingTheField) {
        "\"merged_adapters.weights\" must be an array of 2 numbers"},
       {R"("merged_adapters": {"ids": ["a"], "weights": ["1"]})", "non-zero numbers"},
       {R"("merged_adapters": {"ids": ["a"], "weights": [0]})", "non-zero numbers"},
+      {R"("merged_adapters": {"ids": ["a"], "weights": [1e-300]})", "non-zero numbers"},
       {R"("merged_adapters": {"ids": ["a"], "merge_strategy": "ties"})", "supports only \"cat\""},
       {R"("merged_adapters": {"ids": ["a"], "density": 0.5})", "unknown field \"density\""},
   };

@@ -150,6 +150,21 @@ class CompletionsTest(unittest.TestCase):
             self.assertEqual(complete(client, model=adapter).choices[0].text,
                              answer.choices[0].text, f"{adapter}: greedy text is not repeatable")
 
+    def test_merged_adapters_blend_the_trained_adapters(self):
+        client = admin()
+        ocean = complete(client, model="ocean").choices[0].text
+        merged = {"ids": ["ocean", "robot"], "weights": [1.0, 0.5], "merge_strategy": "cat"}
+        answer = complete(client, extra_body={"merged_adapters": merged})
+        self.assertEqual(answer.model, MODEL, answer)
+        text = answer.choices[0].text
+        self.assertTrue(text, f"empty text: {answer}")
+        self.assertNotEqual(text, ocean, "the blend wrote ocean's text alone")
+        self.assertEqual(complete(client, extra_body={"merged_adapters": merged}).choices[0].text,
+                         text, "the blend's greedy text is not repeatable")
+        # Weights default to 1; one adapter at weight 1 is that adapter.
+        alone = complete(client, extra_body={"merged_adapters": {"ids": ["ocean"]}})
+        self.assertEqual(alone.choices[0].text, ocean)
+
     def test_stream_matches_the_non_streamed_text_and_ends_with_usage(self):
         client = admin()
         for model in [MODEL, "ocean"]:  # one ends at max_tokens, the other at end-of-sequence
@@ -345,6 +360,15 @@ class TenantTest(unittest.TestCase):
             complete(alpha, model="beta/anything")
         self.assertEqual(caught.exception.status_code, 404)
         self.assertTrue(complete(alpha, model="ocean").choices[0].text)
+
+    def test_tenant_cannot_merge_another_tenants_adapter(self):
+        alpha = MAIN.client(ALPHA_KEY)
+        merged = {"ids": ["ocean", "beta/anything"]}
+        with self.assertRaises(openai.NotFoundError) as caught:
+            complete(alpha, extra_body={"merged_adapters": merged})
+        self.assertIn("beta/anything", caught.exception.body["message"])
+        answer = complete(alpha, extra_body={"merged_adapters": {"ids": ["ocean", "robot"]}})
+        self.assertTrue(answer.choices[0].text, answer)
 
     def test_tenant_lists_base_model_and_operator_adapters_only(self):
         ids = sorted(m.id for m in MAIN.client(ALPHA_KEY).models.list().data)

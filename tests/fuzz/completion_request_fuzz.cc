@@ -22,6 +22,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     FUZZ_CHECK(sampling.top_logprobs >= 0 && sampling.top_logprobs <= limits.max_top_logprobs);
     FUZZ_CHECK(sampling.temperature >= 0 && sampling.temperature <= 2);
     FUZZ_CHECK(sampling.top_p > 0 && sampling.top_p <= 1);
+    if (sampling.merged_adapters) {
+      const MergedAdapters& merged = *sampling.merged_adapters;
+      FUZZ_CHECK(!merged.ids.empty() && merged.weights.size() == merged.ids.size());
+      for (const std::string& id : merged.ids) FUZZ_CHECK(!id.empty());
+      for (float weight : merged.weights) FUZZ_CHECK(weight != 0.0f);
+    }
     for (const Prompt& prompt : request->prompts) {
       if (const auto* ids = std::get_if<std::vector<int32_t>>(&prompt)) {
         for (int32_t id : *ids) FUZZ_CHECK(id >= 0);
