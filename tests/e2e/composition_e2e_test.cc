@@ -129,8 +129,9 @@ TEST_F(CompositionE2eTest, CompositionsServePeftsCatTokensBatchedOverBothApis) {
   // the base model's name, and the composition is not a listed model.
   const HttpReply models = HttpCall(http, "GET", "/v1/models", "");
   ASSERT_EQ(models.status, 200) << models.body;
-  const std::string base_name = models.Json()["data"][0]["id"];
-  for (const nlohmann::json& model : models.Json()["data"]) {
+  const nlohmann::json listed = models.Json();
+  const std::string base_name = listed["data"][0]["id"];
+  for (const nlohmann::json& model : listed["data"]) {
     EXPECT_FALSE(absl::StrContains(model["id"].get<std::string>(), "+")) << model.dump();
   }
   const GoldenCase& blend = compositions_[0];
