@@ -106,6 +106,21 @@ class LoraForwardTest : public ::testing::Test {
     return model::Prefill(backend_.get(), model, seqs, adapters, merged);
   }
 
+  // Each request's rows of `batched` (logits of `seqs` prefilled in one
+  // batch) equal that request prefilled alone.
+  void ExpectEachRequestAsAlone(LlamaModel& model, const std::vector<std::vector<int32_t>>& seqs,
+                                const std::vector<AdapterChoice>& choices,
+                                const std::vector<float>& batched) {
+    const int64_t vocab = model.config().vocab_size;
+    size_t offset = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const std::vector<float> alone = Prefill(model, {seqs[i]}, {choices[i]});
+      EXPECT_LE(MaxAbsDiff(batched.data() + offset, alone.data(), alone.size()), 1e-5f)
+          << "request " << i;
+      offset += seqs[i].size() * vocab;
+    }
+  }
+
   const test_support::GoldenCase& Case(const std::string& name) {
     for (const auto& c : cases_) {
       if (c.name == name) return c;
@@ -173,14 +188,7 @@ TEST_F(LoraForwardTest, MixedBatchEqualsEachRequestAlone) {
   choices.push_back({});
 
   const std::vector<float> batched = Prefill(model, seqs, choices);
-  const int64_t vocab = model.config().vocab_size;
-  size_t offset = 0;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    const std::vector<float> alone = Prefill(model, {seqs[i]}, {choices[i]});
-    EXPECT_LE(MaxAbsDiff(batched.data() + offset, alone.data(), alone.size()), 1e-5f)
-        << "request " << i;
-    offset += seqs[i].size() * vocab;
-  }
+  ExpectEachRequestAsAlone(model, seqs, choices, batched);
   // The scaled request differs from both the base and the full adapter.
   const std::vector<float> full = Prefill(model, {seqs[5]}, {choices[1]});
   const std::vector<float> half = Prefill(model, {seqs[5]}, {choices[5]});
@@ -225,14 +233,7 @@ TEST_F(LoraForwardTest, DoraAndHeadAdaptersMixInOneBatch) {
   ASSERT_OK(merged);
   const std::vector<float> on_merged = Prefill(model, seqs, choices, merged->get());
   EXPECT_LE(MaxAbsDiff(batched.data(), on_merged.data(), batched.size()), 1e-4f);
-  const int64_t vocab = model.config().vocab_size;
-  size_t offset = 0;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    const std::vector<float> alone = Prefill(model, {seqs[i]}, {choices[i]});
-    EXPECT_LE(MaxAbsDiff(batched.data() + offset, alone.data(), alone.size()), 1e-5f)
-        << "request " << i;
-    offset += seqs[i].size() * vocab;
-  }
+  ExpectEachRequestAsAlone(model, seqs, choices, batched);
 }
 
 // Saved modules (own embedding, lm_head and norms) beside a plain adapter.
@@ -290,14 +291,7 @@ TEST_F(LoraForwardTest, CompositionsMixWithTheirComponentsInOneBatch) {
   ASSERT_OK(merged);
   const std::vector<float> on_merged = Prefill(model, seqs, choices, merged->get());
   EXPECT_LE(MaxAbsDiff(batched.data(), on_merged.data(), batched.size()), 1e-4f);
-  const int64_t vocab = model.config().vocab_size;
-  size_t offset = 0;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    const std::vector<float> alone = Prefill(model, {seqs[i]}, {choices[i]});
-    EXPECT_LE(MaxAbsDiff(batched.data() + offset, alone.data(), alone.size()), 1e-5f)
-        << "request " << i;
-    offset += seqs[i].size() * vocab;
-  }
+  ExpectEachRequestAsAlone(model, seqs, choices, batched);
   EXPECT_LE(MaxAbsDiff(batched.data(), c.prompts[0].logits.data(), c.prompts[0].logits.size()),
             1e-4f);
 }
